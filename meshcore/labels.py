@@ -1,0 +1,201 @@
+"""Decode a container's `mesh.*` labels into typed config; pure, standard library only."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+LABEL_PREFIX = "mesh."
+COMPOSE_PROJECT = "com.docker.compose.project"
+COMPOSE_SERVICE = "com.docker.compose.service"
+# Labels meshd puts on the containers it owns (sidecars, gateway); never meshed themselves.
+OWNER_LABEL = "mesh.owner"
+ROLE_LABEL = "mesh.role"
+SIDECAR_FOR_LABEL = "mesh.sidecar.for"
+
+PROTOCOLS = ("http", "tcp")
+CAPTURE_MODES = ("transparent", "explicit")
+DEFAULT_VERSION = "v1"
+DEFAULT_TRUST_DOMAIN = "mesh.local"
+# The ports the sidecar owns in the shared network namespace (Istio's numbering, see README).
+RESERVED_PORTS = frozenset({15001, 15006, 15020, 15053})
+
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
+
+KNOWN_LABELS = frozenset({
+    "mesh.enable", "mesh.service", "mesh.port", "mesh.version", "mesh.protocol", "mesh.capture",
+    "mesh.gateway.path", "mesh.gateway.host", "mesh.gateway.strip-prefix",
+})
+# Labels the mesh writes itself, or that later features own: not errors when present.
+_OWNED_PREFIXES = ("mesh.owner", "mesh.role", "mesh.sidecar.")
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What meshd knows of one container, read from Docker: plain data, no client objects."""
+
+    id: str
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+    exposed_ports: tuple[int, ...] = ()
+    networks: dict[str, str] = field(default_factory=dict)  # network name -> IPv4 address
+    running: bool = True
+    started_at: str = ""
+    network_mode: str = ""
+
+
+@dataclass(frozen=True)
+class GatewayRule:
+    """How the gateway reaches a service from outside: by path prefix and/or host name."""
+
+    path: str | None
+    host: str | None
+    strip_prefix: bool
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """The typed, validated mesh config of one container."""
+
+    service: str
+    namespace: str
+    port: int
+    version: str
+    protocol: str
+    capture: str
+    gateway: GatewayRule | None
+
+
+@dataclass(frozen=True)
+class LabelError:
+    """A label that could not be decoded; names the container and the label."""
+
+    container: str
+    label: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.container}: label {self.label}: {self.message}"
+
+
+class LabelDecodeError(ValueError):
+    """Raised inside decoding; carries the offending label."""
+
+    def __init__(self, label: str, message: str):
+        super().__init__(f"label {label}: {message}")
+        self.label = label
+        self.message = message
+
+
+def is_mesh_enabled(labels: dict[str, str]) -> bool:
+    """True when the labels ask to join the mesh (`mesh.enable` is a true value)."""
+    return labels.get("mesh.enable", "").strip().lower() in ("true", "1", "yes", "on")
+
+
+def is_mesh_owned(labels: dict[str, str]) -> bool:
+    """True for containers meshd created itself (sidecars, gateway)."""
+    return OWNER_LABEL in labels
+
+
+def decode_bool(label: str, raw: str) -> bool:
+    """Parse a boolean label value or raise naming the label."""
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise LabelDecodeError(label, f"{raw!r} is not a boolean (use true or false)")
+
+
+def decode_port(label: str, raw: str) -> int:
+    """Parse a TCP port number or raise naming the label."""
+    try:
+        port = int(raw.strip())
+    except ValueError:
+        raise LabelDecodeError(label, f"{raw!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise LabelDecodeError(label, f"{port} is outside 1..65535")
+    if port in RESERVED_PORTS:
+        raise LabelDecodeError(label, f"{port} is reserved for the sidecar ({sorted(RESERVED_PORTS)})")
+    return port
+
+
+def decode_choice(label: str, raw: str, choices: tuple[str, ...]) -> str:
+    """Parse one of a fixed set of words or raise naming the label."""
+    value = raw.strip().lower()
+    if value not in choices:
+        raise LabelDecodeError(label, f"{raw!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def decode_name(label: str, raw: str) -> str:
+    """Parse a DNS-label style service name or raise naming the label."""
+    value = raw.strip()
+    if not _NAME_RE.match(value):
+        raise LabelDecodeError(label, f"{raw!r} is not a valid name (lowercase letters, digits, '-', 1-63 chars)")
+    return value
+
+
+def _decode_gateway(labels: dict[str, str]) -> GatewayRule | None:
+    path = labels.get("mesh.gateway.path")
+    host = labels.get("mesh.gateway.host")
+    if path is None and host is None:
+        if "mesh.gateway.strip-prefix" in labels:
+            raise LabelDecodeError("mesh.gateway.strip-prefix", "needs mesh.gateway.path")
+        return None
+    if path is not None:
+        path = path.strip()
+        if not path.startswith("/") or " " in path:
+            raise LabelDecodeError("mesh.gateway.path", f"{path!r} must be a path starting with '/'")
+        if len(path) > 1:
+            path = path.rstrip("/")
+    if host is not None:
+        host = host.strip().lower()
+        if not _HOST_RE.match(host):
+            raise LabelDecodeError("mesh.gateway.host", f"{host!r} is not a host name")
+    strip = decode_bool("mesh.gateway.strip-prefix", labels.get("mesh.gateway.strip-prefix", "false"))
+    return GatewayRule(path=path, host=host, strip_prefix=strip)
+
+
+def decode_labels(info: ContainerInfo) -> MeshSpec:
+    """Decode a meshed container's labels into a MeshSpec; raises LabelDecodeError naming the label."""
+    labels = info.labels
+    for key in labels:
+        if key.startswith(LABEL_PREFIX) and key not in KNOWN_LABELS and not key.startswith(_OWNED_PREFIXES):
+            raise LabelDecodeError(key, "unknown mesh label")
+    default_service = labels.get(COMPOSE_SERVICE) or info.name.lstrip("/")
+    service = decode_name("mesh.service", labels.get("mesh.service", default_service))
+    namespace = labels.get(COMPOSE_PROJECT) or "default"
+    if "mesh.port" in labels:
+        port = decode_port("mesh.port", labels["mesh.port"])
+    elif len(info.exposed_ports) == 1:
+        port = info.exposed_ports[0]
+    else:
+        found = ", ".join(str(p) for p in info.exposed_ports) or "none"
+        raise LabelDecodeError("mesh.port", f"required: the container exposes {found}, name the app's port")
+    version = labels.get("mesh.version", DEFAULT_VERSION).strip()
+    if not _VERSION_RE.match(version):
+        raise LabelDecodeError("mesh.version", f"{version!r} is not a version name")
+    protocol = decode_choice("mesh.protocol", labels.get("mesh.protocol", "http"), PROTOCOLS)
+    capture = decode_choice("mesh.capture", labels.get("mesh.capture", "transparent"), CAPTURE_MODES)
+    gateway = _decode_gateway(labels)
+    if gateway is not None and protocol != "http":
+        raise LabelDecodeError("mesh.gateway.path" if gateway.path else "mesh.gateway.host",
+                               "the gateway routes HTTP only; this service has mesh.protocol=tcp")
+    return MeshSpec(service=service, namespace=namespace, port=port, version=version,
+                    protocol=protocol, capture=capture, gateway=gateway)
+
+
+def decode_container(info: ContainerInfo) -> MeshSpec | LabelError:
+    """Decode one container; a bad label yields a LabelError for that container only."""
+    try:
+        return decode_labels(info)
+    except LabelDecodeError as exc:
+        return LabelError(container=info.name.lstrip("/"), label=exc.label, message=exc.message)
+
+
+def spiffe_id(trust_domain: str, namespace: str, service: str) -> str:
+    """The SPIFFE identity of a mesh service (Istio's layout: ns/<project>/sa/<service>)."""
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service}"

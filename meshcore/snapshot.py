@@ -1,0 +1,282 @@
+"""Build the typed mesh config that meshd pushes to every sidecar; pure, standard library only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .labels import (
+    ContainerInfo, GatewayRule, LabelError, MeshSpec, decode_container, is_mesh_enabled,
+    is_mesh_owned, spiffe_id, COMPOSE_SERVICE,
+)
+
+INBOUND_PORT = 15006  # the sidecar's inbound listener, Istio's number
+SNAPSHOT_SCHEMA = 1
+
+
+class SnapshotError(ValueError):
+    """A snapshot on the wire that does not decode; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """One instance as announced over mDNS (DNS-SD TXT record fields)."""
+
+    instance: str      # the app container id
+    service: str
+    version: str
+    address: str
+    port: int          # the instance's inbound (mesh) port
+    identity: str
+    protocol: str = "http"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A reachable instance of a service, as sidecars use it."""
+
+    instance: str
+    address: str
+    port: int
+    version: str
+    identity: str
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything callers need to know of one mesh service."""
+
+    name: str
+    namespace: str
+    protocol: str
+    port: int                       # the app's own port, what callers dial
+    identity: str
+    aliases: tuple[str, ...] = ()   # compose service names that also mean this service
+
+
+@dataclass(frozen=True)
+class GatewayRoute:
+    """One external route of the gateway to a mesh service."""
+
+    service: str
+    path: str | None
+    host: str | None
+    strip_prefix: bool
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One meshed container as meshd sees it: its spec, or the label error that keeps it out."""
+
+    container: ContainerInfo
+    spec: MeshSpec | None
+    error: LabelError | None
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """The whole mesh config without a version; equal contents compare equal."""
+
+    services: dict[str, ServiceConfig] = field(default_factory=dict)
+    endpoints: dict[str, tuple[Endpoint, ...]] = field(default_factory=dict)
+    gateway_routes: tuple[GatewayRoute, ...] = ()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A versioned MeshConfig, the unit of push, ACK and NACK."""
+
+    version: int
+    config: MeshConfig
+
+
+def build_workloads(containers: Iterable[ContainerInfo]) -> list[Workload]:
+    """Decode every meshed container; bad labels degrade only their own container."""
+    out = []
+    for info in sorted(containers, key=lambda c: c.name):
+        if is_mesh_owned(info.labels) or not is_mesh_enabled(info.labels):
+            continue
+        decoded = decode_container(info)
+        if isinstance(decoded, LabelError):
+            out.append(Workload(container=info, spec=None, error=decoded))
+        else:
+            out.append(Workload(container=info, spec=decoded, error=None))
+    return out
+
+
+def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str) -> LabelError | None:
+    if spec.protocol != first.protocol:
+        return LabelError(label_container, "mesh.protocol",
+                          f"{spec.protocol!r} differs from {first.protocol!r} of other {spec.service} instances")
+    if spec.port != first.port:
+        return LabelError(label_container, "mesh.port",
+                          f"{spec.port} differs from {first.port} of other {spec.service} instances")
+    return None
+
+
+def build_config(workloads: Iterable[Workload], announcements: Iterable[Announcement],
+                 trust_domain: str) -> tuple[MeshConfig, list[LabelError]]:
+    """Join decoded workloads with mDNS announcements into one MeshConfig, plus the errors found."""
+    errors: list[LabelError] = []
+    services: dict[str, ServiceConfig] = {}
+    aliases: dict[str, set[str]] = {}
+    accepted: dict[str, Workload] = {}
+    routes: dict[tuple, GatewayRoute] = {}
+    for wl in workloads:
+        if wl.error is not None:
+            errors.append(wl.error)
+            continue
+        spec = wl.spec
+        assert spec is not None
+        name = wl.container.name.lstrip("/")
+        first = services.get(spec.service)
+        if first is not None:
+            problem = _conflict(spec, first, name)
+            if problem:
+                errors.append(problem)
+                continue
+        else:
+            services[spec.service] = ServiceConfig(
+                name=spec.service, namespace=spec.namespace, protocol=spec.protocol, port=spec.port,
+                identity=spiffe_id(trust_domain, spec.namespace, spec.service))
+        compose_service = wl.container.labels.get(COMPOSE_SERVICE)
+        if compose_service and compose_service != spec.service:
+            aliases.setdefault(spec.service, set()).add(compose_service)
+        if spec.gateway is not None:
+            rule: GatewayRule = spec.gateway
+            key = (rule.host, rule.path)
+            existing = routes.get(key)
+            if existing is not None and existing.service != spec.service:
+                errors.append(LabelError(name, "mesh.gateway.path" if rule.path else "mesh.gateway.host",
+                                         f"route {rule.host or '*'}{rule.path or ''} already belongs to {existing.service}"))
+            else:
+                routes[key] = GatewayRoute(service=spec.service, path=rule.path, host=rule.host,
+                                           strip_prefix=rule.strip_prefix)
+        if wl.container.running:
+            accepted[wl.container.id] = wl
+    for svc, names in aliases.items():
+        services[svc] = ServiceConfig(**{**services[svc].__dict__, "aliases": tuple(sorted(names))})
+    endpoints: dict[str, list[Endpoint]] = {}
+    for ann in announcements:
+        wl = accepted.get(ann.instance)
+        # An announcement counts only for a running meshed container, for its own service and its own
+        # address: a stale or spoofed mDNS record cannot put traffic on another container.
+        if wl is None or wl.spec is None or ann.service != wl.spec.service:
+            continue
+        if ann.address not in wl.container.networks.values():
+            continue
+        endpoints.setdefault(ann.service, []).append(Endpoint(
+            instance=ann.instance, address=ann.address, port=ann.port, version=wl.spec.version,
+            identity=services[ann.service].identity))
+    ordered = {svc: tuple(sorted(set(eps), key=lambda e: (e.address, e.port))) for svc, eps in sorted(endpoints.items())}
+    ordered_routes = tuple(sorted(routes.values(), key=_route_order))
+    return MeshConfig(services=dict(sorted(services.items())), endpoints=ordered,
+                      gateway_routes=ordered_routes), errors
+
+
+def _route_order(route: GatewayRoute) -> tuple:
+    # Most specific first: a host match beats none, then the longest path prefix.
+    return (route.host is None, -len(route.path or ""), route.host or "", route.path or "")
+
+
+def match_gateway_route(routes: Iterable[GatewayRoute], host: str, path: str) -> GatewayRoute | None:
+    """The first route (most specific first) whose host and path prefix match the request."""
+    host = host.split(":", 1)[0].lower()
+    for route in routes:
+        if route.host is not None:
+            if route.host.startswith("*."):
+                if not host.endswith(route.host[1:]):
+                    continue
+            elif route.host != host:
+                continue
+        if route.path is not None and route.path != "/":
+            if not (path == route.path or path.startswith(route.path + "/") or path.startswith(route.path + "?")):
+                continue
+        return route
+    return None
+
+
+def rewrite_path(route: GatewayRoute, path: str) -> str:
+    """The upstream path for a matched gateway route (prefix stripped when the route says so)."""
+    if not route.strip_prefix or not route.path or route.path == "/":
+        return path
+    rest = path[len(route.path):]
+    if not rest.startswith("/"):
+        rest = "/" + rest
+    return rest
+
+
+# ---- wire form -------------------------------------------------------------------------------
+
+def encode_snapshot(snapshot: Snapshot) -> dict[str, Any]:
+    """The JSON-ready form of a snapshot."""
+    cfg = snapshot.config
+    return {
+        "schema": SNAPSHOT_SCHEMA,
+        "version": snapshot.version,
+        "services": {n: {"namespace": s.namespace, "protocol": s.protocol, "port": s.port,
+                         "identity": s.identity, "aliases": list(s.aliases)} for n, s in cfg.services.items()},
+        "endpoints": {n: [{"instance": e.instance, "address": e.address, "port": e.port,
+                           "version": e.version, "identity": e.identity} for e in eps]
+                      for n, eps in cfg.endpoints.items()},
+        "gateway_routes": [{"service": r.service, "path": r.path, "host": r.host,
+                            "strip_prefix": r.strip_prefix} for r in cfg.gateway_routes],
+    }
+
+
+def _field(obj: Any, key: str, kind: type | tuple, where: str) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise SnapshotError(f"{where}.{key}: missing")
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SnapshotError(f"{where}.{key}: expected {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+    return value
+
+
+def decode_snapshot(data: Any) -> Snapshot:
+    """Validate and decode a snapshot from its wire form; raises SnapshotError naming the field."""
+    if not isinstance(data, dict):
+        raise SnapshotError("snapshot: expected an object")
+    schema = _field(data, "schema", int, "snapshot")
+    if schema != SNAPSHOT_SCHEMA:
+        raise SnapshotError(f"snapshot.schema: {schema} is not supported (want {SNAPSHOT_SCHEMA})")
+    version = _field(data, "version", int, "snapshot")
+    services = {}
+    for name, raw in _field(data, "services", dict, "snapshot").items():
+        where = f"services.{name}"
+        protocol = _field(raw, "protocol", str, where)
+        if protocol not in ("http", "tcp"):
+            raise SnapshotError(f"{where}.protocol: {protocol!r} is not http or tcp")
+        services[name] = ServiceConfig(
+            name=name, namespace=_field(raw, "namespace", str, where), protocol=protocol,
+            port=_field(raw, "port", int, where), identity=_field(raw, "identity", str, where),
+            aliases=tuple(_field(raw, "aliases", list, where)))
+    endpoints = {}
+    for name, raw_eps in _field(data, "endpoints", dict, "snapshot").items():
+        if name not in services:
+            raise SnapshotError(f"endpoints.{name}: no such service")
+        if not isinstance(raw_eps, list):
+            raise SnapshotError(f"endpoints.{name}: expected a list")
+        eps = []
+        for i, raw in enumerate(raw_eps):
+            where = f"endpoints.{name}[{i}]"
+            eps.append(Endpoint(instance=_field(raw, "instance", str, where),
+                                address=_field(raw, "address", str, where),
+                                port=_field(raw, "port", int, where),
+                                version=_field(raw, "version", str, where),
+                                identity=_field(raw, "identity", str, where)))
+        endpoints[name] = tuple(eps)
+    routes = []
+    for i, raw in enumerate(_field(data, "gateway_routes", list, "snapshot")):
+        where = f"gateway_routes[{i}]"
+        service = _field(raw, "service", str, where)
+        if service not in services:
+            raise SnapshotError(f"{where}.service: {service!r} is not a service")
+        path = raw.get("path")
+        host = raw.get("host")
+        if path is not None and not isinstance(path, str) or host is not None and not isinstance(host, str):
+            raise SnapshotError(f"{where}: path and host must be strings or null")
+        routes.append(GatewayRoute(service=service, path=path, host=host,
+                                   strip_prefix=bool(_field(raw, "strip_prefix", bool, where))))
+    return Snapshot(version=version, config=MeshConfig(services=services, endpoints=endpoints,
+                                                       gateway_routes=tuple(routes)))

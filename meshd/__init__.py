@@ -1,0 +1,1 @@
+"""meshd: the control plane of the mesh."""

@@ -1,0 +1,1 @@
+"""The mesh data plane: the per-container sidecar proxy."""
