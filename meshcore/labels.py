@@ -44,6 +44,7 @@ class ContainerInfo:
     running: bool = True
     started_at: str = ""
     network_mode: str = ""
+    image: str = ""  # image id
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,11 @@ def decode_bool(label: str, raw: str) -> bool:
 
 def decode_port(label: str, raw: str) -> int:
     """Parse a TCP port number or raise naming the label."""
-    try:
-        port = int(raw.strip())
-    except ValueError:
-        raise LabelDecodeError(label, f"{raw!r} is not a port number") from None
+    text = raw.strip()
+    # Plain ASCII digits only: int() would also take "8_080", "+80" or non-ASCII digits.
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise LabelDecodeError(label, f"{raw!r} is not a port number")
+    port = int(text)
     if not 1 <= port <= 65535:
         raise LabelDecodeError(label, f"{port} is outside 1..65535")
     if port in RESERVED_PORTS:
@@ -150,11 +152,13 @@ def _decode_gateway(labels: dict[str, str]) -> GatewayRule | None:
         if not path.startswith("/") or " " in path:
             raise LabelDecodeError("mesh.gateway.path", f"{path!r} must be a path starting with '/'")
         if len(path) > 1:
-            path = path.rstrip("/")
+            path = path.rstrip("/") or "/"
     if host is not None:
         host = host.strip().lower()
         if not _HOST_RE.match(host):
             raise LabelDecodeError("mesh.gateway.host", f"{host!r} is not a host name")
+    if path is None and "mesh.gateway.strip-prefix" in labels:
+        raise LabelDecodeError("mesh.gateway.strip-prefix", "needs mesh.gateway.path")
     strip = decode_bool("mesh.gateway.strip-prefix", labels.get("mesh.gateway.strip-prefix", "false"))
     return GatewayRule(path=path, host=host, strip_prefix=strip)
 
@@ -171,7 +175,7 @@ def decode_labels(info: ContainerInfo) -> MeshSpec:
     if "mesh.port" in labels:
         port = decode_port("mesh.port", labels["mesh.port"])
     elif len(info.exposed_ports) == 1:
-        port = info.exposed_ports[0]
+        port = decode_port("mesh.port", str(info.exposed_ports[0]))
     else:
         found = ", ".join(str(p) for p in info.exposed_ports) or "none"
         raise LabelDecodeError("mesh.port", f"required: the container exposes {found}, name the app's port")

@@ -247,10 +247,13 @@ def decode_snapshot(data: Any) -> Snapshot:
         protocol = _field(raw, "protocol", str, where)
         if protocol not in ("http", "tcp"):
             raise SnapshotError(f"{where}.protocol: {protocol!r} is not http or tcp")
+        aliases = _field(raw, "aliases", list, where)
+        if not all(isinstance(alias, str) for alias in aliases):
+            raise SnapshotError(f"{where}.aliases: expected a list of strings")
         services[name] = ServiceConfig(
             name=name, namespace=_field(raw, "namespace", str, where), protocol=protocol,
             port=_field(raw, "port", int, where), identity=_field(raw, "identity", str, where),
-            aliases=tuple(_field(raw, "aliases", list, where)))
+            aliases=tuple(aliases))
     endpoints = {}
     for name, raw_eps in _field(data, "endpoints", dict, "snapshot").items():
         if name not in services:

@@ -1,0 +1,88 @@
+"""A small blocking client of meshd's admin API (standard library only, fast to import)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+DEFAULT_API = "http://127.0.0.1:15014"
+API_ENV = "MESHD_API"
+DEFAULT_TIMEOUT = 3.0
+
+
+class MeshdUnreachable(RuntimeError):
+    """meshd's admin API did not answer at `url`."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"meshd is not reachable at {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class MeshdApiError(RuntimeError):
+    """meshd answered, but not with what the API promises (HTTP error status or bad JSON)."""
+
+    def __init__(self, url: str, message: str):
+        super().__init__(f"meshd admin API {url}: {message}")
+        self.url = url
+
+
+def resolve_base_url(api: str | None) -> str:
+    """The admin API base URL: the explicit value, else $MESHD_API, else the default; no trailing '/'."""
+    url = (api or os.environ.get(API_ENV) or DEFAULT_API).strip()
+    if "://" not in url:
+        url = "http://" + url
+    return url.rstrip("/")
+
+
+class MeshdClient:
+    """GETs JSON documents from meshd's admin API."""
+
+    def __init__(self, base_url: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+        self.base_url = resolve_base_url(base_url)
+        self.timeout = timeout
+
+    def get_json(self, path: str) -> Any:
+        """GET `path` and return its decoded JSON; raises MeshdUnreachable or MeshdApiError."""
+        import urllib.error
+        import urllib.request
+
+        url = self.base_url + path
+        request = urllib.request.Request(url, headers={"Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                body = response.read()
+        except urllib.error.HTTPError as exc:
+            detail = ""
+            try:
+                detail = exc.read().decode("utf-8", "replace").strip()[:200]
+            except Exception:  # noqa: BLE001 - best effort detail only
+                pass
+            raise MeshdApiError(url, f"HTTP {exc.code} {exc.reason}" + (f": {detail}" if detail else "")) from None
+        except urllib.error.URLError as exc:
+            raise MeshdUnreachable(self.base_url, str(getattr(exc, "reason", exc))) from None
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            raise MeshdUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise MeshdApiError(url, f"response is not JSON: {exc}") from None
+
+    def status(self) -> dict[str, Any]:
+        """`GET /v1/status`."""
+        return self._object("/v1/status")
+
+    def services(self) -> dict[str, Any]:
+        """`GET /v1/services`."""
+        return self._object("/v1/services")
+
+    def snapshot(self) -> dict[str, Any]:
+        """`GET /v1/snapshot`."""
+        return self._object("/v1/snapshot")
+
+    def _object(self, path: str) -> dict[str, Any]:
+        data = self.get_json(path)
+        if not isinstance(data, dict):
+            raise MeshdApiError(self.base_url + path, f"expected a JSON object, got {type(data).__name__}")
+        return data
