@@ -104,7 +104,7 @@ def decode_message(text: str | bytes) -> Message:
     raise ProtocolError(f"message.type: {kind!r} is not hello, snapshot, ack or nack")
 
 
-def reconnect_delay(attempt: int, rand: float, base: float = 0.2, cap: float = 10.0) -> float:
+def reconnect_delay(attempt: int, rand: float, base: float = 0.2, cap: float = 5.0) -> float:
     """Seconds to wait before reconnect `attempt` (0-based): exponential backoff with full jitter.
 
     `rand` is a uniform number in [0, 1) supplied by the caller, so the schedule is testable.

@@ -1,1 +1,3 @@
 """meshd: the control plane of the mesh."""
+
+__version__ = "0.1.0"

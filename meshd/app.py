@@ -1,0 +1,306 @@
+"""meshd's run loop: Docker watch -> rebuild -> sidecars, gateway, discovery, versioned push."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import docker
+import structlog
+from aiohttp import web
+
+from meshcore.labels import DEFAULT_TRUST_DOMAIN
+from meshcore.protocol import CONTROL_PATH, CONTROL_PORT
+from meshcore.snapshot import MeshConfig, Snapshot, build_config, build_workloads, encode_snapshot
+
+from . import __version__
+from .control import Hub, dumps
+from .discovery import Discovery
+from .docker_adapter import GATEWAY_NAME, DockerAdapter, DockerView, sidecar_name
+from .plan import build_sidecar_env, control_host_for, plan_sidecars
+from .store import Store
+
+log = structlog.get_logger("meshd")
+
+ADMIN_PORT = 15014
+DEBOUNCE_S = 0.15      # events come in bursts (compose up starts many containers at once)
+RESYNC_S = 30.0        # level-triggered safety net: a full re-list even without events
+
+
+@dataclass
+class Settings:
+    """meshd's settings, from the environment (see README)."""
+
+    image: str = "meshd:latest"
+    state_dir: str = "/var/lib/meshd"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    gateway_port: int = 8080
+    gateway_bind: str = "0.0.0.0"
+    manage_gateway: bool = True
+    admin_host: str = "127.0.0.1"
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        """Settings from MESH_* / MESHD_* variables."""
+        env = os.environ
+        return cls(
+            image=env.get("MESH_IMAGE", cls.image),
+            state_dir=env.get("MESHD_STATE_DIR", cls.state_dir),
+            trust_domain=env.get("MESH_TRUST_DOMAIN", cls.trust_domain),
+            gateway_port=int(env.get("MESH_GATEWAY_PORT", cls.gateway_port)),
+            gateway_bind=env.get("MESH_GATEWAY_BIND", cls.gateway_bind),
+            manage_gateway=env.get("MESHD_GATEWAY", "true").lower() not in ("0", "false", "no", "off"),
+            admin_host=env.get("MESHD_ADMIN_HOST", cls.admin_host),
+        )
+
+
+def config_digest(config: MeshConfig) -> str:
+    """A stable digest of a config's contents (the version moves only when this changes)."""
+    body = encode_snapshot(Snapshot(version=0, config=config))
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class Meshd:
+    """The control plane process."""
+
+    def __init__(self, settings: Settings, client: docker.DockerClient | None = None):
+        self.settings = settings
+        self.docker = DockerAdapter(client or docker.from_env(), settings.image)
+        self.store = Store(os.path.join(settings.state_dir, "state.db"))
+        self.hub = Hub(on_hello_version=self._on_hello_version)
+        self.discovery = Discovery(on_change=self.trigger)
+        self.view: DockerView | None = None
+        self.label_errors: list = []
+        self.started = time.time()
+        self._dirty = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._control_sites: dict[str, web.TCPSite] = {}
+        self._stop = asyncio.Event()
+        self._version = int(self.store.get("snapshot_version", 0))
+        self._digest = self.store.get("snapshot_digest", "")
+
+    # ---- triggers ------------------------------------------------------------------------
+
+    def trigger(self) -> None:
+        """Ask for a full rebuild (debounced); safe from any thread."""
+        if self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._dirty.set)
+
+    def _on_hello_version(self, last_version: int) -> None:
+        # A node that holds a newer version than ours (state lost) must still see versions go up.
+        if last_version > self._version:
+            self._version = last_version
+            self._digest = ""
+            self.trigger()
+
+    def _watch_events(self) -> None:
+        """Blocking: every Docker container event triggers a rebuild (level-triggered)."""
+        while not self._stop.is_set():
+            try:
+                for _event in self.docker.client.events(decode=True, filters={"type": "container"}):
+                    self.trigger()
+            except Exception as exc:  # the engine restarted or the socket dropped: reconnect
+                log.warning("docker_events_lost", error=str(exc))
+                time.sleep(1.0)
+
+    # ---- the rebuild ---------------------------------------------------------------------
+
+    async def rebuild(self) -> None:
+        """List Docker, reconcile sidecars and gateway, refresh discovery, publish a new snapshot."""
+        loop = asyncio.get_running_loop()
+        view = await loop.run_in_executor(None, self.docker.list_view)
+        self.view = view
+        workloads = build_workloads(view.apps)
+        plan = plan_sidecars(workloads, view.sidecars, view.image_id)
+        for sc in plan.remove:
+            log.info("sidecar_remove", sidecar=sc.name)
+            await loop.run_in_executor(None, self.docker.remove, sc.id)
+        for wl in plan.create:
+            host = control_host_for(wl.container, view.network_gateways)
+            if host is None:
+                log.warning("sidecar_no_bridge", app=wl.container.name,
+                            error="the container is on no bridge network meshd can reach")
+                continue
+            name = sidecar_name(wl.container)
+            env = build_sidecar_env(wl, name, host, self.settings.trust_domain)
+            log.info("sidecar_create", app=wl.container.name, sidecar=name, service=wl.spec.service)
+            try:
+                await loop.run_in_executor(None, self.docker.create_sidecar, wl.container, env)
+            except docker.errors.APIError as exc:
+                log.warning("sidecar_create_failed", app=wl.container.name, error=str(exc))
+        await self._apply_gateway(view)
+        await self._apply_listeners(list(view.network_gateways.values()))
+        await self.discovery.apply_interfaces(list(view.network_gateways.values()))
+        self.discovery.prune({app.id for app in view.apps})
+        config, errors = build_config(workloads, self.discovery.announcements(), self.settings.trust_domain)
+        self.label_errors = errors
+        for err in errors:
+            log.warning("label_error", container=err.container, label=err.label, error=err.message)
+        self._prune_nodes(view)
+        self._publish(config)
+
+    def _publish(self, config: MeshConfig) -> None:
+        digest = config_digest(config)
+        if digest == self._digest and self.hub.latest is not None:
+            return
+        if digest != self._digest:
+            self._version += 1
+            self._digest = digest
+            self.store.put("snapshot_version", self._version)
+            self.store.put("snapshot_digest", digest)
+        self.hub.publish(Snapshot(version=self._version, config=config))
+        log.info("snapshot_published", version=self._version, services=len(config.services),
+                 endpoints=sum(len(e) for e in config.endpoints.values()))
+
+    def _prune_nodes(self, view: DockerView) -> None:
+        live = {sc.name for sc in view.sidecars} | {GATEWAY_NAME, "gateway"}
+        for name in [n for n, st in self.hub.nodes.items() if not st.connected and n not in live]:
+            del self.hub.nodes[name]
+
+    async def _apply_gateway(self, view: DockerView) -> None:
+        if not self.settings.manage_gateway:
+            return
+        gw = view.gateway
+        if gw is not None and gw.running and (not view.image_id or gw.image == view.image_id):
+            return
+        env = {"MESH_CONTROL_URL": f"ws://127.0.0.1:{CONTROL_PORT}{CONTROL_PATH}",
+               "MESH_GATEWAY_PORT": str(self.settings.gateway_port),
+               "MESH_GATEWAY_BIND": self.settings.gateway_bind,
+               "MESH_NODE": "gateway"}
+        log.info("gateway_create", port=self.settings.gateway_port)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.docker.create_gateway, env)
+        except docker.errors.APIError as exc:
+            log.warning("gateway_create_failed", error=str(exc))
+
+    async def _apply_listeners(self, addresses: list[str]) -> None:
+        """Serve the control channel on loopback and on each mesh bridge's gateway address."""
+        wanted = set(addresses) | {"127.0.0.1"}
+        for addr in set(self._control_sites) - wanted:
+            await self._control_sites.pop(addr).stop()
+        for addr in sorted(wanted - set(self._control_sites)):
+            site = web.TCPSite(self._control_runner, addr, CONTROL_PORT, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as exc:
+                log.warning("control_listen_failed", address=addr, error=str(exc))
+                continue
+            self._control_sites[addr] = site
+            log.info("control_listening", address=addr, port=CONTROL_PORT)
+
+    # ---- admin API -----------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """The body of GET /v1/status."""
+        view = self.view
+        sidecars = []
+        if view is not None:
+            by_app = {sc.labels.get("mesh.sidecar.for"): sc for sc in view.sidecars}
+            for app in view.apps:
+                sc = by_app.get(app.id)
+                sidecars.append({"app": app.name, "sidecar": sc.name if sc else None,
+                                 "state": ("running" if sc.running else "stopped") if sc else "missing"})
+        nodes = self.hub.status()
+        service_of = {}
+        if view is not None:
+            for wl in build_workloads(view.apps):
+                if wl.spec is not None:
+                    service_of[wl.container.id] = wl.spec.service
+        for n in nodes:
+            n["service"] = "gateway" if n["kind"] == "gateway" else service_of.get(n["container"])
+        return {
+            "meshd": {"version": __version__, "uptime_s": round(time.time() - self.started, 1),
+                      "snapshot_version": self.hub.latest.version if self.hub.latest else None},
+            "nodes": nodes,
+            "label_errors": [{"container": e.container, "label": e.label, "message": e.message}
+                             for e in self.label_errors],
+            "sidecars": sidecars,
+        }
+
+    def services(self) -> dict:
+        """The body of GET /v1/services."""
+        latest = self.hub.latest
+        out = []
+        if latest is not None:
+            for name, svc in latest.config.services.items():
+                eps = latest.config.endpoints.get(name, ())
+                versions: dict[str, int] = {}
+                for ep in eps:
+                    versions[ep.version] = versions.get(ep.version, 0) + 1
+                out.append({"name": name, "namespace": svc.namespace, "protocol": svc.protocol,
+                            "port": svc.port, "identity": svc.identity, "aliases": list(svc.aliases),
+                            "versions": versions,
+                            "endpoints": [{"instance": e.instance, "address": e.address, "port": e.port,
+                                           "version": e.version} for e in eps]})
+        return {"services": out}
+
+    def _admin_app(self) -> web.Application:
+        app = web.Application()
+
+        async def status(_req):
+            return web.json_response(self.status(), dumps=dumps)
+
+        async def services(_req):
+            return web.json_response(self.services(), dumps=dumps)
+
+        async def snapshot(_req):
+            if self.hub.latest is None:
+                return web.json_response({"error": "no snapshot yet"}, status=503)
+            return web.json_response(encode_snapshot(self.hub.latest), dumps=dumps)
+
+        async def ack_latency(req):
+            try:
+                version = int(req.query.get("version", self.hub.latest.version if self.hub.latest else 0))
+            except ValueError:
+                return web.json_response({"error": "query parameter version: not a number"}, status=400)
+            return web.json_response({"version": version, "acks": self.hub.ack_latency(version)})
+
+        app.router.add_get("/v1/status", status)
+        app.router.add_get("/v1/services", services)
+        app.router.add_get("/v1/snapshot", snapshot)
+        app.router.add_get("/v1/acks", ack_latency)
+        return app
+
+    # ---- run -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        control = web.Application()
+        control.router.add_get(CONTROL_PATH, self.hub.handle)
+        self._control_runner = web.AppRunner(control, access_log=None)
+        await self._control_runner.setup()
+        admin_runner = web.AppRunner(self._admin_app(), access_log=None)
+        await admin_runner.setup()
+        await web.TCPSite(admin_runner, self.settings.admin_host, ADMIN_PORT, reuse_address=True).start()
+        await self._apply_listeners([])
+        threading.Thread(target=self._watch_events, name="docker-events", daemon=True).start()
+        log.info("meshd_started", version=__version__, snapshot_version=self._version,
+                 admin=f"{self.settings.admin_host}:{ADMIN_PORT}")
+        self._dirty.set()
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self._dirty.wait(), timeout=RESYNC_S)
+                except asyncio.TimeoutError:
+                    pass
+                await asyncio.sleep(DEBOUNCE_S)
+                self._dirty.clear()
+                try:
+                    await self.rebuild()
+                except Exception:
+                    log.exception("rebuild_failed")
+                    await asyncio.sleep(1.0)
+                    self._dirty.set()
+        finally:
+            self._stop.set()
+            await self.discovery.close()
+            await admin_runner.cleanup()
+            await self._control_runner.cleanup()

