@@ -19,6 +19,7 @@ log = structlog.get_logger("meshd.control")
 
 HELLO_TIMEOUT_S = 10.0
 HEARTBEAT_S = 10.0  # websocket ping interval; a dead peer is noticed within two of these
+REPLY_TIMEOUT_S = 30.0  # a node that answers no snapshot for this long gets the latest one anyway
 
 
 @dataclass
@@ -36,7 +37,16 @@ class NodeState:
     connected_at: float = 0.0
     last_seen: float = 0.0
     ack_times: dict[int, float] = field(default_factory=dict)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    generation: int = 0  # bumped per connection: only the newest connection owns `connected`
+
+
+class _Conn:
+    """One websocket of a node: its own wake-up, last sent version and reply signal."""
+
+    def __init__(self) -> None:
+        self.wake = asyncio.Event()
+        self.replied = asyncio.Event()
+        self.sent_version: int | None = None
 
 
 class Hub:
@@ -48,6 +58,7 @@ class Hub:
         self.nodes: dict[str, NodeState] = {}
         self.published_at: dict[int, float] = {}
         self._on_hello_version = on_hello_version
+        self._conns: set[_Conn] = set()
 
     def publish(self, snapshot: Snapshot) -> None:
         """Make `snapshot` the one every node gets; encoded once, sent to all."""
@@ -55,8 +66,8 @@ class Hub:
         self._latest_text = encode_message(SnapshotPush(version=snapshot.version,
                                                         snapshot=encode_snapshot(snapshot)))
         self.published_at[snapshot.version] = time.time()
-        for node in self.nodes.values():
-            node.wake.set()
+        for conn in self._conns:
+            conn.wake.set()
 
     def status(self) -> list[dict]:
         """Per node: connection and the versions it ACKed or NACKed."""
@@ -83,6 +94,8 @@ class Hub:
         if node is None or node.kind != hello.kind:
             node = self.nodes[hello.node] = NodeState(node=hello.node, kind=hello.kind, container=hello.container)
         node.container = hello.container
+        node.generation += 1
+        generation = node.generation
         node.connected = True
         node.connected_at = node.last_seen = time.time()
         node.sent_version = None
@@ -91,7 +104,9 @@ class Hub:
         if self._on_hello_version is not None:
             self._on_hello_version(hello.last_version)
         log.info("node_connected", node=hello.node, kind=hello.kind, last_version=hello.last_version)
-        sender = asyncio.ensure_future(self._send_loop(ws, node))
+        conn = _Conn()
+        self._conns.add(conn)
+        sender = asyncio.ensure_future(self._send_loop(ws, node, conn))
         try:
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
@@ -102,6 +117,8 @@ class Hub:
                 except ProtocolError as exc:
                     log.warning("control_bad_message", node=node.node, error=str(exc))
                     continue
+                if isinstance(reply, (Ack, Nack)) and reply.version == conn.sent_version:
+                    conn.replied.set()
                 if isinstance(reply, Ack):
                     node.acked_version = reply.version
                     node.ack_times[reply.version] = node.last_seen
@@ -113,25 +130,34 @@ class Hub:
                     log.warning("node_nack", node=node.node, version=reply.version, reason=reply.reason)
         finally:
             sender.cancel()
-            node.connected = False
+            self._conns.discard(conn)
+            if node.generation == generation:  # a newer connection of the same node is not ours to end
+                node.connected = False
             log.info("node_disconnected", node=node.node)
         return ws
 
-    async def _send_loop(self, ws: web.WebSocketResponse, node: NodeState) -> None:
+    async def _send_loop(self, ws: web.WebSocketResponse, node: NodeState, conn: _Conn) -> None:
         # Always send the latest snapshot only: a slow node skips the versions it missed.
-        node.wake.set()
+        conn.wake.set()
         while not ws.closed:
-            await node.wake.wait()
-            node.wake.clear()
+            await conn.wake.wait()
+            conn.wake.clear()
             latest = self.latest
-            if latest is None or node.sent_version == latest.version:
+            if latest is None or conn.sent_version == latest.version:
                 continue
             text = self._latest_text
-            node.sent_version = latest.version
+            conn.sent_version = node.sent_version = latest.version
+            conn.replied.clear()
             try:
                 await ws.send_str(text)
             except (ConnectionError, RuntimeError):
                 return
+            # Until the node answers (ACK or NACK) it is slow: publishes meanwhile collapse into the
+            # latest, sent when it answers. Socket buffers would otherwise queue every version.
+            try:
+                await asyncio.wait_for(conn.replied.wait(), REPLY_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.warning("node_no_reply", node=node.node, version=latest.version)
 
     def ack_latency(self, version: int) -> dict[str, float]:
         """Seconds from publishing `version` to each connected node's ACK of it."""

@@ -42,10 +42,11 @@ class ControlClient:
             if snapshot.version != push.version:
                 raise SnapshotError(f"snapshot.version {snapshot.version} differs from push version {push.version}")
             self.apply(snapshot)
-        except (SnapshotError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure of apply NACKs; it must not end run()
+            reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
             self.nacks += 1
-            log.warning("snapshot_nack", version=push.version, reason=str(exc))
-            return Nack(version=push.version, reason=str(exc))
+            log.warning("snapshot_nack", version=push.version, reason=reason)
+            return Nack(version=push.version, reason=reason)
         self.current = snapshot
         self.last_applied_at = time.time()
         self.ready.set()

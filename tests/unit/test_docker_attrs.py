@@ -1,0 +1,143 @@
+"""decode_container_attrs on realistic `docker inspect` output (the pure part of the Docker adapter)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from meshcore.labels import ContainerInfo
+from meshd.docker_adapter import decode_container_attrs, sidecar_name
+
+APP_ID = "3f2a9c0d1e7b" + "4" * 52
+IMAGE_ID = "sha256:9b1f" + "c" * 60
+
+INSPECT = {
+    "Id": APP_ID,
+    "Created": "2024-05-01T09:59:58.123456789Z",
+    "Path": "/docker-entrypoint.sh",
+    "State": {
+        "Status": "running", "Running": True, "Paused": False, "Restarting": False, "OOMKilled": False,
+        "Dead": False, "Pid": 4242, "ExitCode": 0, "Error": "",
+        "StartedAt": "2024-05-01T10:00:00.123456789Z", "FinishedAt": "0001-01-01T00:00:00Z",
+    },
+    "Image": IMAGE_ID,
+    "Name": "/shop-orders-1",
+    "RestartCount": 0,
+    "HostConfig": {"NetworkMode": "shop_default", "RestartPolicy": {"Name": "", "MaximumRetryCount": 0}},
+    "Config": {
+        "Hostname": "3f2a9c0d1e7b",
+        "ExposedPorts": {"8080/tcp": {}, "53/udp": {}, "9090/tcp": {}},
+        "Env": ["PATH=/usr/local/bin:/usr/bin"],
+        "Image": "shop/orders:1.4",
+        "Labels": {
+            "com.docker.compose.project": "shop", "com.docker.compose.service": "orders",
+            "mesh.enable": "true", "mesh.port": "8080",
+        },
+    },
+    "NetworkSettings": {
+        "Bridge": "", "SandboxKey": "/var/run/docker/netns/1a2b3c",
+        "Ports": {"8080/tcp": None},
+        "Networks": {
+            "shop_default": {
+                "IPAMConfig": None, "Links": None, "Aliases": ["shop-orders-1", "orders"],
+                "NetworkID": "e" * 64, "EndpointID": "f" * 64, "Gateway": "172.20.0.1",
+                "IPAddress": "172.20.0.5", "IPPrefixLen": 16, "IPv6Gateway": "", "GlobalIPv6Address": "",
+                "MacAddress": "02:42:ac:14:00:05",
+            },
+            "shop_backend": {
+                "Gateway": "172.21.0.1", "IPAddress": "172.21.0.9", "IPPrefixLen": 16,
+                "GlobalIPv6Address": "fd00::9",
+            },
+        },
+    },
+}
+
+
+def test_running_app_container():
+    info = decode_container_attrs(INSPECT)
+    assert info == ContainerInfo(
+        id=APP_ID, name="shop-orders-1",
+        labels={"com.docker.compose.project": "shop", "com.docker.compose.service": "orders",
+                "mesh.enable": "true", "mesh.port": "8080"},
+        exposed_ports=(8080, 9090),   # 53/udp is not a TCP port the mesh can carry
+        networks={"shop_default": "172.20.0.5", "shop_backend": "172.21.0.9"},
+        running=True, started_at="2024-05-01T10:00:00.123456789Z",
+        network_mode="shop_default", image=IMAGE_ID)
+    assert sidecar_name(info) == "shop-orders-1-mesh"
+
+
+def test_labels_are_a_copy():
+    attrs = copy.deepcopy(INSPECT)
+    info = decode_container_attrs(attrs)
+    attrs["Config"]["Labels"]["mesh.port"] = "1"
+    assert info.labels["mesh.port"] == "8080"
+
+
+@pytest.mark.parametrize("exposed, expected", [
+    ({"8080/tcp": {}}, (8080,)),
+    ({"53/udp": {}}, ()),
+    ({"5353/udp": {}, "80/tcp": {}, "443/tcp": {}}, (80, 443)),
+    ({"7000/sctp": {}, "7001/tcp": {}}, (7001,)),
+    ({"8080": {}}, (8080,)),          # no protocol given means tcp
+    ({}, ()),
+    (None, ()),
+])
+def test_exposed_ports(exposed, expected):
+    attrs = copy.deepcopy(INSPECT)
+    attrs["Config"]["ExposedPorts"] = exposed
+    assert decode_container_attrs(attrs).exposed_ports == expected
+
+
+@pytest.mark.parametrize("state, running", [
+    ({"Status": "running", "Running": True, "Restarting": False}, True),
+    # Docker reports Running=true while a container is in its restart loop: not usable.
+    ({"Status": "restarting", "Running": True, "Restarting": True}, False),
+    ({"Status": "exited", "Running": False, "Restarting": False, "ExitCode": 137}, False),
+    ({"Status": "created", "Running": False, "StartedAt": "0001-01-01T00:00:00Z"}, False),
+    ({}, False),
+])
+def test_running_state(state, running):
+    attrs = copy.deepcopy(INSPECT)
+    attrs["State"] = state
+    assert decode_container_attrs(attrs).running is running
+
+
+def test_stopped_container_has_no_addresses():
+    attrs = copy.deepcopy(INSPECT)
+    attrs["State"] = {"Status": "exited", "Running": False, "Restarting": False,
+                      "StartedAt": "2024-05-01T10:00:00.123456789Z", "FinishedAt": "2024-05-01T11:00:00.5Z"}
+    for net in attrs["NetworkSettings"]["Networks"].values():
+        net["IPAddress"] = ""
+    info = decode_container_attrs(attrs)
+    assert info.networks == {}
+    assert info.running is False
+    assert info.started_at == "2024-05-01T10:00:00.123456789Z"
+
+
+def test_sidecar_in_app_namespace():
+    attrs = {
+        "Id": "b" * 64, "Name": "/shop-orders-1-mesh", "Image": IMAGE_ID,
+        "State": {"Running": True, "Restarting": False, "StartedAt": "2024-05-01T10:00:01.5Z"},
+        "HostConfig": {"NetworkMode": f"container:{APP_ID}"},
+        "Config": {"Labels": {"mesh.owner": "meshd", "mesh.role": "sidecar", "mesh.sidecar.for": APP_ID},
+                   "ExposedPorts": None},
+        # a container sharing another's namespace has no networks of its own
+        "NetworkSettings": {"Networks": {}},
+    }
+    info = decode_container_attrs(attrs)
+    assert info.network_mode == f"container:{APP_ID}"
+    assert info.networks == {} and info.exposed_ports == ()
+    assert info.labels["mesh.sidecar.for"] == APP_ID
+    assert info.name == "shop-orders-1-mesh"
+
+
+@pytest.mark.parametrize("attrs", [
+    {"Id": "c" * 64},
+    {"Id": "c" * 64, "Config": None, "State": None, "HostConfig": None, "NetworkSettings": None, "Name": None},
+    {"Id": "c" * 64, "Config": {"Labels": None, "ExposedPorts": None}, "NetworkSettings": {"Networks": None}},
+])
+def test_missing_sections(attrs):
+    info = decode_container_attrs(attrs)
+    assert info == ContainerInfo(id="c" * 64, name="", labels={}, exposed_ports=(), networks={},
+                                 running=False, started_at="", network_mode="", image="")
