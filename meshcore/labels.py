@@ -29,7 +29,10 @@ KNOWN_LABELS = frozenset({
     "mesh.gateway.path", "mesh.gateway.host", "mesh.gateway.strip-prefix",
 })
 # Labels the mesh writes itself, or that later features own: not errors when present.
-_OWNED_PREFIXES = ("mesh.owner", "mesh.role", "mesh.sidecar.")
+_OWNED_PREFIXES = ("mesh.owner", "mesh.role", "mesh.sidecar.",
+                   # traffic policy: decoded (and typos named) by meshcore.policy
+                   "mesh.lb", "mesh.timeout", "mesh.retries.", "mesh.circuit.", "mesh.outlier.",
+                   "mesh.ratelimit")
 
 
 @dataclass(frozen=True)

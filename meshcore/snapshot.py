@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from .labels import (
-    ContainerInfo, GatewayRule, LabelError, MeshSpec, decode_container, is_mesh_enabled,
-    is_mesh_owned, spiffe_id, COMPOSE_SERVICE,
+    ContainerInfo, GatewayRule, LabelDecodeError, LabelError, MeshSpec, decode_container,
+    is_mesh_enabled, is_mesh_owned, spiffe_id, COMPOSE_SERVICE,
 )
+from .policy import decode_traffic_policy, policy_labels
+from .routing_rules import ServiceRules, decode_rules, encode_rules
 
 INBOUND_PORT = 15006  # the sidecar's inbound listener, Istio's number
 SNAPSHOT_SCHEMA = 1
@@ -52,6 +54,8 @@ class ServiceConfig:
     port: int                       # the app's own port, what callers dial
     identity: str
     aliases: tuple[str, ...] = ()   # compose service names that also mean this service
+    policy: tuple[tuple[str, str], ...] = ()  # the service's traffic-policy labels, sorted
+    rules: ServiceRules | None = None         # live rules set by meshctl (split, route, fault...)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,11 @@ def build_workloads(containers: Iterable[ContainerInfo]) -> list[Workload]:
         if is_mesh_owned(info.labels) or not is_mesh_enabled(info.labels):
             continue
         decoded = decode_container(info)
+        if not isinstance(decoded, LabelError):
+            try:
+                decode_traffic_policy(info.labels)
+            except LabelDecodeError as exc:
+                decoded = LabelError(container=info.name.lstrip("/"), label=exc.label, message=exc.message)
         if isinstance(decoded, LabelError):
             out.append(Workload(container=info, spec=None, error=decoded))
         else:
@@ -104,18 +113,26 @@ def build_workloads(containers: Iterable[ContainerInfo]) -> list[Workload]:
     return out
 
 
-def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str) -> LabelError | None:
+def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str,
+              policy: tuple[tuple[str, str], ...]) -> LabelError | None:
     if spec.protocol != first.protocol:
         return LabelError(label_container, "mesh.protocol",
                           f"{spec.protocol!r} differs from {first.protocol!r} of other {spec.service} instances")
     if spec.port != first.port:
         return LabelError(label_container, "mesh.port",
                           f"{spec.port} differs from {first.port} of other {spec.service} instances")
+    if policy != first.policy:
+        mine, theirs = dict(policy), dict(first.policy)
+        label = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))[0]
+        return LabelError(label_container, label,
+                          f"{mine.get(label)!r} differs from {theirs.get(label)!r} of other "
+                          f"{spec.service} instances (traffic policy is per service)")
     return None
 
 
 def build_config(workloads: Iterable[Workload], announcements: Iterable[Announcement],
-                 trust_domain: str) -> tuple[MeshConfig, list[LabelError]]:
+                 trust_domain: str, rules: dict[str, ServiceRules] | None = None
+                 ) -> tuple[MeshConfig, list[LabelError]]:
     """Join decoded workloads with mDNS announcements into one MeshConfig, plus the errors found."""
     errors: list[LabelError] = []
     services: dict[str, ServiceConfig] = {}
@@ -129,16 +146,18 @@ def build_config(workloads: Iterable[Workload], announcements: Iterable[Announce
         spec = wl.spec
         assert spec is not None
         name = wl.container.name.lstrip("/")
+        policy = tuple(sorted(policy_labels(wl.container.labels).items()))
         first = services.get(spec.service)
         if first is not None:
-            problem = _conflict(spec, first, name)
+            problem = _conflict(spec, first, name, policy)
             if problem:
                 errors.append(problem)
                 continue
         else:
             services[spec.service] = ServiceConfig(
                 name=spec.service, namespace=spec.namespace, protocol=spec.protocol, port=spec.port,
-                identity=spiffe_id(trust_domain, spec.namespace, spec.service))
+                identity=spiffe_id(trust_domain, spec.namespace, spec.service), policy=policy,
+                rules=(rules or {}).get(spec.service))
         compose_service = wl.container.labels.get(COMPOSE_SERVICE)
         if compose_service and compose_service != spec.service:
             aliases.setdefault(spec.service, set()).add(compose_service)
@@ -215,7 +234,9 @@ def encode_snapshot(snapshot: Snapshot) -> dict[str, Any]:
         "schema": SNAPSHOT_SCHEMA,
         "version": snapshot.version,
         "services": {n: {"namespace": s.namespace, "protocol": s.protocol, "port": s.port,
-                         "identity": s.identity, "aliases": list(s.aliases)} for n, s in cfg.services.items()},
+                         "identity": s.identity, "aliases": list(s.aliases), "policy": dict(s.policy),
+                         "rules": encode_rules(s.rules) if s.rules else None}
+                     for n, s in cfg.services.items()},
         "endpoints": {n: [{"instance": e.instance, "address": e.address, "port": e.port,
                            "version": e.version, "identity": e.identity} for e in eps]
                       for n, eps in cfg.endpoints.items()},
@@ -250,10 +271,23 @@ def decode_snapshot(data: Any) -> Snapshot:
         aliases = _field(raw, "aliases", list, where)
         if not all(isinstance(alias, str) for alias in aliases):
             raise SnapshotError(f"{where}.aliases: expected a list of strings")
+        policy = raw.get("policy") or {}
+        if not isinstance(policy, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in policy.items()):
+            raise SnapshotError(f"{where}.policy: expected an object of strings")
+        try:
+            decode_traffic_policy(policy)
+        except LabelDecodeError as exc:
+            raise SnapshotError(f"{where}.policy: {exc}") from None
+        raw_rules = raw.get("rules")
+        try:
+            rules = decode_rules(raw_rules) if raw_rules is not None else None
+        except ValueError as exc:
+            raise SnapshotError(f"{where}.{exc}") from None
         services[name] = ServiceConfig(
             name=name, namespace=_field(raw, "namespace", str, where), protocol=protocol,
             port=_field(raw, "port", int, where), identity=_field(raw, "identity", str, where),
-            aliases=tuple(aliases))
+            aliases=tuple(aliases), policy=tuple(sorted(policy.items())), rules=rules)
     endpoints = {}
     for name, raw_eps in _field(data, "endpoints", dict, "snapshot").items():
         if name not in services:

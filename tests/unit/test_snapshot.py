@@ -291,3 +291,53 @@ def test_decode_snapshot_errors_name_the_field(mutate, fragment):
     with pytest.raises(SnapshotError) as excinfo:
         decode_snapshot(wire)
     assert fragment in str(excinfo.value)
+
+
+# ---- traffic policy and live rules in the snapshot -------------------------------------------------
+
+def test_bad_policy_label_degrades_only_its_container():
+    wls = build_workloads([ctr("payments", {"mesh.retries.attempts": "many"}), ctr("orders")])
+    by_name = {wl.container.name: wl for wl in wls}
+    assert by_name["/payments"].spec is None
+    assert by_name["/payments"].error.label == "mesh.retries.attempts"
+    assert by_name["/orders"].error is None
+
+
+def test_policy_typo_is_named():
+    [wl] = build_workloads([ctr("payments", {"mesh.retries.attempt": "3"})])
+    assert wl.error is not None and wl.error.label == "mesh.retries.attempt"
+
+
+def test_policy_carried_per_service_and_conflicts_reported():
+    a = ctr("payments-a", {"mesh.service": "payments", "mesh.retries.attempts": "3"}, ip="10.0.0.1")
+    b = ctr("payments-b", {"mesh.service": "payments", "mesh.retries.attempts": "5"}, ip="10.0.0.2")
+    config, errors = build([a, b])
+    assert config.services["payments"].policy == (("mesh.retries.attempts", "3"),)
+    assert [(e.container, e.label) for e in errors] == [("payments-b", "mesh.retries.attempts")]
+
+
+def test_policy_and_rules_round_trip():
+    from meshcore.routing_rules import ServiceRules, validate_split
+    rules = {"catalog": ServiceRules(service="catalog", split=validate_split("catalog", {"v1": 90, "v2": 10}, None))}
+    config, errors = build_config(build_workloads([ctr("catalog", {"mesh.lb": "round-robin"}, ip="10.0.0.9")]),
+                                  [ann("catalog", "catalog", "10.0.0.9")], TD, rules=rules)
+    assert not errors
+    snap = Snapshot(version=4, config=config)
+    back = decode_snapshot(json.loads(json.dumps(encode_snapshot(snap))))
+    assert back == snap
+    assert back.config.services["catalog"].rules.split is not None
+
+
+@pytest.mark.parametrize("policy, rules, field", [
+    ({"mesh.lb": "fastest"}, None, "services.catalog.policy"),
+    ({"mesh.lb": 3}, None, "services.catalog.policy"),
+    ({}, {"service": "catalog", "split": {"weights": [["v1", 90], ["v2", 20]]}}, "services.catalog.rules"),
+])
+def test_decode_snapshot_rejects_bad_policy_or_rules(policy, rules, field):
+    config, _ = build([ctr("catalog", ip="10.0.0.9")])
+    wire = encode_snapshot(Snapshot(version=1, config=config))
+    wire["services"]["catalog"]["policy"] = policy
+    wire["services"]["catalog"]["rules"] = rules
+    with pytest.raises(SnapshotError) as exc:
+        decode_snapshot(wire)
+    assert str(exc.value).startswith(field)
