@@ -1,0 +1,86 @@
+# meshd: build, demo and test entry points. Run as root on a Debian/Ubuntu host.
+#   make demo       Docker + images + meshd + the shop; gateway on http://127.0.0.1:8080
+#   make test       Docker + images + all tests (what .ci/run runs)
+# Images are built offline: base from debootstrap (images/build-base.sh), Python packages
+# from wheels/ made here on the host (so the host's Python must be 3.11, like the base's).
+
+PYTHON      ?= python3
+PIP         := $(PYTHON) -m pip
+BASE_IMAGE  ?= mesh-base:bookworm
+MESH_IMAGE  ?= meshd:latest
+DEMO_IMAGE  ?= mesh-demo:latest
+GATEWAY_URL ?= http://127.0.0.1:8080
+PYTEST_ARGS ?=
+# docker-compose (1.29) when present, else the v2 plugin; a recursive variable, so it is
+# decided when a recipe is expanded: after `make docker` may have installed it.
+COMPOSE     ?= $(shell command -v docker-compose >/dev/null 2>&1 && echo docker-compose || echo docker compose)
+# `make test TEST_DEPS=` runs the tests alone (.ci/run runs the phases one by one).
+TEST_DEPS   ?= docker install images
+BUILD_ARGS  := --build-arg BASE=$(BASE_IMAGE) --build-arg PIP_ARGS=--no-index
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_ROOT_USER_ACTION := ignore
+# Same wheel bytes for the same sources, so Docker's layer cache holds when nothing changed.
+export SOURCE_DATE_EPOCH := 315532800
+
+.PHONY: install wheels base-image image demo-image images docker demo demo-down test unit e2e bench
+
+install:
+	$(PIP) install -q -e '.[test]'
+
+# The project's wheel and every dependency's, for the images (cp311, like Debian 12's python3).
+# build/ goes too: setuptools would put modules deleted from the tree back into the wheel.
+wheels:
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; v == (3, 11) or print("warning: wheels for Python %d.%d," \
+	    " but mesh-base has 3.11: offline (--no-index) image builds will miss binary wheels" % v)'
+	rm -rf build wheels/meshd-*.whl
+	$(PIP) wheel -q -w wheels .
+
+base-image:
+	IMAGE=$(BASE_IMAGE) images/build-base.sh
+
+image: wheels base-image
+	docker build $(BUILD_ARGS) -t $(MESH_IMAGE) .
+
+demo-image: wheels base-image
+	docker build $(BUILD_ARGS) -f demo/Dockerfile -t $(DEMO_IMAGE) .
+
+images: image demo-image
+
+docker:
+	scripts/ensure-docker.sh
+
+demo: docker install images
+	$(COMPOSE) -p meshd -f compose/meshd.yml up -d
+	$(COMPOSE) -p shop -f compose/demo.yml up -d
+	@echo "waiting up to 90 s for $(GATEWAY_URL)/api/orders/1 ..."
+	@end=$$(( $$(date +%s) + 90 )); \
+	until $(PYTHON) -c 'import sys, urllib.request as u; sys.exit(u.urlopen(sys.argv[1], timeout=3).status != 200)' \
+	        $(GATEWAY_URL)/api/orders/1 2>/dev/null; do \
+	    if [ $$(date +%s) -ge $$end ]; then \
+	        echo "no 200 after 90 s: see 'meshctl status', 'docker logs meshd'"; exit 1; fi; \
+	    sleep 1; \
+	done
+	@echo "shop is up: $(GATEWAY_URL)/api/orders/1  $(GATEWAY_URL)/api/catalog"
+
+# meshd first, so it recreates nothing; then what it owns (sidecars, gateway); then the shop.
+demo-down:
+	-$(COMPOSE) -p meshd -f compose/meshd.yml down
+	-docker ps -aq --filter label=mesh.owner=meshd | xargs -r docker rm -f >/dev/null
+	-$(COMPOSE) -p shop -f compose/demo.yml down
+
+# pytest's exit 5 (no test collected) fails the target like any other non-zero exit.
+test: $(TEST_DEPS)
+	@rc=0; $(PYTHON) -m pytest -q $(PYTEST_ARGS) tests || rc=$$?; \
+	if [ $$rc = 5 ]; then echo "pytest collected no tests (exit 5): failing"; fi; exit $$rc
+
+unit:
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests/unit tests/adapters
+
+# Uses the images as they are: `make images` first after changing the code.
+e2e:
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests/e2e
+
+bench:
+	@if [ -f bench/__main__.py ]; then $(PYTHON) -m bench; \
+	else echo "no benchmarks yet (bench/__main__.py is missing)"; fi
