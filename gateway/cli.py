@@ -1,0 +1,67 @@
+"""`gateway run`: the mesh's external entry, managed by meshd, in the host's network namespace."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+import structlog
+
+from meshio.runtime import configure_logging, run_forever
+
+log = structlog.get_logger("gateway")
+
+ADMIN_PORT = 15021  # Istio's ingress gateway health port
+
+
+async def serve(control_url: str, node: str, bind: str, port: int, admin_port: int) -> None:
+    """The gateway listener, its admin port and its control channel, until SIGTERM."""
+    from sidecar.admin import build_admin_app, start_admin
+    from sidecar.control import ControlClient
+    from sidecar.proxy import ProxyState
+    from sidecar.telemetry import render_metrics
+
+    from gateway.server import GATEWAY_SOURCE, start_gateway
+
+    state = ProxyState(GATEWAY_SOURCE, "v1")
+    control = ControlClient(control_url, "gateway", node, "", apply=state.apply_snapshot)
+    server = await start_gateway(state, bind, port)
+    admin = await start_admin(build_admin_app(control, lambda: render_metrics(state.telemetry),
+                                              server.is_serving), "127.0.0.1", admin_port)
+    control_task = asyncio.ensure_future(control.run())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("gateway_started", bind=bind, port=port, admin_port=admin_port)
+    await stop.wait()
+    control_task.cancel()
+    server.close()
+    await admin.cleanup()
+    state.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `gateway` console script."""
+    parser = argparse.ArgumentParser(prog="gateway", description="The mesh API gateway.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="serve external traffic (settings from MESH_* variables)")
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        return
+    configure_logging("gateway")
+    env = os.environ
+    port_raw = env.get("MESH_GATEWAY_PORT", "8080")
+    if not port_raw.isdigit() or not 0 < int(port_raw) < 65536:
+        log.error("gateway_config_invalid", error=f"MESH_GATEWAY_PORT: {port_raw!r} is not a port number")
+        sys.exit(2)
+    run_forever(lambda: serve(env.get("MESH_CONTROL_URL", "ws://127.0.0.1:15010/v1/stream"),
+                              env.get("MESH_NODE", "gateway"), env.get("MESH_GATEWAY_BIND", "0.0.0.0"),
+                              int(port_raw), int(env.get("MESH_GATEWAY_ADMIN_PORT", ADMIN_PORT))))
+
+
+if __name__ == "__main__":
+    main()

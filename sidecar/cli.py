@@ -1,0 +1,153 @@
+"""`sidecar run`: the per-container proxy that meshd starts in an app's network namespace."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+import structlog
+
+from meshio.runtime import configure_logging, run_forever
+from sidecar.capture import PROXY_UID, apply_capture
+
+log = structlog.get_logger("sidecar")
+
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+DRAIN_S = 1.0  # after SIGTERM: withdraw from discovery, keep serving briefly for in-flight requests
+
+
+class ConfigError(ValueError):
+    """A sidecar setting that is missing or malformed; names the variable."""
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    """The sidecar's settings, from the environment meshd gives it (docs/DESIGN.md)."""
+
+    control_url: str
+    node: str
+    container: str
+    service: str
+    namespace: str
+    version: str
+    app_port: int
+    protocol: str
+    capture: str
+    identity: str
+    admin_port: int = 15020
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> "SidecarSettings":
+        """Decode MESH_* variables; raises ConfigError naming the variable."""
+        def need(name: str) -> str:
+            value = env.get(name, "").strip()
+            if not value:
+                raise ConfigError(f"{name} is required")
+            return value
+
+        port_raw = need("MESH_APP_PORT")
+        if not port_raw.isdigit() or not 0 < int(port_raw) < 65536:
+            raise ConfigError(f"MESH_APP_PORT: {port_raw!r} is not a port number")
+        protocol = env.get("MESH_PROTOCOL", "http")
+        if protocol not in ("http", "tcp"):
+            raise ConfigError(f"MESH_PROTOCOL: {protocol!r} is not http or tcp")
+        capture = env.get("MESH_CAPTURE", "transparent")
+        if capture not in ("transparent", "explicit"):
+            raise ConfigError(f"MESH_CAPTURE: {capture!r} is not transparent or explicit")
+        return cls(control_url=need("MESH_CONTROL_URL"), node=need("MESH_NODE"),
+                   container=need("MESH_CONTAINER"), service=need("MESH_SERVICE"),
+                   namespace=env.get("MESH_NAMESPACE", "default"), version=env.get("MESH_VERSION", "v1"),
+                   app_port=int(port_raw), protocol=protocol, capture=capture,
+                   identity=env.get("MESH_IDENTITY", ""),
+                   admin_port=int(env.get("MESH_ADMIN_PORT", "15020")))
+
+
+def drop_privileges(uid: int) -> None:
+    """Run as the proxy uid from here on: the capture rules exempt its traffic."""
+    if os.getuid() != 0:
+        return
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
+async def serve(settings: SidecarSettings) -> None:
+    """Listeners, admin port, control channel and mDNS announcement, until SIGTERM."""
+    from sidecar.admin import build_admin_app, start_admin
+    from sidecar.announce import Announcer
+    from sidecar.control import ControlClient
+    from sidecar.proxy import ProxyState, start_inbound, start_outbound, start_tcp_inbound
+    from sidecar.telemetry import render_metrics
+
+    state = ProxyState(settings.service, settings.version)
+    control = ControlClient(settings.control_url, "sidecar", settings.node, settings.container,
+                            apply=state.apply_snapshot)
+    servers: list[asyncio.AbstractServer] = []
+    # Outbound on loopback only: REDIRECT maps locally generated packets to 127.0.0.1, and nothing
+    # outside the namespace may use this sidecar as an open proxy.
+    mode = "transparent" if settings.capture == "transparent" else "explicit"
+    servers.append(await start_outbound(state, "127.0.0.1", OUTBOUND_PORT, mode=mode))
+    if settings.protocol == "tcp":
+        servers.append(await start_tcp_inbound(state, "0.0.0.0", INBOUND_PORT, app_port=settings.app_port))
+    else:
+        servers.append(await start_inbound(state, "0.0.0.0", INBOUND_PORT, app_port=settings.app_port))
+    admin = await start_admin(build_admin_app(control, lambda: render_metrics(state.telemetry),
+                                              lambda: all(s.is_serving() for s in servers)),
+                              "0.0.0.0", settings.admin_port)
+    announcer = Announcer(settings.container, settings.service, settings.version, settings.identity,
+                          settings.protocol, INBOUND_PORT)
+    control_task = asyncio.ensure_future(control.run())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await announcer.start()
+    except OSError as exc:
+        log.warning("mdns_announce_failed", error=str(exc))
+    log.info("sidecar_started", service=settings.service, version=settings.version,
+             app_port=settings.app_port, capture=settings.capture, protocol=settings.protocol)
+    await stop.wait()
+    log.info("sidecar_stopping")
+    await announcer.close()
+    await asyncio.sleep(DRAIN_S)
+    control_task.cancel()
+    for server in servers:
+        server.close()
+    await admin.cleanup()
+    state.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `sidecar` console script."""
+    parser = argparse.ArgumentParser(prog="sidecar", description="The mesh sidecar proxy.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="capture the app's traffic and proxy it (settings from MESH_* variables)")
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        return
+    configure_logging("sidecar")
+    try:
+        settings = SidecarSettings.from_env(dict(os.environ))
+    except ConfigError as exc:
+        log.error("sidecar_config_invalid", error=str(exc))
+        sys.exit(2)
+    structlog.contextvars.bind_contextvars(node=settings.node, service=settings.service)
+    if settings.capture == "transparent":
+        try:
+            apply_capture(settings.app_port)
+        except (RuntimeError, OSError) as exc:
+            log.error("capture_failed", error=str(exc),
+                      hint="the sidecar needs NET_ADMIN; use mesh.capture=explicit where it cannot have it")
+            sys.exit(3)
+    drop_privileges(PROXY_UID)
+    run_forever(lambda: serve(settings))
+
+
+if __name__ == "__main__":
+    main()
