@@ -1,0 +1,1612 @@
+"""The data path: an HTTP/1.1 forwarding engine on asyncio Protocols and httptools parsers.
+
+Used by the sidecar's outbound (15001) and inbound (15006) listeners and by the gateway.
+
+Shape of one request (one `Exchange`):
+
+    _Downstream (client side, HttpRequestParser)
+        -> Stack.route    which cluster (sidecar.routing, pure)  [may rewrite target / add headers]
+        -> Stack.balance  which endpoint (meshcore.lb P2C over in-flight counts)
+        -> connect-retry  a failed connect tries another endpoint (meshcore.lb.connect_tries)
+        -> Stack.pool     a pooled keep-alive connection, or a new one
+    _Upstream (server side, HttpResponseParser) -> response streamed back to _Downstream
+
+Bodies are streamed both ways (Content-Length as is, chunked re-encoded from httptools' de-chunked
+`on_body`; trailers dropped). Backpressure: a side whose peer transport's write buffer is above its
+high-water mark stops reading until `resume_writing`. Hop-by-hop headers (RFC 9110 7.6.1) are
+dropped while parsing. Per request the Python work is: parser callbacks, a header dict lookup each,
+one join for the head, one dict lookup + inc/observe for metrics.
+
+Non-HTTP traffic (services with protocol "tcp", passthrough of unknown destinations, CONNECT) is
+plain byte forwarding between two `_Pipe` protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import ssl
+import struct
+from collections import deque
+from dataclasses import dataclass
+from http import HTTPStatus
+from time import monotonic
+from typing import Any, Callable, Collection, Protocol
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
+
+from meshcore.lb import DEFAULT_MAX_TRIES, connect_tries, merge_exclusions, pick_p2c
+from meshcore.snapshot import Snapshot
+
+from .routing import (
+    EMPTY_TABLE, PASSTHROUGH, UNKNOWN, Cluster, RouteTable, build_route_table, find_by_address,
+    local_cluster, passthrough_cluster, route_outbound, split_host,
+)
+from .telemetry import NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
+
+log = logging.getLogger("sidecar.proxy")
+
+SO_ORIGINAL_DST = 80          # linux/netfilter_ipv4.h
+CONNECT_TIMEOUT_S = 1.0
+POOL_MAX_IDLE = 64            # idle keep-alive connections kept per endpoint
+POOL_IDLE_TIMEOUT_S = 60.0
+HOLD_LIMIT = 64 * 1024        # request body kept for one retry on a fresh connection
+PENDING_LIMIT = 64 * 1024     # request body buffered while connecting; above it reading pauses
+MAX_HEAD = 64 * 1024          # request line + headers; larger is answered 431 and closed
+SNIFF_LIMIT = 64 * 1024       # bytes kept while deciding whether an unknown destination speaks HTTP
+SNIFF_TIMEOUT_S = 0.3         # no first byte from the client by then: a server-first protocol, pass through
+WRITE_HIGH_WATER = 64 * 1024
+EJECT_S = 10.0                # an endpoint that refused a connect is skipped this long (if others remain)
+
+# Envoy's response flags used here.
+FLAG_NO_HEALTHY_UPSTREAM = "UH"
+FLAG_CONNECT_FAILURE = "UF"
+FLAG_UPSTREAM_RESET = "UC"
+FLAG_UPSTREAM_PROTOCOL_ERROR = "UPE"
+FLAG_NO_ROUTE = "NR"
+FLAG_DOWNSTREAM_PROTOCOL_ERROR = "DPE"
+FLAG_DOWNSTREAM_CLOSED = "DC"
+
+MESH_SOURCE = b"x-mesh-source"
+MESH_SOURCE_VERSION = b"x-mesh-source-version"
+
+TEXT = b"text/plain; charset=utf-8"
+JSON = b"application/json"
+
+# ---- header actions (looked up by lowercase name while parsing) ---------------------------------
+H_DROP = 1            # hop-by-hop, or set by the proxy itself
+H_CONNECTION = 2      # dropped; the headers it names are dropped too
+H_TE = 3              # transfer-encoding: dropped, re-added when the proxy chunks
+H_CL = 4              # content-length: kept, marks a body
+H_HOST = 5            # host: kept (re-emitted from Exchange.host)
+H_EXPECT = 6          # kept; notes 100-continue
+H_SOURCE = 7          # x-mesh-source: kept and noted (inbound metrics)
+H_SOURCE_VERSION = 8
+H_XFF = 9             # x-forwarded-for: noted and dropped (the gateway re-adds it with the client)
+
+HOP_BY_HOP = {
+    b"connection": H_CONNECTION, b"keep-alive": H_DROP, b"proxy-connection": H_DROP, b"te": H_DROP,
+    b"transfer-encoding": H_TE, b"upgrade": H_DROP, b"proxy-authorization": H_DROP,
+    b"proxy-authenticate": H_DROP,
+}
+_REQUEST_BASE = {**HOP_BY_HOP, b"content-length": H_CL, b"host": H_HOST, b"expect": H_EXPECT}
+# Outbound: the app's own x-mesh-source headers are dropped; ours are added on mesh hops.
+OUTBOUND_REQUEST_HEADERS = {**_REQUEST_BASE, MESH_SOURCE: H_DROP, MESH_SOURCE_VERSION: H_DROP}
+INBOUND_REQUEST_HEADERS = {**_REQUEST_BASE, MESH_SOURCE: H_SOURCE, MESH_SOURCE_VERSION: H_SOURCE_VERSION}
+RESPONSE_HEADERS = {**HOP_BY_HOP, b"content-length": H_CL}
+
+_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+
+
+def _status_line(code: int) -> bytes:
+    line = _STATUS_LINES.get(code)
+    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % code
+
+
+class _Stop(Exception):
+    """Raised inside a parser callback to stop parsing the rest of the buffer."""
+
+
+def _connection_tokens(value: bytes, into: set | None) -> set | None:
+    for token in value.split(b","):
+        token = token.strip().lower()
+        if token and token not in (b"close", b"keep-alive", b"upgrade"):
+            if into is None:
+                into = set()
+            into.add(token)
+    return into
+
+
+def _drop_named(lines: list, names: set) -> list:
+    out: list = []
+    for i in range(0, len(lines), 4):
+        if lines[i].lower() not in names:
+            out += lines[i:i + 4]
+    return out
+
+
+def _dec(counts: dict, key: Any) -> None:
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
+
+
+# ---- TLS hook -----------------------------------------------------------------------------------
+
+class TlsProvider(Protocol):
+    """What the proxy needs of a TLS holder (certs.holder.TlsHolder fits)."""
+
+    def server_context(self) -> ssl.SSLContext: ...
+    def client_context(self) -> ssl.SSLContext: ...
+
+
+def server_ssl_context(tls: TlsProvider) -> ssl.SSLContext:
+    """The context to give a listener once, that serves the holder's current context at every handshake.
+
+    A context returned by `tls.server_context()` that already has an `sni_callback` (a "front"
+    context that switches to the current material itself, like certs.holder.TlsHolder's) is used
+    as is. Otherwise a front context is built here whose `sni_callback` (run by OpenSSL on every
+    ClientHello, with or without SNI) sets `ssl_object.context = tls.server_context()`. Per-connection
+    settings (verify mode and flags, protocol versions) are copied from the first context.
+    """
+    first = tls.server_context()
+    if first.sni_callback is not None:
+        return first
+    front = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    front.minimum_version = first.minimum_version
+    front.maximum_version = first.maximum_version
+    front.verify_mode = first.verify_mode
+    front.verify_flags = first.verify_flags
+
+    def pick(ssl_object: Any, _server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
+        try:
+            ssl_object.context = tls.server_context()
+        except Exception:  # noqa: BLE001 - a holder without material refuses the handshake
+            log.exception("tls: no server context")
+            return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
+        return None
+
+    front.sni_callback = pick
+    return front
+
+
+# ---- state --------------------------------------------------------------------------------------
+
+class UpstreamPools:
+    """Idle keep-alive upstream connections, per endpoint key (address, port); newest reused first."""
+
+    def __init__(self, max_idle: int = POOL_MAX_IDLE, idle_timeout: float = POOL_IDLE_TIMEOUT_S):
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self.idle: dict[tuple[str, int], list[_Upstream]] = {}
+        self.count = 0      # idle connections now
+        self.opened = 0     # upstream connections ever opened (HTTP)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def acquire(self, key: tuple[str, int]) -> _Upstream | None:
+        lst = self.idle.get(key)
+        if not lst:
+            return None
+        now = monotonic()
+        while lst:
+            up = lst.pop()
+            self.count -= 1
+            up.pooled = False
+            if up.closed or now - up.idle_since > self.idle_timeout:
+                up.close()
+                continue
+            return up
+        return None
+
+    def release(self, up: _Upstream) -> None:
+        if up.closed or up.transport.is_closing():
+            up.close()
+            return
+        if up.read_paused:
+            up.read_paused = False
+            up.transport.resume_reading()
+        lst = self.idle.get(up.key)
+        if lst is None:
+            lst = self.idle[up.key] = []
+        if len(lst) >= self.max_idle:
+            up.close()
+            return
+        up.idle_since = monotonic()
+        up.pooled = True
+        lst.append(up)
+        self.count += 1
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._sweep_every(), self._sweep)
+
+    def discard(self, up: _Upstream) -> None:
+        if up.pooled:
+            up.pooled = False
+            lst = self.idle.get(up.key)
+            if lst is not None and up in lst:
+                lst.remove(up)
+                self.count -= 1
+
+    def _sweep_every(self) -> float:
+        return max(0.05, min(15.0, self.idle_timeout / 2))
+
+    def _sweep(self) -> None:
+        self._timer = None
+        limit = monotonic() - self.idle_timeout
+        for key, lst in list(self.idle.items()):
+            keep = [up for up in lst if not up.closed and up.idle_since >= limit]
+            for up in lst:
+                if up.closed or up.idle_since < limit:
+                    up.pooled = False
+                    up.close()
+            self.count -= len(lst) - len(keep)
+            if keep:
+                self.idle[key] = keep
+            else:
+                del self.idle[key]
+        if self.count:
+            self._timer = asyncio.get_running_loop().call_later(self._sweep_every(), self._sweep)
+
+    def close(self) -> None:
+        """Close every idle connection (in-use ones close when their exchange ends)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for lst in self.idle.values():
+            for up in lst:
+                up.pooled = False
+                up.close()
+        self.idle.clear()
+        self.count = 0
+
+
+class ProxyState:
+    """What every listener of one node shares; `table` may be replaced at any time (atomic swap)."""
+
+    def __init__(self, service: str, version: str = "v1", *, table: RouteTable | None = None,
+                 telemetry: Telemetry | None = None, tls: TlsProvider | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT_S, pool_max_idle: int = POOL_MAX_IDLE,
+                 pool_idle_timeout: float = POOL_IDLE_TIMEOUT_S, eject_seconds: float = EJECT_S,
+                 rand: Callable[[], float] = random.random):
+        self.service = service
+        self.version = version
+        self.table: RouteTable = table if table is not None else EMPTY_TABLE
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.tls = tls
+        self.connect_timeout = connect_timeout
+        self.random = rand
+        self.in_flight: dict[tuple[str, int], int] = {}   # endpoint key -> requests/connections in flight
+        self.pools = UpstreamPools(pool_max_idle, pool_idle_timeout)
+        self.connect_failures = 0
+        self.eject_seconds = eject_seconds
+        self.ejected: dict[tuple[str, int], float] = {}   # endpoint key -> monotonic time it returns
+        pools = self.pools
+        self.telemetry.watch_pool(lambda: pools.count)
+
+    def apply_snapshot(self, snapshot: Snapshot) -> RouteTable:
+        """Build the route table of a snapshot and swap it in; returns it."""
+        table = build_route_table(snapshot)
+        self.table = table
+        if self.ejected:
+            now = monotonic()
+            self.ejected = {k: t for k, t in self.ejected.items() if t > now}
+        return table
+
+    def connect_failed(self, key: tuple[str, int]) -> None:
+        """Passive outlier detection: skip an endpoint that failed a connect for `eject_seconds`."""
+        self.connect_failures += 1
+        if self.eject_seconds > 0:
+            self.ejected[key] = monotonic() + self.eject_seconds
+
+    def connect_succeeded(self, key: tuple[str, int]) -> None:
+        if self.ejected:
+            self.ejected.pop(key, None)
+
+    def close(self) -> None:
+        self.pools.close()
+
+
+# ---- the layer stack ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A route decision to answer locally (e.g. the gateway's 404)."""
+
+    status: int
+    flags: str
+    body: bytes = b""
+    content_type: bytes = TEXT
+
+
+RouteFn = Callable[["_Downstream", "Exchange"], "Cluster | Reply"]
+BalanceFn = Callable[[ProxyState, Cluster, Collection[int]], "int | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class Stack:
+    """The layers of one listener's request path; built once per listener."""
+
+    direction: str                    # "outbound" | "inbound" | "gateway" (connection gauge label)
+    reporter: str                     # metrics reporter
+    source_name: str                  # x-mesh-source we send, and source_workload we report
+    route: RouteFn                    # 1. which cluster
+    request_headers: dict             # 2. header actions while parsing (hop-by-hop etc.)
+    mesh_headers: bytes               #    headers added on mesh hops
+    balance: BalanceFn                # 3. which endpoint
+    max_tries: int                    # 4. connect attempts, each on another endpoint
+    connect_timeout: float
+    pool: UpstreamPools               # 5. keep-alive connections
+    gauge: Any                        # connections-active gauge child
+
+
+def route_by_host(down: _Downstream, ex: Exchange) -> Cluster | Reply:
+    """Outbound route: by Host header, else the original destination; unknown -> passthrough."""
+    host = ex.host.decode("latin-1") if ex.host is not None else None
+    cluster = route_outbound(down.state.table, host, ex.dest or down.orig_dst)
+    return cluster if cluster is not None else _NO_ROUTE
+
+
+_NO_ROUTE = Reply(404, FLAG_NO_ROUTE, b"no route to the destination\n")
+
+
+def route_to(cluster: Cluster) -> RouteFn:
+    """A route layer that always answers `cluster` (the inbound's local app)."""
+    def route(_down: _Downstream, _ex: Exchange) -> Cluster:
+        return cluster
+    return route
+
+
+def balance_least_request(state: ProxyState, cluster: Cluster, exclude: Collection[int]) -> int | None:
+    """P2C least-request over the endpoints' in-flight counts (meshcore.lb.pick_p2c), skipping
+    endpoints ejected after a connect failure while others remain (meshcore.lb.merge_exclusions)."""
+    keys = cluster.keys
+    if len(keys) == 1:
+        return None if exclude else 0
+    ejected = state.ejected
+    if ejected:
+        now = monotonic()
+        out = [i for i, k in enumerate(keys) if ejected.get(k, 0.0) > now]
+        exclude = merge_exclusions(exclude, out, len(keys))
+    counts = state.in_flight
+    rand = state.random
+    return pick_p2c([counts.get(k, 0) for k in keys], rand(), rand(), exclude)
+
+
+def mesh_source_headers(source: str, version: str) -> bytes:
+    return b"x-mesh-source: %s\r\nx-mesh-source-version: %s\r\n" % (source.encode(), version.encode())
+
+
+def build_outbound_stack(state: ProxyState, *, route: RouteFn = route_by_host, source: str | None = None,
+                         direction: str = "outbound",
+                         request_headers: dict = OUTBOUND_REQUEST_HEADERS) -> Stack:
+    """The outbound request path, one job per layer, in order (the gateway passes its own route)."""
+    source = source or state.service
+    return Stack(
+        direction=direction, reporter=REPORTER_SOURCE, source_name=source,
+        route=route,                                            # 1. route: find the cluster
+        request_headers=request_headers,                        # 2. headers: drop hop-by-hop and
+        mesh_headers=mesh_source_headers(source, state.version),  #  the app's x-mesh-source; add ours
+        balance=balance_least_request,                          # 3. balance: P2C least request
+        max_tries=DEFAULT_MAX_TRIES,                            # 4. connect-retry on another endpoint
+        connect_timeout=state.connect_timeout,
+        pool=state.pools,                                       # 5. pool: keep-alive connections
+        gauge=state.telemetry.connections(direction),
+    )
+
+
+def build_inbound_stack(state: ProxyState, app_port: int, *, protocol: str = "http",
+                        app_host: str = "127.0.0.1") -> Stack:
+    """The inbound path: everything goes to the local app over pooled connections."""
+    cluster = local_cluster(state.service, state.version, app_port, protocol, app_host)
+    return Stack(
+        direction="inbound", reporter=REPORTER_DESTINATION, source_name=state.service,
+        route=route_to(cluster), request_headers=INBOUND_REQUEST_HEADERS, mesh_headers=b"",
+        balance=balance_least_request, max_tries=1, connect_timeout=state.connect_timeout,
+        pool=state.pools, gauge=state.telemetry.connections("inbound"),
+    )
+
+
+# ---- one request --------------------------------------------------------------------------------
+
+class Exchange:
+    """One request and its response. Route layers may read `method`, `target`, `host`, `dest`,
+    `xff`, `source` and set `target` (origin-form bytes) and `extra` (header lines, CRLF-ended)."""
+
+    __slots__ = (
+        "down", "start", "method", "target", "lines", "host", "dest", "xff", "extra", "source",
+        "source_version", "conn_tokens", "head_size", "http10", "keep_alive", "chunked", "body", "expect",
+        "is_head", "is_connect", "bad", "head_done", "req_done", "dispatched", "cluster", "index",
+        "key", "excluded", "tries_left", "up", "pending", "pending_bytes", "held", "held_bytes",
+        "reused", "fresh_retry", "got_body", "status", "flags", "resp_started", "resp_done", "discard",
+        "close_after", "dead",
+    )
+
+    def __init__(self, down: _Downstream):
+        self.down = down
+        self.start = monotonic()
+        self.method = b""
+        self.target = b""
+        self.lines: list = []
+        self.host: bytes | None = None
+        self.dest: tuple[str, int] | None = None   # absolute-form authority (explicit proxy)
+        self.xff: bytes | None = None
+        self.extra: bytes | None = None
+        self.source: bytes | None = None
+        self.source_version: bytes | None = None
+        self.conn_tokens: set | None = None
+        self.head_size = 0
+        self.http10 = False
+        self.keep_alive = True
+        self.chunked = False
+        self.body = False
+        self.expect = False
+        self.is_head = False
+        self.is_connect = False
+        self.bad = False
+        self.head_done = False
+        self.req_done = False
+        self.dispatched = False
+        self.cluster: Cluster | None = None
+        self.index: int | None = None
+        self.key: tuple[str, int] | None = None   # endpoint counted in state.in_flight
+        self.excluded: set | None = None
+        self.tries_left = 0
+        self.up: _Upstream | None = None
+        self.pending: list | None = []            # body not yet written upstream; None once attached
+        self.pending_bytes = 0
+        self.held: list | None = []               # body kept for one retry; None when not retryable
+        self.held_bytes = 0
+        self.reused = False
+        self.fresh_retry = False
+        self.got_body = False
+        self.status = 0
+        self.flags = NO_FLAGS
+        self.resp_started = False
+        self.resp_done = False
+        self.discard = False
+        self.close_after = False
+        self.dead = False
+
+
+# Reasons the downstream's reading is paused (bits).
+P_UPSTREAM = 1    # the upstream's write buffer is full
+P_PENDING = 2     # request body buffered while connecting
+P_PIPELINE = 4    # a pipelined request waits for the one before it
+P_STOPPED = 8     # a malformed request: read nothing more
+
+
+class _Listener:
+    __slots__ = ("original_dst", "sniff_timeout")
+
+    def __init__(self, original_dst, sniff_timeout: float):
+        self.original_dst = original_dst
+        self.sniff_timeout = sniff_timeout
+
+
+class _Downstream(asyncio.Protocol):
+    """The client side of the proxy: parses requests, runs the layers, writes responses in order."""
+
+    def __init__(self, state: ProxyState, stack: Stack, listener: _Listener):
+        self.state = state
+        self.stack = stack
+        self.listener = listener
+        self.actions = stack.request_headers
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpRequestParser(self)
+        self.queue: deque[Exchange] = deque()
+        self.cur: Exchange | None = None
+        self.last: Exchange | None = None
+        self.paused = 0
+        self.write_paused = False
+        self.closing = False
+        self.switched = False
+        self.eof = False
+        self.bad_after = False
+        self.advancing = False
+        self.feeding = False
+        self.cork: Exchange | None = None  # attached during this read: head and body written at its end
+        self.peer_ip = b""
+        self.orig_dst: tuple[str, int] | None = None
+        self.raw: bytearray | None = None
+        self.sniff_timer: asyncio.TimerHandle | None = None
+
+    # -- transport callbacks
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self.stack.gauge.inc()
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0].encode() if peer else b""
+        hook = self.listener.original_dst
+        if hook is None:
+            return
+        try:
+            dst = hook(transport)
+        except Exception:  # noqa: BLE001
+            log.exception("original destination hook failed")
+            dst = None
+        if dst is None:
+            return
+        self.orig_dst = dst
+        cluster = find_by_address(self.state.table, dst[0], dst[1])
+        if cluster is None:
+            # Unknown destination: sniff for HTTP (a Host header may still name a mesh service).
+            self.raw = bytearray()
+            self.sniff_timer = self.loop.call_later(self.listener.sniff_timeout, self._sniff_expired)
+        elif cluster.protocol == "tcp":
+            self._to_tunnel(cluster, b"")
+
+    def data_received(self, data: bytes) -> None:
+        if self.raw is not None:
+            if self.sniff_timer is not None:
+                self.sniff_timer.cancel()
+                self.sniff_timer = None
+            self.raw += data
+            if len(self.raw) > SNIFF_LIMIT:
+                self._passthrough_raw()
+                return
+        self.feeding = True
+        try:
+            self._feed(data)
+        finally:
+            self.feeding = False
+            ex = self.cork
+            if ex is not None:
+                self.cork = None
+                self._uncork(ex)
+
+    def _feed(self, data: bytes) -> None:
+        while True:
+            try:
+                self.parser.feed_data(data)
+                return
+            except HttpParserUpgrade as exc:
+                data = data[exc.args[0]:]
+                ex = self.last
+                if ex is not None and ex.is_connect:
+                    self._connect_tunnel(ex, data)
+                    return
+                if ex is None or ex.bad:
+                    self._bad_request()
+                    return
+                if not data:
+                    return
+                # An Upgrade request without a body: Upgrade is hop-by-hop, dropped; parse on.
+            except HttpParserError as exc:
+                if self.closing or self.switched:
+                    return
+                if exc.__context__ is not None and not isinstance(exc.__context__, _Stop):
+                    log.error("request callback failed", exc_info=exc.__context__)
+                if self.raw is not None and self.orig_dst is not None:
+                    self._passthrough_raw()
+                    return
+                self._bad_request()
+                return
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        if self.raw is not None and self.orig_dst is not None:
+            self._passthrough_raw(eof=True)
+            return True
+        if self.queue and self.cur is None:
+            return True  # half-close after complete requests: answer them, then close
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.stack.gauge.dec()
+        if self.sniff_timer is not None:
+            self.sniff_timer.cancel()
+            self.sniff_timer = None
+        for ex in self.queue:
+            self._abandon(ex)
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.queue:
+            up = self.queue[0].up
+            if up is not None:
+                up.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.queue:
+            up = self.queue[0].up
+            if up is not None:
+                up.resume_reading()
+
+    # -- parser callbacks
+
+    def on_message_begin(self) -> None:
+        if self.closing or self.switched:
+            raise _Stop
+        ex = Exchange(self)
+        self.cur = ex
+        q = self.queue
+        q.append(ex)
+        if len(q) > 1:
+            self._pause(P_PIPELINE)
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.cur
+        ex.target += url
+        if len(ex.target) > MAX_HEAD:
+            self._head_too_large(ex)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.cur
+        ex.head_size += len(name) + len(value)
+        if ex.head_size > MAX_HEAD:
+            self._head_too_large(ex)
+        act = self.actions.get(name.lower())
+        if act is None:
+            ex.lines += (name, b": ", value, b"\r\n")
+        elif act != H_DROP:
+            if act == H_HOST:
+                ex.host = value
+            elif act == H_CL:
+                ex.lines += (name, b": ", value, b"\r\n")
+                if value.strip() not in (b"0", b""):
+                    ex.body = True
+            elif act == H_TE:
+                if b"chunked" in value.lower():
+                    ex.chunked = True
+            elif act == H_CONNECTION:
+                ex.conn_tokens = _connection_tokens(value, ex.conn_tokens)
+            elif act == H_EXPECT:
+                ex.lines += (name, b": ", value, b"\r\n")
+                if value.strip().lower() == b"100-continue":
+                    ex.expect = True
+            elif act == H_SOURCE:
+                ex.source = value
+                ex.lines += (name, b": ", value, b"\r\n")
+            elif act == H_SOURCE_VERSION:
+                ex.source_version = value
+                ex.lines += (name, b": ", value, b"\r\n")
+            elif act == H_XFF:
+                ex.xff = value if ex.xff is None else ex.xff + b", " + value
+
+    def on_headers_complete(self) -> None:
+        ex = self.cur
+        p = self.parser
+        ex.method = method = p.get_method()
+        ex.keep_alive = p.should_keep_alive()
+        if p.get_http_version() == "1.0":
+            ex.http10 = True
+        if ex.conn_tokens:
+            ex.lines = _drop_named(ex.lines, ex.conn_tokens)
+        if ex.chunked:
+            ex.body = True
+        if method == b"HEAD":
+            ex.is_head = True
+        elif method == b"CONNECT":
+            ex.is_connect = True
+            ex.head_done = True
+            return  # handled when the parser reports the upgrade
+        if p.should_upgrade() and ex.body:
+            ex.bad = True  # an Upgrade request with a body is not supported
+        target = ex.target
+        if target[:1] != b"/" and target != b"*" and not ex.bad:
+            if not self._absolute_form(ex):
+                ex.bad = True
+        ex.head_done = True
+        if ex is self.queue[0]:
+            self._dispatch(ex)
+            if self.switched or self.closing:
+                raise _Stop
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.cur
+        if ex.discard or ex.bad:
+            return
+        if ex.chunked:
+            parts: tuple = (b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            parts = (data,)
+        self._forward_body(ex, parts, len(data))
+
+    def on_message_complete(self) -> None:
+        ex = self.cur
+        self.cur = None
+        self.last = ex
+        ex.req_done = True
+        if ex.is_connect or ex.bad:
+            return
+        if ex.discard:
+            self._advance()
+            return
+        if ex.chunked:
+            self._forward_body(ex, (b"0\r\n\r\n",), 0)
+
+    # -- request path
+
+    def _absolute_form(self, ex: Exchange) -> bool:
+        target = ex.target
+        i = target.find(b"://")
+        if i < 0 or target[:i].lower() != b"http":
+            return False
+        rest = target[i + 3:]
+        end = len(rest)
+        for sep in (b"/", b"?"):
+            j = rest.find(sep)
+            if 0 <= j < end:
+                end = j
+        authority = rest[:end].rpartition(b"@")[2]
+        path = rest[end:] or b"/"
+        if path[:1] == b"?":
+            path = b"/" + path
+        if not authority:
+            return False
+        host, port = split_host(authority.decode("latin-1"), 80)
+        ex.dest = (host, port)
+        ex.target = path
+        ex.host = authority  # RFC 9112 3.2.2: the request-target's authority replaces Host
+        return True
+
+    def _forward_body(self, ex: Exchange, parts: tuple, size: int) -> None:
+        ex.got_body = True
+        held = ex.held
+        if held is not None:
+            held += parts
+            ex.held_bytes += size
+        if ex.pending is None:  # attached: stream it
+            up = ex.up
+            if up is not None:
+                if len(parts) == 1:
+                    up.transport.write(parts[0])
+                else:
+                    up.transport.writelines(parts)
+            if held is not None and ex.held_bytes > HOLD_LIMIT:
+                ex.held = None
+            return
+        # Queued, connecting, or reconnecting for a retry (then `held` is what gets sent).
+        if not ex.fresh_retry:
+            ex.pending += parts
+        ex.pending_bytes += size
+        if ex.pending_bytes > PENDING_LIMIT:
+            self._pause(P_PENDING)
+
+    def _dispatch(self, ex: Exchange) -> None:
+        ex.dispatched = True
+        if ex.bad:
+            self._reply(ex, 400, FLAG_DOWNSTREAM_PROTOCOL_ERROR, b"bad request\n", close=True)
+            return
+        try:
+            target = self.stack.route(self, ex)
+        except Exception:  # noqa: BLE001
+            log.exception("route layer failed")
+            self._reply(ex, 500, FLAG_NO_ROUTE, b"route error\n")
+            return
+        if target.__class__ is Reply:
+            self._reply(ex, target.status, target.flags, target.body, target.content_type)
+            return
+        cluster: Cluster = target
+        ex.cluster = cluster
+        if self.raw is not None:
+            raw = bytes(self.raw)
+            self.raw = None
+            if cluster.name == PASSTHROUGH and self.orig_dst is not None:
+                # First request to a destination the mesh does not know: forward the bytes unchanged.
+                self.queue.clear()
+                self._to_tunnel(passthrough_cluster(*self.orig_dst), raw)
+                return
+        if not cluster.endpoints:
+            self._reply(ex, 503, FLAG_NO_HEALTHY_UPSTREAM, b"no healthy upstream\n")
+            return
+        ex.tries_left = connect_tries(len(cluster.endpoints), self.stack.max_tries)
+        self._pick(ex)
+
+    def _pick(self, ex: Exchange) -> None:
+        cluster = ex.cluster
+        idx = self.stack.balance(self.state, cluster, ex.excluded or ())
+        if idx is None:
+            self._reply(ex, 503, FLAG_CONNECT_FAILURE, b"upstream connect error\n")
+            return
+        key = cluster.keys[idx]
+        ex.index = idx
+        ex.key = key
+        counts = self.state.in_flight
+        counts[key] = counts.get(key, 0) + 1
+        up = self.stack.pool.acquire(key)
+        if up is not None:
+            ex.reused = True
+            self._attach(ex, up)
+        else:
+            ex.reused = False
+            self.loop.create_task(self._connect(ex, key, cluster))
+
+    async def _connect(self, ex: Exchange, key: tuple[str, int], cluster: Cluster) -> None:
+        state = self.state
+        stack = self.stack
+        try:
+            ctx = None
+            hostname = None
+            tls = state.tls
+            if cluster.mesh and tls is not None:
+                ctx = tls.client_context()
+                hostname = cluster.name
+            _, up = await asyncio.wait_for(
+                self.loop.create_connection(lambda: _Upstream(stack.pool, key), key[0], key[1],
+                                            ssl=ctx, server_hostname=hostname),
+                stack.connect_timeout)
+            if ctx is not None:
+                _check_peer(tls, up.transport, cluster, ex.index)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - refused, unreachable, timeout, TLS: try elsewhere
+            state.connect_failed(key)
+            log.debug("connect to %s:%s failed: %r", key[0], key[1], exc)
+            if ex.key is not None:
+                ex.key = None
+                _dec(state.in_flight, key)
+            if ex.dead or ex.resp_done:
+                return
+            if ex.excluded is None:
+                ex.excluded = set()
+            ex.excluded.add(ex.index)
+            ex.tries_left -= 1
+            if ex.tries_left > 0:
+                self._pick(ex)
+            else:
+                self._reply(ex, 503, FLAG_CONNECT_FAILURE, b"upstream connect error\n")
+            return
+        state.connect_succeeded(key)
+        if ex.dead or ex.resp_done:
+            stack.pool.release(up)
+            return
+        self._attach(ex, up)
+
+    def _attach(self, ex: Exchange, up: _Upstream) -> None:
+        up.attach(ex)
+        ex.up = up
+        body = ex.held if ex.fresh_retry else ex.pending
+        if not ex.reused:
+            ex.held = None  # a fresh connection is not retried
+        parts = [ex.method, b" ", ex.target, b" HTTP/1.1\r\n"]
+        if ex.host is not None:
+            parts += (b"host: ", ex.host, b"\r\n")
+        elif ex.cluster.mesh:
+            parts += (b"host: ", ex.cluster.name.encode(), b"\r\n")
+        parts += ex.lines
+        if ex.chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        if ex.cluster.mesh:
+            parts.append(self.stack.mesh_headers)
+        if ex.extra:
+            parts.append(ex.extra)
+        parts.append(b"\r\n")
+        head = b"".join(parts)
+        if self.write_paused:
+            up.pause_reading()
+        if self.feeding and ex is self.cur and not ex.fresh_retry:
+            # Still parsing this request: body bytes of the same read join the head in one write.
+            ex.pending = [head, *body] if body else [head]
+            self.cork = ex
+            return
+        if body:
+            up.transport.writelines([head, *body])
+        else:
+            up.transport.write(head)
+        ex.pending = None
+        ex.pending_bytes = 0
+        if self.paused & P_PENDING:
+            self._resume(P_PENDING)
+
+    def _uncork(self, ex: Exchange) -> None:
+        pending = ex.pending
+        ex.pending = None
+        ex.pending_bytes = 0
+        up = ex.up
+        if up is not None and pending:
+            if len(pending) == 1:
+                up.transport.write(pending[0])
+            else:
+                up.transport.writelines(pending)
+        if self.paused & P_PENDING:
+            self._resume(P_PENDING)
+
+    def _upstream_lost(self, ex: Exchange, up: _Upstream, flags: str) -> None:
+        """The upstream connection closed or broke before the response was complete."""
+        ex.up = None
+        if up.write_paused:
+            self._resume(P_UPSTREAM)
+        if ex.dead:
+            return
+        if not ex.resp_started:
+            if (ex.reused and not up.got_bytes and not ex.fresh_retry and flags == FLAG_UPSTREAM_RESET
+                    and (not ex.body or ex.held is not None)):
+                # A pooled connection the peer had closed: once more on a fresh connection.
+                ex.fresh_retry = True
+                ex.reused = False
+                ex.pending = []
+                self.loop.create_task(self._connect(ex, ex.key, ex.cluster))
+                return
+            self._reply(ex, 502, flags, b"upstream connection error\n")
+            return
+        ex.flags = flags
+        ex.resp_done = True
+        self._finish_metrics(ex)
+        self._abort()
+
+    def _reply(self, ex: Exchange, status: int, flags: str, body: bytes = b"",
+               content_type: bytes = TEXT, close: bool = False) -> None:
+        """Answer the request locally (errors, the gateway's 404)."""
+        up = ex.up
+        if up is not None:
+            ex.up = None
+            up.exchange = None
+            up.close()
+            if up.write_paused:
+                self._resume(P_UPSTREAM)
+        if ex.resp_started:
+            ex.flags = flags
+            ex.resp_done = True
+            self._finish_metrics(ex)
+            self._abort()
+            return
+        close = close or not ex.keep_alive or self.eof or (ex.expect and not ex.req_done)
+        head = b"%bcontent-type: %b\r\ncontent-length: %d\r\nx-mesh-flags: %b\r\n%b\r\n" % (
+            _status_line(status), content_type, len(body), flags.encode(),
+            b"connection: close\r\n" if close else b"")
+        self.transport.write(head if ex.is_head else head + body)
+        ex.status = status
+        ex.flags = flags
+        ex.resp_started = True
+        self._response_done(ex, None, False, close)
+
+    def _response_done(self, ex: Exchange, up: _Upstream | None, reusable: bool, close: bool) -> None:
+        """The response is complete downstream: account, release the upstream, go on to the next."""
+        key = ex.key
+        if key is not None:
+            ex.key = None
+            _dec(self.state.in_flight, key)
+        ex.resp_done = True
+        if up is not None:
+            ex.up = None
+            if up.write_paused:
+                self._resume(P_UPSTREAM)
+            if reusable and ex.req_done and ex.pending is None:
+                self.stack.pool.release(up)
+            else:
+                up.close()
+        self._finish_metrics(ex)
+        if close or not ex.keep_alive:
+            self._close()
+            return
+        if ex.req_done:
+            self._advance()
+        elif ex.expect and not ex.got_body:
+            self._close()  # the client waits for 100-continue that will not come
+        else:
+            ex.discard = True  # read and drop the rest of this request's body, then go on
+
+    def _finish_metrics(self, ex: Exchange) -> None:
+        stack = self.stack
+        state = self.state
+        ms = (monotonic() - ex.start) * 1000.0
+        if stack.reporter == REPORTER_DESTINATION:
+            src = ex.source.decode("latin-1") if ex.source else UNKNOWN
+            srcv = ex.source_version.decode("latin-1") if ex.source_version else UNKNOWN
+            state.telemetry.record_request(REPORTER_DESTINATION, src, srcv, state.service, state.service,
+                                           state.version, ex.status, ex.flags, ms)
+        else:
+            cluster = ex.cluster
+            if cluster is None:
+                dst, ver = UNKNOWN, UNKNOWN
+            else:
+                dst = cluster.name
+                ver = cluster.endpoints[ex.index].version if ex.index is not None else UNKNOWN
+            state.telemetry.record_request(REPORTER_SOURCE, stack.source_name, state.version, dst, dst, ver,
+                                           ex.status, ex.flags, ms)
+
+    def _advance(self) -> None:
+        """The head exchange is finished: start the next pipelined one, if any."""
+        q = self.queue
+        if q:
+            q.popleft()
+        if self.advancing:
+            return  # the loop below, further up the stack, goes on
+        self.advancing = True
+        try:
+            while not self.closing:
+                if not q:
+                    if self.bad_after:
+                        self._write_bad_request()
+                    elif self.eof and self.cur is None:
+                        self._close()
+                    return
+                if len(q) <= 1 and self.paused & P_PIPELINE:
+                    self._resume(P_PIPELINE)
+                nxt = q[0]
+                if nxt.dispatched or not nxt.head_done:
+                    return
+                if nxt.is_connect:
+                    return  # its tunnel starts from data_received
+                self._dispatch(nxt)
+        finally:
+            self.advancing = False
+
+    def _abandon(self, ex: Exchange) -> None:
+        ex.dead = True
+        key = ex.key
+        if key is not None:
+            ex.key = None
+            _dec(self.state.in_flight, key)
+        up = ex.up
+        if up is not None:
+            ex.up = None
+            up.exchange = None
+            up.close()
+        if ex.dispatched and not ex.resp_done:
+            ex.resp_done = True
+            ex.flags = FLAG_DOWNSTREAM_CLOSED
+            self._finish_metrics(ex)
+
+    # -- connection control
+
+    def _pause(self, bit: int) -> None:
+        if not self.paused and not self.closing:
+            self.transport.pause_reading()
+        self.paused |= bit
+
+    def _resume(self, bit: int) -> None:
+        if self.paused & bit:
+            self.paused &= ~bit
+            if not self.paused and not self.closing:
+                self.transport.resume_reading()
+
+    def _close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.transport.close()
+
+    def _abort(self) -> None:
+        self.closing = True
+        self.transport.abort()
+
+    def _head_too_large(self, ex: Exchange) -> None:
+        self._pause(P_STOPPED)
+        self.queue.remove(ex)
+        self.cur = None
+        if self.queue:
+            self.bad_after = True
+        else:
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
+                                 b"x-mesh-flags: DPE\r\nconnection: close\r\n\r\n")
+            self._close()
+        raise _Stop
+
+    def _bad_request(self) -> None:
+        self._pause(P_STOPPED)
+        ex = self.cur
+        self.cur = None
+        if ex is not None and ex.dispatched and not ex.resp_done:
+            self._reply(ex, 400, FLAG_DOWNSTREAM_PROTOCOL_ERROR, b"bad request\n", close=True)
+            return
+        if ex is not None and ex in self.queue:
+            self.queue.remove(ex)
+        if self.queue:
+            self.bad_after = True
+        else:
+            self._write_bad_request()
+
+    def _write_bad_request(self) -> None:
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                             b"content-length: 12\r\nx-mesh-flags: DPE\r\nconnection: close\r\n\r\nbad request\n")
+        self._close()
+
+    # -- switching to byte forwarding
+
+    def _sniff_expired(self) -> None:
+        self.sniff_timer = None
+        if self.raw is not None and not self.raw and not self.closing:
+            self._passthrough_raw()
+
+    def _passthrough_raw(self, eof: bool = False) -> None:
+        raw = bytes(self.raw)
+        self.raw = None
+        self.queue.clear()
+        self.cur = None
+        self._to_tunnel(passthrough_cluster(*self.orig_dst), raw, eof=eof)
+
+    def _connect_tunnel(self, ex: Exchange, rest: bytes) -> None:
+        """CONNECT host:port (explicit proxy): a byte tunnel; a known TCP service goes over the mesh."""
+        if len(self.queue) != 1 or self.queue[0] is not ex:
+            self._bad_request()
+            return
+        host, port = split_host(ex.target.decode("latin-1"), 443)
+        cluster = route_outbound(self.state.table, None, (host, port))
+        if cluster is None or cluster.protocol != "tcp":
+            cluster = passthrough_cluster(host, port)
+        self.queue.clear()
+        self._to_tunnel(cluster, rest, greeting=b"HTTP/1.1 200 Connection Established\r\n\r\n")
+
+    def _to_tunnel(self, cluster: Cluster, initial: bytes, *, greeting: bytes | None = None,
+                   eof: bool = False) -> None:
+        self.switched = True
+        if self.sniff_timer is not None:
+            self.sniff_timer.cancel()
+            self.sniff_timer = None
+        pipe = _Pipe(self.stack.gauge)
+        pipe.transport = self.transport
+        if initial:
+            pipe.buffer.append(initial)
+        pipe.eof = eof
+        if not self.paused:
+            self.transport.pause_reading()
+        self.transport.set_protocol(pipe)
+        self.loop.create_task(_tunnel(self.state, self.stack, pipe, cluster, greeting))
+
+
+# ---- the upstream side --------------------------------------------------------------------------
+
+_WAIT_HEAD, _BODY, _DONE = 0, 1, 2
+
+
+class _Upstream(asyncio.Protocol):
+    """A keep-alive connection to an upstream: parses responses and streams them downstream."""
+
+    __slots__ = ("pool", "key", "transport", "parser", "exchange", "idle_since", "pooled", "closed",
+                 "got_bytes", "phase", "lines", "chunked_in", "has_cl", "conn_tokens", "chunked_out",
+                 "until_close", "keep", "interim", "read_paused", "write_paused", "uses", "out")
+
+    def __init__(self, pool: UpstreamPools, key: tuple[str, int]):
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.idle_since = 0.0
+        self.pooled = False
+        self.closed = False
+        self.got_bytes = False
+        self.phase = _WAIT_HEAD
+        self.lines: list = []
+        self.chunked_in = False
+        self.has_cl = False
+        self.conn_tokens: set | None = None
+        self.chunked_out = False
+        self.until_close = False
+        self.keep = False
+        self.interim = False
+        self.read_paused = False
+        self.write_paused = False
+        self.uses = 0
+        self.out: list = []  # bytes for the downstream, written once per data_received
+
+    def attach(self, ex: Exchange) -> None:
+        self.exchange = ex
+        self.phase = _WAIT_HEAD
+        self.got_bytes = False
+        self.keep = False
+        self.uses += 1
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.close()
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and not self.closed:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    # -- transport callbacks
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.pool.opened += 1
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            self.transport.close()  # bytes on an idle connection: not a response to anything
+            return
+        if not self.got_bytes:
+            self.got_bytes = True
+            ex.held = None
+        out = self.out = []
+        try:
+            self.parser.feed_data(data)
+        except (HttpParserError, HttpParserUpgrade) as exc:
+            if out:
+                self._flush(ex, out)
+            if self.exchange is not ex:
+                return
+            if self.phase == _DONE:
+                self.keep = False  # complete, but junk followed
+            else:
+                if exc.__context__ is not None and not isinstance(exc.__context__, _Stop):
+                    log.error("response callback failed", exc_info=exc.__context__)
+                self.exchange = None
+                self.transport.abort()
+                ex.down._upstream_lost(ex, self, FLAG_UPSTREAM_PROTOCOL_ERROR)
+                return
+        else:
+            if out:
+                self._flush(ex, out)
+        if self.phase == _DONE and self.exchange is ex:
+            self.exchange = None
+            ex.down._response_done(ex, self, self.keep, ex.close_after)
+
+    @staticmethod
+    def _flush(ex: Exchange, out: list) -> None:
+        t = ex.down.transport
+        if len(out) == 1:
+            t.write(out[0])
+        else:
+            t.writelines(out)
+
+    def eof_received(self) -> bool | None:
+        return None  # close; connection_lost decides what it meant
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.discard(self)
+        ex = self.exchange
+        if ex is None:
+            return
+        self.exchange = None
+        if self.phase == _DONE:
+            ex.down._response_done(ex, self, False, ex.close_after)
+        elif self.phase == _BODY and self.until_close:
+            ex.down._response_done(ex, self, False, True)  # the body ended with the connection
+        else:
+            ex.down._upstream_lost(ex, self, FLAG_UPSTREAM_RESET)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.exchange
+        if ex is not None:
+            ex.down._pause(P_UPSTREAM)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.exchange
+        if ex is not None:
+            ex.down._resume(P_UPSTREAM)
+
+    # -- parser callbacks
+
+    def on_message_begin(self) -> None:
+        if self.phase == _DONE:
+            raise _Stop  # a second response to one request: the connection is broken
+        self.lines = []
+        self.chunked_in = False
+        self.has_cl = False
+        self.conn_tokens = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        act = RESPONSE_HEADERS.get(name.lower())
+        if act is None:
+            self.lines += (name, b": ", value, b"\r\n")
+        elif act == H_CL:
+            self.has_cl = True
+            self.lines += (name, b": ", value, b"\r\n")
+        elif act == H_TE:
+            if b"chunked" in value.lower():
+                self.chunked_in = True
+        elif act == H_CONNECTION:
+            self.conn_tokens = _connection_tokens(value, self.conn_tokens)
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        status = self.parser.get_status_code()
+        lines = self.lines
+        if self.conn_tokens:
+            lines = _drop_named(lines, self.conn_tokens)
+        if status < 200:
+            if status == 101:
+                raise _Stop  # Upgrade was removed from the request; a switch is a protocol error
+            self.interim = True
+            if not ex.http10:
+                self.out.append(b"".join([_status_line(status), *lines, b"\r\n"]))
+            return
+        ex.status = status
+        ex.resp_started = True
+        down = ex.down
+        close = not ex.keep_alive or down.eof
+        parts = [_status_line(status)]
+        parts += lines
+        self.chunked_out = False
+        self.until_close = False
+        if ex.is_head or status == 204 or status == 304:
+            if ex.is_head and self.chunked_in:
+                parts.append(b"transfer-encoding: chunked\r\n")
+        elif self.chunked_in:
+            if ex.http10:
+                close = True  # HTTP/1.0 has no chunked coding: the body ends with the connection
+            else:
+                self.chunked_out = True
+                parts.append(b"transfer-encoding: chunked\r\n")
+        elif not self.has_cl:
+            self.until_close = True
+            close = True
+        if close:
+            parts.append(b"connection: close\r\n")
+        elif ex.http10:
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        ex.close_after = close
+        self.out.append(b"".join(parts))
+        self.phase = _BODY
+        if ex.is_head:
+            # httptools cannot be told a HEAD response has no body: finish here, fresh parser next.
+            self.keep = self.parser.should_keep_alive()
+            self.phase = _DONE
+            self.parser = HttpResponseParser(self)
+
+    def on_body(self, data: bytes) -> None:
+        if self.phase != _BODY:
+            self.keep = False
+            return
+        if self.chunked_out:
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            self.out.append(data)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if self.phase != _BODY:
+            return  # the end of a HEAD response's head, already finished
+        if self.chunked_out:
+            self.out.append(b"0\r\n\r\n")
+        self.keep = self.parser.should_keep_alive()
+        self.phase = _DONE
+
+
+def _check_peer(tls: Any, transport: asyncio.BaseTransport, cluster: Cluster, index: int | None) -> None:
+    """Optional identity check of a mesh peer: `tls.check_peer(ssl_object, endpoint) -> bool`."""
+    check = getattr(tls, "check_peer", None)
+    if check is None:
+        return
+    endpoint = cluster.endpoints[index] if index is not None else None
+    if not check(transport.get_extra_info("ssl_object"), endpoint):
+        transport.abort()
+        raise ssl.SSLError("peer identity rejected")
+
+
+# ---- byte forwarding ----------------------------------------------------------------------------
+
+class _Pipe(asyncio.Protocol):
+    """One side of a byte tunnel; writes what it reads to its peer, with backpressure and half-close."""
+
+    __slots__ = ("transport", "peer", "buffer", "eof", "closed", "gauge", "counts", "key")
+
+    def __init__(self, gauge: Any = None):
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Pipe | None = None
+        self.buffer: list[bytes] = []
+        self.eof = False
+        self.closed = False
+        self.gauge = gauge
+        self.counts: dict | None = None
+        self.key: tuple[str, int] | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None:
+            self.buffer.append(data)
+            self.transport.pause_reading()
+        else:
+            peer.transport.write(data)
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        peer = self.peer
+        if peer is None:
+            return True  # forwarded once the other side is connected
+        if peer.eof or peer.closed or not peer.transport.can_write_eof():
+            peer.transport.close()
+            return None
+        peer.transport.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.gauge is not None:
+            self.gauge.dec()
+        if self.counts is not None:
+            _dec(self.counts, self.key)
+            self.counts = None
+        peer = self.peer
+        if peer is not None and not peer.closed:
+            if exc is not None:
+                peer.transport.abort()
+            else:
+                peer.transport.close()
+
+
+class _TcpDownstream(_Pipe):
+    """An accepted connection of a TCP listener: tunnels to the stack's cluster."""
+
+    __slots__ = ("state", "stack", "cluster")
+
+    def __init__(self, state: ProxyState, stack: Stack, cluster: Cluster):
+        super().__init__(stack.gauge)
+        self.state = state
+        self.stack = stack
+        self.cluster = cluster
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.gauge.inc()
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        transport.pause_reading()
+        asyncio.get_running_loop().create_task(_tunnel(self.state, self.stack, self, self.cluster, None))
+
+
+async def _tunnel(state: ProxyState, stack: Stack, client: _Pipe, cluster: Cluster,
+                  greeting: bytes | None) -> None:
+    """Connect `client` to an endpoint of `cluster` (connect-retry on other endpoints), then pipe."""
+    loop = asyncio.get_running_loop()
+    tries = connect_tries(len(cluster.endpoints), stack.max_tries)
+    excluded: set[int] = set()
+    while tries > 0 and not client.closed:
+        idx = stack.balance(state, cluster, excluded)
+        if idx is None:
+            break
+        key = cluster.keys[idx]
+        ctx = None
+        hostname = None
+        tls = state.tls
+        try:
+            if cluster.mesh and tls is not None:
+                ctx = tls.client_context()
+                hostname = cluster.name
+            transport, up = await asyncio.wait_for(
+                loop.create_connection(_Pipe, key[0], key[1], ssl=ctx, server_hostname=hostname),
+                stack.connect_timeout)
+            if ctx is not None:
+                _check_peer(tls, transport, cluster, idx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            state.connect_failed(key)
+            log.debug("tunnel connect to %s:%s failed: %r", key[0], key[1], exc)
+            excluded.add(idx)
+            tries -= 1
+            continue
+        state.connect_succeeded(key)
+        if client.closed:
+            transport.close()
+            return
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        up.counts = state.in_flight
+        up.key = key
+        state.in_flight[key] = state.in_flight.get(key, 0) + 1
+        if greeting:
+            client.transport.write(greeting)
+        client.peer = up
+        up.peer = client
+        for data in client.buffer:
+            transport.write(data)
+        for data in up.buffer:
+            client.transport.write(data)
+        client.buffer = up.buffer = []
+        if up.closed:
+            client.transport.close()
+            return
+        if up.eof:
+            if client.transport.can_write_eof():
+                client.transport.write_eof()
+            else:
+                client.transport.close()
+        if client.eof:
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+        else:
+            client.transport.resume_reading()
+        up.transport.resume_reading()
+        return
+    if client.closed:
+        return
+    if greeting:
+        client.transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
+                               b"x-mesh-flags: UF\r\nconnection: close\r\n\r\n")
+        client.transport.close()
+    else:
+        client.transport.abort()  # a reset tells the client the destination is unreachable
+
+
+# ---- listeners ----------------------------------------------------------------------------------
+
+OriginalDst = Callable[[asyncio.BaseTransport], "tuple[str, int] | None"]
+
+
+def original_dst_from_socket(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+    """The pre-REDIRECT destination of an accepted socket (SO_ORIGINAL_DST), or None when the
+    connection was not redirected (the answer is the listener's own address) or it cannot be read."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:
+        return None
+    port = struct.unpack_from("!H", raw, 2)[0]
+    ip = socket.inet_ntoa(raw[4:8])
+    local = transport.get_extra_info("sockname")
+    if local is not None and local[0] == ip and local[1] == port:
+        return None
+    return ip, port
+
+
+async def serve_http(state: ProxyState, host: str, port: int, stack: Stack, *,
+                     original_dst: OriginalDst | None = None, sniff_timeout: float = SNIFF_TIMEOUT_S,
+                     ssl_context: ssl.SSLContext | None = None) -> asyncio.Server:
+    """An HTTP listener running `stack` (the shared engine of outbound, inbound and gateway)."""
+    loop = asyncio.get_running_loop()
+    listener = _Listener(original_dst, sniff_timeout)
+    return await loop.create_server(lambda: _Downstream(state, stack, listener), host, port,
+                                    ssl=ssl_context, reuse_address=True, backlog=1024)
+
+
+async def start_outbound(state: ProxyState, host: str, port: int, *, mode: str = "transparent",
+                         original_dst: OriginalDst | None = None,
+                         sniff_timeout: float = SNIFF_TIMEOUT_S) -> asyncio.Server:
+    """The outbound listener (15001).
+
+    mode "transparent": each accepted socket's original destination comes from `original_dst`
+    (default: SO_ORIGINAL_DST; tests pass a function of the transport). mode "explicit": an HTTP
+    proxy (absolute-form targets, CONNECT); no original destination.
+    """
+    if mode == "transparent":
+        hook = original_dst or original_dst_from_socket
+    elif mode == "explicit":
+        hook = original_dst
+    else:
+        raise ValueError(f"mode {mode!r} is not transparent or explicit")
+    return await serve_http(state, host, port, build_outbound_stack(state), original_dst=hook,
+                            sniff_timeout=sniff_timeout)
+
+
+async def start_inbound(state: ProxyState, host: str, port: int, *, app_port: int,
+                        tls: TlsProvider | None = None, app_host: str = "127.0.0.1") -> asyncio.Server:
+    """The inbound HTTP listener (15006): every request to `app_host:app_port`, pooled.
+
+    TLS: `tls` or else `state.tls`; None of both means a plaintext mesh hop.
+    """
+    tls = tls if tls is not None else state.tls
+    ctx = server_ssl_context(tls) if tls is not None else None
+    return await serve_http(state, host, port, build_inbound_stack(state, app_port, app_host=app_host),
+                            ssl_context=ctx)
+
+
+async def start_tcp_inbound(state: ProxyState, host: str, port: int, *, app_port: int,
+                            tls: TlsProvider | None = None, app_host: str = "127.0.0.1") -> asyncio.Server:
+    """The inbound listener of a `tcp` service: byte forwarding to `app_host:app_port`."""
+    tls = tls if tls is not None else state.tls
+    ctx = server_ssl_context(tls) if tls is not None else None
+    stack = build_inbound_stack(state, app_port, protocol="tcp", app_host=app_host)
+    cluster = local_cluster(state.service, state.version, app_port, "tcp", app_host)
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _TcpDownstream(state, stack, cluster), host, port,
+                                    ssl=ctx, reuse_address=True, backlog=1024)
