@@ -23,9 +23,11 @@ class MeshdUnreachable(RuntimeError):
 class MeshdApiError(RuntimeError):
     """meshd answered, but not with what the API promises (HTTP error status or bad JSON)."""
 
-    def __init__(self, url: str, message: str):
+    def __init__(self, url: str, message: str, status: int | None = None, error: str | None = None):
         super().__init__(f"meshd admin API {url}: {message}")
         self.url = url
+        self.status = status
+        self.error = error  # meshd's own explanation (the `error` field of its JSON answer)
 
 
 def resolve_base_url(api: str | None) -> str:
@@ -45,21 +47,40 @@ class MeshdClient:
 
     def get_json(self, path: str) -> Any:
         """GET `path` and return its decoded JSON; raises MeshdUnreachable or MeshdApiError."""
+        return self.request("GET", path)
+
+    def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        """POST a JSON object to `path` and return the decoded JSON answer."""
+        return self.request("POST", path, body)
+
+    def request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
+        """One API call; raises MeshdUnreachable, or MeshdApiError carrying meshd's `error` text."""
         import urllib.error
         import urllib.request
 
         url = self.base_url + path
-        request = urllib.request.Request(url, headers={"Accept": "application/json"})
+        headers = {"Accept": "application/json"}
+        data = None
+        if payload is not None:
+            data = json.dumps(payload).encode()
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 body = response.read()
         except urllib.error.HTTPError as exc:
             detail = ""
             try:
-                detail = exc.read().decode("utf-8", "replace").strip()[:200]
+                detail = exc.read().decode("utf-8", "replace").strip()[:500]
             except Exception:  # noqa: BLE001 - best effort detail only
                 pass
-            raise MeshdApiError(url, f"HTTP {exc.code} {exc.reason}" + (f": {detail}" if detail else "")) from None
+            error = None
+            try:
+                error = json.loads(detail).get("error")
+            except (ValueError, AttributeError):
+                pass
+            raise MeshdApiError(url, f"HTTP {exc.code} {exc.reason}" + (f": {detail}" if detail else ""),
+                                status=exc.code, error=error) from None
         except urllib.error.URLError as exc:
             raise MeshdUnreachable(self.base_url, str(getattr(exc, "reason", exc))) from None
         except (TimeoutError, ConnectionError, OSError) as exc:

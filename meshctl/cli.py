@@ -281,6 +281,11 @@ def analyze(
         typer.echo("  gateway routes: none")
 
 
+from . import traffic  # noqa: E402 - the traffic commands register themselves on `app`
+
+traffic.register(app)
+
+
 def main() -> None:
     """Console script entry point `meshctl`."""
     app()

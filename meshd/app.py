@@ -23,6 +23,7 @@ from .control import Hub, dumps
 from .discovery import Discovery
 from .docker_adapter import GATEWAY_NAME, DockerAdapter, DockerView, sidecar_name
 from .plan import build_sidecar_env, control_host_for, plan_sidecars
+from .rules_api import RulesBook, add_routes as add_rules_routes
 from .store import Store
 
 log = structlog.get_logger("meshd")
@@ -82,6 +83,8 @@ class Meshd:
         self._runner: web.AppRunner | None = None
         self._control_sites: dict[str, web.TCPSite] = {}
         self._stop = asyncio.Event()
+        self.rules = RulesBook(self.store)
+        self._rebuild_lock = asyncio.Lock()
         self._version = int(self.store.get("snapshot_version", 0))
         self._digest = self.store.get("snapshot_digest", "")
 
@@ -114,13 +117,40 @@ class Meshd:
 
     async def rebuild(self) -> None:
         """List Docker, reconcile sidecars and gateway, refresh discovery, publish a new snapshot."""
+        async with self._rebuild_lock:
+            await self._rebuild()
+
+    async def republish(self) -> int:
+        """Rebuild the config from the last Docker view (after a rules change); the new version."""
+        async with self._rebuild_lock:
+            if self.view is None:
+                await self._rebuild()
+            else:
+                self._publish_config(build_workloads(self.view.apps))
+        return self._version
+
+    def versions_of(self, service: str) -> set[str] | None:
+        """The versions of a mesh service among meshed containers; None when there is no such service."""
+        if self.view is None:
+            return None
+        found = [wl.spec.version for wl in build_workloads(self.view.apps)
+                 if wl.spec is not None and wl.spec.service == service]
+        return set(found) if found else None
+
+    def _publish_config(self, workloads) -> None:
+        config, errors = build_config(workloads, self.discovery.announcements(), self.settings.trust_domain,
+                                      rules=self.rules.rules)
+        self.label_errors = errors
+        self._publish(config)
+
+    async def _rebuild(self) -> None:
         loop = asyncio.get_running_loop()
         view = await loop.run_in_executor(None, self.docker.list_view)
         self.view = view
         workloads = build_workloads(view.apps)
         plan = plan_sidecars(workloads, view.sidecars, view.image_id)
         for sc in plan.remove:
-            log.info("sidecar_remove", sidecar=sc.name)
+            log.info("sidecar_remove", sidecar=sc.name, reason="app gone, stopped, stale or duplicate")
             await loop.run_in_executor(None, self.docker.remove, sc.id)
         for wl in plan.create:
             host = control_host_for(wl.container, view.network_gateways)
@@ -139,12 +169,13 @@ class Meshd:
         await self._apply_listeners(list(view.network_gateways.values()))
         await self.discovery.apply_interfaces(list(view.network_gateways.values()))
         self.discovery.prune({app.id for app in view.apps})
-        config, errors = build_config(workloads, self.discovery.announcements(), self.settings.trust_domain)
-        self.label_errors = errors
-        for err in errors:
-            log.warning("label_error", container=err.container, label=err.label, error=err.message)
-        self._prune_nodes(view)
-        self._publish(config)
+        created = {sidecar_name(wl.container) for wl in plan.create}
+        await self._prune_nodes(view, {sc.name for sc in plan.remove} - created, created)
+        known = {(e.container, e.label, e.message) for e in self.label_errors}
+        self._publish_config(workloads)
+        for err in self.label_errors:
+            if (err.container, err.label, err.message) not in known:
+                log.warning("label_error", container=err.container, label=err.label, error=err.message)
 
     def _publish(self, config: MeshConfig) -> None:
         digest = config_digest(config)
@@ -159,10 +190,11 @@ class Meshd:
         log.info("snapshot_published", version=self._version, services=len(config.services),
                  endpoints=sum(len(e) for e in config.endpoints.values()))
 
-    def _prune_nodes(self, view: DockerView) -> None:
-        live = {sc.name for sc in view.sidecars} | {GATEWAY_NAME, "gateway"}
-        for name in [n for n, st in self.hub.nodes.items() if not st.connected and n not in live]:
-            del self.hub.nodes[name]
+    async def _prune_nodes(self, view: DockerView, removed: set[str], created: set[str]) -> None:
+        live = ({sc.name for sc in view.sidecars if sc.running} - removed) | created
+        live |= {GATEWAY_NAME, "gateway"}
+        for name in [n for n in self.hub.nodes if n not in live]:
+            await self.hub.drop(name)
 
     async def _apply_gateway(self, view: DockerView) -> None:
         if not self.settings.manage_gateway:
@@ -266,6 +298,7 @@ class Meshd:
         app.router.add_get("/v1/services", services)
         app.router.add_get("/v1/snapshot", snapshot)
         app.router.add_get("/v1/acks", ack_latency)
+        add_rules_routes(app, self.rules, self.versions_of, self.republish)
         return app
 
     # ---- run -----------------------------------------------------------------------------

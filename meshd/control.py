@@ -43,7 +43,9 @@ class NodeState:
 class _Conn:
     """One websocket of a node: its own wake-up, last sent version and reply signal."""
 
-    def __init__(self) -> None:
+    def __init__(self, node: str, ws: web.WebSocketResponse) -> None:
+        self.node = node
+        self.ws = ws
         self.wake = asyncio.Event()
         self.replied = asyncio.Event()
         self.sent_version: int | None = None
@@ -104,7 +106,7 @@ class Hub:
         if self._on_hello_version is not None:
             self._on_hello_version(hello.last_version)
         log.info("node_connected", node=hello.node, kind=hello.kind, last_version=hello.last_version)
-        conn = _Conn()
+        conn = _Conn(node.node, ws)
         self._conns.add(conn)
         sender = asyncio.ensure_future(self._send_loop(ws, node, conn))
         try:
@@ -158,6 +160,13 @@ class Hub:
                 await asyncio.wait_for(conn.replied.wait(), REPLY_TIMEOUT_S)
             except asyncio.TimeoutError:
                 log.warning("node_no_reply", node=node.node, version=latest.version)
+
+    async def drop(self, name: str) -> None:
+        """Forget a node whose container is gone, closing its sockets: a peer whose network
+        namespace vanished sends no FIN, and would otherwise look connected until heartbeats fail."""
+        self.nodes.pop(name, None)
+        for conn in [c for c in self._conns if c.node == name]:
+            await conn.ws.close(code=4410, message=b"node removed")
 
     def ack_latency(self, version: int) -> dict[str, float]:
         """Seconds from publishing `version` to each connected node's ACK of it."""
