@@ -111,7 +111,19 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="session")
-def docker_engine():
+def e2e_lock():
+    """One end-to-end session per Docker engine at a time: the mesh is a host singleton (ports
+    8080, 15010, 15014), so concurrent runs wait here instead of tearing each other down."""
+    import fcntl
+
+    with open(os.environ.get("MESH_E2E_LOCK", "/tmp/meshd-e2e.lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+        fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def docker_engine(e2e_lock):
     """A reachable Docker engine: fail under CI, skip elsewhere."""
     ok = shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
     if not ok:
