@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -318,6 +319,12 @@ class Meshd:
         log.info("meshd_started", version=__version__, snapshot_version=self._version,
                  admin=f"{self.settings.admin_host}:{ADMIN_PORT}")
         self._dirty.set()
+        loop = self._loop
+        main = asyncio.current_task()
+        # meshd is PID 1 in its container: without a handler SIGTERM would be ignored until
+        # Docker's kill timeout. Sidecars and the gateway keep serving while meshd is away.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, main.cancel)
         try:
             while True:
                 try:
@@ -332,8 +339,11 @@ class Meshd:
                     log.exception("rebuild_failed")
                     await asyncio.sleep(1.0)
                     self._dirty.set()
+        except asyncio.CancelledError:
+            log.info("meshd_stopping")
         finally:
             self._stop.set()
             await self.discovery.close()
+            await self.hub.close_all()
             await admin_runner.cleanup()
             await self._control_runner.cleanup()

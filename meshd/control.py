@@ -168,6 +168,11 @@ class Hub:
         for conn in [c for c in self._conns if c.node == name]:
             await conn.ws.close(code=4410, message=b"node removed")
 
+    async def close_all(self) -> None:
+        """Close every node's socket (meshd is stopping; nodes reconnect with backoff)."""
+        for conn in list(self._conns):
+            await conn.ws.close(code=1001, message=b"meshd stopping")
+
     def ack_latency(self, version: int) -> dict[str, float]:
         """Seconds from publishing `version` to each connected node's ACK of it."""
         start = self.published_at.get(version)
