@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # decided when a recipe is expanded: after `make docker` may have installed it.
 COMPOSE     ?= $(shell command -v docker-compose >/dev/null 2>&1 && echo docker-compose || echo docker compose)
 # `make test TEST_DEPS=` runs the tests alone (.ci/run runs the phases one by one).
-TEST_DEPS   ?= docker install images
+TEST_DEPS   ?= docker test-tools install images
 BUILD_ARGS  := --build-arg BASE=$(BASE_IMAGE) --build-arg PIP_ARGS=--no-index
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -23,7 +23,7 @@ export PIP_ROOT_USER_ACTION := ignore
 # Same wheel bytes for the same sources, so Docker's layer cache holds when nothing changed.
 export SOURCE_DATE_EPOCH := 315532800
 
-.PHONY: install wheels base-image image demo-image images docker demo demo-down test unit e2e bench
+.PHONY: install wheels base-image image demo-image images docker test-tools demo demo-down test unit e2e bench
 
 install:
 	$(PIP) install -q -e '.[test]'
@@ -49,6 +49,9 @@ images: image demo-image
 
 docker:
 	scripts/ensure-docker.sh
+
+test-tools:
+	scripts/ensure-test-tools.sh
 
 demo: docker install images
 	$(COMPOSE) -p meshd -f compose/meshd.yml up -d
@@ -81,6 +84,12 @@ unit:
 e2e:
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests/e2e
 
+# Benchmarks -> bench/RESULTS.md, bench/results.png, bench/raw/: the data path against HAProxy and no
+# proxy (loopback only), the control plane, the demo's start-up (needs Docker, skipped when another
+# e2e session holds /tmp/meshd-e2e.lock). Installs wrk, haproxy, nginx-light (apt, as root) and the
+# `bench` extra (matplotlib, py-spy) when missing. About 10 minutes on 2 vCPUs;
+# `make bench BENCH_ARGS=--quick` is a one-minute check, `python -m bench --help` lists the options.
+BENCH_ARGS ?=
 bench:
-	@if [ -f bench/__main__.py ]; then $(PYTHON) -m bench; \
+	@if [ -f bench/__main__.py ]; then $(PYTHON) -m bench $(BENCH_ARGS); \
 	else echo "no benchmarks yet (bench/__main__.py is missing)"; fi
