@@ -49,6 +49,8 @@ POLICY_LABELS: tuple[tuple[str, str, str], ...] = (
     ("mesh.outlier.interval", "10s", "an endpoint's ejection count decays by one per interval spent healthy"),
     ("mesh.outlier.base-ejection", "30s", "ejection time = base x times ejected (at most 300s)"),
     ("mesh.outlier.max-ejection-percent", "10%", "share of endpoints ejected at once; one may always be"),
+    ("mesh.outlier.min-health-percent", "0%", "below this share of healthy endpoints, ejections are ignored "
+     "(panic); at 0% (Istio's default) every endpoint ejected answers 503 UH at once"),
     ("mesh.ratelimit", "off", "inbound token bucket: N/s, N/m or N/h"),
     ("mesh.ratelimit.burst", "N", "bucket size (default: the N of mesh.ratelimit)"),
     ("mesh.ratelimit.per-caller", "false", "true: one bucket per caller identity (at most 10,000 kept)"),
@@ -93,6 +95,7 @@ class OutlierPolicy:
     base_ejection: float = 30.0
     max_ejection_percent: float = 10.0
     max_ejection: float = MAX_EJECTION_TIME_S
+    min_health_percent: float = 0.0  # Istio's minHealthPercent: below it ejections are ignored (panic)
 
 
 @dataclass(frozen=True)
@@ -269,9 +272,12 @@ def _decode_outlier(labels: dict[str, str]) -> OutlierPolicy:
     pct = d.max_ejection_percent
     if "mesh.outlier.max-ejection-percent" in labels:
         pct = decode_percent("mesh.outlier.max-ejection-percent", labels["mesh.outlier.max-ejection-percent"])
+    min_health = d.min_health_percent
+    if "mesh.outlier.min-health-percent" in labels:
+        min_health = decode_percent("mesh.outlier.min-health-percent", labels["mesh.outlier.min-health-percent"])
     return OutlierPolicy(consecutive_5xx=c5, consecutive_gateway_errors=cgw, interval=interval,
                          base_ejection=base, max_ejection_percent=pct,
-                         max_ejection=max(MAX_EJECTION_TIME_S, base))
+                         max_ejection=max(MAX_EJECTION_TIME_S, base), min_health_percent=min_health)
 
 
 def _decode_ratelimit(labels: dict[str, str]) -> RateLimitPolicy | None:

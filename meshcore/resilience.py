@@ -216,13 +216,14 @@ class OutlierDetector:
       may always be ejected (Envoy's always_eject_one_host); a refused ejection keeps the count, so the
       next error ejects once there is room.
     - Ejected endpoints return exactly when their time is over (Envoy waits for the next interval tick).
-    - healthy(): when every endpoint is ejected it returns all of them (panic mode, like Envoy's panic
-      threshold, which we apply only at 0% healthy): callers keep getting answers rather than a UH.
+    - healthy(): the endpoints not ejected. When the healthy share falls below min_health_percent it
+      returns all of them (panic, Istio's minHealthPercent); at the default 0% there is no panic, so
+      with every endpoint ejected callers get an immediate 503 UH instead of calling a failing service.
     Call set_endpoints() whenever the snapshot changes so percentages use the real endpoint count.
     """
 
     __slots__ = ("c5xx_limit", "cgw_limit", "interval", "base", "max_ejection", "max_percent", "_hosts",
-                 "_ejected", "ejections_total", "panics_total")
+                 "_ejected", "ejections_total", "panics_total", "min_health")
 
     def __init__(self, policy: OutlierPolicy | None = None):
         policy = policy or OutlierPolicy()
@@ -232,6 +233,7 @@ class OutlierDetector:
         self.base = policy.base_ejection
         self.max_ejection = policy.max_ejection
         self.max_percent = policy.max_ejection_percent
+        self.min_health = policy.min_health_percent
         self._hosts: dict[str, _Host] = {}
         self._ejected: dict[str, float] = {}   # key -> until (may hold expired entries; pruned lazily)
         self.ejections_total = 0
@@ -260,6 +262,10 @@ class OutlierDetector:
             for key in [k for k, until in ejected.items() if until <= now]:
                 del ejected[key]
         return len(ejected)
+
+    def any_ejected(self, now: float) -> bool:
+        """True while some endpoint is ejected (cheap when none is: the data path asks per request)."""
+        return bool(self._ejected) and self._active_ejections(now) > 0
 
     def is_ejected(self, key: str, now: float) -> bool:
         until = self._ejected.get(key)
@@ -306,12 +312,12 @@ class OutlierDetector:
         return True
 
     def healthy(self, endpoint_keys: Sequence[str], now: float) -> list[str]:
-        """The keys not ejected now; all of them when every one is ejected (panic mode)."""
+        """The keys not ejected now; all of them in panic (healthy share below min_health_percent)."""
         ejected = self._ejected
         if not ejected or not self._active_ejections(now):
             return list(endpoint_keys)
         out = [k for k in endpoint_keys if not (k in ejected and now < ejected[k])]
-        if not out and endpoint_keys:
+        if endpoint_keys and 100.0 * len(out) < self.min_health * len(endpoint_keys):
             self.panics_total += 1
             return list(endpoint_keys)
         return out

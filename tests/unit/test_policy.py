@@ -66,6 +66,7 @@ def test_every_documented_label_is_accepted_together():
         "mesh.circuit.max-connections": "100", "mesh.circuit.max-pending": "50", "mesh.circuit.max-requests": "200",
         "mesh.outlier.consecutive-5xx": "7", "mesh.outlier.consecutive-gateway-errors": "3",
         "mesh.outlier.interval": "5s", "mesh.outlier.base-ejection": "1m", "mesh.outlier.max-ejection-percent": "50%",
+        "mesh.outlier.min-health-percent": "25%",
         "mesh.ratelimit": "600/m", "mesh.ratelimit.burst": "20", "mesh.ratelimit.per-caller": "true",
     }
     assert set(labels) == POLICY_LABEL_NAMES
@@ -77,7 +78,7 @@ def test_every_documented_label_is_accepted_together():
                             budget_percent=25.0, budget_min=5, non_idempotent=True),
         circuit=CircuitPolicy(max_connections=100, max_pending=50, max_requests=200),
         outlier=OutlierPolicy(consecutive_5xx=7, consecutive_gateway_errors=3, interval=5.0, base_ejection=60.0,
-                              max_ejection_percent=50.0, max_ejection=300.0),
+                              max_ejection_percent=50.0, max_ejection=300.0, min_health_percent=25.0),
         ratelimit=RateLimitPolicy(rate_per_s=10.0, burst=20.0, per_caller=True))
 
 

@@ -277,7 +277,7 @@ def test_max_ejection_percent_fifty():
     assert ejected.count(True) == 5
 
 
-def test_panic_when_all_ejected():
+def test_all_ejected_means_no_healthy_endpoint_by_default():
     d = OutlierDetector(OutlierPolicy(consecutive_5xx=1, max_ejection_percent=100.0))
     keys = KEYS[:2]
     d.set_endpoints(keys)
@@ -285,9 +285,22 @@ def test_panic_when_all_ejected():
     assert d.healthy(keys, 1.0) == [keys[1]]
     d.record(keys[1], 500, 1.0)
     assert d.is_ejected(keys[0], 1.0) and d.is_ejected(keys[1], 1.0)
-    assert d.healthy(keys, 1.0) == keys              # panic: everyone, rather than no answer
-    assert d.panics_total == 1
+    assert d.healthy(keys, 1.0) == []                # Istio's default: no panic, callers get 503 UH
+    assert d.panics_total == 0
+    assert d.healthy(keys, 1.0 + 30.0) == keys       # back after the base ejection
     assert d.healthy([], 1.0) == []
+
+
+def test_panic_below_min_health_percent():
+    d = OutlierDetector(OutlierPolicy(consecutive_5xx=1, max_ejection_percent=100.0, min_health_percent=50.0))
+    keys = KEYS[:4]
+    d.set_endpoints(keys)
+    d.record(keys[0], 500, 1.0)
+    d.record(keys[1], 500, 1.0)
+    assert d.healthy(keys, 1.0) == keys[2:]          # 50% healthy: not below the threshold
+    d.record(keys[2], 500, 1.0)
+    assert d.healthy(keys, 1.0) == keys              # 25% healthy: panic, everyone
+    assert d.panics_total == 1
 
 
 def test_gateway_errors_threshold():
