@@ -344,6 +344,28 @@ class CertificateAuthority:
         self._roots = [new._cert] + [r for r in self._roots if r != new._cert]
         self._prepare()
 
+    def add_root(self, root: x509.Certificate) -> None:
+        """Trust `root` too (it joins the bundle after the current one); signing does not change.
+
+        Step 1 of a root rotation without failed handshakes: every node gets a bundle with both
+        roots before any leaf of the new root exists (then `adopt`, re-issue, `retire_old_roots`).
+        """
+        if not is_self_signed(root):
+            raise ValueError("only a self-signed root can be added to the bundle")
+        if root not in self._roots:
+            self._roots = [*self._roots, root]
+            self._prepare()
+
+    def adopt(self, signer: "CertificateAuthority") -> None:
+        """Sign with `signer`'s key and certificate from now on; every root stays trusted."""
+        if signer.trust_domain != self._trust_domain:
+            raise ValueError("the new signer has another trust domain")
+        roots = [*signer.roots, *[r for r in self._roots if r not in signer.roots]]
+        self._key, self._cert, self._chain, self._hash = signer._key, signer._cert, list(signer._chain), signer._hash
+        self._anchor = signer._anchor
+        self._roots = [self._anchor] + [r for r in roots if r != self._anchor]
+        self._prepare()
+
     def retire_old_roots(self) -> None:
         """Drop every root but the one the current signing certificate chains to."""
         self._roots = [self._anchor]
@@ -428,6 +450,48 @@ class CertificateAuthority:
         cert, serial = self._sign(
             public_key, x509.SubjectAlternativeName([x509.UniformResourceIdentifier(expected_id)]),
             _WORKLOAD_EKU, not_before, not_after)
+        return IssuedCert(cert.public_bytes(serialization.Encoding.PEM), self._chain_pem, serial,
+                          float(not_before), float(not_after))
+
+    def sign_server_csr(self, csr_pem: bytes, allowed_names: Sequence[str], ttl_s: float, now: float) -> IssuedCert:
+        """Sign a TLS server CSR (the gateway's HTTPS) whose DNS/IP names are all in `allowed_names`.
+
+        The key stays with the requester. Only the CSR's public key and its checked names are copied.
+        """
+        not_before, not_after = self._validity(ttl_s, now)
+        if not isinstance(csr_pem, (bytes, bytearray)) or len(csr_pem) > MAX_CSR_BYTES:
+            raise CsrRejected("CSR must be PEM bytes of at most %d bytes" % MAX_CSR_BYTES)
+        try:
+            csr = x509.load_pem_x509_csr(bytes(csr_pem))
+        except ValueError:
+            raise CsrRejected("not a PEM certificate signing request") from None
+        try:
+            valid = csr.is_signature_valid
+        except Exception:  # noqa: BLE001
+            valid = False
+        if not valid:
+            raise CsrRejected("the CSR signature does not verify")
+        public_key = csr.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name not in _ACCEPTED_CURVES:
+            raise CsrRejected("the CSR key must be an EC P-256 or P-384 key")
+        try:
+            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            raise CsrRejected("the CSR has no subjectAltName") from None
+        except Exception:  # noqa: BLE001
+            raise CsrRejected("the CSR's extensions do not parse") from None
+        allowed_dns = {n.strip().lower().rstrip(".") for n in allowed_names}
+        names: list[x509.GeneralName] = []
+        for gn in san:
+            if isinstance(gn, x509.DNSName) and gn.value.lower() in allowed_dns:
+                names.append(x509.DNSName(gn.value.lower()))
+            elif isinstance(gn, x509.IPAddress) and str(gn.value) in allowed_dns:
+                names.append(gn)
+            else:
+                raise CsrRejected(f"the CSR requests a name that is not configured: {str(getattr(gn, 'value', gn))[:100]!r}")
+        if not names:
+            raise CsrRejected("the CSR requests no DNS name or IP address")
+        cert, serial = self._sign(public_key, x509.SubjectAlternativeName(names), _SERVER_EKU, not_before, not_after)
         return IssuedCert(cert.public_bytes(serialization.Encoding.PEM), self._chain_pem, serial,
                           float(not_before), float(not_after))
 

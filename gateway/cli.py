@@ -17,18 +17,44 @@ log = structlog.get_logger("gateway")
 ADMIN_PORT = 15021  # Istio's ingress gateway health port
 
 
-async def serve(control_url: str, node: str, bind: str, port: int, admin_port: int) -> None:
+async def serve(control_url: str, node: str, bind: str, port: int, admin_port: int,
+                env: dict[str, str] | None = None) -> None:
     """The gateway listener, its admin port and its control channel, until SIGTERM."""
     from sidecar.admin import build_admin_app, start_admin
     from sidecar.control import ControlClient
     from sidecar.proxy import ProxyState
     from sidecar.telemetry import render_metrics
 
+    from gateway.jwt_auth import JwtVerifier
     from gateway.server import GATEWAY_SOURCE, start_gateway
 
+    env = env or {}
     state = ProxyState(GATEWAY_SOURCE, "v1")
-    control = ControlClient(control_url, "gateway", node, "", apply=state.apply_snapshot)
+    agent = None
+    https = None
+    bundle = env.get("MESH_CA_BUNDLE", "")
+    if bundle and control_url.startswith("wss://"):
+        from sidecar.tlsagent import CertAgent, MeshTls, ServerCert
+
+        user_cert, user_key = env.get("MESH_GATEWAY_CERT", ""), env.get("MESH_GATEWAY_KEY", "")
+        hosts = tuple(h.strip() for h in env.get("MESH_GATEWAY_HOSTS", "localhost").split(",") if h.strip())
+        agent = CertAgent(env.get("MESH_IDENTITY", ""), bundle.encode("ascii"), env.get("MESH_BOOTSTRAP_TOKEN", ""),
+                          tls_dir=env.get("MESH_TLS_DIR", "/tmp/mesh-tls"),
+                          server_names=() if user_cert else hosts, registry=state.telemetry.registry)
+        state.tls = MeshTls(agent)
+        if user_cert and user_key:
+            server_cert = ServerCert()
+            with open(user_cert, "rb") as c, open(user_key, "rb") as k:
+                server_cert.load_pem(c.read(), k.read())
+            https = server_cert.front
+        else:
+            https = agent.server_holder.front
+    state.jwt = JwtVerifier(env.get("MESH_JWKS_FILE", ""), env.get("MESH_JWKS_URL", ""))
+    state.jwt.start()
+    control = ControlClient(control_url, "gateway", node, "", apply=state.apply_snapshot, agent=agent)
     server = await start_gateway(state, bind, port)
+    https_port = int(env.get("MESH_GATEWAY_HTTPS_PORT", "8443"))
+    https_server = await start_gateway(state, bind, https_port, ssl_context=https) if https else None
     admin = await start_admin(build_admin_app(control, lambda: render_metrics(state.telemetry),
                                               server.is_serving), "127.0.0.1", admin_port)
     control_task = asyncio.ensure_future(control.run())
@@ -36,10 +62,13 @@ async def serve(control_url: str, node: str, bind: str, port: int, admin_port: i
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("gateway_started", bind=bind, port=port, admin_port=admin_port)
+    log.info("gateway_started", bind=bind, port=port, https_port=https_port if https else None,
+             admin_port=admin_port, mtls=agent is not None)
     await stop.wait()
     control_task.cancel()
     server.close()
+    if https_server is not None:
+        https_server.close()
     await admin.cleanup()
     state.close()
 
@@ -58,9 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     if not port_raw.isdigit() or not 0 < int(port_raw) < 65536:
         log.error("gateway_config_invalid", error=f"MESH_GATEWAY_PORT: {port_raw!r} is not a port number")
         sys.exit(2)
-    run_forever(lambda: serve(env.get("MESH_CONTROL_URL", "ws://127.0.0.1:15010/v1/stream"),
+    run_forever(lambda: serve(env.get("MESH_CONTROL_URL", "wss://127.0.0.1:15012/v1/stream"),
                               env.get("MESH_NODE", "gateway"), env.get("MESH_GATEWAY_BIND", "0.0.0.0"),
-                              int(port_raw), int(env.get("MESH_GATEWAY_ADMIN_PORT", ADMIN_PORT))))
+                              int(port_raw), int(env.get("MESH_GATEWAY_ADMIN_PORT", ADMIN_PORT)), dict(env)))
 
 
 if __name__ == "__main__":

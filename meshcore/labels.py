@@ -27,7 +27,11 @@ _HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 KNOWN_LABELS = frozenset({
     "mesh.enable", "mesh.service", "mesh.port", "mesh.version", "mesh.protocol", "mesh.capture",
     "mesh.gateway.path", "mesh.gateway.host", "mesh.gateway.strip-prefix",
+    # zero trust (docs/DESIGN.md): mTLS mode of the inbound, callers allowed, the gateway's JWT check
+    "mesh.mtls", "mesh.allow", "mesh.gateway.auth", "mesh.gateway.jwt.issuer", "mesh.gateway.jwt.audience",
 })
+MTLS_MODES = ("strict", "permissive")
+GATEWAY_AUTH = ("none", "jwt")
 # Labels the mesh writes itself, or that later features own: not errors when present.
 _OWNED_PREFIXES = ("mesh.owner", "mesh.role", "mesh.sidecar.",
                    # traffic policy: decoded (and typos named) by meshcore.policy
@@ -57,6 +61,9 @@ class GatewayRule:
     path: str | None
     host: str | None
     strip_prefix: bool
+    auth: str | None = None            # "jwt": the gateway validates a bearer JWT for this route
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,8 @@ class MeshSpec:
     protocol: str
     capture: str
     gateway: GatewayRule | None
+    mtls: str = "strict"                    # mesh.mtls: strict | permissive (inbound)
+    allow: tuple[str, ...] | None = None    # mesh.allow: callers allowed (None: label absent)
 
 
 @dataclass(frozen=True)
@@ -143,12 +152,31 @@ def decode_name(label: str, raw: str) -> str:
     return value
 
 
+def _decode_gateway_auth(labels: dict[str, str]) -> tuple[str | None, str | None, str | None]:
+    auth = decode_choice("mesh.gateway.auth", labels.get("mesh.gateway.auth", "none"), GATEWAY_AUTH)
+    issuer = labels.get("mesh.gateway.jwt.issuer")
+    audience = labels.get("mesh.gateway.jwt.audience")
+    for label, value in (("mesh.gateway.jwt.issuer", issuer), ("mesh.gateway.jwt.audience", audience)):
+        if value is None:
+            continue
+        if auth != "jwt":
+            raise LabelDecodeError(label, "needs mesh.gateway.auth=jwt")
+        if not value.strip() or any(c in value for c in "\r\n\t ") or len(value) > 512:
+            raise LabelDecodeError(label, f"{value!r} is not a valid value (non-empty, no spaces)")
+    if auth != "jwt":
+        return None, None, None
+    return "jwt", issuer.strip() if issuer else None, audience.strip() if audience else None
+
+
 def _decode_gateway(labels: dict[str, str]) -> GatewayRule | None:
     path = labels.get("mesh.gateway.path")
     host = labels.get("mesh.gateway.host")
     if path is None and host is None:
         if "mesh.gateway.strip-prefix" in labels:
             raise LabelDecodeError("mesh.gateway.strip-prefix", "needs mesh.gateway.path")
+        for label in ("mesh.gateway.auth", "mesh.gateway.jwt.issuer", "mesh.gateway.jwt.audience"):
+            if label in labels:
+                raise LabelDecodeError(label, "needs mesh.gateway.path or mesh.gateway.host")
         return None
     if path is not None:
         path = path.strip()
@@ -163,7 +191,9 @@ def _decode_gateway(labels: dict[str, str]) -> GatewayRule | None:
     if path is None and "mesh.gateway.strip-prefix" in labels:
         raise LabelDecodeError("mesh.gateway.strip-prefix", "needs mesh.gateway.path")
     strip = decode_bool("mesh.gateway.strip-prefix", labels.get("mesh.gateway.strip-prefix", "false"))
-    return GatewayRule(path=path, host=host, strip_prefix=strip)
+    auth, issuer, audience = _decode_gateway_auth(labels)
+    return GatewayRule(path=path, host=host, strip_prefix=strip, auth=auth, jwt_issuer=issuer,
+                       jwt_audience=audience)
 
 
 def decode_labels(info: ContainerInfo) -> MeshSpec:
@@ -191,8 +221,16 @@ def decode_labels(info: ContainerInfo) -> MeshSpec:
     if gateway is not None and protocol != "http":
         raise LabelDecodeError("mesh.gateway.path" if gateway.path else "mesh.gateway.host",
                                "the gateway routes HTTP only; this service has mesh.protocol=tcp")
+    mtls = decode_choice("mesh.mtls", labels.get("mesh.mtls", "strict"), MTLS_MODES)
+    allow = None
+    if "mesh.allow" in labels:
+        from .authz import PolicyError, decode_allow_label
+        try:
+            allow = decode_allow_label(labels["mesh.allow"])
+        except PolicyError as exc:
+            raise LabelDecodeError("mesh.allow", str(exc).removeprefix("mesh.allow: ")) from None
     return MeshSpec(service=service, namespace=namespace, port=port, version=version,
-                    protocol=protocol, capture=capture, gateway=gateway)
+                    protocol=protocol, capture=capture, gateway=gateway, mtls=mtls, allow=allow)
 
 
 def decode_container(info: ContainerInfo) -> MeshSpec | LabelError:

@@ -9,6 +9,8 @@ from .labels import (
     ContainerInfo, GatewayRule, LabelDecodeError, LabelError, MeshSpec, decode_container,
     is_mesh_enabled, is_mesh_owned, spiffe_id, COMPOSE_SERVICE,
 )
+from .authz import DEFAULT_POLICY, Policy, PolicyError, decode_policy, encode_policy
+from .labels import MTLS_MODES
 from .policy import decode_traffic_policy, policy_labels
 from .routing_rules import ServiceRules, decode_rules, encode_rules
 
@@ -56,6 +58,8 @@ class ServiceConfig:
     aliases: tuple[str, ...] = ()   # compose service names that also mean this service
     policy: tuple[tuple[str, str], ...] = ()  # the service's traffic-policy labels, sorted
     rules: ServiceRules | None = None         # live rules set by meshctl (split, route, fault...)
+    mtls: str = "strict"                      # mesh.mtls of the service's inbound
+    allow: tuple[str, ...] | None = None      # mesh.allow: callers allowed (None: no label)
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class GatewayRoute:
     path: str | None
     host: str | None
     strip_prefix: bool
+    auth: str | None = None          # "jwt": the gateway requires a valid bearer JWT
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ class MeshConfig:
     services: dict[str, ServiceConfig] = field(default_factory=dict)
     endpoints: dict[str, tuple[Endpoint, ...]] = field(default_factory=dict)
     gateway_routes: tuple[GatewayRoute, ...] = ()
+    policies: Policy = DEFAULT_POLICY    # authorization (meshcore.authz), decided by inbound sidecars
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,13 @@ def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str,
     if spec.port != first.port:
         return LabelError(label_container, "mesh.port",
                           f"{spec.port} differs from {first.port} of other {spec.service} instances")
+    if spec.mtls != first.mtls:
+        return LabelError(label_container, "mesh.mtls",
+                          f"{spec.mtls!r} differs from {first.mtls!r} of other {spec.service} instances")
+    if spec.allow != first.allow:
+        return LabelError(label_container, "mesh.allow",
+                          f"{','.join(spec.allow or ()) or 'none'!r} differs from "
+                          f"{','.join(first.allow or ()) or 'none'!r} of other {spec.service} instances")
     if policy != first.policy:
         mine, theirs = dict(policy), dict(first.policy)
         label = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))[0]
@@ -131,8 +146,8 @@ def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str,
 
 
 def build_config(workloads: Iterable[Workload], announcements: Iterable[Announcement],
-                 trust_domain: str, rules: dict[str, ServiceRules] | None = None
-                 ) -> tuple[MeshConfig, list[LabelError]]:
+                 trust_domain: str, rules: dict[str, ServiceRules] | None = None,
+                 policies: Policy | None = None) -> tuple[MeshConfig, list[LabelError]]:
     """Join decoded workloads with mDNS announcements into one MeshConfig, plus the errors found."""
     errors: list[LabelError] = []
     services: dict[str, ServiceConfig] = {}
@@ -157,7 +172,7 @@ def build_config(workloads: Iterable[Workload], announcements: Iterable[Announce
             services[spec.service] = ServiceConfig(
                 name=spec.service, namespace=spec.namespace, protocol=spec.protocol, port=spec.port,
                 identity=spiffe_id(trust_domain, spec.namespace, spec.service), policy=policy,
-                rules=(rules or {}).get(spec.service))
+                rules=(rules or {}).get(spec.service), mtls=spec.mtls, allow=spec.allow)
         compose_service = wl.container.labels.get(COMPOSE_SERVICE)
         if compose_service and compose_service != spec.service:
             aliases.setdefault(spec.service, set()).add(compose_service)
@@ -170,7 +185,8 @@ def build_config(workloads: Iterable[Workload], announcements: Iterable[Announce
                                          f"route {rule.host or '*'}{rule.path or ''} already belongs to {existing.service}"))
             else:
                 routes[key] = GatewayRoute(service=spec.service, path=rule.path, host=rule.host,
-                                           strip_prefix=rule.strip_prefix)
+                                           strip_prefix=rule.strip_prefix, auth=rule.auth,
+                                           jwt_issuer=rule.jwt_issuer, jwt_audience=rule.jwt_audience)
         if wl.container.running:
             accepted[wl.container.id] = wl
     for svc, names in aliases.items():
@@ -190,7 +206,7 @@ def build_config(workloads: Iterable[Workload], announcements: Iterable[Announce
     ordered = {svc: tuple(sorted(set(eps), key=lambda e: (e.address, e.port))) for svc, eps in sorted(endpoints.items())}
     ordered_routes = tuple(sorted(routes.values(), key=_route_order))
     return MeshConfig(services=dict(sorted(services.items())), endpoints=ordered,
-                      gateway_routes=ordered_routes), errors
+                      gateway_routes=ordered_routes, policies=policies or DEFAULT_POLICY), errors
 
 
 def _route_order(route: GatewayRoute) -> tuple:
@@ -235,13 +251,16 @@ def encode_snapshot(snapshot: Snapshot) -> dict[str, Any]:
         "version": snapshot.version,
         "services": {n: {"namespace": s.namespace, "protocol": s.protocol, "port": s.port,
                          "identity": s.identity, "aliases": list(s.aliases), "policy": dict(s.policy),
-                         "rules": encode_rules(s.rules) if s.rules else None}
+                         "rules": encode_rules(s.rules) if s.rules else None,
+                         "mtls": s.mtls, "allow": list(s.allow) if s.allow is not None else None}
                      for n, s in cfg.services.items()},
         "endpoints": {n: [{"instance": e.instance, "address": e.address, "port": e.port,
                            "version": e.version, "identity": e.identity} for e in eps]
                       for n, eps in cfg.endpoints.items()},
         "gateway_routes": [{"service": r.service, "path": r.path, "host": r.host,
-                            "strip_prefix": r.strip_prefix} for r in cfg.gateway_routes],
+                            "strip_prefix": r.strip_prefix, "auth": r.auth, "jwt_issuer": r.jwt_issuer,
+                            "jwt_audience": r.jwt_audience} for r in cfg.gateway_routes],
+        "policies": encode_policy(cfg.policies),
     }
 
 
@@ -284,10 +303,18 @@ def decode_snapshot(data: Any) -> Snapshot:
             rules = decode_rules(raw_rules) if raw_rules is not None else None
         except ValueError as exc:
             raise SnapshotError(f"{where}.{exc}") from None
+        mtls = raw.get("mtls", "strict")
+        if mtls not in MTLS_MODES:
+            raise SnapshotError(f"{where}.mtls: {mtls!r} is not strict or permissive")
+        allow = raw.get("allow")
+        if allow is not None:
+            if not isinstance(allow, list) or not all(isinstance(a, str) and a for a in allow):
+                raise SnapshotError(f"{where}.allow: expected a list of service names or null")
+            allow = tuple(allow)
         services[name] = ServiceConfig(
             name=name, namespace=_field(raw, "namespace", str, where), protocol=protocol,
             port=_field(raw, "port", int, where), identity=_field(raw, "identity", str, where),
-            aliases=tuple(aliases), policy=tuple(sorted(policy.items())), rules=rules)
+            aliases=tuple(aliases), policy=tuple(sorted(policy.items())), rules=rules, mtls=mtls, allow=allow)
     endpoints = {}
     for name, raw_eps in _field(data, "endpoints", dict, "snapshot").items():
         if name not in services:
@@ -313,7 +340,20 @@ def decode_snapshot(data: Any) -> Snapshot:
         host = raw.get("host")
         if path is not None and not isinstance(path, str) or host is not None and not isinstance(host, str):
             raise SnapshotError(f"{where}: path and host must be strings or null")
+        auth = raw.get("auth")
+        if auth not in (None, "jwt"):
+            raise SnapshotError(f"{where}.auth: {auth!r} is not null or 'jwt'")
+        issuer, audience = raw.get("jwt_issuer"), raw.get("jwt_audience")
+        if issuer is not None and not isinstance(issuer, str) or audience is not None and not isinstance(audience, str):
+            raise SnapshotError(f"{where}: jwt_issuer and jwt_audience must be strings or null")
         routes.append(GatewayRoute(service=service, path=path, host=host,
-                                   strip_prefix=bool(_field(raw, "strip_prefix", bool, where))))
+                                   strip_prefix=bool(_field(raw, "strip_prefix", bool, where)),
+                                   auth=auth, jwt_issuer=issuer, jwt_audience=audience))
+    policies = DEFAULT_POLICY
+    if "policies" in data:
+        try:
+            policies = decode_policy(data["policies"])
+        except PolicyError as exc:
+            raise SnapshotError(str(exc)) from None
     return Snapshot(version=version, config=MeshConfig(services=services, endpoints=endpoints,
-                                                       gateway_routes=tuple(routes)))
+                                                       gateway_routes=tuple(routes), policies=policies))

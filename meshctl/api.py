@@ -9,6 +9,30 @@ from typing import Any
 DEFAULT_API = "http://127.0.0.1:15014"
 API_ENV = "MESHD_API"
 DEFAULT_TIMEOUT = 3.0
+TOKEN_ENV = "MESHD_ADMIN_TOKEN"
+TOKEN_FILE_ENV = "MESHD_ADMIN_TOKEN_FILE"
+# Where meshd writes its admin token (<state dir>/admin.token): meshd on the host, or the state volume
+# of compose/meshd.yml (project `meshd`) as the host's root sees it.
+DEFAULT_TOKEN_FILES = ("/var/lib/meshd/admin.token",
+                       "/var/lib/docker/volumes/meshd_meshd-state/_data/admin.token")
+
+
+def load_admin_token(token_file: str | None = None) -> str | None:
+    """meshd's admin token: $MESHD_ADMIN_TOKEN, else the first readable of `token_file`,
+    $MESHD_ADMIN_TOKEN_FILE and the default locations; None when there is none."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token:
+        return token
+    candidates = [p for p in (token_file, os.environ.get(TOKEN_FILE_ENV)) if p] or list(DEFAULT_TOKEN_FILES)
+    for path in candidates:
+        try:
+            with open(path, encoding="ascii") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if token:
+            return token
+    return None
 
 
 class MeshdUnreachable(RuntimeError):
@@ -41,9 +65,11 @@ def resolve_base_url(api: str | None) -> str:
 class MeshdClient:
     """GETs JSON documents from meshd's admin API."""
 
-    def __init__(self, base_url: str | None = None, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, base_url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 token: str | None = None, token_file: str | None = None):
         self.base_url = resolve_base_url(base_url)
         self.timeout = timeout
+        self.token = token or load_admin_token(token_file)
 
     def get_json(self, path: str) -> Any:
         """GET `path` and return its decoded JSON; raises MeshdUnreachable or MeshdApiError."""
@@ -60,6 +86,8 @@ class MeshdClient:
 
         url = self.base_url + path
         headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         data = None
         if payload is not None:
             data = json.dumps(payload).encode()

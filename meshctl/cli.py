@@ -29,8 +29,11 @@ def _root(
     ctx: typer.Context,
     api: Optional[str] = typer.Option(None, "--api", envvar=API_ENV, help=API_HELP, show_default=False),
     timeout: float = typer.Option(DEFAULT_TIMEOUT, "--timeout", help="seconds to wait for meshd"),
+    token_file: Optional[str] = typer.Option(
+        None, "--token-file", envvar="MESHD_ADMIN_TOKEN_FILE", show_default=False,
+        help="meshd's admin token file (<state dir>/admin.token); or set MESHD_ADMIN_TOKEN"),
 ) -> None:
-    ctx.obj = {"api": api, "timeout": timeout}
+    ctx.obj = {"api": api, "timeout": timeout, "token_file": token_file}
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -39,7 +42,8 @@ def _client(ctx: typer.Context, api: Optional[str]):
     from .api import MeshdClient
 
     obj = ctx.obj or {}
-    return MeshdClient(api or obj.get("api"), timeout=obj.get("timeout", DEFAULT_TIMEOUT))
+    return MeshdClient(api or obj.get("api"), timeout=obj.get("timeout", DEFAULT_TIMEOUT),
+                       token_file=obj.get("token_file"))
 
 
 def _fetch(client, method: str) -> dict[str, Any]:
@@ -144,6 +148,17 @@ def status(
     else:
         console.print("nodes: none connected")
 
+    mtls = data.get("mtls") or {}
+    if mtls:
+        permissive = sorted(s for s, m in mtls.items() if m == "permissive")
+        line = Text("mTLS: ")
+        if permissive:
+            line.append(f"PERMISSIVE for {', '.join(permissive)}", style="bold yellow")
+            line.append(f"; STRICT for the other {len(mtls) - len(permissive)} service(s)")
+        else:
+            line.append(f"STRICT for all {len(mtls)} service(s)", style="green")
+        console.print(line)
+
     label_errors = data.get("label_errors") or []
     if label_errors:
         table = Table(title=f"label errors ({len(label_errors)})", title_justify="left", title_style="bold red")
@@ -205,6 +220,10 @@ def services(
         table.add_row("protocol", Text(_text(svc.get("protocol"))))
         table.add_row("port", Text(_text(svc.get("port"))))
         table.add_row("identity", Text(_text(svc.get("identity"))))
+        mtls = svc.get("mtls") or "strict"
+        table.add_row("mtls", Text(mtls.upper(), style="yellow" if mtls == "permissive" else "green"))
+        allow = svc.get("allow")
+        table.add_row("allow", Text(", ".join(allow) if allow is not None else "(no mesh.allow label)"))
         table.add_row("versions", Text(version_text or "none"))
         table.add_row("endpoints", Text("\n".join(ep_lines)) if ep_lines else Text("none (no instance announced)",
                                                                                    style="yellow"))
@@ -284,6 +303,14 @@ def analyze(
 from . import traffic  # noqa: E402 - the traffic commands register themselves on `app`
 
 traffic.register(app)
+
+from . import security  # noqa: E402 - `certs` and `policy` register themselves on `app`
+
+security.register(app)
+
+from . import observe  # noqa: E402 - stat, top, compare, events, dashboard
+
+observe.register(app)
 
 
 def main() -> None:

@@ -25,7 +25,13 @@ from .discovery import Discovery
 from .docker_adapter import GATEWAY_NAME, DockerAdapter, DockerView, sidecar_name
 from .plan import build_sidecar_env, control_host_for, plan_sidecars
 from .rules_api import RulesBook, add_routes as add_rules_routes
+from .auth import NodeAuthenticator
+from .pki import Pki
+from .security_api import (
+    PolicyBook, add_cert_routes, add_policy_routes, admin_auth_middleware, load_or_create_admin_token,
+)
 from .store import Store
+from .telemetry import TelemetryHub, add_routes as add_telemetry_routes  # observability
 
 log = structlog.get_logger("meshd")
 
@@ -45,6 +51,13 @@ class Settings:
     gateway_bind: str = "0.0.0.0"
     manage_gateway: bool = True
     admin_host: str = "127.0.0.1"
+    cert_ttl: str = "24h"                  # MESH_CERT_TTL: workload certificate lifetime
+    gateway_https_port: int = 8443
+    gateway_hosts: tuple[str, ...] = ("localhost",)
+    gateway_cert: str = ""                 # MESH_GATEWAY_CERT/KEY: user-supplied HTTPS certificate files
+    gateway_key: str = ""
+    jwks_file: str = ""                    # MESH_JWKS_FILE (host path, mounted read-only) or MESH_JWKS_URL
+    jwks_url: str = ""
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -58,6 +71,12 @@ class Settings:
             gateway_bind=env.get("MESH_GATEWAY_BIND", cls.gateway_bind),
             manage_gateway=env.get("MESHD_GATEWAY", "true").lower() not in ("0", "false", "no", "off"),
             admin_host=env.get("MESHD_ADMIN_HOST", cls.admin_host),
+            cert_ttl=env.get("MESH_CERT_TTL", cls.cert_ttl) or cls.cert_ttl,
+            gateway_https_port=int(env.get("MESH_GATEWAY_HTTPS_PORT", cls.gateway_https_port)),
+            gateway_hosts=tuple(h.strip() for h in env.get("MESH_GATEWAY_HOSTS", "localhost").split(",")
+                                if h.strip()) or ("localhost",),
+            gateway_cert=env.get("MESH_GATEWAY_CERT", ""), gateway_key=env.get("MESH_GATEWAY_KEY", ""),
+            jwks_file=env.get("MESH_JWKS_FILE", ""), jwks_url=env.get("MESH_JWKS_URL", ""),
         )
 
 
@@ -74,7 +93,13 @@ class Meshd:
         self.settings = settings
         self.docker = DockerAdapter(client or docker.from_env(), settings.image)
         self.store = Store(os.path.join(settings.state_dir, "state.db"))
-        self.hub = Hub(on_hello_version=self._on_hello_version)
+        self.pki = Pki(settings.state_dir, settings.trust_domain, self.store, settings.cert_ttl,
+                       env=dict(os.environ), gateway_hosts=settings.gateway_hosts)
+        self.admin_token = load_or_create_admin_token(settings.state_dir)
+        self.policies = PolicyBook(self.store)
+        self.hub = Hub(on_hello_version=self._on_hello_version,
+                       auth=NodeAuthenticator(self.pki, self.docker.client, on_identity_lost=self._identity_lost))
+        self._recreated: dict[str, float] = {}
         self.discovery = Discovery(on_change=self.trigger)
         self.view: DockerView | None = None
         self.label_errors: list = []
@@ -85,6 +110,7 @@ class Meshd:
         self._control_sites: dict[str, web.TCPSite] = {}
         self._stop = asyncio.Event()
         self.rules = RulesBook(self.store)
+        self.telemetry = TelemetryHub.for_meshd(self)  # observability
         self._rebuild_lock = asyncio.Lock()
         self._version = int(self.store.get("snapshot_version", 0))
         self._digest = self.store.get("snapshot_digest", "")
@@ -103,6 +129,24 @@ class Meshd:
             self._version = last_version
             self._digest = ""
             self.trigger()
+
+    def _identity_lost(self, node: str) -> None:
+        """A node of ours lost its key and its token is spent: recreate it (at most once a minute)."""
+        now = time.time()
+        if now - self._recreated.get(node, 0.0) < 60.0:
+            return
+        self._recreated[node] = now
+        name = GATEWAY_NAME if node == "gateway" else node
+        log.warning("node_identity_lost", node=node, action="recreate with a new bootstrap token")
+
+        def remove() -> None:
+            try:
+                self.docker.remove(name)
+            except docker.errors.APIError as exc:
+                log.warning("node_recreate_failed", node=node, error=str(exc))
+            self.trigger()
+
+        threading.Thread(target=remove, name=f"recreate-{node}", daemon=True).start()
 
     def _watch_events(self) -> None:
         """Blocking: every Docker container event triggers a rebuild (level-triggered)."""
@@ -140,14 +184,17 @@ class Meshd:
 
     def _publish_config(self, workloads) -> None:
         config, errors = build_config(workloads, self.discovery.announcements(), self.settings.trust_domain,
-                                      rules=self.rules.rules)
+                                      rules=self.rules.rules, policies=self.policies.policy)
         self.label_errors = errors
+        config = self.telemetry.apply_overrides(config)  # adaptive policy overrides (observability)
         self._publish(config)
 
     async def _rebuild(self) -> None:
         loop = asyncio.get_running_loop()
         view = await loop.run_in_executor(None, self.docker.list_view)
         self.view = view
+        # meshd's control certificate names every address sidecars dial (before any is created).
+        self.pki.control_tls.ensure(list(view.network_gateways.values()))
         workloads = build_workloads(view.apps)
         plan = plan_sidecars(workloads, view.sidecars, view.image_id)
         for sc in plan.remove:
@@ -160,10 +207,13 @@ class Meshd:
                             error="the container is on no bridge network meshd can reach")
                 continue
             name = sidecar_name(wl.container)
-            env = build_sidecar_env(wl, name, host, self.settings.trust_domain)
+            token = self.pki.issue_token("sidecar", name, wl.container.id)
+            env = build_sidecar_env(wl, name, host, self.settings.trust_domain, token=token,
+                                    bundle_pem=self.pki.ca.bundle_pem.decode("ascii"))
             log.info("sidecar_create", app=wl.container.name, sidecar=name, service=wl.spec.service)
             try:
-                await loop.run_in_executor(None, self.docker.create_sidecar, wl.container, env)
+                cid = await loop.run_in_executor(None, self.docker.create_sidecar, wl.container, env)
+                self.pki.set_node_container(name, cid)
             except docker.errors.APIError as exc:
                 log.warning("sidecar_create_failed", app=wl.container.name, error=str(exc))
         await self._apply_gateway(view)
@@ -203,13 +253,30 @@ class Meshd:
         gw = view.gateway
         if gw is not None and gw.running and (not view.image_id or gw.image == view.image_id):
             return
-        env = {"MESH_CONTROL_URL": f"ws://127.0.0.1:{CONTROL_PORT}{CONTROL_PATH}",
-               "MESH_GATEWAY_PORT": str(self.settings.gateway_port),
-               "MESH_GATEWAY_BIND": self.settings.gateway_bind,
-               "MESH_NODE": "gateway"}
-        log.info("gateway_create", port=self.settings.gateway_port)
+        st = self.settings
+        env = {"MESH_CONTROL_URL": f"wss://127.0.0.1:{CONTROL_PORT}{CONTROL_PATH}",
+               "MESH_GATEWAY_PORT": str(st.gateway_port),
+               "MESH_GATEWAY_HTTPS_PORT": str(st.gateway_https_port),
+               "MESH_GATEWAY_HOSTS": ",".join(st.gateway_hosts),
+               "MESH_GATEWAY_BIND": st.gateway_bind,
+               "MESH_NODE": "gateway",
+               "MESH_IDENTITY": self.pki.gateway_identity,
+               "MESH_BOOTSTRAP_TOKEN": self.pki.issue_token("gateway", "gateway", ""),
+               "MESH_CA_BUNDLE": self.pki.ca.bundle_pem.decode("ascii")}
+        mounts = []
+        # Host paths (the Docker daemon resolves bind mounts on the host), mounted read-only as is.
+        for name, path in (("MESH_GATEWAY_CERT", st.gateway_cert), ("MESH_GATEWAY_KEY", st.gateway_key),
+                           ("MESH_JWKS_FILE", st.jwks_file)):
+            if path:
+                env[name] = path
+                mounts.append(f"{path}:{path}:ro")
+        if st.jwks_url:
+            env["MESH_JWKS_URL"] = st.jwks_url
+        log.info("gateway_create", port=st.gateway_port, https_port=st.gateway_https_port)
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.docker.create_gateway, env)
+            cid = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.docker.create_gateway(env, volumes=mounts))
+            self.pki.set_node_container("gateway", cid)
         except docker.errors.APIError as exc:
             log.warning("gateway_create_failed", error=str(exc))
 
@@ -219,7 +286,8 @@ class Meshd:
         for addr in set(self._control_sites) - wanted:
             await self._control_sites.pop(addr).stop()
         for addr in sorted(wanted - set(self._control_sites)):
-            site = web.TCPSite(self._control_runner, addr, CONTROL_PORT, reuse_address=True)
+            site = web.TCPSite(self._control_runner, addr, CONTROL_PORT, reuse_address=True,
+                               ssl_context=self.pki.control_tls.front)
             try:
                 await site.start()
             except OSError as exc:
@@ -254,6 +322,8 @@ class Meshd:
             "nodes": nodes,
             "label_errors": [{"container": e.container, "label": e.label, "message": e.message}
                              for e in self.label_errors],
+            "mtls": {name: svc.mtls for name, svc in self.hub.latest.config.services.items()}
+            if self.hub.latest else {},
             "sidecars": sidecars,
         }
 
@@ -269,13 +339,14 @@ class Meshd:
                     versions[ep.version] = versions.get(ep.version, 0) + 1
                 out.append({"name": name, "namespace": svc.namespace, "protocol": svc.protocol,
                             "port": svc.port, "identity": svc.identity, "aliases": list(svc.aliases),
+                            "mtls": svc.mtls, "allow": list(svc.allow) if svc.allow is not None else None,
                             "versions": versions,
                             "endpoints": [{"instance": e.instance, "address": e.address, "port": e.port,
                                            "version": e.version} for e in eps]})
         return {"services": out}
 
     def _admin_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[admin_auth_middleware(self.admin_token)])
 
         async def status(_req):
             return web.json_response(self.status(), dumps=dumps)
@@ -300,6 +371,9 @@ class Meshd:
         app.router.add_get("/v1/snapshot", snapshot)
         app.router.add_get("/v1/acks", ack_latency)
         add_rules_routes(app, self.rules, self.versions_of, self.republish)
+        add_telemetry_routes(app, self.telemetry)  # observability (also /dashboard)
+        add_policy_routes(app, self.policies, self.republish)
+        add_cert_routes(app, self.pki, self.hub)
         return app
 
     # ---- run -----------------------------------------------------------------------------
@@ -314,7 +388,9 @@ class Meshd:
         admin_runner = web.AppRunner(self._admin_app(), access_log=None)
         await admin_runner.setup()
         await web.TCPSite(admin_runner, self.settings.admin_host, ADMIN_PORT, reuse_address=True).start()
+        self.pki.control_tls.ensure([])
         await self._apply_listeners([])
+        self.telemetry.start()  # scraper; stopped by admin_runner.cleanup()
         threading.Thread(target=self._watch_events, name="docker-events", daemon=True).start()
         log.info("meshd_started", version=__version__, snapshot_version=self._version,
                  admin=f"{self.settings.admin_host}:{ADMIN_PORT}")

@@ -11,7 +11,8 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from meshcore.protocol import (
-    Ack, Hello, Nack, ProtocolError, SnapshotPush, decode_message, encode_message,
+    CLOSE_BAD_HELLO, CLOSE_FORBIDDEN, Ack, BundleAck, CsrRequest, Hello, Message, Nack, ProtocolError,
+    SnapshotPush, decode_message, encode_message,
 )
 from meshcore.snapshot import Snapshot, encode_snapshot
 
@@ -38,6 +39,28 @@ class NodeState:
     last_seen: float = 0.0
     ack_times: dict[int, float] = field(default_factory=dict)
     generation: int = 0  # bumped per connection: only the newest connection owns `connected`
+    identity: str | None = None      # the SPIFFE ID the node authenticated as
+    authenticated: bool = False
+    auth_via: str | None = None      # "token" (bootstrap) | "certificate"
+    bundle_acked: int | None = None  # last trust bundle version the node installed
+
+
+class AuthRefused(Exception):
+    """The node does not get in (or gets nothing signed): close code and a reason (no secrets)."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    """Who the node is, how it proved it, and the certificate to send first (bootstrap)."""
+
+    identity: str
+    via: str
+    first: Message | None = None
 
 
 class _Conn:
@@ -49,17 +72,27 @@ class _Conn:
         self.wake = asyncio.Event()
         self.replied = asyncio.Event()
         self.sent_version: int | None = None
+        self.lock = asyncio.Lock()    # one frame at a time from the sender loop and certificate pushes
+        self.authenticated = False
+
+    async def send(self, text: str) -> None:
+        async with self.lock:
+            await self.ws.send_str(text)
 
 
 class Hub:
     """Holds the latest snapshot and every node; wakes node senders on a new version."""
 
-    def __init__(self, on_hello_version=None):
+    def __init__(self, on_hello_version=None, auth=None):
         self.latest: Snapshot | None = None
         self._latest_text: str | None = None
         self.nodes: dict[str, NodeState] = {}
         self.published_at: dict[int, float] = {}
         self._on_hello_version = on_hello_version
+        # meshd's authenticator (meshd.app): `authenticate(request, hello) -> AuthResult` and
+        # `sign(node, identity, CsrRequest) -> Certs`, both raising AuthRefused. None: no checks
+        # (tests of the snapshot push only).
+        self.auth = auth
         self._conns: set[_Conn] = set()
 
     def publish(self, snapshot: Snapshot) -> None:
@@ -75,7 +108,8 @@ class Hub:
         """Per node: connection and the versions it ACKed or NACKed."""
         return [{"node": n.node, "kind": n.kind, "container": n.container, "connected": n.connected,
                  "acked_version": n.acked_version, "nacked_version": n.nacked_version,
-                 "nack_reason": n.nack_reason, "last_seen": n.last_seen}
+                 "nack_reason": n.nack_reason, "last_seen": n.last_seen, "identity": n.identity,
+                 "auth": n.auth_via, "bundle_acked": n.bundle_acked}
                 for n in sorted(self.nodes.values(), key=lambda n: n.node)]
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
@@ -90,12 +124,23 @@ class Hub:
             await ws.close(code=4400, message=b"expected hello")
             return ws
         if not isinstance(hello, Hello):
-            await ws.close(code=4400, message=b"expected hello")
+            await ws.close(code=CLOSE_BAD_HELLO, message=b"expected hello")
             return ws
+        result: AuthResult | None = None
+        if self.auth is not None:
+            try:
+                result = await self.auth.authenticate(request, hello)
+            except AuthRefused as exc:
+                log.warning("node_refused", node=hello.node, kind=hello.kind, peer=request.remote,
+                            code=exc.code, reason=exc.reason)
+                await ws.close(code=exc.code, message=exc.reason[:120].encode())
+                return ws
         node = self.nodes.get(hello.node)
         if node is None or node.kind != hello.kind:
             node = self.nodes[hello.node] = NodeState(node=hello.node, kind=hello.kind, container=hello.container)
         node.container = hello.container
+        if result is not None:
+            node.identity, node.auth_via, node.authenticated = result.identity, result.via, True
         node.generation += 1
         generation = node.generation
         node.connected = True
@@ -107,6 +152,9 @@ class Hub:
             self._on_hello_version(hello.last_version)
         log.info("node_connected", node=hello.node, kind=hello.kind, last_version=hello.last_version)
         conn = _Conn(node.node, ws)
+        conn.authenticated = result is not None
+        if result is not None and result.first is not None:
+            await conn.send(encode_message(result.first))
         self._conns.add(conn)
         sender = asyncio.ensure_future(self._send_loop(ws, node, conn))
         try:
@@ -130,6 +178,16 @@ class Hub:
                     node.nacked_version = reply.version
                     node.nack_reason = reply.reason
                     log.warning("node_nack", node=node.node, version=reply.version, reason=reply.reason)
+                elif isinstance(reply, BundleAck):
+                    node.bundle_acked = reply.version
+                elif isinstance(reply, CsrRequest) and self.auth is not None and result is not None:
+                    try:
+                        certs = await self.auth.sign(node, result.identity, reply)
+                    except AuthRefused as exc:
+                        log.warning("csr_refused", node=node.node, identity=result.identity, reason=exc.reason)
+                        await ws.close(code=exc.code, message=exc.reason[:120].encode())
+                        break
+                    await conn.send(encode_message(certs))
         finally:
             sender.cancel()
             self._conns.discard(conn)
@@ -151,7 +209,7 @@ class Hub:
             conn.sent_version = node.sent_version = latest.version
             conn.replied.clear()
             try:
-                await ws.send_str(text)
+                await conn.send(text)
             except (ConnectionError, RuntimeError):
                 return
             # Until the node answers (ACK or NACK) it is slow: publishes meanwhile collapse into the
@@ -160,6 +218,20 @@ class Hub:
                 await asyncio.wait_for(conn.replied.wait(), REPLY_TIMEOUT_S)
             except asyncio.TimeoutError:
                 log.warning("node_no_reply", node=node.node, version=latest.version)
+
+    async def broadcast(self, msg: Message) -> int:
+        """Send a control message to every authenticated connection; the number reached."""
+        text = encode_message(msg)
+        sent = 0
+        for conn in list(self._conns):
+            if not conn.authenticated or conn.ws.closed:
+                continue
+            try:
+                await conn.send(text)
+                sent += 1
+            except (ConnectionError, RuntimeError):
+                continue
+        return sent
 
     async def drop(self, name: str) -> None:
         """Forget a node whose container is gone, closing its sockets: a peer whose network

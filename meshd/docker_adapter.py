@@ -120,13 +120,13 @@ class DockerAdapter:
         )
         return container.id
 
-    def create_gateway(self, env: dict[str, str]) -> str:
+    def create_gateway(self, env: dict[str, str], volumes: list[str] | None = None) -> str:
         """Start the gateway container in the host network namespace; returns its id."""
         self.remove(GATEWAY_NAME)
         container = self.client.containers.run(
             self.image, command=["gateway", "run"], name=GATEWAY_NAME, detach=True,
             network_mode="host", labels={OWNER_LABEL: OWNER, ROLE_LABEL: GATEWAY_ROLE},
-            environment=env, restart_policy={"Name": "unless-stopped"},
+            environment=env, volumes=volumes or None, restart_policy={"Name": "unless-stopped"},
             log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
         )
         return container.id

@@ -57,12 +57,17 @@ def plan_sidecars(workloads: list[Workload], sidecars: list[ContainerInfo],
     return SidecarPlan(create=tuple(create), remove=tuple(remove), keep=tuple(keep))
 
 
-def build_sidecar_env(wl: Workload, node_name: str, control_host: str, trust_domain: str) -> dict[str, str]:
-    """The environment a sidecar starts with (see docs/DESIGN.md)."""
+def build_sidecar_env(wl: Workload, node_name: str, control_host: str, trust_domain: str,
+                      token: str = "", bundle_pem: str = "") -> dict[str, str]:
+    """The environment a sidecar starts with (see docs/DESIGN.md).
+
+    `token` is the node's one-time bootstrap token (meshd keeps only its hash); `bundle_pem` the
+    mesh's trust bundle (public), with which the node verifies meshd's control endpoint.
+    """
     spec = wl.spec
     assert spec is not None
-    return {
-        "MESH_CONTROL_URL": f"ws://{control_host}:{CONTROL_PORT}{CONTROL_PATH}",
+    env = {
+        "MESH_CONTROL_URL": f"wss://{control_host}:{CONTROL_PORT}{CONTROL_PATH}",
         "MESH_NODE": node_name,
         "MESH_CONTAINER": wl.container.id,
         "MESH_SERVICE": spec.service,
@@ -73,6 +78,11 @@ def build_sidecar_env(wl: Workload, node_name: str, control_host: str, trust_dom
         "MESH_CAPTURE": spec.capture,
         "MESH_IDENTITY": spiffe_id(trust_domain, spec.namespace, spec.service),
     }
+    if token:
+        env["MESH_BOOTSTRAP_TOKEN"] = token
+    if bundle_pem:
+        env["MESH_CA_BUNDLE"] = bundle_pem
+    return env
 
 
 def control_host_for(app: ContainerInfo, network_gateways: dict[str, str]) -> str | None:

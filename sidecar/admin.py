@@ -27,10 +27,16 @@ def build_admin_app(control: ControlClient, render_metrics: Callable[[], bytes],
             return web.json_response({"ready": False, "reason": "no config from meshd yet"}, status=503)
         if not is_listening():
             return web.json_response({"ready": False, "reason": "listeners not up"}, status=503)
+        agent = getattr(control, "agent", None)
+        if agent is not None and not agent.has_valid_cert():
+            return web.json_response({"ready": False, "reason": "no workload certificate yet"}, status=503)
         return web.json_response({"ready": True, "version": control.current.version})
 
     async def config(_req: web.Request) -> web.Response:
+        agent = getattr(control, "agent", None)
         body = {"control_connected": control.connected, "nacks": control.nacks,
+                "tls": agent.describe() if agent is not None else None,
+                "control_refusals": getattr(control, "refusals", 0),
                 "snapshot": encode_snapshot(control.current) if control.current else None}
         return web.json_response(body)
 

@@ -40,6 +40,9 @@ class SidecarSettings:
     capture: str
     identity: str
     admin_port: int = 15020
+    bootstrap_token: str = ""      # MESH_BOOTSTRAP_TOKEN: one-time, for the first certificate
+    ca_bundle: str = ""            # MESH_CA_BUNDLE: the mesh's trust roots (PEM), to verify meshd
+    tls_dir: str = "/tmp/mesh-tls"  # MESH_TLS_DIR: the node's own key and certificate (0700/0600)
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "SidecarSettings":
@@ -64,7 +67,15 @@ class SidecarSettings:
                    namespace=env.get("MESH_NAMESPACE", "default"), version=env.get("MESH_VERSION", "v1"),
                    app_port=int(port_raw), protocol=protocol, capture=capture,
                    identity=env.get("MESH_IDENTITY", ""),
-                   admin_port=int(env.get("MESH_ADMIN_PORT", "15020")))
+                   admin_port=int(env.get("MESH_ADMIN_PORT", "15020")),
+                   bootstrap_token=env.get("MESH_BOOTSTRAP_TOKEN", ""),
+                   ca_bundle=env.get("MESH_CA_BUNDLE", ""),
+                   tls_dir=env.get("MESH_TLS_DIR", "/tmp/mesh-tls"))
+
+    @property
+    def secure(self) -> bool:
+        """mTLS mode: meshd gave a trust bundle and a wss:// control URL (the default deployment)."""
+        return bool(self.ca_bundle) and self.control_url.startswith("wss://")
 
 
 def drop_privileges(uid: int) -> None:
@@ -84,15 +95,36 @@ async def serve(settings: SidecarSettings) -> None:
     from sidecar.proxy import ProxyState, start_inbound, start_outbound, start_tcp_inbound
     from sidecar.telemetry import render_metrics
 
+    agent = None
     state = ProxyState(settings.service, settings.version)
+    apply = state.apply_snapshot
+    if settings.secure:
+        from sidecar.mtls import Authorizer
+        from sidecar.tlsagent import CertAgent, MeshTls
+
+        agent = CertAgent(settings.identity, settings.ca_bundle.encode("ascii"), settings.bootstrap_token,
+                          tls_dir=settings.tls_dir, registry=state.telemetry.registry)
+        state.tls = MeshTls(agent)
+        state.authz = Authorizer(settings.service)
+
+        def apply(snapshot, _apply=state.apply_snapshot, _authz=state.authz):
+            _apply(snapshot)
+            _authz.update(snapshot)
     control = ControlClient(settings.control_url, "sidecar", settings.node, settings.container,
-                            apply=state.apply_snapshot)
+                            apply=apply, agent=agent)
     servers: list[asyncio.AbstractServer] = []
     # Outbound on loopback only: REDIRECT maps locally generated packets to 127.0.0.1, and nothing
     # outside the namespace may use this sidecar as an open proxy.
     mode = "transparent" if settings.capture == "transparent" else "explicit"
     servers.append(await start_outbound(state, "127.0.0.1", OUTBOUND_PORT, mode=mode))
-    if settings.protocol == "tcp":
+    if mode == "transparent":  # traffic management: capture sends the app's DNS to this proxy (sidecar/dns.py)
+        from sidecar.dns import start_dns
+        servers.append(await start_dns(state))
+    if agent is not None:
+        from sidecar.mtls import start_mesh_inbound
+        servers.append(await start_mesh_inbound(state, "0.0.0.0", INBOUND_PORT, app_port=settings.app_port,
+                                                protocol=settings.protocol))
+    elif settings.protocol == "tcp":
         servers.append(await start_tcp_inbound(state, "0.0.0.0", INBOUND_PORT, app_port=settings.app_port))
     else:
         servers.append(await start_inbound(state, "0.0.0.0", INBOUND_PORT, app_port=settings.app_port))

@@ -11,7 +11,8 @@ import aiohttp
 import structlog
 
 from meshcore.protocol import (
-    Ack, Hello, Nack, ProtocolError, SnapshotPush, decode_message, encode_message, reconnect_delay,
+    Ack, Bundle, BundleAck, Certs, CsrRequest, Hello, Nack, ProtocolError, Renew, SnapshotPush,
+    decode_message, encode_message, reconnect_delay,
 )
 from meshcore.snapshot import Snapshot, SnapshotError, decode_snapshot
 
@@ -22,7 +23,8 @@ class ControlClient:
     """Keeps the last good snapshot; `apply` is called with each new one and may raise to NACK it."""
 
     def __init__(self, url: str, kind: str, node: str, container: str,
-                 apply: Callable[[Snapshot], None], rand: Callable[[], float] = random.random):
+                 apply: Callable[[Snapshot], None], rand: Callable[[], float] = random.random,
+                 agent=None):
         self.url = url
         self.kind = kind
         self.node = node
@@ -34,6 +36,9 @@ class ControlClient:
         self.last_applied_at: float | None = None
         self.nacks = 0
         self.ready = asyncio.Event()
+        self.agent = agent          # sidecar.tlsagent.CertAgent: certificates over this channel (wss)
+        self.refusals = 0
+        self.last_refusal: str | None = None
 
     def handle_push(self, push: SnapshotPush) -> Ack | Nack:
         """Validate and apply one pushed snapshot; on any error keep the last good one and NACK."""
@@ -57,15 +62,31 @@ class ControlClient:
         attempt = 0
         async with aiohttp.ClientSession() as session:
             while True:
+                renewer = None
                 try:
-                    async with session.ws_connect(self.url, heartbeat=10.0, max_msg_size=16 * 1024 * 1024) as ws:
+                    token, csr = self.agent.bootstrap_fields() if self.agent is not None else ("", "")
+                    ssl_ctx = self.agent.control_ssl_context() if self.agent is not None else None
+                    kwargs = {"ssl": ssl_ctx} if ssl_ctx is not None else {}
+                    async with session.ws_connect(self.url, heartbeat=10.0, max_msg_size=16 * 1024 * 1024,
+                                                  **kwargs) as ws:
                         self.connected = True
-                        attempt = 0
                         last = self.current.version if self.current else 0
                         await ws.send_str(encode_message(Hello(kind=self.kind, node=self.node,
-                                                               container=self.container, last_version=last)))
-                        log.info("control_connected", url=self.url, last_version=last)
-                        async for msg in ws:
+                                                               container=self.container, last_version=last,
+                                                               token=token, csr=csr)))
+                        log.info("control_connected", url=self.url, last_version=last,
+                                 auth="token" if token else ("certificate" if self.agent else "none"))
+                        if self.agent is not None:
+                            renewer = asyncio.ensure_future(self._renew_loop(ws))
+                        while True:
+                            msg = await ws.receive()
+                            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
+                                            aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                                if msg.type == aiohttp.WSMsgType.CLOSE and msg.data in (4400, 4401, 4403):
+                                    self.refusals += 1
+                                    self.last_refusal = f"{msg.data} {msg.extra or ''}".strip()
+                                    log.warning("control_refused", code=msg.data, reason=msg.extra)
+                                break
                             if msg.type != aiohttp.WSMsgType.TEXT:
                                 continue
                             try:
@@ -73,12 +94,52 @@ class ControlClient:
                             except ProtocolError as exc:
                                 log.warning("control_bad_message", error=str(exc))
                                 continue
+                            attempt = 0
                             if isinstance(push, SnapshotPush):
                                 await ws.send_str(encode_message(self.handle_push(push)))
-                except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                            elif self.agent is not None:
+                                await self._handle_cert_message(ws, push)
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
                     log.info("control_unreachable", url=self.url, error=str(exc) or type(exc).__name__)
                 finally:
                     self.connected = False
+                    if renewer is not None:
+                        renewer.cancel()
                 delay = reconnect_delay(attempt, self.rand())
                 attempt += 1
                 await asyncio.sleep(delay)
+
+    async def _handle_cert_message(self, ws, msg) -> None:
+        agent = self.agent
+        if isinstance(msg, Certs):
+            try:
+                agent.install(msg)
+            except ValueError as exc:
+                log.warning("tls_certificate_refused", error=str(exc))
+        elif isinstance(msg, Renew):
+            log.info("tls_renew_requested", reason=msg.reason)
+            await ws.send_str(encode_message(CsrRequest(csr=agent.new_csr())))
+        elif isinstance(msg, Bundle):
+            try:
+                agent.install_bundle(msg.bundle, msg.version)
+            except ValueError as exc:
+                log.warning("tls_bundle_refused", error=str(exc))
+                return
+            await ws.send_str(encode_message(BundleAck(version=msg.version)))
+
+    async def _renew_loop(self, ws) -> None:
+        """Renew the workload certificate at its renew time (and the gateway's HTTPS certificate)."""
+        agent = self.agent
+        asked_at = 0.0
+        while not ws.closed:
+            now = time.time()
+            if agent.has_valid_cert(now) and agent.renew_due(now) and now - asked_at > 2.0:
+                asked_at = now
+                await ws.send_str(encode_message(CsrRequest(csr=agent.new_csr())))
+                log.info("tls_renewal_requested", identity=agent.identity)
+            if agent.has_valid_cert(now):
+                server_csr = agent.server_csr()
+                if server_csr is not None and now - getattr(self, "_server_asked", 0.0) > 5.0:
+                    self._server_asked = now
+                    await ws.send_str(encode_message(CsrRequest(csr=server_csr, purpose="gateway-server")))
+            await asyncio.sleep(0.25)

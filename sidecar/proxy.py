@@ -5,11 +5,16 @@ Used by the sidecar's outbound (15001) and inbound (15006) listeners and by the 
 Shape of one request (one `Exchange`):
 
     _Downstream (client side, HttpRequestParser)
+        -> Stack.ratelimit  inbound only: the local service's token bucket (429, RL)
         -> Stack.route    which cluster (sidecar.routing, pure)  [may rewrite target / add headers]
-        -> Stack.balance  which endpoint (meshcore.lb P2C over in-flight counts)
+        -> traffic layers (outbound and gateway, mesh services; state in sidecar.traffic):
+           rules (version subset, 503 UH) -> mirror -> fault (DI/FI) -> breaker (503 UO)
+           -> retries (backoff, budget, per-try timeout, URX) -> whole-request timeout (504 UT)
+        -> Stack.balance  which endpoint (the service's LB choice, skipping ejected endpoints)
         -> connect-retry  a failed connect tries another endpoint (meshcore.lb.connect_tries)
         -> Stack.pool     a pooled keep-alive connection, or a new one
     _Upstream (server side, HttpResponseParser) -> response streamed back to _Downstream
+        (its head first goes past the retry layer: a retried answer is read and dropped, not sent)
 
 Bodies are streamed both ways (Content-Length as is, chunked re-encoded from httptools' de-chunked
 `on_body`; trailers dropped). Backpressure: a side whose peer transport's write buffer is above its
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import socket
 import ssl
@@ -38,13 +44,20 @@ from typing import Any, Callable, Collection, Protocol
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
 
 from meshcore.lb import DEFAULT_MAX_TRIES, connect_tries, merge_exclusions, pick_p2c
+from meshcore.resilience import DI, FI, RL, UO, URX, UT, backoff_delay, should_retry
 from meshcore.snapshot import Snapshot
 
 from .routing import (
     EMPTY_TABLE, PASSTHROUGH, UNKNOWN, Cluster, RouteTable, build_route_table, find_by_address,
     local_cluster, passthrough_cluster, route_outbound, split_host,
 )
+from .dns import VipAllocator
+from .mirror import MirrorSender, shadow_host
 from .telemetry import NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
+from .traffic import (
+    LB_RING_HASH, TrafficRegistry, balance_subset, choose_mirror_subset, choose_subset, fault_of,
+    request_header,
+)
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -68,6 +81,13 @@ FLAG_UPSTREAM_PROTOCOL_ERROR = "UPE"
 FLAG_NO_ROUTE = "NR"
 FLAG_DOWNSTREAM_PROTOCOL_ERROR = "DPE"
 FLAG_DOWNSTREAM_CLOSED = "DC"
+FLAG_OVERFLOW = UO                 # circuit breaker
+FLAG_RETRY_LIMIT = URX             # retries exhausted, the last answer was retriable
+FLAG_RATE_LIMITED = RL
+FLAG_FAULT_ABORT = FI
+FLAG_FAULT_DELAY = DI
+FLAG_UPSTREAM_TIMEOUT = UT
+_PEER_UNREACHABLE = (b"UF", b"UH")  # a peer inbound's x-mesh-flags when its app was not reached
 
 MESH_SOURCE = b"x-mesh-source"
 MESH_SOURCE_VERSION = b"x-mesh-source-version"
@@ -85,6 +105,7 @@ H_EXPECT = 6          # kept; notes 100-continue
 H_SOURCE = 7          # x-mesh-source: kept and noted (inbound metrics)
 H_SOURCE_VERSION = 8
 H_XFF = 9             # x-forwarded-for: noted and dropped (the gateway re-adds it with the client)
+H_FLAGS = 10          # response x-mesh-flags: kept and noted (a peer inbound's UF/UH is retriable)
 
 HOP_BY_HOP = {
     b"connection": H_CONNECTION, b"keep-alive": H_DROP, b"proxy-connection": H_DROP, b"te": H_DROP,
@@ -93,9 +114,12 @@ HOP_BY_HOP = {
 }
 _REQUEST_BASE = {**HOP_BY_HOP, b"content-length": H_CL, b"host": H_HOST, b"expect": H_EXPECT}
 # Outbound: the app's own x-mesh-source headers are dropped; ours are added on mesh hops.
-OUTBOUND_REQUEST_HEADERS = {**_REQUEST_BASE, MESH_SOURCE: H_DROP, MESH_SOURCE_VERSION: H_DROP}
-INBOUND_REQUEST_HEADERS = {**_REQUEST_BASE, MESH_SOURCE: H_SOURCE, MESH_SOURCE_VERSION: H_SOURCE_VERSION}
-RESPONSE_HEADERS = {**HOP_BY_HOP, b"content-length": H_CL}
+XFCC = b"x-forwarded-client-cert"   # set by the inbound from the verified peer certificate (Envoy's name)
+OUTBOUND_REQUEST_HEADERS = {**_REQUEST_BASE, MESH_SOURCE: H_DROP, MESH_SOURCE_VERSION: H_DROP, XFCC: H_DROP}
+INBOUND_REQUEST_HEADERS = {**_REQUEST_BASE, MESH_SOURCE: H_SOURCE, MESH_SOURCE_VERSION: H_SOURCE_VERSION,
+                           XFCC: H_DROP}
+FLAG_RBAC = "RBAC"   # Envoy's response flag of a request denied by authorization
+RESPONSE_HEADERS = {**HOP_BY_HOP, b"content-length": H_CL, b"x-mesh-flags": H_FLAGS}
 
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
@@ -125,6 +149,13 @@ def _drop_named(lines: list, names: set) -> list:
         if lines[i].lower() not in names:
             out += lines[i:i + 4]
     return out
+
+
+def _join_flags(have: str, new: str) -> str:
+    """Envoy-style response flags: a comma list, each flag once (sorted, as Envoy prints them)."""
+    if have == NO_FLAGS or have == new:
+        return new
+    return ",".join(sorted(set(have.split(",")) | set(new.split(","))))
 
 
 def _dec(counts: dict, key: Any) -> None:
@@ -276,6 +307,7 @@ class ProxyState:
         self.table: RouteTable = table if table is not None else EMPTY_TABLE
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.tls = tls
+        self.authz = None   # sidecar.mtls.Authorizer: the inbound's authorization decision, or None
         self.connect_timeout = connect_timeout
         self.random = rand
         self.in_flight: dict[tuple[str, int], int] = {}   # endpoint key -> requests/connections in flight
@@ -283,13 +315,20 @@ class ProxyState:
         self.connect_failures = 0
         self.eject_seconds = eject_seconds
         self.ejected: dict[tuple[str, int], float] = {}   # endpoint key -> monotonic time it returns
+        self.traffic = TrafficRegistry()    # per destination service: policy, rules, breaker, outlier...
+        self.vips = VipAllocator()          # service virtual IPs, answered by the DNS proxy (sidecar.dns)
+        self.mirrors = MirrorSender(self._mirror_connect, self._mirror_result)
+        self.access_log: Callable[[Exchange], None] | None = None  # called with each finished exchange
+        if table is not None:
+            self.traffic.apply(table)
         pools = self.pools
         self.telemetry.watch_pool(lambda: pools.count)
 
     def apply_snapshot(self, snapshot: Snapshot) -> RouteTable:
         """Build the route table of a snapshot and swap it in; returns it."""
-        table = build_route_table(snapshot)
+        table = build_route_table(snapshot, self.vips.assign(snapshot.config.services))
         self.table = table
+        self.traffic.apply(table)
         if self.ejected:
             now = monotonic()
             self.ejected = {k: t for k, t in self.ejected.items() if t > now}
@@ -305,8 +344,21 @@ class ProxyState:
         if self.ejected:
             self.ejected.pop(key, None)
 
+    def local_traffic(self):
+        """The traffic state of this node's own service (its inbound policy), or None."""
+        cluster = self.table.clusters.get(self.service)
+        return self.traffic.of(cluster) if cluster is not None else None
+
+    def _mirror_connect(self, key: tuple[str, int], factory: Callable, tag: tuple) -> Any:
+        return open_upstream(self, tag[0], tag[1], key, factory)
+
+    def _mirror_result(self, tag: tuple, status: int) -> None:
+        cluster, index, source = tag
+        self.telemetry.record_mirror(source, cluster.name, cluster.endpoints[index].version, status)
+
     def close(self) -> None:
         self.pools.close()
+        self.mirrors.close()
 
 
 # ---- the layer stack ----------------------------------------------------------------------------
@@ -319,10 +371,12 @@ class Reply:
     flags: str
     body: bytes = b""
     content_type: bytes = TEXT
+    headers: bytes = b""      # extra response header lines, CRLF-ended (e.g. x-mesh-denied, retry-after)
 
 
 RouteFn = Callable[["_Downstream", "Exchange"], "Cluster | Reply"]
-BalanceFn = Callable[[ProxyState, Cluster, Collection[int]], "int | None"]
+BalanceFn = Callable[..., "int | None"]   # (state, cluster, exclude, exchange=None) -> index or None
+AdmitFn = Callable[["_Downstream", "Exchange"], "Reply | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +394,16 @@ class Stack:
     connect_timeout: float
     pool: UpstreamPools               # 5. keep-alive connections
     gauge: Any                        # connections-active gauge child
+    # Traffic layers (see build_outbound_stack for their order); None / False = layer absent.
+    ratelimit: AdmitFn | None = None  # inbound: local rate limit before routing
+    traffic: bool = False             # mesh services get their sidecar.traffic state and the layers below
+    rules: Callable | None = None     # (ex, traffic, rand) -> Subset | None
+    mirror: Callable | None = None    # (traffic, rand) -> Subset | None
+    fault: Callable | None = None     # (traffic, rand, rand) -> (abort status | None, delay s)
+    breaker: bool = False
+    retries: bool = False
+    timeout: bool = False
+    outlier: bool = False             # record every try's outcome in the service's OutlierDetector
 
 
 def route_by_host(down: _Downstream, ex: Exchange) -> Cluster | Reply:
@@ -359,7 +423,24 @@ def route_to(cluster: Cluster) -> RouteFn:
     return route
 
 
-def balance_least_request(state: ProxyState, cluster: Cluster, exclude: Collection[int]) -> int | None:
+def limit_inbound(down: _Downstream, ex: Exchange) -> Reply | None:
+    """Inbound rate limit (`mesh.ratelimit` of the local service): 429, `retry-after`, flag RL."""
+    state = down.state
+    tr = state.traffic.services.get(state.service)
+    if tr is None or tr.cluster is not state.table.clusters.get(state.service):
+        tr = state.local_traffic()
+    limiter = tr.limiter if tr is not None else None
+    if limiter is None:
+        return None
+    ok, after = limiter.check(caller_of(down, ex) if limiter.per_caller else "", monotonic())
+    if ok:
+        return None
+    seconds = max(1, math.ceil(after)) if after != math.inf else 3600
+    return Reply(429, FLAG_RATE_LIMITED, b"rate limited\n", headers=b"retry-after: %d\r\n" % seconds)
+
+
+def balance_least_request(state: ProxyState, cluster: Cluster, exclude: Collection[int],
+                          _ex: Any = None) -> int | None:
     """P2C least-request over the endpoints' in-flight counts (meshcore.lb.pick_p2c), skipping
     endpoints ejected after a connect failure while others remain (meshcore.lb.merge_exclusions)."""
     keys = cluster.keys
@@ -375,6 +456,19 @@ def balance_least_request(state: ProxyState, cluster: Cluster, exclude: Collecti
     return pick_p2c([counts.get(k, 0) for k in keys], rand(), rand(), exclude)
 
 
+def balance_traffic(state: ProxyState, cluster: Cluster, exclude: Collection[int],
+                    ex: Exchange | None = None) -> int | None:
+    """The service's LB choice (`mesh.lb`: least-request P2C, round-robin, random, ring-hash on
+    `mesh.lb.hash-header`) over the exchange's version subset, skipping ejected endpoints
+    (sidecar.traffic.balance_subset); least-request for anything without traffic state."""
+    sub = ex.subset if ex is not None else None
+    if sub is None:
+        return balance_least_request(state, cluster, exclude)
+    tr = sub.traffic
+    hv = request_header(ex, tr.hash_header) if tr.lb == LB_RING_HASH and tr.hash_header else None
+    return balance_subset(state, sub, exclude, hv)
+
+
 def mesh_source_headers(source: str, version: str) -> bytes:
     return b"x-mesh-source: %s\r\nx-mesh-source-version: %s\r\n" % (source.encode(), version.encode())
 
@@ -386,13 +480,23 @@ def build_outbound_stack(state: ProxyState, *, route: RouteFn = route_by_host, s
     source = source or state.service
     return Stack(
         direction=direction, reporter=REPORTER_SOURCE, source_name=source,
-        route=route,                                            # 1. route: find the cluster
-        request_headers=request_headers,                        # 2. headers: drop hop-by-hop and
+        route=route,                                            # 1. route: find the service (cluster)
+        request_headers=request_headers,                        #    headers: drop hop-by-hop and
         mesh_headers=mesh_source_headers(source, state.version),  #  the app's x-mesh-source; add ours
-        balance=balance_least_request,                          # 3. balance: P2C least request
-        max_tries=DEFAULT_MAX_TRIES,                            # 4. connect-retry on another endpoint
+        traffic=True,                                           #    mesh services: sidecar.traffic state
+        rules=choose_subset,                                    # 2. rules: route rules, then split -> a
+                                                                #    version's endpoints (none: 503 UH)
+        mirror=choose_mirror_subset,                            #    mirror: fire-and-forget copy
+        fault=fault_of,                                         # 3. fault: delay (DI), abort (FI)
+        breaker=True,                                           # 4. circuit breaker: overflow -> 503 UO
+        retries=True,                                           # 5. retries: backoff, budget, per-try
+                                                                #    timeout, another endpoint, URX
+        timeout=True,                                           # 6. whole-request timeout -> 504 UT
+        balance=balance_traffic, outlier=True,                  # 7. balance: LB choice, ejected skipped;
+                                                                #    every outcome -> outlier detector
+        max_tries=DEFAULT_MAX_TRIES,                            # 8. connect-retry on another endpoint
         connect_timeout=state.connect_timeout,
-        pool=state.pools,                                       # 5. pool: keep-alive connections
+        pool=state.pools,                                       # 9. pool: keep-alive connections
         gauge=state.telemetry.connections(direction),
     )
 
@@ -403,17 +507,46 @@ def build_inbound_stack(state: ProxyState, app_port: int, *, protocol: str = "ht
     cluster = local_cluster(state.service, state.version, app_port, protocol, app_host)
     return Stack(
         direction="inbound", reporter=REPORTER_DESTINATION, source_name=state.service,
-        route=route_to(cluster), request_headers=INBOUND_REQUEST_HEADERS, mesh_headers=b"",
+        ratelimit=limit_inbound,                                # 0. rate limit: 429 RL
+        route=authorize(route_to(cluster)), request_headers=INBOUND_REQUEST_HEADERS, mesh_headers=b"",
         balance=balance_least_request, max_tries=1, connect_timeout=state.connect_timeout,
         pool=state.pools, gauge=state.telemetry.connections("inbound"),
     )
+
+
+def caller_of(down: "_Downstream", ex: "Exchange") -> str:
+    """The calling workload as the inbound reports it: the service of the verified peer certificate
+    (mTLS), else the caller's `x-mesh-source` header (plaintext on a permissive inbound: a label only,
+    never trusted for authorization), else `unknown`."""
+    if down.peer_service is not None:
+        return down.peer_service
+    return ex.source.decode("latin-1") if ex.source else UNKNOWN
+
+
+def authorize(route: RouteFn) -> RouteFn:
+    """Inbound layer: `state.authz` decides on the verified caller; a denial is 403 `RBAC` with
+    `x-mesh-denied: <reason>`. An allowed mTLS request gets `x-forwarded-client-cert` for the app."""
+    def layer(down: _Downstream, ex: Exchange) -> Cluster | Reply:
+        authz = down.state.authz
+        if authz is not None:
+            path = ex.target.split(b"?", 1)[0].decode("latin-1")
+            decision = authz.check(down.peer_service, ex.method.decode("latin-1"), path)
+            if not decision.allowed:
+                reason = decision.reason.encode("latin-1", "replace")
+                return Reply(403, FLAG_RBAC, b"RBAC: access denied: %b\n" % reason,
+                             headers=b"x-mesh-denied: %b\r\n" % reason)
+        if down.peer_xfcc:
+            ex.extra = (ex.extra or b"") + down.peer_xfcc
+        return route(down, ex)
+    return layer
 
 
 # ---- one request --------------------------------------------------------------------------------
 
 class Exchange:
     """One request and its response. Route layers may read `method`, `target`, `host`, `dest`,
-    `xff`, `source` and set `target` (origin-form bytes) and `extra` (header lines, CRLF-ended)."""
+    `xff`, `source` and set `target` (origin-form bytes) and `extra` (header lines, CRLF-ended).
+    `flags` are the Envoy response flags of the request (metrics `response_flags`, access logs)."""
 
     __slots__ = (
         "down", "start", "method", "target", "lines", "host", "dest", "xff", "extra", "source",
@@ -422,6 +555,9 @@ class Exchange:
         "key", "excluded", "tries_left", "up", "pending", "pending_bytes", "held", "held_bytes",
         "reused", "fresh_retry", "got_body", "status", "flags", "resp_started", "resp_done", "discard",
         "close_after", "dead",
+        # traffic layers
+        "traffic", "subset", "mirror", "admitted", "budgeted", "keep_held", "resend", "attempt", "retry_on",
+        "in_retry", "timer", "try_timer", "wait", "fault_abort",
     )
 
     def __init__(self, down: _Downstream):
@@ -469,6 +605,20 @@ class Exchange:
         self.discard = False
         self.close_after = False
         self.dead = False
+        self.traffic = None                       # sidecar.traffic.ServiceTraffic of a mesh destination
+        self.subset = None                        # the version subset chosen by the rules layer
+        self.mirror = None                        # subset to mirror to, until the copy is sent
+        self.admitted = False                     # holds a circuit-breaker request slot
+        self.budgeted = False                     # counted in the retry budget's active requests
+        self.keep_held = False                    # keep `held` past the first try (retry, mirror)
+        self.resend = False                       # a retry: send `held` as the body
+        self.attempt = 0                          # retries started (also the try's generation)
+        self.retry_on: frozenset | None = None    # statuses worth a retry decision; None: no retries
+        self.in_retry = False                     # holds a retry-budget slot
+        self.timer: asyncio.TimerHandle | None = None      # whole-request timeout
+        self.try_timer: asyncio.TimerHandle | None = None  # per-try timeout
+        self.wait: asyncio.TimerHandle | None = None       # fault delay or retry backoff
+        self.fault_abort = 0
 
 
 # Reasons the downstream's reading is paused (bits).
@@ -510,6 +660,9 @@ class _Downstream(asyncio.Protocol):
         self.feeding = False
         self.cork: Exchange | None = None  # attached during this read: head and body written at its end
         self.peer_ip = b""
+        self.peer_identity: str | None = None   # inbound: the caller's verified SPIFFE ID (mTLS)
+        self.peer_service: str | None = None    # ... and its service name (authorization's source)
+        self.peer_xfcc = b""
         self.orig_dst: tuple[str, int] | None = None
         self.raw: bytearray | None = None
         self.sniff_timer: asyncio.TimerHandle | None = None
@@ -523,6 +676,12 @@ class _Downstream(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0].encode() if peer else b""
+        if self.stack.direction == "inbound":
+            identify = getattr(self.state.tls, "inbound_peer", None)
+            if identify is not None:
+                self.peer_identity, self.peer_service = identify(transport.get_extra_info("ssl_object"))
+                if self.peer_identity:
+                    self.peer_xfcc = b"x-forwarded-client-cert: URI=%b\r\n" % self.peer_identity.encode()
         hook = self.listener.original_dst
         if hook is None:
             return
@@ -724,6 +883,8 @@ class _Downstream(asyncio.Protocol):
             return
         if ex.chunked:
             self._forward_body(ex, (b"0\r\n\r\n",), 0)
+        if ex.mirror is not None:
+            self._send_mirror(ex)
 
     # -- request path
 
@@ -778,14 +939,22 @@ class _Downstream(asyncio.Protocol):
         if ex.bad:
             self._reply(ex, 400, FLAG_DOWNSTREAM_PROTOCOL_ERROR, b"bad request\n", close=True)
             return
+        stack = self.stack
+        if stack.ratelimit is not None:
+            limited = stack.ratelimit(self, ex)
+            if limited is not None:
+                self._reply(ex, limited.status, limited.flags, limited.body, limited.content_type,
+                            headers=limited.headers)
+                return
         try:
-            target = self.stack.route(self, ex)
+            target = stack.route(self, ex)
         except Exception:  # noqa: BLE001
             log.exception("route layer failed")
             self._reply(ex, 500, FLAG_NO_ROUTE, b"route error\n")
             return
         if target.__class__ is Reply:
-            self._reply(ex, target.status, target.flags, target.body, target.content_type)
+            self._reply(ex, target.status, target.flags, target.body, target.content_type,
+                        headers=target.headers)
             return
         cluster: Cluster = target
         ex.cluster = cluster
@@ -800,12 +969,247 @@ class _Downstream(asyncio.Protocol):
         if not cluster.endpoints:
             self._reply(ex, 503, FLAG_NO_HEALTHY_UPSTREAM, b"no healthy upstream\n")
             return
-        ex.tries_left = connect_tries(len(cluster.endpoints), self.stack.max_tries)
+        if stack.traffic and cluster.mesh:
+            self._traffic_layers(ex, cluster)
+            return
+        ex.tries_left = connect_tries(len(cluster.endpoints), stack.max_tries)
         self._pick(ex)
+
+    # -- traffic layers (state per destination service: sidecar.traffic; order: build_outbound_stack)
+
+    def _traffic_layers(self, ex: Exchange, cluster: Cluster) -> None:
+        stack = self.stack
+        state = self.state
+        tr = state.traffic.services.get(cluster.name)
+        if tr is None or tr.cluster is not cluster:
+            tr = state.traffic.of(cluster)  # first request after a snapshot swap: sync
+        ex.traffic = tr
+        rand = state.random
+        # 2. rules: a version's endpoints
+        if stack.rules is not None and tr.rules is not None:
+            sub = stack.rules(ex, tr, rand())
+            if sub is None:
+                self._reply(ex, 503, FLAG_NO_HEALTHY_UPSTREAM, b"no healthy upstream for the version\n")
+                return
+        else:
+            sub = tr.all
+        ex.subset = sub
+        ex.cluster = sub.cluster
+        # 6. the whole-request timeout starts here: it covers a fault delay, backoffs and every try
+        if stack.timeout and tr.timeout is not None:
+            ex.timer = self.loop.call_later(tr.timeout, self._timed_out, ex)
+        # 3. fault injection: delay first, then abort (Envoy's order)
+        if stack.fault is not None and tr.fault is not None:
+            abort, delay = stack.fault(tr, rand(), rand())
+            if delay > 0:
+                ex.flags = _join_flags(ex.flags, FLAG_FAULT_DELAY)
+                ex.fault_abort = abort or 0
+                ex.wait = self.loop.call_later(delay, self._fault_delayed, ex)
+                return
+            if abort is not None:
+                self._reply(ex, abort, FLAG_FAULT_ABORT, b"fault filter abort\n")
+                return
+        self._admit(ex)
+
+    def _fault_delayed(self, ex: Exchange) -> None:
+        ex.wait = None
+        if ex.dead or ex.resp_done:
+            return
+        if ex.fault_abort:
+            self._reply(ex, ex.fault_abort, FLAG_FAULT_ABORT, b"fault filter abort\n")
+            return
+        self._admit(ex)
+
+    def _admit(self, ex: Exchange) -> None:
+        stack = self.stack
+        tr = ex.traffic
+        # 4. circuit breaker
+        if stack.breaker:
+            if not tr.breaker.try_acquire_request():
+                self._reply(ex, 503, FLAG_OVERFLOW, b"upstream overflow\n")
+                return
+            ex.admitted = True
+        # 5. retries: the budget counts this request; the body is held while it fits (HOLD_LIMIT)
+        if stack.retries:
+            tr.budget.active_requests += 1  # RetryBudget.start_request, inlined
+            ex.budgeted = True
+            if tr.retry_on is not None:
+                ex.retry_on = tr.retry_on
+                ex.keep_held = True
+        # mirror: chosen now (after fault and breaker), sent once the request is whole
+        if stack.mirror is not None and tr.mirror is not None:
+            mirror = stack.mirror(tr, self.state.random())
+            if mirror is not None:
+                ex.mirror = mirror
+                ex.keep_held = True
+                if ex.req_done:
+                    self._send_mirror(ex)
+        ex.tries_left = connect_tries(len(ex.cluster.endpoints), stack.max_tries)
+        self._pick(ex)
+
+    def _send_mirror(self, ex: Exchange) -> None:
+        sub = ex.mirror
+        ex.mirror = None
+        held = ex.held
+        if ex.body and held is None:
+            return  # the body outgrew what is held: no copy (Envoy mirrors only what it buffers)
+        cluster = sub.cluster
+        state = self.state
+        idx = balance_subset(state, sub, (), None)
+        if idx is None:
+            return
+        head = self._head(ex, cluster, shadow_host(ex.host if ex.host is not None else cluster.name.encode()))
+        state.mirrors.send(cluster.keys[idx], [head, *held] if held else [head], head_only=ex.is_head,
+                           tag=(cluster, idx, self.stack.source_name))
+
+    def _timed_out(self, ex: Exchange) -> None:
+        ex.timer = None
+        if not (ex.dead or ex.resp_done):
+            self._reply(ex, 504, FLAG_UPSTREAM_TIMEOUT, b"upstream request timeout\n")
+
+    def _end_try(self, ex: Exchange) -> None:
+        if ex.try_timer is not None:
+            ex.try_timer.cancel()
+            ex.try_timer = None
+        if ex.in_retry:
+            ex.in_retry = False
+            ex.traffic.budget.finish_retry()
+
+    def _response_head(self, ex: Exchange, up: _Upstream, status: int) -> bool:
+        """A try's response head arrived: record it; True when the retry layer takes it (the
+        response is then read and dropped, and the request sent again after a backoff)."""
+        tr = ex.traffic
+        if self.stack.outlier and ex.key is not None:
+            # Every answer counts (a success resets the endpoint's run); only errors need the clock.
+            tr.outlier.record(ex.key, status, monotonic() if status >= 500 else 0.0)
+        if ex.try_timer is not None or ex.in_retry:
+            self._end_try(ex)
+        retry_on = ex.retry_on
+        if retry_on is None or status not in retry_on:
+            return False
+        if status == 503 and up.peer_flags in _PEER_UNREACHABLE:
+            # The peer's inbound could not reach its app: the request reached no app, any method may retry.
+            return self._decide_retry(ex, None, "connect-failure", False)
+        return self._decide_retry(ex, status, None, True)
+
+    def _try_failed(self, ex: Exchange, failure: str | None, sent: bool) -> bool:
+        """A try ended without a response (reset, per-try timeout): True when it is retried."""
+        tr = ex.traffic
+        key = ex.key
+        if self.stack.outlier and key is not None:
+            tr.outlier.record(key, failure or "reset", monotonic())
+        self._end_try(ex)
+        if not self._decide_retry(ex, None, failure, sent):
+            return False
+        if key is not None:
+            ex.key = None
+            _dec(self.state.in_flight, key)
+        self._backoff(ex)
+        return True
+
+    def _decide_retry(self, ex: Exchange, status: int | None, failure: str | None, sent: bool) -> bool:
+        if ex.retry_on is None:
+            return False
+        tr = ex.traffic
+        policy = tr.policy.retries
+        method = ex.method.decode("latin-1")
+        if not should_retry(policy, ex.attempt, method, status, failure, sent):
+            if ex.attempt and should_retry(policy, 0, method, status, failure, sent):
+                ex.flags = _join_flags(ex.flags, FLAG_RETRY_LIMIT)  # retriable, but no attempts left
+            return False
+        if not ex.req_done or (ex.body and ex.held is None):
+            return False  # the whole request is not in memory: it cannot be sent again
+        budget = tr.budget
+        if not budget.can_retry(0.0):
+            tr.retry_overflows += 1
+            return False
+        budget.start_retry()
+        ex.in_retry = True
+        ex.attempt += 1
+        tr.retries_total += 1
+        return True
+
+    def _backoff(self, ex: Exchange) -> None:
+        policy = ex.traffic.policy.retries
+        delay = backoff_delay(ex.attempt - 1, policy.backoff_base, policy.backoff_max, self.state.random())
+        ex.wait = self.loop.call_later(delay, self._retry_now, ex)
+
+    def _retry_now(self, ex: Exchange) -> None:
+        ex.wait = None
+        if ex.dead or ex.resp_done:
+            return
+        cluster = ex.cluster
+        n = len(cluster.keys)
+        excluded = ex.excluded
+        if excluded is None:
+            excluded = ex.excluded = set()
+        if ex.index is not None:
+            excluded.add(ex.index)
+        if len(excluded) >= n:  # every endpoint tried: any but the last one
+            excluded.clear()
+            if n > 1 and ex.index is not None:
+                excluded.add(ex.index)
+        ex.resend = True
+        ex.fresh_retry = False
+        ex.tries_left = connect_tries(n, self.stack.max_tries)
+        self._pick(ex)
+
+    def _skipped(self, ex: Exchange, up: _Upstream, reusable: bool) -> None:
+        """The answer the retry layer took is read (or the connection given up): back off, then retry."""
+        ex.up = None
+        if up.write_paused:
+            self._resume(P_UPSTREAM)
+        key = ex.key
+        if key is not None:
+            ex.key = None
+            _dec(self.state.in_flight, key)
+        if reusable and ex.pending is None:
+            self.stack.pool.release(up)
+        else:
+            up.close()
+        if not (ex.dead or ex.resp_done):
+            self._backoff(ex)
+
+    def _try_timed_out(self, ex: Exchange) -> None:
+        ex.try_timer = None
+        if ex.dead or ex.resp_done or ex.resp_started:
+            return
+        up = ex.up
+        if up is not None:
+            ex.up = None
+            up.exchange = None
+            up.close()
+            if up.write_paused:
+                self._resume(P_UPSTREAM)
+        if not self._try_failed(ex, "timeout", up is not None):
+            self._reply(ex, 504, FLAG_UPSTREAM_TIMEOUT, b"upstream request timeout\n")
+
+    def _traffic_done(self, ex: Exchange) -> None:
+        tr = ex.traffic
+        if ex.admitted:
+            ex.admitted = False
+            tr.breaker.release_request()
+        if ex.budgeted:
+            ex.budgeted = False
+            tr.budget.active_requests -= 1  # RetryBudget.finish_request, inlined
+        if ex.in_retry:
+            ex.in_retry = False
+            tr.budget.finish_retry()
+        if ex.timer is not None:
+            ex.timer.cancel()
+            ex.timer = None
+        if ex.try_timer is not None:
+            ex.try_timer.cancel()
+            ex.try_timer = None
+        if ex.wait is not None:
+            ex.wait.cancel()
+            ex.wait = None
+
+    # -- balance, connect, send
 
     def _pick(self, ex: Exchange) -> None:
         cluster = ex.cluster
-        idx = self.stack.balance(self.state, cluster, ex.excluded or ())
+        idx = self.stack.balance(self.state, cluster, ex.excluded or (), ex)
         if idx is None:
             self._reply(ex, 503, FLAG_CONNECT_FAILURE, b"upstream connect error\n")
             return
@@ -814,6 +1218,9 @@ class _Downstream(asyncio.Protocol):
         ex.key = key
         counts = self.state.in_flight
         counts[key] = counts.get(key, 0) + 1
+        tr = ex.traffic
+        if tr is not None and ex.try_timer is None and tr.per_try_timeout is not None and ex.retry_on is not None:
+            ex.try_timer = self.loop.call_later(tr.per_try_timeout, self._try_timed_out, ex)
         up = self.stack.pool.acquire(key)
         if up is not None:
             ex.reused = True
@@ -825,6 +1232,27 @@ class _Downstream(asyncio.Protocol):
     async def _connect(self, ex: Exchange, key: tuple[str, int], cluster: Cluster) -> None:
         state = self.state
         stack = self.stack
+        if ex.dead or ex.resp_done:
+            return
+        attempt = ex.attempt  # once it changes, a retry owns the exchange: this connect is stale
+        tr = ex.traffic
+        breaker = tr.breaker if tr is not None and stack.breaker else None
+        made: list[_Upstream] = []
+        if breaker is not None:
+            # 4. circuit breaker: requests waiting for a connection, and connections, are limited too
+            if not breaker.try_acquire_pending():
+                self._reply(ex, 503, FLAG_OVERFLOW, b"upstream overflow\n")
+                return
+            if not breaker.try_acquire_connection():
+                breaker.release_pending()
+                self._reply(ex, 503, FLAG_OVERFLOW, b"upstream overflow\n")
+                return
+
+        def factory() -> _Upstream:
+            up = _Upstream(stack.pool, key, breaker)  # releases the breaker's connection when lost
+            made.append(up)
+            return up
+
         try:
             ctx = None
             hostname = None
@@ -833,16 +1261,28 @@ class _Downstream(asyncio.Protocol):
                 ctx = tls.client_context()
                 hostname = cluster.name
             _, up = await asyncio.wait_for(
-                self.loop.create_connection(lambda: _Upstream(stack.pool, key), key[0], key[1],
+                self.loop.create_connection(factory, key[0], key[1],
                                             ssl=ctx, server_hostname=hostname),
                 stack.connect_timeout)
             if ctx is not None:
                 _check_peer(tls, up.transport, cluster, ex.index)
         except asyncio.CancelledError:
+            if breaker is not None:
+                breaker.release_pending()
+                if not made or made[0].transport is None:
+                    breaker.release_connection()
             raise
         except Exception as exc:  # noqa: BLE001 - refused, unreachable, timeout, TLS: try elsewhere
             state.connect_failed(key)
             log.debug("connect to %s:%s failed: %r", key[0], key[1], exc)
+            if breaker is not None:
+                breaker.release_pending()
+                if not made or made[0].transport is None:
+                    breaker.release_connection()
+            if tr is not None and stack.outlier:
+                tr.outlier.record(key, "connect-failure", monotonic())
+            if ex.attempt != attempt:
+                return
             if ex.key is not None:
                 ex.key = None
                 _dec(state.in_flight, key)
@@ -857,32 +1297,38 @@ class _Downstream(asyncio.Protocol):
             else:
                 self._reply(ex, 503, FLAG_CONNECT_FAILURE, b"upstream connect error\n")
             return
+        if breaker is not None:
+            breaker.release_pending()
         state.connect_succeeded(key)
-        if ex.dead or ex.resp_done:
+        if ex.dead or ex.resp_done or ex.attempt != attempt:
             stack.pool.release(up)
             return
         self._attach(ex, up)
 
-    def _attach(self, ex: Exchange, up: _Upstream) -> None:
-        up.attach(ex)
-        ex.up = up
-        body = ex.held if ex.fresh_retry else ex.pending
-        if not ex.reused:
-            ex.held = None  # a fresh connection is not retried
+    def _head(self, ex: Exchange, cluster: Cluster, host: bytes | None) -> bytes:
+        """The request head sent to an endpoint of `cluster` (mesh headers on mesh hops)."""
         parts = [ex.method, b" ", ex.target, b" HTTP/1.1\r\n"]
-        if ex.host is not None:
-            parts += (b"host: ", ex.host, b"\r\n")
-        elif ex.cluster.mesh:
-            parts += (b"host: ", ex.cluster.name.encode(), b"\r\n")
+        if host is not None:
+            parts += (b"host: ", host, b"\r\n")
+        elif cluster.mesh:
+            parts += (b"host: ", cluster.name.encode(), b"\r\n")
         parts += ex.lines
         if ex.chunked:
             parts.append(b"transfer-encoding: chunked\r\n")
-        if ex.cluster.mesh:
+        if cluster.mesh:
             parts.append(self.stack.mesh_headers)
         if ex.extra:
             parts.append(ex.extra)
         parts.append(b"\r\n")
-        head = b"".join(parts)
+        return b"".join(parts)
+
+    def _attach(self, ex: Exchange, up: _Upstream) -> None:
+        up.attach(ex)
+        ex.up = up
+        body = ex.held if ex.fresh_retry or ex.resend else ex.pending
+        if not ex.reused and not ex.keep_held:
+            ex.held = None  # a fresh connection is not retried (unless the retry layer holds the body)
+        head = self._head(ex, ex.cluster, ex.host)
         if self.write_paused:
             up.pause_reading()
         if self.feeding and ex is self.cur and not ex.fresh_retry:
@@ -928,16 +1374,21 @@ class _Downstream(asyncio.Protocol):
                 ex.pending = []
                 self.loop.create_task(self._connect(ex, ex.key, ex.cluster))
                 return
+            if ex.traffic is not None and self._try_failed(
+                    ex, "reset" if flags == FLAG_UPSTREAM_RESET else None, True):
+                return
             self._reply(ex, 502, flags, b"upstream connection error\n")
             return
-        ex.flags = flags
+        ex.flags = _join_flags(ex.flags, flags)
         ex.resp_done = True
         self._finish_metrics(ex)
         self._abort()
 
     def _reply(self, ex: Exchange, status: int, flags: str, body: bytes = b"",
-               content_type: bytes = TEXT, close: bool = False) -> None:
+               content_type: bytes = TEXT, close: bool = False, headers: bytes = b"") -> None:
         """Answer the request locally (errors, the gateway's 404)."""
+        if ex.flags != NO_FLAGS:
+            flags = _join_flags(ex.flags, flags)  # e.g. DI,UT: a delay fault, then the timeout
         up = ex.up
         if up is not None:
             ex.up = None
@@ -952,8 +1403,8 @@ class _Downstream(asyncio.Protocol):
             self._abort()
             return
         close = close or not ex.keep_alive or self.eof or (ex.expect and not ex.req_done)
-        head = b"%bcontent-type: %b\r\ncontent-length: %d\r\nx-mesh-flags: %b\r\n%b\r\n" % (
-            _status_line(status), content_type, len(body), flags.encode(),
+        head = b"%bcontent-type: %b\r\ncontent-length: %d\r\nx-mesh-flags: %b\r\n%b%b\r\n" % (
+            _status_line(status), content_type, len(body), flags.encode(), headers,
             b"connection: close\r\n" if close else b"")
         self.transport.write(head if ex.is_head else head + body)
         ex.status = status
@@ -988,11 +1439,14 @@ class _Downstream(asyncio.Protocol):
             ex.discard = True  # read and drop the rest of this request's body, then go on
 
     def _finish_metrics(self, ex: Exchange) -> None:
+        """Once per exchange, when it ends: traffic accounting, metrics, the access log hook."""
         stack = self.stack
         state = self.state
+        if ex.traffic is not None:
+            self._traffic_done(ex)
         ms = (monotonic() - ex.start) * 1000.0
         if stack.reporter == REPORTER_DESTINATION:
-            src = ex.source.decode("latin-1") if ex.source else UNKNOWN
+            src = caller_of(self, ex)
             srcv = ex.source_version.decode("latin-1") if ex.source_version else UNKNOWN
             state.telemetry.record_request(REPORTER_DESTINATION, src, srcv, state.service, state.service,
                                            state.version, ex.status, ex.flags, ms)
@@ -1005,6 +1459,8 @@ class _Downstream(asyncio.Protocol):
                 ver = cluster.endpoints[ex.index].version if ex.index is not None else UNKNOWN
             state.telemetry.record_request(REPORTER_SOURCE, stack.source_name, state.version, dst, dst, ver,
                                            ex.status, ex.flags, ms)
+        if state.access_log is not None:
+            state.access_log(ex)
 
     def _advance(self) -> None:
         """The head exchange is finished: start the next pipelined one, if any."""
@@ -1147,7 +1603,7 @@ class _Downstream(asyncio.Protocol):
 
 # ---- the upstream side --------------------------------------------------------------------------
 
-_WAIT_HEAD, _BODY, _DONE = 0, 1, 2
+_WAIT_HEAD, _BODY, _DONE, _SKIP = 0, 1, 2, 3   # _SKIP: a response the retry layer took, read and dropped
 
 
 class _Upstream(asyncio.Protocol):
@@ -1155,11 +1611,15 @@ class _Upstream(asyncio.Protocol):
 
     __slots__ = ("pool", "key", "transport", "parser", "exchange", "idle_since", "pooled", "closed",
                  "got_bytes", "phase", "lines", "chunked_in", "has_cl", "conn_tokens", "chunked_out",
-                 "until_close", "keep", "interim", "read_paused", "write_paused", "uses", "out")
+                 "until_close", "keep", "interim", "read_paused", "write_paused", "uses", "out",
+                 "peer_flags", "skip", "breaker")
 
-    def __init__(self, pool: UpstreamPools, key: tuple[str, int]):
+    def __init__(self, pool: UpstreamPools, key: tuple[str, int], breaker: Any = None):
         self.pool = pool
         self.key = key
+        self.peer_flags: bytes | None = None   # x-mesh-flags of the response (a peer inbound's UF/UH)
+        self.skip = False                      # the retry layer took this response
+        self.breaker = breaker                 # CircuitBreaker whose connection slot this holds
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
         self.exchange: Exchange | None = None
@@ -1184,6 +1644,7 @@ class _Upstream(asyncio.Protocol):
     def attach(self, ex: Exchange) -> None:
         self.exchange = ex
         self.phase = _WAIT_HEAD
+        self.skip = False
         self.got_bytes = False
         self.keep = False
         self.uses += 1
@@ -1216,7 +1677,8 @@ class _Upstream(asyncio.Protocol):
             return
         if not self.got_bytes:
             self.got_bytes = True
-            ex.held = None
+            if not ex.keep_held:
+                ex.held = None
         out = self.out = []
         try:
             self.parser.feed_data(data)
@@ -1225,8 +1687,8 @@ class _Upstream(asyncio.Protocol):
                 self._flush(ex, out)
             if self.exchange is not ex:
                 return
-            if self.phase == _DONE:
-                self.keep = False  # complete, but junk followed
+            if self.phase == _DONE or self.skip:
+                self.keep = False  # complete, but junk followed (or a dropped answer went bad)
             else:
                 if exc.__context__ is not None and not isinstance(exc.__context__, _Stop):
                     log.error("response callback failed", exc_info=exc.__context__)
@@ -1237,6 +1699,12 @@ class _Upstream(asyncio.Protocol):
         else:
             if out:
                 self._flush(ex, out)
+        if self.skip:
+            if self.exchange is ex:  # the dropped answer is read (kept connection), or given up (closed)
+                self.skip = False
+                self.exchange = None
+                ex.down._skipped(ex, self, self.phase == _DONE and self.keep)
+            return
         if self.phase == _DONE and self.exchange is ex:
             self.exchange = None
             ex.down._response_done(ex, self, self.keep, ex.close_after)
@@ -1255,6 +1723,10 @@ class _Upstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.discard(self)
+        breaker = self.breaker
+        if breaker is not None:
+            self.breaker = None
+            breaker.release_connection()
         ex = self.exchange
         if ex is None:
             return
@@ -1287,6 +1759,7 @@ class _Upstream(asyncio.Protocol):
         self.chunked_in = False
         self.has_cl = False
         self.conn_tokens = None
+        self.peer_flags = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         act = RESPONSE_HEADERS.get(name.lower())
@@ -1294,6 +1767,9 @@ class _Upstream(asyncio.Protocol):
             self.lines += (name, b": ", value, b"\r\n")
         elif act == H_CL:
             self.has_cl = True
+            self.lines += (name, b": ", value, b"\r\n")
+        elif act == H_FLAGS:
+            self.peer_flags = value.strip()
             self.lines += (name, b": ", value, b"\r\n")
         elif act == H_TE:
             if b"chunked" in value.lower():
@@ -1313,6 +1789,15 @@ class _Upstream(asyncio.Protocol):
             self.interim = True
             if not ex.http10:
                 self.out.append(b"".join([_status_line(status), *lines, b"\r\n"]))
+            return
+        if ex.traffic is not None and ex.down._response_head(ex, self, status):
+            # The retry layer takes this answer: read it to its end and drop it (data_received decides).
+            self.skip = True
+            self.phase = _SKIP
+            if ex.is_head:
+                self.keep = self.parser.should_keep_alive()
+                self.phase = _DONE
+                self.parser = HttpResponseParser(self)
             return
         ex.status = status
         ex.resp_started = True
@@ -1361,6 +1846,10 @@ class _Upstream(asyncio.Protocol):
         if self.interim:
             self.interim = False
             return
+        if self.phase == _SKIP:
+            self.keep = self.parser.should_keep_alive()
+            self.phase = _DONE
+            return
         if self.phase != _BODY:
             return  # the end of a HEAD response's head, already finished
         if self.chunked_out:
@@ -1378,6 +1867,24 @@ def _check_peer(tls: Any, transport: asyncio.BaseTransport, cluster: Cluster, in
     if not check(transport.get_extra_info("ssl_object"), endpoint):
         transport.abort()
         raise ssl.SSLError("peer identity rejected")
+
+
+async def open_upstream(state: ProxyState, cluster: Cluster, index: int | None, key: tuple[str, int],
+                        factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, Any]:
+    """A connection to endpoint `key` of `cluster` as the data path makes them (TLS and the peer check
+    on mesh hops, the connect timeout); used by the mirror layer."""
+    ctx = None
+    hostname = None
+    tls = state.tls
+    if cluster.mesh and tls is not None:
+        ctx = tls.client_context()
+        hostname = cluster.name
+    transport, proto = await asyncio.wait_for(
+        asyncio.get_running_loop().create_connection(factory, key[0], key[1], ssl=ctx, server_hostname=hostname),
+        state.connect_timeout)
+    if ctx is not None:
+        _check_peer(tls, transport, cluster, index)
+    return transport, proto
 
 
 # ---- byte forwarding ----------------------------------------------------------------------------

@@ -63,6 +63,7 @@ class RouteTable:
     hosts: Mapping[str, Cluster] = field(default_factory=dict)             # host name (lower) -> cluster
     addresses: Mapping[tuple[str, int], Cluster] = field(default_factory=dict)  # (ip, service port)
     gateway_routes: tuple[GatewayRoute, ...] = ()
+    vips: Mapping[str, str] = field(default_factory=dict)   # service name -> virtual IP (sidecar.dns)
 
     def service(self, name: str) -> ServiceConfig | None:
         c = self.clusters.get(name)
@@ -77,9 +78,13 @@ EMPTY_TABLE = RouteTable(version=0, clusters=MappingProxyType({}), hosts=Mapping
                          addresses=MappingProxyType({}))
 
 
-def build_route_table(snapshot: Snapshot) -> RouteTable:
+def build_route_table(snapshot: Snapshot, vips: Mapping[str, str] | None = None) -> RouteTable:
     """Index a snapshot: clusters by service, host names (name, aliases, `name.namespace`, each also
-    with `:port`), and endpoint addresses (with the service's port) for transparent capture."""
+    with `:port`), and endpoint addresses (with the service's port) for transparent capture.
+
+    `vips` (service name -> virtual IP, handed out by the sidecar's DNS proxy) are indexed too: as a
+    host (any port) and as an address with the service's port, so a connection to a VIP routes to its
+    service even without a Host header."""
     cfg: MeshConfig = snapshot.config
     clusters: dict[str, Cluster] = {}
     hosts: dict[str, Cluster] = {}
@@ -100,9 +105,16 @@ def build_route_table(snapshot: Snapshot) -> RouteTable:
         svc = cluster.service
         for ep in cluster.endpoints:
             addresses[(ep.address, svc.port)] = cluster
+    table_vips = {}
+    for name, vip in (vips or {}).items():
+        cluster = clusters.get(name)
+        if cluster is not None:
+            table_vips[name] = vip
+            hosts[vip] = cluster
+            addresses[(vip, cluster.service.port)] = cluster
     return RouteTable(version=snapshot.version, clusters=MappingProxyType(clusters),
                       hosts=MappingProxyType(hosts), addresses=MappingProxyType(addresses),
-                      gateway_routes=tuple(cfg.gateway_routes))
+                      gateway_routes=tuple(cfg.gateway_routes), vips=MappingProxyType(table_vips))
 
 
 def split_host(host: str, default_port: int | None = None) -> tuple[str, int | None]:

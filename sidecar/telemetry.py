@@ -13,7 +13,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 REPORTER_SOURCE = "source"            # outbound sidecar and gateway (Istio's ingress reports "source")
@@ -87,6 +87,12 @@ class Telemetry:
             "mesh_sidecar_upstream_pool_idle", "Idle keep-alive upstream connections in the pools.",
             registry=self.registry)
         self._conn_children: dict[str, Gauge] = {}
+        self.mirror_requests = Counter(
+            "mesh_mirror_requests", "Mirrored (shadow) request copies sent by the proxy, by the shadow's answer "
+            "(response_code 0: no answer).",
+            ("source_workload", "destination_service", "destination_version", "response_code"),
+            registry=self.registry)
+        self._mirror_children: dict[tuple, Counter] = {}
 
     def record_request(self, reporter: str, source_workload: str, source_version: str,
                        destination_service: str, destination_workload: str, destination_version: str,
@@ -106,6 +112,16 @@ class Telemetry:
         """Requests recorded whose labels include all of `labels` (for tests and the admin API)."""
         idx = [(REQUEST_LABELS.index(k), v) for k, v in labels.items()]
         return sum(s.count for s in self._series.values() if all(s.labels[i] == v for i, v in idx))
+
+    def record_mirror(self, source_workload: str, destination_service: str, destination_version: str,
+                      response_code: int) -> None:
+        """Count one mirrored request copy (`mesh_mirror_requests_total`); 0 = no answer."""
+        key = (source_workload, destination_service, destination_version, response_code)
+        child = self._mirror_children.get(key)
+        if child is None:
+            child = self._mirror_children[key] = self.mirror_requests.labels(
+                source_workload, destination_service, destination_version, str(response_code))
+        child.inc()
 
     def connections(self, direction: str) -> Gauge:
         """The cached gauge child of `mesh_sidecar_connections_active` for a direction."""

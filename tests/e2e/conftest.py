@@ -45,7 +45,14 @@ def compose(*args: str, project: str = PROJECT, file: str = "compose/demo.yml", 
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
          timeout: float = 5.0) -> tuple[int, dict, bytes]:
     """A plain HTTP call: (status, headers, body); HTTP errors are returned, not raised."""
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    headers = dict(headers or {})
+    if url.startswith(ADMIN) and "Authorization" not in headers:
+        from meshctl.api import load_admin_token  # the admin API requires meshd's admin token
+
+        token = load_admin_token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, dict(resp.headers), resp.read()

@@ -64,3 +64,30 @@ def test_excluded_outbound_ports_return_before_redirect():
     for port in (5432, 6379):
         assert rules.index(f"-A {OUT_CHAIN} -p tcp --dport {port} -j RETURN") < redirect
     assert len(chain_rules(build_capture_rules(8080), OUT_CHAIN)) == len(rules) - 2
+
+
+# ---- DNS capture ---------------------------------------------------------------------------------
+
+def test_dns_queries_to_dockers_resolver_go_to_the_dns_proxy():
+    from sidecar.capture import DNS_CHAIN
+    ls = lines(build_capture_rules(8080))
+    assert f":{DNS_CHAIN} - [0:0]" in ls
+    # Inserted at the top of OUTPUT: Docker's `-A OUTPUT -d 127.0.0.11/32 -j DOCKER_OUTPUT` DNAT is
+    # already there (we restore with --noflush) and would take the query first.
+    assert f"-I OUTPUT 1 -d 127.0.0.11/32 -j {DNS_CHAIN}" in ls
+    assert not any(ln.startswith("-A OUTPUT") and DNS_CHAIN in ln for ln in ls)
+    assert chain_rules("\n".join(ls), DNS_CHAIN) == [
+        f"-A {DNS_CHAIN} -m owner --uid-owner 1337 -j RETURN",   # the sidecar's forwarded queries pass
+        f"-A {DNS_CHAIN} -p udp --dport 53 -j REDIRECT --to-ports 15053",
+        f"-A {DNS_CHAIN} -p tcp --dport 53 -j REDIRECT --to-ports 15053",
+    ]
+
+
+def test_dns_capture_follows_the_proxy_uid_and_port_and_can_be_off():
+    from sidecar.capture import DNS_CHAIN
+    script = build_capture_rules(8080, proxy_uid=2000, dns_port=5353)
+    assert chain_rules(script, DNS_CHAIN)[0] == f"-A {DNS_CHAIN} -m owner --uid-owner 2000 -j RETURN"
+    assert all(r.endswith("--to-ports 5353") for r in chain_rules(script, DNS_CHAIN)[1:])
+    off = build_capture_rules(8080, dns_port=None)
+    assert DNS_CHAIN not in off and "127.0.0.11" not in off
+    assert chain_rules(off, OUT_CHAIN) == chain_rules(build_capture_rules(8080), OUT_CHAIN)

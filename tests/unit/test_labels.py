@@ -146,11 +146,34 @@ def test_owned_labels_are_not_unknown(labels):
 def test_every_known_label_is_decoded():
     labels = {"mesh.service": "orders", "mesh.port": "8080", "mesh.version": "v3", "mesh.protocol": "http",
               "mesh.capture": "explicit", "mesh.gateway.path": "/o", "mesh.gateway.host": "o.example",
-              "mesh.gateway.strip-prefix": "true"}
+              "mesh.gateway.strip-prefix": "true", "mesh.mtls": "permissive", "mesh.allow": "gateway, users",
+              "mesh.gateway.auth": "jwt", "mesh.gateway.jwt.issuer": "https://idp.example",
+              "mesh.gateway.jwt.audience": "shop"}
     assert set(labels) | {"mesh.enable"} == set(KNOWN_LABELS)
     assert decode_labels(info(labels)) == MeshSpec(
         service="orders", namespace="shop", port=8080, version="v3", protocol="http", capture="explicit",
-        gateway=GatewayRule("/o", "o.example", True))
+        gateway=GatewayRule("/o", "o.example", True, "jwt", "https://idp.example", "shop"),
+        mtls="permissive", allow=("gateway", "users"))
+
+
+def test_zero_trust_label_defaults():
+    spec = decode_labels(info({}))
+    assert spec.mtls == "strict" and spec.allow is None
+
+
+@pytest.mark.parametrize("labels, label, fragment", [
+    ({"mesh.mtls": "off"}, "mesh.mtls", "not one of strict, permissive"),
+    ({"mesh.allow": ""}, "mesh.allow", "comma-separated"),
+    ({"mesh.allow": "Orders"}, "mesh.allow", "not a service name"),
+    ({"mesh.gateway.path": "/o", "mesh.gateway.auth": "basic"}, "mesh.gateway.auth", "not one of none, jwt"),
+    ({"mesh.gateway.auth": "jwt"}, "mesh.gateway.auth", "needs mesh.gateway.path"),
+    ({"mesh.gateway.path": "/o", "mesh.gateway.jwt.issuer": "x"}, "mesh.gateway.jwt.issuer", "needs mesh.gateway.auth=jwt"),
+    ({"mesh.gateway.path": "/o", "mesh.gateway.auth": "jwt", "mesh.gateway.jwt.audience": "a b"},
+     "mesh.gateway.jwt.audience", "not a valid value"),
+])
+def test_zero_trust_label_errors_name_the_label(labels, label, fragment):
+    exc = error_of(info(labels))
+    assert exc.label == label and fragment in exc.message
 
 
 def test_decode_container_returns_label_error_naming_container():

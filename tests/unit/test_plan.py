@@ -130,7 +130,7 @@ def test_build_sidecar_env():
     [wl] = build_workloads([orders])
     env = build_sidecar_env(wl, "orders-mesh", "172.20.0.1", "example.org")
     assert env == {
-        "MESH_CONTROL_URL": "ws://172.20.0.1:15010/v1/stream",
+        "MESH_CONTROL_URL": "wss://172.20.0.1:15012/v1/stream",
         "MESH_NODE": "orders-mesh",
         "MESH_CONTAINER": "app-orders",
         "MESH_SERVICE": "orders",

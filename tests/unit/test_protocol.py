@@ -123,3 +123,67 @@ def test_reconnect_delay_grows_until_cap():
     delays = [reconnect_delay(a, 1.0, base=0.2, cap=10.0) for a in range(10)]
     assert delays == sorted(delays)
     assert delays[-1] == 10.0
+
+
+# ---- certificate messages (zero trust) ----------------------------------------------------------
+
+from meshcore.protocol import Bundle, BundleAck, Certs, CsrRequest, Renew  # noqa: E402
+
+CSR = "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n"
+CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+CERT_MESSAGES = [
+    Hello(kind="sidecar", node="n", container="c", last_version=0, token="t" * 43, csr=CSR),
+    Certs(cert_chain=CERT, bundle=CERT + CERT, not_after=1700000000.0, renew_at=1699990000.5),
+    Certs(cert_chain=CERT, bundle=CERT, not_after=1700000000.0, purpose="gateway-server"),
+    CsrRequest(csr=CSR),
+    CsrRequest(csr=CSR, purpose="gateway-server"),
+    Renew(reason="root rotation"),
+    Renew(),
+    Bundle(version=3, bundle=CERT),
+    BundleAck(version=3),
+]
+
+
+@pytest.mark.parametrize("msg", CERT_MESSAGES, ids=lambda m: type(m).__name__)
+def test_certificate_messages_round_trip(msg):
+    assert decode_message(encode_message(msg)) == msg
+
+
+def test_secrets_are_not_in_repr():
+    assert "tttt" not in repr(CERT_MESSAGES[0]) and "BEGIN" not in repr(CERT_MESSAGES[0])
+    assert "BEGIN" not in repr(CsrRequest(csr=CSR))
+
+
+def test_plain_hello_has_no_token_fields_on_the_wire():
+    body = json.loads(encode_message(Hello(kind="sidecar", node="n", container="c", last_version=1)))
+    assert "token" not in body and "csr" not in body
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"type": "hello", "kind": "sidecar", "node": "n", "container": "c", "last_version": 0, "token": "t"},
+     "token and csr come together"),
+    ({"type": "hello", "kind": "sidecar", "node": "n", "container": "c", "last_version": 0, "csr": CSR},
+     "token and csr come together"),
+    ({"type": "hello", "kind": "sidecar", "node": "n", "container": "c", "last_version": 0, "token": 5, "csr": CSR},
+     "hello.token: expected str"),
+    ({"type": "hello", "kind": "sidecar", "node": "n", "container": "c", "last_version": 0, "token": "t",
+      "csr": "not pem"}, "hello.csr: expected PEM"),
+    ({"type": "hello", "kind": "sidecar", "node": "n", "container": "c", "last_version": 0, "token": "t" * 300,
+      "csr": CSR}, "longer than 256"),
+    ({"type": "certs", "bundle": CERT, "not_after": 1.0}, "certs.cert_chain: missing"),
+    ({"type": "certs", "cert_chain": CERT, "bundle": CERT, "not_after": "soon"}, "certs.not_after: expected a finite"),
+    ({"type": "certs", "cert_chain": CERT, "bundle": CERT, "not_after": True}, "certs.not_after: expected a finite"),
+    ({"type": "certs", "cert_chain": CSR, "bundle": CERT, "not_after": 1.0}, "certs.cert_chain: expected PEM"),
+    ({"type": "certs", "cert_chain": CERT, "bundle": CERT, "not_after": 1.0, "purpose": "x"}, "certs.purpose"),
+    ({"type": "csr"}, "csr.csr: missing"),
+    ({"type": "csr", "csr": ""}, "csr.csr: empty"),
+    ({"type": "csr", "csr": CSR + "x" * 70000}, "longer than"),
+    ({"type": "bundle", "version": "1", "bundle": CERT}, "bundle.version: expected int"),
+    ({"type": "bundle_ack"}, "bundle_ack.version: missing"),
+    ({"type": "renew", "reason": 3}, "renew.reason: expected str"),
+])
+def test_certificate_messages_decode_strictly(body, fragment):
+    with pytest.raises(ProtocolError) as exc:
+        decode_message(json.dumps(body))
+    assert fragment in str(exc.value)

@@ -341,3 +341,45 @@ def test_decode_snapshot_rejects_bad_policy_or_rules(policy, rules, field):
     with pytest.raises(SnapshotError) as exc:
         decode_snapshot(wire)
     assert str(exc.value).startswith(field)
+
+
+# ---- zero trust in the snapshot: mtls, allow, policies, JWT routes ------------------------------------
+
+def test_zero_trust_fields_round_trip_and_conflicts():
+    from meshcore.authz import Policy, make_rule
+
+    cs = [ctr("payments", {"mesh.mtls": "permissive", "mesh.allow": "orders,gateway"}, ip="10.0.0.2"),
+          ctr("orders", {"mesh.gateway.path": "/o", "mesh.gateway.auth": "jwt",
+                         "mesh.gateway.jwt.issuer": "https://idp", "mesh.gateway.jwt.audience": "shop"}, ip="10.0.0.3")]
+    policy = Policy(default="deny", rules=(make_rule("deny", "orders", "payments", "/admin", "POST"),))
+    config, errors = build_config(build_workloads(cs), [], TD, policies=policy)
+    assert errors == []
+    pay = config.services["payments"]
+    assert pay.mtls == "permissive" and pay.allow == ("gateway", "orders")
+    assert config.services["orders"].mtls == "strict" and config.services["orders"].allow is None
+    [route] = config.gateway_routes
+    assert (route.auth, route.jwt_issuer, route.jwt_audience) == ("jwt", "https://idp", "shop")
+    snap = Snapshot(version=3, config=config)
+    assert decode_snapshot(json.loads(json.dumps(encode_snapshot(snap)))) == snap
+    # Instances of one service must agree on mtls and allow.
+    cs2 = [ctr("p1", {"mesh.service": "payments", "mesh.mtls": "permissive"}),
+           ctr("p2", {"mesh.service": "payments"})]
+    _, errors = build_config(build_workloads(cs2), [], TD)
+    assert [(e.container, e.label) for e in errors] == [("p2", "mesh.mtls")]
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda w: w["services"]["payments"].update(mtls="off"), "services.payments.mtls"),
+    (lambda w: w["services"]["payments"].update(allow="orders"), "services.payments.allow"),
+    (lambda w: w["gateway_routes"][0].update(auth="basic"), "gateway_routes[0].auth"),
+    (lambda w: w.update(policies={"default": "maybe", "rules": []}), "policies.default"),
+    (lambda w: w.update(policies={"default": "allow", "rules": [{"action": "allow"}]}), "policies.rules[0]"),
+])
+def test_zero_trust_fields_decode_strictly(mutate, fragment):
+    cs = [ctr("payments", ip="10.0.0.2"), ctr("orders", {"mesh.gateway.path": "/o"}, ip="10.0.0.3")]
+    config, _ = build_config(build_workloads(cs), [], TD)
+    wire = encode_snapshot(Snapshot(version=1, config=config))
+    mutate(wire)
+    with pytest.raises(SnapshotError) as exc:
+        decode_snapshot(wire)
+    assert fragment in str(exc.value)
