@@ -38,6 +38,15 @@ log = structlog.get_logger("meshd")
 ADMIN_PORT = 15014
 DEBOUNCE_S = 0.15      # events come in bursts (compose up starts many containers at once)
 RESYNC_S = 30.0        # level-triggered safety net: a full re-list even without events
+DRAIN_FORGET_S = 120.0  # a container that outlives a stop signal this long is serving again
+STOP_SIGNALS = {"15", "2", "3", "9", "SIGTERM", "SIGINT", "SIGQUIT", "SIGKILL"}
+
+
+def is_stop_signal(event: dict) -> bool:
+    """A Docker `kill` event whose signal ends the container (not, say, SIGHUP for a reload)."""
+    if event.get("Action") != "kill":
+        return False
+    return str((event.get("Actor") or {}).get("Attributes", {}).get("signal", "")) in STOP_SIGNALS
 
 
 @dataclass
@@ -110,6 +119,7 @@ class Meshd:
         self._control_sites: dict[str, web.TCPSite] = {}
         self._stop = asyncio.Event()
         self.rules = RulesBook(self.store)
+        self.draining: dict[str, float] = {}  # container id -> when it was sent a stop signal
         self.telemetry = TelemetryHub.for_meshd(self)  # observability
         self._rebuild_lock = asyncio.Lock()
         self._version = int(self.store.get("snapshot_version", 0))
@@ -152,7 +162,11 @@ class Meshd:
         """Blocking: every Docker container event triggers a rebuild (level-triggered)."""
         while not self._stop.is_set():
             try:
-                for _event in self.docker.client.events(decode=True, filters={"type": "container"}):
+                for event in self.docker.client.events(decode=True, filters={"type": "container"}):
+                    if is_stop_signal(event):
+                        # `docker stop` sends SIGTERM before the app goes: withdraw its endpoint now,
+                        # while it still finishes in-flight requests, not after its namespace is gone.
+                        self.draining[event.get("id") or event["Actor"]["ID"]] = time.monotonic()
                     self.trigger()
             except Exception as exc:  # the engine restarted or the socket dropped: reconnect
                 log.warning("docker_events_lost", error=str(exc))
@@ -183,7 +197,8 @@ class Meshd:
         return set(found) if found else None
 
     def _publish_config(self, workloads) -> None:
-        config, errors = build_config(workloads, self.discovery.announcements(), self.settings.trust_domain,
+        announcements = [a for a in self.discovery.announcements() if a.instance not in self.draining]
+        config, errors = build_config(workloads, announcements, self.settings.trust_domain,
                                       rules=self.rules.rules, policies=self.policies.policy)
         self.label_errors = errors
         config = self.telemetry.apply_overrides(config)  # adaptive policy overrides (observability)
@@ -193,6 +208,10 @@ class Meshd:
         loop = asyncio.get_running_loop()
         view = await loop.run_in_executor(None, self.docker.list_view)
         self.view = view
+        running = {app.id for app in view.apps if app.running}
+        horizon = time.monotonic() - DRAIN_FORGET_S
+        for cid in [c for c, at in self.draining.items() if c not in running or at < horizon]:
+            del self.draining[cid]
         # meshd's control certificate names every address sidecars dial (before any is created).
         self.pki.control_tls.ensure(list(view.network_gateways.values()))
         workloads = build_workloads(view.apps)

@@ -281,6 +281,15 @@ class UpstreamPools:
         if self.count:
             self._timer = asyncio.get_running_loop().call_later(self._sweep_every(), self._sweep)
 
+    def drop(self, gone: set) -> None:
+        """Close idle connections to endpoints that left the mesh: a peer whose network namespace
+        vanished sends no FIN, so its pooled connections would swallow requests silently."""
+        for key in [k for k in self.idle if k in gone]:
+            for up in self.idle.pop(key):
+                up.pooled = False
+                up.close()
+                self.count -= 1
+
     def close(self) -> None:
         """Close every idle connection (in-use ones close when their exchange ends)."""
         if self._timer is not None:
@@ -292,6 +301,10 @@ class UpstreamPools:
                 up.close()
         self.idle.clear()
         self.count = 0
+
+
+def _mesh_keys(table: RouteTable) -> set:
+    return {key for cluster in table.clusters.values() for key in cluster.keys}
 
 
 class ProxyState:
@@ -327,8 +340,10 @@ class ProxyState:
     def apply_snapshot(self, snapshot: Snapshot) -> RouteTable:
         """Build the route table of a snapshot and swap it in; returns it."""
         table = build_route_table(snapshot, self.vips.assign(snapshot.config.services))
-        self.table = table
+        old, self.table = self.table, table
         self.traffic.apply(table)
+        if self.pools.idle:
+            self.pools.drop(_mesh_keys(old) - _mesh_keys(table))
         if self.ejected:
             now = monotonic()
             self.ejected = {k: t for k, t in self.ejected.items() if t > now}

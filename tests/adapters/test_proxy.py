@@ -1057,3 +1057,26 @@ def test_front_context_with_its_own_sni_callback_is_used_as_is():
             raise AssertionError("not needed")
 
     assert server_ssl_context(FrontHolder()) is front
+
+
+async def _removed_endpoint_pool_closed():
+    async with AsyncExitStack() as stack:
+        mesh = await Mesh(stack).start(live=2)
+        s = await mesh.session()
+        for _ in range(20):
+            async with s.get(f"http://payments:{SVC_PORT}/echo", proxy=mesh.proxy) as r:
+                assert r.status == 200
+        pools = mesh.out_state.pools
+        keys = set(build_route_table(mesh.snapshot).clusters["payments"].keys)
+        await eventually(lambda: set(pools.idle) == keys, "idle connections to both endpoints")
+        gone, kept = sorted(keys)
+        survivors = tuple(e for e in mesh.snapshot.config.endpoints["payments"] if (e.address, e.port) == kept)
+        mesh.out_state.apply_snapshot(snapshot(mesh.snapshot.config.services, {"payments": survivors}))
+        # The removed endpoint's idle connections are closed at once; the survivor's stay pooled.
+        assert gone not in pools.idle and kept in pools.idle
+        async with s.get(f"http://payments:{SVC_PORT}/echo", proxy=mesh.proxy) as r:
+            assert r.status == 200
+
+
+def test_idle_connections_to_a_removed_endpoint_are_closed_on_a_new_snapshot(run):
+    run(_removed_endpoint_pool_closed)

@@ -137,8 +137,12 @@ def _load(stop: threading.Event, results: list, rate: float = 20.0):
     next_at = time.monotonic()
     i = 0
     while not stop.is_set():
-        status, _, body = http("GET", f"{GATEWAY}/api/orders/{i}", timeout=10)
-        results.append((status, body[:200]))
+        started = time.monotonic()
+        try:
+            status, _, body = http("GET", f"{GATEWAY}/api/orders/{i}", timeout=10)
+        except OSError as exc:  # a timeout or reset is a failed request, not a dead load thread
+            status, body = 0, repr(exc).encode()
+        results.append((status, body[:300], round(time.monotonic() - started, 3)))
         i += 1
         next_at += interval
         time.sleep(max(0.0, next_at - time.monotonic()))
@@ -176,6 +180,8 @@ def test_scale_spreads_calls_and_a_stopped_replica_fails_no_request(mesh):
         failed = [r for r in results if r[0] != 200]
         print(f"\nremoval reached every sidecar {removal_s:.2f}s after docker stop returned; "
               f"{len(results)} requests at 20/s, {len(failed)} failed")
+        slow = [r for r in results if r[2] > 1.0]
+        print("failed:", failed[:3], "slow:", [(r[0], r[2]) for r in slow][:5])
         assert removal_s <= 5.0
         assert len(results) >= 80
         assert not failed, failed[:5]

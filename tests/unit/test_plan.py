@@ -163,3 +163,15 @@ def test_build_sidecar_env_defaults():
 ])
 def test_control_host_for(networks, gateways, expected):
     assert control_host_for(app("orders", networks=networks), gateways) == expected
+
+
+@pytest.mark.parametrize("event, expected", [
+    ({"Action": "kill", "Actor": {"ID": "a", "Attributes": {"signal": "15"}}}, True),
+    ({"Action": "kill", "Actor": {"ID": "a", "Attributes": {"signal": "9"}}}, True),
+    ({"Action": "kill", "Actor": {"ID": "a", "Attributes": {"signal": "1"}}}, False),   # SIGHUP: a reload
+    ({"Action": "die", "Actor": {"ID": "a", "Attributes": {}}}, False),
+    ({"Action": "kill"}, False),
+])
+def test_stop_signals_start_draining(event, expected):
+    from meshd.app import is_stop_signal
+    assert is_stop_signal(event) is expected
