@@ -362,8 +362,8 @@ class TokenBucket:
             self.tokens = tokens if tokens < self.burst else self.burst
             self.last = now
         # now < last (a caller's clock went backwards): no refill, keep `last`.
-        if self.tokens >= n:
-            self.tokens -= n
+        if self.tokens >= n - 1e-9:  # refills add up in floating point: 4 x 0.25 is 0.9999...
+            self.tokens = max(0.0, self.tokens - n)
             return True, 0.0
         if n > self.burst:
             return False, math.inf

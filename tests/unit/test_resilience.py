@@ -472,3 +472,10 @@ def test_fault_proportions():
 def test_response_flags_are_envoys():
     assert (r.UH, r.UF, r.UO, r.URX, r.RL, r.FI, r.DI, r.UT, r.UC, r.NR) == (
         "UH", "UF", "UO", "URX", "RL", "FI", "DI", "UT", "UC", "NR")
+
+
+def test_token_bucket_refill_sums_do_not_lose_tokens_to_rounding():
+    # 50/s with a burst of 1, a request every 5 ms for 4 s: one token per 20 ms, 200 (+1 at start).
+    bucket = TokenBucket(50.0, 1.0)
+    allowed = sum(bucket.take(i * 0.005)[0] for i in range(800))
+    assert allowed == 200
