@@ -252,9 +252,16 @@ def balance_subset(state: Any, sub: Subset, exclude: Any, hash_value: bytes | No
     if outlier.ejections_total or ejected:  # something was ever ejected: look at the clock
         now = monotonic()
         if outlier.any_ejected(now):
-            out = [i for i, k in enumerate(keys) if outlier.is_ejected(k, now)]
-            if out:
-                exclude = merge_exclusions(exclude, out, n)
+            # Outlier ejections are not undone when every endpoint is ejected (Istio's default
+            # minHealthPercent 0%): the caller gets 503 UH at once instead of calling a failing
+            # service; `healthy` returns them all only in panic (mesh.outlier.min-health-percent).
+            healthy = outlier.healthy(keys, now)
+            if not healthy:
+                return None
+            if len(healthy) < n:
+                ok = set(healthy)
+                exclude = set(exclude)
+                exclude.update(i for i, k in enumerate(keys) if k not in ok)
     if ejected:
         out = [i for i, k in enumerate(keys) if ejected.get(k, 0.0) > now]
         if out:

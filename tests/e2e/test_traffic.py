@@ -243,3 +243,19 @@ def test_mirror_doubles_shadow_traffic_and_callers_see_the_primary(mesh):
     finally:
         meshctl("mirror", "catalog", "--clear", check=False)
         meshctl("split", "catalog", "--clear", check=False)
+
+
+def test_mesh_names_resolve_without_compose_aliases(mesh):
+    # No compose service is called `catalog` (they are catalog-v1 and catalog-v2): the name resolves
+    # only through the sidecar's DNS proxy, and the call goes through the mesh to both versions.
+    orders = container_of("orders")
+    code = ("import json, urllib.request as u\n"
+            "print(json.dumps([json.load(u.urlopen('http://catalog:8080/', timeout=5))['version']"
+            " for _ in range(40)]))")
+    versions = Counter(json.loads(run(["docker", "exec", orders, "python3", "-c", code]).stdout))
+    print(f"\nhttp://catalog:8080/ from orders: {dict(versions)}")
+    assert set(versions) == {"v1", "v2"}
+    # Other names still resolve through Docker's resolver.
+    out = run(["docker", "exec", orders, "python3", "-c",
+               "import socket; print(socket.gethostbyname('inventory'))"]).stdout.strip()
+    assert out.count(".") == 3
