@@ -160,6 +160,9 @@ def _down_all():
 def mesh(images):
     """meshd (from compose/meshd.yml) and the demo shop, up and serving through the gateway."""
     _down_all()
+    # The control loop relaxes a tightened policy after 10 s of health here (60 s by default), so
+    # the observability test can watch a whole tighten/relax cycle.
+    os.environ.setdefault("MESH_TIGHTEN_RECOVERY_S", "10")
     compose("up", "-d", project="meshd", file="compose/meshd.yml")
     compose("up", "-d")
     wait_for(lambda: http("GET", f"{GATEWAY}/api/orders/1", timeout=3)[0] == 200, 120,
