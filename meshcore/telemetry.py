@@ -408,6 +408,43 @@ def group(flows: dict[FlowKey, Acc], key: Callable[[FlowKey], tuple]) -> dict[tu
     return out
 
 
+def dedupe_worst(flows: dict[FlowKey, Acc]) -> dict[FlowKey, Acc]:
+    """One view per (source, service, version) for health: the reporter with the higher error ratio.
+
+    Retries hide a failing service from its callers (their view counts the final answer) while its
+    own inbound sidecars see every failed try; connect failures and ejections are seen only by the
+    callers. Alarms and the control loop look at whichever view is worse.
+    """
+    totals: dict[tuple, list[float]] = {}
+    for k, a in flows.items():
+        t = totals.setdefault((k.source, k.service, k.version, k.reporter), [0.0, 0.0])
+        t[0] += a.requests
+        t[1] += a.errors
+    chosen: dict[tuple, str] = {}
+    for (src, svc, ver, rep), (req, err) in totals.items():
+        triple = (src, svc, ver)
+        ratio = err / req if req else 0.0
+        best = chosen.get(triple)
+        if best is None:
+            chosen[triple] = rep
+            continue
+        breq, berr = totals[(src, svc, ver, best)]
+        bratio = berr / breq if breq else 0.0
+        if ratio > bratio or (ratio == bratio and rep == "source"):
+            chosen[triple] = rep
+    return {k: a for k, a in flows.items() if chosen.get((k.source, k.service, k.version)) == k.reporter}
+
+
+def health_by_service_version(flows: dict[FlowKey, Acc]) -> dict[tuple, Acc]:
+    """(service, version) -> Acc from the worse view of each flow (for alarms)."""
+    return group(dedupe_worst(flows), lambda k: (k.service, k.version))
+
+
+def health_by_service(flows: dict[FlowKey, Acc]) -> dict[tuple, Acc]:
+    """(service,) -> Acc from the worse view of each flow (for the control loop)."""
+    return group(dedupe_worst(flows), lambda k: (k.service,))
+
+
 def by_service_version(flows: dict[FlowKey, Acc]) -> dict[tuple, Acc]:
     """(service, version) -> Acc, one view per request."""
     return group(dedupe_reporters(flows), lambda k: (k.service, k.version))

@@ -36,7 +36,8 @@ from meshcore.snapshot import MeshConfig, build_workloads
 from meshcore.telemetry import (
     AdaptiveConfig, AdaptiveState, AlarmState, LatencyConfig, Scrape, SpikeConfig, Stats, Window,
     by_edge, by_service, by_service_version, compare_versions, decide_adaptive_policy, detect_error_spike,
-    detect_latency_jump, merge_policy_overrides, parse_scrape, scrape_delta, summarize,
+    detect_latency_jump, health_by_service, health_by_service_version, merge_policy_overrides, parse_scrape,
+    scrape_delta, summarize,
 )
 
 from .events import EventLog
@@ -375,7 +376,8 @@ class TelemetryHub:
         """Alarms per (service, version), the adaptive loop per service; events on every edge."""
         flows = self.window.select(now, DETECT_WINDOW_S)
         span = self.window.span(now, DETECT_WINDOW_S)
-        per_version = {k: summarize(a, span) for k, a in by_service_version(flows).items() if k[0] != "unknown"}
+        per_version = {k: summarize(a, span) for k, a in health_by_service_version(flows).items()
+                       if k[0] != "unknown"}
         for key in set(per_version) | {k for k, s in self._spikes.items() if s.active} \
                 | {k for k, s in self._latency.items() if s.active or k in per_version}:
             stats = per_version.get(key) or Stats(span_s=span)
@@ -397,7 +399,8 @@ class TelemetryHub:
                     states.pop(k, None)
         if self.adaptive is None:
             return
-        per_service = {k[0]: summarize(a, span) for k, a in by_service(flows).items() if k[0] not in ("unknown", "")}
+        per_service = {k[0]: summarize(a, span) for k, a in health_by_service(flows).items()
+                       if k[0] not in ("unknown", "")}
         for service in set(per_service) | {s for s, st in self._adaptive.items() if st.mode == "tight"}:
             stats = per_service.get(service) or Stats(span_s=span)
             state, action, reason = decide_adaptive_policy(self._adaptive.get(service, AdaptiveState()), stats, now,

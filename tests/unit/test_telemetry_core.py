@@ -268,3 +268,19 @@ def test_compare_versions_verdicts():
     assert v.text == "v1 is faster: p99 12 ms vs 180 ms (-93%)"
     # 3 errors in 100 against 1 in 100: 2 points apart, but not significant with so few requests
     assert not compare_versions(_stats(100, 1, p99=5), _stats(100, 3, p99=5), "a", "b").significant
+
+
+def test_health_view_takes_the_worse_reporter_per_flow():
+    from meshcore.telemetry import Acc, FlowKey, health_by_service
+    # orders' outbound sees 100 answers, 2 failed after retries; payments' inbound saw 140 tries, 60 failed
+    flows = {
+        FlowKey("source", "orders", "payments", "v1", "200"): Acc(requests=98),
+        FlowKey("source", "orders", "payments", "v1", "503"): Acc(requests=2, errors=2),
+        FlowKey("destination", "orders", "payments", "v1", "200"): Acc(requests=80),
+        FlowKey("destination", "orders", "payments", "v1", "500"): Acc(requests=60, errors=60),
+        # a service nobody can reach: only its callers see the failures
+        FlowKey("source", "orders", "users", "v1", "503"): Acc(requests=10, errors=10),
+    }
+    health = health_by_service(flows)
+    assert health[("payments",)].requests == 140 and health[("payments",)].errors == 60
+    assert health[("users",)].errors == 10
