@@ -33,7 +33,7 @@ Anomalies and decisions (pure state machines: state in, (state, output) out)
   learnt only while healthy (floored at `floor_ms` so sub-millisecond noise does not alert); clears
   when p99 < clear_k (2) x baseline for `recovery_s`.
 - `decide_adaptive_policy`: the control loop. When a destination service's error rate (all versions,
-  callers' view) reaches MESH_TIGHTEN_ERROR_RATE (default 0.2) on at least `min_requests` requests,
+  worse of its callers' and its own view) reaches MESH_TIGHTEN_ERROR_RATE (default 0.4) on at least `min_requests` requests,
   meshd tightens its outlier detection (TIGHT_OVERRIDES); when the rate then stays below the
   threshold for `recovery_s` (default 60 s) it relaxes back to the service's own labels.
   TIGHT_OVERRIDES (only ever tighter than the service's labels, see `merge_policy_overrides`):
@@ -622,7 +622,7 @@ TIGHT_OVERRIDES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class AdaptiveConfig:
-    threshold: float = 0.2        # MESH_TIGHTEN_ERROR_RATE
+    threshold: float = 0.4        # MESH_TIGHTEN_ERROR_RATE
     min_requests: int = 20
     recovery_s: float = 60.0      # MESH_TIGHTEN_RECOVERY_S: below the threshold this long -> relax
 

@@ -11,7 +11,7 @@ meshd to republish; meshd's `_publish_config` lays the overrides over the servic
 with `apply_overrides(config)` (never loosening them), so the change reaches every sidecar as a
 new snapshot version, ACKed like any other.
 
-Environment: MESH_TIGHTEN_ERROR_RATE (default 0.2; 0 or off disables the loop),
+Environment: MESH_TIGHTEN_ERROR_RATE (default 0.4; 0 or off disables the loop),
 MESH_TIGHTEN_RECOVERY_S (default 60), MESH_TIGHTEN_MIN_REQUESTS (default 20).
 
 Admin API (added by `add_routes`, on meshd's 127.0.0.1:15014): GET /v1/stat, /v1/compare, /v1/graph,
@@ -44,6 +44,10 @@ from .events import EventLog
 from .store import Store
 
 log = structlog.get_logger("meshd.telemetry")
+# The control loop acts on a service failing at least this share of requests (the worse of its
+# callers' and its own view). Below it retries absorb most failures (3 retries at 30% give 99.2%),
+# and a tighter ejection would make a mostly working service unavailable.
+DEFAULT_TIGHTEN_ERROR_RATE = 0.4
 
 SIDECAR_METRICS_PORT = 15020
 GATEWAY_METRICS_ADDRESS = "127.0.0.1:15021"
@@ -144,7 +148,7 @@ def _env_float(env: dict, name: str, default: float) -> float | None:
 def adaptive_config_from_env(env: dict | None = None) -> AdaptiveConfig | None:
     """The control loop's settings; None when MESH_TIGHTEN_ERROR_RATE is 0 or off."""
     env = os.environ if env is None else env
-    rate = _env_float(env, "MESH_TIGHTEN_ERROR_RATE", 0.2)
+    rate = _env_float(env, "MESH_TIGHTEN_ERROR_RATE", DEFAULT_TIGHTEN_ERROR_RATE)
     if rate is None or rate <= 0:
         return None
     recovery = _env_float(env, "MESH_TIGHTEN_RECOVERY_S", 60.0) or 60.0
