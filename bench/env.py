@@ -1,0 +1,279 @@
+"""The machine and the processes of a benchmark: tools, ports, /proc accounting, start/stop.
+
+Only processes this harness started are ever signalled, by their own pid.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SBIN_PATH = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+
+# binary -> Debian package (the anchor figures' tools)
+APT_TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx-light"}
+# what the `bench` extra of pyproject.toml holds
+PIP_TOOLS = {"matplotlib": "matplotlib>=3.6", "py-spy": "py-spy>=0.3"}
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name, path=SBIN_PATH)
+
+
+def _apt_install(packages: list[str], log) -> bool:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
+    for attempt in range(2):
+        if attempt:
+            log("apt-get update (the package lists may be stale)")
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode == 0:
+            return True
+    log(f"apt-get install {' '.join(packages)} failed: {proc.stderr.strip()[-300:]}")
+    return False
+
+
+def ensure_tools(install: bool, log=print) -> dict[str, str | None]:
+    """The paths of wrk, haproxy and nginx; missing ones are installed with apt-get when allowed
+    (root, apt-get present). A tool still missing maps to None."""
+    found = {name: which(name) for name in APT_TOOLS}
+    missing = [APT_TOOLS[n] for n, p in found.items() if p is None]
+    if missing and install:
+        if os.geteuid() != 0 or which("apt-get") is None:
+            log(f"missing {', '.join(missing)}: run as root on Debian/Ubuntu to have them installed")
+        else:
+            log(f"installing {' '.join(missing)} with apt-get")
+            _apt_install(missing, log)
+            found = {name: which(name) for name in APT_TOOLS}
+    return found
+
+
+def ensure_pip_tools(install: bool, log=print) -> dict[str, bool]:
+    """matplotlib (the chart) and py-spy (profiles): pip-installed when missing and allowed."""
+    def have() -> dict[str, bool]:
+        try:
+            import matplotlib  # noqa: F401
+            mpl = True
+        except ImportError:
+            mpl = False
+        return {"matplotlib": mpl, "py-spy": which("py-spy") is not None}
+
+    found = have()
+    missing = [PIP_TOOLS[n] for n, ok in found.items() if not ok]
+    if missing and install:
+        log(f"pip install {' '.join(missing)} (the `bench` extra)")
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing],
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            log(f"pip install failed: {proc.stderr.strip()[-300:]}")
+        found = have()
+    return found
+
+
+def _version_of(cmd: list[str]) -> str | None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (proc.stdout + proc.stderr).strip().splitlines()
+    return text[0].strip() if text else None
+
+
+def machine_info(tools: dict[str, str | None]) -> dict:
+    """What the figures were measured on."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import uvloop
+        uv = uvloop.__version__
+    except ImportError:
+        uv = None
+    try:
+        import httptools
+        ht = httptools.__version__
+    except (ImportError, AttributeError):
+        ht = None
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "uvloop": uv,
+        "httptools": ht,
+        "openssl": ssl.OPENSSL_VERSION,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+    if tools.get("haproxy"):
+        info["haproxy"] = _version_of([tools["haproxy"], "-v"])
+    if tools.get("nginx"):
+        info["nginx"] = _version_of([tools["nginx"], "-v"])
+    if tools.get("wrk"):
+        info["wrk"] = _version_of([tools["wrk"], "-v"])
+    return info
+
+
+# ---- ports and readiness ----------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    """Until 127.0.0.1:port accepts a connection; raises RuntimeError (with the process's fate)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what or proc.args} exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what or 'port'} 127.0.0.1:{port} not listening after {timeout:.0f} s")
+            time.sleep(0.02)
+
+
+def wait_file(path: Path, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        if path.exists():
+            text = path.read_text()
+            if text.endswith("\n"):
+                return text
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what or proc.args} exited with {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what or path} not ready after {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+# ---- /proc accounting -------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, seconds: user space vs the kernel (system calls, TCP)."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2:].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, KiB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line[:5]] = int(line.split()[1])
+    return {"rss_kib": out.get("VmRSS", 0), "hwm_kib": out.get("VmHWM", 0)}
+
+
+def system_cpu_seconds() -> dict[str, float]:
+    """Machine-wide CPU seconds from /proc/stat: `task` (user + nice + system: what processes
+    are charged), `irq` (hard + soft interrupts: loopback packet processing lands here), `steal`."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return {"task": (v[0] + v[1] + v[2]) / CLK_TCK, "irq": (v[5] + v[6]) / CLK_TCK, "steal": v[7] / CLK_TCK}
+
+
+def children_of(pid: int) -> list[int]:
+    kids = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return kids
+
+
+# ---- processes --------------------------------------------------------------------------------
+
+@dataclass
+class Procs:
+    """The processes one benchmark part started; `stop_all` ends them, newest first, by pid."""
+
+    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def start(self, name: str, cmd: list[str], log_dir: Path, **kw) -> subprocess.Popen:
+        log = open(log_dir / f"{name}.log", "wb")
+        env = kw.pop("env", None) or dict(os.environ)
+        env.setdefault("PYTHONPATH", str(ROOT))
+        if str(ROOT) not in env["PYTHONPATH"].split(os.pathsep):
+            env["PYTHONPATH"] = str(ROOT) + os.pathsep + env["PYTHONPATH"]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=kw.pop("cwd", ROOT), env=env, **kw)
+        log.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 5.0) -> None:
+        if proc.poll() is None:
+            try:
+                proc.send_signal(sig)
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            except ProcessLookupError:
+                pass
+
+    def stop_all(self) -> None:
+        for _name, proc in reversed(self.procs):
+            self.stop(proc)
+        self.procs.clear()
+
+
+def run_with_rusage(cmd: list[str], timeout: float, **kw) -> tuple[int, str, str, float]:
+    """Run a command to completion: (exit code, stdout, stderr, its CPU seconds).
+
+    Its CPU is the growth of RUSAGE_CHILDREN across the run: the harness reaps no other child
+    meanwhile (long-running servers are reaped only when stopped)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"{cmd[0]} did not finish within {timeout:.0f} s") from None
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return proc.returncode, out, err, cpu
+
+
+def dump_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")

@@ -1,0 +1,49 @@
+"""Where a sidecar's memory goes: RSS of fresh interpreters importing, step by step, what
+`sidecar run` imports (each step adds to the previous ones)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from . import env
+
+STEPS = (
+    ("python interpreter", ""),
+    ("+ uvloop, httptools", "import uvloop, httptools"),
+    ("+ prometheus_client (sidecar.telemetry)", "import sidecar.telemetry"),
+    ("+ proxy engine (sidecar.proxy, routing, meshcore)", "import sidecar.proxy"),
+    ("+ ssl, certs.holder", "import certs.holder"),
+    ("+ structlog (meshio.runtime)", "import meshio.runtime"),
+    ("+ aiohttp (sidecar.admin, sidecar.control)", "import sidecar.admin, sidecar.control"),
+    ("+ zeroconf (sidecar.announce)", "import sidecar.announce"),
+    ("+ cryptography (certs.store, certs.keys)", "import certs.store, certs.keys"),
+)
+
+_PROBE = """
+import sys
+{imports}
+for line in open('/proc/self/status'):
+    if line.startswith('VmRSS:'):
+        print(line.split()[1])
+"""
+
+
+def import_breakdown() -> list[dict]:
+    """[{step, rss_kib, delta_kib}] (median of three fresh interpreters per step)."""
+    out, done, prev = [], [], 0
+    for title, stmt in STEPS:
+        if stmt:
+            done.append(stmt)
+        code = _PROBE.format(imports="\n".join(done))
+        vals = []
+        for _ in range(3):
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                                  cwd=env.ROOT, env={"PYTHONPATH": str(env.ROOT), "PATH": env.SBIN_PATH})
+            if proc.returncode != 0:
+                return out + [{"step": title, "error": proc.stderr.strip()[-300:]}]
+            vals.append(int(proc.stdout.strip().splitlines()[-1]))
+        rss = sorted(vals)[1]
+        out.append({"step": title, "rss_kib": rss, "delta_kib": rss - prev if prev else rss})
+        prev = rss
+    return out

@@ -1,0 +1,318 @@
+"""The results: a table on stdout, bench/RESULTS.md (README-ready), bench/results.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PATH_TITLES = {"direct": "direct (no proxy)", "mesh": "mesh sidecar pair", "haproxy": "HAProxy pair"}
+MIB = 1024.0
+
+
+def _f(v, fmt: str = "{:.2f}", none: str = "-") -> str:
+    return none if v is None else fmt.format(v)
+
+
+def _mib(kib) -> str:
+    return "-" if kib is None else f"{kib / MIB:.1f}"
+
+
+def datapath_table(dp: dict) -> list[str]:
+    s, ratios = dp["summary"], dp["ratios"]
+    lines = ["| load | path | req/s | x HAProxy | x direct | p50 / p90 / p99 ms | CPU-s per 1000 req (out + in = pair) | peak RSS out / in MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for sc, title in dp["scenarios"].items():
+        if sc not in s:
+            continue
+        hap = s[sc].get("haproxy")
+        dirc = s[sc].get("direct")
+        for path in ("direct", "mesh", "haproxy"):
+            r = s[sc].get(path)
+            if r is None:
+                continue
+            if path == "mesh":
+                xh = ratios[sc].get("rps_mesh_over_haproxy")
+                xd = ratios[sc].get("rps_mesh_over_direct")
+            elif path == "haproxy":
+                xh, xd = 1.0, ratios[sc].get("rps_haproxy_over_direct")
+            else:
+                xh = dirc["rps"] / hap["rps"] if hap and hap["rps"] else None
+                xd = 1.0
+            lat = r["latency_ms"]
+            c = r["cpu_s_per_1000"]
+            cpu = (f"{c['outbound']:.4f} + {c['inbound']:.4f} = {c['pair']:.4f}" if c else "-")
+            rss = r["peak_rss_kib"]
+            mem = f"{_mib(rss.get('outbound'))} / {_mib(rss.get('inbound'))}" if rss else "-"
+            err = f" ({r['errors']} errors)" if r["errors"] else ""
+            lines.append(f"| {title} | {PATH_TITLES[path]} | {r['rps']:,.0f}{err} | {_f(xh)} | {_f(xd)} | "
+                         f"{lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} | {cpu} | {mem} |")
+    return lines
+
+
+def targets(res: dict) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for the issue's targets."""
+    out = []
+    dp = res.get("datapath") or {}
+    r = dp.get("ratios", {})
+    cp = res.get("controlplane") or {}
+    st = res.get("startup") or {}
+
+    def check(name: str, value, op: str, limit: float, fmt: str = "{:.2f}", unit: str = "") -> None:
+        if value is None:
+            out.append((name, "not measured", "n/a"))
+            return
+        ok = value >= limit if op == ">=" else value <= limit
+        out.append((name, fmt.format(value) + unit, "met" if ok else "NOT met"))
+
+    c32, c1 = r.get("c32", {}), r.get("c1", {})
+    check("req/s at 32 connections >= 0.8x HAProxy", c32.get("rps_mesh_over_haproxy"), ">=", 0.8, unit="x")
+    check("p99 <= 1.5x HAProxy (32 connections)", c32.get("p99_mesh_over_haproxy"), "<=", 1.5, unit="x")
+    check("p99 <= 1.5x HAProxy (1 connection)", c1.get("p99_mesh_over_haproxy"), "<=", 1.5, unit="x")
+    check("p99 <= 1.5x HAProxy (new connection per request)", r.get("close", {}).get("p99_mesh_over_haproxy"),
+          "<=", 1.5, unit="x")
+    check("proxy CPU per request <= 1.3x HAProxy (32 connections, pair)", c32.get("cpu_mesh_over_haproxy"),
+          "<=", 1.3, unit="x")
+    added = c1.get("added_p50_mesh_over_haproxy")
+    if added is not None:
+        check(f"added p50 over direct at 1 connection <= 2x HAProxy's (mesh +{c1['added_p50_ms_mesh'] * 1000:.0f} us,"
+              f" HAProxy +{c1['added_p50_ms_haproxy'] * 1000:.0f} us)", added, "<=", 2.0, unit="x")
+    else:
+        check("added p50 over direct at 1 connection <= 2x HAProxy's", None, "<=", 2.0)
+    mem = dp.get("memory", {})
+    peak = [v["hwm_kib"] / MIB for k, v in mem.get("after_kib", {}).items() if k.startswith("mesh/")]
+    idle = [v["rss_kib"] / MIB for k, v in mem.get("idle_kib", {}).items() if k.startswith("mesh/")]
+    check("RSS per sidecar under load <= 35 MiB (peak, larger of the two)", max(peak) if peak else None, "<=", 35,
+          "{:.1f}", " MiB")
+    check("RSS per sidecar idle <= 30 MiB (larger of the two)", max(idle) if idle else None, "<=", 30, "{:.1f}", " MiB")
+    p100 = (cp.get("push") or {}).get("100")
+    check("config change ACKed by 100 sidecars within 200 ms p99",
+          p100["change_to_all_acked_ms"]["p99"] if p100 else None, "<=", 200, "{:.0f}", " ms")
+    check(">= 500 CSRs signed per second", (cp.get("csr") or {}).get("per_second"), ">=", 500, "{:,.0f}", "/s")
+    check("demo sidecars ready within 10 s of `compose up`", st.get("all_ready_s"), "<=", 10, "{:.1f}", " s")
+    return out
+
+
+def text_report(res: dict) -> list[str]:
+    m = res["machine"]
+    L = []
+    if res.get("quick"):
+        L += ["> **Quick run** (short runs): a harness check, not figures to quote.", ""]
+    L += ["## Machine", "",
+          f"{m['date']}; {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, kernel {m['kernel']}; "
+          f"Python {m['python']}, uvloop {m['uvloop']}, httptools {m['httptools']}, {m['openssl']}; "
+          + "; ".join(m[k] for k in ("haproxy", "nginx", "wrk") if m.get(k))
+          + f". Code: {res.get('code', '?')}.", ""]
+    if res.get("merged_from", {}).get("parts"):
+        L += [f"({', '.join(res['merged_from']['parts'])}: from the run of {res['merged_from']['date']}.)", ""]
+    for key, title in (("datapath", "Data path"), ("controlplane", "Control plane"), ("startup", "Start-up"),
+                       ("memory_breakdown", "Memory")):
+        part = res.get(key)
+        if isinstance(part, dict) and part.get("error"):
+            L += [f"## {title}", "", f"**Failed:** {part['error']}", ""]
+    dp = res.get("datapath")
+    if dp and dp.get("error"):
+        dp = None
+    if dp:
+        o = dp["options"]
+        L += ["## Data path", "",
+              f"Load: {dp['load_tool']} (one thread, closed loop, keep-alive unless noted), `Host: payments`; app: "
+              f"{dp['app']} returning a fixed 100-byte body; {o['rounds']} interleaved rounds x {o['duration']:g} s "
+              f"after a {o['warmup']:g} s warm-up per path; medians. Ratios are taken round by round "
+              f"(mesh vs the HAProxy and direct runs of the same round), then the median. CPU from "
+              f"/proc/<pid>/stat (utime + stime) of each proxy process; peak RSS is VmHWM. Outbound sidecar in "
+              f"{o['mode']} capture mode (routing by Host header).", ""]
+        mesh = dp.get("mesh") or {}
+        out_info, in_info = mesh.get("outbound", {}), mesh.get("inbound", {})
+        if out_info:
+            ver = mesh.get("verified", {})
+            seen = [ln.split("{")[0] + "{" + ln.split("{")[1].split("}")[0] + "}" for role in ver.values()
+                    for ln in role if ln.startswith("mesh_tls_connections_total")]
+            L += [f"Mesh pair: each sidecar its own process (`bench/sidecar_runner.py`: the product's "
+                  f"ProxyState, route table from a snapshot pushed through ControlClient.handle_push, metrics "
+                  f"and admin port on; assembly `{out_info.get('assembly')}`: TLS hook "
+                  f"`{out_info.get('tls')}`, inbound listener `{in_info.get('inbound')}`). "
+                  f"Certificates: EC P-256 leaves for spiffe://mesh.local/ns/bench/sa/frontend and .../payments "
+                  f"signed by a fresh certs.CertificateAuthority; TLS 1.3, client certificate required. "
+                  + (f"The sidecars' own metrics after the check request: {', '.join(f'`{x}`' for x in seen)}. "
+                     if seen else "")
+                  + "HAProxy pair: one process each, `nbthread 1`, `http-reuse always`, `verify required` "
+                  "with the mesh CA both ways, TLS 1.3 (HAProxy cannot check a SPIFFE URI SAN).", ""]
+        L += datapath_table(dp)
+        L.append("")
+        split = []
+        for sc, title in dp["scenarios"].items():
+            for path in ("mesh", "haproxy"):
+                us = dp["summary"].get(sc, {}).get(path, {}).get("cpu_user_sys_per_1000")
+                if us:
+                    split.append(f"{title}, {PATH_TITLES[path]}: " + ", ".join(
+                        f"{role} {v[0] * 1000:.1f} + {v[1] * 1000:.1f}" for role, v in sorted(us.items())))
+        if split:
+            L += ["CPU per request split into user space + kernel (utime + stime, microseconds per request "
+                  "per proxy process):", ""] + [f"- {x}" for x in split] + [""]
+        sysc = dp.get("syscalls") or {}
+        rows = []
+        for sc, d in sysc.items():
+            if not isinstance(d, dict) or d.get("skipped"):
+                continue
+            for path in ("mesh", "haproxy"):
+                if path in d:
+                    for role in ("outbound", "inbound"):
+                        r = d[path].get(role)
+                        if r:
+                            calls = ", ".join(f"{k} {v:g}" for k, v in list(r["by_call"].items())[:6])
+                            rows.append(f"| {dp['scenarios'].get(sc, sc)} | {PATH_TITLES[path]} | {role} | "
+                                        f"{r['per_request']} | {calls} |")
+        dso = dp.get("perf_dso") or {}
+        drows = []
+        groups = ("kernel", "Python interpreter", "haproxy", "OpenSSL", "uvloop", "httptools", "libc", "other")
+        for sc, d in dso.items():
+            if not isinstance(d, dict) or d.get("skipped"):
+                continue
+            for path in ("mesh", "haproxy"):
+                for role in ("outbound", "inbound"):
+                    r = (d.get(path) or {}).get(role)
+                    if r:
+                        drows.append(f"| {dp['scenarios'].get(sc, sc)} | {PATH_TITLES[path]} | {role} | "
+                                     f"{_f(r['cpu_us_per_request'], '{:.1f}')} | "
+                                     + " | ".join(_f(r["shares"].get(g), "{:.1f}") for g in groups) + " |")
+        if drows:
+            L += ["Where each proxy process's CPU goes, by binary (`perf record -e cpu-clock`, a separate run; "
+                  "% of the process's samples; kernel includes the loopback TCP work done in its context):", "",
+                  "| load | path | process | CPU us / request | " + " | ".join(groups) + " |",
+                  "|---|---|---|---|" + "---|" * len(groups)] + drows + [""]
+        if rows:
+            L += ["System calls per request (`perf trace -s` on the proxy processes during a separate run):", "",
+                  "| load | path | process | syscalls / request | most frequent |", "|---|---|---|---|---|"] + rows + [""]
+        idle = dp["memory"]["idle_kib"]
+        after = dp["memory"]["after_kib"]
+        L += ["Memory per proxy process (MiB): " + "; ".join(
+            f"{k} idle {_mib(idle.get(k, {}).get('rss_kib'))}, after load {_mib(after[k]['rss_kib'])}, "
+            f"peak {_mib(after[k]['hwm_kib'])}" for k in sorted(after)) + ".", ""]
+    mem = res.get("memory_breakdown")
+    if isinstance(mem, list):
+        L += ["Sidecar memory by import (fresh interpreters, cumulative):", "",
+              "| step | RSS MiB | + MiB |", "|---|---|---|"]
+        L += [f"| {r['step']} | {_mib(r.get('rss_kib'))} | {_mib(r.get('delta_kib'))} |" for r in mem]
+        L.append("")
+    profiles = (dp or {}).get("profile") or {}
+    if profiles:
+        L += ["## Profile of the sidecars (py-spy --native)", "",
+              "Flame graphs (32 connections): `profile-outbound.svg`, `profile-inbound.svg`. py-spy's native "
+              "samples put more time in system calls than the processes' stime and perf say (above): the "
+              "user-space shares below are the ones to read for where the Python time goes.", ""]
+    for sc, prof in profiles.items():
+        if prof.get("skipped"):
+            L += [f"Profile skipped: {prof['skipped']}", ""]
+            continue
+        L += [f"**{dp['scenarios'].get(sc, sc)}** (req/s while profiled: "
+              f"{', '.join(f'{x:,.0f}' for x in prof['rps_while_profiled'])}):", ""]
+        for role, r in sorted(prof["roles"].items()):
+            if "categories" not in r:
+                L.append(f"- {role}: {r.get('error', 'no data')}")
+                continue
+            L.append(f"- **{role}**, user space: " + "; ".join(f"{k} {v}%" for k, v in r.get("user_categories", [])))
+            L.append("  - Python functions (share of user space): "
+                     + "; ".join(f"`{k}` {v}%" for k, v in r["top_python_self"][:10]))
+            L.append("  - on the stack (inclusive, share of all busy samples): "
+                     + "; ".join(f"`{k}` {v}%" for k, v in r["top_python_inclusive"][:8]))
+        L.append("")
+    cp = res.get("controlplane")
+    if cp and not cp.get("error"):
+        L += ["## Control plane", "",
+              "meshd's Hub and rules API in one process, N real ControlClient instances (25 per process) "
+              "applying each snapshot to a ProxyState; a push = `meshctl split` (POST /v1/rules/svc-0/split), "
+              "timed on the hub's clock to the last ACK.", "",
+              "| sidecars | rules change -> all ACKed p50 / p99 ms | publish -> all ACKed p50 / p99 ms | "
+              "per-node ACK p50 ms | pushes | hub RSS MiB (idle -> N connected) |", "|---|---|---|---|---|---|"]
+        for n, p in cp["push"].items():
+            L.append(f"| {n} | {p['change_to_all_acked_ms']['p50']:.1f} / {p['change_to_all_acked_ms']['p99']:.1f} | "
+                     f"{p['all_acked_ms']['p50']:.1f} / {p['all_acked_ms']['p99']:.1f} | {p['node_ack_p50_ms']:.1f} | "
+                     f"{p['pushes']} | {_mib(p['hub_idle_memory_kib']['rss_kib'])} -> {_mib(p['hub_memory_kib']['rss_kib'])} |")
+        c = cp["csr"]
+        L += ["", f"CSR signing (CertificateAuthority.sign_csr, one thread): **{c['per_second']:,.0f}/s** "
+              f"({c['cpu_ms_per_csr']:.2f} ms CPU each); with the node's key generation and CSR: "
+              f"{c['issue_with_keygen_per_second']:,.0f}/s.", ""]
+        if cp.get("apply"):
+            a = cp["apply"]
+            L += [f"One node's cost of a push with {a['nodes']} endpoints ({a['bytes']:,} bytes): "
+                  f"decode {a['decode_ms']:.2f} ms + apply {a['apply_ms']:.2f} ms.", ""]
+    st = res.get("startup")
+    if st is not None and not st.get("error"):
+        L += ["## Start-up", ""]
+        if st.get("skipped"):
+            L += [f"Skipped: {st['skipped']}.", ""]
+        else:
+            L += [f"`docker-compose -p shop -f compose/demo.yml up -d` (meshd already up"
+                  f"{', started by the harness from compose/meshd.yml' if st.get('started_meshd') else ''}) to every sidecar's "
+                  f"`/healthz/ready` 200: **{_f(st['all_ready_s'], '{:.1f}')} s** for {st['apps']} apps "
+                  f"(compose itself returned after {st['compose_up_s']:.1f} s; first sidecar ready at "
+                  f"{_f(st['first_ready_s'], '{:.1f}')} s)." + (f" Not ready: {', '.join(st['not_ready'])}." if st.get("not_ready") else ""),
+                  ""]
+            if st.get("node_rss_kib"):
+                vals = sorted(st["node_rss_kib"].values())
+                L += [f"Real `sidecar run` processes, idle after start: RSS {_mib(vals[0])}-{_mib(vals[-1])} MiB "
+                      f"({len(vals)} nodes incl. the gateway); meshd: {_mib(st.get('meshd_rss_kib'))} MiB.", ""]
+    L += ["## Targets", "", "| target | measured | |", "|---|---|---|"]
+    L += [f"| {a} | {b} | {c} |" for a, b, c in targets(res)]
+    L.append("")
+    L += ["## Reading these figures", "",
+          "- Loopback on a 2 vCPU VM: the load generator, the app and both proxies share two CPUs, so at 32 "
+          "connections req/s measures CPU cost per request more than anything else, and 1-connection latency "
+          "depends on which CPU each process runs on. Compare paths within one run, not with other machines.",
+          "- The anchor figures (`docs/proxy-figures.md`: HAProxy pair 47k req/s at 32 connections, p99 "
+          "1.26 ms) come from a like machine; this run's HAProxy row is the like-for-like reference.",
+          "- Each run records the CPU that /proc/stat charged to tasks other than the measured ones "
+          "(`unattributed` in `raw/`): kernel threads handling loopback packets, and any other load on "
+          "the machine (a test suite next door). Rounds start only once the machine is quiet (within a "
+          "waiting budget); ratios are per round, so slow drifts cancel out.",
+          "- CPU per request is utime + stime of the proxy processes only; loopback packet work done in "
+          "softirq context is not in it, for either proxy.", ""]
+    return L
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    head = ["# meshd benchmarks", "",
+            "`make bench` (or `python -m bench`; `--quick` for 1 s runs, `--help` for the options) measures the",
+            "data path against HAProxy and no proxy, the control plane and the demo's start-up, on loopback only.",
+            "Raw JSON per run: `bench/raw/` (not committed). Chart: `results.png`.", ""]
+    path.write_text("\n".join(head + text_report(res)) + "\n")
+
+
+def chart(res: dict, path: Path) -> str | None:
+    """req/s and p99 of direct / mesh / HAProxy per load; None when matplotlib is missing."""
+    dp = res.get("datapath")
+    if not dp:
+        return "no data path results"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib, or the `bench` extra)"
+    s = dp["summary"]
+    scs = [sc for sc in dp["scenarios"] if sc in s]
+    paths = [p for p in ("direct", "mesh", "haproxy") if any(p in s[sc] for sc in scs)]
+    colors = {"direct": "#9e9e9e", "mesh": "#1f77b4", "haproxy": "#ff7f0e"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / max(1, len(paths))
+    for ax, metric, title in ((axes[0], "rps", "requests per second"), (axes[1], "p99", "p99 latency (ms)")):
+        for i, p in enumerate(paths):
+            xs, ys = [], []
+            for j, sc in enumerate(scs):
+                r = s[sc].get(p)
+                if r is None:
+                    continue
+                xs.append(j + (i - (len(paths) - 1) / 2) * width)
+                ys.append(r["rps"] if metric == "rps" else r["latency_ms"]["p99"])
+            bars = ax.bar(xs, ys, width, label=PATH_TITLES[p], color=colors[p])
+            ax.bar_label(bars, labels=[f"{y:,.0f}" if metric == "rps" else f"{y:.2f}" for y in ys], fontsize=7)
+        ax.set_xticks(range(len(scs)))
+        ax.set_xticklabels([dp["scenarios"][sc].replace(" (", "\n(").replace(", ", ",\n", 1) for sc in scs], fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    m = res["machine"]
+    fig.suptitle(f"meshd data path vs HAProxy vs direct ({m['nproc']} vCPU, {m['date']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
