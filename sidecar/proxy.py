@@ -39,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
 from time import monotonic
-from typing import Any, Callable, Collection, Protocol
+from typing import Any, Callable, Collection, NamedTuple, Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
 
@@ -72,6 +72,29 @@ SNIFF_LIMIT = 64 * 1024       # bytes kept while deciding whether an unknown des
 SNIFF_TIMEOUT_S = 0.3         # no first byte from the client by then: a server-first protocol, pass through
 WRITE_HIGH_WATER = 64 * 1024
 EJECT_S = 10.0                # an endpoint that refused a connect is skipped this long (if others remain)
+
+# Dead peers (see "Dead peers" in ProxyState). A peer whose network namespace vanished (`docker stop`:
+# the veth goes with the app) sends neither FIN nor RST: bytes written to it are never acknowledged.
+# A live peer's kernel acknowledges a request within the RTT (<< 1 ms on a Docker bridge), at worst
+# after its delayed-ACK timer (40 ms, at most 200 ms: TCP_DELACK_MAX) or, when our segment was lost,
+# after our first retransmission (RTO >= 200 ms) and its answer.
+UNDELIVERED_AFTER_S = 0.5     # endpoint withdrawn by a snapshot: unacknowledged and no ACK this long
+                              # since the write (> delayed ACK + one retransmission): not delivered
+DEAD_PEER_S = 1.0             # no snapshot (meshd down): the same proof, with a wider margin, on
+                              # requests written on reused pooled connections
+ACK_SLACK_MS = 10             # tcpi_last_ack_recv counts jiffies (10 ms at HZ=100)
+PROBE_IDLE_S = 1              # keepalive probes of a delivered request to a peer that may be gone:
+PROBE_INTERVAL_S = 1          # 1 s after the last segment received, then every second; the kernel
+PROBE_USER_TIMEOUT_MS = 3000  # ends the connection (ETIMEDOUT) when 3 s pass without any ACK
+# struct tcp_info (linux/tcp.h): 8 one-byte fields (state, ca_state, retransmits, probes, backoff,
+# options, wscale bits, app-limited bits), then u32 rto (offset 8), ato, snd_mss, rcv_mss,
+# unacked (24: segments sent and not acknowledged), sacked, lost, retrans, fackets,
+# last_data_sent (44), last_ack_sent, last_data_recv, last_ack_recv (56: ms since the last ACK), ...
+TCP_INFO_LEN = 104
+_TCPI_UNACKED = 24
+_TCPI_LAST_ACK_RECV = 56
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+_LINGER_RESET = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST, drops the send queue
 
 # Envoy's response flags used here.
 FLAG_NO_HEALTHY_UPSTREAM = "UH"
@@ -205,15 +228,92 @@ def server_ssl_context(tls: TlsProvider) -> ssl.SSLContext:
     return front
 
 
+# ---- socket introspection (dead peers) ----------------------------------------------------------
+
+class TcpInfo(NamedTuple):
+    """What the dead-peer checks read of a socket's `struct tcp_info`."""
+
+    state: int              # tcpi_state: 1 = TCP_ESTABLISHED
+    unacked: int            # tcpi_unacked: segments in flight, not acknowledged by the peer's kernel
+    last_ack_recv_ms: int   # tcpi_last_ack_recv: ms since the last ACK from the peer
+
+
+TcpInfoReader = Callable[[asyncio.BaseTransport], "TcpInfo | None"]
+PeerProbe = Callable[[asyncio.BaseTransport], bool]
+
+
+def read_tcp_info(transport: asyncio.BaseTransport) -> TcpInfo | None:
+    """TCP_INFO of a transport's socket (plain or TLS; uvloop's pseudo-socket too), or None."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, TCP_INFO_LEN)
+    except (OSError, AttributeError, TypeError, ValueError):
+        return None
+    if len(raw) < _TCPI_LAST_ACK_RECV + 4:
+        return None
+    return TcpInfo(raw[0], struct.unpack_from("=I", raw, _TCPI_UNACKED)[0],
+                   struct.unpack_from("=I", raw, _TCPI_LAST_ACK_RECV)[0])
+
+
+def probe_peer(transport: asyncio.BaseTransport) -> bool:
+    """Have the kernel probe the peer of an idle-waiting connection: keepalive 1 s after the last
+    segment received, then every second, and ETIMEDOUT once 3 s pass without an ACK (TCP_USER_TIMEOUT
+    also bounds unacknowledged data). A live peer's kernel answers every probe, however slow its app."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, PROBE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, PROBE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", 18), PROBE_USER_TIMEOUT_MS)
+    except (OSError, AttributeError, TypeError, ValueError):
+        return False
+    return True
+
+
+def stop_probing(transport: asyncio.BaseTransport) -> None:
+    """Undo `probe_peer` once the peer answered (the connection may go back to the pool)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+        sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", 18), 0)
+    except (OSError, AttributeError, TypeError, ValueError):
+        pass
+
+
+def reset_connection(transport: asyncio.BaseTransport) -> None:
+    """Abort with RST (SO_LINGER 0): the kernel drops the unacknowledged request instead of
+    retransmitting it, so a peer that comes back never receives a request that was retried elsewhere."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except (OSError, AttributeError, TypeError, ValueError):
+            pass
+    transport.abort()
+
+
 # ---- state --------------------------------------------------------------------------------------
 
 class UpstreamPools:
-    """Idle keep-alive upstream connections, per endpoint key (address, port); newest reused first."""
+    """Idle keep-alive upstream connections, per endpoint key (address, port); newest reused first.
+
+    `live` registers every open HTTP upstream connection per key (idle or carrying an exchange;
+    added when connected, removed when lost: no work per request), so that the exchanges in flight
+    to an endpoint a snapshot removes can be found (`ProxyState.apply_snapshot`).
+    """
 
     def __init__(self, max_idle: int = POOL_MAX_IDLE, idle_timeout: float = POOL_IDLE_TIMEOUT_S):
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.idle: dict[tuple[str, int], list[_Upstream]] = {}
+        self.live: dict[tuple[str, int], set[_Upstream]] = {}
         self.count = 0      # idle connections now
         self.opened = 0     # upstream connections ever opened (HTTP)
         self._timer: asyncio.TimerHandle | None = None
@@ -234,7 +334,7 @@ class UpstreamPools:
         return None
 
     def release(self, up: _Upstream) -> None:
-        if up.closed or up.transport.is_closing():
+        if up.closed or up.doomed or up.transport.is_closing():
             up.close()
             return
         if up.read_paused:
@@ -252,6 +352,19 @@ class UpstreamPools:
         self.count += 1
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._sweep_every(), self._sweep)
+
+    def register(self, up: _Upstream) -> None:
+        conns = self.live.get(up.key)
+        if conns is None:
+            conns = self.live[up.key] = set()
+        conns.add(up)
+
+    def unregister(self, up: _Upstream) -> None:
+        conns = self.live.get(up.key)
+        if conns is not None:
+            conns.discard(up)
+            if not conns:
+                del self.live[up.key]
 
     def discard(self, up: _Upstream) -> None:
         if up.pooled:
@@ -308,13 +421,33 @@ def _mesh_keys(table: RouteTable) -> set:
 
 
 class ProxyState:
-    """What every listener of one node shares; `table` may be replaced at any time (atomic swap)."""
+    """What every listener of one node shares; `table` may be replaced at any time (atomic swap).
+
+    Dead peers. A peer whose network namespace vanished sends no FIN or RST; requests written to it
+    get no answer. Two detectors, for mesh exchanges (those with traffic state) that have no
+    response byte yet:
+    - a snapshot removes the endpoint: every exchange in flight to it is checked once its request
+      is `undelivered_after` old; every connection to it is closed when its exchange ends.
+    - meshd is silent (no snapshot): a request written on a reused pooled connection is checked once
+      it is `dead_peer_after` old (a sweep every quarter of that, only while such requests wait).
+    The check reads TCP_INFO (`tcp_info`): data unacknowledged and no ACK at all since the request
+    was written, that long, means the request never reached the peer's application: the connection
+    is reset (RST, nothing retransmitted) and the request retried on another endpoint like a connect
+    failure (`should_retry` with connect-failure, not sent: any method; budget and attempts
+    counted). Otherwise the request was delivered (or TCP_INFO is unreadable): it is left to finish,
+    and `probe` makes the kernel probe the peer (keepalive); a peer that stops answering probes ends
+    the connection with ETIMEDOUT after ~3 s: 503 UC, or retried when the policy retries a reset of
+    a sent request (idempotent with reset in mesh.retries.on, or non-idempotent allowed). A slow but
+    alive app is never cut: its kernel acknowledges the request and answers the probes.
+    """
 
     def __init__(self, service: str, version: str = "v1", *, table: RouteTable | None = None,
                  telemetry: Telemetry | None = None, tls: TlsProvider | None = None,
                  connect_timeout: float = CONNECT_TIMEOUT_S, pool_max_idle: int = POOL_MAX_IDLE,
                  pool_idle_timeout: float = POOL_IDLE_TIMEOUT_S, eject_seconds: float = EJECT_S,
-                 rand: Callable[[], float] = random.random):
+                 rand: Callable[[], float] = random.random, tcp_info: TcpInfoReader = read_tcp_info,
+                 probe: PeerProbe = probe_peer, undelivered_after: float = UNDELIVERED_AFTER_S,
+                 dead_peer_after: float = DEAD_PEER_S):
         self.service = service
         self.version = version
         self.table: RouteTable = table if table is not None else EMPTY_TABLE
@@ -332,6 +465,14 @@ class ProxyState:
         self.vips = VipAllocator()          # service virtual IPs, answered by the DNS proxy (sidecar.dns)
         self.mirrors = MirrorSender(self._mirror_connect, self._mirror_result)
         self.access_log: Callable[[Exchange], None] | None = None  # called with each finished exchange
+        self.tcp_info = tcp_info                  # dead peers (see the class docstring)
+        self.probe = probe
+        self.undelivered_after = undelivered_after
+        self.dead_peer_after = dead_peer_after
+        self.undelivered_total = 0                # requests found undelivered to a silent peer (retried)
+        self.probed_total = 0                     # delivered requests whose peer the kernel was set to probe
+        self._watched: set[_Upstream] = set()     # reused connections whose request waits for an answer
+        self._watchdog: asyncio.TimerHandle | None = None
         if table is not None:
             self.traffic.apply(table)
         pools = self.pools
@@ -342,12 +483,104 @@ class ProxyState:
         table = build_route_table(snapshot, self.vips.assign(snapshot.config.services))
         old, self.table = self.table, table
         self.traffic.apply(table)
-        if self.pools.idle:
-            self.pools.drop(_mesh_keys(old) - _mesh_keys(table))
+        pools = self.pools
+        if pools.idle or pools.live:
+            gone = _mesh_keys(old) - _mesh_keys(table)
+            if gone:
+                if pools.idle:
+                    pools.drop(gone)
+                if pools.live:
+                    self._gone_in_flight(gone)
         if self.ejected:
             now = monotonic()
             self.ejected = {k: t for k, t in self.ejected.items() if t > now}
         return table
+
+    # -- dead peers (see the class docstring)
+
+    def _gone_in_flight(self, gone: set) -> None:
+        """Connections to endpoints that left the mesh: closed once their exchange ends; the kernel
+        probes the peer of each one in flight; those without a response byte are checked for an
+        undelivered request once it is `undelivered_after` old."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        now = monotonic()
+        for key in gone:
+            conns = self.pools.live.get(key)
+            if not conns:
+                continue
+            for up in list(conns):
+                up.doomed = True
+                ex = up.exchange
+                if ex is None or up.closed:
+                    continue  # idle: closed by drop, or when released
+                if not up.probing:
+                    up.probing = True
+                    if self.probe(up.transport):
+                        self.probed_total += 1
+                if up.got_bytes or ex.traffic is None or loop is None:
+                    continue
+                sent = up.sent_at or up.connected_at
+                loop.call_later(max(0.0, sent + self.undelivered_after - now), self._check_gone, up, ex)
+
+    def _check_gone(self, up: _Upstream, ex: Exchange) -> None:
+        if up.exchange is not ex or up.got_bytes or up.closed:
+            return
+        info = self.tcp_info(up.transport)
+        if info is not None and self._silent(info, up, monotonic()):
+            log.info("withdrawn endpoint %s:%s never acknowledged a request: retried elsewhere", *up.key)
+            ex.down._undelivered(ex, up)
+
+    def _silent(self, info: TcpInfo, up: _Upstream, now: float) -> bool:
+        """Data unacknowledged, and no ACK at all since the request was written: the peer's kernel
+        has not received the (whole) request, so its application has not read it."""
+        if info.unacked == 0:
+            return False
+        age_ms = (now - (up.sent_at or up.connected_at)) * 1000.0
+        return info.last_ack_recv_ms + ACK_SLACK_MS >= age_ms
+
+    def watch(self, up: _Upstream) -> None:
+        """A request was just written on a reused pooled connection (of a mesh exchange)."""
+        up.sent_at = monotonic()
+        self._watched.add(up)
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_later(self._watch_every(), self._watch_sweep)
+
+    def _watch_every(self) -> float:
+        return max(0.01, min(0.25, self.dead_peer_after / 4))
+
+    def _watch_sweep(self) -> None:
+        self._watchdog = None
+        now = monotonic()
+        limit = self.dead_peer_after
+        watched = self._watched
+        for up in list(watched):
+            ex = up.exchange
+            if ex is None or up.got_bytes or up.closed or not up.sent_at or up.doomed:
+                watched.discard(up)  # answered, finished, lost, or its endpoint left (_gone_in_flight)
+                continue
+            if now - up.sent_at < limit:
+                continue
+            watched.discard(up)
+            info = self.tcp_info(up.transport)
+            if info is not None and self._silent(info, up, now):
+                key = up.key
+                log.warning("dead peer %s:%s: request unacknowledged for %.1f s, retried elsewhere",
+                            key[0], key[1], now - up.sent_at)
+                if self.eject_seconds > 0:
+                    self.ejected[key] = now + self.eject_seconds  # skipped by the balancer meanwhile
+                self.pools.drop({key})                             # its idle connections are dead too
+                ex.down._undelivered(ex, up)
+            else:
+                # Delivered (a slow app), acknowledged in part, or unknown: let the kernel probe the peer.
+                if not up.probing:
+                    up.probing = True
+                    if self.probe(up.transport):
+                        self.probed_total += 1
+        if watched:
+            self._watchdog = asyncio.get_running_loop().call_later(self._watch_every(), self._watch_sweep)
 
     def connect_failed(self, key: tuple[str, int]) -> None:
         """Passive outlier detection: skip an endpoint that failed a connect for `eject_seconds`."""
@@ -372,6 +605,10 @@ class ProxyState:
         self.telemetry.record_mirror(source, cluster.name, cluster.endpoints[index].version, status)
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._watched.clear()
         self.pools.close()
         self.mirrors.close()
 
@@ -1153,6 +1390,21 @@ class _Downstream(asyncio.Protocol):
         ex.wait = None
         if ex.dead or ex.resp_done:
             return
+        sub = ex.subset
+        if sub is not None:
+            tr = sub.traffic
+            cur = tr.all if sub.version is None else tr.subsets.get(sub.version)
+            if cur is not sub and cur is not None and cur.cluster.keys:
+                # A snapshot came since the last try: retry among the endpoints the mesh has now
+                # (still excluding the endpoints tried, by address).
+                keys = sub.cluster.keys
+                tried = {keys[i] for i in ex.excluded} if ex.excluded else set()
+                last = keys[ex.index] if ex.index is not None else None
+                new_keys = cur.cluster.keys
+                ex.subset = cur
+                ex.cluster = cur.cluster
+                ex.index = new_keys.index(last) if last in new_keys else None
+                ex.excluded = {i for i, k in enumerate(new_keys) if k in tried} or None
         cluster = ex.cluster
         n = len(cluster.keys)
         excluded = ex.excluded
@@ -1226,6 +1478,13 @@ class _Downstream(asyncio.Protocol):
         cluster = ex.cluster
         idx = self.stack.balance(self.state, cluster, ex.excluded or (), ex)
         if idx is None:
+            tr = ex.traffic
+            if tr is not None and tr.outlier.ejections_total:
+                now = monotonic()
+                if tr.outlier.any_ejected(now) and not tr.outlier.healthy(cluster.keys, now):
+                    # every endpoint ejected by outlier detection: answer at once, call no one
+                    self._reply(ex, 503, FLAG_NO_HEALTHY_UPSTREAM, b"no healthy upstream\n")
+                    return
             self._reply(ex, 503, FLAG_CONNECT_FAILURE, b"upstream connect error\n")
             return
         key = cluster.keys[idx]
@@ -1340,6 +1599,8 @@ class _Downstream(asyncio.Protocol):
     def _attach(self, ex: Exchange, up: _Upstream) -> None:
         up.attach(ex)
         ex.up = up
+        if ex.reused and ex.traffic is not None:
+            self.state.watch(up)  # dead-peer safety net (ProxyState): pooled mesh connections only
         body = ex.held if ex.fresh_retry or ex.resend else ex.pending
         if not ex.reused and not ex.keep_held:
             ex.held = None  # a fresh connection is not retried (unless the retry layer holds the body)
@@ -1373,14 +1634,20 @@ class _Downstream(asyncio.Protocol):
         if self.paused & P_PENDING:
             self._resume(P_PENDING)
 
-    def _upstream_lost(self, ex: Exchange, up: _Upstream, flags: str) -> None:
-        """The upstream connection closed or broke before the response was complete."""
+    def _upstream_lost(self, ex: Exchange, up: _Upstream, flags: str, vanished: bool = False) -> None:
+        """The upstream connection closed or broke before the response was complete. `vanished`:
+        the kernel gave up probing a peer that stopped answering (the request had been delivered)."""
         ex.up = None
         if up.write_paused:
             self._resume(P_UPSTREAM)
         if ex.dead:
             return
         if not ex.resp_started:
+            if vanished:
+                if ex.traffic is not None and self._try_failed(ex, "reset", True):
+                    return
+                self._reply(ex, 503, flags, b"upstream peer vanished\n")
+                return
             if (ex.reused and not up.got_bytes and not ex.fresh_retry and flags == FLAG_UPSTREAM_RESET
                     and (not ex.body or ex.held is not None)):
                 # A pooled connection the peer had closed: once more on a fresh connection.
@@ -1398,6 +1665,22 @@ class _Downstream(asyncio.Protocol):
         ex.resp_done = True
         self._finish_metrics(ex)
         self._abort()
+
+    def _undelivered(self, ex: Exchange, up: _Upstream) -> None:
+        """The peer's kernel never acknowledged this request and has been silent since (a dead peer,
+        ProxyState): no application read it. Reset the connection and retry the request like a
+        connect failure (Envoy's reset before request / refused stream); else 503 UC."""
+        ex.up = None
+        up.exchange = None
+        reset_connection(up.transport)
+        if up.write_paused:
+            self._resume(P_UPSTREAM)
+        if ex.dead or ex.resp_done:
+            return
+        self.state.undelivered_total += 1
+        if ex.traffic is not None and self._try_failed(ex, "connect-failure", False):
+            return
+        self._reply(ex, 503, FLAG_UPSTREAM_RESET, b"upstream peer unreachable\n")
 
     def _reply(self, ex: Exchange, status: int, flags: str, body: bytes = b"",
                content_type: bytes = TEXT, close: bool = False, headers: bytes = b"") -> None:
@@ -1627,7 +1910,7 @@ class _Upstream(asyncio.Protocol):
     __slots__ = ("pool", "key", "transport", "parser", "exchange", "idle_since", "pooled", "closed",
                  "got_bytes", "phase", "lines", "chunked_in", "has_cl", "conn_tokens", "chunked_out",
                  "until_close", "keep", "interim", "read_paused", "write_paused", "uses", "out",
-                 "peer_flags", "skip", "breaker")
+                 "peer_flags", "skip", "breaker", "connected_at", "sent_at", "doomed", "probing")
 
     def __init__(self, pool: UpstreamPools, key: tuple[str, int], breaker: Any = None):
         self.pool = pool
@@ -1655,6 +1938,11 @@ class _Upstream(asyncio.Protocol):
         self.write_paused = False
         self.uses = 0
         self.out: list = []  # bytes for the downstream, written once per data_received
+        # Dead peers (ProxyState's docstring)
+        self.connected_at = 0.0  # monotonic time the connection was made (its first request's write)
+        self.sent_at = 0.0       # monotonic time the request was written on it when reused (mesh), or 0
+        self.doomed = False      # its endpoint left the mesh: close it when its exchange ends
+        self.probing = False     # the kernel probes the peer; ETIMEDOUT means it vanished
 
     def attach(self, ex: Exchange) -> None:
         self.exchange = ex
@@ -1662,6 +1950,7 @@ class _Upstream(asyncio.Protocol):
         self.skip = False
         self.got_bytes = False
         self.keep = False
+        self.sent_at = 0.0
         self.uses += 1
 
     def close(self) -> None:
@@ -1684,6 +1973,8 @@ class _Upstream(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.pool.opened += 1
+        self.connected_at = monotonic()
+        self.pool.register(self)
 
     def data_received(self, data: bytes) -> None:
         ex = self.exchange
@@ -1694,6 +1985,9 @@ class _Upstream(asyncio.Protocol):
             self.got_bytes = True
             if not ex.keep_held:
                 ex.held = None
+            if self.probing and not self.doomed:
+                self.probing = False  # the peer answered: no more keepalive probes (back to the pool)
+                stop_probing(self.transport)
         out = self.out = []
         try:
             self.parser.feed_data(data)
@@ -1738,6 +2032,7 @@ class _Upstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.discard(self)
+        self.pool.unregister(self)
         breaker = self.breaker
         if breaker is not None:
             self.breaker = None
@@ -1751,7 +2046,9 @@ class _Upstream(asyncio.Protocol):
         elif self.phase == _BODY and self.until_close:
             ex.down._response_done(ex, self, False, True)  # the body ended with the connection
         else:
-            ex.down._upstream_lost(ex, self, FLAG_UPSTREAM_RESET)
+            # ETIMEDOUT on a probed connection: the peer's kernel stopped answering (probe_peer).
+            ex.down._upstream_lost(ex, self, FLAG_UPSTREAM_RESET,
+                                   vanished=self.probing and isinstance(exc, TimeoutError))
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -587,3 +587,31 @@ def test_traffic_state_survives_unrelated_snapshot_swaps():
     assert reg.services["payments"] is tr and tr.breaker.max_requests == 9 and tr.breaker.requests == 1
     reg.apply(build_route_table(snap(4, (), False)))
     assert "cart" not in reg.services and tr.breaker.max_requests == 2**32 - 1
+
+
+async def _all_ejected():
+    async def broken(backend, request, body):
+        return web.Response(status=503, text="broken")
+
+    async with AsyncExitStack() as stack:
+        bad = await Backend("bad", broken).start(stack)
+        policy = {"mesh.outlier.consecutive-5xx": "3", "mesh.outlier.base-ejection": "300ms",
+                  "mesh.retries.attempts": "0"}
+        mesh = await Mesh(stack).start([("v1", bad.port)], policy=policy)
+        s = await mesh.session()
+        for _ in range(3):
+            assert (await mesh.call(s))[0] == 503
+        assert mesh.traffic.outlier.ejections_total == 1
+        hits = bad.hits
+        # The only endpoint is ejected: 503 UH at once, nothing sent to it (Istio's minHealthPercent 0%).
+        for _ in range(10):
+            status, headers, _ = await mesh.call(s)
+            assert status == 503 and headers["x-mesh-flags"] == "UH"
+        assert bad.hits == hits
+        await eventually(lambda: not mesh.traffic.outlier.is_ejected(mesh.keys[0], monotonic()), "the ejection to end")
+        await mesh.call(s)
+        assert bad.hits == hits + 1  # tried again after the ejection
+
+
+def test_every_endpoint_ejected_answers_503_uh_without_calling_it(run):
+    run(_all_ejected)
