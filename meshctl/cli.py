@@ -47,17 +47,26 @@ def _client(ctx: typer.Context, api: Optional[str]):
 
 
 def _fetch(client, method: str) -> dict[str, Any]:
-    """Call the client; on failure print a clear message and exit 1."""
+    """Call one of the client's getters; on failure print a clear message and exit 1."""
+    return _guarded(getattr(client, method))
+
+
+def api_call(client, method: str, path: str, body: dict | None = None) -> Any:
+    """One admin API call; on failure print meshd's own explanation and exit 1."""
+    return _guarded(lambda: client.request(method, path, body))
+
+
+def _guarded(call) -> Any:
     from .api import MeshdApiError, MeshdUnreachable
 
     try:
-        return getattr(client, method)()
+        return call()
     except MeshdUnreachable as exc:
         typer.echo(f"meshd is DOWN: not reachable at {exc.url} ({exc.reason}).", err=True)
         typer.echo(f"Is meshd running? Point meshctl at it with --api URL or ${API_ENV}.", err=True)
         raise typer.Exit(1)
     except MeshdApiError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {exc.error or exc}", err=True)
         raise typer.Exit(1)
 
 

@@ -12,16 +12,9 @@ ACK_WAIT_S = 5.0
 
 
 def _call(client, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
-    from .api import MeshdApiError, MeshdUnreachable
+    from .cli import api_call  # imported here: meshctl.cli registers this module at its end
 
-    try:
-        return client.request(method, path, body)
-    except MeshdUnreachable as exc:
-        typer.echo(f"meshd is DOWN: not reachable at {exc.url} ({exc.reason}).", err=True)
-        raise typer.Exit(1)
-    except MeshdApiError as exc:
-        typer.echo(f"error: {exc.error or exc}", err=True)
-        raise typer.Exit(1)
+    return api_call(client, method, path, body)
 
 
 def wait_for_acks(client, version: int, timeout: float = ACK_WAIT_S) -> tuple[int, int, float]:
