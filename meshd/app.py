@@ -163,14 +163,22 @@ class Meshd:
         while not self._stop.is_set():
             try:
                 for event in self.docker.client.events(decode=True, filters={"type": "container"}):
-                    if is_stop_signal(event):
-                        # `docker stop` sends SIGTERM before the app goes: withdraw its endpoint now,
-                        # while it still finishes in-flight requests, not after its namespace is gone.
-                        self.draining[event.get("id") or event["Actor"]["ID"]] = time.monotonic()
-                    self.trigger()
+                    if self._loop is not None:
+                        self._loop.call_soon_threadsafe(self.note_event, event)
             except Exception as exc:  # the engine restarted or the socket dropped: reconnect
                 log.warning("docker_events_lost", error=str(exc))
                 time.sleep(1.0)
+
+    def note_event(self, event: dict) -> None:
+        """On the loop: remember stop signals (draining) and ask for a rebuild."""
+        cid = event.get("id") or (event.get("Actor") or {}).get("ID", "")
+        if is_stop_signal(event):
+            # `docker stop` sends SIGTERM before the app goes: withdraw its endpoint now, while it
+            # still finishes in-flight requests, not after its network namespace is gone.
+            self.draining[cid] = time.monotonic()
+        elif event.get("Action") == "start":
+            self.draining.pop(cid, None)  # `docker restart` keeps the id: it is serving again
+        self._dirty.set()
 
     # ---- the rebuild ---------------------------------------------------------------------
 

@@ -175,3 +175,16 @@ def test_control_host_for(networks, gateways, expected):
 def test_stop_signals_start_draining(event, expected):
     from meshd.app import is_stop_signal
     assert is_stop_signal(event) is expected
+
+
+def test_restart_ends_draining():
+    import asyncio
+    from meshd.app import Meshd
+
+    m = Meshd.__new__(Meshd)  # only the event bookkeeping, no Docker
+    m.draining = {}
+    m._dirty = asyncio.Event()
+    m.note_event({"Action": "kill", "id": "c1", "Actor": {"ID": "c1", "Attributes": {"signal": "15"}}})
+    assert "c1" in m.draining and m._dirty.is_set()
+    m.note_event({"Action": "start", "id": "c1", "Actor": {"ID": "c1", "Attributes": {}}})
+    assert "c1" not in m.draining
