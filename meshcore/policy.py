@@ -49,8 +49,8 @@ POLICY_LABELS: tuple[tuple[str, str, str], ...] = (
     ("mesh.outlier.interval", "10s", "an endpoint's ejection count decays by one per interval spent healthy"),
     ("mesh.outlier.base-ejection", "30s", "ejection time = base x times ejected (at most 300s)"),
     ("mesh.outlier.max-ejection-percent", "10%", "share of endpoints ejected at once; one may always be"),
-    ("mesh.outlier.min-health-percent", "0%", "below this share of healthy endpoints, ejections are ignored "
-     "(panic); at 0% (Istio's default) every endpoint ejected answers 503 UH at once"),
+    ("mesh.outlier.min-health-percent", "50%", "below this share of healthy endpoints, ejections are ignored "
+     "(panic, Envoy's default threshold); at 0% every endpoint ejected answers 503 UH at once"),
     ("mesh.ratelimit", "off", "inbound token bucket: N/s, N/m or N/h"),
     ("mesh.ratelimit.burst", "N", "bucket size (default: the N of mesh.ratelimit)"),
     ("mesh.ratelimit.per-caller", "false", "true: one bucket per caller identity (at most 10,000 kept)"),
@@ -95,7 +95,10 @@ class OutlierPolicy:
     base_ejection: float = 30.0
     max_ejection_percent: float = 10.0
     max_ejection: float = MAX_EJECTION_TIME_S
-    min_health_percent: float = 0.0  # Istio's minHealthPercent: below it ejections are ignored (panic)
+    # Below this share of healthy endpoints ejections are ignored (panic), Envoy's default
+    # healthy_panic_threshold: a lone instance is never ejected into a hard outage, so a service
+    # that fails because its own upstream fails is not cut off by its callers. 0% = no panic.
+    min_health_percent: float = 50.0
 
 
 @dataclass(frozen=True)

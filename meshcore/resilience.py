@@ -216,9 +216,9 @@ class OutlierDetector:
       may always be ejected (Envoy's always_eject_one_host); a refused ejection keeps the count, so the
       next error ejects once there is room.
     - Ejected endpoints return exactly when their time is over (Envoy waits for the next interval tick).
-    - healthy(): the endpoints not ejected. When the healthy share falls below min_health_percent it
-      returns all of them (panic, Istio's minHealthPercent); at the default 0% there is no panic, so
-      with every endpoint ejected callers get an immediate 503 UH instead of calling a failing service.
+    - healthy(): the endpoints not ejected. When the healthy share falls below min_health_percent
+      (default 50%, Envoy's panic threshold) it returns all of them; at 0% there is no panic, so with
+      every endpoint ejected callers get an immediate 503 UH instead of calling a failing service.
     Call set_endpoints() whenever the snapshot changes so percentages use the real endpoint count.
     """
 

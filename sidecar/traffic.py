@@ -126,6 +126,7 @@ class ServiceTraffic:
         d.cgw_limit = o.consecutive_gateway_errors or 0
         d.interval, d.base, d.max_ejection, d.max_percent = (o.interval, o.base_ejection, o.max_ejection,
                                                              o.max_ejection_percent)
+        d.min_health = o.min_health_percent
         r = policy.retries
         self.budget.ratio = r.budget_percent / 100.0
         self.budget.min_concurrency = r.budget_min

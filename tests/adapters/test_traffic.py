@@ -596,14 +596,14 @@ async def _all_ejected():
     async with AsyncExitStack() as stack:
         bad = await Backend("bad", broken).start(stack)
         policy = {"mesh.outlier.consecutive-5xx": "3", "mesh.outlier.base-ejection": "300ms",
-                  "mesh.retries.attempts": "0"}
+                  "mesh.retries.attempts": "0", "mesh.outlier.min-health-percent": "0%"}
         mesh = await Mesh(stack).start([("v1", bad.port)], policy=policy)
         s = await mesh.session()
         for _ in range(3):
             assert (await mesh.call(s))[0] == 503
         assert mesh.traffic.outlier.ejections_total == 1
         hits = bad.hits
-        # The only endpoint is ejected: 503 UH at once, nothing sent to it (Istio's minHealthPercent 0%).
+        # The only endpoint is ejected and panic is off: 503 UH at once, nothing sent to it.
         for _ in range(10):
             status, headers, _ = await mesh.call(s)
             assert status == 503 and headers["x-mesh-flags"] == "UH"

@@ -277,15 +277,23 @@ def test_max_ejection_percent_fifty():
     assert ejected.count(True) == 5
 
 
-def test_all_ejected_means_no_healthy_endpoint_by_default():
-    d = OutlierDetector(OutlierPolicy(consecutive_5xx=1, max_ejection_percent=100.0))
+def test_default_panics_rather_than_ejecting_a_lone_instance():
+    d = OutlierDetector(OutlierPolicy(consecutive_5xx=1))
+    d.set_endpoints(KEYS[:1])
+    d.record(KEYS[0], 500, 1.0)
+    assert d.is_ejected(KEYS[0], 1.0)
+    assert d.healthy(KEYS[:1], 1.0) == KEYS[:1]      # 0% healthy < 50%: panic, still routed
+
+
+def test_all_ejected_means_no_healthy_endpoint_without_panic():
+    d = OutlierDetector(OutlierPolicy(consecutive_5xx=1, max_ejection_percent=100.0, min_health_percent=0.0))
     keys = KEYS[:2]
     d.set_endpoints(keys)
     d.record(keys[0], 500, 1.0)
     assert d.healthy(keys, 1.0) == [keys[1]]
     d.record(keys[1], 500, 1.0)
     assert d.is_ejected(keys[0], 1.0) and d.is_ejected(keys[1], 1.0)
-    assert d.healthy(keys, 1.0) == []                # Istio's default: no panic, callers get 503 UH
+    assert d.healthy(keys, 1.0) == []                # no panic: callers get 503 UH at once
     assert d.panics_total == 0
     assert d.healthy(keys, 1.0 + 30.0) == keys       # back after the base ejection
     assert d.healthy([], 1.0) == []
