@@ -27,36 +27,17 @@ from time import monotonic
 
 import aiohttp
 import pytest
-import uvloop
 from aiohttp import web
 
 from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot
 from sidecar.proxy import (
     TcpInfo, ProxyState, probe_peer, read_tcp_info, start_inbound, start_outbound,
 )
+from .loops import GUARD_S, LOOPS, eventually
 
-GUARD_S = 20
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 URL = "http://payments:8080"
 IDENTITY = "spiffe://mesh.local/ns/shop/sa/payments"
 APP_TIMEOUT_S = 5.0   # the caller's own timeout in the incident: every answer must come well before
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def run(request):
-    def runner(fn, *args):
-        with asyncio.Runner(loop_factory=LOOPS[request.param]) as r:
-            return r.run(asyncio.wait_for(fn(*args), GUARD_S))
-    return runner
-
-
-async def eventually(pred, what="condition", timeout=GUARD_S):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def read_request(reader) -> tuple[bytes, bytes]:

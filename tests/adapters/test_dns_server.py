@@ -5,24 +5,12 @@ from __future__ import annotations
 import asyncio
 import struct
 
-import pytest
-import uvloop
 
 from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot
 from sidecar.dns import TYPE_A, TYPE_AAAA, build_response, encode_name, parse_query, read_name, start_dns
 from sidecar.proxy import ProxyState
 
-GUARD_S = 20
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 UPSTREAM_ADDR = "192.0.2.53"   # what the fake upstream answers for every name
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def run(request):
-    def runner(fn, *args):
-        with asyncio.Runner(loop_factory=LOOPS[request.param]) as r:
-            return r.run(asyncio.wait_for(fn(*args), GUARD_S))
-    return runner
 
 
 def query(name: str, ident: int, qtype: int = TYPE_A) -> bytes:

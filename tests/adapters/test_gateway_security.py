@@ -17,7 +17,7 @@ from gateway.server import start_gateway
 from meshcore.snapshot import GatewayRoute
 from sidecar.proxy import ProxyState
 from sidecar.tlsagent import ServerCert, build_server_csr
-from tests.adapters.test_proxy import Mesh, port_of, run  # noqa: F401 - fixture
+from tests.adapters.test_proxy import Mesh, port_of
 
 ISS, AUD = "https://idp.example", "shop"
 

@@ -27,7 +27,8 @@ from sidecar.mtls import Authorizer, start_mesh_inbound
 from sidecar.proxy import ProxyState, start_outbound
 from sidecar.routing import build_route_table
 from sidecar.tlsagent import CertAgent, MeshTls
-from tests.adapters.test_proxy import GUARD_S, App, eventually, port_of, run  # noqa: F401 - fixture
+from tests.adapters.loops import GUARD_S, eventually
+from tests.adapters.test_proxy import App, port_of
 
 TD = "mesh.local"
 ORDERS = "spiffe://mesh.local/ns/shop/sa/orders"

@@ -19,8 +19,6 @@ from contextlib import AsyncExitStack
 
 import aiohttp
 import httptools
-import pytest
-import uvloop
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,28 +32,9 @@ from sidecar.proxy import (
 )
 from sidecar.routing import build_route_table
 from sidecar.telemetry import render_metrics
+from .loops import GUARD_S, eventually
 
-GUARD_S = 20
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 SVC_PORT = 8080  # the port callers dial for payments (never listened on: transparent capture is simulated)
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def run(request):
-    """run(async_fn) runs it to completion on a fresh loop of the parametrized kind."""
-    def runner(fn, *args):
-        with asyncio.Runner(loop_factory=LOOPS[request.param]) as r:
-            return r.run(asyncio.wait_for(fn(*args), GUARD_S))
-    return runner
-
-
-async def eventually(pred, what="condition", timeout=GUARD_S):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def port_of(server: asyncio.AbstractServer) -> int:

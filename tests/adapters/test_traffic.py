@@ -15,8 +15,6 @@ from contextlib import AsyncExitStack
 from time import monotonic
 
 import aiohttp
-import pytest
-import uvloop
 from aiohttp import web
 
 from meshcore.routing_rules import Fault, Mirror, RouteRule, ServiceRules, Split
@@ -24,28 +22,10 @@ from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot
 from sidecar.proxy import ProxyState, start_inbound, start_outbound
 from sidecar.traffic import ServiceTraffic, TrafficRegistry
 from sidecar.routing import build_route_table
+from .loops import GUARD_S, eventually
 
-GUARD_S = 20
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 SVC_PORT = 8080
 URL = f"http://payments:{SVC_PORT}"
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def run(request):
-    def runner(fn, *args):
-        with asyncio.Runner(loop_factory=LOOPS[request.param]) as r:
-            return r.run(asyncio.wait_for(fn(*args), GUARD_S))
-    return runner
-
-
-async def eventually(pred, what="condition", timeout=GUARD_S):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def port_of(server) -> int:
