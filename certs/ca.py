@@ -155,6 +155,34 @@ def _check_name_constraints(certs: Sequence[x509.Certificate], trust_domain: str
             raise ValueError(f"the CA's name constraints do not permit trust domain {trust_domain!r}")
 
 
+def _checked_csr(csr_pem: bytes) -> tuple[ec.EllipticCurvePublicKey, x509.SubjectAlternativeName]:
+    """The public key and SAN of a well-formed, well-signed CSR with an accepted EC key, or CsrRejected."""
+    if not isinstance(csr_pem, (bytes, bytearray)):
+        raise CsrRejected("CSR must be PEM bytes")
+    if len(csr_pem) > MAX_CSR_BYTES:
+        raise CsrRejected(f"CSR is larger than {MAX_CSR_BYTES} bytes")
+    try:
+        csr = x509.load_pem_x509_csr(bytes(csr_pem))
+    except ValueError:
+        raise CsrRejected("not a PEM certificate signing request") from None
+    try:
+        valid = csr.is_signature_valid
+    except Exception:  # noqa: BLE001 - unsupported algorithms surface as various errors
+        valid = False
+    if not valid:
+        raise CsrRejected("the CSR signature does not verify")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name not in _ACCEPTED_CURVES:
+        raise CsrRejected("the CSR key must be an EC P-256 or P-384 key")
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise CsrRejected("the CSR has no subjectAltName") from None
+    except Exception:  # noqa: BLE001 - malformed or duplicate extensions
+        raise CsrRejected("the CSR's extensions do not parse") from None
+    return public_key, san
+
+
 class CertificateAuthority:
     """Signs workload CSRs and gateway server certificates; owns the trust bundle.
 
@@ -417,29 +445,7 @@ class CertificateAuthority:
         if sid.trust_domain != self._trust_domain:
             raise ValueError(f"identity {expected_id!r} is outside trust domain {self._trust_domain!r}")
         not_before, not_after = self._validity(ttl_s, now)
-        if not isinstance(csr_pem, (bytes, bytearray)):
-            raise CsrRejected("CSR must be PEM bytes")
-        if len(csr_pem) > MAX_CSR_BYTES:
-            raise CsrRejected(f"CSR is larger than {MAX_CSR_BYTES} bytes")
-        try:
-            csr = x509.load_pem_x509_csr(bytes(csr_pem))
-        except ValueError:
-            raise CsrRejected("not a PEM certificate signing request") from None
-        try:
-            valid = csr.is_signature_valid
-        except Exception:  # noqa: BLE001 - unsupported algorithms surface as various errors
-            valid = False
-        if not valid:
-            raise CsrRejected("the CSR signature does not verify")
-        public_key = csr.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name not in _ACCEPTED_CURVES:
-            raise CsrRejected("the CSR key must be an EC P-256 or P-384 key")
-        try:
-            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            raise CsrRejected("the CSR has no subjectAltName") from None
-        except Exception:  # noqa: BLE001 - malformed or duplicate extensions
-            raise CsrRejected("the CSR's extensions do not parse") from None
+        public_key, san = _checked_csr(csr_pem)
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
         if len(uris) != 1:
             raise CsrRejected(f"the CSR must request exactly one URI SAN, it requests {len(uris)}")
@@ -459,27 +465,7 @@ class CertificateAuthority:
         The key stays with the requester. Only the CSR's public key and its checked names are copied.
         """
         not_before, not_after = self._validity(ttl_s, now)
-        if not isinstance(csr_pem, (bytes, bytearray)) or len(csr_pem) > MAX_CSR_BYTES:
-            raise CsrRejected("CSR must be PEM bytes of at most %d bytes" % MAX_CSR_BYTES)
-        try:
-            csr = x509.load_pem_x509_csr(bytes(csr_pem))
-        except ValueError:
-            raise CsrRejected("not a PEM certificate signing request") from None
-        try:
-            valid = csr.is_signature_valid
-        except Exception:  # noqa: BLE001
-            valid = False
-        if not valid:
-            raise CsrRejected("the CSR signature does not verify")
-        public_key = csr.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name not in _ACCEPTED_CURVES:
-            raise CsrRejected("the CSR key must be an EC P-256 or P-384 key")
-        try:
-            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound:
-            raise CsrRejected("the CSR has no subjectAltName") from None
-        except Exception:  # noqa: BLE001
-            raise CsrRejected("the CSR's extensions do not parse") from None
+        public_key, san = _checked_csr(csr_pem)
         allowed_dns = {n.strip().lower().rstrip(".") for n in allowed_names}
         names: list[x509.GeneralName] = []
         for gn in san:
