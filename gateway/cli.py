@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 
 import structlog
 
-from meshio.runtime import configure_logging, run_forever
+from meshio.runtime import configure_logging, run_forever, stop_signal
 
 log = structlog.get_logger("gateway")
 
@@ -58,10 +57,7 @@ async def serve(control_url: str, node: str, bind: str, port: int, admin_port: i
     admin = await start_admin(build_admin_app(control, lambda: render_metrics(state.telemetry),
                                               server.is_serving), "127.0.0.1", admin_port)
     control_task = asyncio.ensure_future(control.run())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_signal()
     log.info("gateway_started", bind=bind, port=port, https_port=https_port if https else None,
              admin_port=admin_port, mtls=agent is not None)
     await stop.wait()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 from dataclasses import dataclass
 
 import structlog
 
-from meshio.runtime import configure_logging, run_forever
+from meshio.runtime import configure_logging, run_forever, stop_signal
 from sidecar.capture import PROXY_UID, apply_capture
 
 log = structlog.get_logger("sidecar")
@@ -134,10 +133,7 @@ async def serve(settings: SidecarSettings) -> None:
     announcer = Announcer(settings.container, settings.service, settings.version, settings.identity,
                           settings.protocol, INBOUND_PORT)
     control_task = asyncio.ensure_future(control.run())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_signal()
     try:
         await announcer.start()
     except OSError as exc:
