@@ -26,3 +26,14 @@ async def eventually(pred, what="condition", timeout=GUARD_S):
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.005)
+
+
+async def serve_on_loopback(app, stack) -> int:
+    """Serve an aiohttp app on 127.0.0.1 (ephemeral port) until `stack` closes; returns the port."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    stack.push_async_callback(runner.cleanup)
+    return runner.addresses[0][1]

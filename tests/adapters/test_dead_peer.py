@@ -33,7 +33,7 @@ from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot
 from sidecar.proxy import (
     TcpInfo, ProxyState, probe_peer, read_tcp_info, start_inbound, start_outbound,
 )
-from .loops import GUARD_S, LOOPS, eventually
+from .loops import GUARD_S, LOOPS, eventually, serve_on_loopback
 
 URL = "http://payments:8080"
 IDENTITY = "spiffe://mesh.local/ns/shop/sa/payments"
@@ -123,12 +123,7 @@ class App:
     async def start(self, stack: AsyncExitStack) -> App:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = runner.addresses[0][1]
-        stack.push_async_callback(runner.cleanup)
+        self.port = await serve_on_loopback(app, stack)
         return self
 
     async def _handle(self, request: web.Request):

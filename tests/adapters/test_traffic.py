@@ -22,7 +22,7 @@ from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot
 from sidecar.proxy import ProxyState, start_inbound, start_outbound
 from sidecar.traffic import ServiceTraffic, TrafficRegistry
 from sidecar.routing import build_route_table
-from .loops import GUARD_S, eventually
+from .loops import GUARD_S, eventually, serve_on_loopback
 
 SVC_PORT = 8080
 URL = f"http://payments:{SVC_PORT}"
@@ -57,12 +57,7 @@ class Backend:
     async def start(self, stack: AsyncExitStack) -> Backend:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = runner.addresses[0][1]
-        stack.push_async_callback(runner.cleanup)
+        self.port = await serve_on_loopback(app, stack)
         return self
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
