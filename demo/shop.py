@@ -40,7 +40,8 @@ VERSION = os.environ.get("VERSION", "v1")
 INSTANCE = socket.gethostname()
 TIMEOUT = ClientTimeout(total=float(os.environ.get("DOWNSTREAM_TIMEOUT_S", "5")))
 # Request headers passed on to downstream calls (request ids, trace context, user for routing).
-PROPAGATE = ("x-request-id", "traceparent", "tracestate", "x-user")
+PROPAGATE = ("x-request-id", "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid",
+             "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "x-user")
 
 ROLE = ""  # set in main()
 

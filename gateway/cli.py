@@ -22,6 +22,7 @@ async def serve(control_url: str, node: str, bind: str, port: int, admin_port: i
     from sidecar.admin import build_admin_app, start_admin
     from sidecar.control import ControlClient
     from sidecar.proxy import ProxyState
+    from sidecar.tracing import collector_url
     from sidecar.telemetry import render_metrics
 
     from gateway.jwt_auth import JwtVerifier
@@ -50,6 +51,10 @@ async def serve(control_url: str, node: str, bind: str, port: int, admin_port: i
             https = agent.server_holder.front
     state.jwt = JwtVerifier(env.get("MESH_JWKS_FILE", ""), env.get("MESH_JWKS_URL", ""))
     state.jwt.start()
+    # Spans go to meshd's trace store beside the control channel (mTLS with the workload certificate).
+    state.tracing.node = node
+    state.tracing.collector = (collector_url(control_url),
+                               agent.control_ssl_context if agent is not None else None)
     control = ControlClient(control_url, "gateway", node, "", apply=state.apply_snapshot, agent=agent)
     server = await start_gateway(state, bind, port)
     https_port = int(env.get("MESH_GATEWAY_HTTPS_PORT", "8443"))
@@ -66,6 +71,8 @@ async def serve(control_url: str, node: str, bind: str, port: int, admin_port: i
     if https_server is not None:
         https_server.close()
     await admin.cleanup()
+    # Queued spans are flushed off the loop (bounded by the export timeout), then the data path closes.
+    await asyncio.to_thread(state.tracing.close)
     state.close()
 
 

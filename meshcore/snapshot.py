@@ -13,6 +13,7 @@ from .authz import DEFAULT_POLICY, Policy, PolicyError, decode_policy, encode_po
 from .labels import MTLS_MODES
 from .policy import decode_traffic_policy, policy_labels
 from .routing_rules import ServiceRules, decode_rules, encode_rules
+from .tracing import SettingsError, TelemetrySettings, decode_settings, encode_settings
 
 INBOUND_PORT = 15006  # the sidecar's inbound listener, Istio's number
 SNAPSHOT_SCHEMA = 1
@@ -92,6 +93,7 @@ class MeshConfig:
     endpoints: dict[str, tuple[Endpoint, ...]] = field(default_factory=dict)
     gateway_routes: tuple[GatewayRoute, ...] = ()
     policies: Policy = DEFAULT_POLICY    # authorization (meshcore.authz), decided by inbound sidecars
+    telemetry: TelemetrySettings = TelemetrySettings()  # tracing and access logs (meshcore.tracing)
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,8 @@ def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str,
 
 def build_config(workloads: Iterable[Workload], announcements: Iterable[Announcement],
                  trust_domain: str, rules: dict[str, ServiceRules] | None = None,
-                 policies: Policy | None = None) -> tuple[MeshConfig, list[LabelError]]:
+                 policies: Policy | None = None,
+                 telemetry: TelemetrySettings | None = None) -> tuple[MeshConfig, list[LabelError]]:
     """Join decoded workloads with mDNS announcements into one MeshConfig, plus the errors found."""
     errors: list[LabelError] = []
     services: dict[str, ServiceConfig] = {}
@@ -206,7 +209,8 @@ def build_config(workloads: Iterable[Workload], announcements: Iterable[Announce
     ordered = {svc: tuple(sorted(set(eps), key=lambda e: (e.address, e.port))) for svc, eps in sorted(endpoints.items())}
     ordered_routes = tuple(sorted(routes.values(), key=_route_order))
     return MeshConfig(services=dict(sorted(services.items())), endpoints=ordered,
-                      gateway_routes=ordered_routes, policies=policies or DEFAULT_POLICY), errors
+                      gateway_routes=ordered_routes, policies=policies or DEFAULT_POLICY,
+                      telemetry=telemetry or TelemetrySettings()), errors
 
 
 def _route_order(route: GatewayRoute) -> tuple:
@@ -261,6 +265,7 @@ def encode_snapshot(snapshot: Snapshot) -> dict[str, Any]:
                             "strip_prefix": r.strip_prefix, "auth": r.auth, "jwt_issuer": r.jwt_issuer,
                             "jwt_audience": r.jwt_audience} for r in cfg.gateway_routes],
         "policies": encode_policy(cfg.policies),
+        "telemetry": encode_settings(cfg.telemetry),
     }
 
 
@@ -355,5 +360,12 @@ def decode_snapshot(data: Any) -> Snapshot:
             policies = decode_policy(data["policies"])
         except PolicyError as exc:
             raise SnapshotError(str(exc)) from None
+    telemetry = TelemetrySettings()
+    if "telemetry" in data:
+        try:
+            telemetry = decode_settings(data["telemetry"])
+        except SettingsError as exc:
+            raise SnapshotError(f"telemetry.{exc}") from None
     return Snapshot(version=version, config=MeshConfig(services=services, endpoints=endpoints,
-                                                       gateway_routes=tuple(routes), policies=policies))
+                                                       gateway_routes=tuple(routes), policies=policies,
+                                                       telemetry=telemetry))

@@ -1,5 +1,6 @@
-"""meshctl stat / top / compare / events / dashboard: the mesh's live RED figures, canary verdicts and
-events, from meshd's telemetry (GET /v1/stat, /v1/compare, /v1/events), and the dashboard's URL."""
+"""meshctl stat / top / compare / events / dashboard / trace / traces / tracing: the mesh's live RED
+figures, canary verdicts and events, from meshd's telemetry (GET /v1/stat, /v1/compare, /v1/events),
+the dashboard's URL, and traces from meshd's trace store (GET /v1/traces) with their settings."""
 
 from __future__ import annotations
 
@@ -94,6 +95,47 @@ def events_table(events: list[dict], title: str = "events"):
     return table
 
 
+def trace_tree(data: dict):
+    """A rich Tree of one trace (GET /v1/traces/{id}): a line per span with service, kind, name,
+    status, flags, duration and a bar placing it on the trace's time line."""
+    from rich.text import Text
+    from rich.tree import Tree
+
+    info = data.get("trace") or {}
+    spans = data.get("spans") or []
+    total = float(info.get("duration_ms") or 0.0) or 1.0
+    t0 = min((s.get("start", 0.0) for s in spans), default=0.0)
+    root = Tree(Text(f"trace {info.get('trace_id')}  {info.get('spans')} spans  "
+                     f"{fmt_ms(info.get('duration_ms'))}  services: {', '.join(info.get('services') or [])}",
+                     style="bold"))
+    width = 24
+    nodes: list = [root]
+    for s in spans:
+        attrs = s.get("attributes") or {}
+        offset = (s.get("start", t0) - t0) * 1000.0
+        lo = int(width * offset / total)
+        hi = max(lo + 1, int(width * (offset + s.get("duration_ms", 0.0)) / total))
+        bar = " " * lo + "█" * (min(hi, width) - lo)
+        status = attrs.get("http.response.status_code", "-")
+        flags = attrs.get("mesh.response_flags", "-")
+        line = Text()
+        line.append(f"{s.get('service')}", style="cyan")
+        line.append(f" {s.get('kind', '').lower()} ")
+        line.append(str(s.get("name")))
+        line.append(f"  {status}", style="red" if s.get("error") else "green")
+        if flags not in ("-", None):
+            line.append(f" {flags}", style="yellow")
+        line.append(f"  +{fmt_ms(offset)} {fmt_ms(s.get('duration_ms'))}  ")
+        line.append(f"|{bar:<{width}}|", style="dim")
+        if s.get("orphan"):
+            line.append("  (parent span not received)", style="dim")
+        depth = int(s.get("depth", 0))
+        del nodes[depth + 1:]
+        parent = nodes[min(depth, len(nodes) - 1)]
+        nodes.append(parent.add(line))
+    return root
+
+
 def register(app: typer.Typer) -> None:
     """Add the observability commands to meshctl."""
     from .cli import API_HELP
@@ -108,6 +150,16 @@ def register(app: typer.Typer) -> None:
 
         return _call(c, "GET", path)
 
+    def fetch(ctx: typer.Context, api: Optional[str], path: str, as_json: bool) -> dict | None:
+        """GET `path`; with --json print it and answer None (the command is done)."""
+        data = call(client(ctx, api), path)
+        if not as_json:
+            return data
+        from .cli import _print_json
+
+        _print_json(data)
+        return None
+
     def stat_path(window: float) -> str:
         return f"/v1/stat?window={window:g}"
 
@@ -117,11 +169,8 @@ def register(app: typer.Typer) -> None:
              window: float = WINDOW,
              as_json: bool = typer.Option(False, "--json", help="print the raw JSON of GET /v1/stat")) -> None:
         """Requests/s, success rate and p50/p90/p99 per service and version (and per call edge)."""
-        data = call(client(ctx, api), stat_path(window))
-        if as_json:
-            from .cli import _print_json
-
-            _print_json(data)
+        data = fetch(ctx, api, stat_path(window), as_json)
+        if data is None:
             return
         from .cli import _console
 
@@ -181,12 +230,9 @@ def register(app: typer.Typer) -> None:
         """Two versions of a service side by side (success, latency) and a verdict line."""
         from urllib.parse import urlencode
 
-        data = call(client(ctx, api), "/v1/compare?" + urlencode({"service": service, "a": a, "b": b,
-                                                                  "window": f"{window:g}"}))
-        if as_json:
-            from .cli import _print_json
-
-            _print_json(data)
+        data = fetch(ctx, api, "/v1/compare?" + urlencode({"service": service, "a": a, "b": b,
+                                                          "window": f"{window:g}"}), as_json)
+        if data is None:
             return
         from rich.table import Table
         from rich.text import Text
@@ -233,11 +279,8 @@ def register(app: typer.Typer) -> None:
         query = {"limit": str(limit)}
         if since:
             query["since"] = since
-        data = call(client(ctx, api), "/v1/events?" + urlencode(query))
-        if as_json:
-            from .cli import _print_json
-
-            _print_json(data)
+        data = fetch(ctx, api, "/v1/events?" + urlencode(query), as_json)
+        if data is None:
             return
         from .cli import _console
 
@@ -247,3 +290,93 @@ def register(app: typer.Typer) -> None:
             console.print("no events" + (f" since {since}" if since else ""))
             return
         console.print(events_table(found))
+
+    @app.command()
+    def trace(ctx: typer.Context,
+              trace_id: str = typer.Argument(..., metavar="TRACE_ID", help="32 hex digits (from `meshctl traces`,"
+                                             " an access log line, or a traceparent header)"),
+              api: Optional[str] = typer.Option(None, "--api", help=API_HELP, show_default=False),
+              as_json: bool = typer.Option(False, "--json", help="print the raw JSON of GET /v1/traces/ID")) -> None:
+        """One request's spans as a tree, with timings, from meshd's trace store."""
+        tid = trace_id.strip().lower()
+        if tid.startswith("00-") and tid.count("-") == 3:
+            tid = tid.split("-")[1]  # a whole traceparent value
+        if len(tid) != 32 or any(ch not in "0123456789abcdef" for ch in tid):
+            raise typer.BadParameter(f"{trace_id!r} is not a trace id (32 hex digits)", param_hint="TRACE_ID")
+        data = fetch(ctx, api, f"/v1/traces/{tid}", as_json)
+        if data is None:
+            return
+        from .cli import _console
+
+        _console().print(trace_tree(data))
+
+    @app.command()
+    def traces(ctx: typer.Context,
+               api: Optional[str] = typer.Option(None, "--api", help=API_HELP, show_default=False),
+               service: Optional[str] = typer.Option(None, "--service", help="only traces touching this service"),
+               errors: bool = typer.Option(False, "--errors", help="only traces with a failed span"),
+               limit: int = typer.Option(20, "--limit", help="at most this many (newest first)"),
+               as_json: bool = typer.Option(False, "--json", help="print the raw JSON of GET /v1/traces")) -> None:
+        """Recent traces in meshd's store, newest first."""
+        from urllib.parse import urlencode
+
+        query = {"limit": str(limit)}
+        if service:
+            query["service"] = service
+        if errors:
+            query["errors"] = "1"
+        data = fetch(ctx, api, "/v1/traces?" + urlencode(query), as_json)
+        if data is None:
+            return
+        from rich.table import Table
+
+        from .cli import _console
+
+        console = _console()
+        found = data.get("traces") or []
+        if not found:
+            console.print("no traces stored yet (sampling is set by `meshctl tracing --sampling`)")
+            return
+        table = Table(title=f"traces ({len(found)} of {data.get('stored', 0)} stored)", title_justify="left")
+        for col, justify in (("time", "left"), ("trace id", "left"), ("root", "left"), ("spans", "right"),
+                             ("duration", "right"), ("errors", "right")):
+            table.add_column(col, justify=justify, overflow="fold")
+        for t in found:
+            table.add_row(_fmt_time(t.get("start")), t.get("trace_id"), t.get("root"), str(t.get("spans")),
+                          fmt_ms(t.get("duration_ms")), str(t.get("errors")),
+                          style="red" if t.get("errors") else None)
+        console.print(table)
+
+    @app.command()
+    def tracing(ctx: typer.Context,
+                api: Optional[str] = typer.Option(None, "--api", help=API_HELP, show_default=False),
+                sampling: Optional[str] = typer.Option(None, "--sampling",
+                                                       help="percent of new traces sampled, 0-100 (default 1)"),
+                endpoint: Optional[str] = typer.Option(None, "--endpoint",
+                                                       help="external OTLP/HTTP collector URL (Jaeger, Tempo);"
+                                                            " \"\" turns it off"),
+                access_log: Optional[str] = typer.Option(None, "--access-log",
+                                                         help="off | sampled (sampled traces and failures) | full")) -> None:
+        """Show or change the mesh's tracing and access-log settings (pushed to every node)."""
+        c = client(ctx, api)
+        change: dict = {}
+        if sampling is not None:
+            change["sampling"] = sampling
+        if endpoint is not None:
+            change["otlp_endpoint"] = endpoint or None
+        if access_log is not None:
+            change["access_log"] = access_log
+        if change:
+            from .traffic import _call
+
+            data = _call(c, "PUT", "/v1/telemetry/settings", change)
+        else:
+            data = call(c, "/v1/telemetry/settings")
+        st = data.get("settings") or {}
+        typer.echo(f"sampling: {st.get('sampling'):g}%")
+        typer.echo(f"otlp endpoint: {st.get('otlp_endpoint') or 'none (meshd store only)'}")
+        typer.echo(f"access log: {st.get('access_log')}")
+        if "version" in data:
+            from .traffic import report_push
+
+            report_push(c, data["version"], wait=True)

@@ -65,12 +65,18 @@ def _change(ctx: typer.Context, service: str, kind: str, body: dict, wait: bool)
     typer.echo(f"{service}: rules now (snapshot version {version}):")
     for line in describe_rules(answer["rules"]):
         typer.echo(line)
-    if wait:
-        acked, connected, waited = wait_for_acks(client, version)
-        typer.echo(f"ACKed by {acked}/{connected} connected nodes in {waited * 1000:.0f} ms")
-        if acked < connected:
-            typer.echo("some nodes did not ACK in time: see `meshctl status` for NACK reasons", err=True)
-            raise typer.Exit(1)
+    report_push(client, version, wait)
+
+
+def report_push(client, version: int, wait: bool) -> None:
+    """Say which snapshot carries a change and, with `wait`, how fast every node ACKed it (exit 1 if not all)."""
+    if not wait:
+        return
+    acked, connected, waited = wait_for_acks(client, version)
+    typer.echo(f"snapshot version {version} ACKed by {acked}/{connected} connected nodes in {waited * 1000:.0f} ms")
+    if acked < connected:
+        typer.echo("some nodes did not ACK in time: see `meshctl status` for NACK reasons", err=True)
+        raise typer.Exit(1)
 
 
 WAIT = typer.Option(True, "--wait/--no-wait", help="wait for every connected sidecar to ACK the change")

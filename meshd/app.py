@@ -18,6 +18,7 @@ from aiohttp import web
 from meshcore.labels import DEFAULT_TRUST_DOMAIN
 from meshcore.protocol import CONTROL_PATH, CONTROL_PORT
 from meshcore.snapshot import MeshConfig, Snapshot, build_config, build_workloads, encode_snapshot
+from meshcore.tracing import TelemetrySettings
 
 from . import __version__
 from .control import Hub, dumps
@@ -32,6 +33,10 @@ from .security_api import (
 )
 from .store import Store
 from .telemetry import TelemetryHub, add_routes as add_telemetry_routes  # observability
+from .traces import (
+    MAX_BODY as OTLP_MAX_BODY, SettingsBook, TraceStore, add_receiver, add_routes as add_trace_routes,
+    settings_from_env,
+)
 
 log = structlog.get_logger("meshd")
 
@@ -67,6 +72,7 @@ class Settings:
     gateway_key: str = ""
     jwks_file: str = ""                    # MESH_JWKS_FILE (host path, mounted read-only) or MESH_JWKS_URL
     jwks_url: str = ""
+    telemetry: TelemetrySettings = TelemetrySettings()  # MESH_TRACE_SAMPLING, MESH_OTLP_ENDPOINT, MESH_ACCESS_LOG
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -86,6 +92,7 @@ class Settings:
                                 if h.strip()) or ("localhost",),
             gateway_cert=env.get("MESH_GATEWAY_CERT", ""), gateway_key=env.get("MESH_GATEWAY_KEY", ""),
             jwks_file=env.get("MESH_JWKS_FILE", ""), jwks_url=env.get("MESH_JWKS_URL", ""),
+            telemetry=settings_from_env(dict(env)),
         )
 
 
@@ -121,6 +128,8 @@ class Meshd:
         self.rules = RulesBook(self.store)
         self.draining: dict[str, float] = {}  # container id -> when it was sent a stop signal
         self.telemetry = TelemetryHub.for_meshd(self)  # observability
+        self.traces = TraceStore()
+        self.telemetry_settings = SettingsBook(self.store, settings.telemetry)
         self._rebuild_lock = asyncio.Lock()
         self._version = int(self.store.get("snapshot_version", 0))
         self._digest = self.store.get("snapshot_digest", "")
@@ -207,7 +216,8 @@ class Meshd:
     def _publish_config(self, workloads) -> None:
         announcements = [a for a in self.discovery.announcements() if a.instance not in self.draining]
         config, errors = build_config(workloads, announcements, self.settings.trust_domain,
-                                      rules=self.rules.rules, policies=self.policies.policy)
+                                      rules=self.rules.rules, policies=self.policies.policy,
+                                      telemetry=self.telemetry_settings.settings)
         self.label_errors = errors
         config = self.telemetry.apply_overrides(config)  # adaptive policy overrides (observability)
         self._publish(config)
@@ -399,6 +409,7 @@ class Meshd:
         app.router.add_get("/v1/acks", ack_latency)
         add_rules_routes(app, self.rules, self.versions_of, self.republish)
         add_telemetry_routes(app, self.telemetry)  # observability (also /dashboard)
+        add_trace_routes(app, self.traces, self.telemetry_settings, self.republish)
         add_policy_routes(app, self.policies, self.republish)
         add_cert_routes(app, self.pki, self.hub)
         return app
@@ -408,8 +419,9 @@ class Meshd:
     async def run(self) -> None:
         """Serve until cancelled."""
         self._loop = asyncio.get_running_loop()
-        control = web.Application()
+        control = web.Application(client_max_size=OTLP_MAX_BODY)
         control.router.add_get(CONTROL_PATH, self.hub.handle)
+        add_receiver(control, self.traces, self.settings.trust_domain)  # spans from mesh members
         self._control_runner = web.AppRunner(control, access_log=None)
         await self._control_runner.setup()
         admin_runner = web.AppRunner(self._admin_app(), access_log=None)

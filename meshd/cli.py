@@ -14,9 +14,15 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("run", help="watch Docker, manage sidecars and the gateway, push config")
     args = parser.parse_args(argv)
     if args.command == "run":
+        from meshcore.tracing import SettingsError
+
         from .app import Meshd, Settings
         configure_logging("meshd")
-        run_forever(lambda: Meshd(Settings.from_env()).run())
+        try:
+            settings = Settings.from_env()
+        except (SettingsError, ValueError) as exc:
+            parser.exit(2, f"meshd: bad setting: {exc}\n")
+        run_forever(lambda: Meshd(settings).run())
 
 
 if __name__ == "__main__":

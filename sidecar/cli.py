@@ -92,6 +92,7 @@ async def serve(settings: SidecarSettings) -> None:
     from sidecar.announce import Announcer
     from sidecar.control import ControlClient
     from sidecar.proxy import ProxyState, start_inbound, start_outbound, start_tcp_inbound
+    from sidecar.tracing import collector_url
     from sidecar.telemetry import render_metrics
 
     agent = None
@@ -109,6 +110,10 @@ async def serve(settings: SidecarSettings) -> None:
         def apply(snapshot, _apply=state.apply_snapshot, _authz=state.authz):
             _apply(snapshot)
             _authz.update(snapshot)
+    # Spans go to meshd's trace store beside the control channel (mTLS with the workload certificate).
+    state.tracing.node = settings.node
+    state.tracing.collector = (collector_url(settings.control_url),
+                               agent.control_ssl_context if agent is not None else None)
     control = ControlClient(settings.control_url, "sidecar", settings.node, settings.container,
                             apply=apply, agent=agent)
     servers: list[asyncio.AbstractServer] = []
@@ -148,6 +153,8 @@ async def serve(settings: SidecarSettings) -> None:
     for server in servers:
         server.close()
     await admin.cleanup()
+    # Queued spans are flushed off the loop (bounded by the export timeout), then the data path closes.
+    await asyncio.to_thread(state.tracing.close)
     state.close()
 
 

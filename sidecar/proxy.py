@@ -46,6 +46,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, Htt
 from meshcore.lb import DEFAULT_MAX_TRIES, connect_tries, merge_exclusions, pick_p2c
 from meshcore.resilience import DI, FI, RL, UO, URX, UT, backoff_delay, should_retry
 from meshcore.snapshot import Snapshot
+from meshcore.tracing import ACCESS_FULL, B3_MULTI, B3_SINGLE, TRACEPARENT, TRACESTATE, encode_trace_headers
 
 from .routing import (
     EMPTY_TABLE, PASSTHROUGH, UNKNOWN, Cluster, RouteTable, build_route_table, find_by_address,
@@ -54,6 +55,7 @@ from .routing import (
 from .dns import VipAllocator
 from .mirror import MirrorSender, shadow_host
 from .telemetry import NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
+from .tracing import Tracing
 from .traffic import (
     LB_RING_HASH, TrafficRegistry, balance_subset, choose_mirror_subset, choose_subset, fault_of,
     request_header,
@@ -129,13 +131,18 @@ H_SOURCE = 7          # x-mesh-source: kept and noted (inbound metrics)
 H_SOURCE_VERSION = 8
 H_XFF = 9             # x-forwarded-for: noted and dropped (the gateway re-adds it with the client)
 H_FLAGS = 10          # response x-mesh-flags: kept and noted (a peer inbound's UF/UH is retriable)
+H_TRACEPARENT = 11    # W3C traceparent: noted and dropped; re-emitted with this hop's span id
+H_B3 = 12             # B3 (b3, x-b3-*): noted and dropped; re-emitted in kind (meshcore.tracing)
+H_TRACESTATE = 13     # W3C tracestate: noted and dropped; re-emitted only when the trace continues
 
 HOP_BY_HOP = {
     b"connection": H_CONNECTION, b"keep-alive": H_DROP, b"proxy-connection": H_DROP, b"te": H_DROP,
     b"transfer-encoding": H_TE, b"upgrade": H_DROP, b"proxy-authorization": H_DROP,
     b"proxy-authenticate": H_DROP,
 }
-_REQUEST_BASE = {**HOP_BY_HOP, b"content-length": H_CL, b"host": H_HOST, b"expect": H_EXPECT}
+_REQUEST_BASE = {**HOP_BY_HOP, b"content-length": H_CL, b"host": H_HOST, b"expect": H_EXPECT,
+                 TRACEPARENT: H_TRACEPARENT, TRACESTATE: H_TRACESTATE, B3_SINGLE: H_B3,
+                 **{name: H_B3 for name in B3_MULTI}}
 # Outbound: the app's own x-mesh-source headers are dropped; ours are added on mesh hops.
 XFCC = b"x-forwarded-client-cert"   # set by the inbound from the verified peer certificate (Envoy's name)
 OUTBOUND_REQUEST_HEADERS = {**_REQUEST_BASE, MESH_SOURCE: H_DROP, MESH_SOURCE_VERSION: H_DROP, XFCC: H_DROP}
@@ -464,7 +471,7 @@ class ProxyState:
         self.traffic = TrafficRegistry()    # per destination service: policy, rules, breaker, outlier...
         self.vips = VipAllocator()          # service virtual IPs, answered by the DNS proxy (sidecar.dns)
         self.mirrors = MirrorSender(self._mirror_connect, self._mirror_result)
-        self.access_log: Callable[[Exchange], None] | None = None  # called with each finished exchange
+        self.tracing = Tracing(service, version, registry=self.telemetry.registry)  # spans, access logs
         self.tcp_info = tcp_info                  # dead peers (see the class docstring)
         self.probe = probe
         self.undelivered_after = undelivered_after
@@ -481,6 +488,7 @@ class ProxyState:
     def apply_snapshot(self, snapshot: Snapshot) -> RouteTable:
         """Build the route table of a snapshot and swap it in; returns it."""
         table = build_route_table(snapshot, self.vips.assign(snapshot.config.services))
+        self.tracing.configure(snapshot.config.telemetry)
         old, self.table = self.table, table
         self.traffic.apply(table)
         pools = self.pools
@@ -611,6 +619,7 @@ class ProxyState:
         self._watched.clear()
         self.pools.close()
         self.mirrors.close()
+        self.tracing.close()
 
 
 # ---- the layer stack ----------------------------------------------------------------------------
@@ -810,6 +819,8 @@ class Exchange:
         # traffic layers
         "traffic", "subset", "mirror", "admitted", "budgeted", "keep_held", "resend", "attempt", "retry_on",
         "in_retry", "timer", "try_timer", "wait", "fault_abort",
+        # tracing
+        "tp", "ts", "b3", "trace", "trace_headers",
     )
 
     def __init__(self, down: _Downstream):
@@ -871,6 +882,11 @@ class Exchange:
         self.try_timer: asyncio.TimerHandle | None = None  # per-try timeout
         self.wait: asyncio.TimerHandle | None = None       # fault delay or retry backoff
         self.fault_abort = 0
+        self.tp: bytes | None = None              # the request's traceparent
+        self.ts: bytes | None = None              # its tracestate (vendor entries, passed on)
+        self.b3: dict | None = None               # the request's B3 headers, by lowercase name
+        self.trace = None                         # meshcore.tracing.TraceContext of this hop
+        self.trace_headers = b""                  # what carries it to the next hop
 
 
 # Reasons the downstream's reading is paused (bits).
@@ -1083,6 +1099,15 @@ class _Downstream(asyncio.Protocol):
                 ex.lines += (name, b": ", value, b"\r\n")
             elif act == H_XFF:
                 ex.xff = value if ex.xff is None else ex.xff + b", " + value
+            elif act == H_TRACEPARENT:
+                # Two traceparent headers are invalid (W3C Trace Context 3.2): a new trace starts.
+                ex.tp = value if ex.tp is None else b"-"
+            elif act == H_TRACESTATE:
+                ex.ts = value if ex.ts is None else ex.ts + b"," + value  # RFC 9110 5.3: one list
+            elif act == H_B3:
+                if ex.b3 is None:
+                    ex.b3 = {}
+                ex.b3[name.lower()] = value
 
     def on_headers_complete(self) -> None:
         ex = self.cur
@@ -1191,6 +1216,11 @@ class _Downstream(asyncio.Protocol):
         if ex.bad:
             self._reply(ex, 400, FLAG_DOWNSTREAM_PROTOCOL_ERROR, b"bad request\n", close=True)
             return
+        ex.trace = trace = self.state.tracing.begin(ex.tp, ex.b3)   # 0. trace context of this hop
+        ex.trace_headers = encode_trace_headers(trace)
+        if ex.ts is not None and trace.parent_id is not None:
+            # tracestate belongs to the caller's trace: dropped when a new one starts (W3C 3.3.1).
+            ex.trace_headers += b"tracestate: %b\r\n" % ex.ts
         stack = self.stack
         if stack.ratelimit is not None:
             limited = stack.ratelimit(self, ex)
@@ -1593,6 +1623,7 @@ class _Downstream(asyncio.Protocol):
             parts.append(self.stack.mesh_headers)
         if ex.extra:
             parts.append(ex.extra)
+        parts.append(ex.trace_headers)
         parts.append(b"\r\n")
         return b"".join(parts)
 
@@ -1743,22 +1774,32 @@ class _Downstream(asyncio.Protocol):
         if ex.traffic is not None:
             self._traffic_done(ex)
         ms = (monotonic() - ex.start) * 1000.0
+        cluster = ex.cluster
         if stack.reporter == REPORTER_DESTINATION:
             src = caller_of(self, ex)
             srcv = ex.source_version.decode("latin-1") if ex.source_version else UNKNOWN
-            state.telemetry.record_request(REPORTER_DESTINATION, src, srcv, state.service, state.service,
-                                           state.version, ex.status, ex.flags, ms)
+            dst, ver = state.service, state.version
+            state.telemetry.record_request(REPORTER_DESTINATION, src, srcv, dst, dst, ver,
+                                           ex.status, ex.flags, ms)
         else:
-            cluster = ex.cluster
+            src, srcv = stack.source_name, state.version
             if cluster is None:
                 dst, ver = UNKNOWN, UNKNOWN
             else:
                 dst = cluster.name
                 ver = cluster.endpoints[ex.index].version if ex.index is not None else UNKNOWN
-            state.telemetry.record_request(REPORTER_SOURCE, stack.source_name, state.version, dst, dst, ver,
-                                           ex.status, ex.flags, ms)
-        if state.access_log is not None:
-            state.access_log(ex)
+            state.telemetry.record_request(REPORTER_SOURCE, src, srcv, dst, dst, ver, ex.status, ex.flags, ms)
+        trace = ex.trace
+        if trace is not None and (trace.sampled or state.tracing.access_mode == ACCESS_FULL
+                                  or ex.status >= 500 or ex.flags != NO_FLAGS):
+            upstream = None
+            if cluster is not None and ex.index is not None:
+                key = cluster.keys[ex.index]
+                upstream = f"{key[0]}:{key[1]}"
+            state.tracing.finish(trace, direction=stack.direction, method=ex.method, target=ex.target,
+                                 status=ex.status, flags=ex.flags, ms=ms, source=src, source_version=srcv,
+                                 destination=dst, destination_version=ver, upstream=upstream,
+                                 attempts=ex.attempt + 1, no_flags=NO_FLAGS)
 
     def _advance(self) -> None:
         """The head exchange is finished: start the next pipelined one, if any."""

@@ -246,13 +246,60 @@
     });
   }
 
+  // ---- traces ----
+
+  async function showTrace(id) {
+    const data = await getJSON("/v1/traces/" + encodeURIComponent(id));
+    const box = $("trace");
+    box.textContent = "";
+    box.appendChild(h("h3", null, "trace " + id + " (" + data.trace.spans + " spans, " + fmtMs(data.trace.duration_ms) + ")"));
+    const t0 = Math.min(...data.spans.map((s) => s.start));
+    const total = Math.max(data.trace.duration_ms, 0.001);
+    data.spans.forEach((s) => {
+      const row = h("div", "span" + (s.error ? " bad" : ""));
+      row.style.paddingLeft = (s.depth * 1.2) + "em";
+      const attrs = s.attributes || {};
+      row.appendChild(h("span", null, s.service + " " + s.kind.toLowerCase() + " " + s.name + "  " +
+                        (attrs["http.response.status_code"] || "-") + "  " + fmtMs(s.duration_ms) + " "));
+      const bar = h("span", "bar");
+      bar.style.marginLeft = (100 * (s.start - t0) * 1000 / total).toFixed(1) + "px";
+      bar.style.width = Math.max(1, 100 * s.duration_ms / total).toFixed(1) + "px";
+      row.appendChild(bar);
+      box.appendChild(row);
+    });
+  }
+
+  async function pollTraces() {
+    const data = await getJSON("/v1/traces?limit=10");
+    const table = $("traces");
+    table.textContent = "";
+    const found = data.traces || [];
+    if (!found.length) {
+      const tr = h("tr");
+      tr.appendChild(h("td", "muted", "none sampled yet (meshctl tracing --sampling)"));
+      table.appendChild(tr);
+      return;
+    }
+    found.forEach((t) => {
+      const tr = h("tr", t.errors ? "bad" : null);
+      tr.dataset.trace = t.trace_id;
+      [new Date(t.start * 1000).toLocaleTimeString(), t.trace_id.slice(0, 16) + "…", t.root,
+       t.spans + " spans", fmtMs(t.duration_ms)].forEach((text) => tr.appendChild(h("td", null, text)));
+      tr.style.cursor = "pointer";
+      tr.addEventListener("click", () => showTrace(t.trace_id).catch((err) => { $("trace").textContent = err.message; }));
+      table.appendChild(tr);
+    });
+  }
+
   async function tick() {
     try {
       const [graph, stat] = await Promise.all([getJSON("/v1/graph?window=" + win()),
                                                getJSON("/v1/stat?window=" + win())]);
       drawGraph(graph);
       drawStat(stat);
-      await Promise.all([drawCanary(stat), pollEvents()]);
+      // Traces are an extra: a failure there must not blank the rest of the page.
+      await Promise.all([drawCanary(stat), pollEvents(),
+                         pollTraces().catch((err) => { $("traces").dataset.error = err.message; })]);
       document.body.dataset.updated = String(Date.now());
     } catch (err) {
       $("status").textContent = "no data: " + err.message;

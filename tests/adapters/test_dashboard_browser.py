@@ -20,6 +20,8 @@ from aiohttp import web
 
 from meshd.dashboard import PUBLIC_PATHS
 from meshd.telemetry import TelemetryHub, Target, add_routes
+from meshd.traces import SettingsBook, TraceStore, add_routes as add_trace_routes
+from meshcore.tracing import KIND_CLIENT, KIND_SERVER, SpanRecord, TelemetrySettings
 from sidecar.telemetry import Telemetry, render_metrics
 
 from .test_meshd_telemetry import LoopThread
@@ -92,6 +94,36 @@ def _admin_middlewares() -> list:
     return [guarded]
 
 
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def _canned_traces() -> TraceStore:
+    """One trace: gateway -> frontend (server) -> frontend->catalog (client) -> catalog (server, 503)."""
+    t0 = int(time.time() * 1e9)
+    ms = 1_000_000
+    rows = [("gateway", "a1", None, "GET frontend", KIND_SERVER, 0, 9, 200),
+            ("frontend", "a2", "a1", "GET /", KIND_SERVER, 1, 8, 200),
+            ("frontend", "a3", "a2", "GET catalog", KIND_CLIENT, 2, 6, 503),
+            ("catalog", "a4", "a3", "GET /items", KIND_SERVER, 3, 5, 503)]
+    store = TraceStore()
+    store.add([SpanRecord(trace_id=TRACE_ID, span_id=sid.ljust(16, "0"), parent_id=parent and parent.ljust(16, "0"),
+                          name=name, kind=kind, start_ns=t0 + a * ms, end_ns=t0 + b * ms, service=svc,
+                          attributes=(("http.response.status_code", code),), error=code >= 500)
+               for svc, sid, parent, name, kind, a, b, code in rows])
+    return store
+
+
+class _MemoryStore:
+    def __init__(self):
+        self.data = {}
+
+    def get(self, key, default=None):
+        return self.data.get(key, default)
+
+    def put(self, key, value):
+        self.data[key] = value
+
+
 @pytest.fixture
 def dashboard_url():
     lt = LoopThread()
@@ -101,6 +133,10 @@ def dashboard_url():
     async def start():
         app = web.Application(middlewares=_admin_middlewares())
         add_routes(app, hub)
+
+        async def publish():
+            return 1
+        add_trace_routes(app, _canned_traces(), SettingsBook(_MemoryStore(), TelemetrySettings()), publish)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -146,6 +182,13 @@ def test_dashboard_draws_the_graph_in_chromium(dashboard_url, tmp_path):
             assert "catalog: v1 vs v2" in canary and "v2 fails more" in canary
             assert "canned" in page.inner_text("#events")
             assert "#token" not in page.url  # taken out of the address bar
+            page.click(f'#traces tr[data-trace="{TRACE_ID}"]')
+            page.wait_for_selector("#trace .span", timeout=10_000)
+            spans = page.eval_on_selector_all("#trace .span", "els => els.map(e => [e.textContent, e.className,"
+                                              " parseFloat(e.style.paddingLeft)])")
+            assert [t.split()[0] for t, _, _ in spans] == ["gateway", "frontend", "frontend", "catalog"]
+            assert [d for _, _, d in spans] == sorted(d for _, _, d in spans)   # indented by depth
+            assert "bad" in spans[3][1] and "503" in spans[3][0] and "bad" not in spans[0][1]
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()

@@ -1,0 +1,172 @@
+"""Per-request tracing and access logs of one node (sidecar or gateway).
+
+Every HTTP request gets a trace context (meshcore.tracing: W3C `traceparent`, B3 understood and
+forwarded). Sampled hops become OpenTelemetry SDK spans; the SDK's batch processor hands them to
+`OtlpJsonExporter`, which posts OTLP/HTTP JSON to meshd's trace store (mTLS, the control address)
+and to the external collector named in the snapshot's telemetry settings. The SDK is imported only
+once a span is to be recorded, so a node that samples nothing does not carry it.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+import threading
+import time
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import structlog
+
+from meshcore.tracing import (
+    KIND_CLIENT, KIND_SERVER, Parent, TelemetrySettings, TraceContext, decode_parent,
+    encode_otlp, should_log_access, start_hop,
+)
+
+log = structlog.get_logger("sidecar.tracing")
+access = structlog.get_logger("access")
+
+OTLP_PATH = "/v1/traces"       # OTLP/HTTP 1.0 default path for traces
+
+
+def collector_url(control_url: str) -> str:
+    """meshd's OTLP/HTTP receiver beside its control channel (`wss://h:p/...` -> `https://h:p/v1/traces`)."""
+    parts = urlsplit(control_url)
+    scheme = "https" if parts.scheme in ("wss", "https") else "http"
+    return f"{scheme}://{parts.netloc}{OTLP_PATH}"
+
+
+class Tracing:
+    """Trace decisions, spans and access logs for the requests of one node."""
+
+    def __init__(self, service: str, version: str, node: str = "", registry: Any = None,
+                 rand: Callable[[], float] = random.random, bits: Callable[[int], int] = random.getrandbits):
+        self.service = service
+        self.version = version
+        self.node = node
+        self.settings = TelemetrySettings()
+        self.rate = self.settings.rate
+        self.access_mode = self.settings.access_log
+        self.rand = rand
+        self.bits = bits
+        # meshd's receiver: (URL, TLS client context factory or None); set by the node's CLI.
+        self.collector: tuple[str, Callable[[], ssl.SSLContext] | None] | None = None
+        self._sdk = None            # sidecar.otel.SdkSpans: started in a thread once sampling is on
+        self._sdk_lock = threading.Lock()
+        self._sdk_failed = False
+        self.counts = _SpanCounters(registry)
+
+    # -- settings (from each snapshot)
+
+    def configure(self, settings: TelemetrySettings) -> None:
+        """Apply the snapshot's telemetry settings; the exporter reads the endpoints at each export."""
+        if settings == self.settings:
+            return
+        self.settings = settings
+        self.rate = settings.rate
+        self.access_mode = settings.access_log
+        log.info("telemetry_settings", sampling=settings.sampling, otlp_endpoint=settings.otlp_endpoint,
+                 access_log=settings.access_log)
+        if self.rate > 0 and self._sdk is None:
+            # Importing and starting the SDK takes tens of ms: off the event loop, before the first span.
+            threading.Thread(target=self._start_sdk, name="otel-start", daemon=True).start()
+
+    def _start_sdk(self) -> None:
+        """Start the OpenTelemetry SDK once (any thread); on failure spans are dropped and counted."""
+        with self._sdk_lock:
+            if self._sdk is not None or self._sdk_failed:
+                return
+            try:
+                from sidecar.otel import SdkSpans
+                self._sdk = SdkSpans(self)
+            except Exception:  # noqa: BLE001 - tracing must never break the data path
+                log.exception("tracing_unavailable")
+                self._sdk_failed = True
+                return
+        log.info("tracing_started", targets=[t[1] for t in self.targets()])
+
+    def targets(self) -> list[tuple[str, str, Callable[[], ssl.SSLContext] | None]]:
+        """Where spans go now: (label, URL, TLS context factory)."""
+        out = []
+        if self.collector is not None:
+            out.append(("meshd", self.collector[0], self.collector[1]))
+        if self.settings.otlp_endpoint:
+            out.append(("external", self.settings.otlp_endpoint, None))
+        return out
+
+    # -- per request
+
+    def begin(self, traceparent: bytes | None, b3: dict | None) -> TraceContext:
+        """This hop's trace context for a request carrying these headers."""
+        parent: Parent | None = decode_parent(traceparent, b3) if (traceparent is not None or b3) else None
+        bits = self.bits
+        return start_hop(parent, self.rate, self.rand(), bits(128), bits(64))
+
+    def finish(self, ctx: TraceContext, *, direction: str, method: bytes, target: bytes, status: int,
+               flags: str, ms: float, source: str, source_version: str,
+               destination: str, destination_version: str, upstream: str | None, attempts: int,
+               no_flags: str) -> None:
+        """The request ended: its span when sampled, its access log line when the mode says so."""
+        record_span = ctx.sampled
+        log_it = should_log_access(self.access_mode, ctx.sampled, status, flags, no_flags)
+        if not (record_span or log_it):
+            return
+        end_ns = time.time_ns()
+        start_ns = end_ns - int(ms * 1e6)
+        path = target.split(b"?", 1)[0].decode("latin-1")
+        if record_span:
+            self._record(ctx, direction, method.decode("latin-1"), path, status, flags, start_ns, end_ns,
+                         source, source_version, destination, destination_version, upstream, attempts, no_flags)
+        if log_it:
+            access.info("request", direction=direction, method=method.decode("latin-1"), path=path,
+                        status=status, flags=flags, duration_ms=round(ms, 3), source=source,
+                        source_version=source_version, destination=destination,
+                        destination_version=destination_version, upstream=upstream, attempts=attempts,
+                        trace_id=ctx.trace_hex, span_id="%016x" % ctx.span_id, sampled=ctx.sampled)
+
+    # -- spans (OpenTelemetry SDK)
+
+    def _record(self, ctx: TraceContext, direction: str, method: str, path: str, status: int, flags: str,
+                start_ns: int, end_ns: int, source: str, source_version: str, destination: str,
+                destination_version: str, upstream: str | None, attempts: int, no_flags: str) -> None:
+        if self._sdk is None:
+            self._start_sdk()  # a sampled caller while this node samples nothing itself (or still starting)
+            if self._sdk is None:
+                self.counts.dropped.inc()
+                return
+        attrs = {
+            "http.request.method": method, "url.path": path, "http.response.status_code": status,
+            "mesh.direction": direction, "mesh.response_flags": flags,
+            "mesh.source": source, "mesh.source_version": source_version,
+            "mesh.destination": destination, "mesh.destination_version": destination_version,
+            "mesh.node": self.node,
+        }
+        if upstream:
+            attrs["server.address"] = upstream
+        if attempts > 1:
+            attrs["mesh.attempts"] = attempts
+        name = f"{method} {destination}" if direction != "inbound" else f"{method} {path}"
+        kind = KIND_CLIENT if direction == "outbound" else KIND_SERVER
+        error = status >= 500 or status == 0 or flags != no_flags
+        self._sdk.record(ctx, name, kind, attrs, start_ns, end_ns, error)
+
+    def close(self) -> None:
+        """Flush what is queued (bounded by the export timeout) and stop the exporter thread."""
+        with self._sdk_lock:
+            sdk, self._sdk = self._sdk, None
+            self._sdk_failed = True  # closed: no restart by a late span
+        if sdk is not None:
+            sdk.close()
+
+
+class _SpanCounters:
+    """mesh_trace_spans_total{target,result}: what the exporter did with the spans."""
+
+    def __init__(self, registry: Any):
+        from prometheus_client import Counter
+        self.counter = Counter("mesh_trace_spans", "Spans exported by this node, by target and result",
+                               ["target", "result"], registry=registry)
+        self.dropped = self.counter.labels("sdk", "dropped")
+
+    def add(self, target: str, ok: bool, n: int) -> None:
+        self.counter.labels(target, "exported" if ok else "failed").inc(n)
