@@ -11,11 +11,12 @@ from . import env
 STEPS = (
     ("python interpreter", ""),
     ("+ uvloop, httptools", "import uvloop, httptools"),
+    # first, as in `sidecar run`: meshio.runtime imports structlog without its console extras
+    ("+ structlog (meshio.runtime)", "import meshio.runtime"),
     ("+ prometheus_client (sidecar.telemetry)", "import sidecar.telemetry"),
     ("+ proxy engine (sidecar.proxy, routing, meshcore)", "import sidecar.proxy"),
     ("+ ssl, certs.holder", "import certs.holder"),
-    ("+ structlog (meshio.runtime)", "import meshio.runtime"),
-    ("+ aiohttp (sidecar.admin, sidecar.control)", "import sidecar.admin, sidecar.control"),
+    ("+ websockets, admin port (sidecar.control, sidecar.admin)", "import sidecar.admin, sidecar.control"),
     ("+ zeroconf (sidecar.announce)", "import sidecar.announce"),
     ("+ cryptography (certs.store, certs.keys)", "import certs.store, certs.keys"),
 )

@@ -7,9 +7,8 @@ import asyncio
 import os
 import sys
 
-import structlog
-
-from meshio.runtime import configure_logging, run_forever, stop_signal
+# meshio.runtime imports structlog without its console extras (rich & co.): before anything else does
+from meshio.runtime import configure_logging, run_forever, stop_signal, structlog
 
 log = structlog.get_logger("gateway")
 

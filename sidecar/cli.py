@@ -8,9 +8,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-import structlog
-
-from meshio.runtime import configure_logging, run_forever, stop_signal
+# meshio.runtime imports structlog without its console extras (rich & co.): before anything else does
+from meshio.runtime import configure_logging, run_forever, stop_signal, structlog
 from sidecar.capture import PROXY_UID, apply_capture
 
 log = structlog.get_logger("sidecar")

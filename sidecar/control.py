@@ -7,16 +7,24 @@ import random
 import time
 from typing import Callable
 
-import aiohttp
 import structlog
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.protocol import State
 
 from meshcore.protocol import (
-    Ack, Bundle, BundleAck, Certs, CsrRequest, Hello, Nack, ProtocolError, Renew, SnapshotPush,
+    CLOSE_BAD_HELLO, CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, Ack, Bundle, BundleAck, Certs, CsrRequest, Hello, Nack, ProtocolError, Renew, SnapshotPush,
     decode_message, encode_message, reconnect_delay,
 )
 from meshcore.snapshot import Snapshot, SnapshotError, decode_snapshot
 
 log = structlog.get_logger("sidecar.control")
+
+REFUSAL_CODES = (CLOSE_BAD_HELLO, CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN)
+# As meshd's end (meshd/control.py): 16 MiB messages, a ping every 10 s answered within 5 s; no
+# compression and no proxy from the environment (the channel goes straight to meshd).
+CONNECT_OPTIONS = {"max_size": 16 * 1024 * 1024, "ping_interval": 10.0, "ping_timeout": 5.0,
+                   "compression": None, "proxy": None, "open_timeout": 10.0, "close_timeout": 5.0}
 
 
 class ControlClient:
@@ -60,54 +68,55 @@ class ControlClient:
     async def run(self) -> None:
         """Connect, serve, and reconnect forever; the data path keeps its last snapshot meanwhile."""
         attempt = 0
-        async with aiohttp.ClientSession() as session:
-            while True:
-                renewer = None
-                try:
-                    token, csr = self.agent.bootstrap_fields() if self.agent is not None else ("", "")
-                    ssl_ctx = self.agent.control_ssl_context() if self.agent is not None else None
-                    kwargs = {"ssl": ssl_ctx} if ssl_ctx is not None else {}
-                    async with session.ws_connect(self.url, heartbeat=10.0, max_msg_size=16 * 1024 * 1024,
-                                                  **kwargs) as ws:
-                        self.connected = True
-                        last = self.current.version if self.current else 0
-                        await ws.send_str(encode_message(Hello(kind=self.kind, node=self.node,
-                                                               container=self.container, last_version=last,
-                                                               token=token, csr=csr)))
-                        log.info("control_connected", url=self.url, last_version=last,
-                                 auth="token" if token else ("certificate" if self.agent else "none"))
-                        if self.agent is not None:
-                            renewer = asyncio.ensure_future(self._renew_loop(ws))
-                        while True:
-                            msg = await ws.receive()
-                            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
-                                            aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                                if msg.type == aiohttp.WSMsgType.CLOSE and msg.data in (4400, 4401, 4403):
-                                    self.refusals += 1
-                                    self.last_refusal = f"{msg.data} {msg.extra or ''}".strip()
-                                    log.warning("control_refused", code=msg.data, reason=msg.extra)
-                                break
-                            if msg.type != aiohttp.WSMsgType.TEXT:
-                                continue
-                            try:
-                                push = decode_message(msg.data)
-                            except ProtocolError as exc:
-                                log.warning("control_bad_message", error=str(exc))
-                                continue
-                            attempt = 0
-                            if isinstance(push, SnapshotPush):
-                                await ws.send_str(encode_message(self.handle_push(push)))
-                            elif self.agent is not None:
-                                await self._handle_cert_message(ws, push)
-                except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as exc:
-                    log.info("control_unreachable", url=self.url, error=str(exc) or type(exc).__name__)
-                finally:
-                    self.connected = False
-                    if renewer is not None:
-                        renewer.cancel()
-                delay = reconnect_delay(attempt, self.rand())
-                attempt += 1
-                await asyncio.sleep(delay)
+        while True:
+            renewer = None
+            try:
+                token, csr = self.agent.bootstrap_fields() if self.agent is not None else ("", "")
+                ssl_ctx = self.agent.control_ssl_context() if self.agent is not None else None
+                kwargs = {"ssl": ssl_ctx} if ssl_ctx is not None else {}
+                async with connect(self.url, **CONNECT_OPTIONS, **kwargs) as ws:
+                    self.connected = True
+                    last = self.current.version if self.current else 0
+                    await ws.send(encode_message(Hello(kind=self.kind, node=self.node, container=self.container,
+                                                       last_version=last, token=token, csr=csr)))
+                    log.info("control_connected", url=self.url, last_version=last,
+                             auth="token" if token else ("certificate" if self.agent else "none"))
+                    if self.agent is not None:
+                        renewer = asyncio.ensure_future(self._renew_loop(ws))
+                    while True:
+                        try:
+                            data = await ws.recv()
+                        except ConnectionClosed as exc:
+                            self._note_close(exc.rcvd)
+                            break
+                        if not isinstance(data, str):
+                            continue
+                        try:
+                            push = decode_message(data)
+                        except ProtocolError as exc:
+                            log.warning("control_bad_message", error=str(exc))
+                            continue
+                        attempt = 0
+                        if isinstance(push, SnapshotPush):
+                            await ws.send(encode_message(self.handle_push(push)))
+                        elif self.agent is not None:
+                            await self._handle_cert_message(ws, push)
+            except (WebSocketException, OSError, asyncio.TimeoutError, ValueError) as exc:
+                log.info("control_unreachable", url=self.url, error=str(exc) or type(exc).__name__)
+            finally:
+                self.connected = False
+                if renewer is not None:
+                    renewer.cancel()
+            delay = reconnect_delay(attempt, self.rand())
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def _note_close(self, frame) -> None:
+        """Count meshd's refusals (close 4400 bad hello, 4401 token, 4403 placement or identity)."""
+        if frame is not None and frame.code in REFUSAL_CODES:
+            self.refusals += 1
+            self.last_refusal = f"{frame.code} {frame.reason}".strip()
+            log.warning("control_refused", code=frame.code, reason=frame.reason)
 
     async def _handle_cert_message(self, ws, msg) -> None:
         agent = self.agent
@@ -118,28 +127,31 @@ class ControlClient:
                 log.warning("tls_certificate_refused", error=str(exc))
         elif isinstance(msg, Renew):
             log.info("tls_renew_requested", reason=msg.reason)
-            await ws.send_str(encode_message(CsrRequest(csr=agent.new_csr())))
+            await ws.send(encode_message(CsrRequest(csr=agent.new_csr())))
         elif isinstance(msg, Bundle):
             try:
                 agent.install_bundle(msg.bundle, msg.version)
             except ValueError as exc:
                 log.warning("tls_bundle_refused", error=str(exc))
                 return
-            await ws.send_str(encode_message(BundleAck(version=msg.version)))
+            await ws.send(encode_message(BundleAck(version=msg.version)))
 
     async def _renew_loop(self, ws) -> None:
         """Renew the workload certificate at its renew time (and the gateway's HTTPS certificate)."""
         agent = self.agent
         asked_at = 0.0
-        while not ws.closed:
-            now = time.time()
-            if agent.has_valid_cert(now) and agent.renew_due(now) and now - asked_at > 2.0:
-                asked_at = now
-                await ws.send_str(encode_message(CsrRequest(csr=agent.new_csr())))
-                log.info("tls_renewal_requested", identity=agent.identity)
-            if agent.has_valid_cert(now):
-                server_csr = agent.server_csr()
-                if server_csr is not None and now - getattr(self, "_server_asked", 0.0) > 5.0:
-                    self._server_asked = now
-                    await ws.send_str(encode_message(CsrRequest(csr=server_csr, purpose="gateway-server")))
-            await asyncio.sleep(0.25)
+        try:
+            while ws.state is State.OPEN:
+                now = time.time()
+                if agent.has_valid_cert(now) and agent.renew_due(now) and now - asked_at > 2.0:
+                    asked_at = now
+                    await ws.send(encode_message(CsrRequest(csr=agent.new_csr())))
+                    log.info("tls_renewal_requested", identity=agent.identity)
+                if agent.has_valid_cert(now):
+                    server_csr = agent.server_csr()
+                    if server_csr is not None and now - getattr(self, "_server_asked", 0.0) > 5.0:
+                        self._server_asked = now
+                        await ws.send(encode_message(CsrRequest(csr=server_csr, purpose="gateway-server")))
+                await asyncio.sleep(0.25)
+        except ConnectionClosed:
+            pass                   # run() notices it too, and reconnects
