@@ -3,6 +3,9 @@
     client (wrk) -> app                                                   "direct"
     client -> outbound sidecar -> mTLS -> inbound sidecar -> app          "mesh"
     client -> outbound HAProxy -> mTLS -> inbound HAProxy -> app          "haproxy"
+    client -> outbound sidecar -> mTLS -> inbound sidecar -> app          "untraced", "traced"
+              (more mesh pairs, differing only in the snapshot's telemetry settings: sampling 0% and
+               access log off; sampling 100% and access log full. In chosen loads only.)
 
 Each proxy is one process with one thread/event loop; the app is nginx (one worker) returning a
 fixed 100-byte body. Runs are interleaved (direct, mesh, haproxy, direct, ...) and each path's
@@ -44,6 +47,15 @@ SCENARIOS = {
     "close": Scenario("close", "new connection per request (32 at a time)", 32, True),
 }
 PATHS = ("direct", "mesh", "haproxy")
+# Mesh pairs that differ from "mesh" (the product's defaults: sampling 1%, access log `sampled`) only
+# in the telemetry settings of their snapshot. Spans go nowhere (no OTLP endpoint and no meshd
+# receiver in the bench: recorded, batched and encoded, not sent; see bench/sidecar_runner.py).
+VARIANTS = {
+    "untraced": {"sampling": 0.0, "access_log": "off"},     # no span, no log line: the floor
+    "traced": {"sampling": 100.0, "access_log": "full"},    # every request spanned and logged
+}
+ALL_PATHS = PATHS + tuple(VARIANTS)
+LOG_TAIL_BYTES = 1 << 20   # sidecar output kept per process (access logs run to hundreds of MB)
 
 
 @dataclass
@@ -57,6 +69,8 @@ class Options:
     mode: str = "transparent"    # the outbound sidecar's capture mode
     profile_seconds: float = 0.0 # > 0: py-spy the sidecars under c32 load afterwards
     quiet_budget: float = 60.0   # seconds the rounds may wait in total for other load to stop
+    variant_loads: tuple[str, ...] = ("c32",)  # loads whose rounds include the variant mesh pairs
+    variants: dict = field(default_factory=lambda: {k: dict(v) for k, v in VARIANTS.items()})
     log: object = print
 
 
@@ -141,6 +155,7 @@ class Lab:
     load_tool: str = ""
     idle_memory: dict = field(default_factory=dict)  # "path/role" -> memory right after start
     mesh_info: dict = field(default_factory=dict)    # role -> what the sidecar runner reported
+    variant_info: dict = field(default_factory=dict)  # variant -> the same for its pair
 
     def __enter__(self) -> "Lab":
         try:
@@ -187,36 +202,45 @@ class Lab:
             pki = write_pki(self.workdir / "tls", ("frontend", "payments"))
         if "mesh" in self.opts.paths:
             self._start_mesh(pki, app_port)
+            if set(self.opts.variant_loads) & set(self.opts.scenarios):
+                for name, t in self.opts.variants.items():
+                    self._start_mesh(pki, app_port, name, self.variant_info.setdefault(name, {}), [
+                        "--sampling", str(t["sampling"]), "--access-log", t["access_log"], "--count-spans"])
         if "haproxy" in self.opts.paths:
             if self.tools.get("haproxy") and use_native:
                 self._start_haproxy(pki, app_port)
             else:
                 self.opts.log("haproxy path skipped: haproxy is not installed" if use_native
                               else "haproxy path skipped: pure-Python tools forced")
-        for path in self.paths():
+        for path in self.paths() + self.variants():
             self.check(path)
         if "mesh" in self.ports:
             self.mesh_info["verified"] = self.verify_mesh()
 
-    def _start_mesh(self, pki: dict, app_port: int) -> None:
+    def _start_mesh(self, pki: dict, app_port: int, path: str = "mesh", info: dict | None = None,
+                    telemetry: list[str] = ()) -> None:
+        """A sidecar pair (`path`: mesh, or a variant with its `telemetry` options for the runner)."""
+        info_of = self.mesh_info if info is None else info
+        prefix = "sidecar" if path == "mesh" else f"sidecar-{path}"
         in_port, out_port = env.free_port(), env.free_port()
         roles = {}
         for role, port, extra, tls in (
                 ("inbound", in_port, ["--app-port", str(app_port)], pki["payments"]),
                 ("outbound", out_port, ["--dest-port", str(in_port), "--mode", self.opts.mode], pki["frontend"])):
-            ready = self.workdir / f"sidecar-{role}.ready"
+            ready = self.workdir / f"{prefix}-{role}.ready"
             ready.unlink(missing_ok=True)
             cmd = [sys.executable, "-m", "bench.sidecar_runner", "--role", role, "--port", str(port),
                    "--admin-port", str(env.free_port()), "--tls-dir", str(tls), "--ready-file", str(ready),
-                   *extra]
-            proc = self.procs.start(f"sidecar-{role}", cmd, self.workdir)
-            info = json.loads(env.wait_file(ready, 30, proc, f"sidecar {role}"))
+                   *extra, *telemetry]
+            # Output through a pipe, as `docker logs` reads a container's; only its tail is kept.
+            proc = self.procs.start(f"{prefix}-{role}", cmd, self.workdir, tail_bytes=LOG_TAIL_BYTES)
+            info = json.loads(env.wait_file(ready, 30, proc, f"{prefix} {role}"))
             roles[role] = proc.pid
-            self.mesh_info[role] = info
-            self.idle_memory[f"mesh/{role}"] = env.memory_kib(proc.pid)
-            self.idle_memory[f"mesh/{role}"]["admin_port"] = info["admin_port"]
-        self.pids["mesh"] = roles
-        self.ports["mesh"] = out_port
+            info_of[role] = info
+            self.idle_memory[f"{path}/{role}"] = env.memory_kib(proc.pid)
+            self.idle_memory[f"{path}/{role}"]["admin_port"] = info["admin_port"]
+        self.pids[path] = roles
+        self.ports[path] = out_port
 
     def _start_haproxy(self, pki: dict, app_port: int) -> None:
         in_port, out_port = env.free_port(), env.free_port()
@@ -240,6 +264,9 @@ class Lab:
 
     def paths(self) -> list[str]:
         return [p for p in self.opts.paths if p in self.ports]
+
+    def variants(self) -> list[str]:
+        return [v for v in VARIANTS if v in self.ports]
 
     def check(self, path: str, attempts: int = 3) -> None:
         """One request through the path: 200 with the app's 100-byte body, or RuntimeError.
@@ -294,6 +321,8 @@ class Lab:
         watched = {**roles, **{f"app{i}" if i else "app": pid for i, pid in enumerate(self.app_pids)}}
         cpu0 = {name: env.cpu_seconds(pid) for name, pid in watched.items()}
         split0 = {role: env.cpu_split(pid) for role, pid in roles.items()}
+        tails = {role: self.procs.tails[pid] for role, pid in roles.items() if pid in self.procs.tails}
+        out0 = {role: t.bytes for role, t in tails.items()}
         sys0 = env.system_cpu_seconds()
         t0 = time.monotonic()
         rc, out, err, client_cpu = env.run_with_rusage(self.load_cmd(self.ports[path], sc, duration),
@@ -303,6 +332,7 @@ class Lab:
         machine = {k: round(sys1[k] - sys0[k], 3) for k in sys1}
         cpu = {name: round(env.cpu_seconds(pid) - cpu0[name], 3) for name, pid in watched.items()}
         split = {role: [b - a for a, b in zip(split0[role], env.cpu_split(pid))] for role, pid in roles.items()}
+        written = {role: t.bytes - out0[role] for role, t in tails.items()}
         line = next((ln for ln in out.splitlines() if ln.startswith("BENCHJSON ")), None)
         if rc != 0 or line is None:
             raise RuntimeError(f"{self.load_tool} against {path} failed (exit {rc}): {err.strip()[-500:]}")
@@ -327,7 +357,25 @@ class Lab:
             # user / system split of the same CPU (per 1000 requests): Python + OpenSSL vs the kernel
             "cpu_user_sys_per_1000": {r: [round(x / n * 1000, 5) for x in split[r]] for r in roles} if n else {},
             "memory_kib": {r: env.memory_kib(pid) for r, pid in roles.items()},
+            # bytes each proxy wrote to stdout/stderr during the run (access log lines): per request
+            "log_bytes_per_request": {r: round(b / n, 1) for r, b in written.items()} if n else {},
         }
+
+    def metric_values(self, path: str, names: tuple[str, ...]) -> dict:
+        """Per role of a sidecar pair: the sums of the named series on its admin port's /metrics."""
+        out = {}
+        info_of = self.variant_info[path] if path in VARIANTS else self.mesh_info
+        for role in self.pids.get(path, {}):
+            with urllib.request.urlopen(f"http://127.0.0.1:{info_of[role]['admin_port']}/metrics",
+                                        timeout=5) as resp:
+                text = resp.read().decode()
+            sums = dict.fromkeys(names, 0.0)
+            for ln in text.splitlines():
+                name = ln.split("{", 1)[0].split(" ", 1)[0]
+                if name in sums:
+                    sums[name] += float(ln.rsplit(" ", 1)[1])
+            out[role] = sums
+        return out
 
 
 def _median(values: list[float]) -> float | None:
@@ -350,6 +398,20 @@ def pair_ratios(runs: list[dict]) -> dict:
             d, m, h = (by.get((sc, rd, p)) for p in PATHS)
             if m is None:
                 continue
+            for v in VARIANTS:  # a telemetry variant vs the default mesh pair of the same round
+                t = by.get((sc, rd, v))
+                if t is None:
+                    continue
+                add(f"rps_{v}_over_mesh", t["rps"] / m["rps"] if m["rps"] else None)
+                for q in ("p50", "p99"):
+                    mq = m["latency_ms"][q]
+                    add(f"{q}_{v}_over_mesh", t["latency_ms"][q] / mq if mq else None)
+                mc, tc = m["cpu_s_per_1000"].get("pair"), t["cpu_s_per_1000"].get("pair")
+                if mc and tc:
+                    add(f"cpu_{v}_over_mesh", tc / mc)
+                    add(f"cpu_us_added_{v}", (tc - mc) * 1000)  # pair CPU per request, microseconds
+                    add(f"user_us_added_{v}", sum(t["cpu_user_sys_per_1000"][r][0] - m["cpu_user_sys_per_1000"][r][0]
+                                                  for r in ("outbound", "inbound")) * 1000)
             if h is not None:
                 add("rps_mesh_over_haproxy", m["rps"] / h["rps"] if h["rps"] else None)
                 for q in ("p50", "p90", "p99"):
@@ -379,7 +441,7 @@ def summarize(runs: list[dict]) -> dict:
     out: dict = {}
     for sc in sorted({r["scenario"] for r in runs}):
         out[sc] = {}
-        for path in PATHS:
+        for path in ALL_PATHS:
             rs = [r for r in runs if r["scenario"] == sc and r["path"] == path and r.get("round") is not None]
             if not rs:
                 continue
@@ -397,6 +459,8 @@ def summarize(runs: list[dict]) -> dict:
                                           for k in rs[0].get("cpu_user_sys_per_1000", {})}
             s["peak_rss_kib"] = {role: max(r["memory_kib"][role]["hwm_kib"] for r in rs)
                                  for role in rs[0]["memory_kib"]}
+            s["log_bytes_per_request"] = {k: _median([r.get("log_bytes_per_request", {}).get(k) for r in rs])
+                                          for k in rs[0].get("log_bytes_per_request", {})}
             out[sc][path] = s
     return out
 
@@ -430,16 +494,22 @@ def run_datapath(opts: Options, tools: dict, workdir: Path, raw_dir: Path) -> di
     quiet = Quiet(budget_s=opts.quiet_budget)
     with Lab(opts, tools, workdir) as lab:
         paths = lab.paths()
+        variants = lab.variants()
+        loads = [sc for sc in opts.scenarios if sc in opts.variant_loads] if variants else []
         log(f"data path: app={lab.app_kind} load={lab.load_tool} paths={','.join(paths)} "
-            f"rounds={opts.rounds} x {opts.duration:g} s, warm-up {opts.warmup:g} s")
+            f"rounds={opts.rounds} x {opts.duration:g} s, warm-up {opts.warmup:g} s"
+            + (f"; in {','.join(loads)} also " + ", ".join(
+                f"{v} ({', '.join(f'{k} {x}' for k, x in opts.variants[v].items())})" for v in variants)
+               if loads else ""))
         for sc_name in opts.scenarios:
             sc = SCENARIOS[sc_name]
+            sc_paths = paths + (variants if sc_name in loads else [])
             if opts.warmup > 0:
-                for path in paths:
+                for path in sc_paths:
                     lab.run(path, sc, opts.warmup)
             for rd in range(opts.rounds):
                 busy_before = quiet.wait()
-                for path in paths:
+                for path in sc_paths:
                     r = lab.run(path, sc, opts.duration)
                     r["round"] = rd
                     r["busy_before_round"] = busy_before
@@ -447,13 +517,18 @@ def run_datapath(opts: Options, tools: dict, workdir: Path, raw_dir: Path) -> di
                     env.dump_json(raw_dir / f"datapath-{sc.name}-{path}-r{rd}.json", r)
                     lat = r["latency_ms"]
                     cpu = r["cpu_s_per_1000"].get("pair")
-                    log(f"  {sc.name:5} r{rd} {path:7} {r['rps']:>9,.0f} req/s  p50 {lat['p50']:.3f}"
+                    log(f"  {sc.name:5} r{rd} {path:8} {r['rps']:>9,.0f} req/s  p50 {lat['p50']:.3f}"
                         f"  p99 {lat['p99']:.3f} ms" + (f"  cpu/1000 {cpu:.4f} s" if cpu else "")
                         + (f"  errors {r['error_count']}" if r["error_count"] else "")
                         + (f"  unattributed cpu {r['cpu_s']['unattributed']:.1f} s" if r["cpu_s"]["unattributed"] > 0.5 * r["seconds"] else ""))
         memory = {"idle_kib": lab.idle_memory,
                   "after_kib": {f"{p}/{role}": env.memory_kib(pid)
-                                for p in paths for role, pid in lab.pids[p].items()}}
+                                for p in paths + variants for role, pid in lab.pids[p].items()}}
+        if variants:
+            time.sleep(1.5)  # the SDK's batch delay (1 s): the last spans reach the exporter
+        variant_res = {v: {"telemetry": opts.variants[v], "scenarios": loads, "sidecars": lab.variant_info[v],
+                           "counts": lab.metric_values(v, ("istio_requests_total", "bench_spans_encoded_total"))}
+                       for v in variants}
         profile = syscalls = dso = None
         if opts.profile_seconds > 0 and "mesh" in paths:
             from .profile import perf_dso, profile_mesh, syscalls_per_request
@@ -467,7 +542,7 @@ def run_datapath(opts: Options, tools: dict, workdir: Path, raw_dir: Path) -> di
                   "options": {"duration": opts.duration, "warmup": opts.warmup, "rounds": opts.rounds,
                               "scenarios": list(opts.scenarios), "mode": opts.mode},
                   "scenarios": {k: SCENARIOS[k].title for k in opts.scenarios},
-                  "summary": summarize(runs), "ratios": pair_ratios(runs), "memory": memory,
+                  "summary": summarize(runs), "ratios": pair_ratios(runs), "memory": memory, "variants": variant_res,
                   "profile": profile, "syscalls": syscalls, "perf_dso": dso, "waited_for_quiet_s": round(quiet.waited, 1),
                   "seconds": round(time.monotonic() - started, 1)}
     env.dump_json(raw_dir / "datapath.json", result)

@@ -16,7 +16,9 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,21 +223,68 @@ def children_of(pid: int) -> list[int]:
 
 # ---- processes --------------------------------------------------------------------------------
 
+class OutputTail:
+    """A process's stdout + stderr read from a pipe (as a container runtime reads a container's):
+    every byte counted, only the last `keep` bytes kept, written to `path` when the pipe closes.
+    For processes that log a line per request (access logs), which would fill the disk otherwise."""
+
+    def __init__(self, pipe, path: Path, keep: int):
+        self.pipe = pipe
+        self.path = path
+        self.keep = keep
+        self.bytes = 0                      # read so far (read by the harness between runs)
+        self._chunks: deque[bytes] = deque()
+        self._held = 0
+        self._thread = threading.Thread(target=self._read, name=f"tail-{path.name}", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        fd = self.pipe.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError:
+                break
+            if not chunk:
+                break
+            self.bytes += len(chunk)
+            self._chunks.append(chunk)
+            self._held += len(chunk)
+            while self._held - len(self._chunks[0]) >= self.keep:
+                self._held -= len(self._chunks.popleft())
+        self.pipe.close()
+        dropped = self.bytes - self._held
+        with open(self.path, "wb") as f:
+            if dropped:
+                f.write(b"[%d bytes of earlier output not kept]\n" % dropped)
+            f.writelines(self._chunks)
+
+    def join(self, timeout: float = 5.0) -> None:
+        self._thread.join(timeout)
+
+
 @dataclass
 class Procs:
     """The processes one benchmark part started; `stop_all` ends them, newest first, by pid."""
 
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    tails: dict[int, OutputTail] = field(default_factory=dict)   # pid -> its output reader
 
-    def start(self, name: str, cmd: list[str], log_dir: Path, **kw) -> subprocess.Popen:
-        log = open(log_dir / f"{name}.log", "wb")
+    def start(self, name: str, cmd: list[str], log_dir: Path, tail_bytes: int | None = None,
+              **kw) -> subprocess.Popen:
+        """Start `cmd`, its output in log_dir/name.log (with tail_bytes: through a pipe, only the
+        last tail_bytes kept; the reader is `self.tails[pid]`)."""
         env = kw.pop("env", None) or dict(os.environ)
         env.setdefault("PYTHONPATH", str(ROOT))
         if str(ROOT) not in env["PYTHONPATH"].split(os.pathsep):
             env["PYTHONPATH"] = str(ROOT) + os.pathsep + env["PYTHONPATH"]
+        log = subprocess.PIPE if tail_bytes else open(log_dir / f"{name}.log", "wb")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=kw.pop("cwd", ROOT), env=env, **kw)
-        log.close()
+        if tail_bytes:
+            self.tails[proc.pid] = OutputTail(proc.stdout, log_dir / f"{name}.log", tail_bytes)
+        else:
+            log.close()
         self.procs.append((name, proc))
         return proc
 
@@ -249,6 +298,9 @@ class Procs:
                 proc.wait(5)
             except ProcessLookupError:
                 pass
+        tail = self.tails.pop(proc.pid, None)
+        if tail is not None:
+            tail.join()
 
     def stop_all(self) -> None:
         for _name, proc in reversed(self.procs):

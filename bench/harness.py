@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 from . import env
+from .hotpath import PIECES
 from .report import chart, targets, text_report, write_markdown
 
-PARTS = ("datapath", "control", "startup", "memory")
-PART_KEYS = {"datapath": "datapath", "control": "controlplane", "startup": "startup", "memory": "memory_breakdown"}
+PARTS = ("datapath", "hotpath", "control", "startup", "memory")
+PART_KEYS = {"datapath": "datapath", "hotpath": "hotpath", "control": "controlplane", "startup": "startup",
+             "memory": "memory_breakdown"}
 KEEP = tuple(PART_KEYS.values())
 
 
@@ -41,6 +43,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--paths", default="direct,mesh,haproxy", help="data paths: direct, mesh, haproxy")
     p.add_argument("--mode", choices=("transparent", "explicit"), default="transparent",
                    help="the outbound sidecar's capture mode (routing by Host header either way)")
+    p.add_argument("--variant-loads", default="c32",
+                   help="data path loads whose rounds also run the --variants mesh pairs (default c32; '' for none)")
+    p.add_argument("--variants", default="untraced,traced",
+                   help="mesh pairs differing from the default one in their telemetry settings only: untraced "
+                        "(sampling 0%%, access log off), traced (--traced-sampling, --traced-access-log)")
+    p.add_argument("--traced-sampling", type=float, default=100.0,
+                   help="the traced pair's sampling percent (default 100)")
+    p.add_argument("--traced-access-log", choices=("off", "sampled", "full"), default="full",
+                   help="the traced pair's access log mode (default full)")
+    p.add_argument("--hotpath-seconds", type=float,
+                   help="hot-path micro-benchmark: seconds per repeat (default 0.2; quick 0.05)")
     p.add_argument("--python-tools", action="store_true",
                    help="use the pure-Python app and load generator instead of nginx and wrk (no HAProxy path)")
     p.add_argument("--nodes", default="10,50,100", help="control clients per push benchmark")
@@ -62,18 +75,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.parts is None:
-        args.parts = "datapath,control,memory" if q else ",".join(PARTS)
+        args.parts = "datapath,hotpath,control,memory" if q else ",".join(PARTS)
     args.parts = tuple(x for x in args.parts.split(",") if x)
     bad = set(args.parts) - set(PARTS)
     if bad:
         p.error(f"unknown parts: {', '.join(sorted(bad))}")
+    args.variants = tuple(x for x in args.variants.split(",") if x)
+    if set(args.variants) - {"untraced", "traced"}:
+        p.error(f"unknown variants: {', '.join(sorted(set(args.variants) - {'untraced', 'traced'}))}")
     return args
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
     """Run the parts; returns everything that was measured (also written under args.out)."""
     from .controlplane import run_controlplane
-    from .datapath import Options, run_datapath
+    from .datapath import Options, Quiet, run_datapath
     from .memory import import_breakdown
     from .startup import run_startup
 
@@ -101,7 +117,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     res.update({"machine": env.machine_info(tools), "code": _code_state(), "quick": args.quick,
                 "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})
     if previous:
-        res["merged_from"] = {"date": previous.get("machine", {}).get("date"), "parts": sorted(
+        res["merged_from"] = {"date": previous.get("machine", {}).get("date"), "code": previous.get("code"),
+                              "parts": sorted(
             set(KEEP) & set(previous) - {PART_KEYS[p] for p in args.parts})}
     log(f"meshd bench on {res['machine']['nproc']} CPUs ({res['machine']['cpu']}), {res['code']}")
     def part(name: str, key: str, fn) -> None:
@@ -115,11 +132,35 @@ def run(args: argparse.Namespace, log=print) -> dict:
             res.setdefault("errors", []).append(name)
 
     def datapath() -> dict:
+        from .datapath import VARIANTS
+        variants = {v: dict(VARIANTS[v]) for v in args.variants}
+        if "traced" in variants:
+            variants["traced"] = {"sampling": args.traced_sampling, "access_log": args.traced_access_log}
         opts = Options(duration=args.duration, warmup=args.warmup, rounds=args.rounds,
                        scenarios=tuple(args.scenarios.split(",")), paths=tuple(args.paths.split(",")),
                        python_tools=args.python_tools, mode=args.mode, profile_seconds=args.profile_seconds,
-                       quiet_budget=args.quiet_budget, log=log)
+                       quiet_budget=args.quiet_budget,
+                       variant_loads=tuple(x for x in args.variant_loads.split(",") if x), variants=variants,
+                       log=log)
         return run_datapath(opts, tools, work / "datapath", raw)
+
+    def hotpath() -> dict:
+        log("hot path (metrics and tracing, in-process):")
+        Quiet(budget_s=min(args.quiet_budget, 30.0)).wait()
+        cmd = [sys.executable, "-m", "bench.hotpath", "--json"] + (["--quick"] if args.quick else [])
+        if args.hotpath_seconds is not None:
+            cmd += ["--seconds", str(args.hotpath_seconds)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=env.ROOT, timeout=600)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("HOTPATHJSON ")), None)
+        if proc.returncode != 0 or line is None:
+            raise RuntimeError(f"bench.hotpath failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+        out = json.loads(line[len("HOTPATHJSON "):])
+        for key in [k for k in PIECES if k in out["pieces"]]:
+            r = out["pieces"][key]
+            log(f"  {key:20} {r['us']:7.2f} us" + (f" + {r['us_other_threads']:.2f} us export"
+                                                   if "us_other_threads" in r else ""))
+        env.dump_json(raw / "hotpath.json", out)
+        return out
 
     def control() -> dict:
         log("control plane:")
@@ -131,6 +172,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         return run_startup(log)
 
     part("datapath", "datapath", datapath)
+    part("hotpath", "hotpath", hotpath)
     part("memory", "memory_breakdown", import_breakdown)
     part("control", "controlplane", control)
     part("startup", "startup", startup)

@@ -18,7 +18,8 @@ STEPS = (
     ("+ ssl, certs.holder", "import certs.holder"),
     ("+ websockets, admin port (sidecar.control, sidecar.admin)", "import sidecar.admin, sidecar.control"),
     ("+ zeroconf (sidecar.announce)", "import sidecar.announce"),
-    ("+ cryptography (certs.store, certs.keys)", "import certs.store, certs.keys"),
+    # keys, CSRs and certificate parsing run in a certs.worker child process: no cryptography here
+    ("+ TLS agent (sidecar.tlsagent, sidecar.mtls, certs.store)", "import sidecar.tlsagent, sidecar.mtls"),
 )
 
 _PROBE = """

@@ -15,6 +15,10 @@ IDLE_LEAVES = ("epoll_wait", "epoll_pwait")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
+TRACING = "tracing, access log (meshcore/tracing.py, sidecar/tracing.py, sidecar/otel.py, OpenTelemetry SDK, structlog)"
+TRACING_FILES = ("meshcore/tracing.py", "sidecar/tracing.py", "sidecar/otel.py", "opentelemetry/", "structlog/")
+
+
 def _owner(frame: str) -> str | None:
     """The cost category a frame stands for, or None for CPython internals (look further up)."""
     if "libssl" in frame or "libcrypto" in frame or "_ssl.c" in frame or "ssl.py" in frame:
@@ -31,6 +35,8 @@ def _owner(frame: str) -> str | None:
         return "metrics (sidecar/telemetry.py)"
     if "sidecar/proxy.py" in frame:
         return "proxy Python (sidecar/proxy.py)"
+    if any(x in frame for x in TRACING_FILES):
+        return TRACING
     if "sidecar/routing.py" in frame or "meshcore/" in frame:
         return "routing / lb Python"
     if ".py" in frame:
@@ -52,7 +58,7 @@ def _short(frame: str) -> str:
 
 SYSCALLS = "system calls / libc (loopback TCP in the kernel)"
 PYTHON_OWNERS = ("proxy Python (sidecar/proxy.py)", "routing / lb Python", "metrics (sidecar/telemetry.py)",
-                 "other Python (asyncio, stdlib)")
+                 TRACING, "other Python (asyncio, stdlib)")
 
 
 def summarize_raw(text: str, top: int = 15) -> dict:

@@ -48,6 +48,145 @@ def datapath_table(dp: dict) -> list[str]:
     return lines
 
 
+def _sidecar_cpu_us(dp: dict | None, sc: str = "c32") -> dict | None:
+    """role -> (user, user + kernel) CPU microseconds per request of the default mesh pair."""
+    us = (((dp or {}).get("summary") or {}).get(sc, {}).get("mesh") or {}).get("cpu_user_sys_per_1000")
+    if not us:
+        return None
+    return {role: (v[0] * 1000, (v[0] + v[1]) * 1000) for role, v in us.items()}
+
+
+def _share(us: float, cpu: tuple[float, float] | None) -> str:
+    return "-" if not cpu else f"{us / cpu[0] * 100:.1f}% / {us / cpu[1] * 100:.1f}%"
+
+
+def telemetry_cost(res: dict) -> list[str]:
+    """The hot-path micro-benchmark (bench/hotpath.py) and the data path's telemetry variants."""
+    hp = res.get("hotpath")
+    dp = res.get("datapath")
+    dp = dp if isinstance(dp, dict) and not dp.get("error") else None
+    variants = dict(sorted(((dp or {}).get("variants") or {}).items(),
+                           key=lambda kv: (kv[1]["telemetry"]["sampling"], kv[0])))  # least telemetry first
+    if not (isinstance(hp, dict) and hp.get("pieces")) and not variants:
+        return []
+    L = ["## Cost of metrics and tracing", ""]
+    cpu = _sidecar_cpu_us(dp)
+    if isinstance(hp, dict) and hp.get("pieces"):
+        pc = hp["pieces"]
+        any_piece = next(iter(pc.values()))
+        L += ["What sidecar/proxy.py does per request for metrics and tracing, timed in-process with the "
+              "product's objects (`bench/hotpath.py`, no sockets): CPU time of the calling thread (user + "
+              f"kernel) per call, median of {hp.get('repeats', any_piece['repeats'])} repeats of about "
+              f"{hp.get('seconds_per_repeat', 0.2):g} s (spans: twice as many repeats of at most "
+              f"{hp.get('span_batch', 2000):,} calls, within the SDK's queue), net of the timing loop's empty "
+              f"call ({any_piece['empty_call_us']:.2f} us). A sampled span also costs the OpenTelemetry batch "
+              "processor's export: the process's CPU over all threads (queue flushed in each repeat) minus "
+              "the caller's. No span leaves the process: Tracing.collector is None (meshd's receiver is set "
+              "only by `sidecar run`) and no OTLP endpoint is set, so Tracing.targets() is "
+              f"{hp.get('span_targets') or 'empty'}; the exporter still converts and JSON-encodes each batch "
+              "before it looks at the targets. Access log: structlog configured by "
+              "meshio.runtime.configure_logging, its stream /dev/null (a write per line, "
+              f"{hp.get('access_log_line_bytes', '?')} bytes)."]
+        if cpu:
+            L[-1] += (f" For scale, the share of the sidecar's own CPU per request in this run's data path "
+                      f"(32 connections, default settings): outbound {cpu['outbound'][0]:.1f} us user, "
+                      f"{cpu['outbound'][1]:.1f} us user + kernel; inbound {cpu['inbound'][0]:.1f} / "
+                      f"{cpu['inbound'][1]:.1f} us.")
+        L += ["", "| once per request | sidecar | us per call | share of that sidecar's CPU per request: user / user + kernel |",
+              "|---|---|---|---|"]
+
+        def row(title: str, role: str, us: float) -> None:
+            roles = ("outbound", "inbound") if role == "both" else (role,)
+            shares = "; ".join((f"{r} " if role == "both" else "") + _share(us, (cpu or {}).get(r)) for r in roles)
+            L.append(f"| {title} | {'each' if role == 'both' else role} | {us:.2f} | {shares} |")
+
+        for key in ("metrics_source", "metrics_destination", "trace_new", "trace_parent", "access_log",
+                    "span_outbound", "span_inbound"):
+            r = pc.get(key)
+            if r is None:
+                continue
+            row(r["title"], r["sidecar"], r["us"])
+            if "us_other_threads" in r:
+                row("&nbsp;&nbsp;+ its export (batch processor: span conversion and OTLP JSON encoding)",
+                    r["sidecar"], r["us_other_threads"])
+        L.append("")
+        get = lambda k, f="us": (pc.get(k) or {}).get(f, 0.0)  # noqa: E731
+        every = get("metrics_source") + get("metrics_destination") + get("trace_new") + get("trace_parent")
+        span_all = (get("span_outbound", "us_all_threads") + get("span_inbound", "us_all_threads"))
+        logs = 2 * get("access_log")
+        pair_user = (cpu["outbound"][0] + cpu["inbound"][0]) if cpu else None
+        pair_all = (cpu["outbound"][1] + cpu["inbound"][1]) if cpu else None
+        pct = (lambda us: f" ({us / pair_user * 100:.0f}% of the pair's {pair_user:.1f} us user CPU, "
+               f"{us / pair_all * 100:.0f}% of its {pair_all:.1f} us user + kernel)") if cpu else (lambda us: "")
+        L += [f"- Every request, production defaults (sampling 1%, access log `sampled`), through the pair: "
+              f"metrics and trace context {every:.1f} us{pct(every)}; the 1% sampled are also spanned and "
+              f"logged at both hops: {0.01 * (span_all + logs):.2f} us per request on average.",
+              f"- Sampling 100% and access log `full` add two spans ({span_all:.1f} us with their export) and two "
+              f"log lines ({logs:.1f} us) per request: {span_all + logs:.1f} us{pct(span_all + logs)} by this "
+              "count; measured end to end below.", ""]
+    if variants:
+        loads = next(iter(variants.values())).get("scenarios", [])
+        o = dp["options"]
+        L += ["The data path with other telemetry settings: more mesh pairs, the same as the default one but "
+              "for their snapshot's telemetry settings, in the same "
+              f"{o['rounds']} interleaved rounds x {o['duration']:g} s as the rows above (at 0% every request "
+              "still gets its trace context and `traceparent`). Spans are recorded, "
+              "batched and encoded, then sent nowhere (no OTLP endpoint, and meshd's receiver is not set in the "
+              "bench; Tracing.targets() as the sidecars reported it: " + "; ".join(
+                  f"{v} {role} {', '.join(info.get('span_targets') or []) or 'none'}"
+                  for v, var in variants.items() for role, info in sorted(var.get("sidecars", {}).items()))
+              + "): the cost of recording them, not of the POST to meshd's store that a deployed sidecar also "
+              "makes. Sidecar output goes through a pipe to the harness, as to `docker logs`.", "",
+              "| load | mesh sidecar pair | req/s | p50 / p99 ms | CPU us per request: out + in = pair | "
+              "user + kernel, pair | log bytes per request out / in |", "|---|---|---|---|---|---|---|"]
+
+        def title(v: str) -> str:
+            t = variants[v]["telemetry"]
+            return f"sampling {t['sampling']:g}%, access log `{t['access_log']}`"
+
+        for sc in loads:
+            s = dp["summary"].get(sc, {})
+            rt = dp["ratios"].get(sc, {})
+            name = dp["scenarios"].get(sc, sc)
+
+            def vrow(label: str, r: dict) -> None:
+                c = r["cpu_s_per_1000"]
+                us = r["cpu_user_sys_per_1000"]
+                user = sum(v[0] for v in us.values()) * 1000
+                kern = sum(v[1] for v in us.values()) * 1000
+                lb = r.get("log_bytes_per_request") or {}
+                L.append(f"| {name} | {label} | {r['rps']:,.0f} | {r['latency_ms']['p50']:.3f} / "
+                         f"{r['latency_ms']['p99']:.3f} | {c['outbound'] * 1000:.1f} + {c['inbound'] * 1000:.1f} = "
+                         f"{c['pair'] * 1000:.1f} | {user:.1f} + {kern:.1f} | "
+                         f"{_f(lb.get('outbound'), '{:.0f}')} / {_f(lb.get('inbound'), '{:.0f}')} |")
+
+            rows = [(v, s.get(v)) for v in variants if s.get(v)]
+            order = [r for r in rows if variants[r[0]]["telemetry"]["sampling"] < 1.0]
+            order += [("mesh", s.get("mesh"))] + [r for r in rows if r not in order]
+            for v, r in order:
+                if r is None:
+                    continue
+                vrow("production defaults (sampling 1%, access log `sampled`)" if v == "mesh" else title(v), r)
+            for v, _r in rows:
+                add = rt.get(f"cpu_us_added_{v}")
+                user = rt.get(f"user_us_added_{v}")
+                L.append(f"| | {v} / defaults, per round | {_f(rt.get(f'rps_{v}_over_mesh'))}x | "
+                         f"{_f(rt.get(f'p50_{v}_over_mesh'))}x / {_f(rt.get(f'p99_{v}_over_mesh'))}x | "
+                         f"{_f(add, '{:+.1f}')} us ({_f(rt.get(f'cpu_{v}_over_mesh'))}x) | "
+                         f"user {_f(user, '{:+.1f}')} us | |")
+        L.append("")
+        counted = []
+        for v, var in variants.items():
+            for role, c in sorted((var.get("counts") or {}).items()):
+                if var["telemetry"]["sampling"] > 0:
+                    counted.append(f"{v} {role} {c.get('bench_spans_encoded_total', 0):,.0f} of "
+                                   f"{c.get('istio_requests_total', 0):,.0f} requests")
+        if counted:
+            L += ["Spans handed to the exporter (`bench_spans_encoded_total`, all runs of the pair): "
+                  + "; ".join(counted) + " (fewer: spans dropped by the SDK's full queue, or still queued).", ""]
+    return L
+
+
 def targets(res: dict) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for the issue's targets."""
     out = []
@@ -102,9 +241,11 @@ def text_report(res: dict) -> list[str]:
           + "; ".join(m[k] for k in ("haproxy", "nginx", "wrk") if m.get(k))
           + f". Code: {res.get('code', '?')}.", ""]
     if res.get("merged_from", {}).get("parts"):
-        L += [f"({', '.join(res['merged_from']['parts'])}: from the run of {res['merged_from']['date']}.)", ""]
-    for key, title in (("datapath", "Data path"), ("controlplane", "Control plane"), ("startup", "Start-up"),
-                       ("memory_breakdown", "Memory")):
+        mf = res["merged_from"]
+        L += [f"({', '.join(mf['parts'])}: from the run of {mf['date']}"
+              + (f"; code: {mf['code']}" if mf.get("code") else "") + ".)", ""]
+    for key, title in (("datapath", "Data path"), ("hotpath", "Cost of metrics and tracing"),
+                       ("controlplane", "Control plane"), ("startup", "Start-up"), ("memory_breakdown", "Memory")):
         part = res.get(key)
         if isinstance(part, dict) and part.get("error"):
             L += [f"## {title}", "", f"**Failed:** {part['error']}", ""]
@@ -193,6 +334,7 @@ def text_report(res: dict) -> list[str]:
               "| step | RSS MiB | + MiB |", "|---|---|---|"]
         L += [f"| {r['step']} | {_mib(r.get('rss_kib'))} | {_mib(r.get('delta_kib'))} |" for r in mem]
         L.append("")
+    L += telemetry_cost(res)
     profiles = (dp or {}).get("profile") or {}
     if profiles:
         L += ["## Profile of the sidecars (py-spy --native)", "",
@@ -272,7 +414,8 @@ def text_report(res: dict) -> list[str]:
 def write_markdown(res: dict, path: Path) -> None:
     head = ["# meshd benchmarks", "",
             "`make bench` (or `python -m bench`; `--quick` for 1 s runs, `--help` for the options) measures the",
-            "data path against HAProxy and no proxy, the control plane and the demo's start-up, on loopback only.",
+            "data path against HAProxy and no proxy, the cost of metrics and tracing per request, the control",
+            "plane and the demo's start-up, on loopback only.",
             "Raw JSON per run: `bench/raw/` (not committed). Chart: `results.png`.", ""]
     path.write_text("\n".join(head + text_report(res)) + "\n")
 

@@ -10,6 +10,13 @@ snapshot applied through ControlClient.handle_push (decode + route table, as a p
 metrics on (sidecar.telemetry, served with readiness on the admin port), and start_outbound /
 start_inbound. Not done: iptables capture, the control websocket, mDNS (nothing leaves loopback).
 
+Tracing and access logs as the snapshot's telemetry settings say (`--sampling`, `--access-log`,
+`--otlp-endpoint`; default: the product's, 1% and `sampled`). meshd's trace receiver is not set
+(Tracing.collector stays None: `sidecar run` sets it from the control URL), so with no OTLP endpoint
+Tracing.targets() is empty: sampled spans are recorded, batched and encoded by the exporter, then
+sent nowhere. `--count-spans` counts the spans the exporter gets (`bench_spans_encoded_total` on
+the admin port's /metrics), to tell recorded spans from ones the SDK's full queue dropped.
+
 TLS and authorization as `sidecar run` assembles them in mTLS mode when this checkout has
 sidecar.tlsagent and sidecar.mtls (CertAgent + MeshTls: the outbound checks the inbound's SPIFFE ID,
 the inbound identifies the caller; an Authorizer; start_mesh_inbound). Otherwise a TlsHolder whose
@@ -31,6 +38,10 @@ from meshcore.identity import match_identity
 from meshcore.labels import DEFAULT_TRUST_DOMAIN, spiffe_id
 from meshcore.protocol import Ack, SnapshotPush
 from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot, encode_snapshot
+from meshcore.tracing import (
+    ACCESS_LOG_MODES, DEFAULT_ACCESS_LOG, DEFAULT_SAMPLING, TelemetrySettings, decode_otlp_endpoint,
+    decode_sampling, encode_settings,
+)
 from meshio.runtime import configure_logging, run_forever
 import sidecar.announce  # noqa: F401 - imported by `sidecar run`; counted in the process's memory
 from sidecar.admin import build_admin_app, start_admin
@@ -57,8 +68,9 @@ class MeshTls(TlsHolder):
         return match_identity(peer_uris(ssl_object), (endpoint.identity,)) is not None
 
 
-def bench_snapshot(inbound_port: int, version: int = 1) -> Snapshot:
-    """Two services; `payments` has one endpoint: the inbound sidecar on 127.0.0.1:inbound_port."""
+def bench_snapshot(inbound_port: int, version: int = 1, telemetry: TelemetrySettings | None = None) -> Snapshot:
+    """Two services; `payments` has one endpoint: the inbound sidecar on 127.0.0.1:inbound_port.
+    `telemetry`: the mesh-wide tracing and access log settings (default: the product's)."""
     services = {
         name: ServiceConfig(name=name, namespace=NAMESPACE, protocol="http", port=SERVICE_PORT,
                             identity=identity(name))
@@ -67,7 +79,27 @@ def bench_snapshot(inbound_port: int, version: int = 1) -> Snapshot:
     endpoints = {SERVER_SERVICE: (Endpoint(instance="bench-payments-1", address="127.0.0.1",
                                            port=inbound_port, version="v1",
                                            identity=identity(SERVER_SERVICE)),)}
-    return Snapshot(version=version, config=MeshConfig(services=services, endpoints=endpoints))
+    return Snapshot(version=version, config=MeshConfig(services=services, endpoints=endpoints,
+                                                       telemetry=telemetry or TelemetrySettings()))
+
+
+def count_spans(registry) -> None:
+    """`bench_spans_encoded_total`: spans handed to sidecar.otel's exporter (recorded and not
+    dropped by the SDK's queue). Wraps the exporter class's export (the bench's instrument, in
+    this process only); imports the OpenTelemetry SDK now rather than at the first sampled span."""
+    from prometheus_client import Counter
+
+    from sidecar import otel
+
+    counter = Counter("bench_spans_encoded", "Spans handed to the OTLP exporter (bench instrument)",
+                      registry=registry)
+    export = otel.OtlpJsonExporter.export
+
+    def counted(self, spans):
+        counter.inc(len(spans))
+        return export(self, spans)
+
+    otel.OtlpJsonExporter.export = counted
 
 
 def _product_tls(state: ProxyState, tls_dir: Path):
@@ -103,7 +135,11 @@ async def serve(args: argparse.Namespace) -> None:
         state.tls = MeshTls(load_material(args.tls_dir))
     control = ControlClient(f"ws://127.0.0.1:{args.admin_port}/unused", "sidecar", f"bench-{args.role}",
                             f"bench-{service}", apply=apply)
-    snap = bench_snapshot(args.dest_port or args.port)
+    if args.count_spans:
+        count_spans(state.telemetry.registry)
+    telemetry = TelemetrySettings(sampling=args.sampling, otlp_endpoint=args.otlp_endpoint,
+                                  access_log=args.access_log)
+    snap = bench_snapshot(args.dest_port or args.port, telemetry=telemetry)
     reply = control.handle_push(SnapshotPush(version=snap.version, snapshot=encode_snapshot(snap)))
     if not isinstance(reply, Ack):
         raise SystemExit(f"snapshot refused: {reply}")
@@ -123,7 +159,9 @@ async def serve(args: argparse.Namespace) -> None:
              "table_version": state.table.version, "loop": type(loop).__module__,
              "assembly": "product" if product is not None else "bench",
              "tls": f"{type(state.tls).__module__}.{type(state.tls).__name__}",
-             "inbound": type(server).__name__}
+             "inbound": type(server).__name__,
+             "telemetry": encode_settings(state.tracing.settings),
+             "span_targets": [t[1] for t in state.tracing.targets()]}
     tmp = Path(str(args.ready_file) + ".tmp")
     tmp.write_text(json.dumps(ready) + "\n")
     tmp.replace(args.ready_file)
@@ -147,6 +185,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="product: sidecar.tlsagent's MeshTls, Authorizer and sidecar.mtls.start_mesh_inbound "
                         "as `sidecar run` assembles them in mTLS mode; bench: a TlsHolder with a SPIFFE check "
                         "and start_inbound (checkouts without them); auto: product when present")
+    p.add_argument("--sampling", type=decode_sampling, default=DEFAULT_SAMPLING,
+                   help=f"percent of new traces sampled, in the pushed snapshot (default {DEFAULT_SAMPLING:g})")
+    p.add_argument("--access-log", choices=ACCESS_LOG_MODES, default=DEFAULT_ACCESS_LOG,
+                   help=f"access log mode in the pushed snapshot (default {DEFAULT_ACCESS_LOG})")
+    p.add_argument("--otlp-endpoint", type=decode_otlp_endpoint, default=None,
+                   help="external OTLP/HTTP collector in the pushed snapshot (default none: spans go nowhere)")
+    p.add_argument("--count-spans", action="store_true",
+                   help="count the spans handed to the exporter (bench_spans_encoded_total on /metrics)")
     args = p.parse_args(argv)
     configure_logging("sidecar")
     run_forever(lambda: serve(args))

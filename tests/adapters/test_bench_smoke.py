@@ -1,5 +1,6 @@
-"""The benchmark harness (bench/, `make bench`) works: each data path and the control plane for
-about a second, numbers present and files written. Never asserts a speed.
+"""The benchmark harness (bench/, `make bench`) works: each data path (the mesh pairs with other
+telemetry settings included), the hot-path micro-benchmark and the control plane for about a second, numbers present
+and files written. Never asserts a speed.
 
 Needs no apt package: the pure-Python app and load generator (bench.pyapp, bench.pyload) stand in
 for nginx and wrk, so the direct and mesh paths always run; the run with wrk, nginx and the HAProxy
@@ -9,6 +10,7 @@ pair happens where those are installed (`make bench` installs them) and is skipp
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -53,11 +55,60 @@ def _check_datapath(res: dict, tmp_path, paths: list[str], scenarios: list[str])
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
+def _check_variants(res: dict, tmp_path, sc: str) -> None:
+    """The variant mesh pairs (untraced: sampling 0%, access log off; traced: sampling 100%, access
+    log full) ran in `sc`'s rounds beside the default pair, and only there."""
+    dp = res["datapath"]
+    assert set(dp["variants"]) == {"untraced", "traced"}
+    for v, telemetry, logs in (("untraced", {"sampling": 0.0, "access_log": "off"}, False),
+                               ("traced", {"sampling": 100.0, "access_log": "full"}, True)):
+        s = dp["summary"][sc][v]
+        assert s["requests"] > 0 and s["errors"] == 0 and s["cpu_s_per_1000"]["pair"] >= 0
+        assert (tmp_path / "raw" / f"datapath-{sc}-{v}-r0.json").is_file()
+        for role in ("outbound", "inbound"):
+            assert (s["log_bytes_per_request"][role] > 100) == logs
+        assert dp["ratios"][sc][f"rps_{v}_over_mesh"] > 0 and f"cpu_us_added_{v}" in dp["ratios"][sc]
+        variant = dp["variants"][v]
+        assert variant["scenarios"] == [sc] and variant["telemetry"] == telemetry
+        for role in ("outbound", "inbound"):
+            info = variant["sidecars"][role]
+            assert info["telemetry"]["sampling"] == telemetry["sampling"]
+            assert info["telemetry"]["access_log"] == telemetry["access_log"]
+            assert info["span_targets"] == []        # spans go nowhere: no collector, no endpoint
+            counts = variant["counts"][role]
+            assert counts["istio_requests_total"] > 0
+            assert (counts["bench_spans_encoded_total"] > 0) == (v == "traced")
+        assert v not in dp["paths"]                  # the main table's paths are unchanged
+        assert all(v not in dp["summary"][other] for other in dp["summary"] if other != sc)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Cost of metrics and tracing" in text and "sampling 100%, access log `full`" in text
+    assert "sampling 0%, access log `off`" in text
+
+
 def test_datapath_with_the_python_app_and_load_generator(tmp_path):
     res = run(_args(tmp_path, "--parts", "datapath", "--python-tools", "--scenarios", "c1,close",
-                    "--paths", "direct,mesh"), **QUIET)
+                    "--paths", "direct,mesh", "--variant-loads", "c1"), **QUIET)
     assert res["datapath"]["app"] == "pyapp" and res["datapath"]["load_tool"] == "pyload"
     _check_datapath(res, tmp_path, ["direct", "mesh"], ["c1", "close"])
+    _check_variants(res, tmp_path, "c1")
+
+
+def test_hotpath(tmp_path):
+    """Metrics, trace context, a sampled span and an access log line, each timed for a moment."""
+    res = run(_args(tmp_path, "--parts", "hotpath", "--hotpath-seconds", "0.01"), **QUIET)
+    hp = res["hotpath"]
+    assert set(hp["pieces"]) == {"metrics_source", "metrics_destination", "trace_new", "trace_parent",
+                                 "span_outbound", "span_inbound", "access_log"}
+    for key, r in hp["pieces"].items():
+        assert r["number"] > 0 and r["repeats"] > 0 and math.isfinite(r["us"]), key
+        assert r["sidecar"] in ("outbound", "inbound", "both")
+        if key.startswith("span_"):
+            assert math.isfinite(r["us_all_threads"]) and r["us_other_threads"] >= 0
+    assert hp["span_targets"] == [] and hp["sdk_started"]
+    assert hp["access_log_line_bytes"] > 100
+    assert (tmp_path / "raw" / "hotpath.json").is_file()
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Cost of metrics and tracing" in text and "Telemetry.record_request" in text
 
 
 def test_datapath_with_wrk_nginx_and_haproxy(tmp_path):
@@ -67,6 +118,7 @@ def test_datapath_with_wrk_nginx_and_haproxy(tmp_path):
     res = run(_args(tmp_path, "--parts", "datapath", "--scenarios", "c32"), **QUIET)
     assert res["datapath"]["app"] == "nginx" and res["datapath"]["load_tool"] == "wrk"
     _check_datapath(res, tmp_path, ["direct", "mesh", "haproxy"], ["c32"])
+    _check_variants(res, tmp_path, "c32")
     verdicts = {name: verdict for name, _, verdict in targets(res)}
     assert verdicts["req/s at 32 connections >= 0.8x HAProxy"] in ("met", "NOT met")
 
@@ -104,3 +156,27 @@ def test_startup_skips_without_docker_or_with_the_lock_held(tmp_path, monkeypatc
         fcntl.flock(held, fcntl.LOCK_EX)
         res = startup.run_startup(log=lambda *_: None)
     assert "skipped" in res
+
+
+def test_startup_runs_under_a_lock_its_caller_holds(tmp_path):
+    """`flock /tmp/meshd-e2e.lock make bench`: the lock held by an ancestor is the benchmark's own;
+    one held by anyone else (here: this process) still makes the start-up part skip."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from bench import env
+    from bench.startup import held_by_ancestor
+
+    if shutil.which("flock") is None:
+        pytest.skip("no flock(1)")
+    lock = tmp_path / "e2e.lock"
+    lock.touch()
+    code = "import sys; from bench.startup import held_by_ancestor; sys.exit(0 if held_by_ancestor(sys.argv[1]) else 3)"
+    proc = subprocess.run(["flock", str(lock), "sh", "-c", f'"{sys.executable}" -c "$0" "$1"', code, str(lock)],
+                          cwd=env.ROOT, timeout=60)
+    assert proc.returncode == 0
+    assert not held_by_ancestor(str(lock))          # not held at all
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert not held_by_ancestor(str(lock))      # held, by this process: not an ancestor

@@ -1,0 +1,223 @@
+"""Hot-path micro-benchmark: the CPU one request spends in metrics and tracing, in-process.
+
+    python -m bench.hotpath [--quick] [--json]
+
+No sockets, no event loop: the product's own objects called the way sidecar/proxy.py calls them
+once per request (`_Downstream._dispatch`: Tracing.begin + encode_trace_headers; `_finish_metrics`:
+Telemetry.record_request, and Tracing.finish when the request is sampled or access-logged).
+
+Each piece is timed as CPU time of the calling thread (time.thread_time: user + kernel, so the
+access log's write system call counts), `number` calls per repeat, the median of the repeats, minus
+the same loop calling an empty function. A sampled span also costs the OpenTelemetry batch
+processor's worker thread (sidecar/otel.py: the batch converted and JSON-encoded by
+OtlpJsonExporter); that part is the process's CPU (time.process_time, every thread, the queue
+flushed at the end of each repeat) minus the calling thread's. The spans are sent nowhere:
+Tracing.collector is None (meshd's receiver is set only by `sidecar run`) and the settings name no
+OTLP endpoint, so Tracing.targets() is empty (checked). The access log is structlog configured as
+the product does (meshio.runtime.configure_logging: JSON lines on stderr), stderr being /dev/null.
+
+Run by `python -m bench` in a fresh interpreter (it configures structlog and logging globally).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from itertools import repeat
+from typing import Callable
+
+SPAN_BATCH = 2000   # sampled spans per repeat: below the SDK queue's 2048, so none is dropped
+
+# The realistic request: wrk's `GET /` through frontend's outbound sidecar to payments' inbound.
+SOURCE, DEST, VERSION = "frontend", "payments", "v1"
+UPSTREAM = "127.0.0.1:15006"
+MS = 1.22                                                                    # c32's median latency
+TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"   # unsampled (the 99%)
+TRACEPARENT_SAMPLED = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+# key -> (title, the sidecar that runs it for each request of the pair)
+PIECES = {
+    "metrics_source": ("metrics: Telemetry.record_request, reporter=source", "outbound"),
+    "metrics_destination": ("metrics: Telemetry.record_request, reporter=destination", "inbound"),
+    "trace_new": ("trace context: Tracing.begin + encode_trace_headers, no traceparent (starts the trace)",
+                  "outbound"),
+    "trace_parent": ("trace context: Tracing.begin + encode_trace_headers, with traceparent", "inbound"),
+    "span_outbound": ("sampled span: Tracing.finish, client span of a new trace (access log off)", "outbound"),
+    "span_inbound": ("sampled span: Tracing.finish, server span with a remote parent (access log off)",
+                     "inbound"),
+    "access_log": ("access log line: Tracing.finish, access_log=full, unsampled (no span)", "both"),
+}
+
+
+def _loop_cost(fn: Callable[[], object], number: int) -> tuple[float, float]:
+    """(thread CPU s, process CPU s) of `number` calls."""
+    p0, t0 = time.process_time(), time.thread_time()
+    for _ in repeat(None, number):
+        fn()
+    t1 = time.thread_time()
+    return t1 - t0, time.process_time() - p0
+
+
+def _noop() -> None:
+    return None
+
+
+def measure(fn: Callable[[], object], number: int, repeats: int,
+            settle: Callable[[], object] | None = None) -> dict:
+    """Median microseconds per call over `repeats` runs of `number` calls, net of an empty call.
+    `settle` (inside the process-CPU window, outside the thread's) finishes deferred work."""
+    fn()  # warm: first-use imports, caches, the series of the label tuple
+    if settle is not None:
+        settle()
+    base = statistics.median(_loop_cost(_noop, number)[0] for _ in range(3)) / number
+    thread, process = [], []
+    for _ in range(repeats):
+        p0 = time.process_time()
+        t, _p = _loop_cost(fn, number)
+        if settle is not None:
+            settle()
+        p = time.process_time() - p0
+        thread.append((t / number - base) * 1e6)
+        process.append((p / number - base) * 1e6)
+    out = {"us": round(statistics.median(thread), 3), "number": number, "repeats": repeats,
+           "spread_us": [round(min(thread), 3), round(max(thread), 3)],
+           "empty_call_us": round(base * 1e6, 3)}
+    if settle is not None:
+        out["us_all_threads"] = round(statistics.median(process), 3)
+        out["us_other_threads"] = round(max(0.0, out["us_all_threads"] - out["us"]), 3)
+    return out
+
+
+def _calls(fn: Callable[[], object], seconds: float) -> int:
+    """How many calls take about `seconds` (at least 100)."""
+    t0 = time.perf_counter()
+    n = 0
+    while n < 200 or time.perf_counter() - t0 < 0.02:
+        fn()
+        n += 1
+    per = (time.perf_counter() - t0) / n
+    return max(100, int(seconds / per))
+
+
+def run_hotpath(quick: bool = False, seconds: float | None = None, repeats: int | None = None) -> dict:
+    """Measure every piece; `seconds` per repeat, `repeats` per piece (quick: 0.05 s x 5)."""
+    seconds = seconds if seconds is not None else (0.05 if quick else 0.2)
+    repeats = repeats if repeats is not None else (5 if quick else 9)
+    started = time.monotonic()
+
+    # structlog as `sidecar run` configures it, its stream (stderr) being /dev/null.
+    devnull = open(os.devnull, "w")
+    real_stderr = sys.stderr
+    sys.stderr = devnull
+    try:
+        from meshio.runtime import configure_logging
+        configure_logging("sidecar")
+    finally:
+        sys.stderr = real_stderr
+
+    from meshcore.tracing import ACCESS_FULL, ACCESS_OFF, TelemetrySettings, encode_trace_headers
+    from sidecar.telemetry import NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
+    from sidecar.tracing import Tracing
+
+    res: dict = {"pieces": {}, "quick": quick, "seconds_per_repeat": seconds, "repeats": repeats,
+                 "span_batch": SPAN_BATCH}
+    tel = Telemetry()
+
+    def metrics(reporter: str) -> Callable[[], None]:
+        rec = tel.record_request
+        return lambda: rec(reporter, SOURCE, VERSION, DEST, DEST, VERSION, 200, NO_FLAGS, MS)
+
+    def context(tracing: Tracing, tp: bytes | None) -> Callable[[], bytes]:
+        begin = tracing.begin
+        return lambda: encode_trace_headers(begin(tp, None))
+
+    def finish(tracing: Tracing, ctx, direction: str) -> Callable[[], None]:
+        fin = tracing.finish
+        return lambda: fin(ctx, direction=direction, method=b"GET", target=b"/", status=200, flags=NO_FLAGS,
+                           ms=MS, source=SOURCE, source_version=VERSION, destination=DEST,
+                           destination_version=VERSION, upstream=UPSTREAM, attempts=1, no_flags=NO_FLAGS)
+
+    default = Tracing(DEST, VERSION, node="bench-hotpath")           # sampling 1%, access log sampled
+    spans = Tracing(SOURCE, VERSION, node="bench-hotpath")
+    spans.configure(TelemetrySettings(sampling=100.0, access_log=ACCESS_OFF))
+    logs = Tracing(SOURCE, VERSION, node="bench-hotpath")
+    logs.configure(TelemetrySettings(sampling=0.0, access_log=ACCESS_FULL))
+
+    out_ctx = spans.begin(None, None)
+    in_ctx = spans.begin(TRACEPARENT_SAMPLED, None)
+    quiet_ctx = logs.begin(None, None)
+    assert out_ctx.sampled and in_ctx.sampled and in_ctx.parent_id is not None and not quiet_ctx.sampled
+    res["span_targets"] = [t[1] for t in spans.targets()]
+    if res["span_targets"]:
+        raise RuntimeError(f"spans would be exported to {res['span_targets']}: the benchmark must not send")
+
+    def flush() -> None:
+        sdk = spans._sdk  # noqa: SLF001 - the SDK provider, started by the first sampled span
+        if sdk is not None:
+            sdk.provider.force_flush()
+
+    plan: list[tuple[str, Callable[[], object], Callable[[], object] | None]] = [
+        ("metrics_source", metrics(REPORTER_SOURCE), None),
+        ("metrics_destination", metrics(REPORTER_DESTINATION), None),
+        ("trace_new", context(default, None), None),
+        ("trace_parent", context(default, TRACEPARENT), None),
+        ("access_log", finish(logs, quiet_ctx, "outbound"), None),
+        ("span_outbound", finish(spans, out_ctx, "outbound"), flush),
+        ("span_inbound", finish(spans, in_ctx, "inbound"), flush),
+    ]
+    for key, fn, settle in plan:
+        fn()  # first use: the SDK import and provider for spans, the cached logger for logs
+        number = min(SPAN_BATCH, _calls(fn, seconds)) if settle is not None else _calls(fn, seconds)
+        reps = repeats * 2 if settle is not None else repeats  # smaller batches, more of them
+        r = measure(fn, number, reps, settle)
+        r["title"], r["sidecar"] = PIECES[key]
+        res["pieces"][key] = r
+
+    res["access_log_line_bytes"] = _line_bytes(devnull, finish(logs, quiet_ctx, "outbound"))
+    res["sdk_started"] = spans._sdk is not None  # noqa: SLF001
+    res["seconds"] = round(time.monotonic() - started, 1)
+    spans.close()
+    return res
+
+
+def _line_bytes(stream, fn: Callable[[], object]) -> int:
+    """The size of one access log line: the log's file descriptor briefly pointed at a temp file."""
+    stream.flush()
+    fd = stream.fileno()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            fn()
+            stream.flush()
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+        tmp.seek(0)
+        return len(tmp.read())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.hotpath", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="shorter repeats (a harness check)")
+    p.add_argument("--seconds", type=float, help="seconds per repeat (default 0.2; quick 0.05)")
+    p.add_argument("--repeats", type=int, help="repeats per piece (default 9; quick 5); spans twice as many")
+    p.add_argument("--json", action="store_true", help="print one JSON object (what `python -m bench` reads)")
+    args = p.parse_args(argv)
+    res = run_hotpath(args.quick, args.seconds, args.repeats)
+    if args.json:
+        print("HOTPATHJSON " + json.dumps(res, sort_keys=True))
+        return
+    for key, r in res["pieces"].items():
+        extra = f" + {r['us_other_threads']:.2f} us in the exporter thread" if "us_other_threads" in r else ""
+        print(f"{r['us']:7.2f} us{extra}  {r['title']} [{r['sidecar']}]")
+    print(f"access log line: {res['access_log_line_bytes']} bytes; {res['seconds']} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
