@@ -38,6 +38,9 @@ class TlsMaterial:
     not_before: float
     not_after: float
     serial: int
+    # The leaf's DER SubjectPublicKeyInfo when known (certs.store fills it in): matches a certificate
+    # to this key without parsing the key. Not part of equality.
+    spki: bytes = field(default=b"", repr=False, compare=False)
 
 
 class _State(NamedTuple):

@@ -1,10 +1,15 @@
 """Workload keys and certificate signing requests.
 
 Keys are EC P-256 (fast to sign with, small, what TLS 1.3 stacks all speak). A workload's key is
-generated where it is used (the sidecar) and never leaves it; only the CSR travels to meshd.
+generated where it is used (the node) and never leaves it; only the CSR travels to meshd.
+
+This module imports `cryptography`: meshd uses it directly, the sidecar and the gateway only
+through `certs.worker` (a child process), so that they do not carry the library in their memory.
 """
 
 from __future__ import annotations
+
+import ipaddress
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -48,3 +53,22 @@ def build_csr(key: ec.EllipticCurvePrivateKey, spiffe_id: str) -> bytes:
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def build_server_csr(key: ec.EllipticCurvePrivateKey, names: tuple[str, ...]) -> bytes:
+    """A PEM CSR for a TLS server certificate naming DNS names / IP addresses (the gateway's HTTPS)."""
+    general: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            general.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            general.append(x509.DNSName(name.lower()))
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+           .add_extension(x509.SubjectAlternativeName(general), critical=False)
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def spki_der(public_key) -> bytes:
+    """The DER SubjectPublicKeyInfo of a public key: what matches a certificate to its key."""
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -3,18 +3,23 @@
 Each file is replaced atomically (write a temporary file in the same directory, fsync, rename).
 The three files are not replaced as one unit, so `load_material` checks that the key matches the
 certificate; a reader that races a writer gets ValueError and should retry.
+
+Certificates are read by `certs.worker` (a child process with `cryptography`), so `material_from_pem`
+and `load_material` block for the worker's run (~0.1 s); async code uses `certs.worker.acall` with
+`inspect_request` and `material_from_inspection` instead.
+This module imports no `cryptography` itself.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
+from certs import worker
 from certs.holder import TlsMaterial
 from meshcore.identity import SCHEME, is_spiffe_id
 
@@ -51,39 +56,43 @@ def write_file_atomic(path: str | os.PathLike, data: bytes, mode: int) -> None:
         os.close(dfd)
 
 
+def inspect_request(cert_chain_pem: bytes, key_pem: bytes | None = None,
+                    bundle_pem: bytes | None = None) -> dict[str, Any]:
+    """The `certs.worker` request reading the leaf of `cert_chain_pem` (and checking the key and
+    the bundle when given)."""
+    request: dict[str, Any] = {"op": "inspect", "chain_pem": cert_chain_pem.decode("ascii", "replace")}
+    if key_pem is not None:
+        request["key_pem"] = key_pem.decode("ascii", "replace")
+    if bundle_pem is not None:
+        request["bundle_pem"] = bundle_pem.decode("ascii", "replace")
+    return request
+
+
+def leaf_identity(uris: list[str]) -> str:
+    """The leaf's SPIFFE ID: its single SPIFFE URI SAN, or "" (none, several, or invalid)."""
+    ids = [u for u in uris if u[:len(SCHEME)].lower() == SCHEME]
+    return ids[0] if len(ids) == 1 and is_spiffe_id(ids[0]) else ""
+
+
+def material_from_inspection(cert_chain_pem: bytes, key_pem: bytes, bundle_pem: bytes,
+                             info: dict[str, Any]) -> TlsMaterial:
+    """TlsMaterial from the worker's `inspect` answer `info` for `cert_chain_pem`."""
+    return TlsMaterial(cert_chain_pem=cert_chain_pem, key_pem=key_pem, bundle_pem=bundle_pem,
+                       identity=leaf_identity(list(info.get("uris", ()))),
+                       not_before=float(info["not_before"]), not_after=float(info["not_after"]),
+                       serial=int(info["serial"]), spki=base64.b64decode(info["spki"]))
+
+
 def material_from_pem(cert_chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> TlsMaterial:
     """Build TlsMaterial, reading identity, validity and serial from the leaf (the first cert).
 
-    Raises ValueError when the PEM does not parse or the key does not match the leaf. The identity
-    is the leaf's single SPIFFE URI SAN, or "" when it has none (e.g. a gateway server certificate).
+    Raises ValueError when the PEM does not parse or the key does not match the leaf (and
+    certs.worker.WorkerError when the worker does not answer). The identity is the leaf's single
+    SPIFFE URI SAN, or "" when it has none (e.g. a gateway server certificate). Blocks for a
+    `certs.worker` run.
     """
-    try:
-        certs = x509.load_pem_x509_certificates(cert_chain_pem)
-    except ValueError:
-        raise ValueError("the certificate chain is not PEM") from None
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError):
-        raise ValueError("the private key is not an unencrypted PEM key") from None
-    leaf = certs[0]
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    if (key.public_key().public_bytes(serialization.Encoding.DER, spki)
-            != leaf.public_key().public_bytes(serialization.Encoding.DER, spki)):
-        raise ValueError("the private key does not match the certificate")
-    try:
-        x509.load_pem_x509_certificates(bundle_pem)
-    except ValueError:
-        raise ValueError("the trust bundle is not PEM certificates") from None
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-                if u[:len(SCHEME)].lower() == SCHEME]
-    except x509.ExtensionNotFound:
-        uris = []
-    identity = uris[0] if len(uris) == 1 and is_spiffe_id(uris[0]) else ""
-    return TlsMaterial(cert_chain_pem=cert_chain_pem, key_pem=key_pem, bundle_pem=bundle_pem,
-                       identity=identity, not_before=leaf.not_valid_before_utc.timestamp(),
-                       not_after=leaf.not_valid_after_utc.timestamp(), serial=leaf.serial_number)
+    info = worker.call(inspect_request(cert_chain_pem, key_pem, bundle_pem), attempts=3)
+    return material_from_inspection(cert_chain_pem, key_pem, bundle_pem, info)
 
 
 def save_material(directory: str | os.PathLike, material: TlsMaterial) -> None:
@@ -95,11 +104,18 @@ def save_material(directory: str | os.PathLike, material: TlsMaterial) -> None:
     write_file_atomic(d / BUNDLE_FILE, material.bundle_pem, 0o644)
 
 
-def load_material(directory: str | os.PathLike) -> TlsMaterial:
-    """Read material saved by `save_material`; refuses a key file readable by group or others."""
+def read_material_files(directory: str | os.PathLike) -> tuple[bytes, bytes, bytes]:
+    """(cert chain, key, bundle) PEM as saved by `save_material`; refuses a key file readable by
+    group or others (PermissionError)."""
     d = Path(directory)
     key_path = d / KEY_FILE
     mode = stat.S_IMODE(os.stat(key_path).st_mode)
     if mode & 0o077:
         raise PermissionError(f"{key_path} is accessible by group or others (mode {mode:04o}); chmod 600 it")
-    return material_from_pem((d / CERT_FILE).read_bytes(), key_path.read_bytes(), (d / BUNDLE_FILE).read_bytes())
+    return (d / CERT_FILE).read_bytes(), key_path.read_bytes(), (d / BUNDLE_FILE).read_bytes()
+
+
+def load_material(directory: str | os.PathLike) -> TlsMaterial:
+    """Read material saved by `save_material`; refuses a key file readable by group or others.
+    Blocks for a `certs.worker` run (from async code: read_material_files + certs.worker.acall)."""
+    return material_from_pem(*read_material_files(directory))

@@ -39,12 +39,13 @@ async def serve(control_url: str, node: str, bind: str, port: int, admin_port: i
         hosts = tuple(h.strip() for h in env.get("MESH_GATEWAY_HOSTS", "localhost").split(",") if h.strip())
         agent = CertAgent(env.get("MESH_IDENTITY", ""), bundle.encode("ascii"), env.get("MESH_BOOTSTRAP_TOKEN", ""),
                           tls_dir=env.get("MESH_TLS_DIR", "/tmp/mesh-tls"),
-                          server_names=() if user_cert else hosts, registry=state.telemetry.registry)
+                          server_names=() if user_cert else hosts, registry=state.telemetry.registry, restore=False)
+        await agent.restore()   # saved material, read by a certs.worker subprocess
         state.tls = MeshTls(agent)
         if user_cert and user_key:
             server_cert = ServerCert()
             with open(user_cert, "rb") as c, open(user_key, "rb") as k:
-                server_cert.load_pem(c.read(), k.read())
+                await server_cert.aload_pem(c.read(), k.read())
             https = server_cert.front
         else:
             https = agent.server_holder.front

@@ -12,6 +12,9 @@ was sent). A valid token's scalar claims are forwarded as `x-jwt-claim-<name>` h
 `x-jwt-claim-*` headers are always removed, so a client cannot forge them), and the `Authorization`
 header is NOT forwarded upstream: the bearer token is a credential for the mesh's edge, and the
 services get the verified claims instead (Istio's `forwardOriginalToken: false` default).
+
+PyJWT is imported on first use: it loads `cryptography` (~8 MiB of resident memory), which a gateway
+without a JWKS never needs.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import os
 import re
 from typing import Any
 
-import jwt
 import structlog
 
 log = structlog.get_logger("gateway.jwt")
@@ -55,6 +57,8 @@ class JwtVerifier:
             self._load_file()
 
     def load_jwks(self, data: dict) -> None:
+        import jwt
+
         keyset = jwt.PyJWKSet.from_dict(data)
         keys = {}
         for k in keyset.keys:
@@ -65,6 +69,8 @@ class JwtVerifier:
         log.info("jwks_loaded", keys=len(keys))
 
     def _load_file(self) -> None:
+        import jwt
+
         try:
             mtime = os.stat(self.jwks_file).st_mtime
             if mtime == self._mtime:
@@ -101,6 +107,8 @@ class JwtVerifier:
             self._load_file()
         if not self.keys:
             raise JwtError("no signing keys are configured")
+        import jwt
+
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:

@@ -102,7 +102,8 @@ async def serve(settings: SidecarSettings) -> None:
         from sidecar.tlsagent import CertAgent, MeshTls
 
         agent = CertAgent(settings.identity, settings.ca_bundle.encode("ascii"), settings.bootstrap_token,
-                          tls_dir=settings.tls_dir, registry=state.telemetry.registry)
+                          tls_dir=settings.tls_dir, registry=state.telemetry.registry, restore=False)
+        await agent.restore()   # saved material, read by a certs.worker subprocess
         state.tls = MeshTls(agent)
         state.authz = Authorizer(settings.service)
 

@@ -71,7 +71,7 @@ class ControlClient:
         while True:
             renewer = None
             try:
-                token, csr = self.agent.bootstrap_fields() if self.agent is not None else ("", "")
+                token, csr = await self.agent.bootstrap_fields() if self.agent is not None else ("", "")
                 ssl_ctx = self.agent.control_ssl_context() if self.agent is not None else None
                 kwargs = {"ssl": ssl_ctx} if ssl_ctx is not None else {}
                 async with connect(self.url, **CONNECT_OPTIONS, **kwargs) as ws:
@@ -119,15 +119,22 @@ class ControlClient:
             log.warning("control_refused", code=frame.code, reason=frame.reason)
 
     async def _handle_cert_message(self, ws, msg) -> None:
+        # Keys, CSRs and certificate parsing run in a short-lived worker process (certs.worker), in
+        # a thread: OSError (certs.worker.WorkerError) when it could not answer.
         agent = self.agent
         if isinstance(msg, Certs):
             try:
-                agent.install(msg)
-            except ValueError as exc:
+                await agent.install(msg)
+            except (ValueError, OSError) as exc:
                 log.warning("tls_certificate_refused", error=str(exc))
         elif isinstance(msg, Renew):
             log.info("tls_renew_requested", reason=msg.reason)
-            await ws.send(encode_message(CsrRequest(csr=agent.new_csr())))
+            try:
+                csr = await agent.new_csr()
+            except (ValueError, OSError) as exc:
+                log.warning("tls_csr_failed", error=str(exc))   # the renew loop asks again when due
+                return
+            await ws.send(encode_message(CsrRequest(csr=csr)))
         elif isinstance(msg, Bundle):
             try:
                 agent.install_bundle(msg.bundle, msg.version)
@@ -145,12 +152,22 @@ class ControlClient:
                 now = time.time()
                 if agent.has_valid_cert(now) and agent.renew_due(now) and now - asked_at > 2.0:
                     asked_at = now
-                    await ws.send(encode_message(CsrRequest(csr=agent.new_csr())))
-                    log.info("tls_renewal_requested", identity=agent.identity)
-                if agent.has_valid_cert(now):
-                    server_csr = agent.server_csr()
-                    if server_csr is not None and now - getattr(self, "_server_asked", 0.0) > 5.0:
-                        self._server_asked = now
+                    try:
+                        csr = await agent.new_csr()
+                    except (ValueError, OSError) as exc:
+                        log.warning("tls_csr_failed", error=str(exc))
+                    else:
+                        await ws.send(encode_message(CsrRequest(csr=csr)))
+                        log.info("tls_renewal_requested", identity=agent.identity)
+                if (agent.has_valid_cert(now) and agent.server_csr_due()
+                        and now - getattr(self, "_server_asked", 0.0) > 5.0):
+                    self._server_asked = now
+                    try:
+                        server_csr = await agent.server_csr()
+                    except (ValueError, OSError) as exc:
+                        log.warning("tls_csr_failed", purpose="gateway-server", error=str(exc))
+                        server_csr = None
+                    if server_csr is not None:
                         await ws.send(encode_message(CsrRequest(csr=server_csr, purpose="gateway-server")))
                 await asyncio.sleep(0.25)
         except ConnectionClosed:

@@ -1,8 +1,14 @@
 """A node's workload identity: its key, its certificate from meshd, renewal, the trust bundle.
 
-The private key is generated here and never leaves the process but for one copy in the node
-container's own file system (`MESH_TLS_DIR`, directory 0700, key 0600), so that a restarted sidecar
-process reconnects with its certificate instead of a (spent) bootstrap token.
+The private key is generated for the node by a short-lived child process (`certs.worker`, which
+also reads the certificates the node receives: the node itself does not load `cryptography`) and
+handed over through a pipe; it leaves the node only for one copy in the node container's own file
+system (`MESH_TLS_DIR`, directory 0700, key 0600), so that a restarted sidecar process reconnects
+with its certificate instead of a (spent) bootstrap token. Worker runs are rare (bootstrap, renewal
+at about half of the certificate's lifetime, root rotation, restore) and run as asyncio
+subprocesses, off the event loop: the methods that need one are coroutines. `CertAgent(...)` restores
+saved material at once, blocking for a worker run; the nodes pass `restore=False` and
+`await agent.restore()` instead.
 
 `CertAgent` is what `sidecar.control.ControlClient` uses on the control channel (bootstrap fields of
 the hello, the TLS context to reach meshd, `certs`/`bundle`/`renew` handling) and `MeshTls` is the
@@ -12,6 +18,7 @@ version counters).
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import ssl
@@ -20,13 +27,13 @@ from dataclasses import replace
 from typing import Any, Callable
 
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from certs import worker
 from certs.holder import TlsHolder, TlsMaterial, peer_identity
-from certs.keys import build_csr, generate_key
-from certs.store import load_material, material_from_pem, save_material
+from certs.store import (
+    inspect_request, load_material, material_from_inspection, read_material_files, save_material,
+)
 from meshcore.authz import source_name
 from meshcore.identity import renew_at as compute_renew_at
 from meshcore.protocol import Certs
@@ -35,14 +42,31 @@ log = structlog.get_logger("sidecar.tls")
 
 DEFAULT_TLS_DIR = "/tmp/mesh-tls"
 MAX_PENDING_KEYS = 4
+INSPECT_ATTEMPTS = 3    # a certificate that arrives is not asked for again: retry a worker that failed
 
 
-def _spki(key) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+class PendingKey:
+    """A private key whose CSR is out: its PEM (never shown) and its SPKI (DER), to match the certificate."""
+
+    __slots__ = ("key_pem", "spki")
+
+    def __init__(self, key_pem: bytes, spki: bytes):
+        self.key_pem = key_pem
+        self.spki = spki
+
+    def __repr__(self) -> str:
+        return f"PendingKey(spki={self.spki[-8:].hex()}...)"
 
 
-def _leaf_spki(chain_pem: bytes) -> bytes:
-    return _spki(x509.load_pem_x509_certificates(chain_pem)[0].public_key())
+async def new_key_and_csr(request: dict) -> tuple[PendingKey, str]:
+    """A new key and its CSR (PEM text) from the worker (`request`: keygen_csr's identity or names)."""
+    answer = await worker.acall({"op": "keygen_csr", **request})
+    return PendingKey(answer["key_pem"].encode("ascii"), base64.b64decode(answer["spki"])), answer["csr_pem"]
+
+
+async def inspect_chain(chain_pem: bytes, bundle_pem: bytes | None = None) -> dict:
+    """The worker's reading of the leaf of `chain_pem` (raises ValueError when it does not parse)."""
+    return await worker.acall(inspect_request(chain_pem, bundle_pem=bundle_pem), attempts=INSPECT_ATTEMPTS)
 
 
 class TlsStats:
@@ -78,7 +102,8 @@ class CertAgent:
 
     def __init__(self, identity: str, bundle_pem: bytes, token: str = "", *, tls_dir: str | None = DEFAULT_TLS_DIR,
                  server_names: tuple[str, ...] = (), registry: CollectorRegistry | None = None,
-                 rand: Callable[[], float] = random.random, clock: Callable[[], float] = time.time):
+                 rand: Callable[[], float] = random.random, clock: Callable[[], float] = time.time,
+                 restore: bool = True):
         self.identity = identity
         self.initial_bundle = bundle_pem
         self.token = token
@@ -90,13 +115,14 @@ class CertAgent:
         self.renew_at: float | None = None
         self.installed = 0
         self.bundle_version = 0
-        self._pending: list[Any] = []   # private keys whose CSR is out, newest last
+        self._pending: list[PendingKey] = []   # private keys whose CSR is out, newest last
         self._token_spent = False
         self.last_error: str | None = None
         # The gateway's HTTPS certificate (server names from MESH_GATEWAY_HOSTS), issued by meshd.
         self.server_names = server_names
         self.server_holder: ServerCert | None = ServerCert() if server_names else None
-        self._load_saved()
+        if restore:
+            self._load_saved()
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -113,14 +139,35 @@ class CertAgent:
         m = self.holder.material
         return m.bundle_pem if m is not None else self.initial_bundle
 
+    def _has_saved(self) -> bool:
+        return bool(self.tls_dir) and os.path.exists(os.path.join(self.tls_dir, "key.pem"))
+
     def _load_saved(self) -> None:
-        if not self.tls_dir or not os.path.exists(os.path.join(self.tls_dir, "key.pem")):
+        """Restore the material saved in tls_dir (blocking: a worker run)."""
+        if not self._has_saved():
             return
         try:
             material = load_material(self.tls_dir)
         except (OSError, ValueError) as exc:
             log.warning("tls_saved_material_unusable", error=str(exc))
             return
+        self._restore_material(material)
+
+    async def restore(self) -> None:
+        """Restore the material saved in tls_dir, if any, valid and for this identity (the worker
+        runs as an asyncio subprocess); for an agent made with `restore=False`."""
+        if not self._has_saved():
+            return
+        try:
+            chain, key_pem, bundle = read_material_files(self.tls_dir)
+            info = await worker.acall(inspect_request(chain, key_pem, bundle), attempts=INSPECT_ATTEMPTS)
+            material = material_from_inspection(chain, key_pem, bundle, info)
+        except (OSError, ValueError) as exc:
+            log.warning("tls_saved_material_unusable", error=str(exc))
+            return
+        self._restore_material(material)
+
+    def _restore_material(self, material: TlsMaterial) -> None:
         if material.identity != self.identity or material.not_after <= self.clock():
             return
         self._install_material(material, None)
@@ -147,18 +194,24 @@ class CertAgent:
     def needs_bootstrap(self) -> bool:
         return not self.has_valid_cert()
 
-    def bootstrap_fields(self) -> tuple[str, str]:
+    async def bootstrap_fields(self) -> tuple[str, str]:
         """(token, csr) for the hello when the node has no valid certificate, else ("", "")."""
         if not self.needs_bootstrap() or not self.token:
             return "", ""
-        return self.token, self.new_csr()
+        return self.token, await self.new_csr()
 
-    def new_csr(self) -> str:
-        """A fresh key (kept pending until its certificate arrives) and its CSR (PEM text)."""
-        key, _ = generate_key()
+    def _add_pending(self, key: PendingKey) -> None:
         self._pending.append(key)
         del self._pending[:-MAX_PENDING_KEYS]
-        return build_csr(key, self.identity).decode("ascii")
+
+    async def new_csr(self) -> str:
+        """A fresh key (kept pending until its certificate arrives) and its CSR (PEM text).
+
+        Raises ValueError for an identity that is no SPIFFE ID, certs.worker.WorkerError (an
+        OSError) when the worker does not answer."""
+        key, csr = await new_key_and_csr({"identity": self.identity})
+        self._add_pending(key)
+        return csr
 
     def control_ssl_context(self) -> ssl.SSLContext:
         """TLS 1.3 client context for meshd's control endpoint: verify meshd (bundle + IP/host name)
@@ -176,29 +229,32 @@ class CertAgent:
         ctx.set_alpn_protocols(["http/1.1"])
         return ctx
 
-    def install(self, msg: Certs) -> TlsMaterial:
-        """Install a `certs` message: its leaf must match a pending (or the current) key."""
+    async def install(self, msg: Certs) -> TlsMaterial:
+        """Install a `certs` message: its leaf must match a pending (or the current) key.
+
+        Raises ValueError when it does not (or does not parse), certs.worker.WorkerError when the
+        worker reading it failed (after retries)."""
         if msg.purpose == "gateway-server":
             if self.server_holder is None:
                 raise ValueError("a gateway server certificate for a node that asked for none")
-            self.server_holder.install(msg, self._pending)
+            await self.server_holder.install(msg, self._pending)
             return self.holder.material
         chain = msg.cert_chain.encode("ascii")
         bundle = msg.bundle.encode("ascii")
-        want = _leaf_spki(chain)
-        candidates = list(reversed(self._pending))
+        info = await inspect_chain(chain, bundle)
+        want = base64.b64decode(info["spki"])
         key_pem = None
-        for key in candidates:
-            if _spki(key.public_key()) == want:
-                key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption())
-                self._pending = [k for k in self._pending if k is not key]
+        for key in reversed(self._pending):
+            if key.spki == want:
+                key_pem = key.key_pem
+                self._pending.remove(key)
                 break
-        if key_pem is None and self.holder.material is not None:
-            key_pem = self.holder.material.key_pem  # same key re-certified
+        current = self.holder.material
+        if key_pem is None and current is not None and (not current.spki or current.spki == want):
+            key_pem = current.key_pem  # same key re-certified (holder.update checks it fits)
         if key_pem is None:
             raise ValueError("the certificate matches no key of this node")
-        material = material_from_pem(chain, key_pem, bundle)
+        material = material_from_inspection(chain, key_pem, bundle, info)
         if material.identity != self.identity:
             raise ValueError(f"the certificate is for {material.identity!r}, not {self.identity!r}")
         self._install_material(material, msg.renew_at or None)
@@ -229,14 +285,17 @@ class CertAgent:
         now = self.clock() if now is None else now
         return self.renew_at is not None and now >= self.renew_at
 
-    def server_csr(self) -> str | None:
+    def server_csr_due(self) -> bool:
+        """The gateway has no HTTPS certificate yet, or its certificate is due for renewal."""
+        return self.server_holder is not None and self.server_holder.due(self.clock())
+
+    async def server_csr(self) -> str | None:
         """The gateway's HTTPS CSR, when it has none or its certificate is due."""
-        if self.server_holder is None or not self.server_holder.due(self.clock()):
+        if not self.server_csr_due():
             return None
-        key, _ = generate_key()
-        self._pending.append(key)
-        del self._pending[:-MAX_PENDING_KEYS]
-        return build_server_csr(key, self.server_names).decode("ascii")
+        key, csr = await new_key_and_csr({"names": list(self.server_names)})
+        self._add_pending(key)
+        return csr
 
     def describe(self) -> dict:
         m = self.holder.material
@@ -244,22 +303,6 @@ class CertAgent:
                 "not_after": m.not_after if m else None, "renew_at": self.renew_at,
                 "installed": self.installed, "bundle_version": self.bundle_version,
                 "roots": m.bundle_pem.count(b"BEGIN CERTIFICATE") if m else 0}
-
-
-def build_server_csr(key, names: tuple[str, ...]) -> bytes:
-    """A CSR for a TLS server certificate naming DNS names / IP addresses."""
-    import ipaddress
-
-    general: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            general.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            general.append(x509.DNSName(name.lower()))
-    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
-           .add_extension(x509.SubjectAlternativeName(general), critical=False)
-           .sign(key, hashes.SHA256()))
-    return csr.public_bytes(serialization.Encoding.PEM)
 
 
 class ServerCert:
@@ -283,29 +326,35 @@ class ServerCert:
     def due(self, now: float) -> bool:
         return self.current is None or now >= self.not_before + (self.not_after - self.not_before) * 0.5
 
-    def load_pem(self, chain_pem: bytes, key_pem: bytes) -> None:
+    def load_pem(self, chain_pem: bytes, key_pem: bytes, info: dict | None = None) -> None:
+        """Serve `chain_pem` with `key_pem` from the next handshake on. `info`: the worker's reading
+        of the chain; without it the worker is run here (blocking: from async code use `aload_pem`)."""
         from certs.holder import _load_via_memfd, _load_via_tempdir
 
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.set_alpn_protocols(["http/1.1"])
         ctx.num_tickets = 0
-        if not _load_via_memfd(ctx, chain_pem, key_pem):
+        if not _load_via_memfd(ctx, chain_pem, key_pem):   # OpenSSL checks that the key fits
             _load_via_tempdir(ctx, chain_pem, key_pem)
-        leaf = x509.load_pem_x509_certificates(chain_pem)[0]
-        self.not_before = leaf.not_valid_before_utc.timestamp()
-        self.not_after = leaf.not_valid_after_utc.timestamp()
+        if info is None:
+            info = worker.call(inspect_request(chain_pem), attempts=INSPECT_ATTEMPTS)
+        self.not_before = float(info["not_before"])
+        self.not_after = float(info["not_after"])
         self.current = ctx
 
-    def install(self, msg: Certs, pending: list) -> None:
+    async def aload_pem(self, chain_pem: bytes, key_pem: bytes) -> None:
+        """`load_pem` with the chain read by an asyncio worker subprocess (e.g. the user's certificate)."""
+        self.load_pem(chain_pem, key_pem, await inspect_chain(chain_pem))
+
+    async def install(self, msg: Certs, pending: list[PendingKey]) -> None:
         chain = msg.cert_chain.encode("ascii")
-        want = _leaf_spki(chain)
+        info = await inspect_chain(chain)
+        want = base64.b64decode(info["spki"])
         for key in reversed(pending):
-            if _spki(key.public_key()) == want:
+            if key.spki == want:
                 pending.remove(key)
-                key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption())
-                self.load_pem(chain, key_pem)
+                self.load_pem(chain, key.key_pem, info)
                 log.info("gateway_server_certificate_installed", not_after=round(self.not_after, 1))
                 return
         raise ValueError("the server certificate matches no key of this node")

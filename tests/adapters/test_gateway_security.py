@@ -11,12 +11,12 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from certs.ca import CertificateAuthority
-from certs.keys import generate_key
+from certs.keys import build_server_csr, generate_key
 from gateway.jwt_auth import JwtVerifier
 from gateway.server import start_gateway
 from meshcore.snapshot import GatewayRoute
 from sidecar.proxy import ProxyState
-from sidecar.tlsagent import ServerCert, build_server_csr
+from sidecar.tlsagent import ServerCert
 from tests.adapters.test_proxy import Mesh, port_of
 
 ISS, AUD = "https://idp.example", "shop"
@@ -93,7 +93,7 @@ async def _https(tmp_path):
     issued = ca.sign_server_csr(build_server_csr(key, ("localhost", "127.0.0.1")), ("localhost", "127.0.0.1"),
                                 3600, time.time())
     server = ServerCert()
-    server.load_pem(issued.full_chain_pem, key_pem)
+    await server.aload_pem(issued.full_chain_pem, key_pem)   # read by a certs.worker subprocess
     async with AsyncExitStack() as stack:
         mesh = await Mesh(stack).start(routes=[GatewayRoute(service="payments", path="/pay", host=None,
                                                             strip_prefix=True)])

@@ -37,17 +37,17 @@ INVENTORY = "spiffe://mesh.local/ns/shop/sa/inventory"
 SVC_PORT = 8080
 
 
-def issue(agent: CertAgent, ca: CertificateAuthority, ttl: float = 3600, identity: str | None = None) -> None:
-    """What meshd does for a node: sign its CSR, send `certs`."""
-    csr = agent.new_csr()
+async def issue(agent: CertAgent, ca: CertificateAuthority, ttl: float = 3600, identity: str | None = None) -> None:
+    """What meshd does for a node: sign its CSR, send `certs` (key, CSR and reading: the certs worker process)."""
+    csr = await agent.new_csr()
     issued = ca.sign_csr(csr.encode(), identity or agent.identity, ttl, time.time())
-    agent.install(Certs(cert_chain=issued.full_chain_pem.decode(), bundle=ca.bundle_pem.decode(),
+    await agent.install(Certs(cert_chain=issued.full_chain_pem.decode(), bundle=ca.bundle_pem.decode(),
                         not_after=issued.not_after))
 
 
-def make_agent(ca: CertificateAuthority, identity: str, cert_identity: str | None = None) -> CertAgent:
+async def make_agent(ca: CertificateAuthority, identity: str, cert_identity: str | None = None) -> CertAgent:
     agent = CertAgent(cert_identity or identity, ca.bundle_pem, tls_dir=None)
-    issue(agent, ca)
+    await issue(agent, ca)
     agent.identity = identity
     return agent
 
@@ -74,7 +74,7 @@ class Pair:
                     policy: Policy | None = None) -> "Pair":
         self.app = await App().start()
         self.stack.push_async_callback(self.app.stop)
-        self.pay_agent = make_agent(self.ca, PAYMENTS, cert_identity=server_identity)
+        self.pay_agent = await make_agent(self.ca, PAYMENTS, cert_identity=server_identity)
         self.inbound = ProxyState("payments", "v1", tls=MeshTls(self.pay_agent))
         self.inbound.authz = Authorizer("payments")
         self.stack.callback(self.inbound.close)
@@ -82,7 +82,7 @@ class Pair:
         self.stack.callback(self.server.close)
         self.port = self.server.sockets[0].getsockname()[1]
         self.apply(snapshot(mtls, policy, port=self.port))
-        self.orders_agent = make_agent(self.ca, ORDERS)
+        self.orders_agent = await make_agent(self.ca, ORDERS)
         self.outbound = ProxyState("orders", "v1", table=self.table, tls=MeshTls(self.orders_agent))
         self.stack.callback(self.outbound.close)
         out = await start_outbound(self.outbound, "127.0.0.1", 0, mode="explicit")
@@ -169,7 +169,7 @@ async def _other_ca_refused(ca):
     other = CertificateAuthority.create(TD, time.time())   # same trust domain, another root
     async with AsyncExitStack() as stack:
         pair = await Pair(stack, ca).start()
-        rogue = make_agent(other, ORDERS)
+        rogue = await make_agent(other, ORDERS)
         ctx = rogue.holder.client_context()
         with pytest.raises((ssl.SSLError, ConnectionResetError, asyncio.IncompleteReadError)):
             reader, writer = await asyncio.open_connection("127.0.0.1", pair.port, ssl=ctx, server_hostname="payments")
@@ -261,8 +261,8 @@ async def _rotation(ca):
         serials = set()
         for i in range(200):
             if i in (50, 120):
-                issue(pair.pay_agent, ca)       # new key and certificate on the inbound
-                issue(pair.orders_agent, ca)    # and on the caller
+                await issue(pair.pay_agent, ca)       # new key and certificate on the inbound
+                await issue(pair.orders_agent, ca)    # and on the caller
             if i == 150:
                 pair.outbound.pools.close()      # pooled connections close: new handshakes
             status, _, body = await pair.get()
@@ -440,7 +440,7 @@ async def _tcp_authz(ca):
     async with AsyncExitStack() as stack:
         app = await asyncio.start_server(echo, "127.0.0.1", 0)
         stack.callback(app.close)
-        pay_agent = make_agent(ca, PAYMENTS)
+        pay_agent = await make_agent(ca, PAYMENTS)
         inbound = ProxyState("payments", "v1", tls=MeshTls(pay_agent))
         inbound.authz = Authorizer("payments")
         stack.callback(inbound.close)
@@ -448,7 +448,7 @@ async def _tcp_authz(ca):
                                           protocol="tcp")
         stack.callback(server.close)
         port = server.sockets[0].getsockname()[1]
-        ctx = make_agent(ca, ORDERS).holder.client_context()
+        ctx = (await make_agent(ca, ORDERS)).holder.client_context()
 
         async def talk() -> bytes:
             reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)

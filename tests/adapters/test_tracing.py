@@ -500,7 +500,7 @@ class Receiver:
         await site.start()
         stack.push_async_callback(runner.cleanup)
         self.url = f"https://127.0.0.1:{runner.addresses[0][1]}/v1/traces"
-        self.agent = make_agent(self.pki.ca, ORDERS)
+        self.agent = await make_agent(self.pki.ca, ORDERS)
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         stack.push_async_callback(self.session.close)
         return self
