@@ -8,6 +8,7 @@ Encoding": ids as lowercase hex, 64-bit integers as decimal strings, enums as in
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 from urllib.parse import urlsplit
@@ -40,7 +41,8 @@ _MASK128 = (1 << 128) - 1
 _MASK64 = (1 << 64) - 1
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per request, and frozen dataclasses pay for object.__setattr__ per field.
+@dataclass(slots=True)
 class TraceContext:
     """One hop's place in a trace: the span it reports and the parent it was called from."""
 
@@ -56,7 +58,7 @@ class TraceContext:
         return "%032x" % self.trace_id
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Parent:
     """Trace context read from a request's headers. Ids 0: a B3 sampling decision without ids
     (`b3: 0`); `sampled` None: B3 left the decision to the receiver."""
@@ -75,8 +77,17 @@ def _hex_field(value: bytes, width: int) -> int | None:
     return n or None  # all zeros is invalid (W3C 3.2.2.3, 3.2.2.4; B3 likewise)
 
 
+_TRACEPARENT_00 = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
 def decode_traceparent(value: bytes) -> Parent | None:
     """A `traceparent` header (W3C Trace Context 3.2), or None when it is not valid."""
+    m = _TRACEPARENT_00.fullmatch(value)
+    if m is not None:  # the canonical form, as every hop of this mesh sends it
+        trace_id, span_id = int(m[1], 16), int(m[2], 16)
+        if trace_id and span_id:
+            return Parent(trace_id, span_id, bool(int(m[3], 16) & FLAG_SAMPLED))
+        return None
     value = value.strip().lower()
     parts = value.split(b"-")
     if len(parts) < 4 or len(parts[0]) != 2 or not _HEX.issuperset(parts[0]) or parts[0] == b"ff":

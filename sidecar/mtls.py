@@ -34,6 +34,9 @@ FIRST_BYTE_TIMEOUT_S = 30.0
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
+MEMO_MAX = 4096  # remembered decisions per inbound (distinct caller, method, target)
+
+
 class Authorizer:
     """The authorization decision of one inbound (`ProxyState.authz`)."""
 
@@ -43,6 +46,9 @@ class Authorizer:
         self.allow: tuple[str, ...] | None = None
         self.mtls = "strict"
         self.denied = 0
+        # decide() is a pure function of the policy and the request's (source, method, path): its
+        # answers are kept until the next snapshot, a bounded number of them.
+        self._memo: dict[tuple, Decision] = {}
 
     def update(self, snapshot: Snapshot) -> None:
         cfg = snapshot.config
@@ -50,9 +56,25 @@ class Authorizer:
         svc = cfg.services.get(self.service)
         self.allow = svc.allow if svc is not None else None
         self.mtls = svc.mtls if svc is not None else "strict"
+        self._memo = {}
 
     def check(self, source: str | None, method: str, path: str) -> Decision:
         decision = decide(self.policy, source, self.service, method, path, self.allow)
+        if not decision.allowed:
+            self.denied += 1
+        return decision
+
+    def check_request(self, source: str | None, method: bytes, target: bytes) -> Decision:
+        """check() for a request line's method and target (query ignored), memoized."""
+        key = (source, method, target)
+        decision = self._memo.get(key)
+        if decision is None:
+            path = target.split(b"?", 1)[0].decode("latin-1")
+            decision = decide(self.policy, source, self.service, method.decode("latin-1"), path, self.allow)
+            memo = self._memo
+            if len(memo) >= MEMO_MAX:
+                memo.clear()
+            memo[key] = decision
         if not decision.allowed:
             self.denied += 1
         return decision

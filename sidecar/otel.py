@@ -124,9 +124,12 @@ class OtlpJsonExporter(SpanExporter):
         self.tracing = tracing
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        targets = self.tracing.targets()
+        if not targets:
+            return SpanExportResult.SUCCESS  # nowhere to send (no meshd receiver, no endpoint): no encoding
         body = json.dumps(encode_otlp(span_records(spans), scope=SCOPE)).encode()
         ok_all = True
-        for label, url, factory in self.tracing.targets():
+        for label, url, factory in targets:
             try:
                 status = post_json(url, body, factory() if factory is not None else None)
                 ok = 200 <= status < 300

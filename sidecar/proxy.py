@@ -63,6 +63,12 @@ from .traffic import (
 
 log = logging.getLogger("sidecar.proxy")
 
+# glibc serves allocations at or above its mmap threshold (128 KiB at first) with mmap, and raises the
+# threshold only to the size of a freed mapping: uvloop's TLS reads (256 KiB buffers, resized to the
+# bytes read) would then cost mmap + mremap + munmap on every read, for ever. One freed 1 MiB block
+# raises it above them (the dynamic threshold of mallopt(3)); other allocators ignore this.
+bytearray(1 << 20)  # allocated and freed at once
+
 SO_ORIGINAL_DST = 80          # linux/netfilter_ipv4.h
 CONNECT_TIMEOUT_S = 1.0
 POOL_MAX_IDLE = 64            # idle keep-alive connections kept per endpoint
@@ -480,8 +486,10 @@ class ProxyState:
         self.probed_total = 0                     # delivered requests whose peer the kernel was set to probe
         self._watched: set[_Upstream] = set()     # reused connections whose request waits for an answer
         self._watchdog: asyncio.TimerHandle | None = None
+        self.inbound_limiter = None         # mesh.ratelimit of this node's own service (limit_inbound)
         if table is not None:
             self.traffic.apply(table)
+            self._sync_local()
         pools = self.pools
         self.telemetry.watch_pool(lambda: pools.count)
 
@@ -491,6 +499,7 @@ class ProxyState:
         self.tracing.configure(snapshot.config.telemetry)
         old, self.table = self.table, table
         self.traffic.apply(table)
+        self._sync_local()
         pools = self.pools
         if pools.idle or pools.live:
             gone = _mesh_keys(old) - _mesh_keys(table)
@@ -600,6 +609,10 @@ class ProxyState:
         if self.ejected:
             self.ejected.pop(key, None)
 
+    def _sync_local(self) -> None:
+        tr = self.local_traffic()
+        self.inbound_limiter = tr.limiter if tr is not None else None
+
     def local_traffic(self):
         """The traffic state of this node's own service (its inbound policy), or None."""
         cluster = self.table.clusters.get(self.service)
@@ -686,11 +699,7 @@ def route_to(cluster: Cluster) -> RouteFn:
 
 def limit_inbound(down: _Downstream, ex: Exchange) -> Reply | None:
     """Inbound rate limit (`mesh.ratelimit` of the local service): 429, `retry-after`, flag RL."""
-    state = down.state
-    tr = state.traffic.services.get(state.service)
-    if tr is None or tr.cluster is not state.table.clusters.get(state.service):
-        tr = state.local_traffic()
-    limiter = tr.limiter if tr is not None else None
+    limiter = down.state.inbound_limiter
     if limiter is None:
         return None
     ok, after = limiter.check(caller_of(down, ex) if limiter.per_caller else "", monotonic())
@@ -790,8 +799,7 @@ def authorize(route: RouteFn) -> RouteFn:
     def layer(down: _Downstream, ex: Exchange) -> Cluster | Reply:
         authz = down.state.authz
         if authz is not None:
-            path = ex.target.split(b"?", 1)[0].decode("latin-1")
-            decision = authz.check(down.peer_service, ex.method.decode("latin-1"), path)
+            decision = authz.check_request(down.peer_service, ex.method, ex.target)
             if not decision.allowed:
                 reason = decision.reason.encode("latin-1", "replace")
                 return Reply(403, FLAG_RBAC, b"RBAC: access denied: %b\n" % reason,
@@ -1254,7 +1262,7 @@ class _Downstream(asyncio.Protocol):
         if stack.traffic and cluster.mesh:
             self._traffic_layers(ex, cluster)
             return
-        ex.tries_left = connect_tries(len(cluster.endpoints), stack.max_tries)
+        ex.tries_left = min(len(cluster.endpoints), stack.max_tries)  # meshcore.lb.connect_tries, inlined
         self._pick(ex)
 
     # -- traffic layers (state per destination service: sidecar.traffic; order: build_outbound_stack)
@@ -1326,7 +1334,7 @@ class _Downstream(asyncio.Protocol):
                 ex.keep_held = True
                 if ex.req_done:
                     self._send_mirror(ex)
-        ex.tries_left = connect_tries(len(ex.cluster.endpoints), stack.max_tries)
+        ex.tries_left = min(len(ex.cluster.endpoints), stack.max_tries)  # meshcore.lb.connect_tries, inlined
         self._pick(ex)
 
     def _send_mirror(self, ex: Exchange) -> None:
