@@ -47,7 +47,7 @@ SCENARIOS = {
     "close": Scenario("close", "new connection per request (32 at a time)", 32, True),
 }
 PATHS = ("direct", "mesh", "haproxy")
-# Mesh pairs that differ from "mesh" (the product's defaults: sampling 1%, access log `sampled`) only
+# Mesh pairs that differ from "mesh" (the product's defaults: sampling 1%, access log `errors`) only
 # in the telemetry settings of their snapshot. Spans go nowhere (no OTLP endpoint and no meshd
 # receiver in the bench: recorded, batched and encoded, not sent; see bench/sidecar_runner.py).
 VARIANTS = {

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(sampling 0%%, access log off), traced (--traced-sampling, --traced-access-log)")
     p.add_argument("--traced-sampling", type=float, default=100.0,
                    help="the traced pair's sampling percent (default 100)")
-    p.add_argument("--traced-access-log", choices=("off", "sampled", "full"), default="full",
+    p.add_argument("--traced-access-log", choices=("off", "errors", "sampled", "full"), default="full",
                    help="the traced pair's access log mode (default full)")
     p.add_argument("--hotpath-seconds", type=float,
                    help="hot-path micro-benchmark: seconds per repeat (default 0.2; quick 0.05)")

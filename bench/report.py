@@ -118,7 +118,7 @@ def telemetry_cost(res: dict) -> list[str]:
         pair_all = (cpu["outbound"][1] + cpu["inbound"][1]) if cpu else None
         pct = (lambda us: f" ({us / pair_user * 100:.0f}% of the pair's {pair_user:.1f} us user CPU, "
                f"{us / pair_all * 100:.0f}% of its {pair_all:.1f} us user + kernel)") if cpu else (lambda us: "")
-        L += [f"- Every request, production defaults (sampling 1%, access log `sampled`), through the pair: "
+        L += [f"- Every request, production defaults (sampling 1%, access log `errors`), through the pair: "
               f"metrics and trace context {every:.1f} us{pct(every)}; the 1% sampled are also spanned and "
               f"logged at both hops: {0.01 * (span_all + logs):.2f} us per request on average.",
               f"- Sampling 100% and access log `full` add two spans ({span_all:.1f} us with their export) and two "
@@ -166,7 +166,7 @@ def telemetry_cost(res: dict) -> list[str]:
             for v, r in order:
                 if r is None:
                     continue
-                vrow("production defaults (sampling 1%, access log `sampled`)" if v == "mesh" else title(v), r)
+                vrow("production defaults (sampling 1%, access log `errors`)" if v == "mesh" else title(v), r)
             for v, _r in rows:
                 add = rt.get(f"cpu_us_added_{v}")
                 user = rt.get(f"user_us_added_{v}")

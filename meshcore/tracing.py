@@ -32,10 +32,12 @@ KIND_INTERNAL, KIND_SERVER, KIND_CLIENT = 1, 2, 3
 KIND_NAMES = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
 
-ACCESS_OFF, ACCESS_SAMPLED, ACCESS_FULL = "off", "sampled", "full"
-ACCESS_LOG_MODES = (ACCESS_OFF, ACCESS_SAMPLED, ACCESS_FULL)
+ACCESS_OFF, ACCESS_ERRORS, ACCESS_SAMPLED, ACCESS_FULL = "off", "errors", "sampled", "full"
+ACCESS_LOG_MODES = (ACCESS_OFF, ACCESS_ERRORS, ACCESS_SAMPLED, ACCESS_FULL)
 DEFAULT_SAMPLING = 1.0        # percent, Istio's default (meshConfig defaultConfig.tracing.sampling)
-DEFAULT_ACCESS_LOG = ACCESS_SAMPLED
+# Failures only by default: the lines an operator reads (Envoy users' common status/flag filter), and
+# nothing per successful request on the hot path (bench/RESULTS.md, "Cost of metrics and tracing").
+DEFAULT_ACCESS_LOG = ACCESS_ERRORS
 _HEX = frozenset(b"0123456789abcdef")
 _MASK128 = (1 << 128) - 1
 _MASK64 = (1 << 64) - 1
@@ -431,7 +433,7 @@ class TelemetrySettings:
 
     sampling: float = DEFAULT_SAMPLING      # percent of new traces sampled, 0-100
     otlp_endpoint: str | None = None        # external OTLP/HTTP collector (Jaeger, Tempo), .../v1/traces
-    access_log: str = DEFAULT_ACCESS_LOG    # off | sampled (sampled traces and failures) | full
+    access_log: str = DEFAULT_ACCESS_LOG    # off | errors | sampled (sampled traces and errors) | full
 
     @property
     def rate(self) -> float:
@@ -498,10 +500,11 @@ def encode_settings(settings: TelemetrySettings) -> dict:
 
 
 def should_log_access(mode: str, sampled: bool, status: int, flags: str, no_flags: str = "-") -> bool:
-    """Whether one finished request is access-logged: `full` always, `sampled` when its trace is
-    sampled or it failed (5xx, or any response flag), `off` never."""
+    """Whether one finished request is access-logged: `full` always, `errors` when it failed (5xx,
+    no response, or any response flag), `sampled` when it failed or its trace is sampled, `off` never."""
     if mode == ACCESS_FULL:
         return True
     if mode == ACCESS_OFF:
         return False
-    return sampled or status >= 500 or status == 0 or flags != no_flags
+    failed = status >= 500 or status == 0 or flags != no_flags
+    return failed or (sampled and mode == ACCESS_SAMPLED)

@@ -356,7 +356,7 @@ def register(app: typer.Typer) -> None:
                                                        help="external OTLP/HTTP collector URL (Jaeger, Tempo);"
                                                             " \"\" turns it off"),
                 access_log: Optional[str] = typer.Option(None, "--access-log",
-                                                         help="off | sampled (sampled traces and failures) | full")) -> None:
+                                                         help="off | errors | sampled (sampled traces and errors) | full")) -> None:
         """Show or change the mesh's tracing and access-log settings (pushed to every node)."""
         c = client(ctx, api)
         change: dict = {}

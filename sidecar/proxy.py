@@ -1799,7 +1799,7 @@ class _Downstream(asyncio.Protocol):
             state.telemetry.record_request(REPORTER_SOURCE, src, srcv, dst, dst, ver, ex.status, ex.flags, ms)
         trace = ex.trace
         if trace is not None and (trace.sampled or state.tracing.access_mode == ACCESS_FULL
-                                  or ex.status >= 500 or ex.flags != NO_FLAGS):
+                                  or ex.status >= 500 or ex.status == 0 or ex.flags != NO_FLAGS):
             upstream = None
             if cluster is not None and ex.index is not None:
                 key = cluster.keys[ex.index]

@@ -672,13 +672,13 @@ async def _settings_api(tmp_path):
         status, data = await admin.call("GET", "/v1/telemetry/settings")
         assert status == 200
         assert data["settings"] == data["defaults"] == {"sampling": 1.0, "otlp_endpoint": None,
-                                                        "access_log": "sampled"}
+                                                        "access_log": "errors"}
         status, data = await admin.call("PUT", "/v1/telemetry/settings",
                                         {"sampling": "25%", "otlp_endpoint": "http://jaeger:4318"})
         assert status == 200 and data["version"] == 42 and admin.published == 1
         assert data["settings"] == {"sampling": 25.0, "otlp_endpoint": "http://jaeger:4318/v1/traces",
-                                    "access_log": "sampled"}
-        assert admin.book.settings == TelemetrySettings(25.0, "http://jaeger:4318/v1/traces", "sampled")
+                                    "access_log": "errors"}
+        assert admin.book.settings == TelemetrySettings(25.0, "http://jaeger:4318/v1/traces", "errors")
         # Persisted: a restarted meshd (a new book on the same store) starts from them.
         assert SettingsBook(admin.db, TelemetrySettings()).settings == admin.book.settings
         for body, named in (({"sampling": 150}, "sampling"), ({"sampling": "lots"}, "sampling"),

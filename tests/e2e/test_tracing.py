@@ -117,9 +117,9 @@ def echo_from(container: str, url: str, headers: dict) -> dict:
 @pytest.fixture
 def collector(mesh):
     col = Collector(shop_gateway_ip())
-    meshctl("tracing", "--sampling", "100", "--endpoint", col.url)
+    meshctl("tracing", "--sampling", "100", "--endpoint", col.url, "--access-log", "sampled")
     yield col
-    meshctl("tracing", "--sampling", "1", "--endpoint", "", check=False)
+    meshctl("tracing", "--sampling", "1", "--endpoint", "", "--access-log", "errors", check=False)
     col.close()
 
 

@@ -227,7 +227,7 @@ def test_tracing_shows_the_settings(meshd):
     result = run("tracing", "--api", meshd.url)
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == ["sampling: 1%", "otlp endpoint: none (meshd store only)",
-                                          "access log: sampled"]
+                                          "access log: errors"]
     assert meshd.version == 0                                           # showing publishes nothing
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from meshcore.snapshot import MeshConfig, Snapshot, SnapshotError, decode_snapshot, encode_snapshot
 from meshcore.tracing import (
-    ACCESS_FULL, ACCESS_OFF, ACCESS_SAMPLED, B3_MULTI_FORM, B3_NONE, B3_SINGLE_FORM, DEFAULT_ACCESS_LOG,
+    ACCESS_ERRORS, ACCESS_FULL, ACCESS_OFF, ACCESS_SAMPLED, B3_MULTI_FORM, B3_NONE, B3_SINGLE_FORM, DEFAULT_ACCESS_LOG,
     DEFAULT_SAMPLING, KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, STATUS_ERROR, OtlpError, Parent,
     SettingsError, SpanRecord, TelemetrySettings, TraceContext, build_trace_tree, decode_access_log,
     decode_b3_multi, decode_b3_single, decode_otlp, decode_otlp_endpoint, decode_parent, decode_sampling,
@@ -566,7 +566,7 @@ def test_trace_tree_keeps_every_span_even_in_a_cycle():
 def test_settings_defaults():
     s = TelemetrySettings()
     assert (s.sampling, s.otlp_endpoint, s.access_log) == (DEFAULT_SAMPLING, None, DEFAULT_ACCESS_LOG)
-    assert (DEFAULT_SAMPLING, DEFAULT_ACCESS_LOG) == (1.0, ACCESS_SAMPLED)
+    assert (DEFAULT_SAMPLING, DEFAULT_ACCESS_LOG) == (1.0, ACCESS_ERRORS)
     assert math.isclose(s.rate, 0.01)
     assert TelemetrySettings(sampling=100).rate == 1.0 and TelemetrySettings(sampling=0).rate == 0.0
 
@@ -614,7 +614,7 @@ def test_decode_access_log(value, expected):
 
 @pytest.mark.parametrize("value", ["verbose", "", None, 1])
 def test_decode_access_log_errors(value):
-    with pytest.raises(SettingsError, match=r"^access log: .*off, sampled, full"):
+    with pytest.raises(SettingsError, match=r"^access log: .*off, errors, sampled, full"):
         decode_access_log(value)
 
 
@@ -690,6 +690,11 @@ def test_settings_travel_in_the_snapshot():
     (ACCESS_SAMPLED, False, 0, "-", True),           # no response at all
     (ACCESS_SAMPLED, False, 200, "UF", True),        # any response flag (a retry that recovered: URX...)
     (ACCESS_SAMPLED, False, 429, "RL", True),
+    (ACCESS_ERRORS, True, 200, "-", False),          # errors: a sampled success is not logged
+    (ACCESS_ERRORS, False, 503, "-", True),
+    (ACCESS_ERRORS, False, 0, "-", True),
+    (ACCESS_ERRORS, False, 200, "URX", True),
+    (ACCESS_ERRORS, False, 404, "-", False),
 ])
 def test_should_log_access(mode, sampled, status, flags, expected):
     assert should_log_access(mode, sampled, status, flags) is expected
