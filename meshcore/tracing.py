@@ -186,6 +186,23 @@ def start_hop(parent: Parent | None, rate: float, rand: float, new_trace_id: int
     return TraceContext(parent.trace_id, span_id, parent.span_id, sampled, parent.b3, parent.short)
 
 
+def continue_traceparent(traceparent: bytes, new_span_id: int) -> tuple[TraceContext, bytes] | None:
+    """The fast path of start_hop + encode_trace_headers for a canonical version-00 `traceparent`
+    and no B3 (every mesh hop after the first): this hop's context and its header line, or None
+    when the slow path must decide."""
+    m = _TRACEPARENT_00.fullmatch(traceparent)
+    if m is None:
+        return None
+    trace_hex, parent_hex, flags = m[1], m[2], m[3]
+    trace_id, parent_id = int(trace_hex, 16), int(parent_hex, 16)
+    if not trace_id or not parent_id:
+        return None
+    span_id = (new_span_id & _MASK64) or 1
+    sampled = bool(int(flags, 16) & FLAG_SAMPLED)
+    header = b"traceparent: 00-%b-%016x-%b\r\n" % (trace_hex, span_id, b"01" if sampled else b"00")
+    return TraceContext(trace_id, span_id, parent_id, sampled), header
+
+
 def encode_trace_headers(ctx: TraceContext) -> bytes:
     """The header lines (CRLF-ended) that carry `ctx` to the next hop: `traceparent` always, and
     B3 in the form the request came with."""

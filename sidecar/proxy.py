@@ -46,7 +46,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, Htt
 from meshcore.lb import DEFAULT_MAX_TRIES, connect_tries, merge_exclusions, pick_p2c
 from meshcore.resilience import DI, FI, RL, UO, URX, UT, backoff_delay, should_retry
 from meshcore.snapshot import Snapshot
-from meshcore.tracing import ACCESS_FULL, B3_MULTI, B3_SINGLE, TRACEPARENT, TRACESTATE, encode_trace_headers
+from meshcore.tracing import ACCESS_FULL, B3_MULTI, B3_SINGLE, TRACEPARENT, TRACESTATE
 
 from .routing import (
     EMPTY_TABLE, PASSTHROUGH, UNKNOWN, Cluster, RouteTable, build_route_table, find_by_address,
@@ -1224,8 +1224,8 @@ class _Downstream(asyncio.Protocol):
         if ex.bad:
             self._reply(ex, 400, FLAG_DOWNSTREAM_PROTOCOL_ERROR, b"bad request\n", close=True)
             return
-        ex.trace = trace = self.state.tracing.begin(ex.tp, ex.b3)   # 0. trace context of this hop
-        ex.trace_headers = encode_trace_headers(trace)
+        ex.trace, ex.trace_headers = self.state.tracing.begin_hop(ex.tp, ex.b3)  # 0. this hop's trace context
+        trace = ex.trace
         if ex.ts is not None and trace.parent_id is not None:
             # tracestate belongs to the caller's trace: dropped when a new one starts (W3C 3.3.1).
             ex.trace_headers += b"tracestate: %b\r\n" % ex.ts

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from meshcore.tracing import (
-    KIND_CLIENT, KIND_SERVER, Parent, TelemetrySettings, TraceContext, decode_parent,
+    KIND_CLIENT, KIND_SERVER, Parent, TelemetrySettings, continue_traceparent, encode_trace_headers, TraceContext, decode_parent,
     encode_otlp, should_log_access, start_hop,
 )
 
@@ -95,6 +95,15 @@ class Tracing:
         return out
 
     # -- per request
+
+    def begin_hop(self, traceparent: bytes | None, b3: dict | None) -> tuple[TraceContext, bytes]:
+        """This hop's trace context and the header lines that carry it onward."""
+        if traceparent is not None and b3 is None:
+            fast = continue_traceparent(traceparent, self.bits(64))
+            if fast is not None:
+                return fast
+        ctx = self.begin(traceparent, b3)
+        return ctx, encode_trace_headers(ctx)
 
     def begin(self, traceparent: bytes | None, b3: dict | None) -> TraceContext:
         """This hop's trace context for a request carrying these headers."""

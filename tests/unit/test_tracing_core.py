@@ -13,6 +13,7 @@ import pytest
 
 from meshcore.snapshot import MeshConfig, Snapshot, SnapshotError, decode_snapshot, encode_snapshot
 from meshcore.tracing import (
+    continue_traceparent,
     ACCESS_ERRORS, ACCESS_FULL, ACCESS_OFF, ACCESS_SAMPLED, B3_MULTI_FORM, B3_NONE, B3_SINGLE_FORM, DEFAULT_ACCESS_LOG,
     DEFAULT_SAMPLING, KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, STATUS_ERROR, OtlpError, Parent,
     SettingsError, SpanRecord, TelemetrySettings, TraceContext, build_trace_tree, decode_access_log,
@@ -703,3 +704,17 @@ def test_should_log_access(mode, sampled, status, flags, expected):
 def test_should_log_access_honours_the_no_flags_marker():
     assert should_log_access(ACCESS_SAMPLED, False, 200, "", no_flags="") is False
     assert should_log_access(ACCESS_SAMPLED, False, 200, "-", no_flags="") is True
+
+
+@pytest.mark.parametrize("flags", ["00", "01", "03"])
+def test_continue_traceparent_equals_the_slow_path(flags):
+    value = f"00-{TID}-{SID}-{flags}".encode()
+    ctx, header = continue_traceparent(value, 0x1234)
+    slow = start_hop(decode_parent(value, None), 0.5, 0.0, new_trace_id=0x999, new_span_id=0x1234)
+    assert ctx == slow and header == encode_trace_headers(slow)
+
+
+@pytest.mark.parametrize("value", [f"00-{'0' * 32}-{SID}-01", f"00-{TID}-{'0' * 16}-01", f"01-{TID}-{SID}-01",
+                                   f"00-{TID.upper()}-{SID}-01", f" 00-{TID}-{SID}-01", "junk"])
+def test_continue_traceparent_leaves_anything_else_to_the_slow_path(value):
+    assert continue_traceparent(value.encode(), 0x1234) is None
