@@ -8,13 +8,9 @@ from typing import Any, Optional
 
 import typer
 
+from .traffic import _call, wait_for_acks  # one HTTP helper and one ACK wait for every meshctl change
+
 ROTATION_TIMEOUT_S = 180.0
-
-
-def _call(client, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
-    from .cli import api_call  # imported here: meshctl.cli registers this module at its end
-
-    return api_call(client, method, path, body)
 
 
 def _when(ts: Any) -> str:
@@ -31,17 +27,6 @@ def _in(ts: Any, now: float) -> str:
     d = abs(d)
     text = f"{d:.0f}s" if d < 120 else (f"{d / 60:.0f}m" if d < 7200 else f"{d / 3600:.1f}h")
     return f" ({sign}{text}{' ago' if ts < now else ''})"
-
-
-def wait_for_acks(client, version: int, timeout: float = 5.0) -> tuple[int, int, float]:
-    start = time.monotonic()
-    while True:
-        nodes = [n for n in _call(client, "GET", "/v1/status")["nodes"] if n.get("connected")]
-        acked = [n for n in nodes if (n.get("acked_version") or 0) >= version]
-        waited = time.monotonic() - start
-        if len(acked) == len(nodes) or waited >= timeout:
-            return len(acked), len(nodes), waited
-        time.sleep(0.02)
 
 
 def register(app: typer.Typer) -> None:
