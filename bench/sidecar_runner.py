@@ -87,8 +87,7 @@ def count_spans(registry) -> None:
     """`bench_spans_encoded_total`: spans handed to sidecar.otel's exporter (recorded and not
     dropped by the SDK's queue). Wraps the exporter class's export (the bench's instrument, in
     this process only); imports the OpenTelemetry SDK now rather than at the first sampled span."""
-    from prometheus_client import Counter
-
+    from meshcore.metrics import Counter
     from sidecar import otel
 
     counter = Counter("bench_spans_encoded", "Spans handed to the OTLP exporter (bench instrument)",

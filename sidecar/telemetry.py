@@ -5,7 +5,8 @@ sum, one histogram bucket found by bisection): no locks, no per-request objects.
 exposed at scrape time by a collector as `istio_requests_total` (counter) and
 `istio_request_duration_milliseconds` (histogram). prometheus-client's own Counter/Histogram cost
 several microseconds per request (a lock per update, a linear bucket scan), which matters at proxy
-rates. Everything runs on the event loop's thread, scrapes included.
+rates. Everything runs on the event loop's thread, scrapes included. The registry and the text format
+are meshcore.metrics (standard library only; the nodes do not import prometheus_client).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from meshcore.metrics import (
+    CONTENT_TYPE, Counter, CounterMetricFamily, Gauge, HistogramMetricFamily, MetricFamily, Registry, render,
+)
 
 REPORTER_SOURCE = "source"            # outbound sidecar and gateway (Istio's ingress reports "source")
 REPORTER_DESTINATION = "destination"  # inbound sidecar
@@ -30,8 +32,6 @@ _BOUND_NAMES = tuple(str(b) for b in _BOUNDS) + ("+Inf",)
 REQUEST_LABELS = ("reporter", "source_workload", "source_version", "destination_service",
                   "destination_workload", "destination_version", "request_protocol", "response_code",
                   "response_flags")
-
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class _Series:
@@ -50,11 +50,11 @@ class _RequestCollector:
     def __init__(self, series: dict):
         self._series = series
 
-    def describe(self) -> list[Metric]:
+    def describe(self) -> list[MetricFamily]:
         return [CounterMetricFamily("istio_requests_total", "", labels=REQUEST_LABELS),
                 HistogramMetricFamily("istio_request_duration_milliseconds", "", labels=REQUEST_LABELS)]
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[MetricFamily]:
         total = CounterMetricFamily("istio_requests_total", "Requests handled by the proxy.",
                                     labels=REQUEST_LABELS)
         duration = HistogramMetricFamily(
@@ -76,8 +76,8 @@ class _RequestCollector:
 class Telemetry:
     """The node's metrics: Istio request metrics plus a few of the sidecar's own gauges."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+    def __init__(self, registry: Registry | None = None):
+        self.registry = registry if registry is not None else Registry()
         self._series: dict[tuple, _Series] = {}
         self.registry.register(_RequestCollector(self._series))
         self.connections_active = Gauge(
@@ -137,4 +137,4 @@ class Telemetry:
 
 def render_metrics(telemetry: Telemetry) -> bytes:
     """The Prometheus text exposition of the node's registry (content type: CONTENT_TYPE)."""
-    return generate_latest(telemetry.registry)
+    return render(telemetry.registry)

@@ -27,7 +27,6 @@ from dataclasses import replace
 from typing import Any, Callable
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from certs import worker
 from certs.holder import TlsHolder, TlsMaterial, peer_identity
@@ -36,6 +35,7 @@ from certs.store import (
 )
 from meshcore.authz import source_name
 from meshcore.identity import renew_at as compute_renew_at
+from meshcore.metrics import Counter, Gauge, Registry
 from meshcore.protocol import Certs
 
 log = structlog.get_logger("sidecar.tls")
@@ -72,8 +72,8 @@ async def inspect_chain(chain_pem: bytes, bundle_pem: bytes | None = None) -> di
 class TlsStats:
     """Prometheus series of the node's TLS: handshakes by direction and version, certificate state."""
 
-    def __init__(self, registry: CollectorRegistry | None):
-        registry = registry if registry is not None else CollectorRegistry()
+    def __init__(self, registry: Registry | None):
+        registry = registry if registry is not None else Registry()
         self.registry = registry
         self.connections = Counter(
             "mesh_tls_connections", "Mesh connections by direction (inbound/outbound) and negotiated TLS "
@@ -101,7 +101,7 @@ class CertAgent:
     """Holds the node's workload certificate and keeps it fresh through the control channel."""
 
     def __init__(self, identity: str, bundle_pem: bytes, token: str = "", *, tls_dir: str | None = DEFAULT_TLS_DIR,
-                 server_names: tuple[str, ...] = (), registry: CollectorRegistry | None = None,
+                 server_names: tuple[str, ...] = (), registry: Registry | None = None,
                  rand: Callable[[], float] = random.random, clock: Callable[[], float] = time.time,
                  restore: bool = True):
         self.identity = identity

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from meshcore.metrics import Counter
 from meshcore.tracing import (
     KIND_CLIENT, KIND_SERVER, Parent, TelemetrySettings, continue_traceparent, encode_trace_headers, TraceContext, decode_parent,
     encode_otlp, should_log_access, start_hop,
@@ -169,10 +170,10 @@ class Tracing:
 
 
 class _SpanCounters:
-    """mesh_trace_spans_total{target,result}: what the exporter did with the spans."""
+    """mesh_trace_spans_total{target,result}: what the exporter did with the spans (`add` runs on the
+    exporter's thread, `dropped` on the event loop: each series has one writing thread)."""
 
     def __init__(self, registry: Any):
-        from prometheus_client import Counter
         self.counter = Counter("mesh_trace_spans", "Spans exported by this node, by target and result",
                                ["target", "result"], registry=registry)
         self.dropped = self.counter.labels("sdk", "dropped")
