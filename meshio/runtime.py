@@ -8,9 +8,10 @@ import os
 import signal
 import sys
 
-# structlog's console extras, imported by structlog when installed (rich comes with meshctl):
-# JSON logs never use them, and they cost every sidecar ~6 MiB.
-_CONSOLE_EXTRAS = ("rich", "colorama", "better_exceptions")
+# structlog's optional extras, imported by structlog when installed (rich comes with meshctl,
+# greenlet with some test tools): JSON logs on asyncio never use them, and the console ones cost
+# every sidecar ~6 MiB.
+_CONSOLE_EXTRAS = ("rich", "colorama", "better_exceptions", "greenlet")
 
 
 def _import_structlog():

@@ -1,7 +1,7 @@
 """What the sidecar and gateway processes load: every module their cli imports (at the top and
-inside `serve`), in a fresh interpreter, must not bring in aiohttp, structlog's console extras or
-cryptography (bench/RESULTS.md: ~10 MiB, ~6 MiB and ~8 MiB of each sidecar's memory; the nodes' keys,
-CSRs and certificate parsing run in a `certs.worker` child process)."""
+inside `serve`), in a fresh interpreter, must not bring in aiohttp, structlog's console extras,
+cryptography or zeroconf (bench/RESULTS.md: ~10 MiB, ~6 MiB, ~8 MiB and ~3.5 MiB of each sidecar's
+memory; the nodes' keys, CSRs and certificate parsing run in a `certs.worker` child process)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("aiohttp", "rich", "colorama", "better_exceptions", "cryptography")
+# zeroconf: the sidecar answers for its instance with meshcore.mdns (~3.5 MiB less; meshd browses)
+HEAVY = ("aiohttp", "rich", "colorama", "better_exceptions", "cryptography", "zeroconf", "ifaddr")
 
 
 def modules_imported_by(path: Path) -> list[str]:
@@ -28,7 +29,7 @@ def modules_imported_by(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("cli", ["sidecar/cli.py", "gateway/cli.py"])
-def test_process_imports_leave_out_aiohttp_console_extras_and_cryptography(cli):
+def test_process_imports_leave_out_aiohttp_console_extras_cryptography_and_zeroconf(cli):
     package = cli.split("/")[0]
     modules = [f"{package}.cli"] + [m for m in modules_imported_by(ROOT / cli)
                                     if m.split(".")[0] in ("sidecar", "gateway", "certs", "meshio", "meshcore")]
@@ -46,3 +47,19 @@ def test_console_extras_stay_importable_for_others():
     code = "import meshio.runtime, sys; assert 'rich' not in sys.modules; import rich.console; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_nodes_do_not_load_prometheus_client():
+    """The sidecar and gateway expose their metrics with meshcore.metrics (prometheus_client and what it
+    imports, http.server, email, wsgiref, urllib..., cost ~3 MiB per sidecar); only meshd uses it.
+    Building the metrics and rendering them (sidecar.tracing's counters included) must not load it either."""
+    code = ("import sys\n"
+            "import sidecar.cli, sidecar.proxy, sidecar.telemetry, sidecar.tlsagent, sidecar.tracing, gateway.cli\n"
+            "t = sidecar.telemetry.Telemetry()\n"
+            "sidecar.tlsagent.TlsStats(t.registry).conn('inbound', 'TLSv1.3')\n"
+            "sidecar.tracing.Tracing('svc', 'v1', registry=t.registry)\n"
+            "assert b'mesh_trace_spans_total' in sidecar.telemetry.render_metrics(t)\n"
+            "print('prometheus_client' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False", "the sidecar or gateway imports prometheus_client"
