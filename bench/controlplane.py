@@ -184,8 +184,9 @@ def push_bench(nodes: int, pushes: int, workdir: Path, log, services: int = 10, 
     try:
         state_dir = workdir / f"hub-{nodes}"
         state_dir.mkdir(exist_ok=True)
-        hub = procs.start(f"hub-{nodes}", [sys.executable, "-m", "bench.controlplane", "hub", "--port", str(port),
-                                           "--nodes", str(nodes), "--services", str(services),
+        # the hub is meshd's: it starts as in the image (its RSS is reported)
+        hub = procs.start(f"hub-{nodes}", [env.product_python(workdir), "-m", "bench.controlplane", "hub",
+                                           "--port", str(port), "--nodes", str(nodes), "--services", str(services),
                                            "--state-dir", str(state_dir)], workdir)
         env.wait_port(port, 30, hub, "hub")
         idle_hub = env.memory_kib(hub.pid)

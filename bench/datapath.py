@@ -201,6 +201,7 @@ class Lab:
         if "mesh" in self.opts.paths or "haproxy" in self.opts.paths:
             pki = write_pki(self.workdir / "tls", ("frontend", "payments"))
         if "mesh" in self.opts.paths:
+            self.python = env.product_python(self.workdir)   # sidecars start as in the image
             self._start_mesh(pki, app_port)
             if set(self.opts.variant_loads) & set(self.opts.scenarios):
                 for name, t in self.opts.variants.items():
@@ -229,7 +230,7 @@ class Lab:
                 ("outbound", out_port, ["--dest-port", str(in_port), "--mode", self.opts.mode], pki["frontend"])):
             ready = self.workdir / f"{prefix}-{role}.ready"
             ready.unlink(missing_ok=True)
-            cmd = [sys.executable, "-m", "bench.sidecar_runner", "--role", role, "--port", str(port),
+            cmd = [self.python, "-m", "bench.sidecar_runner", "--role", role, "--port", str(port),
                    "--admin-port", str(env.free_port()), "--tls-dir", str(tls), "--ready-file", str(ready),
                    *extra, *telemetry]
             # Output through a pipe, as `docker logs` reads a container's; only its tail is kept.

@@ -32,6 +32,22 @@ APT_TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx-light"}
 PIP_TOOLS = {"matplotlib": "matplotlib>=3.6", "py-spy": "py-spy>=0.3"}
 
 
+def product_python(workdir: Path) -> str:
+    """An interpreter that starts like the image's /opt/mesh venv: a venv of this Python whose only
+    .pth lists this checkout and the running interpreter's package directories as plain paths, so
+    those directories' own .pth hooks (an editable install's finder, this machine's sandbox CA
+    injector importing certifi: ~5 MiB per process here) run in no sidecar, as none runs in the image."""
+    venv = workdir / "product-venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    paths = [str(ROOT)] + [p for p in sys.path if p.endswith("-packages") and os.path.isdir(p)]
+    Path(site_dir, "meshd_bench_paths.pth").write_text("\n".join(paths) + "\n")
+    return str(python)
+
+
 def which(name: str) -> str | None:
     return shutil.which(name, path=SBIN_PATH)
 

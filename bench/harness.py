@@ -173,7 +173,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
     part("datapath", "datapath", datapath)
     part("hotpath", "hotpath", hotpath)
-    part("memory", "memory_breakdown", import_breakdown)
+    part("memory", "memory_breakdown", lambda: import_breakdown(work))
     part("control", "controlplane", control)
     part("startup", "startup", startup)
     res["seconds"] = round(time.monotonic() - started, 1)

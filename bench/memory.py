@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import subprocess
-import sys
+from pathlib import Path
 
 from . import env
 
@@ -13,11 +13,11 @@ STEPS = (
     ("+ uvloop, httptools", "import uvloop, httptools"),
     # first, as in `sidecar run`: meshio.runtime imports structlog without its console extras
     ("+ structlog (meshio.runtime)", "import meshio.runtime"),
-    ("+ prometheus_client (sidecar.telemetry)", "import sidecar.telemetry"),
+    ("+ metrics (sidecar.telemetry, meshcore.metrics)", "import sidecar.telemetry"),
     ("+ proxy engine (sidecar.proxy, routing, meshcore)", "import sidecar.proxy"),
     ("+ ssl, certs.holder", "import certs.holder"),
     ("+ websockets, admin port (sidecar.control, sidecar.admin)", "import sidecar.admin, sidecar.control"),
-    ("+ zeroconf (sidecar.announce)", "import sidecar.announce"),
+    ("+ mDNS responder (sidecar.announce)", "import sidecar.announce"),
     # keys, CSRs and certificate parsing run in a certs.worker child process: no cryptography here
     ("+ TLS agent (sidecar.tlsagent, sidecar.mtls, certs.store)", "import sidecar.tlsagent, sidecar.mtls"),
 )
@@ -31,8 +31,10 @@ for line in open('/proc/self/status'):
 """
 
 
-def import_breakdown() -> list[dict]:
-    """[{step, rss_kib, delta_kib}] (median of three fresh interpreters per step)."""
+def import_breakdown(workdir: Path) -> list[dict]:
+    """[{step, rss_kib, delta_kib}] (median of three fresh interpreters per step), each started as
+    the image starts the sidecar's (env.product_python)."""
+    python = env.product_python(workdir)
     out, done, prev = [], [], 0
     for title, stmt in STEPS:
         if stmt:
@@ -40,7 +42,7 @@ def import_breakdown() -> list[dict]:
         code = _PROBE.format(imports="\n".join(done))
         vals = []
         for _ in range(3):
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+            proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60,
                                   cwd=env.ROOT, env={"PYTHONPATH": str(env.ROOT), "PATH": env.SBIN_PATH})
             if proc.returncode != 0:
                 return out + [{"step": title, "error": proc.stderr.strip()[-300:]}]
