@@ -55,13 +55,18 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
 
+from .protocol import NODE_START_TIME_METRIC
+
 REQUESTS_TOTAL = "istio_requests_total"
 DURATION = "istio_request_duration_milliseconds"
 # Outlier ejections counted by the data plane, if it exposes them (any of these names; absent is fine).
 # Labels used: destination_service (or cluster_name), destination_version when present.
 EJECTION_METRICS = ("mesh_outlier_ejections_total", "mesh_sidecar_outlier_ejections_total",
                     "envoy_cluster_outlier_detection_ejections_enforced_total")
-_WANTED_PREFIXES = (REQUESTS_TOTAL, DURATION) + EJECTION_METRICS
+# The node process's start (wall clock, s): a node born after meshd began watching counted nothing
+# meshd has not seen, so its first scrape is counted whole instead of being a baseline.
+START_TIME = NODE_START_TIME_METRIC
+_WANTED_PREFIXES = (REQUESTS_TOTAL, DURATION, START_TIME) + EJECTION_METRICS
 UNKNOWN = "unknown"
 INF = math.inf
 
@@ -149,6 +154,7 @@ class Scrape:
     requests: dict[FlowKey, float] = field(default_factory=dict)
     hists: dict[FlowKey, Hist] = field(default_factory=dict)
     ejections: dict[tuple[str, str], float] = field(default_factory=dict)  # (service, version) -> n
+    started: float | None = None   # the node's START_TIME, when it exposes one
 
     def empty(self) -> bool:
         return not self.requests and not self.hists and not self.ejections
@@ -173,7 +179,9 @@ def parse_scrape(text: str, max_keys: int = MAX_KEYS) -> Scrape:
             continue
         if math.isnan(value):
             continue
-        if name == REQUESTS_TOTAL:
+        if name == START_TIME:
+            out.started = value
+        elif name == REQUESTS_TOTAL:
             key = _flow(labels)
             if key in out.requests or len(out.requests) < max_keys:
                 out.requests[key] = out.requests.get(key, 0.0) + value
@@ -211,11 +219,15 @@ def _cluster_service(cluster: str) -> str:
     return parts[-1].split(".")[0] if parts and parts[-1] else ""
 
 
-def scrape_delta(prev: Scrape | None, cur: Scrape) -> Scrape:
-    """What happened between two scrapes of one node; empty when `prev` is None (baseline)."""
+def scrape_delta(prev: Scrape | None, cur: Scrape, watched_since: float | None = None) -> Scrape:
+    """What happened between two scrapes of one node. With no `prev`: everything, if the node
+    started at or after `watched_since` (wall clock: all of it happened while meshd watched),
+    else nothing (a baseline: counts from before meshd watched are not a burst of now)."""
     out = Scrape()
     if prev is None:
-        return out
+        if watched_since is None or cur.started is None or cur.started < watched_since:
+            return out
+        prev = Scrape()
     for key, value in cur.requests.items():
         before = prev.requests.get(key, 0.0)
         d = value - before if value >= before else value  # reset: the process restarted

@@ -194,6 +194,8 @@ class TelemetryHub:
         self.last_targets: list[Target] = []
         self.last_scrape: float | None = None     # wall clock
         self._prev: dict[str, tuple[float, Scrape]] = {}
+        self.watched_since: float | None = None    # wall clock of the first tick
+        self._births: set[tuple[str, float]] = set()   # (address, node start time) already counted
         self._spikes: dict[tuple, AlarmState] = {}
         self._latency: dict[tuple, AlarmState] = {}
         self._adaptive: dict[str, AdaptiveState] = {}
@@ -335,6 +337,8 @@ class TelemetryHub:
 
     async def scrape_once(self) -> None:
         """One tick: scrape all targets, feed the window, run detection and the control loop."""
+        if self.watched_since is None:
+            self.watched_since = self.wall()
         try:
             targets = list(self.targets())[: self.max_targets]
         except Exception:  # noqa: BLE001
@@ -368,7 +372,15 @@ class TelemetryHub:
         """Feed one node's exposition text scraped at `now`; returns the increase since its last one."""
         cur = parse_scrape(text)
         prev = self._prev.get(address)
-        delta = scrape_delta(prev[1] if prev else None, cur)
+        # A node first seen since it started (not one coming back after its target dropped out)
+        # is counted whole when it started while meshd watched: its first requests are real ones.
+        born = (address, cur.started) if cur.started is not None else None
+        since = self.watched_since if prev is None and born not in self._births else None
+        delta = scrape_delta(prev[1] if prev else None, cur, watched_since=since)
+        if born is not None:
+            if len(self._births) >= 4 * self.max_targets:
+                self._births.clear()
+            self._births.add(born)
         self._prev[address] = (now, cur)
         if not delta.empty():
             self.window.add(now, delta, since=prev[0] if prev else now)

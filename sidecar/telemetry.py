@@ -11,9 +11,11 @@ are meshcore.metrics (standard library only; the nodes do not import prometheus_
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from typing import Callable, Iterator
 
+from meshcore.protocol import NODE_START_TIME_METRIC
 from meshcore.metrics import (
     CONTENT_TYPE, Counter, CounterMetricFamily, Gauge, HistogramMetricFamily, MetricFamily, Registry, render,
 )
@@ -76,10 +78,15 @@ class _RequestCollector:
 class Telemetry:
     """The node's metrics: Istio request metrics plus a few of the sidecar's own gauges."""
 
-    def __init__(self, registry: Registry | None = None):
+    def __init__(self, registry: Registry | None = None, started: float | None = None):
         self.registry = registry if registry is not None else Registry()
         self._series: dict[tuple, _Series] = {}
         self.registry.register(_RequestCollector(self._series))
+        # meshd counts a node's first scrape whole when the node started while it watched
+        # (meshcore.telemetry.scrape_delta): requests before that scrape are not lost.
+        self.start_time = Gauge(NODE_START_TIME_METRIC, "When this node's metrics began, seconds since the epoch.",
+                                registry=self.registry)
+        self.start_time.set(time.time() if started is None else started)
         self.connections_active = Gauge(
             "mesh_sidecar_connections_active", "Downstream connections open, by listener direction.",
             ("direction",), registry=self.registry)

@@ -48,7 +48,7 @@ class FakeNode:
     """A node's /metrics: every scrape first records the requests of one 2 s interval."""
 
     def __init__(self, flows):
-        self.telemetry = Telemetry()
+        self.telemetry = Telemetry(started=0.0)   # running since before meshd watched: a baseline first
         self.flows = flows   # list of dicts: reporter, source, service, version, ok, errors, ms
         self.scrapes = 0
 
@@ -295,6 +295,30 @@ def test_overrides_survive_a_restart_and_merge_into_the_config(tmp_path):
     again.on_adaptive_policy("catalog", None)
     assert again.apply_overrides(config) is config
     store.close()
+
+
+def test_a_node_born_while_watched_is_counted_from_its_first_request_once(tmp_path):
+    """Requests a new sidecar served before meshd's first scrape of it count (they used to be a
+    lost baseline); a node whose target drops out and comes back is not counted twice; a node
+    older than meshd's watch is a baseline (no burst of old counts after a meshd restart)."""
+    wall = [1000.0]
+    hub = TelemetryHub(None, targets=list, adaptive=None, wall=lambda: wall[0])
+    asyncio.run(hub.scrape_once())            # the first tick: meshd watches from 1000.0
+    line = ('istio_requests_total{reporter="destination",source_workload="orders",destination_service="payments",'
+            'destination_version="v1",response_code="200"} %d\nmesh_node_start_time_seconds %s\n')
+
+    def counted(address, n, started, now):
+        delta = hub.ingest(address, line % (n, started), now)
+        return sum(delta.requests.values())
+
+    assert counted("10.0.0.2:15020", 5, 1001.5, 10.0) == 5       # born at 1001.5, after the watch began
+    assert counted("10.0.0.2:15020", 8, 1001.5, 12.0) == 3
+    hub._prev.clear()                                             # its target dropped out, came back
+    assert counted("10.0.0.2:15020", 9, 1001.5, 14.0) == 0        # a baseline, not 9 again
+    assert counted("10.0.0.2:15020", 2, 1020.0, 16.0) == 2        # restarted: a new process, counted whole
+    assert counted("10.0.0.3:15020", 500, 900.0, 18.0) == 0       # older than the watch: baseline
+    flows = hub.window.select(18.0, 60.0)
+    assert sum(acc.requests for acc in flows.values()) == 10
 
 
 def test_meshd_targets_from_the_docker_view_and_connected_nodes():

@@ -102,6 +102,27 @@ def test_delta_baseline_growth_new_series_and_reset():
     assert d.ejections == {}
 
 
+@pytest.mark.parametrize("started, watched_since, counted", [
+    (None, 100.0, False),     # a node that does not say when it started: baseline
+    (99.0, 100.0, False),     # started before meshd watched: its counts are old news
+    (100.0, 100.0, True),     # born while watched: everything it counted is new
+    (150.0, 100.0, True),
+    (150.0, None, False),     # no watching time given: baseline
+])
+def test_first_scrape_counts_whole_only_for_a_node_born_while_watched(started, watched_since, counted):
+    text = _scrape(7, 2, {"1.0": 5, "+Inf": 9})
+    if started is not None:
+        text += f"mesh_node_start_time_seconds {started}\n"
+    cur = parse_scrape(text)
+    assert cur.started == started
+    d = scrape_delta(None, cur, watched_since=watched_since)
+    if counted:
+        assert d.requests[V1_OK] == 7 and d.requests[V1_OK._replace(code="500")] == 2
+        assert d.hists[V1_OK].count == 9
+    else:
+        assert d.empty()
+
+
 @pytest.mark.parametrize("q, expected", [(0.5, 3.0), (0.9, 8.0), (0.99, 9.8), (0.25, 1.0), (0.1, 0.4)])
 def test_histogram_quantile_matches_hand_computation(q, expected):
     # 10 in (0,1], 20 in (1,5], 10 in (5,10]: p50 rank 20 -> 1 + 4 * 10/20 = 3; p90 rank 36 -> 5 + 5 * 6/10 = 8
