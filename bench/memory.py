@@ -16,7 +16,7 @@ STEPS = (
     ("+ metrics (sidecar.telemetry, meshcore.metrics)", "import sidecar.telemetry"),
     ("+ proxy engine (sidecar.proxy, routing, meshcore)", "import sidecar.proxy"),
     ("+ ssl, certs.holder", "import certs.holder"),
-    ("+ websockets, admin port (sidecar.control, sidecar.admin)", "import sidecar.admin, sidecar.control"),
+    ("+ control channel client, admin port (sidecar.control, sidecar.admin)", "import sidecar.admin, sidecar.control"),
     ("+ mDNS responder (sidecar.announce)", "import sidecar.announce"),
     # keys, CSRs and certificate parsing run in a certs.worker child process: no cryptography here
     ("+ TLS agent (sidecar.tlsagent, sidecar.mtls, certs.store)", "import sidecar.tlsagent, sidecar.mtls"),

@@ -8,23 +8,21 @@ import time
 from typing import Callable
 
 import structlog
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
-from websockets.protocol import State
 
 from meshcore.protocol import (
     CLOSE_BAD_HELLO, CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, Ack, Bundle, BundleAck, Certs, CsrRequest, Hello, Nack, ProtocolError, Renew, SnapshotPush,
     decode_message, encode_message, reconnect_delay,
 )
 from meshcore.snapshot import Snapshot, SnapshotError, decode_snapshot
+from sidecar.wsclient import ConnectionClosed, WebSocketError, connect
 
 log = structlog.get_logger("sidecar.control")
 
 REFUSAL_CODES = (CLOSE_BAD_HELLO, CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN)
 # As meshd's end (meshd/control.py): 16 MiB messages, a ping every 10 s answered within 5 s; no
-# compression and no proxy from the environment (the channel goes straight to meshd).
+# compression (sidecar.wsclient offers no extension) and no proxy: the channel goes straight to meshd.
 CONNECT_OPTIONS = {"max_size": 16 * 1024 * 1024, "ping_interval": 10.0, "ping_timeout": 5.0,
-                   "compression": None, "proxy": None, "open_timeout": 10.0, "close_timeout": 5.0}
+                   "open_timeout": 10.0, "close_timeout": 5.0}
 
 
 class ControlClient:
@@ -101,7 +99,7 @@ class ControlClient:
                             await ws.send(encode_message(self.handle_push(push)))
                         elif self.agent is not None:
                             await self._handle_cert_message(ws, push)
-            except (WebSocketException, OSError, asyncio.TimeoutError, ValueError) as exc:
+            except (WebSocketError, OSError, asyncio.TimeoutError, ValueError) as exc:
                 log.info("control_unreachable", url=self.url, error=str(exc) or type(exc).__name__)
             finally:
                 self.connected = False
@@ -148,7 +146,7 @@ class ControlClient:
         agent = self.agent
         asked_at = 0.0
         try:
-            while ws.state is State.OPEN:
+            while ws.open:
                 now = time.time()
                 if agent.has_valid_cert(now) and agent.renew_due(now) and now - asked_at > 2.0:
                     asked_at = now

@@ -1,7 +1,7 @@
 """What the sidecar and gateway processes load: every module their cli imports (at the top and
 inside `serve`), in a fresh interpreter, must not bring in aiohttp, structlog's console extras,
-cryptography or zeroconf (bench/RESULTS.md: ~10 MiB, ~6 MiB, ~8 MiB and ~3.5 MiB of each sidecar's
-memory; the nodes' keys, CSRs and certificate parsing run in a `certs.worker` child process)."""
+cryptography, zeroconf or websockets (bench/RESULTS.md: ~10, ~6, ~8, ~3.5 and ~2.8 MiB of each
+sidecar's memory; the nodes' keys, CSRs and certificate parsing run in a `certs.worker` child process)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-# zeroconf: the sidecar answers for its instance with meshcore.mdns (~3.5 MiB less; meshd browses)
-HEAVY = ("aiohttp", "rich", "colorama", "better_exceptions", "cryptography", "zeroconf", "ifaddr")
+# zeroconf: the sidecar answers for its instance with meshcore.mdns (~3.5 MiB less; meshd browses);
+# websockets: sidecar.wsclient speaks the control channel's RFC 6455 subset (~2.8 MiB less)
+HEAVY = ("aiohttp", "rich", "colorama", "better_exceptions", "cryptography", "zeroconf", "ifaddr", "websockets",
+         "urllib.request", "importlib.metadata")
 
 
 def modules_imported_by(path: Path) -> list[str]:
@@ -29,7 +31,7 @@ def modules_imported_by(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("cli", ["sidecar/cli.py", "gateway/cli.py"])
-def test_process_imports_leave_out_aiohttp_console_extras_cryptography_and_zeroconf(cli):
+def test_process_imports_leave_out_heavy_modules(cli):
     package = cli.split("/")[0]
     modules = [f"{package}.cli"] + [m for m in modules_imported_by(ROOT / cli)
                                     if m.split(".")[0] in ("sidecar", "gateway", "certs", "meshio", "meshcore")]
