@@ -63,8 +63,8 @@ DURATION = "istio_request_duration_milliseconds"
 # Labels used: destination_service (or cluster_name), destination_version when present.
 EJECTION_METRICS = ("mesh_outlier_ejections_total", "mesh_sidecar_outlier_ejections_total",
                     "envoy_cluster_outlier_detection_ejections_enforced_total")
-# The node process's start (wall clock, s): a node born after meshd began watching counted nothing
-# meshd has not seen, so its first scrape is counted whole instead of being a baseline.
+# The node process's start (wall clock, s): a node born after meshd began counted nothing from before
+# meshd, so its first scrape is counted whole instead of being a baseline.
 START_TIME = NODE_START_TIME_METRIC
 _WANTED_PREFIXES = (REQUESTS_TOTAL, DURATION, START_TIME) + EJECTION_METRICS
 UNKNOWN = "unknown"

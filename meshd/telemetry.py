@@ -194,7 +194,8 @@ class TelemetryHub:
         self.last_targets: list[Target] = []
         self.last_scrape: float | None = None     # wall clock
         self._prev: dict[str, tuple[float, Scrape]] = {}
-        self.watched_since: float | None = None    # wall clock of the first tick
+        # Wall clock when this meshd began: nodes started since then counted nothing from before it.
+        self.watched_since: float | None = wall()
         self._births: set[tuple[str, float]] = set()   # (address, node start time) already counted
         self._spikes: dict[tuple, AlarmState] = {}
         self._latency: dict[tuple, AlarmState] = {}
@@ -337,8 +338,6 @@ class TelemetryHub:
 
     async def scrape_once(self) -> None:
         """One tick: scrape all targets, feed the window, run detection and the control loop."""
-        if self.watched_since is None:
-            self.watched_since = self.wall()
         try:
             targets = list(self.targets())[: self.max_targets]
         except Exception:  # noqa: BLE001
@@ -373,7 +372,8 @@ class TelemetryHub:
         cur = parse_scrape(text)
         prev = self._prev.get(address)
         # A node first seen since it started (not one coming back after its target dropped out)
-        # is counted whole when it started while meshd watched: its first requests are real ones.
+        # is counted whole when it started after this meshd did: its first requests, served before
+        # meshd's first scrape of it, are this run's, not an old total to take as a baseline.
         born = (address, cur.started) if cur.started is not None else None
         since = self.watched_since if prev is None and born not in self._births else None
         delta = scrape_delta(prev[1] if prev else None, cur, watched_since=since)

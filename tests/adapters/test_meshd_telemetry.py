@@ -303,7 +303,7 @@ def test_a_node_born_while_watched_is_counted_from_its_first_request_once(tmp_pa
     older than meshd's watch is a baseline (no burst of old counts after a meshd restart)."""
     wall = [1000.0]
     hub = TelemetryHub(None, targets=list, adaptive=None, wall=lambda: wall[0])
-    asyncio.run(hub.scrape_once())            # the first tick: meshd watches from 1000.0
+    asyncio.run(hub.scrape_once())            # meshd began at 1000.0
     line = ('istio_requests_total{reporter="destination",source_workload="orders",destination_service="payments",'
             'destination_version="v1",response_code="200"} %d\nmesh_node_start_time_seconds %s\n')
 
