@@ -15,9 +15,7 @@ Key material is never logged and is excluded from `repr(TlsMaterial)`.
 from __future__ import annotations
 
 import os
-import shutil
 import ssl
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -82,6 +80,11 @@ def _load_via_memfd(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> bo
 
 
 def _load_via_tempdir(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
+    # Imported here: only this fallback needs them, and they cost every node ~0.9 MiB (shutil
+    # brings bz2 and lzma).
+    import shutil
+    import tempfile
+
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     d = tempfile.mkdtemp(prefix="mesh-tls-", dir=base)  # mode 0700
     try:

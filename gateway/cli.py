@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
 
 # meshio.runtime imports structlog without its console extras (rich & co.): before anything else does
-from meshio.runtime import configure_logging, run_forever, stop_signal, structlog
+from meshio.runtime import configure_logging, run_forever, stop_signal, structlog, wants_run
 
 log = structlog.get_logger("gateway")
 
@@ -78,11 +77,7 @@ async def serve(control_url: str, node: str, bind: str, port: int, admin_port: i
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `gateway` console script."""
-    parser = argparse.ArgumentParser(prog="gateway", description="The mesh API gateway.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="serve external traffic (settings from MESH_* variables)")
-    args = parser.parse_args(argv)
-    if args.command != "run":
+    if not wants_run("gateway", "The mesh API gateway.", "serve external traffic (settings from MESH_* variables)", argv):
         return
     configure_logging("gateway")
     env = os.environ

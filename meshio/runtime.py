@@ -70,3 +70,18 @@ def run_forever(main) -> None:
         runner(main())
     except KeyboardInterrupt:
         pass
+
+
+def wants_run(prog: str, description: str, run_help: str, argv: list[str] | None = None) -> bool:
+    """The nodes' command line: True for `<prog> run`; anything else goes to argparse (help, or a
+    usage error naming what is wrong). argparse is imported only then: with the HelpFormatter it
+    builds it loads shutil, bz2 and lzma, ~0.6 MiB of every node for one fixed command."""
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["run"]:
+        return True
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help=run_help)
+    return parser.parse_args(args).command == "run"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
 from dataclasses import dataclass
 
 # meshio.runtime imports structlog without its console extras (rich & co.): before anything else does
-from meshio.runtime import configure_logging, run_forever, stop_signal, structlog
+from meshio.runtime import configure_logging, run_forever, stop_signal, structlog, wants_run
 from sidecar.capture import PROXY_UID, apply_capture
 
 log = structlog.get_logger("sidecar")
@@ -160,11 +159,7 @@ async def serve(settings: SidecarSettings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `sidecar` console script."""
-    parser = argparse.ArgumentParser(prog="sidecar", description="The mesh sidecar proxy.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="capture the app's traffic and proxy it (settings from MESH_* variables)")
-    args = parser.parse_args(argv)
-    if args.command != "run":
+    if not wants_run("sidecar", "The mesh sidecar proxy.", "capture the app's traffic and proxy it (settings from MESH_* variables)", argv):
         return
     configure_logging("sidecar")
     try:

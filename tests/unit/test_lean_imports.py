@@ -6,6 +6,7 @@ sidecar's memory; the nodes' keys, CSRs and certificate parsing run in a `certs.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 # zeroconf: the sidecar answers for its instance with meshcore.mdns (~3.5 MiB less; meshd browses);
 # websockets: sidecar.wsclient speaks the control channel's RFC 6455 subset (~2.8 MiB less)
+# tempfile and shutil (with bz2, lzma): ~0.9 MiB; certs.store writes files atomically with os alone
 HEAVY = ("aiohttp", "rich", "colorama", "better_exceptions", "cryptography", "zeroconf", "ifaddr", "websockets",
-         "urllib.request", "importlib.metadata")
+         "urllib.request", "importlib.metadata", "tempfile", "shutil", "argparse")
+
+
+# Started as in the image: the packages on the path, but no .pth hook of this machine's (an editable
+# install's finder, a sandbox CA injector importing certifi) loading modules of its own.
+AS_IN_THE_IMAGE = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(ROOT)] + [p for p in sys.path if p.endswith("-packages") and os.path.isdir(p)])}
 
 
 def modules_imported_by(path: Path) -> list[str]:
@@ -37,7 +45,8 @@ def test_process_imports_leave_out_heavy_modules(cli):
                                     if m.split(".")[0] in ("sidecar", "gateway", "certs", "meshio", "meshcore")]
     code = ("import sys\n" + "".join(f"import {m}\n" for m in modules)
             + f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env=AS_IN_THE_IMAGE)
     assert proc.returncode == 0, proc.stderr
     assert "sidecar.admin" in modules and "sidecar.control" in modules and "sidecar.tlsagent" in modules
     loaded = proc.stdout.split()
@@ -65,3 +74,30 @@ def test_nodes_do_not_load_prometheus_client():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False", "the sidecar or gateway imports prometheus_client"
+
+
+@pytest.mark.parametrize("argv, code, says", [
+    ([], 2, "the following arguments are required: command"),
+    (["bogus"], 2, "invalid choice: 'bogus'"),
+    (["run", "extra"], 2, "unrecognized arguments: extra"),
+    (["--help"], 0, "{run}"),
+])
+def test_node_command_line_other_than_run_goes_to_argparse(argv, code, says, capsys):
+    from meshio.runtime import wants_run
+
+    with pytest.raises(SystemExit) as err:
+        wants_run("sidecar", "The mesh sidecar proxy.", "proxy", argv)
+    assert err.value.code == code
+    out = capsys.readouterr()
+    assert says in out.err + out.out
+
+
+def test_node_run_command_loads_no_argparse():
+    """`sidecar run` / `gateway run` (every container start) parse without argparse, which would
+    bring shutil, bz2 and lzma (~0.6 MiB)."""
+    code = ("import sys\nfrom meshio.runtime import wants_run\nassert wants_run('sidecar', 'd', 'h', ['run'])\n"
+            "print(' '.join(m for m in ('argparse', 'shutil', 'bz2', 'lzma') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env=AS_IN_THE_IMAGE)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == []
