@@ -77,7 +77,8 @@ async def serve(control_url: str, node: str, bind: str, port: int, admin_port: i
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `gateway` console script."""
-    if not wants_run("gateway", "The mesh API gateway.", "serve external traffic (settings from MESH_* variables)", argv):
+    if not wants_run("gateway", "The mesh API gateway.", "serve external traffic (settings from MESH_* variables)",
+                     argv):
         return
     configure_logging("gateway")
     env = os.environ

@@ -159,7 +159,8 @@ async def serve(settings: SidecarSettings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `sidecar` console script."""
-    if not wants_run("sidecar", "The mesh sidecar proxy.", "capture the app's traffic and proxy it (settings from MESH_* variables)", argv):
+    if not wants_run("sidecar", "The mesh sidecar proxy.",
+                     "capture the app's traffic and proxy it (settings from MESH_* variables)", argv):
         return
     configure_logging("sidecar")
     try:
