@@ -37,6 +37,9 @@ def collector_url(control_url: str) -> str:
     return f"{scheme}://{parts.netloc}{OTLP_PATH}"
 
 
+PENDING_SPANS_MAX = 2048   # spans kept while the SDK starts (its queue's size); more are dropped
+
+
 class Tracing:
     """Trace decisions, spans and access logs for the requests of one node."""
 
@@ -52,9 +55,11 @@ class Tracing:
         self.bits = bits
         # meshd's receiver: (URL, TLS client context factory or None); set by the node's CLI.
         self.collector: tuple[str, Callable[[], ssl.SSLContext] | None] | None = None
-        self._sdk = None            # sidecar.otel.SdkSpans: started in a thread once sampling is on
+        self._sdk = None            # sidecar.otel.SdkSpans: started in a thread by the first sampled span
         self._sdk_lock = threading.Lock()
         self._sdk_failed = False
+        self._sdk_starting = False
+        self._pending: list[tuple] = []   # spans finished while the SDK starts: recorded once it is up
         self.counts = _SpanCounters(registry)
 
     # -- settings (from each snapshot)
@@ -68,23 +73,41 @@ class Tracing:
         self.access_mode = settings.access_log
         log.info("telemetry_settings", sampling=settings.sampling, otlp_endpoint=settings.otlp_endpoint,
                  access_log=settings.access_log)
-        if self.rate > 0 and self._sdk is None:
-            # Importing and starting the SDK takes tens of ms: off the event loop, before the first span.
-            threading.Thread(target=self._start_sdk, name="otel-start", daemon=True).start()
+
+    def _start_sdk_thread(self) -> None:
+        """Import and start the SDK (tens of ms) off the event loop, once."""
+        with self._sdk_lock:
+            if self._sdk is not None or self._sdk_failed or self._sdk_starting:
+                return
+            self._sdk_starting = True
+        threading.Thread(target=self._start_sdk, name="otel-start", daemon=True).start()
 
     def _start_sdk(self) -> None:
-        """Start the OpenTelemetry SDK once (any thread); on failure spans are dropped and counted."""
+        """Start the OpenTelemetry SDK (its thread); on failure spans are dropped and counted. Spans
+        that finished meanwhile are recorded now, in order."""
+        try:
+            from sidecar.otel import SdkSpans
+            sdk = SdkSpans(self)
+        except Exception:  # noqa: BLE001 - tracing must never break the data path
+            log.exception("tracing_unavailable")
+            sdk = None
         with self._sdk_lock:
-            if self._sdk is not None or self._sdk_failed:
-                return
-            try:
-                from sidecar.otel import SdkSpans
-                self._sdk = SdkSpans(self)
-            except Exception:  # noqa: BLE001 - tracing must never break the data path
-                log.exception("tracing_unavailable")
+            self._sdk_starting = False
+            pending, self._pending = self._pending, []
+            if sdk is None or self._sdk_failed:   # failed, or closed while starting
                 self._sdk_failed = True
-                return
-        log.info("tracing_started", targets=[t[1] for t in self.targets()])
+            else:
+                self._sdk = sdk
+        if sdk is None:
+            for _ in pending:
+                self.counts.dropped.inc()
+            return
+        if self._sdk is None:   # closed while starting
+            sdk.close()
+            return
+        for args in pending:
+            sdk.record(*args)
+        log.info("tracing_started", targets=[t[1] for t in self.targets()], replayed=len(pending))
 
     def targets(self) -> list[tuple[str, str, Callable[[], ssl.SSLContext] | None]]:
         """Where spans go now: (label, URL, TLS context factory)."""
@@ -139,11 +162,10 @@ class Tracing:
     def _record(self, ctx: TraceContext, direction: str, method: str, path: str, status: int, flags: str,
                 start_ns: int, end_ns: int, source: str, source_version: str, destination: str,
                 destination_version: str, upstream: str | None, attempts: int, no_flags: str) -> None:
-        if self._sdk is None:
-            self._start_sdk()  # a sampled caller while this node samples nothing itself (or still starting)
-            if self._sdk is None:
-                self.counts.dropped.inc()
-                return
+        sdk = self._sdk
+        if sdk is None and self._sdk_failed:
+            self.counts.dropped.inc()
+            return
         attrs = {
             "http.request.method": method, "url.path": path, "http.response.status_code": status,
             "mesh.direction": direction, "mesh.response_flags": flags,
@@ -158,7 +180,24 @@ class Tracing:
         name = f"{method} {destination}" if direction != "inbound" else f"{method} {path}"
         kind = KIND_CLIENT if direction == "outbound" else KIND_SERVER
         error = status >= 500 or status == 0 or flags != no_flags
-        self._sdk.record(ctx, name, kind, attrs, start_ns, end_ns, error)
+        if sdk is not None:
+            sdk.record(ctx, name, kind, attrs, start_ns, end_ns, error)
+            return
+        # The first sampled span (at the default 1%, the SDK starts only when one comes): kept until
+        # the SDK is up in its thread, so the event loop never waits for the import.
+        with self._sdk_lock:
+            if self._sdk is None and not self._sdk_failed:
+                if len(self._pending) < PENDING_SPANS_MAX:
+                    self._pending.append((ctx, name, kind, attrs, start_ns, end_ns, error))
+                else:
+                    self.counts.dropped.inc()
+                sdk = None
+            else:
+                sdk = self._sdk
+        if sdk is not None:
+            sdk.record(ctx, name, kind, attrs, start_ns, end_ns, error)
+        else:
+            self._start_sdk_thread()
 
     def close(self) -> None:
         """Flush what is queued (bounded by the export timeout) and stop the exporter thread."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import threading
+import time
 from contextlib import AsyncExitStack
 
 import aiohttp
@@ -21,13 +23,16 @@ from multidict import CIMultiDict
 from gateway.server import start_gateway
 from meshcore.snapshot import GatewayRoute, MeshConfig, Snapshot
 from meshcore.tracing import (
-    KIND_CLIENT, KIND_SERVER, SpanRecord, TelemetrySettings, decode_otlp, decode_traceparent, encode_otlp,
+    KIND_CLIENT, KIND_SERVER, SpanRecord, TelemetrySettings, TraceContext, decode_otlp, decode_traceparent,
+    encode_otlp,
 )
 from meshd.pki import Pki
 from meshd.store import Store
 from meshd.traces import MAX_BODY, SettingsBook, TraceStore, add_receiver, add_routes
 from sidecar.otel import BATCH_DELAY_MS, post_json
+from meshcore.metrics import Registry
 from sidecar.proxy import ProxyState, start_inbound, start_outbound
+from sidecar.tracing import Tracing
 from tests.adapters.loops import eventually, serve_on_loopback
 from tests.adapters.test_mtls import ORDERS, make_agent
 from tests.adapters.test_proxy import SVC_PORT, endpoint, port_of, service
@@ -698,3 +703,82 @@ async def _settings_api(tmp_path):
 
 def test_meshd_settings_api_validates_before_storing_and_publishing(run, tmp_path):
     run(_settings_api, tmp_path)
+
+
+# ---- the SDK starts off the event loop, at the first sampled span ----------------------------------
+
+class FakeSdk:
+    """Stands in for sidecar.otel.SdkSpans: where it was built, what it recorded."""
+
+    built_on: list = []
+    gate: threading.Event | None = None   # the constructor waits for it (the SDK's import taking time)
+    fail = False
+
+    def __init__(self, tracing):
+        FakeSdk.built_on.append(threading.current_thread().name)
+        FakeSdk.gate.wait(10)
+        if FakeSdk.fail:
+            raise RuntimeError("no SDK here")
+        self.records = []
+        self.closed = False
+
+    def record(self, ctx, name, kind, attrs, start_ns, end_ns, error):
+        self.records.append((name, attrs["http.response.status_code"]))
+
+    def close(self):
+        self.closed = True
+
+
+def finish_sampled(tracing, status):
+    tracing.finish(TraceContext(1, status, None, True), direction="outbound", method=b"GET", target=b"/x",
+                   status=status, flags="-", ms=1.0, source="a", source_version="v1", destination="b",
+                   destination_version="v1", upstream=None, attempts=1, no_flags="-")
+
+
+def wait_until(check, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def fake_sdk(monkeypatch):
+    import sidecar.otel
+    FakeSdk.built_on, FakeSdk.gate, FakeSdk.fail = [], threading.Event(), False
+    monkeypatch.setattr(sidecar.otel, "SdkSpans", FakeSdk)
+    yield FakeSdk
+    FakeSdk.gate.set()
+
+
+def test_first_sampled_spans_wait_for_the_sdk_off_the_calling_thread(fake_sdk):
+    """At the default 1% nothing starts the SDK until a span comes (no idle memory for it); then it
+    is built in its own thread while the spans that keep finishing are kept, and recorded in order
+    once it is up: the event loop never waits for the SDK's import."""
+    tracing = Tracing("a", "v1")
+    assert tracing._sdk is None and fake_sdk.built_on == []
+    for status in (200, 201, 202):   # the SDK is still "importing" (gate closed): none of these waits
+        finish_sampled(tracing, status)
+    wait_until(lambda: fake_sdk.built_on)
+    assert fake_sdk.built_on == ["otel-start"]
+    fake_sdk.gate.set()
+    wait_until(lambda: tracing._sdk is not None)
+    finish_sampled(tracing, 203)
+    sdk = tracing._sdk
+    assert sdk.records == [("GET b", 200), ("GET b", 201), ("GET b", 202), ("GET b", 203)]
+    assert len(fake_sdk.built_on) == 1   # one start, however many spans came while it ran
+    tracing.close()
+    assert sdk.closed and tracing._sdk is None
+
+
+def test_spans_kept_while_a_failing_sdk_starts_are_counted_as_dropped(fake_sdk):
+    registry = Registry()
+    tracing = Tracing("a", "v1", registry=registry)
+    fake_sdk.fail = True
+    finish_sampled(tracing, 200)
+    finish_sampled(tracing, 200)
+    fake_sdk.gate.set()
+    wait_until(lambda: tracing._sdk_failed)
+    finish_sampled(tracing, 200)   # after the failure: dropped at once
+    assert registry.get_sample_value("mesh_trace_spans_total", {"target": "sdk", "result": "dropped"}) == 3
+    assert fake_sdk.built_on == ["otel-start"]
