@@ -74,17 +74,9 @@ class Tracing:
         log.info("telemetry_settings", sampling=settings.sampling, otlp_endpoint=settings.otlp_endpoint,
                  access_log=settings.access_log)
 
-    def _start_sdk_thread(self) -> None:
-        """Import and start the SDK (tens of ms) off the event loop, once."""
-        with self._sdk_lock:
-            if self._sdk is not None or self._sdk_failed or self._sdk_starting:
-                return
-            self._sdk_starting = True
-        threading.Thread(target=self._start_sdk, name="otel-start", daemon=True).start()
-
     def _start_sdk(self) -> None:
-        """Start the OpenTelemetry SDK (its thread); on failure spans are dropped and counted. Spans
-        that finished meanwhile are recorded now, in order."""
+        """Start the OpenTelemetry SDK (in its own thread), then record the spans kept meanwhile, in
+        order; if it fails, or the node closed meanwhile, they are counted as dropped."""
         try:
             from sidecar.otel import SdkSpans
             sdk = SdkSpans(self)
@@ -94,19 +86,19 @@ class Tracing:
         with self._sdk_lock:
             self._sdk_starting = False
             pending, self._pending = self._pending, []
-            if sdk is None or self._sdk_failed:   # failed, or closed while starting
-                self._sdk_failed = True
-            else:
+            closed = self._sdk_failed   # close() ran while the SDK started
+            if sdk is not None and not closed:
                 self._sdk = sdk
+            else:
+                self._sdk_failed = True
+                self.counts.dropped.inc(len(pending))
         if sdk is None:
-            for _ in pending:
-                self.counts.dropped.inc()
             return
-        if self._sdk is None:   # closed while starting
+        if closed:
             sdk.close()
             return
-        for args in pending:
-            sdk.record(*args)
+        for span in pending:
+            sdk.record(*span)
         log.info("tracing_started", targets=[t[1] for t in self.targets()], replayed=len(pending))
 
     def targets(self) -> list[tuple[str, str, Callable[[], ssl.SSLContext] | None]]:
@@ -162,10 +154,6 @@ class Tracing:
     def _record(self, ctx: TraceContext, direction: str, method: str, path: str, status: int, flags: str,
                 start_ns: int, end_ns: int, source: str, source_version: str, destination: str,
                 destination_version: str, upstream: str | None, attempts: int, no_flags: str) -> None:
-        sdk = self._sdk
-        if sdk is None and self._sdk_failed:
-            self.counts.dropped.inc()
-            return
         attrs = {
             "http.request.method": method, "url.path": path, "http.response.status_code": status,
             "mesh.direction": direction, "mesh.response_flags": flags,
@@ -180,24 +168,31 @@ class Tracing:
         name = f"{method} {destination}" if direction != "inbound" else f"{method} {path}"
         kind = KIND_CLIENT if direction == "outbound" else KIND_SERVER
         error = status >= 500 or status == 0 or flags != no_flags
+        span = (ctx, name, kind, attrs, start_ns, end_ns, error)
+        sdk = self._sdk
         if sdk is not None:
-            sdk.record(ctx, name, kind, attrs, start_ns, end_ns, error)
-            return
-        # The first sampled span (at the default 1%, the SDK starts only when one comes): kept until
-        # the SDK is up in its thread, so the event loop never waits for the import.
-        with self._sdk_lock:
-            if self._sdk is None and not self._sdk_failed:
-                if len(self._pending) < PENDING_SPANS_MAX:
-                    self._pending.append((ctx, name, kind, attrs, start_ns, end_ns, error))
-                else:
-                    self.counts.dropped.inc()
-                sdk = None
-            else:
-                sdk = self._sdk
-        if sdk is not None:
-            sdk.record(ctx, name, kind, attrs, start_ns, end_ns, error)
+            sdk.record(*span)
         else:
-            self._start_sdk_thread()
+            self._keep_until_started(span)
+
+    def _keep_until_started(self, span: tuple) -> None:
+        """No SDK yet (at the default 1% it starts only when a sampled span comes): keep `span` for
+        it and make sure it is starting, in its own thread, so the event loop never waits for the
+        import; drop it (counted) when the SDK failed or too many wait. Drops are counted under the
+        lock: the starting thread counts too."""
+        with self._sdk_lock:
+            sdk = self._sdk
+            keep = sdk is None and not self._sdk_failed and len(self._pending) < PENDING_SPANS_MAX
+            start = keep and not self._sdk_starting
+            if keep:
+                self._pending.append(span)
+                self._sdk_starting = True
+            elif sdk is None:
+                self.counts.dropped.inc()
+        if sdk is not None:   # up in the meantime
+            sdk.record(*span)
+        elif start:
+            threading.Thread(target=self._start_sdk, name="otel-start", daemon=True).start()
 
     def close(self) -> None:
         """Flush what is queued (bounded by the export timeout) and stop the exporter thread."""
@@ -210,7 +205,8 @@ class Tracing:
 
 class _SpanCounters:
     """mesh_trace_spans_total{target,result}: what the exporter did with the spans (`add` runs on the
-    exporter's thread, `dropped` on the event loop: each series has one writing thread)."""
+    exporter's thread; `dropped` is counted under Tracing's SDK lock, by the event loop or by the
+    thread starting the SDK: each series has one writer at a time)."""
 
     def __init__(self, registry: Any):
         self.counter = Counter("mesh_trace_spans", "Spans exported by this node, by target and result",

@@ -782,3 +782,19 @@ def test_spans_kept_while_a_failing_sdk_starts_are_counted_as_dropped(fake_sdk):
     finish_sampled(tracing, 200)   # after the failure: dropped at once
     assert registry.get_sample_value("mesh_trace_spans_total", {"target": "sdk", "result": "dropped"}) == 3
     assert fake_sdk.built_on == ["otel-start"]
+
+
+def test_spans_beyond_the_waiting_room_and_after_close_are_counted_as_dropped(fake_sdk, monkeypatch):
+    import sidecar.tracing
+    monkeypatch.setattr(sidecar.tracing, "PENDING_SPANS_MAX", 2)
+    registry = Registry()
+    tracing = Tracing("a", "v1", registry=registry)
+    for status in (200, 201, 202):   # the third finds the waiting room full
+        finish_sampled(tracing, status)
+    dropped = {"target": "sdk", "result": "dropped"}
+    assert registry.get_sample_value("mesh_trace_spans_total", dropped) == 1
+    wait_until(lambda: fake_sdk.built_on)
+    tracing.close()                  # the node stops while the SDK is still starting
+    fake_sdk.gate.set()
+    wait_until(lambda: not tracing._sdk_starting)
+    assert tracing._sdk is None and registry.get_sample_value("mesh_trace_spans_total", dropped) == 3
