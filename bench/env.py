@@ -41,10 +41,10 @@ def product_python(workdir: Path) -> str:
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    # The venv's purelib, as sysconfig's posix_venv scheme names it (same interpreter, same version).
+    site_dir = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     paths = [str(ROOT)] + [p for p in sys.path if p.endswith("-packages") and os.path.isdir(p)]
-    Path(site_dir, "meshd_bench_paths.pth").write_text("\n".join(paths) + "\n")
+    (site_dir / "meshd_bench_paths.pth").write_text("\n".join(paths) + "\n")
     return str(python)
 
 
