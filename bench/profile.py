@@ -15,7 +15,7 @@ IDLE_LEAVES = ("epoll_wait", "epoll_pwait")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
-TRACING = "tracing, access log (meshcore/tracing.py, sidecar/tracing.py, sidecar/otel.py, OpenTelemetry SDK, structlog)"
+TRACING = "tracing, access log (meshcore/tracing.py, sidecar/tracing.py, sidecar/otel.py, structlog)"
 TRACING_FILES = ("meshcore/tracing.py", "sidecar/tracing.py", "sidecar/otel.py", "opentelemetry/", "structlog/")
 
 

@@ -1,17 +1,16 @@
 """Per-request tracing and access logs of one node (sidecar or gateway).
 
 Every HTTP request gets a trace context (meshcore.tracing: W3C `traceparent`, B3 understood and
-forwarded). Sampled hops become OpenTelemetry SDK spans; the SDK's batch processor hands them to
-`OtlpJsonExporter`, which posts OTLP/HTTP JSON to meshd's trace store (mTLS, the control address)
-and to the external collector named in the snapshot's telemetry settings. The SDK is imported only
-once a span is to be recorded, so a node that samples nothing does not carry it.
+forwarded). Sampled hops are queued for sidecar.otel's SpanExporter, whose thread posts them in
+batches as OTLP/HTTP JSON to meshd's trace store (mTLS, the control address) and to the external
+collector named in the snapshot's telemetry settings. The exporter is made by the first sampled
+span, so a node that samples nothing does not carry it.
 """
 
 from __future__ import annotations
 
 import random
 import ssl
-import threading
 import time
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -37,9 +36,6 @@ def collector_url(control_url: str) -> str:
     return f"{scheme}://{parts.netloc}{OTLP_PATH}"
 
 
-PENDING_SPANS_MAX = 2048   # spans kept while the SDK starts (its queue's size); more are dropped
-
-
 class Tracing:
     """Trace decisions, spans and access logs for the requests of one node."""
 
@@ -55,11 +51,8 @@ class Tracing:
         self.bits = bits
         # meshd's receiver: (URL, TLS client context factory or None); set by the node's CLI.
         self.collector: tuple[str, Callable[[], ssl.SSLContext] | None] | None = None
-        self._sdk = None            # sidecar.otel.SdkSpans: started in a thread by the first sampled span
-        self._sdk_lock = threading.Lock()
-        self._sdk_failed = False
-        self._sdk_starting = False
-        self._pending: list[tuple] = []   # spans finished while the SDK starts: recorded once it is up
+        self._exporter = None       # sidecar.otel.SpanExporter: made by the first sampled span
+        self._closed = False
         self.counts = _SpanCounters(registry)
 
     # -- settings (from each snapshot)
@@ -73,33 +66,6 @@ class Tracing:
         self.access_mode = settings.access_log
         log.info("telemetry_settings", sampling=settings.sampling, otlp_endpoint=settings.otlp_endpoint,
                  access_log=settings.access_log)
-
-    def _start_sdk(self) -> None:
-        """Start the OpenTelemetry SDK (in its own thread), then record the spans kept meanwhile, in
-        order; if it fails, or the node closed meanwhile, they are counted as dropped."""
-        try:
-            from sidecar.otel import SdkSpans
-            sdk = SdkSpans(self)
-        except Exception:  # noqa: BLE001 - tracing must never break the data path
-            log.exception("tracing_unavailable")
-            sdk = None
-        with self._sdk_lock:
-            self._sdk_starting = False
-            pending, self._pending = self._pending, []
-            closed = self._sdk_failed   # close() ran while the SDK started
-            if sdk is not None and not closed:
-                self._sdk = sdk
-            else:
-                self._sdk_failed = True
-                self.counts.dropped.inc(len(pending))
-        if sdk is None:
-            return
-        if closed:
-            sdk.close()
-            return
-        for span in pending:
-            sdk.record(*span)
-        log.info("tracing_started", targets=[t[1] for t in self.targets()], replayed=len(pending))
 
     def targets(self) -> list[tuple[str, str, Callable[[], ssl.SSLContext] | None]]:
         """Where spans go now: (label, URL, TLS context factory)."""
@@ -149,7 +115,7 @@ class Tracing:
                         destination_version=destination_version, upstream=upstream, attempts=attempts,
                         trace_id=ctx.trace_hex, span_id="%016x" % ctx.span_id, sampled=ctx.sampled)
 
-    # -- spans (OpenTelemetry SDK)
+    # -- spans (sidecar.otel: queued, batched, posted as OTLP/HTTP JSON)
 
     def _record(self, ctx: TraceContext, direction: str, method: str, path: str, status: int, flags: str,
                 start_ns: int, end_ns: int, source: str, source_version: str, destination: str,
@@ -168,50 +134,33 @@ class Tracing:
         name = f"{method} {destination}" if direction != "inbound" else f"{method} {path}"
         kind = KIND_CLIENT if direction == "outbound" else KIND_SERVER
         error = status >= 500 or status == 0 or flags != no_flags
-        span = (ctx, name, kind, attrs, start_ns, end_ns, error)
-        sdk = self._sdk
-        if sdk is not None:
-            sdk.record(*span)
-        else:
-            self._keep_until_started(span)
-
-    def _keep_until_started(self, span: tuple) -> None:
-        """No SDK yet (at the default 1% it starts only when a sampled span comes): keep `span` for
-        it and make sure it is starting, in its own thread, so the event loop never waits for the
-        import; drop it (counted) when the SDK failed or too many wait. Drops are counted under the
-        lock: the starting thread counts too."""
-        with self._sdk_lock:
-            sdk = self._sdk
-            keep = sdk is None and not self._sdk_failed and len(self._pending) < PENDING_SPANS_MAX
-            start = keep and not self._sdk_starting
-            if keep:
-                self._pending.append(span)
-                self._sdk_starting = True
-            elif sdk is None:
+        exporter = self._exporter
+        if exporter is None:
+            if self._closed:
                 self.counts.dropped.inc()
-        if sdk is not None:   # up in the meantime
-            sdk.record(*span)
-        elif start:
-            threading.Thread(target=self._start_sdk, name="otel-start", daemon=True).start()
+                return
+            from sidecar.otel import SpanExporter   # the first sampled span: not loaded by nodes that sample none
+            exporter = self._exporter = SpanExporter(self)
+        if not exporter.record((ctx, name, kind, attrs, start_ns, end_ns, error)):
+            self.counts.dropped.inc()
 
     def close(self) -> None:
         """Flush what is queued (bounded by the export timeout) and stop the exporter thread."""
-        with self._sdk_lock:
-            sdk, self._sdk = self._sdk, None
-            self._sdk_failed = True  # closed: no restart by a late span
-        if sdk is not None:
-            sdk.close()
+        self._closed = True
+        exporter = self._exporter
+        if exporter is not None:
+            exporter.close()
 
 
 class _SpanCounters:
     """mesh_trace_spans_total{target,result}: what the exporter did with the spans (`add` runs on the
-    exporter's thread; `dropped` is counted under Tracing's SDK lock, by the event loop or by the
-    thread starting the SDK: each series has one writer at a time)."""
+    exporter's thread; `dropped`, spans refused by a full or closed queue, on the event loop: each
+    series has one writer)."""
 
     def __init__(self, registry: Any):
         self.counter = Counter("mesh_trace_spans", "Spans exported by this node, by target and result",
                                ["target", "result"], registry=registry)
-        self.dropped = self.counter.labels("sdk", "dropped")
+        self.dropped = self.counter.labels("queue", "dropped")
 
     def add(self, target: str, ok: bool, n: int) -> None:
         self.counter.labels(target, "exported" if ok else "failed").inc(n)

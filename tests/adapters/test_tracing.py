@@ -381,7 +381,7 @@ async def _unsampled_nothing_exported():
             assert parent.trace_id == OUT_TRACE and parent.sampled is False   # still propagated
         await asyncio.sleep(2.5 * BATCH_DELAY_MS / 1000)
         assert collector.bodies == []
-        assert mesh.outbound.tracing._sdk is None and mesh.inbound.tracing._sdk is None   # SDK never started
+        assert mesh.outbound.tracing._exporter is None and mesh.inbound.tracing._exporter is None   # never made
         assert metric(mesh.outbound, "mesh_trace_spans_total", target="external", result="exported") == 0
 
 
@@ -705,28 +705,21 @@ def test_meshd_settings_api_validates_before_storing_and_publishing(run, tmp_pat
     run(_settings_api, tmp_path)
 
 
-# ---- the SDK starts off the event loop, at the first sampled span ----------------------------------
+# ---- the span exporter: a bounded queue on the event loop, batches posted by its thread -------------------
 
-class FakeSdk:
-    """Stands in for sidecar.otel.SdkSpans: where it was built, what it recorded."""
+class Posts:
+    """Stands in for post_json: each body, decoded, with the thread that posted it."""
 
-    built_on: list = []
-    gate: threading.Event | None = None   # the constructor waits for it (the SDK's import taking time)
-    fail = False
+    def __init__(self, status: int = 200):
+        self.status = status
+        self.calls: list[tuple[str, str, dict]] = []
+        self.gate = threading.Event()
+        self.gate.set()
 
-    def __init__(self, tracing):
-        FakeSdk.built_on.append(threading.current_thread().name)
-        FakeSdk.gate.wait(10)
-        if FakeSdk.fail:
-            raise RuntimeError("no SDK here")
-        self.records = []
-        self.closed = False
-
-    def record(self, ctx, name, kind, attrs, start_ns, end_ns, error):
-        self.records.append((name, attrs["http.response.status_code"]))
-
-    def close(self):
-        self.closed = True
+    def __call__(self, url, body, context, timeout=5.0):
+        self.gate.wait(10)
+        self.calls.append((threading.current_thread().name, url, json.loads(body)))
+        return self.status
 
 
 def finish_sampled(tracing, status):
@@ -743,58 +736,80 @@ def wait_until(check, timeout=10.0):
 
 
 @pytest.fixture
-def fake_sdk(monkeypatch):
+def posts(monkeypatch):
     import sidecar.otel
-    FakeSdk.built_on, FakeSdk.gate, FakeSdk.fail = [], threading.Event(), False
-    monkeypatch.setattr(sidecar.otel, "SdkSpans", FakeSdk)
-    yield FakeSdk
-    FakeSdk.gate.set()
+    fake = Posts()
+    monkeypatch.setattr(sidecar.otel, "post_json", fake)
+    yield fake
+    fake.gate.set()
 
 
-def test_first_sampled_spans_wait_for_the_sdk_off_the_calling_thread(fake_sdk):
-    """At the default 1% nothing starts the SDK until a span comes (no idle memory for it); then it
-    is built in its own thread while the spans that keep finishing are kept, and recorded in order
-    once it is up: the event loop never waits for the SDK's import."""
-    tracing = Tracing("a", "v1")
-    assert tracing._sdk is None and fake_sdk.built_on == []
-    for status in (200, 201, 202):   # the SDK is still "importing" (gate closed): none of these waits
+def exported_statuses(posts, calls=None):
+    return [int(span["attributes"][2]["value"]["intValue"]) for _t, _u, body in (posts.calls if calls is None else calls)
+            for rs in body["resourceSpans"] for ss in rs["scopeSpans"] for span in ss["spans"]]
+
+
+def test_sampled_spans_are_posted_in_batches_by_the_exporter_thread(posts):
+    """Nothing is made until a sampled span comes; then spans queue on the caller's thread and one
+    thread posts them as OTLP JSON, in order, to every target, counted per target."""
+    registry = Registry()
+    tracing = Tracing("a", "v1", node="a-1", registry=registry)
+    tracing.collector = ("http://meshd.invalid/v1/traces", None)
+    assert tracing._exporter is None
+    for status in (200, 201, 202):
         finish_sampled(tracing, status)
-    wait_until(lambda: fake_sdk.built_on)
-    assert fake_sdk.built_on == ["otel-start"]
-    fake_sdk.gate.set()
-    wait_until(lambda: tracing._sdk is not None)
-    finish_sampled(tracing, 203)
-    sdk = tracing._sdk
-    assert sdk.records == [("GET b", 200), ("GET b", 201), ("GET b", 202), ("GET b", 203)]
-    assert len(fake_sdk.built_on) == 1   # one start, however many spans came while it ran
+    wait_until(lambda: posts.calls)
+    thread, url, body = posts.calls[0]
+    assert thread == "span-export" and url == "http://meshd.invalid/v1/traces"
+    assert exported_statuses(posts) == [200, 201, 202]
+    resource = {a["key"]: a["value"]["stringValue"] for a in body["resourceSpans"][0]["resource"]["attributes"]}
+    assert resource == {"service.name": "a", "service.version": "v1", "service.instance.id": "a-1"}
+    span = body["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+    assert span["traceId"] == "%032x" % 1 and span["spanId"] == "%016x" % 200 and span["kind"] == KIND_CLIENT
+    assert registry.get_sample_value("mesh_trace_spans_total", {"target": "meshd", "result": "exported"}) == 3
     tracing.close()
-    assert sdk.closed and tracing._sdk is None
+    assert not tracing._exporter._thread.is_alive()
 
 
-def test_spans_kept_while_a_failing_sdk_starts_are_counted_as_dropped(fake_sdk):
-    registry = Registry()
-    tracing = Tracing("a", "v1", registry=registry)
-    fake_sdk.fail = True
-    finish_sampled(tracing, 200)
-    finish_sampled(tracing, 200)
-    fake_sdk.gate.set()
-    wait_until(lambda: tracing._sdk_failed)
-    finish_sampled(tracing, 200)   # after the failure: dropped at once
-    assert registry.get_sample_value("mesh_trace_spans_total", {"target": "sdk", "result": "dropped"}) == 3
-    assert fake_sdk.built_on == ["otel-start"]
-
-
-def test_spans_beyond_the_waiting_room_and_after_close_are_counted_as_dropped(fake_sdk, monkeypatch):
-    import sidecar.tracing
-    monkeypatch.setattr(sidecar.tracing, "PENDING_SPANS_MAX", 2)
-    registry = Registry()
-    tracing = Tracing("a", "v1", registry=registry)
-    for status in (200, 201, 202):   # the third finds the waiting room full
+def test_a_full_batch_leaves_at_once_and_close_flushes_the_rest(posts):
+    from sidecar.otel import SpanExporter
+    tracing = Tracing("a", "v1")
+    tracing.collector = ("http://meshd.invalid/v1/traces", None)
+    tracing._exporter = SpanExporter(tracing, delay_s=60.0, max_batch=2)   # only a full batch wakes it
+    for status in (200, 201, 202):
         finish_sampled(tracing, status)
-    dropped = {"target": "sdk", "result": "dropped"}
+    wait_until(lambda: posts.calls)     # woken by the full batch, not by the 60 s delay
+    assert exported_statuses(posts, posts.calls[:1]) == [200, 201]
+    tracing.close()                     # the third goes out by close at the latest
+    assert exported_statuses(posts) == [200, 201, 202] and len(posts.calls) == 2
+
+
+def test_spans_beyond_a_full_queue_and_after_close_are_counted_as_dropped(posts):
+    from sidecar.otel import SpanExporter
+    registry = Registry()
+    tracing = Tracing("a", "v1", registry=registry)
+    tracing.collector = ("http://meshd.invalid/v1/traces", None)
+    posts.gate.clear()                  # the first batch's POST hangs: the queue fills behind it
+    tracing._exporter = SpanExporter(tracing, delay_s=0.01, max_queue=2)
+    finish_sampled(tracing, 200)
+    wait_until(lambda: not tracing._exporter.queue)   # taken by the thread, which now waits on the POST
+    for status in (201, 202, 203):      # the third finds the queue full
+        finish_sampled(tracing, status)
+    dropped = {"target": "queue", "result": "dropped"}
     assert registry.get_sample_value("mesh_trace_spans_total", dropped) == 1
-    wait_until(lambda: fake_sdk.built_on)
-    tracing.close()                  # the node stops while the SDK is still starting
-    fake_sdk.gate.set()
-    wait_until(lambda: not tracing._sdk_starting)
-    assert tracing._sdk is None and registry.get_sample_value("mesh_trace_spans_total", dropped) == 3
+    posts.gate.set()
+    tracing.close()
+    finish_sampled(tracing, 204)        # after close: dropped, nothing restarts
+    assert registry.get_sample_value("mesh_trace_spans_total", dropped) == 2
+    assert exported_statuses(posts) == [200, 201, 202]
+
+
+def test_without_a_target_batches_are_dropped_unencoded(posts, monkeypatch):
+    import sidecar.otel
+    monkeypatch.setattr(sidecar.otel, "encode_otlp", lambda *a, **k: pytest.fail("encoded with no target"))
+    registry = Registry()
+    tracing = Tracing("a", "v1", registry=registry)
+    finish_sampled(tracing, 200)
+    tracing.close()
+    assert posts.calls == [] and not tracing._exporter.queue
+    assert registry.get_sample_value("mesh_trace_spans_total", {"target": "queue", "result": "dropped"}) in (None, 0)

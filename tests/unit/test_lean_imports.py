@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # websockets: sidecar.wsclient speaks the control channel's RFC 6455 subset (~2.8 MiB less)
 # tempfile and shutil (with bz2, lzma): ~0.9 MiB; certs.store writes files atomically with os alone
 HEAVY = ("aiohttp", "rich", "colorama", "better_exceptions", "cryptography", "zeroconf", "ifaddr", "websockets",
-         "urllib.request", "importlib.metadata", "tempfile", "shutil", "argparse")
+         "urllib.request", "importlib.metadata", "tempfile", "shutil", "argparse", "opentelemetry", "http.client")
 
 
 # Started as in the image: the packages on the path, but no .pth hook of this machine's (an editable
@@ -51,6 +51,22 @@ def test_process_imports_leave_out_heavy_modules(cli):
     assert "sidecar.admin" in modules and "sidecar.control" in modules and "sidecar.tlsagent" in modules
     loaded = proc.stdout.split()
     assert not loaded, f"`{package} run` imports {', '.join(loaded)} (modules: {', '.join(modules)})"
+
+
+def test_sampled_spans_load_no_opentelemetry_sdk():
+    """A sampled span is queued and exported by sidecar.otel (the SDK's import and queued spans cost
+    ~3.5 MiB per sidecar under load); http.client comes only with a target to post to."""
+    code = ("import sys\nfrom meshcore.tracing import TraceContext\nfrom sidecar.tracing import Tracing\n"
+            "t = Tracing('svc', 'v1')\n"
+            "t.finish(TraceContext(1, 2, None, True), direction='outbound', method=b'GET', target=b'/', status=200,"
+            " flags='-', ms=1.0, source='a', source_version='v1', destination='b', destination_version='v1',"
+            " upstream=None, attempts=1, no_flags='-')\n"
+            "t.close()\nassert t._exporter is not None\n"
+            "print(' '.join(m for m in ('opentelemetry', 'http.client') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env=AS_IN_THE_IMAGE)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == []
 
 
 def test_console_extras_stay_importable_for_others():
