@@ -505,6 +505,9 @@ def run_datapath(opts: Options, tools: dict, workdir: Path, raw_dir: Path) -> di
         for sc_name in opts.scenarios:
             sc = SCENARIOS[sc_name]
             sc_paths = paths + (variants if sc_name in loads else [])
+            # Each load's peak RSS is its own (the processes serve every load in turn): from the RSS
+            # the earlier loads left, as a long-running sidecar's would be.
+            peaks_reset = all([env.reset_peak_rss(pid) for p in sc_paths for pid in lab.pids[p].values()])
             if opts.warmup > 0:
                 for path in sc_paths:
                     lab.run(path, sc, opts.warmup)
@@ -514,6 +517,7 @@ def run_datapath(opts: Options, tools: dict, workdir: Path, raw_dir: Path) -> di
                     r = lab.run(path, sc, opts.duration)
                     r["round"] = rd
                     r["busy_before_round"] = busy_before
+                    r["peak_since_load_start"] = peaks_reset
                     runs.append(r)
                     env.dump_json(raw_dir / f"datapath-{sc.name}-{path}-r{rd}.json", r)
                     lat = r["latency_ms"]
@@ -526,7 +530,7 @@ def run_datapath(opts: Options, tools: dict, workdir: Path, raw_dir: Path) -> di
                   "after_kib": {f"{p}/{role}": env.memory_kib(pid)
                                 for p in paths + variants for role, pid in lab.pids[p].items()}}
         if variants:
-            time.sleep(1.5)  # the SDK's batch delay (1 s): the last spans reach the exporter
+            time.sleep(1.5)  # the exporter's batch delay (1 s): the last spans reach the exporter
         variant_res = {v: {"telemetry": opts.variants[v], "scenarios": loads, "sidecars": lab.variant_info[v],
                            "counts": lab.metric_values(v, ("istio_requests_total", "bench_spans_encoded_total"))}
                        for v in variants}

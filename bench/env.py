@@ -218,6 +218,17 @@ def memory_kib(pid: int) -> dict[str, int]:
     return {"rss_kib": out.get("VmRSS", 0), "hwm_kib": out.get("VmHWM", 0)}
 
 
+def reset_peak_rss(pid: int) -> bool:
+    """Set a process's VmHWM back to its current RSS (Linux >= 4.0: `5` to /proc/<pid>/clear_refs), so the
+    next reading is the peak since now; False where the kernel or permissions do not allow it."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def system_cpu_seconds() -> dict[str, float]:
     """Machine-wide CPU seconds from /proc/stat: `task` (user + nice + system: what processes
     are charged), `irq` (hard + soft interrupts: loopback packet processing lands here), `steal`."""

@@ -15,7 +15,7 @@ Tracing and access logs as the snapshot's telemetry settings say (`--sampling`, 
 (Tracing.collector stays None: `sidecar run` sets it from the control URL), so with no OTLP endpoint
 Tracing.targets() is empty: sampled spans are recorded, batched and encoded by the exporter, then
 sent nowhere. `--count-spans` counts the spans the exporter gets (`bench_spans_encoded_total` on
-the admin port's /metrics), to tell recorded spans from ones the SDK's full queue dropped.
+the admin port's /metrics), to tell recorded spans from ones the exporter's full queue dropped.
 
 TLS and authorization as `sidecar run` assembles them in mTLS mode when this checkout has
 sidecar.tlsagent and sidecar.mtls (CertAgent + MeshTls: the outbound checks the inbound's SPIFFE ID,
@@ -25,12 +25,13 @@ the inbound identifies the caller; an Authorizer; start_mesh_inbound). Otherwise
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import signal
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from certs.holder import TlsHolder, peer_uris
 from certs.store import load_material
@@ -85,20 +86,20 @@ def bench_snapshot(inbound_port: int, version: int = 1, telemetry: TelemetrySett
 
 def count_spans(registry) -> None:
     """`bench_spans_encoded_total`: spans handed to sidecar.otel's exporter (recorded and not
-    dropped by the SDK's queue). Wraps the exporter class's export (the bench's instrument, in
-    this process only); imports the OpenTelemetry SDK now rather than at the first sampled span."""
+    dropped by its full queue). Wraps the exporter class's export (the bench's instrument, in
+    this process only); imports sidecar.otel now rather than at the first sampled span."""
     from meshcore.metrics import Counter
     from sidecar import otel
 
     counter = Counter("bench_spans_encoded", "Spans handed to the OTLP exporter (bench instrument)",
                       registry=registry)
-    export = otel.OtlpJsonExporter.export
+    export = otel.SpanExporter.export
 
     def counted(self, spans):
         counter.inc(len(spans))
         return export(self, spans)
 
-    otel.OtlpJsonExporter.export = counted
+    otel.SpanExporter.export = counted
 
 
 def _product_tls(state: ProxyState, tls_dir: Path):
@@ -117,7 +118,7 @@ def _product_tls(state: ProxyState, tls_dir: Path):
     return ProductTls(agent), Authorizer(state.service), start_mesh_inbound
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: SimpleNamespace) -> None:
     service = CLIENT_SERVICE if args.role == "outbound" else SERVER_SERVICE
     state = ProxyState(service, "v1")
     product = _product_tls(state, args.tls_dir) if args.assembly in ("auto", "product") else None
@@ -170,7 +171,11 @@ async def serve(args: argparse.Namespace) -> None:
     state.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+def _argparser():
+    """The options, with help and error messages (loaded only for --help or bad options: argparse
+    and gettext cost a process about 0.6 MiB, which `sidecar run` does not carry either)."""
+    import argparse
+
     p = argparse.ArgumentParser(prog="python -m bench.sidecar_runner")
     p.add_argument("--role", choices=("outbound", "inbound"), required=True)
     p.add_argument("--port", type=int, required=True, help="listen port on 127.0.0.1")
@@ -192,7 +197,55 @@ def main(argv: list[str] | None = None) -> None:
                    help="external OTLP/HTTP collector in the pushed snapshot (default none: spans go nowhere)")
     p.add_argument("--count-spans", action="store_true",
                    help="count the spans handed to the exporter (bench_spans_encoded_total on /metrics)")
-    args = p.parse_args(argv)
+    return p
+
+
+# option -> (conversion, default; REQUIRED: no default); flags in FLAGS. Must match _argparser.
+REQUIRED = object()
+OPTIONS = {
+    "--role": (("outbound", "inbound"), REQUIRED), "--port": (int, REQUIRED), "--admin-port": (int, REQUIRED),
+    "--dest-port": (int, 0), "--app-port": (int, 0), "--mode": (("transparent", "explicit"), "transparent"),
+    "--tls-dir": (Path, REQUIRED), "--ready-file": (Path, REQUIRED),
+    "--assembly": (("auto", "product", "bench"), "auto"), "--sampling": (decode_sampling, DEFAULT_SAMPLING),
+    "--access-log": (ACCESS_LOG_MODES, DEFAULT_ACCESS_LOG), "--otlp-endpoint": (decode_otlp_endpoint, None),
+}
+FLAGS = ("--count-spans",)
+
+
+def parse_options(argv: list[str]) -> SimpleNamespace | None:
+    """`--name value` pairs and flags as _argparser would read them; None for anything else
+    (help, an unknown option, a missing or bad value): the caller lets argparse say why."""
+    values = {name: default for name, (_conv, default) in OPTIONS.items()} | dict.fromkeys(FLAGS, False)
+    i = 0
+    while i < len(argv):
+        name, _eq, inline = argv[i].partition("=")
+        if name in FLAGS and not _eq:
+            values[name] = True
+            i += 1
+            continue
+        if name not in OPTIONS:
+            return None
+        if _eq:
+            raw, i = inline, i + 1
+        elif i + 1 < len(argv):
+            raw, i = argv[i + 1], i + 2
+        else:
+            return None
+        conv = OPTIONS[name][0]
+        try:
+            values[name] = (raw if raw in conv else None) if isinstance(conv, tuple) else conv(raw)
+        except (TypeError, ValueError):
+            return None
+        if values[name] is None and name != "--otlp-endpoint":
+            return None
+    if any(v is REQUIRED for v in values.values()):
+        return None
+    return SimpleNamespace(**{name[2:].replace("-", "_"): v for name, v in values.items()})
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_options(argv) or _argparser().parse_args(argv)
     configure_logging("sidecar")
     run_forever(lambda: serve(args))
 

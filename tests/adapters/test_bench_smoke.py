@@ -98,13 +98,14 @@ def test_hotpath(tmp_path):
     res = run(_args(tmp_path, "--parts", "hotpath", "--hotpath-seconds", "0.01"), **QUIET)
     hp = res["hotpath"]
     assert set(hp["pieces"]) == {"metrics_source", "metrics_destination", "trace_new", "trace_parent",
-                                 "span_outbound", "span_inbound", "access_log"}
+                                 "span_outbound", "span_inbound", "access_log", "span_encode"}
     for key, r in hp["pieces"].items():
         assert r["number"] > 0 and r["repeats"] > 0 and math.isfinite(r["us"]), key
         assert r["sidecar"] in ("outbound", "inbound", "both")
-        if key.startswith("span_"):
+        if key in ("span_outbound", "span_inbound"):
             assert math.isfinite(r["us_all_threads"]) and r["us_other_threads"] >= 0
-    assert hp["span_targets"] == [] and hp["sdk_started"]
+    assert hp["span_targets"] == [] and hp["exporter_made"]
+    assert hp["pieces"]["span_encode"]["spans_per_call"] == 512 and hp["pieces"]["span_encode"]["body_bytes_per_span"] > 200
     assert hp["access_log_line_bytes"] > 100
     assert (tmp_path / "raw" / "hotpath.json").is_file()
     text = (tmp_path / "RESULTS.md").read_text()
@@ -180,3 +181,28 @@ def test_startup_runs_under_a_lock_its_caller_holds(tmp_path):
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         assert not held_by_ancestor(str(lock))      # held, by this process: not an ancestor
+
+
+@pytest.mark.parametrize("argv", [
+    ["--role", "outbound", "--port", "1", "--admin-port", "2", "--tls-dir", "/t", "--ready-file", "/r",
+     "--dest-port", "3", "--mode", "explicit"],
+    ["--role=inbound", "--port=1", "--admin-port", "2", "--tls-dir", "/t", "--ready-file", "/r", "--app-port", "4",
+     "--sampling", "25", "--access-log", "full", "--otlp-endpoint", "http://127.0.0.1:4318/v1/traces",
+     "--count-spans", "--assembly", "bench"],
+])
+def test_sidecar_runner_reads_its_options_as_argparse_does(argv):
+    """The runner parses without argparse (0.6 MiB `sidecar run` does not carry): same result."""
+    from bench.sidecar_runner import _argparser, parse_options
+    assert vars(parse_options(argv)) == vars(_argparser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--help"], ["--role", "sideways", "--port", "1", "--admin-port", "2", "--tls-dir", "/t", "--ready-file", "/r"],
+    ["--role", "inbound", "--port", "x", "--admin-port", "2", "--tls-dir", "/t", "--ready-file", "/r"],
+    ["--role", "inbound", "--port", "1", "--admin-port", "2", "--tls-dir", "/t", "--ready-file"],
+    ["--role", "inbound", "--port", "1", "--admin-port", "2", "--tls-dir", "/t", "--ready-file", "/r", "--sampling", "250"],
+    ["--role", "inbound", "--port", "1", "--admin-port", "2", "--tls-dir", "/t", "--ready-file", "/r", "--bogus", "1"],
+])
+def test_sidecar_runner_leaves_help_and_bad_options_to_argparse(argv):
+    from bench.sidecar_runner import parse_options
+    assert parse_options(argv) is None
