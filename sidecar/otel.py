@@ -109,11 +109,20 @@ class SpanExporter:
             if closed:
                 return
 
+    def _take(self) -> list[Span]:
+        """Up to max_batch spans off the queue (another thread may be taking too)."""
+        batch: list[Span] = []
+        pop = self.queue.popleft
+        try:
+            for _ in range(self.max_batch):
+                batch.append(pop())
+        except IndexError:
+            pass
+        return batch
+
     def flush(self) -> None:
-        """Export everything queued now, a batch at a time (the exporter thread's work)."""
-        queue = self.queue
-        while queue:
-            batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch))]
+        """Export everything queued now, a batch at a time (the exporter thread's work; safe beside it)."""
+        while batch := self._take():
             try:
                 self.export(batch)
             except Exception:  # noqa: BLE001 - a bad batch must not end the exporter

@@ -97,6 +97,7 @@ def test_hotpath(tmp_path):
     """Metrics, trace context, a sampled span and an access log line, each timed for a moment."""
     res = run(_args(tmp_path, "--parts", "hotpath", "--hotpath-seconds", "0.01"), **QUIET)
     hp = res["hotpath"]
+    assert "pieces" in hp, hp
     assert set(hp["pieces"]) == {"metrics_source", "metrics_destination", "trace_new", "trace_parent",
                                  "span_outbound", "span_inbound", "access_log", "span_encode"}
     for key, r in hp["pieces"].items():

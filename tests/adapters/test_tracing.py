@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import sys
 import threading
 import time
 from contextlib import AsyncExitStack
@@ -813,3 +814,23 @@ def test_without_a_target_batches_are_dropped_unencoded(posts, monkeypatch):
     tracing.close()
     assert posts.calls == [] and not tracing._exporter.queue
     assert registry.get_sample_value("mesh_trace_spans_total", {"target": "queue", "result": "dropped"}) in (None, 0)
+
+
+def test_flush_beside_the_exporter_thread_loses_and_repeats_nothing(posts):
+    """flush() may run on another thread while the exporter's own drains the queue (close, a bench):
+    every span is exported once, none raises."""
+    from sidecar.otel import SpanExporter
+    tracing = Tracing("a", "v1")
+    tracing.collector = ("http://meshd.invalid/v1/traces", None)
+    tracing._exporter = exporter = SpanExporter(tracing, delay_s=0.0001, max_batch=64)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)          # threads trade the GIL between any two bytecodes, nearly
+    try:
+        for round_ in range(40):
+            for i in range(100):
+                finish_sampled(tracing, 200 + (round_ * 100 + i) % 300)
+            exporter.flush()
+    finally:
+        sys.setswitchinterval(switch)
+    tracing.close()
+    assert sorted(exported_statuses(posts)) == sorted(200 + n % 300 for n in range(4000))
