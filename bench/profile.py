@@ -12,6 +12,9 @@ from pathlib import Path
 from . import env
 
 IDLE_LEAVES = ("epoll_wait", "epoll_pwait")
+# A thread blocked on a lock (the span exporter between batches): idle, though its leaf is an
+# unnamed libc frame (the futex wait).
+IDLE_WAITS = ("PyThread_acquire_lock_timed",)
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -79,7 +82,7 @@ def summarize_raw(text: str, top: int = 15) -> dict:
             continue
         n = int(count)
         frames = stack.split(";")
-        if any(x in frames[-1] for x in IDLE_LEAVES):
+        if any(x in frames[-1] for x in IDLE_LEAVES) or any(w in f for f in frames[-3:] for w in IDLE_WAITS):
             idle += n
             continue
         busy += n
