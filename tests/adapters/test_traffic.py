@@ -355,7 +355,8 @@ async def _per_try_timeout():
 
     async with AsyncExitStack() as stack:
         app = await Backend("v1", slow_first).start(stack)
-        mesh = await Mesh(stack).start([("v1", app.port)], policy={"mesh.retries.per-try-timeout": "100ms",
+        # 400 ms: the answering try must beat it on a loaded CI machine too (the hung one never answers)
+        mesh = await Mesh(stack).start([("v1", app.port)], policy={"mesh.retries.per-try-timeout": "400ms",
                                                                     "mesh.retries.backoff": "1ms"})
         s = await mesh.session()
         for i in range(3):
