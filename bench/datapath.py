@@ -49,7 +49,7 @@ SCENARIOS = {
 PATHS = ("direct", "mesh", "haproxy")
 # Mesh pairs that differ from "mesh" (the product's defaults: sampling 1%, access log `errors`) only
 # in the telemetry settings of their snapshot. Spans go nowhere (no OTLP endpoint and no meshd
-# receiver in the bench: recorded, batched and encoded, not sent; see bench/sidecar_runner.py).
+# receiver in the bench: recorded and batched, dropped unencoded; see bench/sidecar_runner.py).
 VARIANTS = {
     "untraced": {"sampling": 0.0, "access_log": "off"},     # no span, no log line: the floor
     "traced": {"sampling": 100.0, "access_log": "full"},    # every request spanned and logged

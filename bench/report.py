@@ -129,13 +129,13 @@ def telemetry_cost(res: dict) -> list[str]:
         L += ["The data path with other telemetry settings: more mesh pairs, the same as the default one but "
               "for their snapshot's telemetry settings, in the same "
               f"{o['rounds']} interleaved rounds x {o['duration']:g} s as the rows above (at 0% every request "
-              "still gets its trace context and `traceparent`). Spans are recorded, "
-              "batched and encoded, then sent nowhere (no OTLP endpoint, and meshd's receiver is not set in the "
+              "still gets its trace context and `traceparent`). Spans are recorded "
+              "and batched, then dropped unencoded (no OTLP endpoint, and meshd's receiver is not set in the "
               "bench; Tracing.targets() as the sidecars reported it: " + "; ".join(
                   f"{v} {role} {', '.join(info.get('span_targets') or []) or 'none'}"
                   for v, var in variants.items() for role, info in sorted(var.get("sidecars", {}).items()))
-              + "): the cost of recording them, not of the POST to meshd's store that a deployed sidecar also "
-              "makes. Sidecar output goes through a pipe to the harness, as to `docker logs`.", "",
+              + "): the cost of recording them, not of encoding them (timed above) or of the POST to meshd's "
+              "store that a deployed sidecar also makes. Sidecar output goes through a pipe to the harness, as to `docker logs`.", "",
               "| load | mesh sidecar pair | req/s | p50 / p99 ms | CPU us per request: out + in = pair | "
               "user + kernel, pair | log bytes per request out / in |", "|---|---|---|---|---|---|---|"]
 

@@ -13,8 +13,8 @@ start_inbound. Not done: iptables capture, the control websocket, mDNS (nothing 
 Tracing and access logs as the snapshot's telemetry settings say (`--sampling`, `--access-log`,
 `--otlp-endpoint`; default: the product's, 1% and `sampled`). meshd's trace receiver is not set
 (Tracing.collector stays None: `sidecar run` sets it from the control URL), so with no OTLP endpoint
-Tracing.targets() is empty: sampled spans are recorded, batched and encoded by the exporter, then
-sent nowhere. `--count-spans` counts the spans the exporter gets (`bench_spans_encoded_total` on
+Tracing.targets() is empty: sampled spans are recorded and batched by the exporter, then dropped
+unencoded (what encoding adds is timed by bench.hotpath). `--count-spans` counts the spans the exporter gets (`bench_spans_encoded_total` on
 the admin port's /metrics), to tell recorded spans from ones the exporter's full queue dropped.
 
 TLS and authorization as `sidecar run` assembles them in mTLS mode when this checkout has
