@@ -79,6 +79,10 @@ MAX_HEAD = 64 * 1024          # request line + headers; larger is answered 431 a
 SNIFF_LIMIT = 64 * 1024       # bytes kept while deciding whether an unknown destination speaks HTTP
 SNIFF_TIMEOUT_S = 0.3         # no first byte from the client by then: a server-first protocol, pass through
 WRITE_HIGH_WATER = 64 * 1024
+# Pieces written together up to this size are joined first: uvloop's TLS transport makes each piece of
+# writelines() a TLS record of its own (RFC 8446 5.1: at most 2^14 bytes of data per record), which the
+# peer then decrypts and reads one at a time; a response head and a small body go as one record.
+JOIN_MAX = 16 * 1024
 EJECT_S = 10.0                # an endpoint that refused a connect is skipped this long (if others remain)
 
 # Dead peers (see "Dead peers" in ProxyState). A peer whose network namespace vanished (`docker stop`:
@@ -192,6 +196,16 @@ def _join_flags(have: str, new: str) -> str:
     if have == NO_FLAGS or have == new:
         return new
     return ",".join(sorted(set(have.split(",")) | set(new.split(","))))
+
+
+def _send(transport: asyncio.Transport, parts: list | tuple) -> None:
+    """Write `parts` in order: one write of their join when small (see JOIN_MAX), else writelines."""
+    if len(parts) == 1:
+        transport.write(parts[0])
+    elif sum(map(len, parts)) <= JOIN_MAX:
+        transport.write(b"".join(parts))
+    else:
+        transport.writelines(parts)
 
 
 def _dec(counts: dict, key: Any) -> None:
@@ -1205,10 +1219,7 @@ class _Downstream(asyncio.Protocol):
         if ex.pending is None:  # attached: stream it
             up = ex.up
             if up is not None:
-                if len(parts) == 1:
-                    up.transport.write(parts[0])
-                else:
-                    up.transport.writelines(parts)
+                _send(up.transport, parts)
             if held is not None and ex.held_bytes > HOLD_LIMIT:
                 ex.held = None
             return
@@ -1652,7 +1663,7 @@ class _Downstream(asyncio.Protocol):
             self.cork = ex
             return
         if body:
-            up.transport.writelines([head, *body])
+            _send(up.transport, [head, *body])
         else:
             up.transport.write(head)
         ex.pending = None
@@ -1666,10 +1677,7 @@ class _Downstream(asyncio.Protocol):
         ex.pending_bytes = 0
         up = ex.up
         if up is not None and pending:
-            if len(pending) == 1:
-                up.transport.write(pending[0])
-            else:
-                up.transport.writelines(pending)
+            _send(up.transport, pending)
         if self.paused & P_PENDING:
             self._resume(P_PENDING)
 
@@ -2069,11 +2077,7 @@ class _Upstream(asyncio.Protocol):
 
     @staticmethod
     def _flush(ex: Exchange, out: list) -> None:
-        t = ex.down.transport
-        if len(out) == 1:
-            t.write(out[0])
-        else:
-            t.writelines(out)
+        _send(ex.down.transport, out)
 
     def eof_received(self) -> bool | None:
         return None  # close; connection_lost decides what it meant

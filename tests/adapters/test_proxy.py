@@ -19,6 +19,7 @@ from contextlib import AsyncExitStack
 
 import aiohttp
 import httptools
+import pytest
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,7 +29,7 @@ from cryptography.x509.oid import NameOID
 from gateway.server import start_gateway
 from meshcore.snapshot import Endpoint, GatewayRoute, MeshConfig, ServiceConfig, Snapshot
 from sidecar.proxy import (
-    ProxyState, server_ssl_context, start_inbound, start_outbound, start_tcp_inbound,
+    ProxyState, _send, server_ssl_context, start_inbound, start_outbound, start_tcp_inbound,
 )
 from sidecar.routing import build_route_table
 from sidecar.telemetry import render_metrics
@@ -1059,3 +1060,29 @@ async def _removed_endpoint_pool_closed():
 
 def test_idle_connections_to_a_removed_endpoint_are_closed_on_a_new_snapshot(run):
     run(_removed_endpoint_pool_closed)
+
+
+class _Writes:
+    """A transport that records how it was written to."""
+
+    def __init__(self):
+        self.calls = []
+
+    def write(self, data):
+        self.calls.append(("write", bytes(data)))
+
+    def writelines(self, parts):
+        self.calls.append(("writelines", [bytes(p) for p in parts]))
+
+
+@pytest.mark.parametrize("parts, expect", [
+    ([b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n", b"ok"],
+     [("write", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")]),                  # one TLS record, not two
+    ((b"5\r\n", b"hello", b"\r\n"), [("write", b"5\r\nhello\r\n")]),
+    ([b"only"], [("write", b"only")]),
+    ([b"h" * 100, b"b" * (16 * 1024)], [("writelines", [b"h" * 100, b"b" * (16 * 1024)])]),   # above JOIN_MAX: no copy
+])
+def test_small_pieces_are_written_as_one(parts, expect):
+    t = _Writes()
+    _send(t, parts)
+    assert t.calls == expect
