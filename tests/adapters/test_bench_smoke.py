@@ -207,3 +207,20 @@ def test_sidecar_runner_reads_its_options_as_argparse_does(argv):
 def test_sidecar_runner_leaves_help_and_bad_options_to_argparse(argv):
     from bench.sidecar_runner import parse_options
     assert parse_options(argv) is None
+
+
+def test_sidecars_find_the_checkout_compiled():
+    """product_python compiles the checkout, as pip compiles the image: a sidecar that compiled a
+    changed module at start would carry the compiler's leftovers in its idle RSS."""
+    import importlib.util
+    import struct
+
+    env.compile_checkout()
+    for pkg in env.PRODUCT_PACKAGES:
+        for source in (env.ROOT / pkg).glob("*.py"):
+            pyc = importlib.util.cache_from_source(str(source))
+            with open(pyc, "rb") as f:
+                header = f.read(16)
+            flags, mtime, size = struct.unpack("<4xIII", header)
+            assert flags == 0 and mtime == int(source.stat().st_mtime) & 0xFFFFFFFF, source
+            assert size == source.stat().st_size & 0xFFFFFFFF, source
