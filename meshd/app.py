@@ -102,6 +102,22 @@ def config_digest(config: MeshConfig) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+# Just started, meshd knows its nodes' endpoints only as their mDNS answers come in (usually within a
+# second). Until every running sidecar's instance has answered, a snapshot would tell every node that
+# those services have no endpoints (503 `NH`) although the nodes' last config still has them: it is
+# held back, this long at most, and the nodes keep serving their last config meanwhile.
+DISCOVERY_WARMUP_S = 5.0
+
+
+def hold_for_discovery(expected: set[str], announced: set[str], elapsed: float,
+                       warmup: float = DISCOVERY_WARMUP_S) -> float | None:
+    """Seconds to hold the first snapshots back (None: publish): while `elapsed` (since meshd started)
+    is under `warmup` and some `expected` instance (an app whose sidecar runs) is not `announced`."""
+    if elapsed >= warmup or expected <= announced:
+        return None
+    return warmup - elapsed
+
+
 class Meshd:
     """The control plane process."""
 
@@ -120,6 +136,8 @@ class Meshd:
         self.view: DockerView | None = None
         self.label_errors: list = []
         self.started = time.time()
+        self._started_mono = time.monotonic()
+        self._warming = True        # until the first snapshot is published (hold_for_discovery)
         self._dirty = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -213,8 +231,19 @@ class Meshd:
                  if wl.spec is not None and wl.spec.service == service]
         return set(found) if found else None
 
-    def _publish_config(self, workloads) -> None:
+    def _publish_config(self, workloads, sidecars_up: set[str] | None = None) -> None:
         announcements = [a for a in self.discovery.announcements() if a.instance not in self.draining]
+        if self._warming and sidecars_up is not None:
+            expected = {wl.container.id for wl in workloads if wl.spec is not None and wl.container.running
+                        and sidecar_name(wl.container) in sidecars_up and wl.container.id not in self.draining}
+            wait = hold_for_discovery(expected, {a.instance for a in announcements},
+                                      time.monotonic() - self._started_mono)
+            if wait is not None:
+                log.info("snapshot_held", reason="waiting for mDNS answers of running sidecars",
+                         missing=len(expected - {a.instance for a in announcements}), seconds_left=round(wait, 1))
+                asyncio.get_running_loop().call_later(wait, self.trigger)   # answers trigger one sooner
+                return
+        self._warming = False
         config, errors = build_config(workloads, announcements, self.settings.trust_domain,
                                       rules=self.rules.rules, policies=self.policies.policy,
                                       telemetry=self.telemetry_settings.settings)
@@ -260,7 +289,7 @@ class Meshd:
         created = {sidecar_name(wl.container) for wl in plan.create}
         await self._prune_nodes(view, {sc.name for sc in plan.remove} - created, created)
         known = {(e.container, e.label, e.message) for e in self.label_errors}
-        self._publish_config(workloads)
+        self._publish_config(workloads, {sc.name for sc in view.sidecars if sc.running})
         for err in self.label_errors:
             if (err.container, err.label, err.message) not in known:
                 log.warning("label_error", container=err.container, label=err.label, error=err.message)

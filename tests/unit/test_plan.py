@@ -188,3 +188,20 @@ def test_restart_ends_draining():
     assert "c1" in m.draining and m._dirty.is_set()
     m.note_event({"Action": "start", "id": "c1", "Actor": {"ID": "c1", "Attributes": {}}})
     assert "c1" not in m.draining
+
+
+# ---- a restarted meshd holds its first snapshot until running sidecars have answered over mDNS ----
+
+@pytest.mark.parametrize("expected, announced, elapsed, hold", [
+    (set(), set(), 0.0, None),                      # first start, no sidecars yet: publish at once
+    ({"a", "b"}, {"a", "b"}, 0.5, None),            # every running sidecar answered: publish
+    ({"a", "b"}, {"a", "b", "c"}, 0.5, None),       # more answers than expected (a sidecar starting)
+    ({"a", "b"}, {"a"}, 0.5, 4.5),                  # b not yet: hold the rest of the warm-up
+    ({"a"}, set(), 4.9, pytest.approx(0.1)),
+    ({"a"}, set(), 5.0, None),                      # warm-up over: publish what is known (b is gone)
+    ({"a"}, set(), 60.0, None),
+])
+def test_hold_for_discovery(expected, announced, elapsed, hold):
+    from meshd.app import DISCOVERY_WARMUP_S, hold_for_discovery
+    assert DISCOVERY_WARMUP_S == 5.0
+    assert hold_for_discovery(expected, announced, elapsed) == hold
