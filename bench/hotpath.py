@@ -192,13 +192,13 @@ def run_hotpath(quick: bool = False, seconds: float | None = None, repeats: int 
 def _encode_cost(spans, out_ctx, in_ctx, finish, seconds: float, repeats: int) -> dict:
     """What SpanExporter.export does to a batch before posting it (skipped in the data path here,
     which has no target), per span: half client spans of new traces, half server spans."""
-    from sidecar.otel import MAX_BATCH, SCOPE, encode_otlp, span_records
+    from sidecar.otel import MAX_BATCH, SCOPE, SpanExporter, encode_otlp, span_records
     from sidecar.tracing import Tracing
 
     probe = Tracing(spans.service, spans.version, node=spans.node)
     probe.configure(spans.settings)
     out_fin, in_fin = finish(probe, out_ctx, "outbound"), finish(probe, in_ctx, "inbound")
-    exporter = probe._exporter = type(spans._exporter)(probe, delay_s=3600.0, max_batch=MAX_BATCH + 1)  # noqa: SLF001
+    exporter = probe._exporter = SpanExporter(probe, delay_s=3600.0, max_batch=MAX_BATCH + 1)  # noqa: SLF001
     for i in range(MAX_BATCH):
         (out_fin if i % 2 == 0 else in_fin)()
     batch = list(exporter.queue)
@@ -206,8 +206,7 @@ def _encode_cost(spans, out_ctx, in_ctx, finish, seconds: float, repeats: int) -
     probe.close()
     resource = exporter.resource
     encode = lambda: json.dumps(encode_otlp(span_records(batch, resource), scope=SCOPE)).encode()  # noqa: E731
-    number = max(1, _calls(encode, seconds) // 1)
-    r = measure(encode, number, repeats)
+    r = measure(encode, _calls(encode, seconds), repeats)
     per = len(batch)
     r = {**r, "us": round(r["us"] / per, 3), "spread_us": [round(x / per, 3) for x in r["spread_us"]],
          "spans_per_call": per, "body_bytes_per_span": round(len(encode()) / per, 1)}

@@ -236,11 +236,11 @@ class Meshd:
         if self._warming and sidecars_up is not None:
             expected = {wl.container.id for wl in workloads if wl.spec is not None and wl.container.running
                         and sidecar_name(wl.container) in sidecars_up and wl.container.id not in self.draining}
-            wait = hold_for_discovery(expected, {a.instance for a in announcements},
-                                      time.monotonic() - self._started_mono)
+            announced = {a.instance for a in announcements}
+            wait = hold_for_discovery(expected, announced, time.monotonic() - self._started_mono)
             if wait is not None:
                 log.info("snapshot_held", reason="waiting for mDNS answers of running sidecars",
-                         missing=len(expected - {a.instance for a in announcements}), seconds_left=round(wait, 1))
+                         missing=len(expected - announced), seconds_left=round(wait, 1))
                 asyncio.get_running_loop().call_later(wait, self.trigger)   # answers trigger one sooner
                 return
         self._warming = False
