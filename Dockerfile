@@ -1,12 +1,15 @@
 # meshd:latest - one image for meshd (control plane), sidecar, gateway and meshctl.
 #
-# Installs the project from wheels made on the host (`make wheels` = pip wheel -w wheels .).
+# Installs the project from wheels made on the host (`make wheels`: meshd compiled for the host's
+# Python, its data path built with Cython by setup.py, and meshd pure, py3-none-any; then every
+# dependency's wheel).
 #   ours:  make image   (= docker build --build-arg BASE=mesh-base:bookworm
 #                          --build-arg PIP_ARGS=--no-index -t meshd:latest .)
 #          offline: the base has iptables, and every wheel comes from wheels/.
-#   users: pip wheel -w wheels . && docker build -t meshd:latest .
-#          on python:3.12-slim pip takes what fits from wheels/ and the rest from PyPI,
-#          and iptables comes from apt.
+#   users: make wheels && docker build -t meshd:latest .
+#          on python:3.12-slim pip takes what fits from wheels/ (the compiled meshd when the
+#          host's Python is 3.12 too, else the pure one) and the rest from PyPI, and iptables
+#          comes from apt.
 # Works with the legacy builder (Docker 20.10 without buildx): no syntax directive,
 # no RUN --mount; the wheels stay in the build stage, out of the final image.
 ARG BASE=python:3.12-slim

@@ -23,18 +23,27 @@ export PIP_ROOT_USER_ACTION := ignore
 # Same wheel bytes for the same sources, so Docker's layer cache holds when nothing changed.
 export SOURCE_DATE_EPOCH := 315532800
 
-.PHONY: install wheels base-image image demo-image images docker test-tools demo demo-down test unit e2e bench
+.PHONY: install ext wheels base-image image demo-image images docker test-tools demo demo-down test unit e2e bench
 
 install:
 	$(PIP) install -q -e '.[test]'
 
-# The project's wheel and every dependency's, for the images (cp311, like Debian 12's python3).
-# build/ goes too: setuptools would put modules deleted from the tree back into the wheel.
+# The project's wheels and every dependency's, for the images (cp311, like Debian 12's python3):
+# meshd twice, compiled for this Python (setup.py) and pure (py3-none-any), so an image of another
+# Python takes the pure one. build/ goes too: setuptools would put modules deleted from the tree
+# (or the other build's extension) back into the wheel.
 wheels:
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; v == (3, 11) or print("warning: wheels for Python %d.%d," \
 	    " but mesh-base has 3.11: offline (--no-index) image builds will miss binary wheels" % v)'
 	rm -rf build wheels/meshd-*.whl
+	MESHD_PURE_PYTHON=1 $(PIP) wheel -q --no-deps -w wheels .
+	rm -rf build
 	$(PIP) wheel -q -w wheels .
+
+# Rebuild the compiled data path in place after editing sidecar/proxy.py or .pxd (`make install`
+# does it too); tests/unit/test_compiled.py fails on a stale one.
+ext:
+	$(PYTHON) setup.py -q build_ext --inplace
 
 base-image:
 	IMAGE=$(BASE_IMAGE) images/build-base.sh

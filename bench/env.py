@@ -32,22 +32,76 @@ APT_TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx-light"}
 PIP_TOOLS = {"matplotlib": "matplotlib>=3.6", "py-spy": "py-spy>=0.3"}
 
 
+def image_interpreter() -> str:
+    """The interpreter the image runs the nodes on, when this host has it: Debian's python3.X of the
+    running Python's minor version (mesh-base is Debian 12's python3.11, built with PGO and LTO; a
+    pyenv build without them, --enable-shared, ran the sidecars' Python ~1.6x slower here), else
+    this interpreter. Same minor version, so the running one's extension modules and bytecode fit."""
+    minor = f"{sys.version_info.major}.{sys.version_info.minor}"
+    debian = f"/usr/bin/python{minor}"
+    if os.path.realpath(sys.executable) != os.path.realpath(debian) and os.access(debian, os.X_OK):
+        probe = subprocess.run([debian, "-c", "import sys, venv; print('%d.%d' % sys.version_info[:2])"],
+                               capture_output=True, text=True, timeout=30)
+        if probe.returncode == 0 and probe.stdout.strip() == minor:
+            return debian
+    return sys.executable
+
+
+def interpreter_version(python: str) -> str:
+    """`python`'s version line (for the results)."""
+    out = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0], sys.executable)"],
+                         capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
+
+
 def product_python(workdir: Path) -> str:
-    """An interpreter that starts like the image's /opt/mesh venv: a venv of this Python whose only
-    .pth lists this checkout and the running interpreter's package directories as plain paths, so
-    those directories' own .pth hooks (an editable install's finder, this machine's sandbox CA
-    injector importing certifi: ~5 MiB per process here) run in no sidecar, as none runs in the image;
-    and the checkout's bytecode compiled (compile_checkout), as the image's is."""
+    """An interpreter that starts like the image's /opt/mesh venv: a venv of the image's interpreter
+    (image_interpreter) whose only .pth lists this checkout and the running interpreter's package
+    directories as plain paths, so those directories' own .pth hooks (an editable install's finder,
+    this machine's sandbox CA injector importing certifi: ~5 MiB per process here) run in no sidecar,
+    as none runs in the image; and the checkout's bytecode compiled (compile_checkout), as the
+    image's is."""
     venv = workdir / "product-venv"
     python = venv / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+        subprocess.run([image_interpreter(), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     # The venv's purelib, as sysconfig's posix_venv scheme names it (same interpreter, same version).
     site_dir = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     paths = [str(ROOT)] + [p for p in sys.path if p.endswith("-packages") and os.path.isdir(p)]
     (site_dir / "meshd_bench_paths.pth").write_text("\n".join(paths) + "\n")
     compile_checkout()
+    ensure_compiled_data_path()
     return str(python)
+
+
+COMPILED_SOURCES = ("sidecar/proxy.py", "sidecar/proxy.pxd")
+
+
+def compiled_data_path() -> Path | None:
+    """The checkout's compiled sidecar.proxy (setup.py builds it in place at `make install`), or None."""
+    found = sorted((ROOT / "sidecar").glob("proxy.*.so"))
+    return found[0] if found else None
+
+
+def ensure_compiled_data_path() -> None:
+    """The sidecars run the compiled data path, as the image's do: rebuilt in place (`make ext`) when
+    missing or older than its sources; where it cannot be built (no Cython or compiler) they run
+    proxy.py, but never a compiled module older than its sources."""
+    built = compiled_data_path()
+    newest = max((ROOT / src).stat().st_mtime for src in COMPILED_SOURCES)
+    if built is not None and built.stat().st_mtime >= newest:
+        return
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rebuilt = compiled_data_path()
+    if rebuilt is not None and rebuilt.stat().st_mtime < newest:
+        raise RuntimeError(f"{rebuilt} is older than its sources and setup.py could not rebuild it "
+                           "(is Cython installed?): run `make install`")
+
+
+def data_path_build() -> str:
+    """How the sidecars' data path runs, for the results."""
+    return "compiled (Cython, setup.py)" if compiled_data_path() is not None else "Python source"
 
 
 PRODUCT_PACKAGES = ("sidecar", "gateway", "meshcore", "meshio", "certs", "meshd")
@@ -155,6 +209,8 @@ def machine_info(tools: dict[str, str | None]) -> dict:
         "cpu": cpu,
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "node_python": interpreter_version(image_interpreter()),   # what the sidecars run on
+        "data_path": data_path_build(),
         "uvloop": uv,
         "httptools": ht,
         "openssl": ssl.OPENSSL_VERSION,

@@ -241,7 +241,8 @@ def text_report(res: dict) -> list[str]:
         L += ["> **Quick run** (short runs): a harness check, not figures to quote.", ""]
     L += ["## Machine", "",
           f"{m['date']}; {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, kernel {m['kernel']}; "
-          f"Python {m['python']}, uvloop {m['uvloop']}, httptools {m['httptools']}, {m['openssl']}; "
+          f"Python {m['python']} (sidecars on {m.get('node_python') or m['python']}, data path "
+          f"{m.get('data_path', 'Python source')}), uvloop {m['uvloop']}, httptools {m['httptools']}, {m['openssl']}; "
           + "; ".join(m[k] for k in ("haproxy", "nginx", "wrk") if m.get(k))
           + f". Code: {res.get('code', '?')}.", ""]
     if res.get("merged_from", {}).get("parts"):
@@ -267,8 +268,9 @@ def text_report(res: dict) -> list[str]:
               f"(the same processes serve the loads in turn, c1, c32, close: each peak starts from the RSS the "
               f"earlier loads left). Outbound sidecar in "
               f"{o['mode']} capture mode (routing by Host header). The sidecars start as in the image "
-              f"(`bench/env.py` product_python: a venv whose only .pth lists the checkout and the package "
-              f"directories, so no foreign .pth hook of this machine runs in them).", ""]
+              f"(`bench/env.py` product_python: a venv of the image's interpreter, Debian's python3.11 when the "
+              f"host has it, whose only .pth lists the checkout and the package directories, so no foreign "
+              f".pth hook of this machine runs in them).", ""]
         mesh = dp.get("mesh") or {}
         out_info, in_info = mesh.get("outbound", {}), mesh.get("inbound", {})
         if out_info:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
+from random import random as _uniform  # not `import random`: ProxyState.random would shadow it (Cython)
 import socket
 import ssl
 import struct
@@ -472,7 +472,7 @@ class ProxyState:
                  telemetry: Telemetry | None = None, tls: TlsProvider | None = None,
                  connect_timeout: float = CONNECT_TIMEOUT_S, pool_max_idle: int = POOL_MAX_IDLE,
                  pool_idle_timeout: float = POOL_IDLE_TIMEOUT_S, eject_seconds: float = EJECT_S,
-                 rand: Callable[[], float] = random.random, tcp_info: TcpInfoReader = read_tcp_info,
+                 rand: Callable[[], float] = _uniform, tcp_info: TcpInfoReader = read_tcp_info,
                  probe: PeerProbe = probe_peer, undelivered_after: float = UNDELIVERED_AFTER_S,
                  dead_peer_after: float = DEAD_PEER_S):
         self.service = service
@@ -501,6 +501,7 @@ class ProxyState:
         self._watched: set[_Upstream] = set()     # reused connections whose request waits for an answer
         self._watchdog: asyncio.TimerHandle | None = None
         self.inbound_limiter = None         # mesh.ratelimit of this node's own service (limit_inbound)
+        self.jwt = None                     # gateway: gateway.jwt_auth.JwtVerifier (set by gateway.cli)
         if table is not None:
             self.traffic.apply(table)
             self._sync_local()
@@ -667,31 +668,43 @@ BalanceFn = Callable[..., "int | None"]   # (state, cluster, exclude, exchange=N
 AdmitFn = Callable[["_Downstream", "Exchange"], "Reply | None"]
 
 
-@dataclass(frozen=True, slots=True)
 class Stack:
-    """The layers of one listener's request path; built once per listener."""
+    """The layers of one listener's request path; built once per listener (keyword arguments).
 
-    direction: str                    # "outbound" | "inbound" | "gateway" (connection gauge label)
-    reporter: str                     # metrics reporter
-    source_name: str                  # x-mesh-source we send, and source_workload we report
-    route: RouteFn                    # 1. which cluster
-    request_headers: dict             # 2. header actions while parsing (hop-by-hop etc.)
-    mesh_headers: bytes               #    headers added on mesh hops
-    balance: BalanceFn                # 3. which endpoint
-    max_tries: int                    # 4. connect attempts, each on another endpoint
-    connect_timeout: float
-    pool: UpstreamPools               # 5. keep-alive connections
-    gauge: Any                        # connections-active gauge child
-    # Traffic layers (see build_outbound_stack for their order); None / False = layer absent.
-    ratelimit: AdmitFn | None = None  # inbound: local rate limit before routing
-    traffic: bool = False             # mesh services get their sidecar.traffic state and the layers below
-    rules: Callable | None = None     # (ex, traffic, rand) -> Subset | None
-    mirror: Callable | None = None    # (traffic, rand) -> Subset | None
-    fault: Callable | None = None     # (traffic, rand, rand) -> (abort status | None, delay s)
-    breaker: bool = False
-    retries: bool = False
-    timeout: bool = False
-    outlier: bool = False             # record every try's outcome in the service's OutlierDetector
+    A plain class, not a dataclass: compiled (proxy.pxd), its fields are read-only C struct members,
+    read several times per request."""
+
+    __slots__ = ("direction", "reporter", "source_name", "route", "request_headers", "mesh_headers",
+                 "balance", "max_tries", "connect_timeout", "pool", "gauge", "ratelimit", "traffic",
+                 "rules", "mirror", "fault", "breaker", "retries", "timeout", "outlier")
+
+    def __init__(self, *, direction: str, reporter: str, source_name: str, route: RouteFn,
+                 request_headers: dict, mesh_headers: bytes, balance: BalanceFn, max_tries: int,
+                 connect_timeout: float, pool: UpstreamPools, gauge: Any, ratelimit: AdmitFn | None = None,
+                 traffic: bool = False, rules: Callable | None = None, mirror: Callable | None = None,
+                 fault: Callable | None = None, breaker: bool = False, retries: bool = False,
+                 timeout: bool = False, outlier: bool = False):
+        self.direction = direction              # "outbound" | "inbound" | "gateway" (connection gauge label)
+        self.reporter = reporter                # metrics reporter
+        self.source_name = source_name          # x-mesh-source we send, and source_workload we report
+        self.route = route                      # 1. which cluster
+        self.request_headers = request_headers  # 2. header actions while parsing (hop-by-hop etc.)
+        self.mesh_headers = mesh_headers        #    headers added on mesh hops
+        self.balance = balance                  # 3. which endpoint
+        self.max_tries = max_tries              # 4. connect attempts, each on another endpoint
+        self.connect_timeout = connect_timeout
+        self.pool = pool                        # 5. keep-alive connections
+        self.gauge = gauge                      # connections-active gauge child
+        # Traffic layers (see build_outbound_stack for their order); None / False = layer absent.
+        self.ratelimit = ratelimit              # inbound: local rate limit before routing
+        self.traffic = traffic                  # mesh services get their sidecar.traffic state and the layers below
+        self.rules = rules                      # (ex, traffic, rand) -> Subset | None
+        self.mirror = mirror                    # (traffic, rand) -> Subset | None
+        self.fault = fault                      # (traffic, rand, rand) -> (abort status | None, delay s)
+        self.breaker = breaker
+        self.retries = retries
+        self.timeout = timeout
+        self.outlier = outlier                  # record every try's outcome in the service's OutlierDetector
 
 
 def route_by_host(down: _Downstream, ex: Exchange) -> Cluster | Reply:
@@ -926,7 +939,7 @@ class _Listener:
         self.sniff_timeout = sniff_timeout
 
 
-class _Downstream(asyncio.Protocol):
+class _Downstream:
     """The client side of the proxy: parses requests, runs the layers, writes responses in order."""
 
     def __init__(self, state: ProxyState, stack: Stack, listener: _Listener):
@@ -1961,7 +1974,7 @@ class _Downstream(asyncio.Protocol):
 _WAIT_HEAD, _BODY, _DONE, _SKIP = 0, 1, 2, 3   # _SKIP: a response the retry layer took, read and dropped
 
 
-class _Upstream(asyncio.Protocol):
+class _Upstream:
     """A keep-alive connection to an upstream: parses responses and streams them downstream."""
 
     __slots__ = ("pool", "key", "transport", "parser", "exchange", "idle_since", "pooled", "closed",

@@ -1,0 +1,58 @@
+"""The optional C build of the data path; everything else about the package is in pyproject.toml.
+
+sidecar/proxy.py is compiled with Cython, its declarations in sidecar/proxy.pxd (the per-request
+classes as C structs, their methods calling each other as C functions): the same source, run as
+machine code instead of bytecode. Where Cython or a C compiler is missing, or with
+MESHD_PURE_PYTHON=1, the package installs without it (a py3-none-any wheel) and runs proxy.py as
+Python, with the same behaviour.
+"""
+
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+COMPILED = ["sidecar.proxy"]
+DIRECTIVES = {
+    "language_level": 3,
+    "annotation_typing": False,   # types come from the .pxd only; annotations stay documentation
+    "infer_types": True,          # locals assigned from typed attributes get their type
+    "boundscheck": False,
+    "wraparound": True,           # the source slices with negative indices
+    "cdivision": False,           # Python's division and modulo semantics
+    "binding": True,              # module functions keep their signatures (introspection, tests)
+}
+
+
+class OptionalBuildExt(build_ext):
+    """A failed compile leaves the pure-Python module in place instead of failing the install."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - no compiler, no headers: the .py runs instead
+            print(f"meshd: C build skipped ({exc}); the data path runs as Python", file=sys.stderr)
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001
+            print(f"meshd: C build of {ext.name} failed ({exc}); it runs as Python", file=sys.stderr)
+
+
+def ext_modules() -> list:
+    if os.environ.get("MESHD_PURE_PYTHON"):
+        return []
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        print("meshd: Cython is not installed; the data path runs as Python", file=sys.stderr)
+        return []
+    # -g0: no debug sections (7.8 MB of them with the interpreter's default flags)
+    exts = [Extension(name, [name.replace(".", "/") + ".py"], extra_compile_args=["-g0"])
+            for name in COMPILED]
+    return cythonize(exts, compiler_directives=DIRECTIVES, quiet=True)
+
+
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})

@@ -1,0 +1,169 @@
+# Cython declarations that compile sidecar/proxy.py (unchanged Python) into a C extension, see
+# setup.py. The .py stays the source and runs as it is where no compiled module was built; these
+# declarations only make the per-request classes C structs (typed attributes read and written
+# without dictionary lookups) and let their methods call each other as C functions.
+# Every attribute stays `public`: gateway, mtls and the tests read and set them from Python.
+
+cimport cython
+
+
+cdef class UpstreamPools:
+    cdef public object max_idle, idle_timeout
+    cdef public dict idle, live
+    cdef public Py_ssize_t count, opened
+    cdef public object _timer
+
+    @cython.locals(lst=list, up=_Upstream, now=double)
+    cpdef _Upstream acquire(self, object key)
+    @cython.locals(lst=list)
+    cpdef release(self, _Upstream up)
+    cpdef register(self, _Upstream up)
+    cpdef unregister(self, _Upstream up)
+    cpdef discard(self, _Upstream up)
+
+
+cdef class ProxyState:
+    cdef public object service, version, table, telemetry, tls, authz
+    cdef public double connect_timeout
+    cdef public object random
+    cdef public dict in_flight
+    cdef public UpstreamPools pools
+    cdef public Py_ssize_t connect_failures
+    cdef public double eject_seconds
+    cdef public dict ejected
+    cdef public object traffic, vips, mirrors, tracing, tcp_info, probe
+    cdef public double undelivered_after, dead_peer_after
+    cdef public Py_ssize_t undelivered_total, probed_total
+    cdef public set _watched
+    cdef public object _watchdog, inbound_limiter, jwt
+
+    cpdef watch(self, _Upstream up)
+
+
+cdef class Stack:
+    cdef readonly object direction, reporter, source_name, route
+    cdef readonly dict request_headers
+    cdef readonly bytes mesh_headers
+    cdef readonly object balance
+    cdef readonly int max_tries
+    cdef readonly double connect_timeout
+    cdef readonly UpstreamPools pool
+    cdef readonly object gauge, ratelimit
+    cdef readonly bint traffic
+    cdef readonly object rules, mirror, fault
+    cdef readonly bint breaker, retries, timeout, outlier
+
+
+cdef class _Listener:
+    cdef public object original_dst, sniff_timeout
+
+
+cdef class Exchange:
+    cdef public _Downstream down
+    cdef public double start
+    cdef public bytes method, target
+    cdef public list lines
+    cdef public object host, dest, xff, extra, source, source_version, conn_tokens
+    cdef public Py_ssize_t head_size
+    cdef public bint http10, keep_alive, chunked, body, expect, is_head, is_connect, bad
+    cdef public bint head_done, req_done, dispatched
+    cdef public object cluster, index, key, excluded
+    cdef public int tries_left
+    cdef public _Upstream up
+    cdef public object pending, held
+    cdef public Py_ssize_t pending_bytes, held_bytes
+    cdef public bint reused, fresh_retry, got_body
+    cdef public int status
+    cdef public object flags
+    cdef public bint resp_started, resp_done, discard, close_after, dead
+    cdef public object traffic, subset, mirror
+    cdef public bint admitted, budgeted, keep_held, resend
+    cdef public int attempt
+    cdef public object retry_on
+    cdef public bint in_retry
+    cdef public object timer, try_timer, wait
+    cdef public int fault_abort
+    cdef public object tp, ts, b3, trace
+    cdef public bytes trace_headers
+
+
+cdef class _Downstream:
+    cdef public ProxyState state
+    cdef public Stack stack
+    cdef public object listener, loop, transport, parser, queue
+    cdef public dict actions
+    cdef public Exchange cur, last, cork
+    cdef public int paused
+    cdef public bint write_paused, closing, switched, eof, bad_after, advancing, feeding
+    cdef public bytes peer_ip, peer_xfcc
+    cdef public object peer_identity, peer_service, orig_dst, raw, sniff_timer
+
+    @cython.locals(ex=Exchange)
+    cpdef data_received(self, data)
+    cpdef _feed(self, data)
+    @cython.locals(ex=Exchange)
+    cpdef on_message_begin(self)
+    @cython.locals(ex=Exchange)
+    cpdef on_url(self, url)
+    @cython.locals(ex=Exchange)
+    cpdef on_header(self, name, value)
+    @cython.locals(ex=Exchange)
+    cpdef on_headers_complete(self)
+    @cython.locals(ex=Exchange)
+    cpdef on_body(self, data)
+    @cython.locals(ex=Exchange)
+    cpdef on_message_complete(self)
+    cpdef _forward_body(self, Exchange ex, tuple parts, Py_ssize_t size)
+    cpdef _dispatch(self, Exchange ex)
+    cpdef _traffic_layers(self, Exchange ex, cluster)
+    cpdef _admit(self, Exchange ex)
+    cpdef _end_try(self, Exchange ex)
+    cpdef _response_head(self, Exchange ex, _Upstream up, int status)
+    cpdef _traffic_done(self, Exchange ex)
+    @cython.locals(up=_Upstream)
+    cpdef _pick(self, Exchange ex)
+    cpdef bytes _head(self, Exchange ex, cluster, host)
+    cpdef _attach(self, Exchange ex, _Upstream up)
+    cpdef _uncork(self, Exchange ex)
+    cpdef _reply(self, Exchange ex, int status, flags, bytes body=*, bytes content_type=*, bint close=*,
+                 bytes headers=*)
+    cpdef _response_done(self, Exchange ex, _Upstream up, bint reusable, bint close)
+    cpdef _finish_metrics(self, Exchange ex)
+    @cython.locals(nxt=Exchange)
+    cpdef _advance(self)
+    cpdef _pause(self, int bit)
+    cpdef _resume(self, int bit)
+    cpdef _close(self)
+
+
+cdef class _Upstream:
+    cdef public UpstreamPools pool
+    cdef public object key, transport, parser
+    cdef public Exchange exchange
+    cdef public double idle_since
+    cdef public bint pooled, closed, got_bytes
+    cdef public int phase
+    cdef public list lines
+    cdef public bint chunked_in, has_cl
+    cdef public object conn_tokens
+    cdef public bint chunked_out, until_close, keep, interim, read_paused, write_paused
+    cdef public Py_ssize_t uses
+    cdef public list out
+    cdef public object peer_flags
+    cdef public bint skip
+    cdef public object breaker
+    cdef public double connected_at, sent_at
+    cdef public bint doomed, probing
+
+    cpdef attach(self, Exchange ex)
+    cpdef close(self)
+    cpdef pause_reading(self)
+    cpdef resume_reading(self)
+    @cython.locals(ex=Exchange, out=list)
+    cpdef data_received(self, data)
+    cpdef on_message_begin(self)
+    cpdef on_header(self, name, value)
+    @cython.locals(ex=Exchange, down=_Downstream, parts=list, lines=list)
+    cpdef on_headers_complete(self)
+    cpdef on_body(self, data)
+    cpdef on_message_complete(self)
