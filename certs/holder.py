@@ -102,8 +102,28 @@ def _load_via_tempdir(ctx: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> 
         shutil.rmtree(d, ignore_errors=True)
 
 
+class DirectSSLObject(ssl.SSLObject):
+    """An SSLObject whose read, write and pending are the C methods of the connection itself.
+
+    ssl.SSLObject's are Python methods that only pass their arguments on (`self._sslobj.read(len,
+    buffer)`), and an event loop's TLS transport calls them several times per record read (pending,
+    read until SSLWantReadError) and once per write: a Python frame each, on every request of a
+    mesh hop. Bound here as instance attributes, with the same positional arguments and results.
+    """
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> "DirectSSLObject":
+        self = super()._create(*args, **kwargs)
+        inner = self._sslobj
+        self.read = inner.read
+        self.write = inner.write
+        self.pending = inner.pending
+        return self
+
+
 def _base_context(server_side: bool) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.sslobject_class = DirectSSLObject
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     if not server_side:
         ctx.check_hostname = False  # identity is the URI SAN, checked by the caller
