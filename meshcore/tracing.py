@@ -43,21 +43,68 @@ _MASK128 = (1 << 128) - 1
 _MASK64 = (1 << 64) - 1
 
 
-# Not frozen: one is made per request, and frozen dataclasses pay for object.__setattr__ per field.
-@dataclass(slots=True)
 class TraceContext:
-    """One hop's place in a trace: the span it reports and the parent it was called from."""
+    """One hop's place in a trace: the span it reports and the parent it was called from.
 
-    trace_id: int
-    span_id: int
-    parent_id: int | None      # None: this hop starts the trace
-    sampled: bool
-    b3: int = B3_NONE          # the B3 form the request came with, re-emitted in the same form
-    short: bool = False        # a 64-bit B3 trace id (emitted back as 16 hex digits)
+    A plain class rather than a dataclass: one is made per request. A context continued from a
+    canonical `traceparent` (`continue_traceparent`) keeps the header and decodes its trace and
+    parent ids only when read: most requests are neither sampled nor logged, and never read them.
+    """
+
+    __slots__ = ("_trace_id", "span_id", "_parent_id", "sampled", "b3", "short", "_header")
+
+    def __init__(self, trace_id: int, span_id: int, parent_id: int | None, sampled: bool,
+                 b3: int = B3_NONE, short: bool = False):
+        self._trace_id = trace_id
+        self.span_id = span_id
+        self._parent_id = parent_id     # None: this hop starts the trace
+        self.sampled = sampled
+        self.b3 = b3                    # the B3 form the request came with, re-emitted in the same form
+        self.short = short              # a 64-bit B3 trace id (emitted back as 16 hex digits)
+        self._header = None             # a canonical traceparent whose ids are not decoded yet
+
+    @property
+    def trace_id(self) -> int:
+        if self._header is not None:
+            self._decode()
+        return self._trace_id
+
+    @property
+    def parent_id(self) -> int | None:
+        if self._header is not None:
+            self._decode()
+        return self._parent_id
+
+    @property
+    def is_child(self) -> bool:
+        """This hop continues a caller's trace (it has a parent span)."""
+        return self._header is not None or self._parent_id is not None
+
+    def _decode(self) -> None:
+        header, self._header = self._header, None
+        self._trace_id = int(header[3:35], 16)
+        self._parent_id = int(header[36:52], 16)
 
     @property
     def trace_hex(self) -> str:
-        return "%032x" % self.trace_id
+        header = self._header
+        if header is not None:
+            return header[3:35].decode("ascii")
+        return "%032x" % self._trace_id
+
+    def _key(self) -> tuple:
+        return self.trace_id, self.span_id, self.parent_id, self.sampled, self.b3, self.short
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not TraceContext:
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # mutable, like the dataclass it replaces
+
+    def __repr__(self) -> str:
+        return ("TraceContext(trace_id=%r, span_id=%r, parent_id=%r, sampled=%r, b3=%r, short=%r)"
+                % self._key())
 
 
 @dataclass(slots=True)
@@ -186,21 +233,31 @@ def start_hop(parent: Parent | None, rate: float, rand: float, new_trace_id: int
     return TraceContext(parent.trace_id, span_id, parent.span_id, sampled, parent.b3, parent.short)
 
 
+_TRACEPARENT_CHARS = b"0123456789abcdef-"
+_ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
+_DASH = 0x2D
+_SAMPLED_LAST_DIGIT = frozenset(b"13579bdf")    # trace-flags with bit 0 set (FLAG_SAMPLED)
+
+
 def continue_traceparent(traceparent: bytes, new_span_id: int) -> tuple[TraceContext, bytes] | None:
     """The fast path of start_hop + encode_trace_headers for a canonical version-00 `traceparent`
     and no B3 (every mesh hop after the first): this hop's context and its header line, or None
-    when the slow path must decide."""
-    m = _TRACEPARENT_00.fullmatch(traceparent)
-    if m is None:
-        return None
-    trace_hex, parent_hex, flags = m[1], m[2], m[3]
-    trace_id, parent_id = int(trace_hex, 16), int(parent_hex, 16)
-    if not trace_id or not parent_id:
+    when the slow path must decide.
+
+    Canonical: `00-` 32 and 16 lowercase hex digits, `-` 2 hex digits (W3C Trace Context 3.2.2),
+    ids not all zeros; checked with byte compares, no regular expression, and the ids stay hex
+    until read (TraceContext).
+    """
+    tp = traceparent
+    if (len(tp) != 55 or tp[2] != _DASH or tp[35] != _DASH or tp[52] != _DASH or tp[:2] != b"00"
+            or tp.count(b"-") != 3 or tp.translate(None, _TRACEPARENT_CHARS)
+            or tp[3:35] == _ZERO_TRACE or tp[36:52] == _ZERO_SPAN):
         return None
     span_id = (new_span_id & _MASK64) or 1
-    sampled = bool(int(flags, 16) & FLAG_SAMPLED)
-    header = b"traceparent: 00-%b-%016x-%b\r\n" % (trace_hex, span_id, b"01" if sampled else b"00")
-    return TraceContext(trace_id, span_id, parent_id, sampled), header
+    sampled = tp[54] in _SAMPLED_LAST_DIGIT
+    ctx = TraceContext(0, span_id, None, sampled)
+    ctx._header = tp
+    return ctx, b"traceparent: %b%016x-%b\r\n" % (tp[:36], span_id, b"01" if sampled else b"00")
 
 
 def encode_trace_headers(ctx: TraceContext) -> bytes:

@@ -1250,7 +1250,7 @@ class _Downstream:
             return
         ex.trace, ex.trace_headers = self.state.tracing.begin_hop(ex.tp, ex.b3)  # 0. this hop's trace context
         trace = ex.trace
-        if ex.ts is not None and trace.parent_id is not None:
+        if ex.ts is not None and trace.is_child:
             # tracestate belongs to the caller's trace: dropped when a new one starts (W3C 3.3.1).
             ex.trace_headers += b"tracestate: %b\r\n" % ex.ts
         stack = self.stack
