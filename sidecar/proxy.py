@@ -173,7 +173,12 @@ class _Stop(Exception):
     """Raised inside a parser callback to stop parsing the rest of the buffer."""
 
 
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close"))  # name no header
+
+
 def _connection_tokens(value: bytes, into: set | None) -> set | None:
+    if value in _PLAIN_CONNECTION:
+        return into  # the common case (every keep-alive response of nginx, say): nothing to split
     for token in value.split(b","):
         token = token.strip().lower()
         if token and token not in (b"close", b"keep-alive", b"upgrade"):
