@@ -7,6 +7,20 @@
 cimport cython
 
 
+cpdef bytes _status_line(int code)
+cpdef _connection_tokens(bytes value, into)
+cpdef _join_flags(have, new)
+@cython.locals(size=Py_ssize_t)
+cpdef _send(transport, parts)
+cpdef _dec(dict counts, key)
+cpdef route_by_host(_Downstream down, Exchange ex)
+cpdef limit_inbound(_Downstream down, Exchange ex)
+cpdef balance_least_request(ProxyState state, cluster, exclude, _ex=*)
+cpdef balance_traffic(ProxyState state, cluster, exclude, Exchange ex=*)
+cpdef caller_of(_Downstream down, Exchange ex)
+cpdef _authorized(_Downstream down, Exchange ex, route)
+
+
 cdef class UpstreamPools:
     cdef public object max_idle, idle_timeout
     cdef public dict idle, live
