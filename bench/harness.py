@@ -147,7 +147,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
     def hotpath() -> dict:
         log("hot path (metrics and tracing, in-process):")
         Quiet(budget_s=min(args.quiet_budget, 30.0)).wait()
-        cmd = [sys.executable, "-m", "bench.hotpath", "--json"] + (["--quick"] if args.quick else [])
+        # the interpreter the sidecars run on (env.product_python), so the pieces compare with their CPU
+        python = env.product_python(work / "hotpath")
+        cmd = [python, "-m", "bench.hotpath", "--json"] + (["--quick"] if args.quick else [])
         if args.hotpath_seconds is not None:
             cmd += ["--seconds", str(args.hotpath_seconds)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=env.ROOT, timeout=600)

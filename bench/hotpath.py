@@ -3,7 +3,7 @@
     python -m bench.hotpath [--quick] [--json]
 
 No sockets, no event loop: the product's own objects called the way sidecar/proxy.py calls them
-once per request (`_Downstream._dispatch`: Tracing.begin + encode_trace_headers; `_finish_metrics`:
+once per request (`_Downstream._dispatch`: Tracing.begin_hop; `_finish_metrics`:
 Telemetry.record_request, and Tracing.finish when the request is sampled or access-logged).
 
 Each piece is timed as CPU time of the calling thread (time.thread_time: user + kernel, so the
@@ -44,9 +44,8 @@ TRACEPARENT_SAMPLED = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 PIECES = {
     "metrics_source": ("metrics: Telemetry.record_request, reporter=source", "outbound"),
     "metrics_destination": ("metrics: Telemetry.record_request, reporter=destination", "inbound"),
-    "trace_new": ("trace context: Tracing.begin + encode_trace_headers, no traceparent (starts the trace)",
-                  "outbound"),
-    "trace_parent": ("trace context: Tracing.begin + encode_trace_headers, with traceparent", "inbound"),
+    "trace_new": ("trace context: Tracing.begin_hop, no traceparent (starts the trace)", "outbound"),
+    "trace_parent": ("trace context: Tracing.begin_hop, with traceparent (continue_traceparent)", "inbound"),
     "span_outbound": ("sampled span: Tracing.finish, client span of a new trace (access log off)", "outbound"),
     "span_inbound": ("sampled span: Tracing.finish, server span with a remote parent (access log off)",
                      "inbound"),
@@ -123,7 +122,7 @@ def run_hotpath(quick: bool = False, seconds: float | None = None, repeats: int 
     finally:
         sys.stderr = real_stderr
 
-    from meshcore.tracing import ACCESS_FULL, ACCESS_OFF, TelemetrySettings, encode_trace_headers
+    from meshcore.tracing import ACCESS_FULL, ACCESS_OFF, TelemetrySettings
     from sidecar.telemetry import NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
     from sidecar.tracing import Tracing
 
@@ -135,9 +134,9 @@ def run_hotpath(quick: bool = False, seconds: float | None = None, repeats: int 
         rec = tel.record_request
         return lambda: rec(reporter, SOURCE, VERSION, DEST, DEST, VERSION, 200, NO_FLAGS, MS)
 
-    def context(tracing: Tracing, tp: bytes | None) -> Callable[[], bytes]:
-        begin = tracing.begin
-        return lambda: encode_trace_headers(begin(tp, None))
+    def context(tracing: Tracing, tp: bytes | None) -> Callable[[], tuple]:
+        begin_hop = tracing.begin_hop   # what _Downstream._dispatch calls: the context and its header lines
+        return lambda: begin_hop(tp, None)
 
     def finish(tracing: Tracing, ctx, direction: str) -> Callable[[], None]:
         fin = tracing.finish

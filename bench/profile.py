@@ -24,6 +24,10 @@ TRACING_FILES = ("meshcore/tracing.py", "sidecar/tracing.py", "sidecar/otel.py",
 
 def _owner(frame: str) -> str | None:
     """The cost category a frame stands for, or None for CPython internals (look further up)."""
+    if "sidecar/proxy.c" in frame:
+        # the compiled data path (setup.py): its frames name the extension module or its C source;
+        # first, or its callbacks' time would go to httptools, the native frame above them
+        return "proxy, compiled (sidecar/proxy.py)"
     if "libssl" in frame or "libcrypto" in frame or "_ssl.c" in frame or "ssl.py" in frame:
         return "TLS (OpenSSL, ssl module)"
     if "(libc.so" in frame or "[vdso]" in frame:
