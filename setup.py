@@ -18,7 +18,7 @@ DIRECTIVES = {
     "language_level": 3,
     "annotation_typing": False,   # types come from the .pxd only; annotations stay documentation
     "infer_types": True,          # locals assigned from typed attributes get their type
-    "boundscheck": False,
+    "boundscheck": True,          # an index out of range raises IndexError, as in Python
     "wraparound": True,           # the source slices with negative indices
     "cdivision": False,           # Python's division and modulo semantics
     "binding": True,              # module functions keep their signatures (introspection, tests)

@@ -954,7 +954,10 @@ class _Listener:
 
 
 class _Downstream:
-    """The client side of the proxy: parses requests, runs the layers, writes responses in order."""
+    """The client side of the proxy: parses requests, runs the layers, writes responses in order.
+
+    An asyncio protocol by its methods (every one of asyncio.Protocol's is defined) rather than by
+    inheritance: compiled (proxy.pxd), a C struct type cannot derive from a Python class."""
 
     def __init__(self, state: ProxyState, stack: Stack, listener: _Listener):
         self.state = state
@@ -1989,7 +1992,8 @@ _WAIT_HEAD, _BODY, _DONE, _SKIP = 0, 1, 2, 3   # _SKIP: a response the retry lay
 
 
 class _Upstream:
-    """A keep-alive connection to an upstream: parses responses and streams them downstream."""
+    """A keep-alive connection to an upstream: parses responses and streams them downstream (an
+    asyncio protocol by its methods, like _Downstream)."""
 
     __slots__ = ("pool", "key", "transport", "parser", "exchange", "idle_since", "pooled", "closed",
                  "got_bytes", "phase", "lines", "chunked_in", "has_cl", "conn_tokens", "chunked_out",
