@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,16 +20,6 @@ from pathlib import Path
 from . import env
 from .datapath import SCENARIOS, Lab, Options
 from .pki import write_pki
-
-
-def _python_for(checkout: Path, workdir: Path) -> str:
-    """A product venv (as env.product_python) whose .pth lists `checkout` instead of this one."""
-    venv = workdir / "base-venv"
-    subprocess.run([env.image_interpreter(), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    paths = [str(checkout)] + [p for p in sys.path if p.endswith("-packages")]
-    (site / "meshd_bench_paths.pth").write_text("\n".join(paths) + "\n")
-    return str(venv / "bin" / "python")
 
 
 def main(argv: list[str]) -> None:
@@ -59,7 +48,7 @@ def main(argv: list[str]) -> None:
                 kw["cwd"] = base
                 return start(name, cmd, log_dir, tail_bytes, **kw)
 
-            lab.python, lab.procs.start = _python_for(base, workdir), start_base
+            lab.python, lab.procs.start = env.venv_for(base, workdir / "base-venv"), start_base
             lab._start_mesh(pki, lab.ports["app"], "base", {})
             lab.python, lab.procs.start = mine, start
             for path in ("base", "mesh"):

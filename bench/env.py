@@ -6,6 +6,7 @@ Only processes this harness started are ever signalled, by their own pid.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -32,6 +33,7 @@ APT_TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx-light"}
 PIP_TOOLS = {"matplotlib": "matplotlib>=3.6", "py-spy": "py-spy>=0.3"}
 
 
+@functools.lru_cache(maxsize=None)
 def image_interpreter() -> str:
     """The interpreter the image runs the nodes on, when this host has it: Debian's python3.X of the
     running Python's minor version (mesh-base is Debian 12's python3.11, built with PGO and LTO; a
@@ -55,22 +57,27 @@ def interpreter_version(python: str) -> str:
 
 
 def product_python(workdir: Path) -> str:
-    """An interpreter that starts like the image's /opt/mesh venv: a venv of the image's interpreter
-    (image_interpreter) whose only .pth lists this checkout and the running interpreter's package
-    directories as plain paths, so those directories' own .pth hooks (an editable install's finder,
-    this machine's sandbox CA injector importing certifi: ~5 MiB per process here) run in no sidecar,
-    as none runs in the image; and the checkout's bytecode compiled (compile_checkout), as the
-    image's is."""
-    venv = workdir / "product-venv"
+    """An interpreter that starts like the image's /opt/mesh venv (venv_for this checkout), with the
+    checkout's bytecode compiled (compile_checkout) and its data path compiled
+    (ensure_compiled_data_path), as the image's are."""
+    python = venv_for(ROOT, workdir / "product-venv")
+    compile_checkout()
+    ensure_compiled_data_path()
+    return python
+
+
+def venv_for(checkout: Path, venv: Path) -> str:
+    """A venv of the image's interpreter (image_interpreter) whose only .pth lists `checkout` and the
+    running interpreter's package directories as plain paths, so those directories' own .pth hooks
+    (an editable install's finder, this machine's sandbox CA injector importing certifi: ~5 MiB per
+    process here) run in no sidecar, as none runs in the image; its python."""
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([image_interpreter(), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     # The venv's purelib, as sysconfig's posix_venv scheme names it (same interpreter, same version).
     site_dir = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    paths = [str(ROOT)] + [p for p in sys.path if p.endswith("-packages") and os.path.isdir(p)]
+    paths = [str(checkout)] + [p for p in sys.path if p.endswith("-packages") and os.path.isdir(p)]
     (site_dir / "meshd_bench_paths.pth").write_text("\n".join(paths) + "\n")
-    compile_checkout()
-    ensure_compiled_data_path()
     return str(python)
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 import sidecar.proxy as proxy
+from bench.env import COMPILED_SOURCES, ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-SOURCES = (ROOT / "sidecar" / "proxy.py", ROOT / "sidecar" / "proxy.pxd")
+SOURCES = tuple(ROOT / src for src in COMPILED_SOURCES)
 
 
 def _compiled() -> bool:
@@ -27,6 +27,7 @@ def test_ci_tests_the_compiled_data_path() -> None:
     for cls, attr in ((proxy.Exchange, "status"), (proxy._Downstream, "paused"), (proxy._Upstream, "phase")):
         assert type(cls.__dict__[attr]).__name__ == "getset_descriptor", (cls, attr)
         assert not cls.__flags__ & (1 << 9), f"{cls.__name__} is a heap (Python) type"  # Py_TPFLAGS_HEAPTYPE
+
 
 def test_compiled_module_is_not_older_than_its_sources() -> None:
     """An edit of proxy.py or proxy.pxd without `make ext` would leave tests running the old code."""
