@@ -140,6 +140,25 @@ backend app
 """
 
 
+def start_nginx(procs: env.Procs, nginx: str, workdir: Path, port: int):
+    """The benchmark's app: nginx on 127.0.0.1:`port` returning BODY (config and logs in workdir/nginx);
+    its master process, once the port accepts connections."""
+    d = workdir / "nginx"
+    d.mkdir(parents=True, exist_ok=True)
+    conf = d / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(d=d, port=port, body=BODY))
+    master = procs.start("nginx", [nginx, "-p", str(d), "-c", str(conf), "-e", str(d / "nginx-error.log")],
+                         workdir)
+    env.wait_port(port, 10, master, "nginx")
+    return master
+
+
+def sidecar_cmd(python: str, role: str, port: int, tls: Path, ready: Path, extra: list[str]) -> list[str]:
+    """One listener of the mesh pair (bench/sidecar_runner.py) on `port`, its admin port free."""
+    return [python, "-m", "bench.sidecar_runner", "--role", role, "--port", str(port),
+            "--admin-port", str(env.free_port()), "--tls-dir", str(tls), "--ready-file", str(ready), *extra]
+
+
 @dataclass
 class Lab:
     """The app, the mesh pair and the HAProxy pair, started once and reused by every run."""
@@ -179,13 +198,7 @@ class Lab:
         app_port = self.ports["app"] = env.free_port()
         if use_native and self.tools.get("nginx"):
             self.app_kind = "nginx"
-            d = self.workdir / "nginx"
-            d.mkdir(exist_ok=True)
-            conf = d / "nginx.conf"
-            conf.write_text(NGINX_CONF.format(d=d, port=app_port, body=BODY))
-            master = self.procs.start("nginx", [self.tools["nginx"], "-p", str(d), "-c", str(conf),
-                                                "-e", str(d / "nginx-error.log")], logs)
-            env.wait_port(app_port, 10, master, "nginx")
+            master = start_nginx(self.procs, self.tools["nginx"], self.workdir, app_port)
             deadline = time.monotonic() + 5
             while not (kids := env.children_of(master.pid)) and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -230,9 +243,7 @@ class Lab:
                 ("outbound", out_port, ["--dest-port", str(in_port), "--mode", self.opts.mode], pki["frontend"])):
             ready = self.workdir / f"{prefix}-{role}.ready"
             ready.unlink(missing_ok=True)
-            cmd = [self.python, "-m", "bench.sidecar_runner", "--role", role, "--port", str(port),
-                   "--admin-port", str(env.free_port()), "--tls-dir", str(tls), "--ready-file", str(ready),
-                   *extra, *telemetry]
+            cmd = sidecar_cmd(self.python, role, port, tls, ready, [*extra, *telemetry])
             # Output through a pipe, as `docker logs` reads a container's; only its tail is kept.
             proc = self.procs.start(f"{prefix}-{role}", cmd, self.workdir, tail_bytes=LOG_TAIL_BYTES)
             info = json.loads(env.wait_file(ready, 30, proc, f"{prefix} {role}"))

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from . import env
-from .datapath import BODY, NGINX_CONF
+from .datapath import sidecar_cmd, start_nginx
 from .pki import write_pki
 
 READY_S = 600   # imports under callgrind take a while
@@ -45,15 +45,10 @@ def _pair_run(workdir: Path, python: str, requests: int, pure: bool) -> dict[str
     """Instructions of each sidecar process from start to exit, with `requests` sent in between."""
     pki = write_pki(workdir / "tls", ("frontend", "payments"))
     app_port = env.free_port()
-    d = workdir / "nginx"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "nginx.conf").write_text(NGINX_CONF.format(d=d, port=app_port, body=BODY))
     procs = env.Procs()
     roles: dict[str, subprocess.Popen] = {}
     try:
-        procs.start("nginx", [env.which("nginx"), "-p", str(d), "-c", str(d / "nginx.conf"),
-                              "-e", str(d / "nginx-error.log")], workdir)
-        env.wait_port(app_port, 10, None, "nginx")
+        start_nginx(procs, env.which("nginx"), workdir, app_port)
         child_env = {k: v for k, v in os.environ.items() if k != "MESHD_PURE_PYTHON"}
         if pure:
             child_env["MESHD_PURE_PYTHON"] = "1"
@@ -63,8 +58,7 @@ def _pair_run(workdir: Path, python: str, requests: int, pure: bool) -> dict[str
                 ("outbound", out_port, ["--dest-port", str(in_port), "--mode", "transparent"], pki["frontend"])):
             ready = workdir / f"{role}.ready"
             cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind-{role}.out",
-                   python, "-m", "bench.sidecar_runner", "--role", role, "--port", str(port),
-                   "--admin-port", str(env.free_port()), "--tls-dir", str(tls), "--ready-file", str(ready), *extra]
+                   *sidecar_cmd(python, role, port, tls, ready, extra)]
             roles[role] = subprocess.Popen(cmd, cwd=workdir, env=child_env, stdout=subprocess.DEVNULL,
                                            stderr=subprocess.DEVNULL)
             env.wait_file(ready, READY_S, roles[role], f"{role} under callgrind")
