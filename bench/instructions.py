@@ -1,6 +1,6 @@
 """User-space instructions per request of each sidecar, counted by valgrind (callgrind):
 
-    python -m bench.instructions [--requests N] [--pure]
+    python -m bench.instructions [--requests N] [--pure] [--profile DIR]
 
 The bench's mesh pair (bench/sidecar_runner.py, as `python -m bench` starts it) runs under callgrind
 in front of nginx; N sequential keep-alive requests go through it, then the same pair is started
@@ -9,7 +9,11 @@ sidecar's user-space cost of one request (kernel work is not counted). Instructi
 to within a fraction of a percent where wall-clock CPU on a shared VM drifts by tens of percent, so
 this tells whether a change to the data path did less work; whether that work took less time is
 the A/B's question (bench/ab.py). `--pure` runs the Python source of the data path (MESHD_PURE_PYTHON)
-instead of the compiled module. Loopback only; about a minute per run (callgrind is ~50x slower).
+instead of the compiled module. `--profile DIR` runs the loaded pair once more with instrumentation
+on only while the requests after the first are sent (callgrind_control -i; the first opens the
+connections) and leaves its callgrind files in DIR,
+for `callgrind_annotate --inclusive=yes DIR/callgrind-inbound.out` to say which functions the
+instructions are spent in. Loopback only; about a minute per run (callgrind is ~50x slower).
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ def _total(path: Path) -> int:
     return int(m.group(1))
 
 
-def _pair_run(workdir: Path, python: str, requests: int, pure: bool) -> dict[str, int]:
-    """Instructions of each sidecar process from start to exit, with `requests` sent in between."""
+def _pair_run(workdir: Path, python: str, requests: int, pure: bool, window: bool = False) -> dict[str, int]:
+    """Instructions of each sidecar process from start to exit, with `requests` sent in between
+    (only while they are sent, with `window`)."""
     pki = write_pki(workdir / "tls", ("frontend", "payments"))
     app_port = env.free_port()
     procs = env.Procs()
@@ -58,21 +63,32 @@ def _pair_run(workdir: Path, python: str, requests: int, pure: bool) -> dict[str
                 ("outbound", out_port, ["--dest-port", str(in_port), "--mode", "transparent"], pki["frontend"])):
             ready = workdir / f"{role}.ready"
             cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind-{role}.out",
+                   *(["--instr-atstart=no"] if window else []),
                    *sidecar_cmd(python, role, port, tls, ready, extra)]
             roles[role] = subprocess.Popen(cmd, cwd=workdir, env=child_env, stdout=subprocess.DEVNULL,
                                            stderr=subprocess.DEVNULL)
             env.wait_file(ready, READY_S, roles[role], f"{role} under callgrind")
         ok = 0
+        failed = None
         if requests:
             conn = http.client.HTTPConnection("127.0.0.1", out_port, timeout=60)
-            for _ in range(requests):
+            for i in range(requests + window):
+                if window and i == 1:
+                    # The first request made the connections (TLS handshakes, slow enough under
+                    # callgrind to hit the connect timeout while instrumented): count from the next.
+                    _instrument(roles, "on")
                 conn.request("GET", "/", headers={"Host": "payments"})
                 resp = conn.getresponse()
-                resp.read()
+                body = resp.read()
+                if resp.status != 200 and failed is None:
+                    failed = f"{resp.status} {resp.getheaders()} {body[:200]!r}"
                 ok += resp.status == 200
             conn.close()
-        if ok != requests:
-            raise RuntimeError(f"{requests - ok} of {requests} requests through the pair failed")
+        if ok != requests + window:
+            raise RuntimeError(f"{requests + window - ok} of {requests + window} requests through the pair "
+                               f"failed; the first: {failed}")
+        if window:
+            _instrument(roles, "off")
         time.sleep(0.5)
         for proc in roles.values():
             proc.send_signal(signal.SIGTERM)
@@ -86,13 +102,24 @@ def _pair_run(workdir: Path, python: str, requests: int, pure: bool) -> dict[str
         procs.stop_all()
 
 
-def measure(requests: int, pure: bool) -> dict:
+def _instrument(roles: dict[str, subprocess.Popen], state: str) -> None:
+    for proc in roles.values():
+        subprocess.run(["callgrind_control", "-i", state, str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL, timeout=60)
+
+
+def measure(requests: int, pure: bool, profile: Path | None = None) -> dict:
     if shutil.which("valgrind") is None:
         raise RuntimeError("valgrind is not installed (apt-get install valgrind)")
     with tempfile.TemporaryDirectory(prefix="meshd-instr-") as tmp:
         python = env.product_python(Path(tmp))
         idle = _pair_run(Path(tmp) / "idle", python, 0, pure)
         loaded = _pair_run(Path(tmp) / "loaded", python, requests, pure)
+        if profile is not None:
+            _pair_run(Path(tmp) / "window", python, requests, pure, window=True)
+            profile.mkdir(parents=True, exist_ok=True)
+            for out in (Path(tmp) / "window").glob("callgrind-*.out*"):
+                shutil.copy(out, profile / out.name)
     return {"data_path": "Python source" if pure else env.data_path_build(), "requests": requests,
             "instructions_per_request": {role: round((loaded[role] - idle[role]) / requests)
                                          for role in loaded}}
@@ -103,8 +130,9 @@ def main(argv: list[str]) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=1500)
     p.add_argument("--pure", action="store_true", help="the data path's Python source")
+    p.add_argument("--profile", type=Path, help="leave callgrind files of the requests alone here")
     args = p.parse_args(argv)
-    print(json.dumps(measure(args.requests, args.pure), indent=1))
+    print(json.dumps(measure(args.requests, args.pure, args.profile), indent=1))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,22 @@ cimport cython
 
 
 cpdef bytes _status_line(int code)
+cdef int _CR, _LF, _SP, _HTAB, _COLON, _SLASH   # C constants: compared with C chars, not as objects
+@cython.locals(tables=bytes, tables2=bytes, tchar="const unsigned char *", vchar="const unsigned char *",
+               t="const unsigned char *", p="const unsigned char *", s=Py_ssize_t, e=Py_ssize_t,
+               n=Py_ssize_t, ns=Py_ssize_t, run=Py_ssize_t, c=int, out=list)
+cpdef list scan_fields(bytes data, Py_ssize_t i, Py_ssize_t end, dict names, bytes table, bint runs)
+@cython.locals(p="const unsigned char *", sp=Py_ssize_t, i=Py_ssize_t, t=Py_ssize_t, c=int)
+cpdef tuple split_request_line(bytes data, Py_ssize_t pos, Py_ssize_t eol)
+@cython.locals(p="const unsigned char *")
+cpdef Py_ssize_t line_end(bytes data, Py_ssize_t pos, Py_ssize_t end)
+@cython.locals(p="const unsigned char *", tables=bytes, vchar="const unsigned char *", status=int,
+               i=Py_ssize_t, c=int, http10=bint)
+cpdef tuple split_status_line(bytes data, Py_ssize_t pos, Py_ssize_t eol)
+@cython.locals(size=Py_ssize_t, k=Py_ssize_t)
+cpdef tuple whole_framing(list fields, bint response)
+cpdef Py_ssize_t _decimal(bytes value)
+cpdef bint _keep_alive(bint http10, connection)
 cpdef _connection_tokens(bytes value, into)
 cpdef _join_flags(have, new)
 @cython.locals(size=Py_ssize_t)
@@ -57,6 +73,7 @@ cdef class ProxyState:
 cdef class Stack:
     cdef readonly object direction, reporter, source_name, route
     cdef readonly dict request_headers
+    cdef readonly bytes header_table
     cdef readonly bytes mesh_headers
     cdef readonly object balance
     cdef readonly int max_tries
@@ -109,19 +126,27 @@ cdef class _Downstream:
     cdef public Exchange cur, last, cork
     cdef public int paused
     cdef public bint write_paused, closing, switched, eof, bad_after, advancing, feeding
+    cdef public Py_ssize_t body_left
     cdef public bytes peer_ip, peer_xfcc
     cdef public object peer_identity, peer_service, orig_dst, raw, sniff_timer
 
     @cython.locals(ex=Exchange)
     cpdef data_received(self, data)
+    @cython.locals(last=Exchange)
     cpdef _feed(self, data)
+    @cython.locals(pos=Py_ssize_t, n=Py_ssize_t, left=Py_ssize_t, take=Py_ssize_t, end=Py_ssize_t,
+                   taken=Py_ssize_t, last=Exchange)
+    cpdef bytes _feed_whole(self, bytes data)
+    @cython.locals(eol=Py_ssize_t, fields=list, size=Py_ssize_t, k=Py_ssize_t, ex=Exchange, framing=tuple)
+    cpdef Py_ssize_t _whole_head(self, bytes data, Py_ssize_t pos, Py_ssize_t end)
+    cpdef _header(self, Exchange ex, bytes name, bytes value, act)
+    cpdef bint _headers_done(self, Exchange ex, bytes method, bint keep_alive, bint http10, bint upgrade)
     @cython.locals(ex=Exchange)
     cpdef on_message_begin(self)
     @cython.locals(ex=Exchange)
     cpdef on_url(self, url)
     @cython.locals(ex=Exchange)
     cpdef on_header(self, name, value)
-    @cython.locals(ex=Exchange)
     cpdef on_headers_complete(self)
     @cython.locals(ex=Exchange)
     cpdef on_body(self, data)
@@ -168,6 +193,9 @@ cdef class _Upstream:
     cdef public object breaker
     cdef public double connected_at, sent_at
     cdef public bint doomed, probing
+    cdef public bint mid
+    cdef public Py_ssize_t body_left
+    cdef public bint whole_keep
 
     cpdef attach(self, Exchange ex)
     cpdef close(self)
@@ -175,9 +203,18 @@ cdef class _Upstream:
     cpdef resume_reading(self)
     @cython.locals(ex=Exchange, out=list)
     cpdef data_received(self, data)
+    @cython.locals(left=Py_ssize_t, pos=Py_ssize_t, end=Py_ssize_t, n=Py_ssize_t, take=Py_ssize_t)
+    cpdef bytes _feed_whole(self, bytes data, Exchange ex)
+    @cython.locals(eol=Py_ssize_t, fields=list, size=Py_ssize_t, k=Py_ssize_t, status=int,
+                   bodiless=bint, keep=bint, lines=list, framing=tuple)
+    cpdef Py_ssize_t _whole_head(self, bytes data, Py_ssize_t end, Exchange ex)
     cpdef on_message_begin(self)
     cpdef on_header(self, name, value)
+    cpdef _header(self, bytes name, bytes value, act)
     @cython.locals(ex=Exchange, down=_Downstream, parts=list, lines=list)
+    cpdef _status_head(self, int status, bint keep)
+    cpdef _head_done(self, bint keep)
+    cpdef _message_done(self, bint keep)
     cpdef on_headers_complete(self)
     cpdef on_body(self, data)
     cpdef on_message_complete(self)

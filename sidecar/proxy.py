@@ -19,8 +19,11 @@ Shape of one request (one `Exchange`):
 Bodies are streamed both ways (Content-Length as is, chunked re-encoded from httptools' de-chunked
 `on_body`; trailers dropped). Backpressure: a side whose peer transport's write buffer is above its
 high-water mark stops reading until `resume_writing`. Hop-by-hop headers (RFC 9110 7.6.1) are
-dropped while parsing. Per request the Python work is: parser callbacks, a header dict lookup each,
-one join for the head, one dict lookup + inc/observe for metrics.
+dropped while parsing. Compiled (WHOLE_HEADS), a head that arrives whole in plain syntax, with a
+Content-Length body or none, is split in one pass (scan_fields) instead of by httptools' per-header
+callbacks; every other message (chunked, Upgrade, CONNECT, 1xx, split across reads...) is httptools'.
+Per request the Python work is: a header dict lookup for each name that may have an action, one join
+for the head, one dict lookup + inc/observe for metrics.
 
 Non-HTTP traffic (services with protocol "tcp", passthrough of unknown destinations, CONNECT) is
 plain byte forwarding between two `_Pipe` protocols.
@@ -162,6 +165,224 @@ FLAG_RBAC = "RBAC"   # Envoy's response flag of a request denied by authorizatio
 RESPONSE_HEADERS = {**HOP_BY_HOP, b"content-length": H_CL, b"x-mesh-flags": H_FLAGS}
 
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+
+
+# ---- whole heads (the compiled build) ------------------------------------------------------------
+# Compiled, a head that arrives whole and in plain RFC 9112 syntax is split here in one pass, its
+# fields handed to the same header actions as httptools' callbacks (which cost more than the rest of
+# the head's handling: a Python call, two bytes objects and their concatenation per header). Anything
+# else, and every head when this runs as Python (a byte loop in bytecode is slower than httptools), is
+# parsed by httptools, which also keeps chunked bodies, Upgrade, CONNECT, 1xx and read-until-close.
+try:
+    import cython
+    WHOLE_HEADS = cython.compiled
+except ImportError:  # Cython absent: this is the Python source
+    WHOLE_HEADS = False
+
+# RFC 9110 5.6.2 tchar (a field name); RFC 9110 5.5 field-vchar, obs-text, SP and HTAB (a value).
+_TCHAR = bytes(1 if (c < 128 and chr(c).isalnum()) or chr(c) in "!#$%&'*+-.^_`|~" else 0 for c in range(256))
+_VCHAR = bytes(1 if c == 9 or 32 <= c <= 126 or c >= 128 else 0 for c in range(256))
+# The methods taken whole: CONNECT (a tunnel) and extension methods go to httptools.
+_WHOLE_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE"))
+_CR, _LF, _SP, _HTAB, _COLON, _SLASH = 13, 10, 32, 9, 58, 47
+
+
+def name_table(names: dict) -> bytes:
+    """Which (length, first letter) pairs a name of `names` has: scan_fields looks up only those."""
+    table = bytearray(64 * 32)
+    for name in names:
+        if len(name) < 64:
+            table[(len(name) << 5) | ((name[0] | 0x20) & 31)] = 1
+    return bytes(table)
+
+
+def scan_fields(data: bytes, i: int, end: int, names: dict, table: bytes, runs: bool) -> list | None:
+    """The header fields of data[i:end] (CRLF-ended lines, data[end:end + 2] the blank line's CRLF)
+    as [name, value, action, ...] (values without OWS; action: names' value for the lowercase name,
+    looked up only where `table` (name_table(names)) says it may be there, else None). With `runs`,
+    consecutive fields without an action come as one [lines, None, None] of their raw bytes. None
+    unless every line is `token ":" OWS value OWS` (obs-fold, space before the colon, a control
+    character, a bare CR or LF: httptools decides those)."""
+    if i < 0 or end + 2 > len(data) or data[end] != _CR or data[end + 1] != _LF or len(table) != 2048:
+        raise ValueError("scan_fields: data[end:end + 2] is not the head's final CRLF")
+    # Compiled, p, tchar, vchar and t are C pointers: each scan below stops at the CR that ends its
+    # line, and data[end] is a CR, so no read goes past the head.
+    tables = _TCHAR
+    tchar = tables
+    tables2 = _VCHAR
+    vchar = tables2
+    t = table
+    p = data
+    out: list = []
+    run = -1   # start of the current run of raw lines
+    while i < end:
+        s = i
+        while tchar[p[i]]:
+            i += 1
+        n = i - s
+        if n == 0 or p[i] != _COLON:
+            return None
+        act = None
+        if n < 64 and t[(n << 5) | ((p[s] | 0x20) & 31)]:
+            act = names.get(p[s:i].lower())
+        ns = s
+        i += 1
+        c = p[i]
+        while c == _SP or c == _HTAB:
+            i += 1
+            c = p[i]
+        s = i
+        while vchar[p[i]]:
+            i += 1
+        if p[i] != _CR or p[i + 1] != _LF:
+            return None
+        if act is None and runs:
+            if run < 0:
+                run = ns
+        else:
+            if run >= 0:
+                out.append(p[run:ns])
+                out.append(None)
+                out.append(None)
+                run = -1
+            e = i
+            c = p[e - 1]
+            while e > s and (c == _SP or c == _HTAB):
+                e -= 1
+                c = p[e - 1]
+            out.append(p[ns:ns + n])
+            out.append(p[s:e])
+            out.append(act)
+        i += 2
+    if run >= 0:
+        out.append(p[run:end])
+        out.append(None)
+        out.append(None)
+    return out
+
+
+_RESPONSE_TABLE = name_table(RESPONSE_HEADERS)
+
+
+def split_request_line(data: bytes, pos: int, eol: int) -> tuple | None:
+    """(method, origin-form target, HTTP/1.0?) of the request line data[pos:eol] (data[eol] a CR),
+    or None when it is not `method SP origin-form SP HTTP/1.x` with a method of _WHOLE_METHODS."""
+    if pos < 0 or eol >= len(data) or data[eol] != _CR:
+        raise ValueError("split_request_line: data[eol] is not the line's CR")
+    p = data
+    sp = pos
+    c = p[sp]
+    while 65 <= c <= 90:   # the methods taken whole are upper-case letters (the scan stops at the CR)
+        sp += 1
+        c = p[sp]
+    if c != _SP:
+        return None
+    method = p[pos:sp]
+    if method not in _WHOLE_METHODS:
+        return None
+    i = t = sp + 1
+    if i >= eol or p[i] != _SLASH:
+        return None
+    c = p[i]
+    while 33 <= c <= 126:   # RFC 9112 3.2: no whitespace or control characters in a target
+        i += 1
+        c = p[i]
+    if c != _SP or eol - i != 9:
+        return None
+    version = p[i + 1:eol]
+    if version == b"HTTP/1.1":
+        return method, p[t:i], False
+    if version == b"HTTP/1.0":
+        return method, p[t:i], True
+    return None
+
+
+def line_end(data: bytes, pos: int, end: int) -> int:
+    """The index of the first CR of data[pos:end + 1] (data[end] a CR)."""
+    if pos < 0 or end >= len(data) or data[end] != _CR:
+        raise ValueError("line_end: data[end] is not a CR")
+    p = data
+    while p[pos] != _CR:
+        pos += 1
+    return pos
+
+
+def split_status_line(data: bytes, pos: int, eol: int) -> tuple | None:
+    """(status, HTTP/1.0?) of the status line data[pos:eol], or None when it is not
+    `HTTP/1.x SP 3DIGIT SP reason` with a final (>= 200) status."""
+    if pos < 0 or eol > len(data) or eol - pos < 13:
+        return None
+    p = data
+    if p[pos + 12] != _SP:
+        return None
+    version = p[pos:pos + 9]
+    if version == b"HTTP/1.1 ":
+        http10 = False
+    elif version == b"HTTP/1.0 ":
+        http10 = True
+    else:
+        return None
+    status = 0
+    for i in range(pos + 9, pos + 12):
+        c = p[i]
+        if c < 48 or c > 57:
+            return None
+        status = status * 10 + (c - 48)
+    if status < 200:
+        return None   # interim answers (and 101) are httptools'
+    tables = _VCHAR
+    vchar = tables
+    for i in range(pos + 13, eol):
+        if not vchar[p[i]]:
+            return None
+    return status, http10
+
+
+def whole_framing(fields: list, response: bool) -> tuple | None:
+    """(Content-Length or -1, the Connection value or None) of scan_fields' fields, or None when the
+    message is httptools' to frame: Transfer-Encoding, a bad or second Content-Length, a request's
+    Upgrade, a response's Connection naming headers to drop (its lines are raw runs, see scan_fields)."""
+    size = -1
+    connection = None
+    for k in range(0, len(fields), 3):
+        act = fields[k + 2]
+        if act is None:
+            continue
+        if act == H_TE:
+            return None
+        if act == H_CL:
+            if size >= 0:
+                return None
+            size = _decimal(fields[k + 1])
+            if size < 0:
+                return None
+        elif act == H_CONNECTION:
+            value = fields[k + 1]
+            if response and _connection_tokens(value, None) is not None:
+                return None
+            connection = value if connection is None else connection + b"," + value
+        elif act == H_DROP and not response and fields[k].lower() == b"upgrade":
+            return None
+    return size, connection
+
+
+def _decimal(value: bytes) -> int:
+    """A Content-Length value (RFC 9110 8.6: 1*DIGIT), or -1."""
+    if not value or len(value) > 18 or not value.isdigit():
+        return -1
+    return int(value)
+
+
+def _keep_alive(http10: bool, connection: bytes | None) -> bool:
+    """Whether the connection persists after this message (RFC 9112 9.3), as llhttp decides it."""
+    if connection is None:
+        return not http10
+    if connection in _PLAIN_CONNECTION:   # the common case: one token
+        return connection[0] | 0x20 == 107   # "k"eep-alive
+    tokens = [token.strip() for token in connection.lower().split(b",")]
+    if b"close" in tokens:
+        return False
+    return not http10 or b"keep-alive" in tokens
 
 
 def _status_line(code: int) -> bytes:
@@ -683,7 +904,7 @@ class Stack:
     A plain class, not a dataclass: compiled (proxy.pxd), its fields are read-only C struct members,
     read several times per request."""
 
-    __slots__ = ("direction", "reporter", "source_name", "route", "request_headers", "mesh_headers",
+    __slots__ = ("direction", "reporter", "source_name", "route", "request_headers", "header_table", "mesh_headers",
                  "balance", "max_tries", "connect_timeout", "pool", "gauge", "ratelimit", "traffic",
                  "rules", "mirror", "fault", "breaker", "retries", "timeout", "outlier")
 
@@ -698,6 +919,7 @@ class Stack:
         self.source_name = source_name          # x-mesh-source we send, and source_workload we report
         self.route = route                      # 1. which cluster
         self.request_headers = request_headers  # 2. header actions while parsing (hop-by-hop etc.)
+        self.header_table = name_table(request_headers)
         self.mesh_headers = mesh_headers        #    headers added on mesh hops
         self.balance = balance                  # 3. which endpoint
         self.max_tries = max_tries              # 4. connect attempts, each on another endpoint
@@ -979,6 +1201,7 @@ class _Downstream:
         self.advancing = False
         self.feeding = False
         self.cork: Exchange | None = None  # attached during this read: head and body written at its end
+        self.body_left = 0                 # Content-Length bytes still to come of a head taken whole
         self.peer_ip = b""
         self.peer_identity: str | None = None   # inbound: the caller's verified SPIFFE ID (mTLS)
         self.peer_service: str | None = None    # ... and its service name (authorization's source)
@@ -1041,6 +1264,11 @@ class _Downstream:
                 self._uncork(ex)
 
     def _feed(self, data: bytes) -> None:
+        if WHOLE_HEADS and (self.body_left or (self.cur is None and self.raw is None and not self.paused & P_STOPPED
+                                               and not self.bad_after)):
+            data = self._feed_whole(data)
+            if not data:
+                return
         while True:
             try:
                 self.parser.feed_data(data)
@@ -1067,6 +1295,65 @@ class _Downstream:
                     return
                 self._bad_request()
                 return
+
+    def _feed_whole(self, data: bytes) -> bytes:
+        """Take whole heads (scan_fields) and their Content-Length bodies from `data`, between
+        messages of httptools; what is left (from the start of a message) is httptools' to parse."""
+        pos = 0
+        n = len(data)
+        while pos < n:
+            left = self.body_left
+            if left:
+                take = n - pos if n - pos < left else left
+                self.body_left = left - take
+                self.on_body(data if take == n else data[pos:pos + take])
+                pos += take
+                if not self.body_left:
+                    self.on_message_complete()
+                continue
+            if self.closing or self.switched or self.bad_after:
+                return b""   # as after httptools' _Stop: nothing more is read
+            last = self.last
+            if last is not None and not last.keep_alive:
+                self._bad_request()   # RFC 9112 9.6: nothing after a request that closes (as llhttp)
+                return b""
+            end = data.find(b"\r\n\r\n", pos, pos + MAX_HEAD)
+            if end < 0:
+                break
+            taken = self._whole_head(data, pos, end)
+            if taken < 0:
+                break
+            pos = taken
+        return data[pos:] if pos else data
+
+    def _whole_head(self, data: bytes, pos: int, end: int) -> int:
+        """The request whose head is data[pos:end + 4], taken whole: where its body starts, or -1
+        for httptools to parse it (not plain syntax; chunked, Upgrade, CONNECT...)."""
+        eol = line_end(data, pos, end)
+        line = split_request_line(data, pos, eol)
+        if line is None:
+            return -1
+        fields = (scan_fields(data, eol + 2, end + 2, self.actions, self.stack.header_table, False)
+                  if eol < end else [])
+        if fields is None:
+            return -1
+        framing = whole_framing(fields, False)
+        if framing is None:
+            return -1
+        size, connection = framing
+        method, target, http10 = line
+        self.on_message_begin()
+        ex = self.cur
+        ex.target = target
+        for k in range(0, len(fields), 3):
+            self._header(ex, fields[k], fields[k + 1], fields[k + 2])
+        if self._headers_done(ex, method, _keep_alive(http10, connection), http10, False):
+            return len(data)   # as after httptools' _Stop: the rest of the read is dropped
+        if size > 0:
+            self.body_left = size
+        else:
+            self.on_message_complete()
+        return end + 4
 
     def eof_received(self) -> bool | None:
         self.eof = True
@@ -1124,7 +1411,10 @@ class _Downstream:
         ex.head_size += len(name) + len(value)
         if ex.head_size > MAX_HEAD:
             self._head_too_large(ex)
-        act = self.actions.get(name.lower())
+        self._header(ex, name, value, self.actions.get(name.lower()))
+
+    def _header(self, ex: Exchange, name: bytes, value: bytes, act: int | None) -> None:
+        """The request header `name: value` taken by its action (H_*, or None: passed on)."""
         if act is None:
             ex.lines += (name, b": ", value, b"\r\n")
         elif act != H_DROP:
@@ -1162,11 +1452,17 @@ class _Downstream:
                 ex.b3[name.lower()] = value
 
     def on_headers_complete(self) -> None:
-        ex = self.cur
         p = self.parser
-        ex.method = method = p.get_method()
-        ex.keep_alive = p.should_keep_alive()
-        if p.get_http_version() == "1.0":
+        if self._headers_done(self.cur, p.get_method(), p.should_keep_alive(),
+                              p.get_http_version() == "1.0", p.should_upgrade()):
+            raise _Stop
+
+    def _headers_done(self, ex: Exchange, method: bytes, keep_alive: bool, http10: bool,
+                      upgrade: bool) -> bool:
+        """The request head is complete: dispatch it if first in line. True: read nothing more."""
+        ex.method = method
+        ex.keep_alive = keep_alive
+        if http10:
             ex.http10 = True
         if ex.conn_tokens:
             ex.lines = _drop_named(ex.lines, ex.conn_tokens)
@@ -1177,8 +1473,8 @@ class _Downstream:
         elif method == b"CONNECT":
             ex.is_connect = True
             ex.head_done = True
-            return  # handled when the parser reports the upgrade
-        if p.should_upgrade() and ex.body:
+            return False  # handled when the parser reports the upgrade
+        if upgrade and ex.body:
             ex.bad = True  # an Upgrade request with a body is not supported
         target = ex.target
         if target[:1] != b"/" and target != b"*" and not ex.bad:
@@ -1187,8 +1483,8 @@ class _Downstream:
         ex.head_done = True
         if ex is self.queue[0]:
             self._dispatch(ex)
-            if self.switched or self.closing:
-                raise _Stop
+            return self.switched or self.closing
+        return False
 
     def on_body(self, data: bytes) -> None:
         ex = self.cur
@@ -1998,7 +2294,8 @@ class _Upstream:
     __slots__ = ("pool", "key", "transport", "parser", "exchange", "idle_since", "pooled", "closed",
                  "got_bytes", "phase", "lines", "chunked_in", "has_cl", "conn_tokens", "chunked_out",
                  "until_close", "keep", "interim", "read_paused", "write_paused", "uses", "out",
-                 "peer_flags", "skip", "breaker", "connected_at", "sent_at", "doomed", "probing")
+                 "peer_flags", "skip", "breaker", "connected_at", "sent_at", "doomed", "probing",
+                 "mid", "body_left", "whole_keep")
 
     def __init__(self, pool: UpstreamPools, key: tuple[str, int], breaker: Any = None):
         self.pool = pool
@@ -2031,6 +2328,9 @@ class _Upstream:
         self.sent_at = 0.0       # monotonic time the request was written on it when reused (mesh), or 0
         self.doomed = False      # its endpoint left the mesh: close it when its exchange ends
         self.probing = False     # the kernel probes the peer; ETIMEDOUT means it vanished
+        self.mid = False         # httptools is inside a response
+        self.body_left = 0       # Content-Length bytes still to come of a head taken whole
+        self.whole_keep = False  # ... and whether its connection persists
 
     def attach(self, ex: Exchange) -> None:
         self.exchange = ex
@@ -2077,8 +2377,11 @@ class _Upstream:
                 self.probing = False  # the peer answered: no more keepalive probes (back to the pool)
                 stop_probing(self.transport)
         out = self.out = []
+        if WHOLE_HEADS and (self.body_left or (self.phase == _WAIT_HEAD and not self.mid)):
+            data = self._feed_whole(data, ex)
         try:
-            self.parser.feed_data(data)
+            if data:
+                self.parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as exc:
             if out:
                 self._flush(ex, out)
@@ -2105,6 +2408,67 @@ class _Upstream:
         if self.phase == _DONE and self.exchange is ex:
             self.exchange = None
             ex.down._response_done(ex, self, self.keep, ex.close_after)
+
+    def _feed_whole(self, data: bytes, ex: Exchange) -> bytes:
+        """Take a whole response head (scan_fields) and its Content-Length body from `data`;
+        what is left (from the start of a message) is httptools' to parse."""
+        left = self.body_left
+        pos = 0
+        if not left:
+            end = data.find(b"\r\n\r\n", 0, MAX_HEAD)
+            if end < 0:
+                return data
+            pos = self._whole_head(data, end, ex)
+            if pos < 0:
+                return data
+            left = self.body_left
+            if not left:
+                return data[pos:]
+        n = len(data)
+        take = n - pos if n - pos < left else left
+        self.body_left = left - take
+        self.on_body(data if take == n else data[pos:pos + take])
+        pos += take
+        if not self.body_left:
+            self._message_done(self.whole_keep)
+        return data[pos:]
+
+    def _whole_head(self, data: bytes, end: int, ex: Exchange) -> int:
+        """The response whose head is data[:end + 4], taken whole: where its body starts, or -1 for
+        httptools to parse it (not plain syntax; 1xx, chunked, no Content-Length...)."""
+        eol = line_end(data, 0, end)
+        line = split_status_line(data, 0, eol)
+        if line is None:
+            return -1
+        fields = (scan_fields(data, eol + 2, end + 2, RESPONSE_HEADERS, _RESPONSE_TABLE, True)
+                  if eol < end else [])
+        if fields is None:
+            return -1
+        framing = whole_framing(fields, True)
+        if framing is None:
+            return -1
+        size, connection = framing
+        status, http10 = line
+        bodiless = ex.is_head or status == 204 or status == 304
+        if size < 0 and not bodiless:
+            return -1   # the body ends with the connection: httptools reads it
+        keep = _keep_alive(http10, connection)
+        self.on_message_begin()
+        self.mid = False   # httptools has not seen it
+        lines = self.lines
+        for k in range(0, len(fields), 3):
+            if fields[k + 1] is None:
+                lines.append(fields[k])   # raw lines passed on as they came
+            else:
+                self._header(fields[k], fields[k + 1], fields[k + 2])
+        self._status_head(status, keep)
+        if self.phase != _DONE:
+            if bodiless or size == 0:
+                self._message_done(keep)
+            else:
+                self.body_left = size
+                self.whole_keep = keep
+        return end + 4
 
     @staticmethod
     def _flush(ex: Exchange, out: list) -> None:
@@ -2151,6 +2515,7 @@ class _Upstream:
     def on_message_begin(self) -> None:
         if self.phase == _DONE:
             raise _Stop  # a second response to one request: the connection is broken
+        self.mid = True
         self.lines = []
         self.chunked_in = False
         self.has_cl = False
@@ -2158,7 +2523,10 @@ class _Upstream:
         self.peer_flags = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        act = RESPONSE_HEADERS.get(name.lower())
+        self._header(name, value, RESPONSE_HEADERS.get(name.lower()))
+
+    def _header(self, name: bytes, value: bytes, act: int | None) -> None:
+        """The response header `name: value` taken by its action (H_*, or None: passed on)."""
         if act is None:
             self.lines += (name, b": ", value, b"\r\n")
         elif act == H_CL:
@@ -2174,8 +2542,13 @@ class _Upstream:
             self.conn_tokens = _connection_tokens(value, self.conn_tokens)
 
     def on_headers_complete(self) -> None:
+        p = self.parser
+        self._status_head(p.get_status_code(), p.should_keep_alive())
+
+    def _status_head(self, status: int, keep: bool) -> None:
+        """The response head is complete: pass it on (or to the retry layer); `keep`: the
+        connection persists after this response."""
         ex = self.exchange
-        status = self.parser.get_status_code()
         lines = self.lines
         if self.conn_tokens:
             lines = _drop_named(lines, self.conn_tokens)
@@ -2191,9 +2564,7 @@ class _Upstream:
             self.skip = True
             self.phase = _SKIP
             if ex.is_head:
-                self.keep = self.parser.should_keep_alive()
-                self.phase = _DONE
-                self.parser = HttpResponseParser(self)
+                self._head_done(keep)
             return
         ex.status = status
         ex.resp_started = True
@@ -2224,9 +2595,14 @@ class _Upstream:
         self.out.append(b"".join(parts))
         self.phase = _BODY
         if ex.is_head:
-            # httptools cannot be told a HEAD response has no body: finish here, fresh parser next.
-            self.keep = self.parser.should_keep_alive()
-            self.phase = _DONE
+            self._head_done(keep)
+
+    def _head_done(self, keep: bool) -> None:
+        # httptools cannot be told a HEAD response has no body: finish here, fresh parser next.
+        self.keep = keep
+        self.phase = _DONE
+        if self.mid:
+            self.mid = False
             self.parser = HttpResponseParser(self)
 
     def on_body(self, data: bytes) -> None:
@@ -2239,18 +2615,22 @@ class _Upstream:
             self.out.append(data)
 
     def on_message_complete(self) -> None:
+        self.mid = False
+        self._message_done(self.parser.should_keep_alive())
+
+    def _message_done(self, keep: bool) -> None:
         if self.interim:
             self.interim = False
             return
         if self.phase == _SKIP:
-            self.keep = self.parser.should_keep_alive()
+            self.keep = keep
             self.phase = _DONE
             return
         if self.phase != _BODY:
             return  # the end of a HEAD response's head, already finished
         if self.chunked_out:
             self.out.append(b"0\r\n\r\n")
-        self.keep = self.parser.should_keep_alive()
+        self.keep = keep
         self.phase = _DONE
 
 

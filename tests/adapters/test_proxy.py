@@ -219,11 +219,16 @@ class Responses:
         return self.items
 
 
-async def raw_call(port: int, data: bytes, n: int = 1) -> tuple[list[dict], bool]:
-    """Send raw bytes, read `n` responses; returns them and whether the server then closed."""
+async def raw_call(port: int, data: bytes, n: int = 1, size: int = 0) -> tuple[list[dict], bool]:
+    """Send raw bytes (`size` at a time, each piece its own write), read `n` responses; returns them
+    and whether the server then closed."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(data)
+        for i in range(0, len(data), size or len(data) or 1):
+            writer.write(data[i:i + (size or len(data))])
+            if size:
+                await writer.drain()
+                await asyncio.sleep(0)   # let the proxy read each piece on its own
         items = await Responses().read(reader, n)
         last = items[-1] if items else {}
         closed = last.get("eof") or (last.get("headers", {}).get("connection") == "close"
@@ -777,6 +782,134 @@ async def _malformed():
 
 def test_malformed_request_is_400_and_closed(run):
     run(_malformed)
+
+
+# ---- heads taken whole (compiled) or by httptools: the same answers -------------------------------------
+
+async def _heads_in_pieces():
+    async with AsyncExitStack() as stack:
+        mesh = await Mesh(stack).start(mode="transparent", original_dst=lambda t: None)
+        reqs = b"GET /echo?n=1 HTTP/1.1\r\nHost: payments\r\nX-A:  spaced value \t\r\nX-Empty:\r\n\r\n"
+        reqs += b"POST /count HTTP/1.1\r\nHost: payments\r\nContent-Length: 10\r\n\r\n0123456789"
+        reqs += b"GET /echo?n=3 HTTP/1.0\r\nHost: payments\r\nConnection: keep-alive\r\n\r\n"
+        reqs += b"GET /echo?n=last HTTP/1.1\r\nHost: payments\r\nConnection: close\r\n\r\n"
+        for size in (len(reqs), 1, 7, 64):
+            items, closed = await raw_call(mesh.out_port, reqs, n=4, size=size)
+            assert [i["status"] for i in items] == [200] * 4, size
+            first = json.loads(items[0]["body"])
+            assert first["query"] == "n=1" and first["headers"]["x-a"] == "spaced value", size
+            assert first["headers"]["x-empty"] == ""
+            assert json.loads(items[1]["body"])["len"] == 10, size
+            assert json.loads(items[2]["body"])["query"] == "n=3"
+            assert items[2]["headers"]["connection"] == "keep-alive"
+            assert json.loads(items[3]["body"])["query"] == "n=last" and closed, size
+
+
+def test_requests_in_any_pieces_get_the_same_answers(run):
+    run(_heads_in_pieces)
+
+
+async def _nothing_after_close():
+    seen: list[bytes] = []
+
+    async def app(reader, writer):
+        while True:
+            head, _ = await read_request(reader)
+            seen.append(head.split(b"\r\n", 1)[0])
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with AsyncExitStack() as stack:
+        raw = await RawServer(app).start()
+        stack.push_async_callback(raw.stop)
+        mesh = await Mesh(stack).start(app_port=raw.port, mode="transparent", original_dst=lambda t: None)
+        for first in (b"GET /a HTTP/1.1\r\nHost: payments\r\nConnection: close\r\n\r\n",
+                      b"GET /a HTTP/1.0\r\nHost: payments\r\n\r\n"):
+            seen.clear()
+            items, closed = await raw_call(mesh.out_port, first + b"GET /b HTTP/1.1\r\nHost: payments\r\n\r\n")
+            assert items[0]["status"] == 200 and closed, first
+            assert seen == [b"GET /a HTTP/1.1"], seen   # RFC 9112 9.6: /b is not processed
+
+
+def test_no_request_is_processed_after_one_that_closes(run):
+    run(_nothing_after_close)
+
+
+async def _refused_syntax():
+    async with AsyncExitStack() as stack:
+        mesh = await Mesh(stack).start(mode="transparent", original_dst=lambda t: None)
+        for junk in (b"GET /echo HTTP/1.1\r\nHost : payments\r\n\r\n",        # space before the colon
+                     b"GET /echo HTTP/1.1\r\nHost: payments\r\nX-A: a\x01b\r\n\r\n",  # a control character
+                     b"GET /echo HTTP/1.1\r\nHost: payments\r\nContent-Length: 1\r\n"
+                     b"Content-Length: 2\r\n\r\nab",                                 # two lengths
+                     b"GET /echo HTTP/1.1\r\nHost: payments\r\nContent-Length: -1\r\n\r\n",
+                     b"GET /echo HTTP/1.1\r\nHost: payments\r\nContent-Length: 1\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"):          # smuggling shape
+            (resp,), closed = await raw_call(mesh.out_port, junk)
+            assert resp["status"] == 400 and closed, junk
+        # An extension method (not taken whole) still goes through.
+        (resp,), _ = await raw_call(mesh.out_port, b"PROPFIND /echo HTTP/1.1\r\nHost: payments\r\n\r\n")
+        assert resp["status"] == 200 and json.loads(resp["body"])["method"] == "PROPFIND"
+
+
+def test_heads_outside_plain_syntax_get_httptools_answer(run):
+    run(_refused_syntax)
+
+
+async def _responses_in_pieces():
+    answers = {
+        b"/cl": b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-A:  v  \r\n\r\nhello world",
+        b"/empty": b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"/204": b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"/junk": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA BYTES",
+    }
+    size = 1
+
+    async def app(reader, writer):
+        while True:
+            head, _ = await read_request(reader)
+            method, path = head.split(b" ")[:2]
+            answer = answers[path]
+            if method == b"HEAD":
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n"
+            for i in range(0, len(answer), size):
+                writer.write(answer[i:i + size])
+                await writer.drain()
+                await asyncio.sleep(0)
+
+    async with AsyncExitStack() as stack:
+        raw = await RawServer(app).start()
+        stack.push_async_callback(raw.stop)
+        mesh = await Mesh(stack).start(app_port=raw.port, mode="transparent", original_dst=lambda t: None)
+        for size in (1000, 1, 3):
+            reqs = b"".join(b"GET %s HTTP/1.1\r\nHost: payments\r\n\r\n" % p
+                            for p in (b"/cl", b"/empty", b"/204", b"/chunked", b"/cl"))
+            items, _ = await raw_call(mesh.out_port, reqs, n=5)
+            assert [i["status"] for i in items] == [200, 200, 204, 200, 200], size
+            # The same field value (RFC 9110 5.5: OWS around it is not part of it), however parsed.
+            assert items[0]["body"] == b"hello world" and items[0]["headers"]["x-a"].strip() == "v", size
+            assert items[1]["body"] == b"" and items[2]["body"] == b""
+            assert items[3]["body"] == b"hello" and items[4]["body"] == b"hello world", size
+            # HEAD: the head alone (its Content-Length as the GET's), then the next answer.
+            reader, writer = await asyncio.open_connection("127.0.0.1", mesh.out_port)
+            writer.write(b"HEAD /cl HTTP/1.1\r\nHost: payments\r\n\r\nGET /cl HTTP/1.1\r\nHost: payments\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), GUARD_S)
+            (after,) = await Responses().read(reader, 1)
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 11\r\n" in head.lower(), size
+            assert after["body"] == b"hello world", size
+        assert raw.connections == 1   # every answer left the inbound's connection to the app reusable
+        # Bytes after a complete response: answered, and that connection is not reused.
+        (resp,), _ = await raw_call(mesh.out_port, b"GET /junk HTTP/1.1\r\nHost: payments\r\n\r\n")
+        assert resp["status"] == 200 and resp["body"] == b"ok"
+        (resp,), _ = await raw_call(mesh.out_port, b"GET /cl HTTP/1.1\r\nHost: payments\r\n\r\n")
+        assert resp["body"] == b"hello world"
+        await eventually(lambda: raw.connections == 2)
+
+
+def test_responses_in_any_pieces_get_the_same_answers(run):
+    run(_responses_in_pieces)
 
 
 # ---- passthrough and TCP -----------------------------------------------------------------------------

@@ -27,6 +27,8 @@ def test_ci_tests_the_compiled_data_path() -> None:
     for cls, attr in ((proxy.Exchange, "status"), (proxy._Downstream, "paused"), (proxy._Upstream, "phase")):
         assert type(cls.__dict__[attr]).__name__ == "getset_descriptor", (cls, attr)
         assert not cls.__flags__ & (1 << 9), f"{cls.__name__} is a heap (Python) type"  # Py_TPFLAGS_HEAPTYPE
+    # Compiled, heads that arrive whole in plain syntax are split by the proxy (test_whole_heads).
+    assert proxy.WHOLE_HEADS is True
 
 
 def test_compiled_module_is_not_older_than_its_sources() -> None:

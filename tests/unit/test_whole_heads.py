@@ -1,0 +1,134 @@
+"""The head splitting of sidecar.proxy's compiled build (WHOLE_HEADS): what it takes, what it leaves.
+
+Whatever these functions refuse (None) is parsed by httptools instead, so each refusal below is a
+head that must not be taken whole; each accepted one must come out as httptools would read it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.proxy import (
+    H_CL, H_CONNECTION, H_DROP, H_HOST, H_TE, INBOUND_REQUEST_HEADERS, RESPONSE_HEADERS, _decimal,
+    _keep_alive, line_end, name_table, scan_fields, split_request_line, split_status_line,
+)
+
+REQ_TABLE = name_table(INBOUND_REQUEST_HEADERS)
+RESP_TABLE = name_table(RESPONSE_HEADERS)
+
+
+def fields_of(lines: bytes, names=INBOUND_REQUEST_HEADERS, table=REQ_TABLE, runs=False):
+    head = lines + b"\r\n"   # the blank line
+    return scan_fields(head, 0, len(head) - 2, names, table, runs)
+
+
+@pytest.mark.parametrize("lines, expect", [
+    (b"", []),
+    (b"Host: a\r\n", [b"Host", b"a", H_HOST]),
+    (b"X-A:  v  \t\r\n", [b"X-A", b"v", None]),                   # OWS both sides is not the value
+    (b"X-Empty:\r\n", [b"X-Empty", b"", None]),
+    (b"X-Obs: caf\xc3\xa9\r\n", [b"X-Obs", b"caf\xc3\xa9", None]),  # obs-text passes
+    (b"CONTENT-LENGTH: 5\r\nTransfer-Encoding: chunked\r\n",
+     [b"CONTENT-LENGTH", b"5", H_CL, b"Transfer-Encoding", b"chunked", H_TE]),
+    (b"Connection: close\r\nKeep-Alive: 5\r\n", [b"Connection", b"close", H_CONNECTION, b"Keep-Alive", b"5", H_DROP]),
+])
+def test_plain_fields_are_split_with_their_actions(lines, expect):
+    assert fields_of(lines) == expect
+
+
+@pytest.mark.parametrize("lines", [
+    b"Host : a\r\n",            # space before the colon (RFC 9112 5.1: must be rejected)
+    b" Host: a\r\n",            # obs-fold / leading whitespace
+    b"X-A: a\r\n  b\r\n",       # obs-fold continuation
+    b"X-A: a\x01b\r\n",         # a control character
+    b"X-A: a\x00\r\n",
+    b"X-A: a\nX-B: b\r\n",      # a bare LF
+    b"X-A: a\rX-B: b\r\n",      # a bare CR
+    b": a\r\n",                 # no name
+    b"X\x7fA: a\r\n",           # not a token character
+    b"X-A a\r\n",               # no colon
+])
+def test_anything_else_is_left_to_httptools(lines):
+    assert fields_of(lines) is None
+
+
+def test_runs_keep_fields_without_an_action_as_their_raw_lines():
+    lines = (b"Server: nginx\r\nDate: x\r\nContent-Length: 11\r\nX-A:  v  \r\nConnection: keep-alive\r\n"
+             b"ETag: \"1\"\r\n")
+    got = fields_of(lines, RESPONSE_HEADERS, RESP_TABLE, runs=True)
+    assert got == [b"Server: nginx\r\nDate: x\r\n", None, None, b"Content-Length", b"11", H_CL,
+                   b"X-A:  v  \r\n", None, None, b"Connection", b"keep-alive", H_CONNECTION,
+                   b"ETag: \"1\"\r\n", None, None]
+    # Joined back, the raw runs and the split fields are the lines as they came (modulo OWS).
+    assert fields_of(b"Server: nginx\r\n", RESPONSE_HEADERS, RESP_TABLE, runs=True) == [b"Server: nginx\r\n", None, None]
+
+
+def test_the_name_table_only_narrows_lookups():
+    """A name whose (length, first letter) matches an action name is looked up; it still has to be
+    that name to get the action (no false matches), and every action name is found in any case."""
+    for name, act in INBOUND_REQUEST_HEADERS.items():
+        for spelled in (name, name.upper(), name.title()):
+            assert fields_of(spelled + b": v\r\n") == [spelled, b"v", act]
+    assert fields_of(b"Hxst: v\r\n") == [b"Hxst", b"v", None]   # same length and letter as host
+
+
+def test_the_head_must_end_where_the_caller_says():
+    with pytest.raises(ValueError, match="final CRLF"):
+        scan_fields(b"Host: a\r\n", 0, 5, INBOUND_REQUEST_HEADERS, REQ_TABLE, False)
+    with pytest.raises(ValueError):
+        line_end(b"GET / HTTP/1.1", 0, 5)
+
+
+@pytest.mark.parametrize("line, expect", [
+    (b"GET / HTTP/1.1", (b"GET", b"/", False)),
+    (b"POST /a?b=c%20d HTTP/1.0", (b"POST", b"/a?b=c%20d", True)),
+    (b"DELETE /x HTTP/1.1", (b"DELETE", b"/x", False)),
+    (b"CONNECT a:443 HTTP/1.1", None),          # a tunnel: httptools
+    (b"PROPFIND / HTTP/1.1", None),              # an extension method: httptools
+    (b"get / HTTP/1.1", None),                   # methods are case-sensitive
+    (b"GET http://a/ HTTP/1.1", None),           # absolute-form: httptools (explicit proxy)
+    (b"OPTIONS * HTTP/1.1", None),
+    (b"GET  / HTTP/1.1", None),                  # two spaces
+    (b"GET / HTTP/2.0", None),
+    (b"GET / HTTP/1.1 ", None),
+    (b"GET /a\x01 HTTP/1.1", None),
+    (b"GET", None),
+])
+def test_request_lines(line, expect):
+    data = line + b"\r\n\r\n"
+    assert split_request_line(data, 0, line_end(data, 0, len(line))) == expect
+
+
+@pytest.mark.parametrize("line, expect", [
+    (b"HTTP/1.1 200 OK", (200, False)),
+    (b"HTTP/1.0 404 Not Found", (404, True)),
+    (b"HTTP/1.1 204 ", (204, False)),
+    (b"HTTP/1.1 100 Continue", None),            # interim: httptools
+    (b"HTTP/1.1 101 Switching Protocols", None),
+    (b"HTTP/1.1 2x0 OK", None),
+    (b"HTTP/1.1 200", None),
+    (b"HTTP/2 200 OK", None),
+    (b"HTTP/1.1 200 O\x01K", None),
+])
+def test_status_lines(line, expect):
+    data = line + b"\r\n\r\n"
+    assert split_status_line(data, 0, len(line)) == expect
+
+
+@pytest.mark.parametrize("value, expect", [
+    (b"0", 0), (b"11", 11), (b"007", 7), (b"", -1), (b"-1", -1), (b"1 ", -1), (b"+1", -1), (b"1e3", -1),
+    (b"9" * 19, -1),   # beyond what we take whole: httptools decides
+])
+def test_content_length_values(value, expect):
+    assert _decimal(value) == expect
+
+
+@pytest.mark.parametrize("http10, connection, expect", [
+    (False, None, True), (True, None, False),
+    (False, b"close", False), (False, b"Close", False), (True, b"keep-alive", True), (True, b"Keep-Alive", True),
+    (False, b"keep-alive", True), (True, b"close", False),
+    (False, b"Keep-Alive, close", False), (True, b"x-a, keep-alive", True), (True, b"x-a", False),
+    (False, b"upgrade", True),
+])
+def test_keep_alive_as_rfc_9112_9_3(http10, connection, expect):
+    assert _keep_alive(http10, connection) is expect
