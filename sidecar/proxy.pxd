@@ -20,8 +20,8 @@ cpdef Py_ssize_t line_end(bytes data, Py_ssize_t pos, Py_ssize_t end)
 @cython.locals(p="const unsigned char *", tables=bytes, vchar="const unsigned char *", status=int,
                i=Py_ssize_t, c=int, http10=bint)
 cpdef tuple split_status_line(bytes data, Py_ssize_t pos, Py_ssize_t eol)
-@cython.locals(size=Py_ssize_t, k=Py_ssize_t)
-cpdef tuple whole_framing(list fields, bint response)
+@cython.locals(fields=list, size=Py_ssize_t, k=Py_ssize_t)
+cpdef tuple split_head_fields(bytes data, Py_ssize_t eol, Py_ssize_t end, dict names, bytes table, bint response)
 cpdef Py_ssize_t _decimal(bytes value)
 cpdef bint _keep_alive(bint http10, connection)
 cpdef _connection_tokens(bytes value, into)
@@ -137,7 +137,7 @@ cdef class _Downstream:
     @cython.locals(pos=Py_ssize_t, n=Py_ssize_t, left=Py_ssize_t, take=Py_ssize_t, end=Py_ssize_t,
                    taken=Py_ssize_t, last=Exchange)
     cpdef bytes _feed_whole(self, bytes data)
-    @cython.locals(eol=Py_ssize_t, fields=list, size=Py_ssize_t, k=Py_ssize_t, ex=Exchange, framing=tuple)
+    @cython.locals(eol=Py_ssize_t, fields=list, size=Py_ssize_t, k=Py_ssize_t, ex=Exchange, head=tuple)
     cpdef Py_ssize_t _whole_head(self, bytes data, Py_ssize_t pos, Py_ssize_t end)
     cpdef _header(self, Exchange ex, bytes name, bytes value, act)
     cpdef bint _headers_done(self, Exchange ex, bytes method, bint keep_alive, bint http10, bint upgrade)
@@ -206,7 +206,7 @@ cdef class _Upstream:
     @cython.locals(left=Py_ssize_t, pos=Py_ssize_t, end=Py_ssize_t, n=Py_ssize_t, take=Py_ssize_t)
     cpdef bytes _feed_whole(self, bytes data, Exchange ex)
     @cython.locals(eol=Py_ssize_t, fields=list, size=Py_ssize_t, k=Py_ssize_t, status=int,
-                   bodiless=bint, keep=bint, lines=list, framing=tuple)
+                   bodiless=bint, keep=bint, lines=list, head=tuple)
     cpdef Py_ssize_t _whole_head(self, bytes data, Py_ssize_t end, Exchange ex)
     cpdef on_message_begin(self)
     cpdef on_header(self, name, value)

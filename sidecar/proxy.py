@@ -147,10 +147,11 @@ H_FLAGS = 10          # response x-mesh-flags: kept and noted (a peer inbound's 
 H_TRACEPARENT = 11    # W3C traceparent: noted and dropped; re-emitted with this hop's span id
 H_B3 = 12             # B3 (b3, x-b3-*): noted and dropped; re-emitted in kind (meshcore.tracing)
 H_TRACESTATE = 13     # W3C tracestate: noted and dropped; re-emitted only when the trace continues
+H_UPGRADE = 14        # upgrade: dropped (httptools parses a request that has it, see split_head_fields)
 
 HOP_BY_HOP = {
     b"connection": H_CONNECTION, b"keep-alive": H_DROP, b"proxy-connection": H_DROP, b"te": H_DROP,
-    b"transfer-encoding": H_TE, b"upgrade": H_DROP, b"proxy-authorization": H_DROP,
+    b"transfer-encoding": H_TE, b"upgrade": H_UPGRADE, b"proxy-authorization": H_DROP,
     b"proxy-authenticate": H_DROP,
 }
 _REQUEST_BASE = {**HOP_BY_HOP, b"content-length": H_CL, b"host": H_HOST, b"expect": H_EXPECT,
@@ -338,10 +339,16 @@ def split_status_line(data: bytes, pos: int, eol: int) -> tuple | None:
     return status, http10
 
 
-def whole_framing(fields: list, response: bool) -> tuple | None:
-    """(Content-Length or -1, the Connection value or None) of scan_fields' fields, or None when the
-    message is httptools' to frame: Transfer-Encoding, a bad or second Content-Length, a request's
-    Upgrade, a response's Connection naming headers to drop (its lines are raw runs, see scan_fields)."""
+def split_head_fields(data: bytes, eol: int, end: int, names: dict, table: bytes,
+                      response: bool) -> tuple | None:
+    """(fields, Content-Length or -1, the Connection value or None) of the head data[:end + 4] whose
+    start line ends at `eol`: its fields as scan_fields splits them (a response's action-free lines
+    as raw runs). None when the head is httptools' to parse: not plain syntax, Transfer-Encoding, a
+    bad or second Content-Length, a request's Upgrade, a response's Connection naming headers to drop
+    (its lines are raw runs)."""
+    fields = scan_fields(data, eol + 2, end + 2, names, table, response) if eol < end else []
+    if fields is None:
+        return None
     size = -1
     connection = None
     for k in range(0, len(fields), 3):
@@ -361,9 +368,9 @@ def whole_framing(fields: list, response: bool) -> tuple | None:
             if response and _connection_tokens(value, None) is not None:
                 return None
             connection = value if connection is None else connection + b"," + value
-        elif act == H_DROP and not response and fields[k].lower() == b"upgrade":
+        elif act == H_UPGRADE and not response:
             return None
-    return size, connection
+    return fields, size, connection
 
 
 def _decimal(value: bytes) -> int:
@@ -1333,14 +1340,10 @@ class _Downstream:
         line = split_request_line(data, pos, eol)
         if line is None:
             return -1
-        fields = (scan_fields(data, eol + 2, end + 2, self.actions, self.stack.header_table, False)
-                  if eol < end else [])
-        if fields is None:
+        head = split_head_fields(data, eol, end, self.actions, self.stack.header_table, False)
+        if head is None:
             return -1
-        framing = whole_framing(fields, False)
-        if framing is None:
-            return -1
-        size, connection = framing
+        fields, size, connection = head
         method, target, http10 = line
         self.on_message_begin()
         ex = self.cur
@@ -2440,14 +2443,10 @@ class _Upstream:
         line = split_status_line(data, 0, eol)
         if line is None:
             return -1
-        fields = (scan_fields(data, eol + 2, end + 2, RESPONSE_HEADERS, _RESPONSE_TABLE, True)
-                  if eol < end else [])
-        if fields is None:
+        head = split_head_fields(data, eol, end, RESPONSE_HEADERS, _RESPONSE_TABLE, True)
+        if head is None:
             return -1
-        framing = whole_framing(fields, True)
-        if framing is None:
-            return -1
-        size, connection = framing
+        fields, size, connection = head
         status, http10 = line
         bodiless = ex.is_head or status == 204 or status == 304
         if size < 0 and not bodiless:

@@ -223,9 +223,10 @@ async def raw_call(port: int, data: bytes, n: int = 1, size: int = 0) -> tuple[l
     """Send raw bytes (`size` at a time, each piece its own write), read `n` responses; returns them
     and whether the server then closed."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    step = size or len(data) or 1
     try:
-        for i in range(0, len(data), size or len(data) or 1):
-            writer.write(data[i:i + (size or len(data))])
+        for i in range(0, len(data), step):
+            writer.write(data[i:i + step])
             if size:
                 await writer.drain()
                 await asyncio.sleep(0)   # let the proxy read each piece on its own
@@ -301,6 +302,14 @@ class Mesh:
                                   timeout=aiohttp.ClientTimeout(total=GUARD_S))
         self.stack.push_async_callback(s.close)
         return s
+
+
+async def transparent_mesh_on(stack: AsyncExitStack, handler) -> tuple[RawServer, Mesh]:
+    """A RawServer running `handler` as the app, behind a mesh in transparent mode (routed by Host)."""
+    raw = await RawServer(handler).start()
+    stack.push_async_callback(raw.stop)
+    mesh = await Mesh(stack).start(app_port=raw.port, mode="transparent", original_dst=lambda t: None)
+    return raw, mesh
 
 
 def sample(state: ProxyState, name: str, **labels) -> float | None:
@@ -531,9 +540,7 @@ async def _until_close_response():
         await writer.drain()
 
     async with AsyncExitStack() as stack:
-        raw = await RawServer(app).start()
-        stack.push_async_callback(raw.stop)
-        mesh = await Mesh(stack).start(app_port=raw.port, mode="transparent", original_dst=lambda t: None)
+        raw, mesh = await transparent_mesh_on(stack, app)
         (resp,), closed = await raw_call(mesh.out_port, b"GET / HTTP/1.1\r\nHost: payments\r\n\r\n")
         assert resp["body"] == b"no length, ends with the connection"
         assert resp["headers"]["connection"] == "close" and closed
@@ -637,9 +644,7 @@ async def _backpressure_response():
         state["done"] = True
 
     async with AsyncExitStack() as stack:
-        raw = await RawServer(app).start()
-        stack.push_async_callback(raw.stop)
-        mesh = await Mesh(stack).start(app_port=raw.port, mode="transparent", original_dst=lambda t: None)
+        raw, mesh = await transparent_mesh_on(stack, app)
         reader, writer = await asyncio.open_connection("127.0.0.1", mesh.out_port)
         writer.write(b"GET / HTTP/1.1\r\nHost: payments\r\n\r\n")
         # The client reads nothing: the app must end up blocked, far from done.
@@ -673,9 +678,7 @@ async def _backpressure_request():
         await writer.drain()
 
     async with AsyncExitStack() as stack:
-        raw = await RawServer(app).start()
-        stack.push_async_callback(raw.stop)
-        mesh = await Mesh(stack).start(app_port=raw.port, mode="transparent", original_dst=lambda t: None)
+        raw, mesh = await transparent_mesh_on(stack, app)
         reader, writer = await asyncio.open_connection("127.0.0.1", mesh.out_port)
         writer.write(b"POST / HTTP/1.1\r\nHost: payments\r\nContent-Length: %d\r\n\r\n" % TOTAL)
         sent = {"n": 0, "blocked": False}
@@ -820,9 +823,7 @@ async def _nothing_after_close():
             await writer.drain()
 
     async with AsyncExitStack() as stack:
-        raw = await RawServer(app).start()
-        stack.push_async_callback(raw.stop)
-        mesh = await Mesh(stack).start(app_port=raw.port, mode="transparent", original_dst=lambda t: None)
+        raw, mesh = await transparent_mesh_on(stack, app)
         for first in (b"GET /a HTTP/1.1\r\nHost: payments\r\nConnection: close\r\n\r\n",
                       b"GET /a HTTP/1.0\r\nHost: payments\r\n\r\n"):
             seen.clear()
@@ -879,9 +880,7 @@ async def _responses_in_pieces():
                 await asyncio.sleep(0)
 
     async with AsyncExitStack() as stack:
-        raw = await RawServer(app).start()
-        stack.push_async_callback(raw.stop)
-        mesh = await Mesh(stack).start(app_port=raw.port, mode="transparent", original_dst=lambda t: None)
+        raw, mesh = await transparent_mesh_on(stack, app)
         for size in (1000, 1, 3):
             reqs = b"".join(b"GET %s HTTP/1.1\r\nHost: payments\r\n\r\n" % p
                             for p in (b"/cl", b"/empty", b"/204", b"/chunked", b"/cl"))

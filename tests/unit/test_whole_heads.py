@@ -10,7 +10,8 @@ import pytest
 
 from sidecar.proxy import (
     H_CL, H_CONNECTION, H_DROP, H_HOST, H_TE, INBOUND_REQUEST_HEADERS, RESPONSE_HEADERS, _decimal,
-    _keep_alive, line_end, name_table, scan_fields, split_request_line, split_status_line,
+    _keep_alive, line_end, name_table, scan_fields, split_head_fields, split_request_line,
+    split_status_line,
 )
 
 REQ_TABLE = name_table(INBOUND_REQUEST_HEADERS)
@@ -77,6 +78,28 @@ def test_the_head_must_end_where_the_caller_says():
         scan_fields(b"Host: a\r\n", 0, 5, INBOUND_REQUEST_HEADERS, REQ_TABLE, False)
     with pytest.raises(ValueError):
         line_end(b"GET / HTTP/1.1", 0, 5)
+
+
+@pytest.mark.parametrize("lines, response, expect", [
+    (b"Host: a\r\n", False, ([b"Host", b"a", H_HOST], -1, None)),
+    (b"Content-Length: 3\r\nConnection: keep-alive\r\n", False,
+     ([b"Content-Length", b"3", H_CL, b"Connection", b"keep-alive", H_CONNECTION], 3, b"keep-alive")),
+    (b"Connection: a\r\nConnection: close\r\n", False,
+     ([b"Connection", b"a", H_CONNECTION, b"Connection", b"close", H_CONNECTION], -1, b"a,close")),
+    (b"Server: x\r\nContent-Length: 0\r\n", True, ([b"Server: x\r\n", None, None, b"Content-Length", b"0", H_CL], 0, None)),
+    (b"Transfer-Encoding: chunked\r\n", False, None),
+    (b"Transfer-Encoding: chunked\r\n", True, None),
+    (b"Content-Length: 1\r\nContent-Length: 1\r\n", False, None),   # a second length
+    (b"Content-Length: 1x\r\n", True, None),
+    (b"Upgrade: websocket\r\n", False, None),                        # a request's Upgrade
+    (b"Connection: keep-alive, X-Hop\r\n", True, None),             # names a header to drop
+    (b"Host : a\r\n", False, None),                                 # not plain syntax
+])
+def test_head_fields_and_their_framing(lines, response, expect):
+    head = b"GET / HTTP/1.1\r\n" + lines + b"\r\n"
+    eol = line_end(head, 0, len(head) - 4)
+    names, table = (RESPONSE_HEADERS, RESP_TABLE) if response else (INBOUND_REQUEST_HEADERS, REQ_TABLE)
+    assert split_head_fields(head, eol, len(head) - 4, names, table, response) == expect
 
 
 @pytest.mark.parametrize("line, expect", [
