@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from binascii import hexlify
 import math
 from random import random as _uniform  # not `import random`: ProxyState.random would shadow it (Cython)
 import socket
@@ -49,7 +50,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, Htt
 from meshcore.lb import DEFAULT_MAX_TRIES, connect_tries, merge_exclusions, pick_p2c
 from meshcore.resilience import DI, FI, RL, UO, URX, UT, backoff_delay, should_retry
 from meshcore.snapshot import Snapshot
-from meshcore.tracing import ACCESS_FULL, B3_MULTI, B3_SINGLE, TRACEPARENT, TRACESTATE
+from meshcore.tracing import ACCESS_FULL, B3_MULTI, B3_SINGLE, TRACEPARENT, TRACESTATE, TraceContext
 
 from .routing import (
     EMPTY_TABLE, PASSTHROUGH, UNKNOWN, Cluster, RouteTable, build_route_table, find_by_address,
@@ -443,6 +444,77 @@ def _send(transport: asyncio.Transport, parts: list | tuple) -> None:
         transport.write(b"".join(parts))
     else:
         transport.writelines(parts)
+
+
+# ---- trace context ------------------------------------------------------------------------------
+
+_MASK64, _MASK128 = (1 << 64) - 1, (1 << 128) - 1
+# 1 for a lowercase hex digit (W3C Trace Context 3.2.2: ids and flags are lowercase hex), else 0
+_LOWER_HEX = bytes(1 if c in b"0123456789abcdef" else 0 for c in range(256))
+_ODD_HEX = bytes(1 if c in b"13579bdf" else 0 for c in range(256))   # trace-flags bit 0: sampled
+_DASH = 0x2D
+
+
+def _trace_id_ok(tp: bytes, start: int, end: int) -> bool:
+    """tp[start:end] is lowercase hex digits, not all zeros (W3C Trace Context 3.2.2.3, 3.2.2.4)."""
+    p = tp
+    table = _LOWER_HEX
+    hexes = table
+    zero = True
+    i = start
+    while i < end:
+        c = p[i]
+        if not hexes[c]:
+            return False
+        if c != 0x30:
+            zero = False
+        i += 1
+    return not zero
+
+
+def canonical_traceparent(tp: bytes) -> bool:
+    """`tp` is a version-00 `traceparent` in canonical form, as meshcore.tracing.continue_traceparent
+    takes it: `00-`, 32 and 16 lowercase hex digits, `-`, 2 hex digits (W3C Trace Context 3.2.2),
+    neither id all zeros."""
+    if len(tp) != 55:
+        return False
+    p = tp
+    table = _LOWER_HEX
+    hexes = table
+    if p[0] != 0x30 or p[1] != 0x30 or p[2] != _DASH or p[35] != _DASH or p[52] != _DASH:
+        return False
+    if not (hexes[p[53]] and hexes[p[54]]):
+        return False
+    return _trace_id_ok(tp, 3, 35) and _trace_id_ok(tp, 36, 52)
+
+
+def begin_trace(tracing: Tracing, tp: bytes | None, b3: dict | None) -> tuple:
+    """`tracing.begin_hop(tp, b3)`, its two common cases done here, in the compiled data path: no
+    trace headers (a new trace) and a canonical `traceparent` without B3 (every mesh hop after the
+    first). The same randomness is drawn in the same order and gives the same context and header
+    lines (tests/unit/test_begin_trace.py); anything else is begin_hop's."""
+    if b3 is not None:
+        return tracing.begin_hop(tp, b3)
+    if tp is None:   # meshcore.tracing.start_hop with no parent, then encode_trace_headers
+        sampled = tracing.rand() < tracing.rate
+        bits = tracing.bits
+        trace_id = (bits(128) & _MASK128) or 1
+        span_id = (bits(64) & _MASK64) or 1
+        return (TraceContext(trace_id, span_id, None, sampled),
+                b"".join((b"traceparent: 00-", hexlify(trace_id.to_bytes(16, "big")), b"-",
+                          hexlify(span_id.to_bytes(8, "big")), b"-01\r\n" if sampled else b"-00\r\n")))
+    if not canonical_traceparent(tp):
+        return tracing.begin_hop(tp, b3)
+    # meshcore.tracing.continue_traceparent: the caller's trace and sampling decision, a new span
+    span_id = (tracing.bits(64) & _MASK64) or 1
+    t = tp
+    table = _ODD_HEX
+    odd = table
+    sampled = odd[t[54]] != 0
+    ctx = TraceContext(0, span_id, None, sampled)
+    ctx._header = tp
+    return ctx, b"".join((b"traceparent: ", tp[:36], hexlify(span_id.to_bytes(8, "big")),
+                          b"-01\r\n" if sampled else b"-00\r\n"))
 
 
 def _dec(counts: dict, key: Any) -> None:
@@ -948,7 +1020,12 @@ class Stack:
 def route_by_host(down: _Downstream, ex: Exchange) -> Cluster | Reply:
     """Outbound route: by Host header, else the original destination; unknown -> passthrough."""
     host = ex.host.decode("latin-1") if ex.host is not None else None
-    cluster = route_outbound(down.state.table, host, ex.dest or down.orig_dst)
+    table = down.state.table
+    if host:
+        hit = table.hosts.get(host)   # route_outbound's first case, a service's exact name, inlined
+        if hit is not None:
+            return hit
+    cluster = route_outbound(table, host, ex.dest or down.orig_dst)
     return cluster if cluster is not None else _NO_ROUTE
 
 
@@ -1564,7 +1641,7 @@ class _Downstream:
         if ex.bad:
             self._reply(ex, 400, FLAG_DOWNSTREAM_PROTOCOL_ERROR, b"bad request\n", close=True)
             return
-        ex.trace, ex.trace_headers = self.state.tracing.begin_hop(ex.tp, ex.b3)  # 0. this hop's trace context
+        ex.trace, ex.trace_headers = begin_trace(self.state.tracing, ex.tp, ex.b3)  # 0. this hop's trace context
         trace = ex.trace
         if ex.ts is not None and trace.is_child:
             # tracestate belongs to the caller's trace: dropped when a new one starts (W3C 3.3.1).
