@@ -35,6 +35,8 @@ cpdef bint _trace_id_ok(bytes tp, Py_ssize_t start, Py_ssize_t end)
 cpdef bint canonical_traceparent(bytes tp)
 @cython.locals(sampled=bint, t="const unsigned char *", table=bytes, odd="const unsigned char *")
 cpdef tuple begin_trace(tracing, tp, b3)
+cpdef count_request(telemetry, reporter, source, source_version, destination, version, status, flags,
+                    double ms)
 cpdef _dec(dict counts, key)
 cpdef route_by_host(_Downstream down, Exchange ex)
 cpdef limit_inbound(_Downstream down, Exchange ex)

@@ -39,6 +39,7 @@ from random import random as _uniform  # not `import random`: ProxyState.random 
 import socket
 import ssl
 import struct
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -58,7 +59,7 @@ from .routing import (
 )
 from .dns import VipAllocator
 from .mirror import MirrorSender, shadow_host
-from .telemetry import NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
+from .telemetry import DURATION_BOUNDS, NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
 from .tracing import Tracing
 from .traffic import (
     LB_RING_HASH, TrafficRegistry, balance_subset, choose_mirror_subset, choose_subset, fault_of,
@@ -515,6 +516,21 @@ def begin_trace(tracing: Tracing, tp: bytes | None, b3: dict | None) -> tuple:
     ctx._header = tp
     return ctx, b"".join((b"traceparent: ", tp[:36], hexlify(span_id.to_bytes(8, "big")),
                           b"-01\r\n" if sampled else b"-00\r\n"))
+
+
+def count_request(telemetry: Telemetry, reporter: str, source: str, source_version: str, destination: str,
+                  version: str, status: int, flags: str, ms: float) -> None:
+    """telemetry.record_request(reporter, source, source_version, destination, destination, version,
+    status, flags, ms): a series already there is counted here, compiled; a new one by record_request."""
+    s = telemetry.series.get((reporter, source, source_version, destination, destination, version, "http",
+                              status, flags))
+    if s is None:
+        telemetry.record_request(reporter, source, source_version, destination, destination, version, status,
+                                 flags, ms)
+        return
+    s.count += 1
+    s.sum += ms
+    s.buckets[bisect_left(DURATION_BOUNDS, ms)] += 1
 
 
 def _dec(counts: dict, key: Any) -> None:
@@ -2201,8 +2217,7 @@ class _Downstream:
             src = caller_of(self, ex)
             srcv = ex.source_version.decode("latin-1") if ex.source_version else UNKNOWN
             dst, ver = state.service, state.version
-            state.telemetry.record_request(REPORTER_DESTINATION, src, srcv, dst, dst, ver,
-                                           ex.status, ex.flags, ms)
+            count_request(state.telemetry, REPORTER_DESTINATION, src, srcv, dst, ver, ex.status, ex.flags, ms)
         else:
             src, srcv = stack.source_name, state.version
             if cluster is None:
@@ -2210,7 +2225,7 @@ class _Downstream:
             else:
                 dst = cluster.name
                 ver = cluster.endpoints[ex.index].version if ex.index is not None else UNKNOWN
-            state.telemetry.record_request(REPORTER_SOURCE, src, srcv, dst, dst, ver, ex.status, ex.flags, ms)
+            count_request(state.telemetry, REPORTER_SOURCE, src, srcv, dst, ver, ex.status, ex.flags, ms)
         trace = ex.trace
         if trace is not None and (trace.sampled or state.tracing.access_mode == ACCESS_FULL
                                   or ex.status >= 500 or ex.status == 0 or ex.flags != NO_FLAGS):

@@ -28,8 +28,8 @@ UNKNOWN = "unknown"
 # Istio's default buckets for istio_request_duration_milliseconds.
 DURATION_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
                        300000, 600000, 1800000, 3600000)
-_BOUNDS = tuple(float(b) for b in DURATION_BUCKETS_MS)
-_BOUND_NAMES = tuple(str(b) for b in _BOUNDS) + ("+Inf",)
+DURATION_BOUNDS = tuple(float(b) for b in DURATION_BUCKETS_MS)   # upper bounds, for bisect_left
+_BOUND_NAMES = tuple(str(b) for b in DURATION_BOUNDS) + ("+Inf",)
 
 REQUEST_LABELS = ("reporter", "source_workload", "source_version", "destination_service",
                   "destination_workload", "destination_version", "request_protocol", "response_code",
@@ -43,7 +43,7 @@ class _Series:
         self.labels = labels
         self.count = 0
         self.sum = 0.0
-        self.buckets = [0] * (len(_BOUNDS) + 1)  # per bucket, not cumulative; last is +Inf
+        self.buckets = [0] * (len(DURATION_BOUNDS) + 1)  # per bucket, not cumulative; last is +Inf
 
 
 class _RequestCollector:
@@ -80,8 +80,10 @@ class Telemetry:
 
     def __init__(self, registry: Registry | None = None, started: float | None = None):
         self.registry = registry if registry is not None else Registry()
-        self._series: dict[tuple, _Series] = {}
-        self.registry.register(_RequestCollector(self._series))
+        # request_key(...) -> its series; sidecar.proxy counts into a series it finds here itself
+        # (the three lines of record_request, compiled) and calls record_request for a new one.
+        self.series: dict[tuple, _Series] = {}
+        self.registry.register(_RequestCollector(self.series))
         # meshd counts a node's first scrape whole when the node started while it watched
         # (meshcore.telemetry.scrape_delta): requests before that scrape are not lost.
         self.start_time = Gauge(NODE_START_TIME_METRIC, "When this node's metrics began, seconds since the epoch.",
@@ -108,17 +110,17 @@ class Telemetry:
         """Count one finished request and observe its duration."""
         key = (reporter, source_workload, source_version, destination_service, destination_workload,
                destination_version, request_protocol, response_code, response_flags)
-        s = self._series.get(key)
+        s = self.series.get(key)
         if s is None:
-            s = self._series[key] = _Series(key[:7] + (str(response_code), response_flags))
+            s = self.series[key] = _Series(key[:7] + (str(response_code), response_flags))
         s.count += 1
         s.sum += duration_ms
-        s.buckets[bisect_left(_BOUNDS, duration_ms)] += 1
+        s.buckets[bisect_left(DURATION_BOUNDS, duration_ms)] += 1
 
     def request_count(self, **labels: str) -> int:
         """Requests recorded whose labels include all of `labels` (for tests and the admin API)."""
         idx = [(REQUEST_LABELS.index(k), v) for k, v in labels.items()]
-        return sum(s.count for s in self._series.values() if all(s.labels[i] == v for i, v in idx))
+        return sum(s.count for s in self.series.values() if all(s.labels[i] == v for i, v in idx))
 
     def record_mirror(self, source_workload: str, destination_service: str, destination_version: str,
                       response_code: int) -> None:
