@@ -3,8 +3,8 @@
     python -m bench.hotpath [--quick] [--json]
 
 No sockets, no event loop: the product's own objects called the way sidecar/proxy.py calls them
-once per request (`_Downstream._dispatch`: Tracing.begin_hop; `_finish_metrics`:
-Telemetry.record_request, and Tracing.finish when the request is sampled or access-logged).
+once per request (`_Downstream._dispatch`: begin_trace; `_finish_metrics`: count_request, and
+Tracing.finish when the request is sampled or access-logged).
 
 Each piece is timed as CPU time of the calling thread (time.thread_time: user + kernel, so the
 access log's write system call counts), `number` calls per repeat, the median of the repeats, minus
@@ -42,10 +42,11 @@ TRACEPARENT_SAMPLED = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 # key -> (title, the sidecar that runs it for each request of the pair)
 PIECES = {
-    "metrics_source": ("metrics: Telemetry.record_request, reporter=source", "outbound"),
-    "metrics_destination": ("metrics: Telemetry.record_request, reporter=destination", "inbound"),
-    "trace_new": ("trace context: Tracing.begin_hop, no traceparent (starts the trace)", "outbound"),
-    "trace_parent": ("trace context: Tracing.begin_hop, with traceparent (continue_traceparent)", "inbound"),
+    "metrics_source": ("metrics: sidecar.proxy.count_request, reporter=source, a known series", "outbound"),
+    "metrics_destination": ("metrics: sidecar.proxy.count_request, reporter=destination, a known series",
+                            "inbound"),
+    "trace_new": ("trace context: sidecar.proxy.begin_trace, no traceparent (starts the trace)", "outbound"),
+    "trace_parent": ("trace context: sidecar.proxy.begin_trace, with a canonical traceparent", "inbound"),
     "span_outbound": ("sampled span: Tracing.finish, client span of a new trace (access log off)", "outbound"),
     "span_inbound": ("sampled span: Tracing.finish, server span with a remote parent (access log off)",
                      "inbound"),
@@ -124,6 +125,7 @@ def run_hotpath(quick: bool = False, seconds: float | None = None, repeats: int 
 
     from meshcore.tracing import ACCESS_FULL, ACCESS_OFF, TelemetrySettings
     from sidecar.telemetry import NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
+    from sidecar.proxy import begin_trace, count_request
     from sidecar.tracing import Tracing
 
     res: dict = {"pieces": {}, "quick": quick, "seconds_per_repeat": seconds, "repeats": repeats,
@@ -131,12 +133,12 @@ def run_hotpath(quick: bool = False, seconds: float | None = None, repeats: int 
     tel = Telemetry()
 
     def metrics(reporter: str) -> Callable[[], None]:
-        rec = tel.record_request
-        return lambda: rec(reporter, SOURCE, VERSION, DEST, DEST, VERSION, 200, NO_FLAGS, MS)
+        # what _Downstream._finish_metrics calls; the first call (not timed) makes the series
+        return lambda: count_request(tel, reporter, SOURCE, VERSION, DEST, VERSION, 200, NO_FLAGS, MS)
 
     def context(tracing: Tracing, tp: bytes | None) -> Callable[[], tuple]:
-        begin_hop = tracing.begin_hop   # what _Downstream._dispatch calls: the context and its header lines
-        return lambda: begin_hop(tp, None)
+        # what _Downstream._dispatch calls: the context and its header lines
+        return lambda: begin_trace(tracing, tp, None)
 
     def finish(tracing: Tracing, ctx, direction: str) -> Callable[[], None]:
         fin = tracing.finish
