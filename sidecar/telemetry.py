@@ -80,8 +80,9 @@ class Telemetry:
 
     def __init__(self, registry: Registry | None = None, started: float | None = None):
         self.registry = registry if registry is not None else Registry()
-        # request_key(...) -> its series; sidecar.proxy counts into a series it finds here itself
-        # (the three lines of record_request, compiled) and calls record_request for a new one.
+        # record_request's key (REQUEST_LABELS' values, response_code an int) -> its series;
+        # sidecar.proxy.count_request counts into a series it finds here itself (the last three
+        # lines of record_request, compiled) and calls record_request for a new one.
         self.series: dict[tuple, _Series] = {}
         self.registry.register(_RequestCollector(self.series))
         # meshd counts a node's first scrape whole when the node started while it watched
