@@ -110,7 +110,7 @@ def test_hotpath(tmp_path):
     assert hp["access_log_line_bytes"] > 100
     assert (tmp_path / "raw" / "hotpath.json").is_file()
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "## Cost of metrics and tracing" in text and "Telemetry.record_request" in text
+    assert "## Cost of metrics and tracing" in text and "sidecar.proxy.count_request" in text
 
 
 def test_datapath_with_wrk_nginx_and_haproxy(tmp_path):
