@@ -33,8 +33,11 @@ Anomalies and decisions (pure state machines: state in, (state, output) out)
   learnt only while healthy (floored at `floor_ms` so sub-millisecond noise does not alert); clears
   when p99 < clear_k (2) x baseline for `recovery_s`.
 - `decide_adaptive_policy`: the control loop. When a destination service's error rate (all versions,
-  worse of its callers' and its own view) reaches MESH_TIGHTEN_ERROR_RATE (default 0.4) on at least `min_requests` requests,
-  meshd tightens its outlier detection (TIGHT_OVERRIDES); when the rate then stays below the
+  worse of its callers' and its own view) reaches MESH_TIGHTEN_ERROR_RATE (default 0.4) on at least
+  `min_requests` requests, and the lower bound of its 95% Wilson score interval does too (a service
+  failing 30% is not tightened because its first 20 requests happened to fail 40%: the tight policy
+  ejects a lone instance after two errors in a row, an outage where retries had kept checkouts
+  going), meshd tightens its outlier detection (TIGHT_OVERRIDES); when the rate then stays below the
   threshold for `recovery_s` (default 60 s) it relaxes back to the service's own labels.
   TIGHT_OVERRIDES (only ever tighter than the service's labels, see `merge_policy_overrides`):
     mesh.outlier.consecutive-5xx       5  -> 2    eject a failing endpoint after 2 errors in a row
@@ -637,6 +640,19 @@ class AdaptiveConfig:
     threshold: float = 0.4        # MESH_TIGHTEN_ERROR_RATE
     min_requests: int = 20
     recovery_s: float = 60.0      # MESH_TIGHTEN_RECOVERY_S: below the threshold this long -> relax
+    z: float = 1.96               # tighten when the 95% Wilson interval's lower bound >= threshold
+
+
+def wilson_lower_bound(errors: float, requests: float, z: float) -> float:
+    """The lower end of the Wilson score interval of an error rate errors/requests (0 for none):
+    the rate the window shows at the least, with the confidence `z` stands for (1.96: 95%)."""
+    if requests <= 0:
+        return 0.0
+    p = min(max(errors / requests, 0.0), 1.0)
+    z2n = z * z / requests
+    centre = p + z2n / 2
+    spread = z * math.sqrt(p * (1 - p) / requests + z2n / (4 * requests))
+    return max(0.0, (centre - spread) / (1 + z2n))
 
 
 @dataclass(frozen=True)
@@ -669,14 +685,19 @@ def decide_adaptive_policy(state: AdaptiveState, window: Stats, now: float,
                f"({int(window.errors)}/{int(window.requests)} requests)")
     bad = enough and rate >= cfg.threshold
     if state.mode != "tight":
-        if bad:
-            return (AdaptiveState(mode="tight", changed_at=now),
-                    AdaptiveAction("tighten", dict(TIGHT_OVERRIDES)),
-                    f"{figures} >= {_pct(cfg.threshold)}: tightening outlier detection "
-                    f"({', '.join(f'{k}={v}' for k, v in TIGHT_OVERRIDES.items())})")
         if not enough:
             return state, None, f"too few requests to judge ({int(window.requests)} < {cfg.min_requests})"
-        return state, None, f"{figures} below {_pct(cfg.threshold)}"
+        if not bad:
+            return state, None, f"{figures} below {_pct(cfg.threshold)}"
+        # Only this step, which can eject, needs the bound; in tight mode the plain rate keeps it tight.
+        low = wilson_lower_bound(window.errors, window.requests, cfg.z)
+        if low < cfg.threshold:
+            return state, None, (f"{figures} >= {_pct(cfg.threshold)}, but too few requests to be sure: "
+                                 f"at least {_pct(low)} (95% Wilson bound)")
+        return (AdaptiveState(mode="tight", changed_at=now),
+                AdaptiveAction("tighten", dict(TIGHT_OVERRIDES)),
+                f"{figures} >= {_pct(cfg.threshold)} (at least {_pct(low)}, 95% Wilson bound): "
+                f"tightening outlier detection ({', '.join(f'{k}={v}' for k, v in TIGHT_OVERRIDES.items())})")
     if bad:
         return replace(state, below_since=None), None, f"{figures} still >= {_pct(cfg.threshold)}: staying tight"
     since = state.below_since if state.below_since is not None else now

@@ -10,7 +10,7 @@ from meshcore.telemetry import (
     Acc, AdaptiveConfig, AdaptiveState, AlarmState, FlowKey, Hist, LatencyConfig, SpikeConfig, Stats,
     TIGHT_OVERRIDES, Window, by_edge, by_service, by_service_version, compare_versions, decide_adaptive_policy,
     dedupe_reporters, detect_error_spike, detect_latency_jump, histogram_quantile, merge_policy_overrides,
-    parse_sample_line, parse_scrape, scrape_delta, summarize,
+    parse_sample_line, parse_scrape, scrape_delta, summarize, wilson_lower_bound,
 )
 
 EXPOSITION = r'''# HELP istio_requests_total Requests handled by the proxy.
@@ -233,8 +233,11 @@ CFG = AdaptiveConfig(threshold=0.2, min_requests=20, recovery_s=60)
 
 
 @pytest.mark.parametrize("state, window, now, action, mode, reason_has", [
-    (AdaptiveState(), _stats(100, 30), 0, "tighten", "tight", "(30/100 requests) >= 20.0%"),
-    (AdaptiveState(), _stats(100, 20), 0, "tighten", "tight", "tightening"),
+    (AdaptiveState(), _stats(100, 30), 0, "tighten", "tight", "(30/100 requests) >= 20.0% (at least 21.9%"),
+    (AdaptiveState(), _stats(20, 8), 0, "tighten", "tight", "tightening"),            # 40%: at least 21.9%
+    (AdaptiveState(), _stats(100, 20), 0, None, "normal", "too few requests to be sure: at least 13.3%"),
+    (AdaptiveState(), _stats(100, 25), 0, None, "normal", "too few requests to be sure"),
+    (AdaptiveState(), _stats(1000, 250), 0, "tighten", "tight", "at least 22.4%"),    # 25%, sure now
     (AdaptiveState(), _stats(100, 19), 0, None, "normal", "below 20.0%"),
     (AdaptiveState(), _stats(10, 10), 0, None, "normal", "too few requests"),
     (AdaptiveState(mode="tight", below_since=50), _stats(100, 40), 100, None, "tight", "staying tight"),
@@ -250,6 +253,24 @@ def test_adaptive_policy_table(state, window, now, action, mode, reason_has):
         assert act.overrides == TIGHT_OVERRIDES
     if action == "relax":
         assert act.overrides is None
+
+
+@pytest.mark.parametrize("errors, requests, low", [
+    (10, 10, 0.7225), (50, 100, 0.4038), (0, 10, 0.0), (8, 20, 0.2188), (100, 200, 0.4314), (0, 0, 0.0),
+])
+def test_wilson_lower_bound(errors, requests, low):
+    assert wilson_lower_bound(errors, requests, 1.96) == pytest.approx(low, abs=1e-4)
+
+
+@pytest.mark.parametrize("requests, errors, action", [
+    (20, 8, None), (20, 12, None), (50, 20, None), (100, 40, None),   # 40-60% of a few: a 30% service's luck
+    (200, 100, "tighten"), (100, 60, "tighten"),                      # half of 200, 60% of 100: sure
+])
+def test_the_default_loop_does_not_tighten_on_a_small_unlucky_window(requests, errors, action):
+    """At the defaults (40%, 20 requests), a window a service failing 30% can show by chance does not
+    tighten it; one that shows 40% or more surely does."""
+    _, act, _ = decide_adaptive_policy(AdaptiveState(), _stats(requests, errors), 0, AdaptiveConfig())
+    assert (act.kind if act else None) == action
 
 
 def test_adaptive_policy_runs_a_whole_episode():
