@@ -10,9 +10,10 @@ cimport cython
 cpdef bytes _status_line(int code)
 cdef int _CR, _LF, _SP, _HTAB, _COLON, _SLASH   # C constants: compared with C chars, not as objects
 @cython.locals(tables=bytes, tables2=bytes, tchar="const unsigned char *", vchar="const unsigned char *",
-               t="const unsigned char *", p="const unsigned char *", s=Py_ssize_t, e=Py_ssize_t,
-               n=Py_ssize_t, ns=Py_ssize_t, run=Py_ssize_t, c=int, out=list)
-cpdef list scan_fields(bytes data, Py_ssize_t i, Py_ssize_t end, dict names, bytes table, bint runs)
+               p="const unsigned char *", s=Py_ssize_t, e=Py_ssize_t, n=Py_ssize_t, ns=Py_ssize_t,
+               run=Py_ssize_t, c=int, out=list, slot=tuple, k=Py_ssize_t, j=Py_ssize_t,
+               q="const unsigned char *")
+cpdef list scan_fields(bytes data, Py_ssize_t i, Py_ssize_t end, dict names, tuple table, bint runs)
 @cython.locals(p="const unsigned char *", sp=Py_ssize_t, i=Py_ssize_t, t=Py_ssize_t, c=int)
 cpdef tuple split_request_line(bytes data, Py_ssize_t pos, Py_ssize_t eol)
 @cython.locals(p="const unsigned char *")
@@ -21,7 +22,7 @@ cpdef Py_ssize_t line_end(bytes data, Py_ssize_t pos, Py_ssize_t end)
                i=Py_ssize_t, c=int, http10=bint)
 cpdef tuple split_status_line(bytes data, Py_ssize_t pos, Py_ssize_t eol)
 @cython.locals(fields=list, size=Py_ssize_t, k=Py_ssize_t)
-cpdef tuple split_head_fields(bytes data, Py_ssize_t eol, Py_ssize_t end, dict names, bytes table, bint response)
+cpdef tuple split_head_fields(bytes data, Py_ssize_t eol, Py_ssize_t end, dict names, tuple table, bint response)
 cpdef Py_ssize_t _decimal(bytes value)
 cpdef bint _keep_alive(bint http10, connection)
 cpdef _connection_tokens(bytes value, into)
@@ -82,7 +83,7 @@ cdef class ProxyState:
 cdef class Stack:
     cdef readonly object direction, reporter, source_name, route
     cdef readonly dict request_headers
-    cdef readonly bytes header_table
+    cdef readonly tuple header_table
     cdef readonly bytes mesh_headers
     cdef readonly object balance
     cdef readonly int max_tries

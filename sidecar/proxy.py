@@ -191,19 +191,24 @@ _WHOLE_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIO
 _CR, _LF, _SP, _HTAB, _COLON, _SLASH = 13, 10, 32, 9, 58, 47
 
 
-def name_table(names: dict) -> bytes:
-    """Which (length, first letter) pairs a name of `names` has: scan_fields looks up only those."""
-    table = bytearray(64 * 32)
-    for name in names:
+def name_table(names: dict) -> tuple:
+    """`names` (lowercase field names -> actions) by (length, first letter) slot: for each of the 2048
+    slots, the (name, action, ...) pairs of the names in it, or None. scan_fields compares a field
+    name only with the names of its slot."""
+    slots: list = [None] * 2048
+    for name, act in names.items():
+        if name != name.lower() or not name:
+            raise ValueError(f"name_table: {name!r} is not a lowercase field name")
         if len(name) < 64:
-            table[(len(name) << 5) | ((name[0] | 0x20) & 31)] = 1
-    return bytes(table)
+            k = (len(name) << 5) | ((name[0] | 0x20) & 31)
+            slots[k] = (slots[k] or ()) + (name, act)
+    return tuple(slots)
 
 
-def scan_fields(data: bytes, i: int, end: int, names: dict, table: bytes, runs: bool) -> list | None:
+def scan_fields(data: bytes, i: int, end: int, names: dict, table: tuple, runs: bool) -> list | None:
     """The header fields of data[i:end] (CRLF-ended lines, data[end:end + 2] the blank line's CRLF)
     as [name, value, action, ...] (values without OWS; action: names' value for the lowercase name,
-    looked up only where `table` (name_table(names)) says it may be there, else None). With `runs`,
+    else None; `table` is name_table(names)). With `runs`,
     consecutive fields without an action come as one [lines, None, None] of their raw bytes. None
     unless every line is `token ":" OWS value OWS` (obs-fold, space before the colon, a control
     character, a bare CR or LF: httptools decides those)."""
@@ -215,7 +220,6 @@ def scan_fields(data: bytes, i: int, end: int, names: dict, table: bytes, runs: 
     tchar = tables
     tables2 = _VCHAR
     vchar = tables2
-    t = table
     p = data
     out: list = []
     run = -1   # start of the current run of raw lines
@@ -227,8 +231,29 @@ def scan_fields(data: bytes, i: int, end: int, names: dict, table: bytes, runs: 
         if n == 0 or p[i] != _COLON:
             return None
         act = None
-        if n < 64 and t[(n << 5) | ((p[s] | 0x20) & 31)]:
-            act = names.get(p[s:i].lower())
+        if n < 64:
+            slot = table[(n << 5) | ((p[s] | 0x20) & 31)]
+            if slot is not None:
+                if COMPILED:
+                    # The slot's names have this length: compared here, ASCII case folded as by
+                    # bytes.lower(), with no bytes made, lowered and hashed for a dict lookup.
+                    k = 0
+                    while k < len(slot):
+                        q = slot[k]
+                        j = 0
+                        while j < n:
+                            c = p[s + j]
+                            if 65 <= c <= 90:
+                                c += 32
+                            if c != q[j]:
+                                break
+                            j += 1
+                        if j == n:
+                            act = slot[k + 1]
+                            break
+                        k += 2
+                else:
+                    act = names.get(p[s:i].lower())
         ns = s
         i += 1
         c = p[i]
@@ -342,7 +367,7 @@ def split_status_line(data: bytes, pos: int, eol: int) -> tuple | None:
     return status, http10
 
 
-def split_head_fields(data: bytes, eol: int, end: int, names: dict, table: bytes,
+def split_head_fields(data: bytes, eol: int, end: int, names: dict, table: tuple,
                       response: bool) -> tuple | None:
     """(fields, Content-Length or -1, the Connection value or None) of the head data[:end + 4] whose
     start line ends at `eol`: its fields as scan_fields splits them (a response's action-free lines

@@ -73,6 +73,31 @@ def test_the_name_table_only_narrows_lookups():
     assert fields_of(b"Hxst: v\r\n") == [b"Hxst", b"v", None]   # same length and letter as host
 
 
+def test_a_name_gets_the_action_of_the_dict_lookup():
+    """scan_fields matches a name against its (length, first letter) slot in C; it must find what
+    `names.get(name.lower())` finds, for names that share a slot, differ in one byte or in case."""
+    import random
+    draw = random.Random(7)
+    names = {**INBOUND_REQUEST_HEADERS, b"x-b3-sampled": H_DROP, b"x-b3-samplex": H_HOST}
+    table = name_table(names)
+    alphabet = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_~!"
+    tried = 0
+    for name in list(names) * 20:
+        spelled = bytearray(draw.choice((name, name.upper(), name.title())))
+        if draw.random() < 0.5:   # one byte changed: the same slot, most often another name
+            at = draw.randrange(1, len(spelled))
+            spelled[at] = draw.choice(alphabet)
+        spelled = bytes(spelled)
+        assert fields_of(spelled + b": v\r\n", names, table) == [spelled, b"v", names.get(spelled.lower())]
+        tried += 1
+    assert tried == 20 * len(names)
+
+
+def test_a_name_table_takes_only_lowercase_names():
+    with pytest.raises(ValueError, match="X-Upper"):
+        name_table({b"X-Upper": H_DROP})
+
+
 def test_the_head_must_end_where_the_caller_says():
     with pytest.raises(ValueError, match="final CRLF"):
         scan_fields(b"Host: a\r\n", 0, 5, INBOUND_REQUEST_HEADERS, REQ_TABLE, False)
