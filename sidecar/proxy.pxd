@@ -18,6 +18,8 @@ cpdef list scan_fields(bytes data, Py_ssize_t i, Py_ssize_t end, dict names, tup
 cpdef tuple split_request_line(bytes data, Py_ssize_t pos, Py_ssize_t eol)
 @cython.locals(p="const unsigned char *")
 cpdef Py_ssize_t line_end(bytes data, Py_ssize_t pos, Py_ssize_t end)
+@cython.locals(p="const unsigned char *")
+cpdef bytes _cut(bytes data, Py_ssize_t start, Py_ssize_t stop)
 @cython.locals(p="const unsigned char *", tables=bytes, vchar="const unsigned char *", status=int,
                i=Py_ssize_t, c=int, http10=bint)
 cpdef tuple split_status_line(bytes data, Py_ssize_t pos, Py_ssize_t eol)

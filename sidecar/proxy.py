@@ -336,6 +336,13 @@ def line_end(data: bytes, pos: int, end: int) -> int:
     return pos
 
 
+def _cut(data: bytes, start: int, stop: int) -> bytes:
+    """data[start:stop], for 0 <= start <= stop <= len(data): compiled, copied from a C pointer
+    (PyBytes_FromStringAndSize) instead of through a slice object (PySequence_GetSlice)."""
+    p = data
+    return p[start:stop]
+
+
 def split_status_line(data: bytes, pos: int, eol: int) -> tuple | None:
     """(status, HTTP/1.0?) of the status line data[pos:eol], or None when it is not
     `HTTP/1.x SP 3DIGIT SP reason` with a final (>= 200) status."""
@@ -1433,7 +1440,7 @@ class _Downstream:
             if left:
                 take = n - pos if n - pos < left else left
                 self.body_left = left - take
-                self.on_body(data if take == n else data[pos:pos + take])
+                self.on_body(data if take == n else _cut(data, pos, pos + take))
                 pos += take
                 if not self.body_left:
                     self.on_message_complete()
@@ -1451,7 +1458,7 @@ class _Downstream:
             if taken < 0:
                 break
             pos = taken
-        return data[pos:] if pos else data
+        return _cut(data, pos, len(data)) if pos else data
 
     def _whole_head(self, data: bytes, pos: int, end: int) -> int:
         """The request whose head is data[pos:end + 4], taken whole: where its body starts, or -1
@@ -1600,7 +1607,7 @@ class _Downstream:
         if upgrade and ex.body:
             ex.bad = True  # an Upgrade request with a body is not supported
         target = ex.target
-        if target[:1] != b"/" and target != b"*" and not ex.bad:
+        if (not target or target[0] != _SLASH) and target != b"*" and not ex.bad:
             if not self._absolute_form(ex):
                 ex.bad = True
         ex.head_done = True
@@ -2545,15 +2552,15 @@ class _Upstream:
                 return data
             left = self.body_left
             if not left:
-                return data[pos:]
+                return _cut(data, pos, len(data))
         n = len(data)
         take = n - pos if n - pos < left else left
         self.body_left = left - take
-        self.on_body(data if take == n else data[pos:pos + take])
+        self.on_body(data if take == n else _cut(data, pos, pos + take))
         pos += take
         if not self.body_left:
             self._message_done(self.whole_keep)
-        return data[pos:]
+        return _cut(data, pos, len(data))
 
     def _whole_head(self, data: bytes, end: int, ex: Exchange) -> int:
         """The response whose head is data[:end + 4], taken whole: where its body starts, or -1 for

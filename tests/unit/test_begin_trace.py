@@ -12,7 +12,7 @@ import itertools
 import pytest
 
 from meshcore.tracing import B3_MULTI_FORM, B3_SINGLE_FORM, TelemetrySettings, continue_traceparent
-from sidecar.proxy import begin_trace, canonical_traceparent
+from sidecar.proxy import begin_trace, canonical_traceparent, trace_of
 from sidecar.tracing import Tracing
 
 TID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -49,6 +49,8 @@ def both_ways(tp, b3, sampling, uniforms, bits):
     for fn in (begin_trace, lambda tracing, tp, b3: tracing.begin_hop(tp, b3)):
         draws = Draws(uniforms, bits)
         ctx, header = fn(tracing_with(draws, sampling), tp, b3)
+        if ctx is None:   # begin_trace's common cases: made when asked for, from the header lines
+            ctx = trace_of(tp, header)
         results.append((ctx._key(), ctx.is_child, ctx.trace_hex, header, draws.drawn))
     return results
 
