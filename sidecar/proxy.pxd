@@ -38,6 +38,8 @@ cpdef bint _trace_id_ok(bytes tp, Py_ssize_t start, Py_ssize_t end)
 cpdef bint canonical_traceparent(bytes tp)
 @cython.locals(sampled=bint, t="const unsigned char *", table=bytes, odd="const unsigned char *")
 cpdef tuple begin_trace(tracing, tp, b3)
+cdef Py_ssize_t _TRACE_ID_AT, _SPAN_ID_AT, _SAMPLED_AT
+cpdef trace_of(bytes tp, bytes header)
 cpdef count_request(telemetry, reporter, source, source_version, destination, version, status, flags,
                     double ms)
 cpdef _dec(dict counts, key)

@@ -523,10 +523,12 @@ def canonical_traceparent(tp: bytes) -> bool:
 
 
 def begin_trace(tracing: Tracing, tp: bytes | None, b3: dict | None) -> tuple:
-    """`tracing.begin_hop(tp, b3)`, its two common cases done here, in the compiled data path: no
-    trace headers (a new trace) and a canonical `traceparent` without B3 (every mesh hop after the
-    first; compiled only). The same randomness is drawn in the same order and gives the same context
-    and header lines (tests/unit/test_begin_trace.py); anything else is begin_hop's."""
+    """`tracing.begin_hop(tp, b3)`: (this hop's context, its header lines), its two common cases done
+    here, in the compiled data path: no trace headers (a new trace) and a canonical `traceparent`
+    without B3 (every mesh hop after the first; compiled only). In those the context is None, made by
+    trace_of(tp, header lines) only when asked for: most requests are neither sampled nor logged. The
+    same randomness is drawn in the same order and gives the same context and header lines
+    (tests/unit/test_begin_trace.py); anything else is begin_hop's."""
     if b3 is not None:
         return tracing.begin_hop(tp, b3)
     if tp is None:   # meshcore.tracing.start_hop with no parent, then encode_trace_headers
@@ -534,9 +536,8 @@ def begin_trace(tracing: Tracing, tp: bytes | None, b3: dict | None) -> tuple:
         bits = tracing.bits
         trace_id = (bits(128) & _MASK128) or 1
         span_id = (bits(64) & _MASK64) or 1
-        return (TraceContext(trace_id, span_id, None, sampled),
-                b"".join((b"traceparent: 00-", hexlify(trace_id.to_bytes(16, "big")), b"-",
-                          hexlify(span_id.to_bytes(8, "big")), b"-01\r\n" if sampled else b"-00\r\n")))
+        return None, b"".join((b"traceparent: 00-", hexlify(trace_id.to_bytes(16, "big")), b"-",
+                               hexlify(span_id.to_bytes(8, "big")), b"-01\r\n" if sampled else b"-00\r\n"))
     if not (COMPILED and canonical_traceparent(tp)):
         # As Python, begin_hop's continue_traceparent (bytes methods in C) beats this byte loop 3:1.
         return tracing.begin_hop(tp, b3)
@@ -545,11 +546,24 @@ def begin_trace(tracing: Tracing, tp: bytes | None, b3: dict | None) -> tuple:
     t = tp
     table = _ODD_HEX
     odd = table
-    sampled = odd[t[54]] != 0
+    return None, b"".join((b"traceparent: ", tp[:36], hexlify(span_id.to_bytes(8, "big")),
+                           b"-01\r\n" if odd[t[54]] else b"-00\r\n"))
+
+
+# Offsets in the traceparent line begin_trace writes: `traceparent: 00-` trace-id `-` span-id `-0` flag.
+_TRACE_ID_AT, _SPAN_ID_AT, _SAMPLED_AT = 16, 49, 67
+
+
+def trace_of(tp: bytes | None, header: bytes) -> TraceContext:
+    """The context begin_trace(tracing, tp, None) returned as None, from the header lines it
+    returned with it (which start with this hop's traceparent line)."""
+    span_id = int(header[_SPAN_ID_AT:_SPAN_ID_AT + 16], 16)
+    sampled = header[_SAMPLED_AT] == 0x31   # b"-01": sampled, b"-00": not
+    if tp is None:
+        return TraceContext(int(header[_TRACE_ID_AT:_TRACE_ID_AT + 32], 16), span_id, None, sampled)
     ctx = TraceContext(0, span_id, None, sampled)
-    ctx._header = tp
-    return ctx, b"".join((b"traceparent: ", tp[:36], hexlify(span_id.to_bytes(8, "big")),
-                          b"-01\r\n" if sampled else b"-00\r\n"))
+    ctx._header = tp   # the caller's canonical traceparent: its ids are decoded when read
+    return ctx
 
 
 def count_request(telemetry: Telemetry, reporter: str, source: str, source_version: str, destination: str,
@@ -1693,7 +1707,8 @@ class _Downstream:
             return
         ex.trace, ex.trace_headers = begin_trace(self.state.tracing, ex.tp, ex.b3)  # 0. this hop's trace context
         trace = ex.trace
-        if ex.ts is not None and trace.is_child:
+        # No context made (begin_trace): a child exactly when the request had a traceparent.
+        if ex.ts is not None and (ex.tp is not None if trace is None else trace.is_child):
             # tracestate belongs to the caller's trace: dropped when a new one starts (W3C 3.3.1).
             ex.trace_headers += b"tracestate: %b\r\n" % ex.ts
         stack = self.stack
@@ -2261,8 +2276,14 @@ class _Downstream:
                 ver = cluster.endpoints[ex.index].version if ex.index is not None else UNKNOWN
             count_request(state.telemetry, REPORTER_SOURCE, src, srcv, dst, ver, ex.status, ex.flags, ms)
         trace = ex.trace
-        if trace is not None and (trace.sampled or state.tracing.access_mode == ACCESS_FULL
-                                  or ex.status >= 500 or ex.status == 0 or ex.flags != NO_FLAGS):
+        headers = ex.trace_headers
+        if trace is None and not headers:
+            return   # never dispatched: no trace began
+        if ((trace.sampled if trace is not None else headers[_SAMPLED_AT] == 0x31)
+                or state.tracing.access_mode == ACCESS_FULL or ex.status >= 500 or ex.status == 0
+                or ex.flags != NO_FLAGS):
+            if trace is None:
+                trace = ex.trace = trace_of(ex.tp, headers)
             upstream = None
             if cluster is not None and ex.index is not None:
                 key = cluster.keys[ex.index]
