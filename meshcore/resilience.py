@@ -220,10 +220,12 @@ class OutlierDetector:
       (default 50%, Envoy's panic threshold) it returns all of them; at 0% there is no panic, so with
       every endpoint ejected callers get an immediate 503 UH instead of calling a failing service.
     Call set_endpoints() whenever the snapshot changes so percentages use the real endpoint count.
+    `clean` holds the known endpoints whose consecutive counts are both zero: for them record() of a
+    response < 500 changes nothing, so a caller may skip it (the data path does, on each success).
     """
 
     __slots__ = ("c5xx_limit", "cgw_limit", "interval", "base", "max_ejection", "max_percent", "_hosts",
-                 "_ejected", "ejections_total", "panics_total", "min_health")
+                 "_ejected", "ejections_total", "panics_total", "min_health", "clean")
 
     def __init__(self, policy: OutlierPolicy | None = None):
         policy = policy or OutlierPolicy()
@@ -236,6 +238,7 @@ class OutlierDetector:
         self.min_health = policy.min_health_percent
         self._hosts: dict[str, _Host] = {}
         self._ejected: dict[str, float] = {}   # key -> until (may hold expired entries; pruned lazily)
+        self.clean: set[str] = set()
         self.ejections_total = 0
         self.panics_total = 0
 
@@ -246,14 +249,17 @@ class OutlierDetector:
             if key not in wanted:
                 del self._hosts[key]
                 self._ejected.pop(key, None)
+                self.clean.discard(key)
         for key in wanted:
             if key not in self._hosts:
                 self._hosts[key] = _Host()
+                self.clean.add(key)
 
     def _host(self, key: str) -> _Host:
         host = self._hosts.get(key)
         if host is None:
             host = self._hosts[key] = _Host()
+            self.clean.add(key)
         return host
 
     def _active_ejections(self, now: float) -> int:
@@ -280,10 +286,12 @@ class OutlierDetector:
             if outcome < 500:
                 host.c5xx = 0
                 host.cgw = 0
+                self.clean.add(key)
                 return False
             gateway = outcome == 502 or outcome == 503 or outcome == 504
         else:
             gateway = True     # connect-failure, reset, timeout: Envoy maps them to 503/504
+        self.clean.discard(key)
         host.c5xx += 1
         if gateway:
             host.cgw += 1
@@ -307,6 +315,7 @@ class OutlierDetector:
         host.until = now + min(self.max_ejection, self.base * host.times)
         host.c5xx = 0
         host.cgw = 0
+        self.clean.add(key)
         self._ejected[key] = host.until
         self.ejections_total += 1
         return True

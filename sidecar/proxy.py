@@ -1852,8 +1852,11 @@ class _Downstream:
         response is then read and dropped, and the request sent again after a backoff)."""
         tr = ex.traffic
         if self.stack.outlier and ex.key is not None:
-            # Every answer counts (a success resets the endpoint's run); only errors need the clock.
-            tr.outlier.record(ex.key, status, monotonic() if status >= 500 else 0.0)
+            # Every answer counts (a success resets the endpoint's run); only errors need the clock. A
+            # success on an endpoint with no run (OutlierDetector.clean) would change nothing.
+            outlier = tr.outlier
+            if status >= 500 or ex.key not in outlier.clean:
+                outlier.record(ex.key, status, monotonic() if status >= 500 else 0.0)
         if ex.try_timer is not None or ex.in_retry:
             self._end_try(ex)
         retry_on = ex.retry_on

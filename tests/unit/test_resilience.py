@@ -487,3 +487,31 @@ def test_token_bucket_refill_sums_do_not_lose_tokens_to_rounding():
     bucket = TokenBucket(50.0, 1.0)
     allowed = sum(bucket.take(i * 0.005)[0] for i in range(800))
     assert allowed == 200
+
+
+def test_clean_is_the_endpoints_a_success_would_not_change():
+    """OutlierDetector.clean, which the data path uses to skip record() on a success, is exactly the
+    known endpoints with no consecutive errors; skipping record() for them gives the same detector."""
+    import random
+    draw = random.Random(11)
+    policy = OutlierPolicy(consecutive_5xx=3, consecutive_gateway_errors=2, max_ejection_percent=100.0)
+    always, skipping = OutlierDetector(policy), OutlierDetector(policy)
+    keys = ["a:1", "b:1", "c:1"]
+    for d in (always, skipping):
+        d.set_endpoints(keys[:2])
+    outcomes = [200, 204, 404, 500, 502, 503, 504, "reset", "connect-failure"]
+    skipped = 0
+    for step in range(3000):
+        if step == 1500:
+            for d in (always, skipping):
+                d.set_endpoints(keys[1:])   # a:1 goes, c:1 comes
+        key, outcome, now = draw.choice(keys), draw.choice(outcomes), step * 0.5
+        ejected = always.record(key, outcome, now)
+        if type(outcome) is int and outcome < 500 and key in skipping.clean:
+            skipped += 1
+        else:
+            assert skipping.record(key, outcome, now) == ejected
+        for d in (always, skipping):
+            assert d.clean == {k for k, h in d._hosts.items() if h.c5xx == 0 and h.cgw == 0}
+        assert skipping.state(now) == always.state(now)
+    assert skipped > 300 and always.ejections_total > 10
