@@ -25,7 +25,8 @@ cpdef bytes _cut(bytes data, Py_ssize_t start, Py_ssize_t stop)
 cpdef tuple split_status_line(bytes data, Py_ssize_t pos, Py_ssize_t eol)
 @cython.locals(fields=list, size=Py_ssize_t, k=Py_ssize_t)
 cpdef tuple split_head_fields(bytes data, Py_ssize_t eol, Py_ssize_t end, dict names, tuple table, bint response)
-cpdef Py_ssize_t _decimal(bytes value)
+@cython.locals(n=Py_ssize_t, p="const unsigned char *", size="long long", i=Py_ssize_t, c=int)
+cpdef long long _decimal(bytes value)
 cpdef bint _keep_alive(bint http10, connection)
 cpdef _connection_tokens(bytes value, into)
 cpdef _join_flags(have, new)
@@ -68,6 +69,8 @@ cdef class UpstreamPools:
 
 cdef class ProxyState:
     cdef public object service, version, table, telemetry, tls, authz
+    cdef public dict host_index
+    cdef public object host_index_of
     cdef public double connect_timeout
     cdef public object random
     cdef public dict in_flight

@@ -410,9 +410,17 @@ def split_head_fields(data: bytes, eol: int, end: int, names: dict, table: tuple
 
 def _decimal(value: bytes) -> int:
     """A Content-Length value (RFC 9110 8.6: 1*DIGIT), or -1."""
-    if not value or len(value) > 18 or not value.isdigit():
+    n = len(value)
+    if n == 0 or n > 18:   # 18 digits fit a C long long
         return -1
-    return int(value)
+    p = value
+    size = 0
+    for i in range(n):
+        c = p[i]
+        if c < 48 or c > 57:
+            return -1
+        size = size * 10 + (c - 48)
+    return size
 
 
 def _keep_alive(http10: bool, connection: bytes | None) -> bool:
@@ -851,6 +859,8 @@ class ProxyState:
         self.service = service
         self.version = version
         self.table: RouteTable = table if table is not None else EMPTY_TABLE
+        self.host_index: dict = {}          # route_by_host: host_index(host_index_of)
+        self.host_index_of: RouteTable | None = None
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.tls = tls
         self.authz = None   # sidecar.mtls.Authorizer: the inbound's authorization decision, or None
@@ -1083,14 +1093,30 @@ class Stack:
 
 def route_by_host(down: _Downstream, ex: Exchange) -> Cluster | Reply:
     """Outbound route: by Host header, else the original destination; unknown -> passthrough."""
-    host = ex.host.decode("latin-1") if ex.host is not None else None
-    table = down.state.table
+    state = down.state
+    table = state.table
+    host = ex.host
     if host:
-        hit = table.hosts.get(host)   # route_outbound's first case, a service's exact name, inlined
+        if state.host_index_of is not table:   # the first request after a table swap
+            state.host_index = host_index(table)
+            state.host_index_of = table
+        hit = state.host_index.get(host)   # route_outbound's first case, a service's exact name, inlined
         if hit is not None:
             return hit
-    cluster = route_outbound(table, host, ex.dest or down.orig_dst)
+    cluster = route_outbound(table, host.decode("latin-1") if host is not None else None, ex.dest or down.orig_dst)
     return cluster if cluster is not None else _NO_ROUTE
+
+
+def host_index(table: RouteTable) -> dict:
+    """`table.hosts` keyed by the bytes of a Host header naming them (latin-1, as route_by_host
+    decodes one): the header is looked up as it came. A name with no such bytes is left out."""
+    out = {}
+    for name, cluster in table.hosts.items():
+        try:
+            out[name.encode("latin-1")] = cluster
+        except UnicodeEncodeError:
+            continue   # no Host header decodes to it
+    return out
 
 
 _NO_ROUTE = Reply(404, FLAG_NO_ROUTE, b"no route to the destination\n")
