@@ -83,8 +83,14 @@ cdef class ProxyState:
     cdef public Py_ssize_t undelivered_total, probed_total
     cdef public set _watched
     cdef public object _watchdog, inbound_limiter, jwt
+    cdef public dict lanes
 
     cpdef watch(self, _Upstream up)
+
+
+cdef class _Lane:
+    cdef public object tr, cluster, rules, all, timeout, fault, mirror, retry_on, per_try_timeout
+    cdef public object breaker, budget, outlier
 
 
 cdef class Stack:
@@ -132,6 +138,7 @@ cdef class Exchange:
     cdef public object timer, try_timer, wait
     cdef public int fault_abort
     cdef public object tp, ts, b3, trace
+    cdef public _Lane lane
     cdef public bytes trace_headers
 
 
@@ -171,6 +178,7 @@ cdef class _Downstream:
     cpdef on_message_complete(self)
     cpdef _forward_body(self, Exchange ex, tuple parts, Py_ssize_t size)
     cpdef _dispatch(self, Exchange ex)
+    @cython.locals(lane=_Lane)
     cpdef _traffic_layers(self, Exchange ex, cluster)
     cpdef _admit(self, Exchange ex)
     cpdef _end_try(self, Exchange ex)

@@ -62,8 +62,8 @@ from .mirror import MirrorSender, shadow_host
 from .telemetry import DURATION_BOUNDS, NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
 from .tracing import Tracing
 from .traffic import (
-    LB_RING_HASH, TrafficRegistry, balance_subset, choose_mirror_subset, choose_subset, fault_of,
-    request_header,
+    LB_RING_HASH, ServiceTraffic, TrafficRegistry, balance_subset, choose_mirror_subset, choose_subset,
+    fault_of, request_header,
 )
 
 log = logging.getLogger("sidecar.proxy")
@@ -872,6 +872,7 @@ class ProxyState:
         self.eject_seconds = eject_seconds
         self.ejected: dict[tuple[str, int], float] = {}   # endpoint key -> monotonic time it returns
         self.traffic = TrafficRegistry()    # per destination service: policy, rules, breaker, outlier...
+        self.lanes: dict = {}               # service name -> _Lane of its traffic state (_traffic_layers)
         self.vips = VipAllocator()          # service virtual IPs, answered by the DNS proxy (sidecar.dns)
         self.mirrors = MirrorSender(self._mirror_connect, self._mirror_result)
         self.tracing = Tracing(service, version, registry=self.telemetry.registry)  # spans, access logs
@@ -1031,6 +1032,32 @@ class ProxyState:
         self.pools.close()
         self.mirrors.close()
         self.tracing.close()
+
+
+# ---- a destination's traffic state, as the layers read it ------------------------------------------
+
+class _Lane:
+    """What the traffic layers read per request of a destination's sidecar.traffic.ServiceTraffic,
+    copied into one object (compiled: C fields, no attribute lookups on the ServiceTraffic) while
+    that ServiceTraffic follows `cluster`: every change to these fields comes with a new cluster
+    (ServiceTraffic.sync). The breaker, budget and outlier detector are the ServiceTraffic's own."""
+
+    __slots__ = ("tr", "cluster", "rules", "all", "timeout", "fault", "mirror", "retry_on", "per_try_timeout",
+                 "breaker", "budget", "outlier")
+
+    def __init__(self, tr: ServiceTraffic):
+        self.tr = tr
+        self.cluster = tr.cluster
+        self.rules = tr.rules
+        self.all = tr.all
+        self.timeout = tr.timeout
+        self.fault = tr.fault
+        self.mirror = tr.mirror
+        self.retry_on = tr.retry_on
+        self.per_try_timeout = tr.per_try_timeout
+        self.breaker = tr.breaker
+        self.budget = tr.budget
+        self.outlier = tr.outlier
 
 
 # ---- the layer stack ----------------------------------------------------------------------------
@@ -1263,7 +1290,7 @@ class Exchange:
         "close_after", "dead",
         # traffic layers
         "traffic", "subset", "mirror", "admitted", "budgeted", "keep_held", "resend", "attempt", "retry_on",
-        "in_retry", "timer", "try_timer", "wait", "fault_abort",
+        "in_retry", "timer", "try_timer", "wait", "fault_abort", "lane",
         # tracing
         "tp", "ts", "b3", "trace", "trace_headers",
     )
@@ -1314,6 +1341,7 @@ class Exchange:
         self.close_after = False
         self.dead = False
         self.traffic = None                       # sidecar.traffic.ServiceTraffic of a mesh destination
+        self.lane: _Lane | None = None            # what the traffic layers read of it (_Lane)
         self.subset = None                        # the version subset chosen by the rules layer
         self.mirror = None                        # subset to mirror to, until the copy is sent
         self.admitted = False                     # holds a circuit-breaker request slot
@@ -1778,26 +1806,30 @@ class _Downstream:
     def _traffic_layers(self, ex: Exchange, cluster: Cluster) -> None:
         stack = self.stack
         state = self.state
-        tr = state.traffic.services.get(cluster.name)
-        if tr is None or tr.cluster is not cluster:
-            tr = state.traffic.of(cluster)  # first request after a snapshot swap: sync
+        lanes = state.lanes
+        lane = lanes.get(cluster.name)
+        if lane is None or lane.cluster is not cluster or lane.tr.cluster is not cluster:
+            # first request after a snapshot swap: sync (state.traffic.of), then copy
+            lane = lanes[cluster.name] = _Lane(state.traffic.of(cluster))
+        tr = lane.tr
         ex.traffic = tr
+        ex.lane = lane
         rand = state.random
         # 2. rules: a version's endpoints
-        if stack.rules is not None and tr.rules is not None:
+        if stack.rules is not None and lane.rules is not None:
             sub = stack.rules(ex, tr, rand())
             if sub is None:
                 self._reply(ex, 503, FLAG_NO_HEALTHY_UPSTREAM, b"no healthy upstream for the version\n")
                 return
         else:
-            sub = tr.all
+            sub = lane.all
         ex.subset = sub
         ex.cluster = sub.cluster
         # 6. the whole-request timeout starts here: it covers a fault delay, backoffs and every try
-        if stack.timeout and tr.timeout is not None:
-            ex.timer = self.loop.call_later(tr.timeout, self._timed_out, ex)
+        if stack.timeout and lane.timeout is not None:
+            ex.timer = self.loop.call_later(lane.timeout, self._timed_out, ex)
         # 3. fault injection: delay first, then abort (Envoy's order)
-        if stack.fault is not None and tr.fault is not None:
+        if stack.fault is not None and lane.fault is not None:
             abort, delay = stack.fault(tr, rand(), rand())
             if delay > 0:
                 ex.flags = _join_flags(ex.flags, FLAG_FAULT_DELAY)
@@ -1820,23 +1852,23 @@ class _Downstream:
 
     def _admit(self, ex: Exchange) -> None:
         stack = self.stack
-        tr = ex.traffic
+        lane = ex.lane
         # 4. circuit breaker
         if stack.breaker:
-            if not tr.breaker.try_acquire_request():
+            if not lane.breaker.try_acquire_request():
                 self._reply(ex, 503, FLAG_OVERFLOW, b"upstream overflow\n")
                 return
             ex.admitted = True
         # 5. retries: the budget counts this request; the body is held while it fits (HOLD_LIMIT)
         if stack.retries:
-            tr.budget.active_requests += 1  # RetryBudget.start_request, inlined
+            lane.budget.active_requests += 1  # RetryBudget.start_request, inlined
             ex.budgeted = True
-            if tr.retry_on is not None:
-                ex.retry_on = tr.retry_on
+            if lane.retry_on is not None:
+                ex.retry_on = lane.retry_on
                 ex.keep_held = True
         # mirror: chosen now (after fault and breaker), sent once the request is whole
-        if stack.mirror is not None and tr.mirror is not None:
-            mirror = stack.mirror(tr, self.state.random())
+        if stack.mirror is not None and lane.mirror is not None:
+            mirror = stack.mirror(ex.traffic, self.state.random())
             if mirror is not None:
                 ex.mirror = mirror
                 ex.keep_held = True
@@ -1880,7 +1912,7 @@ class _Downstream:
         if self.stack.outlier and ex.key is not None:
             # Every answer counts (a success resets the endpoint's run); only errors need the clock. A
             # success on an endpoint with no run (OutlierDetector.clean) would change nothing.
-            outlier = tr.outlier
+            outlier = ex.lane.outlier
             if status >= 500 or ex.key not in outlier.clean:
                 outlier.record(ex.key, status, monotonic() if status >= 500 else 0.0)
         if ex.try_timer is not None or ex.in_retry:
@@ -2001,16 +2033,16 @@ class _Downstream:
             self._reply(ex, 504, FLAG_UPSTREAM_TIMEOUT, b"upstream request timeout\n")
 
     def _traffic_done(self, ex: Exchange) -> None:
-        tr = ex.traffic
+        lane = ex.lane
         if ex.admitted:
             ex.admitted = False
-            tr.breaker.release_request()
+            lane.breaker.release_request()
         if ex.budgeted:
             ex.budgeted = False
-            tr.budget.active_requests -= 1  # RetryBudget.finish_request, inlined
+            lane.budget.active_requests -= 1  # RetryBudget.finish_request, inlined
         if ex.in_retry:
             ex.in_retry = False
-            tr.budget.finish_retry()
+            lane.budget.finish_retry()
         if ex.timer is not None:
             ex.timer.cancel()
             ex.timer = None
@@ -2027,10 +2059,10 @@ class _Downstream:
         cluster = ex.cluster
         idx = self.stack.balance(self.state, cluster, ex.excluded or (), ex)
         if idx is None:
-            tr = ex.traffic
-            if tr is not None and tr.outlier.ejections_total:
+            lane = ex.lane
+            if lane is not None and lane.outlier.ejections_total:
                 now = monotonic()
-                if tr.outlier.any_ejected(now) and not tr.outlier.healthy(cluster.keys, now):
+                if lane.outlier.any_ejected(now) and not lane.outlier.healthy(cluster.keys, now):
                     # every endpoint ejected by outlier detection: answer at once, call no one
                     self._reply(ex, 503, FLAG_NO_HEALTHY_UPSTREAM, b"no healthy upstream\n")
                     return
@@ -2041,9 +2073,9 @@ class _Downstream:
         ex.key = key
         counts = self.state.in_flight
         counts[key] = counts.get(key, 0) + 1
-        tr = ex.traffic
-        if tr is not None and ex.try_timer is None and tr.per_try_timeout is not None and ex.retry_on is not None:
-            ex.try_timer = self.loop.call_later(tr.per_try_timeout, self._try_timed_out, ex)
+        lane = ex.lane
+        if lane is not None and ex.try_timer is None and lane.per_try_timeout is not None and ex.retry_on is not None:
+            ex.try_timer = self.loop.call_later(lane.per_try_timeout, self._try_timed_out, ex)
         up = self.stack.pool.acquire(key)
         if up is not None:
             ex.reused = True

@@ -9,6 +9,7 @@ toward a deadline (GUARD_S only bounds a hang); randomness is seeded.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 from contextlib import AsyncExitStack
@@ -591,3 +592,31 @@ async def _all_ejected():
 
 def test_every_endpoint_ejected_answers_503_uh_without_calling_it(run):
     run(_all_ejected)
+
+
+async def _new_rules_apply_at_once():
+    async with AsyncExitStack() as stack:
+        app = await Backend("v1").start(stack)
+        mesh = await Mesh(stack).start([("v1", app.port)])
+        s = await mesh.session()
+        assert (await mesh.call(s))[0] == 200
+        lane = mesh.out.lanes["payments"]
+        # A new snapshot with an abort fault and a timeout: the next request must see both (the
+        # traffic layers' copy of the service's state, sidecar.proxy._Lane, follows the new cluster).
+        svc = mesh.snapshot.config.services["payments"]
+        svc = dataclasses.replace(svc, policy=(("mesh.timeout", "2s"),), rules=ServiceRules(
+            service="payments", fault=Fault(abort_percent=100.0, abort_status=418)))
+        mesh.out.apply_snapshot(dataclasses.replace(mesh.snapshot, version=2, config=dataclasses.replace(
+            mesh.snapshot.config, services={"payments": svc})))
+        status, headers, _ = await mesh.call(s)
+        assert status == 418 and headers["x-mesh-flags"] == "FI"
+        new = mesh.out.lanes["payments"]
+        assert new is not lane and new.timeout == 2.0 and new.fault is not None and lane.fault is None
+        # And back: the next snapshot without them serves the app again.
+        mesh.out.apply_snapshot(dataclasses.replace(mesh.snapshot, version=3))
+        assert (await mesh.call(s))[0] == 200
+        assert mesh.out.lanes["payments"].timeout is None and app.hits == 2
+
+
+def test_a_new_snapshots_rules_and_policy_apply_to_the_next_request(run):
+    run(_new_rules_apply_at_once)
