@@ -41,8 +41,11 @@ cpdef bint canonical_traceparent(bytes tp)
 cpdef tuple begin_trace(tracing, tp, b3)
 cdef Py_ssize_t _TRACE_ID_AT, _SPAN_ID_AT, _SAMPLED_AT
 cpdef trace_of(bytes tp, bytes header)
+@cython.locals(series=dict)
 cpdef count_request(telemetry, reporter, source, source_version, destination, version, status, flags,
                     double ms)
+@cython.locals(bounds=tuple, i=Py_ssize_t, n=Py_ssize_t, bound=double)
+cpdef Py_ssize_t bucket_of(double ms)
 cpdef _dec(dict counts, key)
 cpdef route_by_host(_Downstream down, Exchange ex)
 cpdef limit_inbound(_Downstream down, Exchange ex)

@@ -39,7 +39,6 @@ from random import random as _uniform  # not `import random`: ProxyState.random 
 import socket
 import ssl
 import struct
-from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -578,15 +577,27 @@ def count_request(telemetry: Telemetry, reporter: str, source: str, source_versi
                   version: str, status: int, flags: str, ms: float) -> None:
     """telemetry.record_request(reporter, source, source_version, destination, destination, version,
     status, flags, ms): a series already there is counted here, compiled; a new one by record_request."""
-    s = telemetry.series.get((reporter, source, source_version, destination, destination, version, "http",
-                              status, flags))
+    series = telemetry.series
+    s = series.get((reporter, source, source_version, destination, destination, version, "http", status, flags))
     if s is None:
         telemetry.record_request(reporter, source, source_version, destination, destination, version, status,
                                  flags, ms)
         return
     s.count += 1
     s.sum += ms
-    s.buckets[bisect_left(DURATION_BOUNDS, ms)] += 1
+    s.buckets[bucket_of(ms)] += 1
+
+
+def bucket_of(ms: float) -> int:
+    """bisect_left(DURATION_BOUNDS, ms): the duration bucket of `ms`, by a loop over the bounds (most
+    requests stop at the first few; compiled, a C loop with no call)."""
+    bounds = DURATION_BOUNDS
+    n = len(bounds)
+    for i in range(n):
+        bound = bounds[i]
+        if not bound < ms:   # as bisect_left compares (a NaN falls in the first bucket there too)
+            return i
+    return n
 
 
 def _dec(counts: dict, key: Any) -> None:

@@ -44,3 +44,18 @@ def test_a_duration_lands_in_its_bucket():
     (s,) = tel.series.values()
     assert s.count == 4 and s.sum == pytest.approx(0.4 + 0.5 + 0.6 + 1e9)
     assert s.buckets[0] == 2 and s.buckets[1] == 1 and s.buckets[len(DURATION_BOUNDS)] == 1
+
+
+def test_bucket_of_is_bisect_left():
+    """bucket_of, the data path's histogram bucket, against bisect_left over the bounds: on, between,
+    below and past them, and the odd values (infinity, NaN) bisect_left also takes."""
+    from bisect import bisect_left
+    import math
+    from sidecar.proxy import bucket_of
+
+    values = [-1.0, 0.0, math.inf, -math.inf, math.nan, 1e-9]
+    for b in DURATION_BOUNDS:
+        values += [b, b * 0.999, b * 1.001, math.nextafter(b, 0.0), math.nextafter(b, math.inf)]
+    assert len(values) > 5 * len(DURATION_BOUNDS)
+    for v in values:
+        assert bucket_of(v) == bisect_left(DURATION_BOUNDS, v), v
