@@ -7,6 +7,7 @@
 cimport cython
 
 
+@cython.locals(lines=dict)
 cpdef bytes _status_line(int code)
 cdef int _CR, _LF, _SP, _HTAB, _COLON, _SLASH   # C constants: compared with C chars, not as objects
 @cython.locals(tables=bytes, tables2=bytes, tchar="const unsigned char *", vchar="const unsigned char *",

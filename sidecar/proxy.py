@@ -435,7 +435,8 @@ def _keep_alive(http10: bool, connection: bytes | None) -> bool:
 
 
 def _status_line(code: int) -> bytes:
-    line = _STATUS_LINES.get(code)
+    lines = _STATUS_LINES
+    line = lines.get(code)
     return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % code
 
 
