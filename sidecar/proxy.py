@@ -22,8 +22,9 @@ high-water mark stops reading until `resume_writing`. Hop-by-hop headers (RFC 91
 dropped while parsing. Compiled (WHOLE_HEADS), a head that arrives whole in plain syntax, with a
 Content-Length body or none, is split in one pass (scan_fields) instead of by httptools' per-header
 callbacks; every other message (chunked, Upgrade, CONNECT, 1xx, split across reads...) is httptools'.
-Per request the Python work is: a header dict lookup for each name that may have an action, one join
-for the head, one dict lookup + inc/observe for metrics.
+Per request the Python work is: the bytes of each field (a name that may have an action is compared
+with the few action names of its length and first letter), one join for the head, one dict lookup +
+inc/observe for metrics; the trace context object only when a span or log line needs it.
 
 Non-HTTP traffic (services with protocol "tcp", passthrough of unknown destinations, CONNECT) is
 plain byte forwarding between two `_Pipe` protocols.
