@@ -51,6 +51,18 @@ class AdminApp:
         return route()
 
 
+def not_ready_reason(control: ControlClient, is_listening: Callable[[], bool]) -> str | None:
+    """Why the node cannot serve yet (no config, listeners down, no workload certificate), or None."""
+    if control.current is None:
+        return "no config from meshd yet"
+    if not is_listening():
+        return "listeners not up"
+    agent = getattr(control, "agent", None)
+    if agent is not None and not agent.has_valid_cert():
+        return "no workload certificate yet"
+    return None
+
+
 def build_admin_app(control: ControlClient, render_metrics: Callable[[], bytes], is_listening: Callable[[], bool]) -> AdminApp:
     """`/metrics` (Prometheus text), `/healthz/ready` (200 once serving with a config), `/config`."""
 
@@ -58,13 +70,9 @@ def build_admin_app(control: ControlClient, render_metrics: Callable[[], bytes],
         return 200, TEXT, render_metrics(), (("X-Content-Type-Options", "nosniff"),)
 
     def ready() -> Reply:
-        if control.current is None:
-            return _json({"ready": False, "reason": "no config from meshd yet"}, 503)
-        if not is_listening():
-            return _json({"ready": False, "reason": "listeners not up"}, 503)
-        agent = getattr(control, "agent", None)
-        if agent is not None and not agent.has_valid_cert():
-            return _json({"ready": False, "reason": "no workload certificate yet"}, 503)
+        reason = not_ready_reason(control, is_listening)
+        if reason is not None:
+            return _json({"ready": False, "reason": reason}, 503)
         return _json({"ready": True, "version": control.current.version})
 
     def config() -> Reply:

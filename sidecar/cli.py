@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 # meshio.runtime imports structlog without its console extras (rich & co.): before anything else does
 from meshio.runtime import configure_logging, run_forever, stop_signal, structlog, wants_run
@@ -15,6 +16,7 @@ log = structlog.get_logger("sidecar")
 
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
+ANNOUNCE_POLL_S = 0.05  # until ready (announce_when_ready)
 DRAIN_S = 1.0  # after SIGTERM: withdraw from discovery, keep serving briefly for in-flight requests
 
 
@@ -84,6 +86,24 @@ def drop_privileges(uid: int) -> None:
     os.setuid(uid)
 
 
+async def announce_when_ready(announcer, control, listening: Callable[[], bool],
+                              poll_s: float = ANNOUNCE_POLL_S) -> bool:
+    """Announce the instance (mDNS) once it can serve: config, listeners and workload certificate, as
+    /healthz/ready says. Before that, a caller that learnt of it would fail its TLS handshake and
+    skip it for a while (as Kubernetes adds a pod to a Service's endpoints only once it is ready).
+    True once announced; False when the announcement failed."""
+    from sidecar.admin import not_ready_reason
+
+    while not_ready_reason(control, listening) is not None:
+        await asyncio.sleep(poll_s)
+    try:
+        await announcer.start()
+    except OSError as exc:
+        log.warning("mdns_announce_failed", error=str(exc))
+        return False
+    return True
+
+
 async def serve(settings: SidecarSettings) -> None:
     """Listeners, admin port, control channel and mDNS announcement, until SIGTERM."""
     from sidecar.admin import build_admin_app, start_admin
@@ -131,21 +151,19 @@ async def serve(settings: SidecarSettings) -> None:
         servers.append(await start_tcp_inbound(state, "0.0.0.0", INBOUND_PORT, app_port=settings.app_port))
     else:
         servers.append(await start_inbound(state, "0.0.0.0", INBOUND_PORT, app_port=settings.app_port))
-    admin = await start_admin(build_admin_app(control, lambda: render_metrics(state.telemetry),
-                                              lambda: all(s.is_serving() for s in servers)),
+    listening = lambda: all(s.is_serving() for s in servers)  # noqa: E731
+    admin = await start_admin(build_admin_app(control, lambda: render_metrics(state.telemetry), listening),
                               "0.0.0.0", settings.admin_port)
     announcer = Announcer(settings.container, settings.service, settings.version, settings.identity,
                           settings.protocol, INBOUND_PORT)
     control_task = asyncio.ensure_future(control.run())
     stop = stop_signal()
-    try:
-        await announcer.start()
-    except OSError as exc:
-        log.warning("mdns_announce_failed", error=str(exc))
+    announce_task = asyncio.ensure_future(announce_when_ready(announcer, control, listening))
     log.info("sidecar_started", service=settings.service, version=settings.version,
              app_port=settings.app_port, capture=settings.capture, protocol=settings.protocol)
     await stop.wait()
     log.info("sidecar_stopping")
+    announce_task.cancel()
     await announcer.close()
     await asyncio.sleep(DRAIN_S)
     control_task.cancel()
