@@ -1921,7 +1921,6 @@ class _Downstream:
     def _response_head(self, ex: Exchange, up: _Upstream, status: int) -> bool:
         """A try's response head arrived: record it; True when the retry layer takes it (the
         response is then read and dropped, and the request sent again after a backoff)."""
-        tr = ex.traffic
         if self.stack.outlier and ex.key is not None:
             # Every answer counts (a success resets the endpoint's run); only errors need the clock. A
             # success on an endpoint with no run (OutlierDetector.clean) would change nothing.
