@@ -5,11 +5,15 @@
 # Every attribute stays `public`: gateway, mtls and the tests read and set them from Python.
 
 cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.string cimport memcpy
 
 
 @cython.locals(lines=dict)
 cpdef bytes _status_line(int code)
 cdef int _CR, _LF, _SP, _HTAB, _COLON, _SLASH   # C constants: compared with C chars, not as objects
+cdef int H_DROP, H_CONNECTION, H_TE, H_CL, H_HOST, H_EXPECT, H_SOURCE, H_SOURCE_VERSION, H_XFF, H_FLAGS
+cdef int H_TRACEPARENT, H_B3, H_TRACESTATE, H_UPGRADE   # header actions (also in the module dict)
 @cython.locals(tables=bytes, tables2=bytes, tchar="const unsigned char *", vchar="const unsigned char *",
                p="const unsigned char *", s=Py_ssize_t, e=Py_ssize_t, n=Py_ssize_t, ns=Py_ssize_t,
                run=Py_ssize_t, c=int, out=list, slot=tuple, k=Py_ssize_t, j=Py_ssize_t,
@@ -24,7 +28,7 @@ cpdef bytes _cut(bytes data, Py_ssize_t start, Py_ssize_t stop)
 @cython.locals(p="const unsigned char *", tables=bytes, vchar="const unsigned char *", status=int,
                i=Py_ssize_t, c=int, http10=bint)
 cpdef tuple split_status_line(bytes data, Py_ssize_t pos, Py_ssize_t eol)
-@cython.locals(fields=list, size=Py_ssize_t, k=Py_ssize_t)
+@cython.locals(fields=list, size=Py_ssize_t, k=Py_ssize_t, a=int)
 cpdef tuple split_head_fields(bytes data, Py_ssize_t eol, Py_ssize_t end, dict names, tuple table, bint response)
 @cython.locals(n=Py_ssize_t, p="const unsigned char *", size="long long", i=Py_ssize_t, c=int)
 cpdef long long _decimal(bytes value)
@@ -33,14 +37,21 @@ cpdef _connection_tokens(bytes value, into)
 cpdef _join_flags(have, new)
 @cython.locals(size=Py_ssize_t)
 cpdef _send(transport, parts)
+@cython.locals(m=Py_ssize_t, at=Py_ssize_t, part=bytes, out=bytes, w="char *", src="const char *")
+cpdef bytes _join(parts, Py_ssize_t size=*)
 cdef int _DASH
 @cython.locals(p="const unsigned char *", table=bytes, hexes="const unsigned char *", i=Py_ssize_t, c=int, zero=bint)
 cpdef bint _trace_id_ok(bytes tp, Py_ssize_t start, Py_ssize_t end)
 @cython.locals(p="const unsigned char *", table=bytes, hexes="const unsigned char *")
 cpdef bint canonical_traceparent(bytes tp)
-@cython.locals(sampled=bint, t="const unsigned char *", table=bytes, odd="const unsigned char *")
+@cython.locals(sampled=bint, t="const unsigned char *", table=bytes, odd="const unsigned char *", line=bytes,
+               w="char *")
 cpdef tuple begin_trace(tracing, tp, b3)
 cdef Py_ssize_t _TRACE_ID_AT, _SPAN_ID_AT, _SAMPLED_AT
+@cython.locals(template=bytes, src="const char *")
+cdef bytes _traceparent_template()
+@cython.locals(digits=bytes, d="const char *", k=int)
+cdef void _put_hex64(char *w, unsigned long long v)
 cpdef trace_of(bytes tp, bytes header)
 @cython.locals(series=dict)
 cpdef count_request(telemetry, reporter, source, source_version, destination, version, status, flags,
@@ -167,6 +178,7 @@ cdef class _Downstream:
     cpdef bytes _feed_whole(self, bytes data)
     @cython.locals(eol=Py_ssize_t, fields=list, size=Py_ssize_t, k=Py_ssize_t, ex=Exchange, head=tuple)
     cpdef Py_ssize_t _whole_head(self, bytes data, Py_ssize_t pos, Py_ssize_t end)
+    @cython.locals(a=int)
     cpdef _header(self, Exchange ex, bytes name, bytes value, act)
     cpdef bint _headers_done(self, Exchange ex, bytes method, bint keep_alive, bint http10, bint upgrade)
     @cython.locals(ex=Exchange)
@@ -239,6 +251,7 @@ cdef class _Upstream:
     cpdef Py_ssize_t _whole_head(self, bytes data, Py_ssize_t end, Exchange ex)
     cpdef on_message_begin(self)
     cpdef on_header(self, name, value)
+    @cython.locals(a=int)
     cpdef _header(self, bytes name, bytes value, act)
     @cython.locals(ex=Exchange, down=_Downstream, parts=list, lines=list)
     cpdef _status_head(self, int status, bint keep)

@@ -62,7 +62,7 @@ from .mirror import MirrorSender, shadow_host
 from .telemetry import DURATION_BOUNDS, NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
 from .tracing import Tracing
 from .traffic import (
-    LB_RING_HASH, ServiceTraffic, TrafficRegistry, balance_subset, choose_mirror_subset, choose_subset,
+    LB_LEAST_REQUEST, LB_RING_HASH, ServiceTraffic, TrafficRegistry, balance_subset, choose_mirror_subset, choose_subset,
     fault_of, request_header,
 )
 
@@ -150,6 +150,11 @@ H_TRACEPARENT = 11    # W3C traceparent: noted and dropped; re-emitted with this
 H_B3 = 12             # B3 (b3, x-b3-*): noted and dropped; re-emitted in kind (meshcore.tracing)
 H_TRACESTATE = 13     # W3C tracestate: noted and dropped; re-emitted only when the trace continues
 H_UPGRADE = 14        # upgrade: dropped (httptools parses a request that has it, see split_head_fields)
+# Compiled, the actions are C ints (proxy.pxd), so that taking a header is a C switch and not a chain of
+# object comparisons; the module dict gets them here too, for importers (the gateway's table, tests).
+globals().update(H_DROP=H_DROP, H_CONNECTION=H_CONNECTION, H_TE=H_TE, H_CL=H_CL, H_HOST=H_HOST, H_EXPECT=H_EXPECT,
+                 H_SOURCE=H_SOURCE, H_SOURCE_VERSION=H_SOURCE_VERSION, H_XFF=H_XFF, H_FLAGS=H_FLAGS,
+                 H_TRACEPARENT=H_TRACEPARENT, H_B3=H_B3, H_TRACESTATE=H_TRACESTATE, H_UPGRADE=H_UPGRADE)
 
 HOP_BY_HOP = {
     b"connection": H_CONNECTION, b"keep-alive": H_DROP, b"proxy-connection": H_DROP, b"te": H_DROP,
@@ -390,20 +395,21 @@ def split_head_fields(data: bytes, eol: int, end: int, names: dict, table: tuple
         act = fields[k + 2]
         if act is None:
             continue
-        if act == H_TE:
+        a = act
+        if a == H_TE:
             return None
-        if act == H_CL:
+        if a == H_CL:
             if size >= 0:
                 return None
             size = _decimal(fields[k + 1])
             if size < 0:
                 return None
-        elif act == H_CONNECTION:
+        elif a == H_CONNECTION:
             value = fields[k + 1]
             if response and _connection_tokens(value, None) is not None:
                 return None
             connection = value if connection is None else connection + b"," + value
-        elif act == H_UPGRADE and not response:
+        elif a == H_UPGRADE and not response:
             return None
     return fields, size, connection
 
@@ -484,9 +490,37 @@ def _send(transport: asyncio.Transport, parts: list | tuple) -> None:
     for part in parts:  # not sum(map(len, parts)): a loop of C additions once compiled
         size += len(part)
     if size <= JOIN_MAX:
-        transport.write(b"".join(parts))
+        transport.write(_join(parts, size))
     else:
         transport.writelines(parts)
+
+
+def _join(parts: list | tuple, size: int = -1) -> bytes:
+    """b"".join(parts) of a list or tuple of bytes (`size`: their total length, when the caller
+    has it). Compiled, the lengths are summed and the parts copied in C: bytes.join takes a buffer of
+    each part first, which is most of its cost for the many short parts of a head."""
+    if not COMPILED:
+        out = b"".join(parts)
+        if size >= 0 and len(out) != size:
+            raise ValueError("_join: the parts are not size bytes long")
+        return out
+    if size < 0:
+        size = 0
+        for part in parts:   # compiled: a bytes type check (TypeError, as b"".join raises)
+            size += len(part)
+    out = PyBytes_FromStringAndSize(cython.NULL, size)  # noqa: F821 - C API, compiled only
+    w = PyBytes_AS_STRING(out)  # noqa: F821
+    at = 0
+    for part in parts:
+        m = len(part)
+        if at + m > size:
+            raise ValueError("_join: the parts are not size bytes long")
+        src = part
+        memcpy(w + at, src, m)  # noqa: F821
+        at += m
+    if at != size:
+        raise ValueError("_join: the parts are not size bytes long")
+    return out
 
 
 # ---- trace context ------------------------------------------------------------------------------
@@ -545,8 +579,18 @@ def begin_trace(tracing: Tracing, tp: bytes | None, b3: dict | None) -> tuple:
         bits = tracing.bits
         trace_id = (bits(128) & _MASK128) or 1
         span_id = (bits(64) & _MASK64) or 1
-        return None, b"".join((b"traceparent: 00-", hexlify(trace_id.to_bytes(16, "big")), b"-",
-                               hexlify(span_id.to_bytes(8, "big")), b"-01\r\n" if sampled else b"-00\r\n"))
+        if not COMPILED:
+            return None, b"".join((b"traceparent: 00-", hexlify(trace_id.to_bytes(16, "big")), b"-",
+                                   hexlify(span_id.to_bytes(8, "big")), b"-01\r\n" if sampled else b"-00\r\n"))
+        # Compiled: the ids written as hex into a copy of the line's template (no bytes per id).
+        line = _traceparent_template()
+        w = PyBytes_AS_STRING(line)  # noqa: F821 - C API, compiled only
+        _put_hex64(w + _TRACE_ID_AT, trace_id >> 64)
+        _put_hex64(w + _TRACE_ID_AT + 16, trace_id & _MASK64)
+        _put_hex64(w + _SPAN_ID_AT, span_id)
+        if sampled:
+            w[_SAMPLED_AT] = 0x31
+        return None, line
     if not (COMPILED and canonical_traceparent(tp)):
         # As Python, begin_hop's continue_traceparent (bytes methods in C) beats this byte loop 3:1.
         return tracing.begin_hop(tp, b3)
@@ -555,8 +599,35 @@ def begin_trace(tracing: Tracing, tp: bytes | None, b3: dict | None) -> tuple:
     t = tp
     table = _ODD_HEX
     odd = table
-    return None, b"".join((b"traceparent: ", tp[:36], hexlify(span_id.to_bytes(8, "big")),
-                           b"-01\r\n" if odd[t[54]] else b"-00\r\n"))
+    line = _traceparent_template()
+    w = PyBytes_AS_STRING(line)  # noqa: F821
+    memcpy(w + _TRACE_ID_AT - 3, t, 36)  # noqa: F821 - the caller's `00-` trace-id `-`
+    _put_hex64(w + _SPAN_ID_AT, span_id)
+    if odd[t[54]]:
+        w[_SAMPLED_AT] = 0x31
+    return None, line
+
+
+# The traceparent line begin_trace writes (`traceparent: 00-` trace-id `-` span-id `-0` flag CRLF),
+# the offsets of its parts, and the lowercase hex digits it writes them with (W3C Trace Context 3.2.2).
+_TRACEPARENT_LINE = b"traceparent: 00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-00\r\n"
+_HEX_DIGITS = b"0123456789abcdef"
+
+
+def _traceparent_template() -> bytes:
+    """Compiled only: a new bytes object holding _TRACEPARENT_LINE, for begin_trace to write into."""
+    template = _TRACEPARENT_LINE
+    src = template
+    return PyBytes_FromStringAndSize(src, len(template))  # noqa: F821
+
+
+def _put_hex64(w: Any, v: int) -> None:
+    """Compiled only: the 16 lowercase hex digits of the 64-bit `v` at w[0:16] (w a char pointer)."""
+    digits = _HEX_DIGITS
+    d = digits
+    for k in range(15, -1, -1):
+        w[k] = d[v & 15]
+        v >>= 4
 
 
 # Offsets in the traceparent line begin_trace writes: `traceparent: 00-` trace-id `-` span-id `-0` flag.
@@ -1207,7 +1278,16 @@ def balance_traffic(state: ProxyState, cluster: Cluster, exclude: Collection[int
     if sub is None:
         return balance_least_request(state, cluster, exclude)
     tr = sub.traffic
-    hv = request_header(ex, tr.hash_header) if tr.lb == LB_RING_HASH and tr.hash_header else None
+    lb = tr.lb
+    if lb == LB_LEAST_REQUEST and not state.ejected and not tr.outlier.ejections_total:
+        # balance_subset's least-request pick when nothing was ever ejected (the usual case), compiled
+        keys = sub.cluster.keys
+        if len(keys) == 1:
+            return None if exclude else 0
+        counts = state.in_flight
+        rand = state.random
+        return pick_p2c([counts.get(k, 0) for k in keys], rand(), rand(), exclude)
+    hv = request_header(ex, tr.hash_header) if lb == LB_RING_HASH and tr.hash_header else None
     return balance_subset(state, sub, exclude, hv)
 
 
@@ -1628,36 +1708,37 @@ class _Downstream:
         """The request header `name: value` taken by its action (H_*, or None: passed on)."""
         if act is None:
             ex.lines += (name, b": ", value, b"\r\n")
-        elif act != H_DROP:
-            if act == H_HOST:
+        elif act != H_DROP:   # compiled: a C int (a, below) compared with C ints from here on
+            a = act
+            if a == H_HOST:
                 ex.host = value
-            elif act == H_CL:
+            elif a == H_CL:
                 ex.lines += (name, b": ", value, b"\r\n")
                 if value.strip() not in (b"0", b""):
                     ex.body = True
-            elif act == H_TE:
+            elif a == H_TE:
                 if b"chunked" in value.lower():
                     ex.chunked = True
-            elif act == H_CONNECTION:
+            elif a == H_CONNECTION:
                 ex.conn_tokens = _connection_tokens(value, ex.conn_tokens)
-            elif act == H_EXPECT:
+            elif a == H_EXPECT:
                 ex.lines += (name, b": ", value, b"\r\n")
                 if value.strip().lower() == b"100-continue":
                     ex.expect = True
-            elif act == H_SOURCE:
+            elif a == H_SOURCE:
                 ex.source = value
                 ex.lines += (name, b": ", value, b"\r\n")
-            elif act == H_SOURCE_VERSION:
+            elif a == H_SOURCE_VERSION:
                 ex.source_version = value
                 ex.lines += (name, b": ", value, b"\r\n")
-            elif act == H_XFF:
+            elif a == H_XFF:
                 ex.xff = value if ex.xff is None else ex.xff + b", " + value
-            elif act == H_TRACEPARENT:
+            elif a == H_TRACEPARENT:
                 # Two traceparent headers are invalid (W3C Trace Context 3.2): a new trace starts.
                 ex.tp = value if ex.tp is None else b"-"
-            elif act == H_TRACESTATE:
+            elif a == H_TRACESTATE:
                 ex.ts = value if ex.ts is None else ex.ts + b"," + value  # RFC 9110 5.3: one list
-            elif act == H_B3:
+            elif a == H_B3:
                 if ex.b3 is None:
                     ex.b3 = {}
                 ex.b3[name.lower()] = value
@@ -2188,7 +2269,7 @@ class _Downstream:
             parts.append(ex.extra)
         parts.append(ex.trace_headers)
         parts.append(b"\r\n")
-        return b"".join(parts)
+        return _join(parts)
 
     def _attach(self, ex: Exchange, up: _Upstream) -> None:
         up.attach(ex)
@@ -2748,16 +2829,18 @@ class _Upstream:
         """The response header `name: value` taken by its action (H_*, or None: passed on)."""
         if act is None:
             self.lines += (name, b": ", value, b"\r\n")
-        elif act == H_CL:
+            return
+        a = act   # compiled: a C int compared with C ints
+        if a == H_CL:
             self.has_cl = True
             self.lines += (name, b": ", value, b"\r\n")
-        elif act == H_FLAGS:
+        elif a == H_FLAGS:
             self.peer_flags = value.strip()
             self.lines += (name, b": ", value, b"\r\n")
-        elif act == H_TE:
+        elif a == H_TE:
             if b"chunked" in value.lower():
                 self.chunked_in = True
-        elif act == H_CONNECTION:
+        elif a == H_CONNECTION:
             self.conn_tokens = _connection_tokens(value, self.conn_tokens)
 
     def on_headers_complete(self) -> None:
@@ -2811,7 +2894,7 @@ class _Upstream:
             parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
         ex.close_after = close
-        self.out.append(b"".join(parts))
+        self.out.append(_join(parts))
         self.phase = _BODY
         if ex.is_head:
             self._head_done(keep)
