@@ -6,7 +6,7 @@
 
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from libc.string cimport memcpy
+from libc.string cimport memchr, memcpy
 
 
 @cython.locals(lines=dict)
@@ -23,6 +23,8 @@ cpdef list scan_fields(bytes data, Py_ssize_t i, Py_ssize_t end, dict names, tup
 cpdef tuple split_request_line(bytes data, Py_ssize_t pos, Py_ssize_t eol)
 @cython.locals(p="const unsigned char *")
 cpdef Py_ssize_t line_end(bytes data, Py_ssize_t pos, Py_ssize_t end)
+@cython.locals(p="const char *", hit="const char *", n=Py_ssize_t, i=Py_ssize_t, last=Py_ssize_t)
+cpdef Py_ssize_t head_end(bytes data, Py_ssize_t start, Py_ssize_t stop)
 @cython.locals(p="const unsigned char *")
 cpdef bytes _cut(bytes data, Py_ssize_t start, Py_ssize_t stop)
 @cython.locals(p="const unsigned char *", tables=bytes, vchar="const unsigned char *", status=int,

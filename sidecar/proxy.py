@@ -341,6 +341,31 @@ def line_end(data: bytes, pos: int, end: int) -> int:
     return pos
 
 
+def head_end(data: bytes, start: int, stop: int) -> int:
+    """data.find(b"\r\n\r\n", start, stop) for 0 <= start: where the blank line that ends a head
+    starts, or -1. Compiled, libc's memchr from CR to CR (one per header line): no method lookup and
+    no boxed bounds per call."""
+    if start < 0:
+        raise ValueError("head_end: start < 0")
+    if not COMPILED:
+        return data.find(b"\r\n\r\n", start, stop)
+    n = len(data)
+    if stop > n:
+        stop = n
+    p = data
+    i = start
+    last = stop - 4   # the last index where the four bytes fit
+    while i <= last:
+        hit = cython.cast("const char *", memchr(p + i, 13, last + 1 - i))  # noqa: F821 - a CR
+        if hit == cython.NULL:
+            return -1
+        i = hit - p
+        if p[i + 1] == 10 and p[i + 2] == 13 and p[i + 3] == 10:
+            return i
+        i += 1
+    return -1
+
+
 def _cut(data: bytes, start: int, stop: int) -> bytes:
     """data[start:stop], for 0 <= start <= stop <= len(data): compiled, copied from a C pointer
     (PyBytes_FromStringAndSize) instead of through a slice object (PySequence_GetSlice)."""
@@ -1612,7 +1637,7 @@ class _Downstream:
             if last is not None and not last.keep_alive:
                 self._bad_request()   # RFC 9112 9.6: nothing after a request that closes (as llhttp)
                 return b""
-            end = data.find(b"\r\n\r\n", pos, pos + MAX_HEAD)
+            end = head_end(data, pos, pos + MAX_HEAD)
             if end < 0:
                 break
             taken = self._whole_head(data, pos, end)
@@ -1860,14 +1885,16 @@ class _Downstream:
             # tracestate belongs to the caller's trace: dropped when a new one starts (W3C 3.3.1).
             ex.trace_headers += b"tracestate: %b\r\n" % ex.ts
         stack = self.stack
-        if stack.ratelimit is not None:
-            limited = stack.ratelimit(self, ex)
+        ratelimit = stack.ratelimit
+        if ratelimit is not None:
+            limited = limit_inbound(self, ex) if ratelimit is limit_inbound else ratelimit(self, ex)
             if limited is not None:
                 self._reply(ex, limited.status, limited.flags, limited.body, limited.content_type,
                             headers=limited.headers)
                 return
+        route = stack.route
         try:
-            target = stack.route(self, ex)
+            target = route_by_host(self, ex) if route is route_by_host else route(self, ex)
         except Exception:  # noqa: BLE001
             log.exception("route layer failed")
             self._reply(ex, 500, FLAG_NO_ROUTE, b"route error\n")
@@ -2150,7 +2177,14 @@ class _Downstream:
 
     def _pick(self, ex: Exchange) -> None:
         cluster = ex.cluster
-        idx = self.stack.balance(self.state, cluster, ex.excluded or (), ex)
+        balance = self.stack.balance
+        # The product's balancers are called as C functions (compiled), any other through Python.
+        if balance is balance_traffic:
+            idx = balance_traffic(self.state, cluster, ex.excluded or (), ex)
+        elif balance is balance_least_request:
+            idx = balance_least_request(self.state, cluster, ex.excluded or (), ex)
+        else:
+            idx = balance(self.state, cluster, ex.excluded or (), ex)
         if idx is None:
             lane = ex.lane
             if lane is not None and lane.outlier.ejections_total:
@@ -2719,7 +2753,7 @@ class _Upstream:
         left = self.body_left
         pos = 0
         if not left:
-            end = data.find(b"\r\n\r\n", 0, MAX_HEAD)
+            end = head_end(data, 0, MAX_HEAD)
             if end < 0:
                 return data
             pos = self._whole_head(data, end, ex)
