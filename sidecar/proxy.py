@@ -1976,9 +1976,13 @@ class _Downstream:
         lane = ex.lane
         # 4. circuit breaker
         if stack.breaker:
-            if not lane.breaker.try_acquire_request():
+            breaker = lane.breaker   # CircuitBreaker.try_acquire_request, inlined
+            n = breaker.requests
+            if n >= breaker.max_requests:
+                breaker.overflows_total += 1
                 self._reply(ex, 503, FLAG_OVERFLOW, b"upstream overflow\n")
                 return
+            breaker.requests = n + 1
             ex.admitted = True
         # 5. retries: the budget counts this request; the body is held while it fits (HOLD_LIMIT)
         if stack.retries:
@@ -2156,7 +2160,10 @@ class _Downstream:
         lane = ex.lane
         if ex.admitted:
             ex.admitted = False
-            lane.breaker.release_request()
+            breaker = lane.breaker   # CircuitBreaker.release_request, inlined
+            n = breaker.requests
+            if n > 0:
+                breaker.requests = n - 1
         if ex.budgeted:
             ex.budgeted = False
             lane.budget.active_requests -= 1  # RetryBudget.finish_request, inlined
@@ -2722,7 +2729,7 @@ class _Upstream:
                 self.parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as exc:
             if out:
-                self._flush(ex, out)
+                _send(ex.down.transport, out)
             if self.exchange is not ex:
                 return
             if self.phase == _DONE or self.skip:
@@ -2736,7 +2743,7 @@ class _Upstream:
                 return
         else:
             if out:
-                self._flush(ex, out)
+                _send(ex.down.transport, out)
         if self.skip:
             if self.exchange is ex:  # the dropped answer is read (kept connection), or given up (closed)
                 self.skip = False
@@ -2803,10 +2810,6 @@ class _Upstream:
                 self.body_left = size
                 self.whole_keep = keep
         return end + 4
-
-    @staticmethod
-    def _flush(ex: Exchange, out: list) -> None:
-        _send(ex.down.transport, out)
 
     def eof_received(self) -> bool | None:
         return None  # close; connection_lost decides what it meant
