@@ -126,7 +126,7 @@ cdef class Stack:
 
 
 cdef class _Listener:
-    cdef public object original_dst, sniff_timeout
+    cdef public object original_dst, sniff_timeout, loop
 
 
 cdef class Exchange:

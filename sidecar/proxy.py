@@ -1488,11 +1488,19 @@ P_STOPPED = 8     # a malformed request: read nothing more
 
 
 class _Listener:
-    __slots__ = ("original_dst", "sniff_timeout")
+    """What the connections of one listener share: the original-destination hook, the sniff timeout,
+    and the event loop it was made in (asyncio.get_running_loop() costs a getpid() system call, once
+    per connection if each asked)."""
+
+    __slots__ = ("original_dst", "sniff_timeout", "loop")
 
     def __init__(self, original_dst, sniff_timeout: float):
         self.original_dst = original_dst
         self.sniff_timeout = sniff_timeout
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:   # made outside a loop (tests): each connection asks
+            self.loop = None
 
 
 class _Downstream:
@@ -1508,7 +1516,9 @@ class _Downstream:
         self.actions = stack.request_headers
         self.loop: asyncio.AbstractEventLoop | None = None
         self.transport: asyncio.Transport | None = None
-        self.parser = HttpRequestParser(self)
+        # httptools' parser, made when a message is not taken whole (_feed): most connections never
+        # need one, and making one costs a few microseconds (a new connection per request pays it each)
+        self.parser: HttpRequestParser | None = None if WHOLE_HEADS else HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
         self.cur: Exchange | None = None
         self.last: Exchange | None = None
@@ -1534,7 +1544,8 @@ class _Downstream:
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        self.loop = asyncio.get_running_loop()
+        loop = self.listener.loop
+        self.loop = loop if loop is not None else asyncio.get_running_loop()
         self.stack.gauge.inc()
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
@@ -1589,9 +1600,12 @@ class _Downstream:
             data = self._feed_whole(data)
             if not data:
                 return
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = HttpRequestParser(self)
         while True:
             try:
-                self.parser.feed_data(data)
+                parser.feed_data(data)
                 return
             except HttpParserUpgrade as exc:
                 data = data[exc.args[0]:]
