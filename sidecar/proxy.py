@@ -62,8 +62,8 @@ from .mirror import MirrorSender, shadow_host
 from .telemetry import DURATION_BOUNDS, NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
 from .tracing import Tracing
 from .traffic import (
-    LB_LEAST_REQUEST, LB_RING_HASH, ServiceTraffic, TrafficRegistry, balance_subset, choose_mirror_subset, choose_subset,
-    fault_of, request_header,
+    LB_LEAST_REQUEST, LB_RING_HASH, ServiceTraffic, TrafficRegistry, balance_subset, choose_mirror_subset,
+    choose_subset, fault_of, request_header,
 )
 
 log = logging.getLogger("sidecar.proxy")
