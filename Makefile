@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # decided when a recipe is expanded: after `make docker` may have installed it.
 COMPOSE     ?= $(shell command -v docker-compose >/dev/null 2>&1 && echo docker-compose || echo docker compose)
 # `make test TEST_DEPS=` runs the tests alone (.ci/run runs the phases one by one).
-TEST_DEPS   ?= docker test-tools install images
+TEST_DEPS   ?= docker test-tools install images test-images
 BUILD_ARGS  := --build-arg BASE=$(BASE_IMAGE) --build-arg PIP_ARGS=--no-index
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -23,7 +23,7 @@ export PIP_ROOT_USER_ACTION := ignore
 # Same wheel bytes for the same sources, so Docker's layer cache holds when nothing changed.
 export SOURCE_DATE_EPOCH := 315532800
 
-.PHONY: install ext wheels base-image image demo-image images docker test-tools demo demo-down test unit e2e bench
+.PHONY: install ext wheels base-image image demo-image images test-images docker test-tools demo demo-down test unit e2e bench
 
 install:
 	$(PIP) install -q -e '.[test]'
@@ -55,6 +55,10 @@ demo-image: wheels base-image
 	docker build $(BUILD_ARGS) -f demo/Dockerfile -t $(DEMO_IMAGE) .
 
 images: image demo-image
+
+# Third-party images for the lifecycle tests: Debian's nginx on the same offline base (no registry).
+test-images:
+	IMAGE=mesh-nginx:bookworm EXTRA_PACKAGES=nginx-light images/build-base.sh
 
 docker:
 	scripts/ensure-docker.sh

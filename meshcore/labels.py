@@ -52,6 +52,12 @@ class ContainerInfo:
     started_at: str = ""
     network_mode: str = ""
     image: str = ""  # image id
+    health: str = ""  # Docker HEALTHCHECK status: "" (none), "starting", "healthy" or "unhealthy"
+
+    @property
+    def serving(self) -> bool:
+        """Running, and healthy when it has a health check (an endpoint only then, as in Traefik and Consul)."""
+        return self.running and self.health in ("", "healthy")
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,7 @@ def build_config(workloads: Iterable[Workload], announcements: Iterable[Announce
                 routes[key] = GatewayRoute(service=spec.service, path=rule.path, host=rule.host,
                                            strip_prefix=rule.strip_prefix, auth=rule.auth,
                                            jwt_issuer=rule.jwt_issuer, jwt_audience=rule.jwt_audience)
-        if wl.container.running:
+        if wl.container.serving:
             accepted[wl.container.id] = wl
     for svc, names in aliases.items():
         services[svc] = ServiceConfig(**{**services[svc].__dict__, "aliases": tuple(sorted(names))})

@@ -10,7 +10,9 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
+import aiohttp
 import docker
 import structlog
 from aiohttp import web
@@ -24,6 +26,7 @@ from . import __version__
 from .control import Hub, dumps
 from .discovery import Discovery
 from .docker_adapter import GATEWAY_NAME, DockerAdapter, DockerView, sidecar_name
+from .problems import Problems
 from .plan import build_sidecar_env, control_host_for, plan_sidecars
 from .rules_api import RulesBook, add_routes as add_rules_routes
 from .auth import NodeAuthenticator
@@ -41,10 +44,37 @@ from .traces import (
 log = structlog.get_logger("meshd")
 
 ADMIN_PORT = 15014
+SIDECAR_ADMIN_PORT = 15020
 DEBOUNCE_S = 0.15      # events come in bursts (compose up starts many containers at once)
 RESYNC_S = 30.0        # level-triggered safety net: a full re-list even without events
 DRAIN_FORGET_S = 120.0  # a container that outlives a stop signal this long is serving again
+UNCONNECTED_GRACE_S = 10.0  # a sidecar running this long without a control connection is reported
+MAX_REASON_QUERIES = 32     # admin ports asked per status call, at most (1 s each, concurrently)
+RETRY_S = 5.0          # a failed step of a rebuild (listener, sidecar, mDNS) is tried again after this
 STOP_SIGNALS = {"15", "2", "3", "9", "SIGTERM", "SIGINT", "SIGQUIT", "SIGKILL"}
+
+
+def docker_time(value: str) -> float:
+    """Seconds since the epoch of Docker's RFC 3339 time with nanoseconds; 0.0 when unreadable."""
+    head, _, frac = value.rstrip("Z").partition(".")
+    try:
+        base = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return 0.0
+    return base + (float(f"0.{frac}") if frac.isdigit() else 0.0)
+
+
+async def read_control_error(ip: str, timeout: float = 1.0) -> str:
+    """A sidecar's own account of its control channel (GET /config on its admin port)."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+            async with session.get(f"http://{ip}:{SIDECAR_ADMIN_PORT}/config") as resp:
+                body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        return f"its admin port did not answer ({type(exc).__name__})"
+    if body.get("control_connected"):
+        return "connected just now"
+    return body.get("control_last_error") or "not connected yet (no error reported)"
 
 
 def is_stop_signal(event: dict) -> bool:
@@ -118,6 +148,10 @@ def hold_for_discovery(expected: set[str], announced: set[str], elapsed: float,
     return warmup - elapsed
 
 
+class NoBridge(RuntimeError):
+    """A meshed container on no bridge network: no address of this host for its sidecar to dial."""
+
+
 class Meshd:
     """The control plane process."""
 
@@ -149,6 +183,8 @@ class Meshd:
         self.traces = TraceStore()
         self.telemetry_settings = SettingsBook(self.store, settings.telemetry)
         self._rebuild_lock = asyncio.Lock()
+        self.problems = Problems(on_change=self._problem_event)
+        self._retry: asyncio.TimerHandle | None = None
         self._version = int(self.store.get("snapshot_version", 0))
         self._digest = self.store.get("snapshot_digest", "")
 
@@ -184,6 +220,14 @@ class Meshd:
             self.trigger()
 
         threading.Thread(target=remove, name=f"recreate-{node}", daemon=True).start()
+
+    def _problem_event(self, what: str, problem) -> None:
+        """One event when a part of the mesh starts failing and one when it works again."""
+        if what == "problem":
+            message = f"{problem.kind} {problem.subject}: {problem.message}"
+        else:
+            message = f"{problem.kind} {problem.subject}: works again after {problem.attempts} attempt(s)"
+        self.telemetry.events.add(what, message, kind_of=problem.kind, subject=problem.subject)
 
     def _watch_events(self) -> None:
         """Blocking: every Docker container event triggers a rebuild (level-triggered)."""
@@ -253,7 +297,12 @@ class Meshd:
 
     async def _rebuild(self) -> None:
         loop = asyncio.get_running_loop()
-        view = await loop.run_in_executor(None, self.docker.list_view)
+        try:
+            view = await loop.run_in_executor(None, self.docker.list_view)
+        except Exception as exc:  # a slow or restarting engine: keep serving the last view, retry
+            self.problems.fail("docker_list", "docker", f"{type(exc).__name__}: {exc}", time.time())
+            raise
+        self.problems.ok("docker_list", "docker")
         self.view = view
         running = {app.id for app in view.apps if app.running}
         horizon = time.monotonic() - DRAIN_FORGET_S
@@ -263,28 +312,25 @@ class Meshd:
         self.pki.control_tls.ensure(list(view.network_gateways.values()))
         workloads = build_workloads(view.apps)
         plan = plan_sidecars(workloads, view.sidecars, view.image_id)
+        # Each step below fails alone: the failure is a problem (status, events) retried next time.
         for sc in plan.remove:
             log.info("sidecar_remove", sidecar=sc.name, reason="app gone, stopped, stale or duplicate")
-            await loop.run_in_executor(None, self.docker.remove, sc.id)
+            await self._step("sidecar_remove", sc.name, loop.run_in_executor(None, self.docker.remove, sc.id))
         for wl in plan.create:
-            host = control_host_for(wl.container, view.network_gateways)
-            if host is None:
-                log.warning("sidecar_no_bridge", app=wl.container.name,
-                            error="the container is on no bridge network meshd can reach")
-                continue
-            name = sidecar_name(wl.container)
-            token = self.pki.issue_token("sidecar", name, wl.container.id)
-            env = build_sidecar_env(wl, name, host, self.settings.trust_domain, token=token,
-                                    bundle_pem=self.pki.ca.bundle_pem.decode("ascii"))
-            log.info("sidecar_create", app=wl.container.name, sidecar=name, service=wl.spec.service)
-            try:
-                cid = await loop.run_in_executor(None, self.docker.create_sidecar, wl.container, env)
-                self.pki.set_node_container(name, cid)
-            except docker.errors.APIError as exc:
-                log.warning("sidecar_create_failed", app=wl.container.name, error=str(exc))
-        await self._apply_gateway(view)
+            await self._step("sidecar_create", sidecar_name(wl.container), self._create_sidecar(wl, view))
+        self.problems.keep_only("sidecar_create", {sidecar_name(wl.container) for wl in workloads})
+        self.problems.keep_only("sidecar_remove", {sc.name for sc in view.sidecars})
+        await self._step("gateway", GATEWAY_NAME, self._apply_gateway(view))
         await self._apply_listeners(list(view.network_gateways.values()))
-        await self.discovery.apply_interfaces(list(view.network_gateways.values()))
+        failed = await self.discovery.apply_interfaces(list(view.network_gateways.values()))
+        for addr in view.network_gateways.values():
+            if addr in failed:
+                self.problems.fail("mdns_browse", addr, failed[addr], time.time())
+            else:
+                self.problems.ok("mdns_browse", addr)
+        self.problems.keep_only("mdns_browse", set(view.network_gateways.values()))
+        if failed:
+            self._retry_later()
         self.discovery.prune({app.id for app in view.apps})
         created = {sidecar_name(wl.container) for wl in plan.create}
         await self._prune_nodes(view, {sc.name for sc in plan.remove} - created, created)
@@ -293,6 +339,40 @@ class Meshd:
         for err in self.label_errors:
             if (err.container, err.label, err.message) not in known:
                 log.warning("label_error", container=err.container, label=err.label, error=err.message)
+
+    async def _step(self, kind: str, subject: str, work) -> bool:
+        """Await one step of a rebuild; a failure is logged and kept as a problem, not raised."""
+        try:
+            await work
+        except Exception as exc:  # noqa: BLE001 - one container or address must not stop the rest
+            log.warning(f"{kind}_failed", subject=subject, error=str(exc) or type(exc).__name__)
+            self.problems.fail(kind, subject, f"{type(exc).__name__}: {exc}", time.time())
+            self._retry_later()
+            return False
+        self.problems.ok(kind, subject)
+        return True
+
+    def _retry_later(self, delay: float = RETRY_S) -> None:
+        """Another rebuild after `delay` (failed steps are retried; events may never come)."""
+        if self._retry is None or self._retry.cancelled():
+            def fire() -> None:
+                self._retry = None
+                self.trigger()
+            self._retry = asyncio.get_running_loop().call_later(delay, fire)
+
+    async def _create_sidecar(self, wl, view: DockerView) -> None:
+        host = control_host_for(wl.container, view.network_gateways)
+        if host is None:
+            raise NoBridge("the container is on no bridge network meshd can reach "
+                           f"(networks: {', '.join(sorted(wl.container.networks)) or 'none'})")
+        name = sidecar_name(wl.container)
+        token = self.pki.issue_token("sidecar", name, wl.container.id)
+        env = build_sidecar_env(wl, name, host, self.settings.trust_domain, token=token,
+                                bundle_pem=self.pki.ca.bundle_pem.decode("ascii"))
+        log.info("sidecar_create", app=wl.container.name, sidecar=name, service=wl.spec.service,
+                 control=host)
+        cid = await asyncio.get_running_loop().run_in_executor(None, self.docker.create_sidecar, wl.container, env)
+        self.pki.set_node_container(name, cid)
 
     def _publish(self, config: MeshConfig) -> None:
         digest = config_digest(config)
@@ -351,16 +431,14 @@ class Meshd:
         wanted = set(addresses) | {"127.0.0.1"}
         for addr in set(self._control_sites) - wanted:
             await self._control_sites.pop(addr).stop()
+            log.info("control_listener_closed", address=addr)
+        self.problems.keep_only("control_listen", wanted)
         for addr in sorted(wanted - set(self._control_sites)):
             site = web.TCPSite(self._control_runner, addr, CONTROL_PORT, reuse_address=True,
                                ssl_context=self.pki.control_tls.front)
-            try:
-                await site.start()
-            except OSError as exc:
-                log.warning("control_listen_failed", address=addr, error=str(exc))
-                continue
-            self._control_sites[addr] = site
-            log.info("control_listening", address=addr, port=CONTROL_PORT)
+            if await self._step("control_listen", addr, site.start()):
+                self._control_sites[addr] = site
+                log.info("control_listening", address=addr, port=CONTROL_PORT)
 
     # ---- admin API -----------------------------------------------------------------------
 
@@ -372,8 +450,11 @@ class Meshd:
             by_app = {sc.labels.get("mesh.sidecar.for"): sc for sc in view.sidecars}
             for app in view.apps:
                 sc = by_app.get(app.id)
+                node = self.hub.nodes.get(sc.name) if sc else None
                 sidecars.append({"app": app.name, "sidecar": sc.name if sc else None,
-                                 "state": ("running" if sc.running else "stopped") if sc else "missing"})
+                                 "state": ("running" if sc.running else "stopped") if sc else "missing",
+                                 "connected": bool(node and node.connected),
+                                 "acked_version": node.acked_version if node else None})
         nodes = self.hub.status()
         service_of = {}
         if view is not None:
@@ -391,12 +472,46 @@ class Meshd:
             "mtls": {name: svc.mtls for name, svc in self.hub.latest.config.services.items()}
             if self.hub.latest else {},
             "sidecars": sidecars,
+            "problems": self.problems.describe(),
         }
+
+    async def unconnected_reasons(self, status: dict, grace_s: float = UNCONNECTED_GRACE_S) -> None:
+        """Add to `status` why each running sidecar has not connected (its own last control error,
+        read from its admin port), once it has run for `grace_s`: the sidecar knows, meshd does not."""
+        view = self.view
+        if view is None:
+            return
+        apps = {app.name: app for app in view.apps}
+        started = {sc.name: sc.started_at for sc in view.sidecars}
+        now = time.time()
+        checks = []
+        for entry in status["sidecars"]:
+            app = apps.get(entry["app"])
+            if entry["state"] != "running" or entry["connected"] or app is None:
+                continue
+            if now - docker_time(started.get(entry["sidecar"], "")) < grace_s:
+                continue
+            ip = next((app.networks[n] for n in sorted(view.network_gateways) if app.networks.get(n)), None)
+            checks.append((entry, ip))
+
+        async def ask(entry: dict, ip: str | None) -> None:
+            entry["control_error"] = ("no address of its app on a mesh network" if ip is None
+                                      else await read_control_error(ip))
+
+        await asyncio.gather(*(ask(e, ip) for e, ip in checks[:MAX_REASON_QUERIES]))
+        status["unconnected"] = [e["sidecar"] for e, _ in checks]
 
     def services(self) -> dict:
         """The body of GET /v1/services."""
         latest = self.hub.latest
         out = []
+        health: dict[str, list[dict]] = {}
+        if self.view is not None:
+            for wl in build_workloads(self.view.apps):
+                if wl.spec is not None and wl.container.running:
+                    health.setdefault(wl.spec.service, []).append(
+                        {"container": wl.container.name, "version": wl.spec.version,
+                         "health": wl.container.health or "none", "serving": wl.container.serving})
         if latest is not None:
             for name, svc in latest.config.services.items():
                 eps = latest.config.endpoints.get(name, ())
@@ -406,7 +521,7 @@ class Meshd:
                 out.append({"name": name, "namespace": svc.namespace, "protocol": svc.protocol,
                             "port": svc.port, "identity": svc.identity, "aliases": list(svc.aliases),
                             "mtls": svc.mtls, "allow": list(svc.allow) if svc.allow is not None else None,
-                            "versions": versions,
+                            "versions": versions, "instances": health.get(name, []),
                             "endpoints": [{"instance": e.instance, "address": e.address, "port": e.port,
                                            "version": e.version} for e in eps]})
         return {"services": out}
@@ -415,7 +530,9 @@ class Meshd:
         app = web.Application(middlewares=[admin_auth_middleware(self.admin_token)])
 
         async def status(_req):
-            return web.json_response(self.status(), dumps=dumps)
+            body = self.status()
+            await self.unconnected_reasons(body)
+            return web.json_response(body, dumps=dumps)
 
         async def services(_req):
             return web.json_response(self.services(), dumps=dumps)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Callable
 
 import structlog
@@ -13,6 +14,16 @@ from meshcore.dnssd import SERVICE_TYPE, decode_txt
 from meshcore.snapshot import Announcement
 
 log = structlog.get_logger("meshd.discovery")
+
+
+def address_missing(address: str) -> str | None:
+    """Why the host cannot use `address` now (e.g. its bridge was removed), or None when it can."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((address, 0))
+    except OSError as exc:
+        return f"address not on this host: {exc.strerror or exc}"
+    return None
 
 
 class Discovery:
@@ -30,19 +41,27 @@ class Discovery:
         """Every announcement currently known."""
         return [a for anns in self.records.values() for a in anns]
 
-    async def apply_interfaces(self, interfaces: list[str]) -> None:
-        """Browse on exactly these IPv4 addresses (bridge gateways); restarts when the set changes."""
-        wanted = tuple(sorted(set(interfaces)))
+    async def apply_interfaces(self, interfaces: list[str]) -> dict[str, str]:
+        """Browse on these IPv4 addresses (bridge gateways) that exist on the host; restarts when the
+        set changes. Returns the addresses it could not browse on, with the reason (retried by the
+        next call): a bridge removed since Docker listed it must not stop browsing on the others."""
+        failed = {addr: why for addr in sorted(set(interfaces)) if (why := address_missing(addr))}
+        wanted = tuple(sorted(set(interfaces) - set(failed)))
         if wanted == self.interfaces:
-            return
+            return failed
         await self.close()
-        self.interfaces = wanted
         if not wanted:
-            return
-        # Never InterfaceChoice.All: that would put mDNS on the host's uplink.
-        self._azc = AsyncZeroconf(interfaces=list(wanted))
+            return failed
+        try:
+            # Never InterfaceChoice.All: that would put mDNS on the host's uplink.
+            self._azc = AsyncZeroconf(interfaces=list(wanted))
+        except OSError as exc:
+            self._azc = None
+            return {**failed, **{addr: f"mDNS: {exc}" for addr in wanted}}
+        self.interfaces = wanted
         self._browser = AsyncServiceBrowser(self._azc.zeroconf, SERVICE_TYPE, handlers=[self._on_state])
         log.info("mdns_browsing", interfaces=list(wanted))
+        return failed
 
     def _on_state(self, zeroconf: Zeroconf, service_type: str, name: str,
                   state_change: ServiceStateChange) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import docker
 import docker.errors
+import requests
 
 from meshcore.labels import (
     ContainerInfo, OWNER_LABEL, ROLE_LABEL, SIDECAR_FOR_LABEL, is_mesh_enabled, is_mesh_owned,
@@ -39,6 +40,7 @@ def decode_container_attrs(attrs: dict[str, Any]) -> ContainerInfo:
         started_at=state.get("StartedAt", ""),
         network_mode=host_config.get("NetworkMode", ""),
         image=attrs.get("Image", ""),
+        health=str((state.get("Health") or {}).get("Status") or ""),
     )
 
 
@@ -58,17 +60,40 @@ def sidecar_name(app: ContainerInfo) -> str:
     return f"{app.name}-mesh"
 
 
+def bridge_gateways(networks: list[dict[str, Any]], names: set[str]) -> dict[str, str]:
+    """network name -> IPv4 gateway (the host's address on it) of the bridge networks among `names`,
+    from one `GET /networks` listing (pure). Nothing is remembered between listings: Compose re-creates
+    `<project>_default` under the same name with a new subnet on every `down` + `up`."""
+    out: dict[str, str] = {}
+    for net in networks:
+        name = net.get("Name") or ""
+        if name not in names or (net.get("Driver") or "") != "bridge":
+            continue  # mDNS and the control channel live on bridge networks only
+        for cfg in (net.get("IPAM") or {}).get("Config") or []:
+            gw = cfg.get("Gateway") or ""
+            if gw and ":" not in gw:
+                out[name] = gw
+                break
+    return out
+
+
 class DockerAdapter:
     """Blocking Docker SDK calls; meshd runs them in a worker thread."""
 
     def __init__(self, client: docker.DockerClient, image: str):
         self.client = client
         self.image = image
-        self._network_gateways: dict[str, str] = {}
+        # The last inspection of each container, by id (ids are never reused), with the time of the
+        # container's state: used only when a fresh inspection times out, so that one slow answer of
+        # a loaded engine degrades that container's entry instead of failing the whole listing.
+        self._inspected: dict[str, ContainerInfo] = {}
+        self.stale: list[str] = []   # container names whose entry came from _inspected this listing
 
     def list_view(self) -> DockerView:
         """List every container once and inspect the ones that matter to the mesh."""
         apps, sidecars, gateway = [], [], None
+        inspected: dict[str, ContainerInfo] = {}
+        self.stale = []
         for summary in self.client.api.containers(all=True):
             labels = summary.get("Labels") or {}
             if not (is_mesh_enabled(labels) or is_mesh_owned(labels)):
@@ -77,35 +102,27 @@ class DockerAdapter:
                 info = decode_container_attrs(self.client.api.inspect_container(summary["Id"]))
             except docker.errors.NotFound:
                 continue  # gone between list and inspect; the next event rebuilds again
+            except (requests.exceptions.Timeout, requests.exceptions.ConnectionError):
+                info = self._inspected.get(summary["Id"])
+                if info is None:
+                    raise
+                self.stale.append(info.name)
+            inspected[info.id] = info
             if labels.get(OWNER_LABEL) == OWNER and labels.get(ROLE_LABEL) == SIDECAR_ROLE:
                 sidecars.append(info)
             elif labels.get(OWNER_LABEL) == OWNER and labels.get(ROLE_LABEL) == GATEWAY_ROLE:
                 gateway = info
             elif not is_mesh_owned(labels):
                 apps.append(info)
+        self._inspected = inspected
         names = {n for app in apps if app.running for n in app.networks}
-        gateways = {n: gw for n in sorted(names) if (gw := self._network_gateway(n))}
+        gateways = bridge_gateways(self.client.api.networks(), names) if names else {}
         try:
             image_id = self.client.images.get(self.image).id
         except docker.errors.ImageNotFound:
             image_id = None
         return DockerView(apps=apps, sidecars=sidecars, gateway=gateway, network_gateways=gateways,
                           image_id=image_id)
-
-    def _network_gateway(self, name: str) -> str | None:
-        if name not in self._network_gateways:
-            try:
-                net = self.client.api.inspect_network(name)
-            except docker.errors.NotFound:
-                return None
-            if (net.get("Driver") or "") != "bridge":
-                return None  # mDNS and the control channel live on bridge networks only
-            for cfg in (net.get("IPAM") or {}).get("Config") or []:
-                gw = cfg.get("Gateway")
-                if gw and ":" not in gw:
-                    self._network_gateways[name] = gw
-                    break
-        return self._network_gateways.get(name)
 
     def create_sidecar(self, app: ContainerInfo, env: dict[str, str]) -> str:
         """Start the sidecar of `app` in its network namespace; returns the container id."""

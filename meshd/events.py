@@ -2,7 +2,9 @@
 
 Kinds: error_rate_spike / error_rate_recovered, latency_jump / latency_recovered, ejection (from the
 data plane's ejection counter, when it has one), nack (a node refused a snapshot), cert_near_expiry,
-adaptive_tighten / adaptive_relax (the control loop's actions, with their reason).
+adaptive_tighten / adaptive_relax (the control loop's actions, with their reason), problem /
+problem_cleared (a part of a rebuild, such as a sidecar, a listener or an mDNS interface, started
+failing or works again: meshd.problems).
 
 Kept in meshd's store under one key, the last MAX_EVENTS, so they survive a meshd restart. Events
 are rare (edges of alarms, not samples): writing the bounded list on each one is cheap.
@@ -18,8 +20,8 @@ from .store import Store
 
 STORE_KEY = "events"
 MAX_EVENTS = 1000
-KINDS = ("error_rate_spike", "error_rate_recovered", "latency_jump", "latency_recovered", "ejection", "nack",
-         "cert_near_expiry", "adaptive_tighten", "adaptive_relax")
+KINDS = ("problem", "problem_cleared", "error_rate_spike", "error_rate_recovered", "latency_jump",
+         "latency_recovered", "ejection", "nack", "cert_near_expiry", "adaptive_tighten", "adaptive_relax")
 
 
 class EventLog:

@@ -78,6 +78,7 @@ def build_admin_app(control: ControlClient, render_metrics: Callable[[], bytes],
     def config() -> Reply:
         agent = getattr(control, "agent", None)
         return _json({"control_connected": control.connected, "nacks": control.nacks,
+                      "control_last_error": getattr(control, "last_error", None),
                       "tls": agent.describe() if agent is not None else None,
                       "control_refusals": getattr(control, "refusals", 0),
                       "snapshot": encode_snapshot(control.current) if control.current else None})

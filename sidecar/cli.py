@@ -77,6 +77,14 @@ class SidecarSettings:
         return bool(self.ca_bundle) and self.control_url.startswith("wss://")
 
 
+def read_routes() -> list:
+    """The namespace's IPv4 routes now (an app's network can be disconnected and reconnected)."""
+    from meshcore.control_address import parse_proc_net_route
+
+    with open("/proc/net/route", encoding="ascii") as fh:
+        return parse_proc_net_route(fh.read())
+
+
 def drop_privileges(uid: int) -> None:
     """Run as the proxy uid from here on: the capture rules exempt its traffic."""
     if os.getuid() != 0:
@@ -134,7 +142,7 @@ async def serve(settings: SidecarSettings) -> None:
     state.tracing.collector = (collector_url(settings.control_url),
                                agent.control_ssl_context if agent is not None else None)
     control = ControlClient(settings.control_url, "sidecar", settings.node, settings.container,
-                            apply=apply, agent=agent)
+                            apply=apply, agent=agent, routes=read_routes)
     servers: list[asyncio.AbstractServer] = []
     # Outbound on loopback only: REDIRECT maps locally generated packets to 127.0.0.1, and nothing
     # outside the namespace may use this sidecar as an open proxy.

@@ -6,9 +6,11 @@ import asyncio
 import random
 import time
 from typing import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
+from meshcore.control_address import Route, choose_control_host
 from meshcore.protocol import (
     CLOSE_BAD_HELLO, CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, Ack, Bundle, BundleAck, Certs, CsrRequest, Hello, Nack, ProtocolError, Renew, SnapshotPush,
     decode_message, encode_message, reconnect_delay,
@@ -30,8 +32,12 @@ class ControlClient:
 
     def __init__(self, url: str, kind: str, node: str, container: str,
                  apply: Callable[[Snapshot], None], rand: Callable[[], float] = random.random,
-                 agent=None):
+                 agent=None, routes: Callable[[], list[Route]] | None = None):
         self.url = url
+        # The namespace's current IPv4 routes (read at each connect): the host dialled is one of
+        # this host's (meshcore.control_address). None: dial `url` as given (tests, the gateway).
+        self.routes = routes
+        self.last_error: str | None = None
         self.kind = kind
         self.node = node
         self.container = container
@@ -68,16 +74,19 @@ class ControlClient:
         attempt = 0
         while True:
             renewer = None
+            url = self.url
             try:
+                url = self.dial_url()
                 token, csr = await self.agent.bootstrap_fields() if self.agent is not None else ("", "")
                 ssl_ctx = self.agent.control_ssl_context() if self.agent is not None else None
                 kwargs = {"ssl": ssl_ctx} if ssl_ctx is not None else {}
-                async with connect(self.url, **CONNECT_OPTIONS, **kwargs) as ws:
+                async with connect(url, **CONNECT_OPTIONS, **kwargs) as ws:
                     self.connected = True
+                    self.last_error = None
                     last = self.current.version if self.current else 0
                     await ws.send(encode_message(Hello(kind=self.kind, node=self.node, container=self.container,
                                                        last_version=last, token=token, csr=csr)))
-                    log.info("control_connected", url=self.url, last_version=last,
+                    log.info("control_connected", url=url, last_version=last,
                              auth="token" if token else ("certificate" if self.agent else "none"))
                     if self.agent is not None:
                         renewer = asyncio.ensure_future(self._renew_loop(ws))
@@ -100,7 +109,8 @@ class ControlClient:
                         elif self.agent is not None:
                             await self._handle_cert_message(ws, push)
             except (WebSocketError, OSError, asyncio.TimeoutError, ValueError) as exc:
-                log.info("control_unreachable", url=self.url, error=str(exc) or type(exc).__name__)
+                self.last_error = str(exc) or type(exc).__name__
+                log.info("control_unreachable", url=url, error=self.last_error)
             finally:
                 self.connected = False
                 if renewer is not None:
@@ -108,6 +118,21 @@ class ControlClient:
             delay = reconnect_delay(attempt, self.rand())
             attempt += 1
             await asyncio.sleep(delay)
+
+    def dial_url(self) -> str:
+        """`url` with its host checked against the namespace's routes: kept while it is loopback or
+        on-link, else this namespace's default gateway (the host); raises NoControlAddress."""
+        if self.routes is None:
+            return self.url
+        parts = urlsplit(self.url)
+        configured = parts.hostname or ""
+        host = choose_control_host(configured, self.routes())
+        if host == configured:
+            return self.url
+        log.warning("control_address_replaced", configured=configured, dialled=host,
+                    reason="not on a directly connected network of this namespace")
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=netloc))
 
     def _note_close(self, frame) -> None:
         """Count meshd's refusals (close 4400 bad hello, 4401 token, 4403 placement or identity)."""

@@ -39,7 +39,8 @@ async def admin(control, listening=lambda: True):
 
 
 def control_with(current=None, agent=None, connected=True):
-    return SimpleNamespace(current=current, connected=connected, nacks=2, agent=agent, refusals=1)
+    return SimpleNamespace(current=current, connected=connected, nacks=2, agent=agent, refusals=1,
+                           last_error="[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
 
 
 async def raw(port: int, data: bytes, read_until_close: bool = True) -> bytes:
@@ -83,6 +84,7 @@ async def _routes():
         async with s.get(base + "/config") as r:
             assert r.status == 200 and r.headers["Content-Type"] == "application/json; charset=utf-8"
             assert await r.json() == {"control_connected": True, "nacks": 2, "control_refusals": 1,
+                                      "control_last_error": "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed",
                                       "tls": Agent(True).describe(), "snapshot": encode_snapshot(snap)}
         async with s.head(base + "/metrics") as r:
             assert r.status == 200 and int(r.headers["Content-Length"]) == len(METRICS)

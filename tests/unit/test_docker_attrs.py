@@ -67,6 +67,18 @@ def test_running_app_container():
     assert sidecar_name(info) == "shop-orders-1-mesh"
 
 
+@pytest.mark.parametrize("health, status, serving", [
+    (None, "", True), ({"Status": "starting"}, "starting", False), ({"Status": "healthy"}, "healthy", True),
+    ({"Status": "unhealthy", "FailingStreak": 3}, "unhealthy", False),
+])
+def test_health_status(health, status, serving):
+    attrs = copy.deepcopy(INSPECT)
+    if health is not None:
+        attrs["State"]["Health"] = health
+    info = decode_container_attrs(attrs)
+    assert info.health == status and info.serving is serving
+
+
 def test_labels_are_a_copy():
     attrs = copy.deepcopy(INSPECT)
     info = decode_container_attrs(attrs)
@@ -141,3 +153,72 @@ def test_missing_sections(attrs):
     info = decode_container_attrs(attrs)
     assert info == ContainerInfo(id="c" * 64, name="", labels={}, exposed_ports=(), networks={},
                                  running=False, started_at="", network_mode="", image="")
+
+
+def _net(name: str, driver: str, *gateways: str) -> dict:
+    return {"Name": name, "Id": name * 4, "Driver": driver,
+            "IPAM": {"Config": [{"Subnet": "x", "Gateway": gw} for gw in gateways]}}
+
+
+def test_bridge_gateways_from_one_listing():
+    from meshd.docker_adapter import bridge_gateways
+
+    listing = [_net("rp_default", "bridge", "fd00::1", "172.25.0.1"), _net("other", "bridge", "172.26.0.1"),
+               _net("ov", "overlay", "10.0.1.1"), _net("v6only", "bridge", "fd01::1"),
+               {"Name": "noipam", "Driver": "bridge"}]
+    assert bridge_gateways(listing, {"rp_default", "ov", "v6only", "noipam", "gone"}) == {"rp_default": "172.25.0.1"}
+    # `down` + `up` re-creates the network under the same name with a new subnet: the next listing
+    # alone decides (nothing is remembered by name).
+    assert bridge_gateways([_net("rp_default", "bridge", "172.27.0.1")], {"rp_default"}) == {"rp_default": "172.27.0.1"}
+
+
+class _FakeApi:
+    """Docker's low-level API as the adapter calls it; `slow` ids time out on inspect."""
+
+    def __init__(self, attrs: dict[str, dict], networks: list[dict]):
+        self.attrs, self.nets, self.slow = attrs, networks, set()
+
+    def containers(self, all=False):
+        return [{"Id": cid, "Labels": a["Config"]["Labels"]} for cid, a in self.attrs.items()]
+
+    def inspect_container(self, cid):
+        import requests
+
+        if cid in self.slow:
+            raise requests.exceptions.ReadTimeout("Read timed out. (read timeout=60)")
+        return self.attrs[cid]
+
+    def networks(self):
+        return self.nets
+
+
+def _adapter(api):
+    from types import SimpleNamespace
+
+    import docker.errors
+
+    from meshd.docker_adapter import DockerAdapter
+
+    def get(_name):
+        raise docker.errors.ImageNotFound("no image")
+
+    return DockerAdapter(SimpleNamespace(api=api, images=SimpleNamespace(get=get)), "meshd:latest")
+
+
+def test_list_view_network_recreated_and_slow_inspect():
+    attrs = copy.deepcopy(INSPECT)
+    api = _FakeApi({APP_ID: attrs}, [_net("shop_default", "bridge", "172.20.0.1")])
+    adapter = _adapter(api)
+    view = adapter.list_view()
+    assert view.network_gateways == {"shop_default": "172.20.0.1"} and adapter.stale == []
+    # the network is re-created under its name with a new gateway: the next listing says so
+    api.nets = [_net("shop_default", "bridge", "172.29.0.1")]
+    assert adapter.list_view().network_gateways == {"shop_default": "172.29.0.1"}
+    # one container's inspect times out: its last inspection stands in, named in `stale`
+    api.slow.add(APP_ID)
+    view = adapter.list_view()
+    assert [a.id for a in view.apps] == [APP_ID] and adapter.stale == ["shop-orders-1"]
+    # ... but a container never inspected before cannot be made up: the listing fails
+    fresh = _adapter(api)
+    with pytest.raises(Exception, match="timed out"):
+        fresh.list_view()

@@ -17,14 +17,14 @@ TD = "mesh.local"
 
 
 def ctr(name: str, labels: dict[str, str] | None = None, *, ports: tuple[int, ...] = (8080,), ip: str | None = None,
-        running: bool = True, enable: bool = True, project: str = "shop") -> ContainerInfo:
+        running: bool = True, enable: bool = True, project: str = "shop", health: str = "") -> ContainerInfo:
     """A container `name` of compose service `name`, id `id-<name>`, address `ip` on network `shop_default`."""
     base = {COMPOSE_SERVICE: name, COMPOSE_PROJECT: project}
     if enable:
         base["mesh.enable"] = "true"
     base.update(labels or {})
     return ContainerInfo(id=f"id-{name}", name=f"/{name}", labels=base, exposed_ports=ports,
-                         networks={"shop_default": ip} if ip else {}, running=running)
+                         networks={"shop_default": ip} if ip else {}, running=running, health=health)
 
 
 def ann(name: str, service: str, ip: str, version: str = "v1") -> Announcement:
@@ -73,6 +73,8 @@ GOOD = ctr("orders", {"mesh.version": "v2"}, ip="10.0.0.2")
     ([GOOD], ann("orders", "orders", "10.0.0.99"), "address not the container's"),
     ([ctr("orders", {"mesh.port": "abc"}, ip="10.0.0.2")], ann("orders", "orders", "10.0.0.2"), "bad labels"),
     ([ctr("db", ip="10.0.0.4", enable=False)], ann("db", "db", "10.0.0.4"), "not meshed"),
+    ([ctr("orders", ip="10.0.0.2", health="starting")], ann("orders", "orders", "10.0.0.2"), "health: starting"),
+    ([ctr("orders", ip="10.0.0.2", health="unhealthy")], ann("orders", "orders", "10.0.0.2"), "health: unhealthy"),
 ])
 def test_announcements_ignored(containers, announcement, why):
     config, _ = build(containers, [announcement])
@@ -84,6 +86,12 @@ def test_announcement_accepted_version_from_labels():
     assert errors == []
     assert config.endpoints == {"orders": (Endpoint(instance="id-orders", address="10.0.0.2", port=15006,
                                                     version="v2", identity=f"spiffe://{TD}/ns/shop/sa/orders"),)}
+
+
+def test_healthy_or_unchecked_containers_are_endpoints():
+    config, _ = build([ctr("orders", ip="10.0.0.2", health="healthy"), ctr("users", ip="10.0.0.3")],
+                      [ann("orders", "orders", "10.0.0.2"), ann("users", "users", "10.0.0.3")])
+    assert sorted(config.endpoints) == ["orders", "users"]
 
 
 def test_endpoints_sorted_and_deduplicated():

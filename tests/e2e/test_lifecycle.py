@@ -1,0 +1,158 @@
+"""Lifecycle, end to end: the mesh keeps up with what Compose and Docker do to a project.
+
+A third-party project (Debian's nginx and a curl client, labels only) beside the demo shop, brought
+up, down, up, scaled, restarted, recreated, re-networked, and its sidecar killed. After each
+operation settles: the invariants of tests/e2e/lifecycle.py hold and calls still pass with mTLS.
+The tests run in file order on one project.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import ADMIN, get_json, run, wait_for
+from .lifecycle import (
+    calls_through_mesh, containers, curl, host_bridge_gateways, mesh_violations, project, service_containers,
+    sidecar_env, wait_mesh_ok,
+)
+
+pytestmark = pytest.mark.e2e
+
+P = "lc"
+HOLD_NET = "lc-subnet-hold"
+
+
+def gateway_of(network: str) -> str:
+    net = json.loads(run(["docker", "network", "inspect", network]).stdout)[0]
+    return next(c["Gateway"] for c in net["IPAM"]["Config"] if ":" not in c.get("Gateway", ":"))
+
+
+def sidecar_of(app: dict) -> dict:
+    found = [c for c in containers(f"label=mesh.sidecar.for={app['Id']}") if c["State"]["Running"]]
+    assert len(found) == 1, [c["Name"] for c in found]
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def lc(mesh):
+    project(P, "down", "-v", "--remove-orphans", check=False)
+    run(["docker", "network", "rm", HOLD_NET], check=False)
+    project(P, "up", "-d")
+    wait_mesh_ok(what="the lc project meshed")
+    yield P
+    project(P, "down", "-v", "--remove-orphans", check=False)
+    run(["docker", "network", "rm", HOLD_NET], check=False)
+
+
+def test_third_party_project_is_meshed(lc):
+    calls_through_mesh(lc)
+    web = service_containers(lc, "web")[0]
+    env = sidecar_env(sidecar_of(web))
+    assert env["MESH_SERVICE"] == "web" and env["MESH_NAMESPACE"] == lc and env["MESH_APP_PORT"] == "80"
+
+
+def test_down_then_up_with_a_new_subnet(lc):
+    """The reported defect: `down` + `up` re-creates `<project>_default` under its name with a new
+    subnet; the new sidecars must dial the new gateway and get a snapshot and a certificate."""
+    old_gateway = gateway_of(f"{lc}_default")
+    project(lc, "down")
+    # Hold the freed subnet so that Docker must give the re-created network another one.
+    run(["docker", "network", "create", HOLD_NET])
+    project(lc, "up", "-d")
+    new_gateway = gateway_of(f"{lc}_default")
+    assert new_gateway != old_gateway
+    wait_mesh_ok(what="the re-created project meshed")
+    for svc in ("web", "client"):
+        env = sidecar_env(sidecar_of(service_containers(lc, svc)[0]))
+        assert f"//{new_gateway}:" in env["MESH_CONTROL_URL"], env["MESH_CONTROL_URL"]
+    assert old_gateway not in host_bridge_gateways() or old_gateway == gateway_of(HOLD_NET)
+    calls_through_mesh(lc)
+    # and a later project on the host is not broken either: down + up once more
+    project(lc, "down")
+    project(lc, "up", "-d")
+    wait_mesh_ok(what="the project meshed after a second down + up")
+    calls_through_mesh(lc)
+    status = get_json(f"{ADMIN}/v1/status")
+    assert status["problems"] == [] and not status.get("unconnected")
+
+
+def test_scale_up_and_down(lc):
+    project(lc, "up", "-d", "--no-recreate", "--scale", "web=3")
+    wait_mesh_ok(what="3 web replicas meshed")
+    assert len(service_containers(lc, "web")) == 3
+    calls_through_mesh(lc, n=9)
+    project(lc, "up", "-d", "--no-recreate", "--scale", "web=1")
+    wait_mesh_ok(what="back to one web replica")
+    # sidecars carry no Compose label: Compose never takes them for containers of its own
+    assert containers("label=mesh.role=sidecar", f"label=com.docker.compose.project={lc}") == []
+    calls_through_mesh(lc)
+
+
+def test_restart_and_stop_start(lc):
+    before = service_containers(lc, "web")[0]
+    project(lc, "restart", "web")
+    wait_mesh_ok(what="web restarted")
+    after = service_containers(lc, "web")[0]
+    assert after["Id"] == before["Id"] and after["State"]["StartedAt"] != before["State"]["StartedAt"]
+    assert sidecar_of(after)["State"]["StartedAt"] > after["State"]["StartedAt"]  # a new one, in the new namespace
+    calls_through_mesh(lc)
+    project(lc, "stop", "web")
+    wait_mesh_ok(what="web stopped: its sidecar gone")
+    assert curl(lc, "http://web/", timeout=3)[0] != 200
+    project(lc, "start", "web")
+    wait_mesh_ok(what="web started again")
+    calls_through_mesh(lc)
+
+
+def test_force_recreate(lc):
+    old = {c["Id"] for c in service_containers(lc, "web") + service_containers(lc, "client")}
+    project(lc, "up", "-d", "--force-recreate")
+    new = {c["Id"] for c in service_containers(lc, "web") + service_containers(lc, "client")}
+    assert not old & new
+    wait_mesh_ok(what="recreated containers meshed")
+    calls_through_mesh(lc)
+
+
+def test_network_connect_and_disconnect(lc):
+    """An app joins a second network and leaves it again while running: one sidecar throughout,
+    dialling an address of this host, and calls keep passing."""
+    extra = f"{lc}-extra"
+    run(["docker", "network", "rm", extra], check=False)
+    run(["docker", "network", "create", extra])
+    try:
+        client = service_containers(lc, "client")[0]
+        run(["docker", "network", "connect", extra, client["Id"]])
+        wait_mesh_ok(what="client on two networks")
+        calls_through_mesh(lc)
+        run(["docker", "network", "disconnect", extra, client["Id"]])
+        wait_mesh_ok(what="client back on one network")
+        calls_through_mesh(lc)
+    finally:
+        run(["docker", "network", "rm", extra], check=False)
+
+
+def test_killed_sidecar_is_replaced(lc):
+    web = service_containers(lc, "web")[0]
+    old = sidecar_of(web)
+    run(["docker", "kill", old["Id"]])
+    wait_for(lambda: sidecar_of(web)["Id"] != old["Id"] or sidecar_of(web)["State"]["StartedAt"]
+             != old["State"]["StartedAt"], 60, what="a new sidecar for web")
+    wait_mesh_ok(what="the replaced sidecar connected")
+    calls_through_mesh(lc)
+
+
+def test_killed_gateway_is_replaced(lc):
+    gw = [c for c in containers("label=mesh.role=gateway") if c["State"]["Running"]]
+    assert len(gw) == 1
+    run(["docker", "kill", gw[0]["Id"]])
+
+    def replaced() -> bool:
+        now = [c for c in containers("label=mesh.role=gateway") if c["State"]["Running"]]
+        return len(now) == 1 and now[0]["State"]["StartedAt"] != gw[0]["State"]["StartedAt"]
+
+    wait_for(replaced, 60, what="a running gateway again")
+    wait_for(lambda: any(n["node"] == "gateway" and n["connected"] for n in get_json(f"{ADMIN}/v1/status")["nodes"]),
+             60, what="the gateway connected to meshd")
+    assert mesh_violations() == []
