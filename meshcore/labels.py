@@ -29,6 +29,8 @@ KNOWN_LABELS = frozenset({
     "mesh.gateway.path", "mesh.gateway.host", "mesh.gateway.strip-prefix",
     # zero trust (docs/DESIGN.md): mTLS mode of the inbound, callers allowed, the gateway's JWT check
     "mesh.mtls", "mesh.allow", "mesh.gateway.auth", "mesh.gateway.jwt.issuer", "mesh.gateway.jwt.audience",
+    # start-up ordering: the app is paused from its start until its sidecar is ready (meshd.hold)
+    "mesh.hold",
 })
 MTLS_MODES = ("strict", "permissive")
 GATEWAY_AUTH = ("none", "jwt")
@@ -53,6 +55,7 @@ class ContainerInfo:
     network_mode: str = ""
     image: str = ""  # image id
     health: str = ""  # Docker HEALTHCHECK status: "" (none), "starting", "healthy" or "unhealthy"
+    paused: bool = False  # frozen (`docker pause`, or meshd holding it until its sidecar is ready)
 
     @property
     def serving(self) -> bool:
@@ -85,6 +88,7 @@ class MeshSpec:
     gateway: GatewayRule | None
     mtls: str = "strict"                    # mesh.mtls: strict | permissive (inbound)
     allow: tuple[str, ...] | None = None    # mesh.allow: callers allowed (None: label absent)
+    hold: bool = True                       # mesh.hold: paused from start until the sidecar is ready
 
 
 @dataclass(frozen=True)
@@ -235,8 +239,20 @@ def decode_labels(info: ContainerInfo) -> MeshSpec:
             allow = decode_allow_label(labels["mesh.allow"])
         except PolicyError as exc:
             raise LabelDecodeError("mesh.allow", str(exc).removeprefix("mesh.allow: ")) from None
+    hold = decode_bool("mesh.hold", labels.get("mesh.hold", "true"))
     return MeshSpec(service=service, namespace=namespace, port=port, version=version,
-                    protocol=protocol, capture=capture, gateway=gateway, mtls=mtls, allow=allow)
+                    protocol=protocol, capture=capture, gateway=gateway, mtls=mtls, allow=allow, hold=hold)
+
+
+def wants_hold(labels: dict[str, str]) -> bool:
+    """From a start event's labels alone: a meshed app whose start is held until its sidecar is ready
+    (`mesh.hold`, default true; a bad value holds nothing and is reported by the full decode)."""
+    if not is_mesh_enabled(labels) or is_mesh_owned(labels):
+        return False
+    try:
+        return decode_bool("mesh.hold", labels.get("mesh.hold", "true"))
+    except LabelDecodeError:
+        return False
 
 
 def decode_container(info: ContainerInfo) -> MeshSpec | LabelError:

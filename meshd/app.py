@@ -17,7 +17,7 @@ import docker
 import structlog
 from aiohttp import web
 
-from meshcore.labels import DEFAULT_TRUST_DOMAIN
+from meshcore.labels import DEFAULT_TRUST_DOMAIN, wants_hold
 from meshcore.protocol import CONTROL_PATH, CONTROL_PORT
 from meshcore.snapshot import MeshConfig, Snapshot, build_config, build_workloads, encode_snapshot
 from meshcore.tracing import TelemetrySettings
@@ -26,6 +26,7 @@ from . import __version__
 from .control import Hub, dumps
 from .discovery import Discovery
 from .docker_adapter import GATEWAY_NAME, DockerAdapter, DockerView, sidecar_name
+from . import hold
 from .problems import Problems
 from .plan import build_sidecar_env, control_host_for, plan_sidecars
 from .rules_api import RulesBook, add_routes as add_rules_routes
@@ -50,6 +51,7 @@ RESYNC_S = 30.0        # level-triggered safety net: a full re-list even without
 DRAIN_FORGET_S = 120.0  # a container that outlives a stop signal this long is serving again
 UNCONNECTED_GRACE_S = 10.0  # a sidecar running this long without a control connection is reported
 MAX_REASON_QUERIES = 32     # admin ports asked per status call, at most (1 s each, concurrently)
+HOLD_POLL_S = 0.2      # how often held apps' sidecars are asked whether they are ready
 RETRY_S = 5.0          # a failed step of a rebuild (listener, sidecar, mDNS) is tried again after this
 STOP_SIGNALS = {"15", "2", "3", "9", "SIGTERM", "SIGINT", "SIGQUIT", "SIGKILL"}
 
@@ -62,6 +64,16 @@ def docker_time(value: str) -> float:
     except ValueError:
         return 0.0
     return base + (float(f"0.{frac}") if frac.isdigit() else 0.0)
+
+
+async def sidecar_ready(ip: str, timeout: float = 0.5) -> bool:
+    """The sidecar at `ip` answers 200 on /healthz/ready (config, listeners and certificate)."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+            async with session.get(f"http://{ip}:{SIDECAR_ADMIN_PORT}/healthz/ready") as resp:
+                return resp.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return False
 
 
 async def read_control_error(ip: str, timeout: float = 1.0) -> str:
@@ -184,6 +196,7 @@ class Meshd:
         self.telemetry_settings = SettingsBook(self.store, settings.telemetry)
         self._rebuild_lock = asyncio.Lock()
         self.problems = Problems(on_change=self._problem_event)
+        self.holds = hold.Holds(self.store)
         self._retry: asyncio.TimerHandle | None = None
         self._version = int(self.store.get("snapshot_version", 0))
         self._digest = self.store.get("snapshot_digest", "")
@@ -234,11 +247,55 @@ class Meshd:
         while not self._stop.is_set():
             try:
                 for event in self.docker.client.events(decode=True, filters={"type": "container"}):
+                    self._hold_at_start(event)
                     if self._loop is not None:
                         self._loop.call_soon_threadsafe(self.note_event, event)
             except Exception as exc:  # the engine restarted or the socket dropped: reconnect
                 log.warning("docker_events_lost", error=str(exc))
                 time.sleep(1.0)
+
+    def _hold_at_start(self, event: dict) -> None:
+        """In the event thread, at once: pause a meshed app that just started (meshd.hold)."""
+        if event.get("Action") != "start":
+            return
+        actor = event.get("Actor") or {}
+        cid = actor.get("ID") or event.get("id") or ""
+        if not cid or not wants_hold(actor.get("Attributes") or {}):
+            return
+        if self.docker.set_paused(cid, True) and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.holds.add, cid, time.time())
+            log.info("app_held", container=(actor.get("Attributes") or {}).get("name", cid[:12]),
+                     reason="until its sidecar is ready")
+
+    async def _release_holds(self) -> None:
+        """Unpause each held app once its sidecar is ready (or after HOLD_MAX_S), every 0.2 s."""
+        while True:
+            await asyncio.sleep(HOLD_POLL_S)
+            if not self.holds.since or self.view is None:
+                continue
+            apps = {app.id: app for app in self.view.apps}
+            specs = {wl.container.id: wl.spec for wl in build_workloads(self.view.apps)}
+            for cid, since in list(self.holds.since.items()):
+                app = apps.get(cid)
+                spec = specs.get(cid)
+                ip = None if app is None else next(
+                    (app.networks[n] for n in sorted(self.view.network_gateways) if app.networks.get(n)), None)
+                ready = ip is not None and await sidecar_ready(ip)
+                verdict = hold.decide(since, time.time(), listed=app is not None,
+                                      running=app is not None and app.running,
+                                      wants_hold=spec is not None and spec.hold, ready=ready)
+                if verdict is None:
+                    continue
+                if verdict != hold.FORGET:
+                    await asyncio.get_running_loop().run_in_executor(None, self.docker.set_paused, cid, False)
+                self.holds.drop(cid)
+                name = app.name if app is not None else cid[:12]
+                if verdict == hold.TIMEOUT:
+                    self.problems.fail("hold", name, f"its sidecar was not ready after {hold.HOLD_MAX_S:.0f} s: "
+                                       "released unmeshed", time.time())
+                elif verdict == hold.RELEASE:
+                    self.problems.ok("hold", name)
+                    log.info("app_released", container=name, held_s=round(time.time() - since, 2))
 
     def note_event(self, event: dict) -> None:
         """On the loop: remember stop signals (draining) and ask for a rebuild."""
@@ -316,10 +373,19 @@ class Meshd:
         for sc in plan.remove:
             log.info("sidecar_remove", sidecar=sc.name, reason="app gone, stopped, stale or duplicate")
             await self._step("sidecar_remove", sc.name, loop.run_in_executor(None, self.docker.remove, sc.id))
+            # Its control connection goes with it, before a replacement of the same name connects: a
+            # sidecar in a vanished namespace sends no FIN and would look connected (and ACKed) until
+            # heartbeats fail, in place of the new one.
+            if sc.name in self.hub.nodes:
+                await self.hub.drop(sc.name)
         for wl in plan.create:
             await self._step("sidecar_create", sidecar_name(wl.container), self._create_sidecar(wl, view))
         self.problems.keep_only("sidecar_create", {sidecar_name(wl.container) for wl in workloads})
         self.problems.keep_only("sidecar_remove", {sc.name for sc in view.sidecars})
+        # A hold that timed out stays a problem until the app's sidecar connects (or the app goes).
+        connected = {name for name, node in self.hub.nodes.items() if node.connected}
+        self.problems.keep_only("hold", {wl.container.name for wl in workloads if wl.container.running
+                                         and sidecar_name(wl.container) not in connected})
         await self._step("gateway", GATEWAY_NAME, self._apply_gateway(view))
         await self._apply_listeners(list(view.network_gateways.values()))
         failed = await self.discovery.apply_interfaces(list(view.network_gateways.values()))
@@ -577,6 +643,7 @@ class Meshd:
         await self._apply_listeners([])
         self.telemetry.start()  # scraper; stopped by admin_runner.cleanup()
         threading.Thread(target=self._watch_events, name="docker-events", daemon=True).start()
+        releaser = asyncio.ensure_future(self._release_holds())
         log.info("meshd_started", version=__version__, snapshot_version=self._version,
                  admin=f"{self.settings.admin_host}:{ADMIN_PORT}")
         self._dirty.set()
@@ -603,6 +670,7 @@ class Meshd:
         except asyncio.CancelledError:
             log.info("meshd_stopping")
         finally:
+            releaser.cancel()
             self._stop.set()
             await self.discovery.close()
             await self.hub.close_all()

@@ -94,6 +94,7 @@ class Hub:
         # (tests of the snapshot push only).
         self.auth = auth
         self._conns: set[_Conn] = set()
+        self._closing: set[asyncio.Task] = set()
 
     def publish(self, snapshot: Snapshot) -> None:
         """Make `snapshot` the one every node gets; encoded once, sent to all."""
@@ -238,7 +239,12 @@ class Hub:
         namespace vanished sends no FIN, and would otherwise look connected until heartbeats fail."""
         self.nodes.pop(name, None)
         for conn in [c for c in self._conns if c.node == name]:
-            await conn.ws.close(code=4410, message=b"node removed")
+            self._conns.discard(conn)
+            # Not awaited: a peer whose namespace is gone never answers the close frame, and the
+            # rebuild that dropped it must not wait for aiohttp's close timeout.
+            task = asyncio.ensure_future(conn.ws.close(code=4410, message=b"node removed"))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def close_all(self) -> None:
         """Close every node's socket (meshd is stopping; nodes reconnect with backoff)."""

@@ -41,6 +41,7 @@ def decode_container_attrs(attrs: dict[str, Any]) -> ContainerInfo:
         network_mode=host_config.get("NetworkMode", ""),
         image=attrs.get("Image", ""),
         health=str((state.get("Health") or {}).get("Status") or ""),
+        paused=bool(state.get("Paused")),
     )
 
 
@@ -147,6 +148,14 @@ class DockerAdapter:
             log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
         )
         return container.id
+
+    def set_paused(self, container_id: str, paused: bool) -> bool:
+        """Freeze or thaw a container (a start hold); False when it is gone or already so."""
+        try:
+            (self.client.api.pause if paused else self.client.api.unpause)(container_id)
+            return True
+        except (docker.errors.NotFound, docker.errors.APIError):
+            return False
 
     def remove(self, name_or_id: str) -> bool:
         """Force-remove a container; False when it did not exist."""

@@ -147,3 +147,22 @@ def test_docker_time():
     assert app_module.docker_time("2026-12-05T10:00:00.250000000Z") == pytest.approx(expected)
     assert app_module.docker_time("0001-01-01T00:00:00Z") < 0          # Docker's "never"
     assert app_module.docker_time("") == 0.0 and app_module.docker_time("garbage") == 0.0
+
+
+async def test_a_replaced_sidecar_does_not_stay_connected(meshd):
+    """`docker restart` of an app: its sidecar, in the namespace that is gone, is replaced by one of
+    the same name. The old control connection (no FIN ever comes from a vanished namespace) must not
+    count as the new sidecar's, connected and ACKed, while the new one is still starting."""
+    from meshd.control import NodeState
+
+    old = ContainerInfo(id="sc-a-old", name="p-a-1-mesh", running=True, started_at="2026-12-05T09:00:00.0Z",
+                        labels={"mesh.owner": "meshd", "mesh.role": "sidecar", "mesh.sidecar.for": "id-a"})
+    meshd.docker.view = DockerView(apps=[app("a")], sidecars=[old], gateway=None,
+                                   network_gateways={"p_default": UNROUTABLE}, image_id=None)
+    meshd.hub.nodes["p-a-1-mesh"] = NodeState(node="p-a-1-mesh", kind="sidecar", container="id-a",
+                                              connected=True, acked_version=4)
+    await meshd.rebuild()
+    assert meshd.docker.created == ["p-a-1"]            # replaced (started before the app's start)
+    assert "p-a-1-mesh" not in meshd.hub.nodes          # until the new one connects
+    entry = meshd.status()["sidecars"][0]
+    assert entry["connected"] is False and entry["acked_version"] is None

@@ -1,7 +1,8 @@
 """What the lifecycle tests (and the soak) check after each Compose or Docker operation settles.
 
 The invariants are those of the lifecycle issue: exactly one running sidecar per running meshed
-container and none for anything else; every sidecar connected to meshd and on the current snapshot
+container, started after the app's latest start (so in its current network namespace), and none for
+anything else; every sidecar connected to meshd and on the current snapshot
 version; every sidecar told to dial an address of this host; no problem left in `meshctl status`.
 """
 
@@ -73,6 +74,10 @@ def mesh_violations() -> list[str]:
             continue
         if len(per_app.get(cid, [])) != 1:
             bad.append(f"{app['Name']}: {len(per_app.get(cid, []))} running sidecars {per_app.get(cid, [])}")
+    for sc in sidecars:
+        app = running_apps.get(sc["Config"]["Labels"].get("mesh.sidecar.for", ""))
+        if app is not None and sc["State"]["StartedAt"] < app["State"]["StartedAt"]:
+            bad.append(f"{sc['Name']} started before its app's latest start: in a network namespace that is gone")
     for app_id, names in per_app.items():
         if app_id not in running_apps:
             bad.append(f"orphan sidecar(s) {names} of a container that is not a running meshed app")

@@ -14,8 +14,8 @@ import pytest
 
 from .conftest import ADMIN, get_json, run, wait_for
 from .lifecycle import (
-    calls_through_mesh, containers, curl, host_bridge_gateways, mesh_violations, project, service_containers,
-    sidecar_env, wait_mesh_ok,
+    calls_through_mesh, containers, curl, host_bridge_gateways, mesh_violations, mtls_requests, project,
+    service_containers, sidecar_env, wait_mesh_ok,
 )
 
 pytestmark = pytest.mark.e2e
@@ -156,3 +156,39 @@ def test_killed_gateway_is_replaced(lc):
     wait_for(lambda: any(n["node"] == "gateway" and n["connected"] for n in get_json(f"{ADMIN}/v1/status")["nodes"]),
              60, what="the gateway connected to meshd")
     assert mesh_violations() == []
+
+
+def first_call(proj: str, service: str) -> str:
+    """What the service's client wrote for its first call (an HTTP status; 000: no answer)."""
+    cid = service_containers(proj, service)[0]["Id"]
+    return wait_for(lambda: run(["docker", "exec", cid, "cat", "/tmp/first"], check=False).stdout.strip(),
+                    30, what=f"{service}'s first call to finish")
+
+
+def test_start_is_held_until_the_sidecar_is_ready(mesh):
+    """An app that calls the moment it starts: held (paused) by meshd until its sidecar is ready,
+    its first call goes through the mesh. Without the hold (mesh.hold=false) the same first call
+    leaves before the sidecar exists; what it gets then is recorded, not asserted."""
+    fp = "lcfirst"
+    project(fp, "down", "-v", file="firstcall.yml", check=False)
+    try:
+        project(fp, "up", "-d", "web", file="firstcall.yml")
+        wait_mesh_ok(what="web meshed")
+        outcomes = {"early": [], "early-nohold": []}
+        for attempt in range(3):
+            before = mtls_requests(fp, "web", source="early")
+            if attempt == 0:
+                project(fp, "up", "-d", "early", "early-nohold", file="firstcall.yml")
+            else:
+                project(fp, "restart", "early", "early-nohold", file="firstcall.yml")
+            for svc in outcomes:
+                outcomes[svc].append(first_call(fp, svc))
+            wait_for(lambda: mtls_requests(fp, "web", source="early") > before, 10,
+                     what="web's sidecar to count early's first call")
+            wait_mesh_ok(what="the clients meshed")
+            for svc in outcomes:   # the next start writes its own first call
+                run(["docker", "exec", service_containers(fp, svc)[0]["Id"], "rm", "-f", "/tmp/first"])
+        print(f"first calls at start: held {outcomes['early']}, not held {outcomes['early-nohold']}")
+        assert outcomes["early"] == ["200"] * 3, outcomes
+    finally:
+        project(fp, "down", "-v", file="firstcall.yml", check=False)

@@ -148,21 +148,22 @@ def test_every_known_label_is_decoded():
               "mesh.capture": "explicit", "mesh.gateway.path": "/o", "mesh.gateway.host": "o.example",
               "mesh.gateway.strip-prefix": "true", "mesh.mtls": "permissive", "mesh.allow": "gateway, users",
               "mesh.gateway.auth": "jwt", "mesh.gateway.jwt.issuer": "https://idp.example",
-              "mesh.gateway.jwt.audience": "shop"}
+              "mesh.gateway.jwt.audience": "shop", "mesh.hold": "false"}
     assert set(labels) | {"mesh.enable"} == set(KNOWN_LABELS)
     assert decode_labels(info(labels)) == MeshSpec(
         service="orders", namespace="shop", port=8080, version="v3", protocol="http", capture="explicit",
         gateway=GatewayRule("/o", "o.example", True, "jwt", "https://idp.example", "shop"),
-        mtls="permissive", allow=("gateway", "users"))
+        mtls="permissive", allow=("gateway", "users"), hold=False)
 
 
 def test_zero_trust_label_defaults():
     spec = decode_labels(info({}))
-    assert spec.mtls == "strict" and spec.allow is None
+    assert spec.mtls == "strict" and spec.allow is None and spec.hold is True
 
 
 @pytest.mark.parametrize("labels, label, fragment", [
     ({"mesh.mtls": "off"}, "mesh.mtls", "not one of strict, permissive"),
+    ({"mesh.hold": "later"}, "mesh.hold", "not a boolean"),
     ({"mesh.allow": ""}, "mesh.allow", "comma-separated"),
     ({"mesh.allow": "Orders"}, "mesh.allow", "not a service name"),
     ({"mesh.gateway.path": "/o", "mesh.gateway.auth": "basic"}, "mesh.gateway.auth", "not one of none, jwt"),
