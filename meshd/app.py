@@ -180,6 +180,7 @@ class Meshd:
         self._recreated: dict[str, float] = {}
         self.discovery = Discovery(on_change=self.trigger)
         self.view: DockerView | None = None
+        self.view_listed_at = 0.0   # wall time the listing of `view` began
         self.label_errors: list = []
         self.started = time.time()
         self._started_mono = time.monotonic()
@@ -273,29 +274,38 @@ class Meshd:
             await asyncio.sleep(HOLD_POLL_S)
             if not self.holds.since or self.view is None:
                 continue
-            apps = {app.id: app for app in self.view.apps}
-            specs = {wl.container.id: wl.spec for wl in build_workloads(self.view.apps)}
-            for cid, since in list(self.holds.since.items()):
-                app = apps.get(cid)
-                spec = specs.get(cid)
-                ip = None if app is None else next(
-                    (app.networks[n] for n in sorted(self.view.network_gateways) if app.networks.get(n)), None)
-                ready = ip is not None and await sidecar_ready(ip)
-                verdict = hold.decide(since, time.time(), listed=app is not None,
-                                      running=app is not None and app.running,
-                                      wants_hold=spec is not None and spec.hold, ready=ready)
-                if verdict is None:
-                    continue
-                if verdict != hold.FORGET:
-                    await asyncio.get_running_loop().run_in_executor(None, self.docker.set_paused, cid, False)
-                self.holds.drop(cid)
-                name = app.name if app is not None else cid[:12]
-                if verdict == hold.TIMEOUT:
-                    self.problems.fail("hold", name, f"its sidecar was not ready after {hold.HOLD_MAX_S:.0f} s: "
-                                       "released unmeshed", time.time())
-                elif verdict == hold.RELEASE:
-                    self.problems.ok("hold", name)
-                    log.info("app_released", container=name, held_s=round(time.time() - since, 2))
+            try:
+                await self._release_ready_holds()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one failure: apps stay paused
+                log.exception("hold_release_failed")
+
+    async def _release_ready_holds(self) -> None:
+        """One pass of _release_holds over the current holds."""
+        apps = {app.id: app for app in self.view.apps}
+        specs = {wl.container.id: wl.spec for wl in build_workloads(self.view.apps)}
+        for cid, since in list(self.holds.since.items()):
+            # Only a listing begun after the hold says what the app is now: an older one may
+            # still show it stopped (`compose start` of a stopped app).
+            app = apps.get(cid) if self.view_listed_at >= since else None
+            spec = specs.get(cid)
+            ip = None if app is None else next(
+                (app.networks[n] for n in sorted(self.view.network_gateways) if app.networks.get(n)), None)
+            ready = ip is not None and await sidecar_ready(ip)
+            verdict = hold.decide(since, time.time(), listed=app is not None,
+                                  running=app is not None and app.running,
+                                  wants_hold=spec is not None and spec.hold, ready=ready)
+            if verdict is None:
+                continue
+            if verdict != hold.FORGET:
+                await asyncio.get_running_loop().run_in_executor(None, self.docker.set_paused, cid, False)
+            self.holds.drop(cid)
+            name = app.name if app is not None else cid[:12]
+            if verdict == hold.TIMEOUT:
+                self.problems.fail("hold", name, f"its sidecar was not ready after {hold.HOLD_MAX_S:.0f} s: "
+                                   "released unmeshed", time.time())
+            elif verdict == hold.RELEASE:
+                self.problems.ok("hold", name)
+                log.info("app_released", container=name, held_s=round(time.time() - since, 2))
 
     def note_event(self, event: dict) -> None:
         """On the loop: remember stop signals (draining) and ask for a rebuild."""
@@ -354,13 +364,14 @@ class Meshd:
 
     async def _rebuild(self) -> None:
         loop = asyncio.get_running_loop()
+        listed_at = time.time()
         try:
             view = await loop.run_in_executor(None, self.docker.list_view)
         except Exception as exc:  # a slow or restarting engine: keep serving the last view, retry
             self.problems.fail("docker_list", "docker", f"{type(exc).__name__}: {exc}", time.time())
             raise
         self.problems.ok("docker_list", "docker")
-        self.view = view
+        self.view, self.view_listed_at = view, listed_at
         running = {app.id for app in view.apps if app.running}
         horizon = time.monotonic() - DRAIN_FORGET_S
         for cid in [c for c, at in self.draining.items() if c not in running or at < horizon]:

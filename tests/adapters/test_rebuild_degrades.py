@@ -166,3 +166,30 @@ async def test_a_replaced_sidecar_does_not_stay_connected(meshd):
     assert "p-a-1-mesh" not in meshd.hub.nodes          # until the new one connects
     entry = meshd.status()["sidecars"][0]
     assert entry["connected"] is False and entry["acked_version"] is None
+
+
+async def test_hold_released_only_by_a_listing_after_it(meshd, monkeypatch):
+    """`compose start` of a stopped app: the hold comes from the start event while meshd's last
+    listing still shows the app stopped; that listing must not make meshd forget the (paused) app."""
+    import dataclasses
+    import time
+
+    thawed = []
+    meshd.docker.set_paused = lambda cid, paused: thawed.append((cid, paused)) or True
+    monkeypatch.setattr(app_module, "sidecar_ready", lambda ip: _true())
+    stopped = dataclasses.replace(app("a"), running=False, networks={})
+    meshd.docker.view = DockerView(apps=[stopped], sidecars=[], gateway=None, network_gateways={}, image_id=None)
+    await meshd.rebuild()                       # the listing before the start
+    meshd.holds.add("id-a", time.time() + 1)    # the start event comes after it
+    await meshd._release_ready_holds()
+    assert meshd.holds.since and thawed == []   # still held: the listing is older than the hold
+    meshd.docker.view = DockerView(apps=[app("a")], sidecars=[], gateway=None,
+                                   network_gateways={"p_default": UNROUTABLE}, image_id=None)
+    meshd.view_listed_at = time.time() + 2      # a listing begun after the hold: the app runs
+    meshd.view = meshd.docker.view
+    await meshd._release_ready_holds()
+    assert thawed == [("id-a", False)] and not meshd.holds.since
+
+
+async def _true() -> bool:
+    return True
