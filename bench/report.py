@@ -410,8 +410,8 @@ def text_report(res: dict) -> list[str]:
           "- Loopback on a 2 vCPU VM: the load generator, the app and both proxies share two CPUs, so at 32 "
           "connections req/s measures CPU cost per request more than anything else, and 1-connection latency "
           "depends on which CPU each process runs on. Compare paths within one run, not with other machines.",
-          "- The anchor figures (`docs/proxy-figures.md`: HAProxy pair 47k req/s at 32 connections, p99 "
-          "1.26 ms) come from a like machine; this run's HAProxy row is the like-for-like reference.",
+          "- The anchor figures (docs/PERFORMANCE.md, \"Reference figures\": HAProxy pair 47k req/s at 32 "
+          "connections, p99 1.26 ms) come from a like machine; this run's HAProxy row is the like-for-like reference.",
           "- Each run records the CPU that /proc/stat charged to tasks other than the measured ones "
           "(`unattributed` in `raw/`): kernel threads handling loopback packets, and any other load on "
           "the machine (a test suite next door). Rounds start only once the machine is quiet (within a "
