@@ -264,9 +264,12 @@ class Meshd:
         if not cid or not wants_hold(actor.get("Attributes") or {}):
             return
         if self.docker.set_paused(cid, True) and self._loop is not None:
-            self._loop.call_soon_threadsafe(self.holds.add, cid, time.time())
+            now = time.time()
+            self._loop.call_soon_threadsafe(self.holds.add, cid, now)
+            # how long the app ran unheld: calls it made in that time left without the mesh
+            after_ms = round((now - int(event.get("timeNano") or 0) / 1e9) * 1000) if event.get("timeNano") else None
             log.info("app_held", container=(actor.get("Attributes") or {}).get("name", cid[:12]),
-                     reason="until its sidecar is ready")
+                     reason="until its sidecar is ready", paused_after_start_ms=after_ms)
 
     async def _release_holds(self) -> None:
         """Unpause each held app once its sidecar is ready (or after HOLD_MAX_S), every 0.2 s."""

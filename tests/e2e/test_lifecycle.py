@@ -9,6 +9,8 @@ The tests run in file order on one project.
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 
@@ -183,6 +185,7 @@ def test_start_is_held_until_the_sidecar_is_ready(mesh):
                 project(fp, "restart", "early", "early-nohold", file="firstcall.yml")
             for svc in outcomes:
                 outcomes[svc].append(first_call(fp, svc))
+            assert outcomes["early"][-1] == "200", outcomes
             wait_for(lambda: mtls_requests(fp, "web", source="early") > before, 10,
                      what="web's sidecar to count early's first call")
             wait_mesh_ok(what="the clients meshed")
@@ -192,3 +195,71 @@ def test_start_is_held_until_the_sidecar_is_ready(mesh):
         assert outcomes["early"] == ["200"] * 3, outcomes
     finally:
         project(fp, "down", "-v", file="firstcall.yml", check=False)
+
+
+def test_image_rebuilt_and_service_recreated(lc):
+    """A new build of the app's image: `up -d` recreates the service; the new container is meshed."""
+    tag = "mesh-nginx:lc-rebuilt"
+    run(["docker", "build", "-q", "-t", tag, "-"], input="FROM mesh-nginx:bookworm\nLABEL rebuilt=1\n")
+    try:
+        old = service_containers(lc, "web")[0]["Id"]
+        project(lc, "up", "-d", env={**os.environ, "MESH_TEST_WEB_IMAGE": tag}, file="webclient.yml")
+        new = service_containers(lc, "web")[0]
+        assert new["Id"] != old and new["Config"]["Image"] == tag
+        wait_mesh_ok(what="the rebuilt web meshed")
+        calls_through_mesh(lc)
+    finally:
+        project(lc, "up", "-d")
+        run(["docker", "rmi", tag], check=False)
+
+
+def test_compose_v2_container_names(lc):
+    """Compose v2 names containers `<project>-<service>-1`: meshd goes by labels, not names."""
+    name = f"{lc}-v2web-1"
+    run(["docker", "rm", "-f", name], check=False)
+    run(["docker", "run", "-d", "--name", name, "--network", f"{lc}_default", "--network-alias", "v2web",
+         "--label", f"com.docker.compose.project={lc}", "--label", "com.docker.compose.service=v2web",
+         "--label", "mesh.enable=true", "--label", "mesh.port=80",
+         "mesh-nginx:bookworm", "nginx", "-g", "daemon off;"])
+    try:
+        wait_mesh_ok(what="a v2-named container meshed")
+        assert sidecar_of(containers(f"name=^/{name}$")[0])["Name"] == f"/{name}-mesh"
+        calls_through_mesh(lc, service="v2web")
+    finally:
+        run(["docker", "rm", "-f", name], check=False)
+    wait_mesh_ok(what="its sidecar removed with it")
+
+
+def test_crash_looping_app_leaves_no_orphans(lc):
+    """An app restarted by Docker every second: at most one sidecar for it at any moment, no orphan
+    afterwards, and the other project's calls keep passing meanwhile."""
+    cp = "lccrash"
+    project(cp, "down", file="crashloop.yml", check=False)
+    project(cp, "up", "-d", file="crashloop.yml")
+    try:
+        deadline = time.monotonic() + 15
+        restarts = 0
+        while time.monotonic() < deadline:
+            flaky = service_containers(cp, "flaky", running=False)
+            assert len(flaky) == 1
+            restarts = flaky[0]["RestartCount"]
+            running = [c for c in containers(f"label=mesh.sidecar.for={flaky[0]['Id']}") if c["State"]["Running"]]
+            assert len(running) <= 1, [c["Name"] for c in running]
+            calls_through_mesh(lc, n=1)
+        assert restarts >= 3
+    finally:
+        project(cp, "down", file="crashloop.yml", check=False)
+    wait_mesh_ok(what="no sidecar left of the crash-looping app")
+
+
+def test_meshd_restarted_during_a_rebuild(lc):
+    """meshd killed while it is creating sidecars (and holding the new apps): the restarted meshd
+    finishes the job, releases every hold, and leaves no orphan or duplicate."""
+    project(lc, "up", "-d", "--no-recreate", "--scale", "web=3")
+    run(["docker", "restart", "-t", "0", "meshd"])
+    wait_mesh_ok(what="the mesh after meshd's restart mid-rebuild")
+    paused = [c["Name"] for c in containers("label=mesh.enable=true") if c["State"]["Paused"]]
+    assert paused == []
+    calls_through_mesh(lc, n=6)
+    project(lc, "up", "-d", "--no-recreate", "--scale", "web=1")
+    wait_mesh_ok(what="back to one web replica")
