@@ -125,6 +125,12 @@ def build_workloads(containers: Iterable[ContainerInfo]) -> list[Workload]:
 
 def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str,
               policy: tuple[tuple[str, str], ...]) -> LabelError | None:
+    if spec.namespace != first.namespace:
+        # One identity per service name: instances of two projects would fail each other's SPIFFE
+        # checks. Mesh service names are host-wide until namespaces are part of the routing.
+        return LabelError(label_container, "mesh.service",
+                          f"{spec.service!r} is already a service of project {first.namespace!r} "
+                          f"(mesh service names are host-wide): set another mesh.service")
     if spec.protocol != first.protocol:
         return LabelError(label_container, "mesh.protocol",
                           f"{spec.protocol!r} differs from {first.protocol!r} of other {spec.service} instances")

@@ -2,7 +2,7 @@
 
 The invariants are those of the lifecycle issue: exactly one running sidecar per running meshed
 container, started after the app's latest start (so in its current network namespace), and none for
-anything else; every sidecar connected to meshd and on the current snapshot
+anything else; every running, healthy meshed container an endpoint of its service; every sidecar connected to meshd and on the current snapshot
 version; every sidecar told to dial an address of this host; no problem left in `meshctl status`.
 """
 
@@ -94,6 +94,14 @@ def mesh_violations() -> list[str]:
             bad.append(f"{sc['Name']} not connected to meshd")
         elif node["acked_version"] != latest:
             bad.append(f"{sc['Name']} ACKed {node['acked_version']}, latest is {latest}")
+    endpoints = {e["instance"] for svc in get_json(f"{ADMIN}/v1/services", timeout=10)["services"]
+                 for e in svc["endpoints"]}
+    for cid, app in running_apps.items():
+        health = (app["State"].get("Health") or {}).get("Status", "healthy")
+        if app["Name"].lstrip("/") not in label_errors and health == "healthy" and cid not in endpoints:
+            bad.append(f"{app['Name']} is not an endpoint of its service (not discovered yet?)")
+    for err in status["label_errors"]:   # none is intended in the lifecycle projects
+        bad.append(f"label error: {err['container']} {err['label']}: {err['message']}")
     for problem in status.get("problems", []):
         bad.append(f"problem: {problem['kind']} {problem['subject']}: {problem['message']}")
     return bad

@@ -174,11 +174,11 @@ def test_start_is_held_until_the_sidecar_is_ready(mesh):
     fp = "lcfirst"
     project(fp, "down", "-v", file="firstcall.yml", check=False)
     try:
-        project(fp, "up", "-d", "web", file="firstcall.yml")
-        wait_mesh_ok(what="web meshed")
+        project(fp, "up", "-d", "firstweb", file="firstcall.yml")
+        wait_mesh_ok(what="firstweb meshed")
         outcomes = {"early": [], "early-nohold": []}
         for attempt in range(3):
-            before = mtls_requests(fp, "web", source="early")
+            before = mtls_requests(fp, "firstweb", source="early")
             if attempt == 0:
                 project(fp, "up", "-d", "early", "early-nohold", file="firstcall.yml")
             else:
@@ -186,8 +186,8 @@ def test_start_is_held_until_the_sidecar_is_ready(mesh):
             for svc in outcomes:
                 outcomes[svc].append(first_call(fp, svc))
             assert outcomes["early"][-1] == "200", outcomes
-            wait_for(lambda: mtls_requests(fp, "web", source="early") > before, 10,
-                     what="web's sidecar to count early's first call")
+            wait_for(lambda: mtls_requests(fp, "firstweb", source="early") > before, 10,
+                     what="firstweb's sidecar to count early's first call")
             wait_mesh_ok(what="the clients meshed")
             for svc in outcomes:   # the next start writes its own first call
                 run(["docker", "exec", service_containers(fp, svc)[0]["Id"], "rm", "-f", "/tmp/first"])
@@ -263,3 +263,21 @@ def test_meshd_restarted_during_a_rebuild(lc):
     calls_through_mesh(lc, n=6)
     project(lc, "up", "-d", "--no-recreate", "--scale", "web=1")
     wait_mesh_ok(what="back to one web replica")
+
+
+def test_same_service_names_in_a_second_project(lc):
+    """A second project with services of the same names: its containers are label errors naming the
+    first project (mesh service names are host-wide for now), and the first project is untouched."""
+    other = "lc2"
+    project(other, "up", "-d")
+    try:
+        def named() -> bool:
+            errors = get_json(f"{ADMIN}/v1/status")["label_errors"]
+            return sorted(e["label"] for e in errors if f"project {lc!r}" in e["message"]) == \
+                ["mesh.service", "mesh.service"]
+
+        wait_for(named, 30, what="label errors for lc2's web and client")
+        calls_through_mesh(lc)
+    finally:
+        project(other, "down")
+    wait_mesh_ok(what="the mesh without the second project")
