@@ -25,8 +25,8 @@ def analyze_containers(containers, trust_domain: str):
 @commands.command()
 def analyze(
     file: Path = typer.Argument(..., help="a compose file (YAML); nothing is run"),
-    project: Optional[str] = typer.Option(None, "--project", "-p",
-                                          help="compose project name (default: top-level name: or the file's directory)"),
+    project: Optional[str] = typer.Option(
+        None, "--project", "-p", help="compose project name (default: top-level name: or the file's directory)"),
     trust_domain: str = typer.Option("mesh.local", "--trust-domain", help="SPIFFE trust domain"),
 ) -> None:
     """Check the mesh labels of every `mesh.enable` service of a compose file, without running anything."""

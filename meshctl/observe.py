@@ -140,10 +140,10 @@ def stat_path(window: float) -> str:
 @commands.command(cls=ReadCommand)
 def stat(ctx: typer.Context, window: float = WINDOW) -> None:
     """Requests/s, success rate and p50/p90/p99 per service and version (and per call edge)."""
-    data = session(ctx).read(stat_path(window))
+    mesh = session(ctx)
+    data = mesh.read(stat_path(window))
     if data is None:
         return
-    mesh = session(ctx)
     if not data.get("services"):
         mesh.show("no traffic seen yet (meshd scrapes every sidecar's /metrics every 2 s)")
         return
@@ -183,6 +183,10 @@ def top(ctx: typer.Context,
     from rich.live import Live
 
     try:
+        if not mesh.is_terminal():  # a pipe or a log: a frame after the other (as `top -b`)
+            while True:
+                mesh.show(frame())
+                time.sleep(max(0.2, interval))
         with Live(frame(), console=mesh.console, refresh_per_second=4, screen=False) as live:
             while True:
                 time.sleep(max(0.2, interval))

@@ -43,8 +43,8 @@ SERVICES = {"services": [
      "port": 8080, "identity": LONG_ID, "mtls": "strict", "allow": ["gateway", "orders"], "versions": {"v1": 2},
      "endpoints": [{"instance": "a" * 64, "address": "172.18.0.5", "port": 15006, "version": "v1"},
                    {"instance": "b" * 64, "address": "172.18.0.6", "port": 15006, "version": "v1"}]},
-    {"name": "db", "namespace": "shop", "protocol": "tcp", "port": 5432, "identity": "spiffe://mesh.local/ns/shop/sa/db",
-     "versions": {}, "endpoints": []},
+    {"name": "db", "namespace": "shop", "protocol": "tcp", "port": 5432,
+     "identity": "spiffe://mesh.local/ns/shop/sa/db", "versions": {}, "endpoints": []},
 ]}
 STATUS = {"meshd": {"version": "0.1.0", "uptime_s": 61, "snapshot_version": 3},
           "nodes": [{"node": "orders-1-mesh", "kind": "sidecar", "service": "orders", "connected": True,
@@ -215,6 +215,20 @@ def test_top_once_piped_prints_plain_tables():
     assert "orders-1-mesh refused snapshot version 3" in out
     assert [c for c in mesh.client.calls if c[0] == "GET"][:2] == [("GET", "/v1/stat?window=10", None),
                                                                  ("GET", "/v1/events?since=15m&limit=8", None)]
+
+
+def test_top_piped_prints_a_frame_per_interval_until_interrupted(monkeypatch):
+    sleeps = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if len(sleeps) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(observe.time, "sleep", sleep)
+    result, _ = invoke(observe.commands, ["top", "--interval", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("meshctl top  ") == 2 and sleeps == [0.5, 0.5]
 
 
 # ---- the shared options --------------------------------------------------------------------------
