@@ -9,6 +9,9 @@ from typing import Any, Optional
 
 import typer
 
+from .context import Grid, ReadCommand, command_group, session
+
+commands = command_group()
 WINDOW = typer.Option(60.0, "--window", "-w", help="seconds of history to look at (1..300)")
 
 
@@ -39,37 +42,33 @@ def _style(row: dict) -> str | None:
     return None
 
 
-def stat_tables(data: dict) -> list:
-    """Rich renderables for a /v1/stat body: per service and version, then per edge."""
-    from rich.table import Table
+def stat_tables(data: dict) -> list[Grid]:
+    """Tables of a /v1/stat body: per service and version, then per call edge."""
     from rich.text import Text
 
     tight = {t["service"]: t.get("adaptive") for t in data.get("totals") or []
              if (t.get("adaptive") or {}).get("mode") == "tight"}
     targets = data.get("targets") or {}
-    table = Table(title=f"services (last {data.get('window_s', 60):g} s, {targets.get('up', 0)}/"
-                        f"{targets.get('total', 0)} nodes scraped)", title_justify="left")
-    for col, justify in (("service", "left"), ("version", "left"), ("RPS", "right"), ("success", "right"),
-                         ("p50", "right"), ("p90", "right"), ("p99", "right"), ("requests", "right")):
-        table.add_column(col, justify=justify, overflow="fold")
+    grid = Grid(f"services (last {data.get('window_s', 60):g} s, {targets.get('up', 0)}/"
+                f"{targets.get('total', 0)} nodes scraped)",
+                (("service", "left"), ("version", "left"), ("RPS", "right"), ("success", "right"),
+                 ("p50", "right"), ("p90", "right"), ("p99", "right"), ("requests", "right")))
     for r in data.get("services") or []:
         name = Text(str(r.get("service")))
         if r.get("service") in tight:
             name.append(" (tightened)", style="yellow")
-        table.add_row(name, Text(str(r.get("version"))), fmt_rps(r.get("rps")), fmt_pct(r.get("success_rate")),
-                      fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p90_ms")), fmt_ms(r.get("p99_ms")),
-                      str(r.get("requests", 0)), style=_style(r))
-    out = [table]
+        grid.add_row(name, Text(str(r.get("version"))), fmt_rps(r.get("rps")), fmt_pct(r.get("success_rate")),
+                     fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p90_ms")), fmt_ms(r.get("p99_ms")),
+                     str(r.get("requests", 0)), style=_style(r))
+    out = [grid]
     edges = data.get("edges") or []
     if edges:
-        et = Table(title="calls (source -> destination)", title_justify="left")
-        for col, justify in (("source", "left"), ("destination", "left"), ("RPS", "right"), ("success", "right"),
-                             ("p99", "right")):
-            et.add_column(col, justify=justify, overflow="fold")
+        calls = Grid("calls (source -> destination)", (("source", "left"), ("destination", "left"),
+                                                        ("RPS", "right"), ("success", "right"), ("p99", "right")))
         for e in edges:
-            et.add_row(Text(str(e.get("source"))), Text(str(e.get("destination"))), fmt_rps(e.get("rps")),
-                       fmt_pct(e.get("success_rate")), fmt_ms(e.get("p99_ms")), style=_style(e))
-        out.append(et)
+            calls.add_row(Text(str(e.get("source"))), Text(str(e.get("destination"))), fmt_rps(e.get("rps")),
+                          fmt_pct(e.get("success_rate")), fmt_ms(e.get("p99_ms")), style=_style(e))
+        out.append(calls)
     return out
 
 
@@ -80,19 +79,17 @@ def _fmt_time(ts: Any) -> str:
         return "?"
 
 
-def events_table(events: list[dict], title: str = "events"):
-    from rich.table import Table
+def events_table(events: list[dict], title: str = "events") -> Grid:
+    """A table of /v1/events entries: time, kind, service and version, message."""
     from rich.text import Text
 
-    table = Table(title=f"{title} ({len(events)})", title_justify="left")
-    for col in ("time", "kind", "service", "message"):
-        table.add_column(col, overflow="fold")
+    grid = Grid(f"{title} ({len(events)})", ("time", "kind", "service", "message"))
     for e in events:
         bad = any(w in str(e.get("kind")) for w in ("spike", "jump", "nack", "tighten", "ejection", "expiry"))
-        table.add_row(_fmt_time(e.get("ts")), Text(str(e.get("kind")), style="red" if bad else "green"),
-                      Text(" ".join(x for x in (e.get("service"), e.get("version")) if x) or "-"),
-                      Text(str(e.get("message"))))
-    return table
+        grid.add_row(_fmt_time(e.get("ts")), Text(str(e.get("kind")), style="red" if bad else "green"),
+                     Text(" ".join(x for x in (e.get("service"), e.get("version")) if x) or "-"),
+                     Text(str(e.get("message"))))
+    return grid
 
 
 def trace_tree(data: dict):
@@ -136,247 +133,200 @@ def trace_tree(data: dict):
     return root
 
 
-def register(app: typer.Typer) -> None:
-    """Add the observability commands to meshctl."""
-    from .cli import API_HELP
+def stat_path(window: float) -> str:
+    return f"/v1/stat?window={window:g}"
 
-    def client(ctx: typer.Context, api: Optional[str]):
-        from .cli import _client
 
-        return _client(ctx, api)
+@commands.command(cls=ReadCommand)
+def stat(ctx: typer.Context, window: float = WINDOW) -> None:
+    """Requests/s, success rate and p50/p90/p99 per service and version (and per call edge)."""
+    mesh = session(ctx)
+    data = mesh.read(stat_path(window))
+    if data is None:
+        return
+    if not data.get("services"):
+        mesh.show("no traffic seen yet (meshd scrapes every sidecar's /metrics every 2 s)")
+        return
+    mesh.show(*stat_tables(data))
 
-    def call(c, path: str) -> Any:
-        from .traffic import _call
 
-        return _call(c, "GET", path)
+@commands.command(cls=ReadCommand)
+def top(ctx: typer.Context,
+        window: float = typer.Option(10.0, "--window", "-w", help="seconds of history (1..300)"),
+        interval: float = typer.Option(1.0, "--interval", help="seconds between refreshes"),
+        once: bool = typer.Option(False, "--once", help="print one frame and exit")) -> None:
+    """A live view of the mesh (refreshes every second until Ctrl-C); -o json prints one frame's data."""
+    mesh = session(ctx)
 
-    def fetch(ctx: typer.Context, api: Optional[str], path: str, as_json: bool) -> dict | None:
-        """GET `path`; with --json print it and answer None (the command is done)."""
-        data = call(client(ctx, api), path)
-        if not as_json:
-            return data
-        from .cli import _print_json
+    def fetch() -> tuple[dict, list]:
+        return mesh.get(stat_path(window)), mesh.get("/v1/events?since=15m&limit=8").get("events") or []
 
-        _print_json(data)
-        return None
+    if mesh.json:
+        data, events = fetch()
+        mesh.print_json({"stat": data, "events": events})
+        return
+    from rich.console import Group
+    from rich.text import Text
 
-    def stat_path(window: float) -> str:
-        return f"/v1/stat?window={window:g}"
+    def frame():
+        data, events = fetch()
+        parts: list = [Text(f"meshctl top  {mesh.api_client().base_url}  {time.strftime('%H:%M:%S')}  "
+                            "(Ctrl-C to quit)", style="bold")]
+        parts += stat_tables(data)
+        if events:
+            parts.append(events_table(list(reversed(events)), "recent events"))
+        return Group(*(mesh.renderable(p) for p in parts))
 
-    @app.command()
-    def stat(ctx: typer.Context,
-             api: Optional[str] = typer.Option(None, "--api", help=API_HELP, show_default=False),
-             window: float = WINDOW,
-             as_json: bool = typer.Option(False, "--json", help="print the raw JSON of GET /v1/stat")) -> None:
-        """Requests/s, success rate and p50/p90/p99 per service and version (and per call edge)."""
-        data = fetch(ctx, api, stat_path(window), as_json)
-        if data is None:
-            return
-        from .cli import _console
+    if once:
+        mesh.show(frame())
+        return
+    from rich.live import Live
 
-        console = _console()
-        if not data.get("services"):
-            console.print("no traffic seen yet (meshd scrapes every sidecar's /metrics every 2 s)")
-            return
-        for table in stat_tables(data):
-            console.print(table)
+    try:
+        if not mesh.is_terminal():  # a pipe or a log: a frame after the other (as `top -b`)
+            while True:
+                mesh.show(frame())
+                time.sleep(max(0.2, interval))
+        with Live(frame(), console=mesh.console, refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(max(0.2, interval))
+                live.update(frame())
+    except KeyboardInterrupt:
+        pass
 
-    @app.command()
-    def top(ctx: typer.Context,
-            api: Optional[str] = typer.Option(None, "--api", help=API_HELP, show_default=False),
-            window: float = typer.Option(10.0, "--window", "-w", help="seconds of history (1..300)"),
-            interval: float = typer.Option(1.0, "--interval", help="seconds between refreshes"),
-            once: bool = typer.Option(False, "--once", help="print one frame and exit")) -> None:
-        """A live view of the mesh (refreshes every second until Ctrl-C)."""
-        from rich.console import Group
-        from rich.text import Text
 
-        from .cli import _console
+@commands.command(cls=ReadCommand)
+def compare(ctx: typer.Context,
+            service: str = typer.Argument(..., metavar="SERVICE", help="mesh service"),
+            a: str = typer.Argument(..., metavar="V1", help="baseline version, e.g. v1"),
+            b: str = typer.Argument(..., metavar="V2", help="candidate version, e.g. v2"),
+            window: float = WINDOW) -> None:
+    """Two versions of a service side by side (success, latency) and a verdict line."""
+    from urllib.parse import urlencode
 
-        c = client(ctx, api)
+    data = session(ctx).read("/v1/compare?" + urlencode({"service": service, "a": a, "b": b,
+                                                          "window": f"{window:g}"}))
+    if data is None:
+        return
+    from rich.text import Text
 
-        def frame():
-            data = call(c, stat_path(window))
-            events = call(c, "/v1/events?since=15m&limit=8").get("events") or []
-            parts: list = [Text(f"meshctl top  {c.base_url}  {time.strftime('%H:%M:%S')}  (Ctrl-C to quit)",
-                                style="bold")]
-            parts += stat_tables(data)
-            if events:
-                parts.append(events_table(list(reversed(events)), "recent events"))
-            return Group(*parts)
+    left, right = data.get("a") or {}, data.get("b") or {}
+    grid = Grid(f"{service}: {a} vs {b} (last {data.get('window_s', window):g} s)",
+                ("", (a, "right"), (b, "right")))
+    for name, key, fmt in (("requests", "requests", str), ("RPS", "rps", fmt_rps),
+                           ("success", "success_rate", fmt_pct), ("p50", "p50_ms", fmt_ms),
+                           ("p90", "p90_ms", fmt_ms), ("p99", "p99_ms", fmt_ms)):
+        grid.add_row(name, fmt(left.get(key)), fmt(right.get(key)))
+    session(ctx).show(grid, Text(f"verdict: {data.get('verdict')}",
+                                 style="bold red" if data.get("significant") else "green"))
 
-        console = _console()
-        if once:
-            console.print(frame())
-            return
-        from rich.live import Live
 
-        try:
-            with Live(frame(), console=console, refresh_per_second=4, screen=False) as live:
-                while True:
-                    time.sleep(max(0.2, interval))
-                    live.update(frame())
-        except KeyboardInterrupt:
-            pass
+@commands.command(cls=ReadCommand)
+def dashboard(ctx: typer.Context) -> None:
+    """Print the dashboard's URL (meshd's admin port, local only), with the admin token in its fragment."""
+    mesh = session(ctx)
+    mesh.get("/v1/stat?window=10")  # meshd is up and the token is accepted
+    client = mesh.api_client()
+    url = f"{client.base_url}/dashboard"
+    if getattr(client, "token", None):
+        from urllib.parse import quote
 
-    @app.command()
-    def compare(ctx: typer.Context,
-                service: str = typer.Argument(..., metavar="SERVICE", help="mesh service"),
-                a: str = typer.Argument(..., metavar="V1", help="baseline version, e.g. v1"),
-                b: str = typer.Argument(..., metavar="V2", help="candidate version, e.g. v2"),
-                api: Optional[str] = typer.Option(None, "--api", help=API_HELP, show_default=False),
-                window: float = WINDOW,
-                as_json: bool = typer.Option(False, "--json", help="print the raw JSON of GET /v1/compare")) -> None:
-        """Two versions of a service side by side (success, latency) and a verdict line."""
-        from urllib.parse import urlencode
-
-        data = fetch(ctx, api, "/v1/compare?" + urlencode({"service": service, "a": a, "b": b,
-                                                          "window": f"{window:g}"}), as_json)
-        if data is None:
-            return
-        from rich.table import Table
-        from rich.text import Text
-
-        from .cli import _console
-
-        console = _console()
-        left, right = data.get("a") or {}, data.get("b") or {}
-        table = Table(title=f"{service}: {a} vs {b} (last {data.get('window_s', window):g} s)", title_justify="left")
-        table.add_column("")
-        table.add_column(a, justify="right")
-        table.add_column(b, justify="right")
-        for name, key, fmt in (("requests", "requests", str), ("RPS", "rps", fmt_rps),
-                               ("success", "success_rate", fmt_pct), ("p50", "p50_ms", fmt_ms),
-                               ("p90", "p90_ms", fmt_ms), ("p99", "p99_ms", fmt_ms)):
-            table.add_row(name, fmt(left.get(key)), fmt(right.get(key)))
-        console.print(table)
-        console.print(Text(f"verdict: {data.get('verdict')}",
-                           style="bold red" if data.get("significant") else "green"))
-
-    @app.command()
-    def dashboard(ctx: typer.Context,
-                  api: Optional[str] = typer.Option(None, "--api", help=API_HELP, show_default=False)) -> None:
-        """Print the dashboard's URL (meshd's admin port, local only), with the admin token in its fragment."""
-        c = client(ctx, api)
-        call(c, "/v1/stat?window=10")  # meshd is up and the token is accepted
-        url = f"{c.base_url}/dashboard"
-        if getattr(c, "token", None):
-            from urllib.parse import quote
-
-            url += "#token=" + quote(c.token, safe="")
+        url += "#token=" + quote(client.token, safe="")
+    if mesh.json:
+        mesh.print_json({"url": url})
+    else:
         typer.echo(url)
 
-    @app.command()
-    def events(ctx: typer.Context,
-               api: Optional[str] = typer.Option(None, "--api", help=API_HELP, show_default=False),
-               since: Optional[str] = typer.Option(None, "--since",
-                                                   help="a duration back from now (10m, 1h) or epoch seconds"),
-               limit: int = typer.Option(100, "--limit", help="at most this many (the newest)"),
-               as_json: bool = typer.Option(False, "--json", help="print the raw JSON of GET /v1/events")) -> None:
-        """Mesh events: error spikes, latency jumps, ejections, NACKs, adaptive policy changes."""
-        from urllib.parse import urlencode
 
-        query = {"limit": str(limit)}
-        if since:
-            query["since"] = since
-        data = fetch(ctx, api, "/v1/events?" + urlencode(query), as_json)
-        if data is None:
-            return
-        from .cli import _console
+@commands.command(cls=ReadCommand)
+def events(ctx: typer.Context,
+           since: Optional[str] = typer.Option(None, "--since",
+                                               help="a duration back from now (10m, 1h) or epoch seconds"),
+           limit: int = typer.Option(100, "--limit", help="at most this many (the newest)")) -> None:
+    """Mesh events: error spikes, latency jumps, ejections, NACKs, adaptive policy changes."""
+    from urllib.parse import urlencode
 
-        console = _console()
-        found = data.get("events") or []
-        if not found:
-            console.print("no events" + (f" since {since}" if since else ""))
-            return
-        console.print(events_table(found))
+    query = {"limit": str(limit)}
+    if since:
+        query["since"] = since
+    data = session(ctx).read("/v1/events?" + urlencode(query))
+    if data is None:
+        return
+    found = data.get("events") or []
+    session(ctx).show(events_table(found) if found else "no events" + (f" since {since}" if since else ""))
 
-    @app.command()
-    def trace(ctx: typer.Context,
-              trace_id: str = typer.Argument(..., metavar="TRACE_ID", help="32 hex digits (from `meshctl traces`,"
-                                             " an access log line, or a traceparent header)"),
-              api: Optional[str] = typer.Option(None, "--api", help=API_HELP, show_default=False),
-              as_json: bool = typer.Option(False, "--json", help="print the raw JSON of GET /v1/traces/ID")) -> None:
-        """One request's spans as a tree, with timings, from meshd's trace store."""
-        tid = trace_id.strip().lower()
-        if tid.startswith("00-") and tid.count("-") == 3:
-            tid = tid.split("-")[1]  # a whole traceparent value
-        if len(tid) != 32 or any(ch not in "0123456789abcdef" for ch in tid):
-            raise typer.BadParameter(f"{trace_id!r} is not a trace id (32 hex digits)", param_hint="TRACE_ID")
-        data = fetch(ctx, api, f"/v1/traces/{tid}", as_json)
-        if data is None:
-            return
-        from .cli import _console
 
-        _console().print(trace_tree(data))
+@commands.command(cls=ReadCommand)
+def trace(ctx: typer.Context,
+          trace_id: str = typer.Argument(..., metavar="TRACE_ID", help="32 hex digits (from `meshctl traces`,"
+                                         " an access log line, or a traceparent header)")) -> None:
+    """One request's spans as a tree, with timings, from meshd's trace store."""
+    tid = trace_id.strip().lower()
+    if tid.startswith("00-") and tid.count("-") == 3:
+        tid = tid.split("-")[1]  # a whole traceparent value
+    if len(tid) != 32 or any(ch not in "0123456789abcdef" for ch in tid):
+        raise typer.BadParameter(f"{trace_id!r} is not a trace id (32 hex digits)", param_hint="TRACE_ID")
+    data = session(ctx).read(f"/v1/traces/{tid}")
+    if data is not None:
+        session(ctx).show(trace_tree(data))
 
-    @app.command()
-    def traces(ctx: typer.Context,
-               api: Optional[str] = typer.Option(None, "--api", help=API_HELP, show_default=False),
-               service: Optional[str] = typer.Option(None, "--service", help="only traces touching this service"),
-               errors: bool = typer.Option(False, "--errors", help="only traces with a failed span"),
-               limit: int = typer.Option(20, "--limit", help="at most this many (newest first)"),
-               as_json: bool = typer.Option(False, "--json", help="print the raw JSON of GET /v1/traces")) -> None:
-        """Recent traces in meshd's store, newest first."""
-        from urllib.parse import urlencode
 
-        query = {"limit": str(limit)}
-        if service:
-            query["service"] = service
-        if errors:
-            query["errors"] = "1"
-        data = fetch(ctx, api, "/v1/traces?" + urlencode(query), as_json)
-        if data is None:
-            return
-        from rich.table import Table
+@commands.command(cls=ReadCommand)
+def traces(ctx: typer.Context,
+           service: Optional[str] = typer.Option(None, "--service", help="only traces touching this service"),
+           errors: bool = typer.Option(False, "--errors", help="only traces with a failed span"),
+           limit: int = typer.Option(20, "--limit", help="at most this many (newest first)")) -> None:
+    """Recent traces in meshd's store, newest first."""
+    from urllib.parse import urlencode
 
-        from .cli import _console
+    query = {"limit": str(limit)}
+    if service:
+        query["service"] = service
+    if errors:
+        query["errors"] = "1"
+    data = session(ctx).read("/v1/traces?" + urlencode(query))
+    if data is None:
+        return
+    mesh = session(ctx)
+    found = data.get("traces") or []
+    if not found:
+        mesh.show("no traces stored yet (sampling is set by `meshctl tracing --sampling`)")
+        return
+    grid = Grid(f"traces ({len(found)} of {data.get('stored', 0)} stored)",
+                (("time", "left"), ("trace id", "left"), ("root", "left"), ("spans", "right"),
+                 ("duration", "right"), ("errors", "right")))
+    for t in found:
+        grid.add_row(_fmt_time(t.get("start")), t.get("trace_id"), t.get("root"), str(t.get("spans")),
+                     fmt_ms(t.get("duration_ms")), str(t.get("errors")), style="red" if t.get("errors") else None)
+    mesh.show(grid)
 
-        console = _console()
-        found = data.get("traces") or []
-        if not found:
-            console.print("no traces stored yet (sampling is set by `meshctl tracing --sampling`)")
-            return
-        table = Table(title=f"traces ({len(found)} of {data.get('stored', 0)} stored)", title_justify="left")
-        for col, justify in (("time", "left"), ("trace id", "left"), ("root", "left"), ("spans", "right"),
-                             ("duration", "right"), ("errors", "right")):
-            table.add_column(col, justify=justify, overflow="fold")
-        for t in found:
-            table.add_row(_fmt_time(t.get("start")), t.get("trace_id"), t.get("root"), str(t.get("spans")),
-                          fmt_ms(t.get("duration_ms")), str(t.get("errors")),
-                          style="red" if t.get("errors") else None)
-        console.print(table)
 
-    @app.command()
-    def tracing(ctx: typer.Context,
-                api: Optional[str] = typer.Option(None, "--api", help=API_HELP, show_default=False),
-                sampling: Optional[str] = typer.Option(None, "--sampling",
-                                                       help="percent of new traces sampled, 0-100 (default 1)"),
-                endpoint: Optional[str] = typer.Option(None, "--endpoint",
-                                                       help="external OTLP/HTTP collector URL (Jaeger, Tempo);"
-                                                            " \"\" turns it off"),
-                access_log: Optional[str] = typer.Option(None, "--access-log",
-                                                         help="off | errors | sampled (sampled traces and errors) | full")) -> None:
-        """Show or change the mesh's tracing and access-log settings (pushed to every node)."""
-        c = client(ctx, api)
-        change: dict = {}
-        if sampling is not None:
-            change["sampling"] = sampling
-        if endpoint is not None:
-            change["otlp_endpoint"] = endpoint or None
-        if access_log is not None:
-            change["access_log"] = access_log
-        if change:
-            from .traffic import _call
-
-            data = _call(c, "PUT", "/v1/telemetry/settings", change)
-        else:
-            data = call(c, "/v1/telemetry/settings")
+@commands.command(cls=ReadCommand)
+def tracing(ctx: typer.Context,
+            sampling: Optional[str] = typer.Option(None, "--sampling",
+                                                   help="percent of new traces sampled, 0-100 (default 1)"),
+            endpoint: Optional[str] = typer.Option(None, "--endpoint",
+                                                   help="external OTLP/HTTP collector URL (Jaeger, Tempo);"
+                                                        " \"\" turns it off"),
+            access_log: Optional[str] = typer.Option(None, "--access-log",
+                                                     help="off | errors | sampled (sampled traces and errors) | full")
+            ) -> None:
+    """Show or change the mesh's tracing and access-log settings (pushed to every node)."""
+    mesh = session(ctx)
+    change: dict = {}
+    if sampling is not None:
+        change["sampling"] = sampling
+    if endpoint is not None:
+        change["otlp_endpoint"] = endpoint or None
+    if access_log is not None:
+        change["access_log"] = access_log
+    data = mesh.call("PUT", "/v1/telemetry/settings", change) if change else mesh.get("/v1/telemetry/settings")
+    if mesh.json:
+        mesh.print_json(data)
+    else:
         st = data.get("settings") or {}
         typer.echo(f"sampling: {st.get('sampling'):g}%")
         typer.echo(f"otlp endpoint: {st.get('otlp_endpoint') or 'none (meshd store only)'}")
         typer.echo(f"access log: {st.get('access_log')}")
-        if "version" in data:
-            from .traffic import report_push
-
-            report_push(c, data["version"], wait=True)
+    if "version" in data:
+        mesh.report_push(data["version"], wait=True)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from .traffic import _call, wait_for_acks  # one HTTP helper and one ACK wait for every meshctl change
+from .context import ApiCommand, ApiGroup, Grid, ReadCommand, ReadGroup, session
 
 ROTATION_TIMEOUT_S = 180.0
 
@@ -29,140 +29,145 @@ def _in(ts: Any, now: float) -> str:
     return f" ({sign}{text}{' ago' if ts < now else ''})"
 
 
-def register(app: typer.Typer) -> None:
-    """Add `certs` and `policy` to meshctl."""
-    from .cli import _client
+certs = typer.Typer(help="Workload certificates (SPIFFE identities) issued by meshd; rotations.", cls=ReadGroup,
+                    no_args_is_help=False, invoke_without_command=True, add_completion=False)
+policy = typer.Typer(help="Authorization policies, decided by each destination's inbound sidecar on the caller's "
+                          "verified identity.", cls=ApiGroup, no_args_is_help=True, add_completion=False)
 
-    certs_app = typer.Typer(help="Workload certificates (SPIFFE identities) issued by meshd; rotations.",
-                            no_args_is_help=False, invoke_without_command=True)
-    policy_app = typer.Typer(help="Authorization policies, decided by each destination's inbound sidecar "
-                                  "on the caller's verified identity.", no_args_is_help=True)
 
-    @certs_app.callback()
-    def certs(ctx: typer.Context,
-              as_json: bool = typer.Option(False, "--json", help="print the raw JSON of GET /v1/certs")) -> None:
-        """List each identity: node, SPIFFE ID, serial, issuer, not_after, renew_at."""
-        if ctx.invoked_subcommand is not None:
-            return
-        data = _call(_client(ctx, None), "GET", "/v1/certs")
-        if as_json:
-            import json
-            typer.echo(json.dumps(data, indent=2))
-            return
-        now = time.time()
-        typer.echo(f"trust domain {data.get('trust_domain')}  leaf TTL {data.get('cert_ttl_s')}s  "
-                   f"signing CA {data.get('signing')}  bundle v{data.get('bundle_version')}"
-                   + ("  (user-supplied CA)" if data.get("user_supplied_ca") else ""))
-        for root in data.get("roots") or []:
-            typer.echo(f"  root {root.get('name')}  serial {root.get('serial')}  not_after {_when(root.get('not_after'))}")
-        from rich.console import Console
-        from rich.table import Table
+@certs.callback()
+def list_certs(ctx: typer.Context) -> None:
+    """List each identity: node, SPIFFE ID, serial, issuer, not_after, renew_at."""
+    if ctx.invoked_subcommand is not None:
+        return
+    mesh = session(ctx)
+    data = mesh.read("/v1/certs")
+    if data is None:
+        return
+    now = time.time()
+    typer.echo(f"trust domain {data.get('trust_domain')}  leaf TTL {data.get('cert_ttl_s')}s  "
+               f"signing CA {data.get('signing')}  bundle v{data.get('bundle_version')}"
+               + ("  (user-supplied CA)" if data.get("user_supplied_ca") else ""))
+    for root in data.get("roots") or []:
+        typer.echo(f"  root {root.get('name')}  serial {root.get('serial')}  not_after {_when(root.get('not_after'))}")
+    identities = data.get("identities") or []
+    grid = Grid(f"identities ({len(identities)})",
+                ("node", "SPIFFE ID", "serial", "issuer", "not_after", "renew_at", "renewals", "connected"))
+    serial_chars = None if mesh.wide else 16
+    for ident in identities:
+        grid.add_row(str(ident.get("node")), str(ident.get("identity")), str(ident.get("serial"))[:serial_chars],
+                     str(ident.get("issuer")), _when(ident.get("not_after")) + _in(ident.get("not_after"), now)
+                     + (" EXPIRED" if ident.get("expired") else ""),
+                     _when(ident.get("renew_at")) + _in(ident.get("renew_at"), now),
+                     str(ident.get("renewals")), "yes" if ident.get("connected") else "no")
+    mesh.show(grid)
+    rot = data.get("rotation")
+    if rot:
+        typer.echo(f"last rotation: {rot.get('kind')} {rot.get('state')} (step {rot.get('step')})"
+                   + (f": {rot.get('error')}" if rot.get("error") else ""))
 
-        table = Table(title=f"identities ({len(data.get('identities') or [])})", title_justify="left")
-        for col in ("node", "SPIFFE ID", "serial", "issuer", "not_after", "renew_at", "renewals", "connected"):
-            table.add_column(col, overflow="fold")
-        for ident in data.get("identities") or []:
-            table.add_row(str(ident.get("node")), str(ident.get("identity")), str(ident.get("serial"))[:16],
-                          str(ident.get("issuer")), _when(ident.get("not_after")) + _in(ident.get("not_after"), now)
-                          + (" EXPIRED" if ident.get("expired") else ""),
-                          _when(ident.get("renew_at")) + _in(ident.get("renew_at"), now),
-                          str(ident.get("renewals")), "yes" if ident.get("connected") else "no")
-        Console(highlight=False).print(table)
-        rot = data.get("rotation")
-        if rot:
-            typer.echo(f"last rotation: {rot.get('kind')} {rot.get('state')} (step {rot.get('step')})"
-                       + (f": {rot.get('error')}" if rot.get("error") else ""))
 
-    @certs_app.command("rotate")
-    def rotate(ctx: typer.Context,
-               root: bool = typer.Option(False, "--root", help="rotate the root CA: bundle old+new, re-issue "
-                                                               "every leaf, then retire the old root"),
-               no_wait: bool = typer.Option(False, "--no-wait", help="start it and return")) -> None:
-        """Renew every node's certificate now, or (--root) rotate the root CA without downtime."""
-        client = _client(ctx, None)
-        rot = _call(client, "POST", "/v1/certs/rotate", {"root": root})
-        typer.echo(f"{rot['kind']} rotation started")
-        if no_wait:
-            return
-        seen = 0
-        deadline = time.monotonic() + ROTATION_TIMEOUT_S
-        while True:
-            rot = _call(client, "GET", "/v1/certs/rotation")
-            for entry in rot.get("log", [])[seen:]:
-                typer.echo(f"  {entry.get('step')}: {entry.get('detail') or ''}".rstrip(": "))
-            seen = len(rot.get("log", []))
-            if rot.get("state") != "running":
-                break
-            if time.monotonic() > deadline:
-                typer.echo("still running; see `meshctl certs`", err=True)
-                raise typer.Exit(1)
-            time.sleep(0.2)
-        took = (rot.get("finished_at") or time.time()) - rot.get("started_at", time.time())
-        if rot.get("state") == "done":
-            typer.echo(f"done in {took:.1f}s: {rot.get('renewed')} node(s) renewed"
-                       + (f", root {rot.get('old_root')} -> {rot.get('new_root')}" if rot.get("kind") == "root" else ""))
-        else:
-            typer.echo(f"FAILED after {took:.1f}s: {rot.get('error')}", err=True)
+@certs.command("rotate", cls=ApiCommand)
+def rotate(ctx: typer.Context,
+           root: bool = typer.Option(False, "--root", help="rotate the root CA: bundle old+new, re-issue "
+                                                           "every leaf, then retire the old root"),
+           no_wait: bool = typer.Option(False, "--no-wait", help="start it and return")) -> None:
+    """Renew every node's certificate now, or (--root) rotate the root CA without downtime."""
+    mesh = session(ctx)
+    rot = mesh.call("POST", "/v1/certs/rotate", {"root": root})
+    typer.echo(f"{rot['kind']} rotation started")
+    if no_wait:
+        return
+    seen = 0
+    deadline = time.monotonic() + ROTATION_TIMEOUT_S
+    while True:
+        rot = mesh.get("/v1/certs/rotation")
+        for entry in rot.get("log", [])[seen:]:
+            typer.echo(f"  {entry.get('step')}: {entry.get('detail') or ''}".rstrip(": "))
+        seen = len(rot.get("log", []))
+        if rot.get("state") != "running":
+            break
+        if time.monotonic() > deadline:
+            typer.echo("still running; see `meshctl certs`", err=True)
             raise typer.Exit(1)
+        time.sleep(0.2)
+    took = (rot.get("finished_at") or time.time()) - rot.get("started_at", time.time())
+    if rot.get("state") == "done":
+        typer.echo(f"done in {took:.1f}s: {rot.get('renewed')} node(s) renewed"
+                   + (f", root {rot.get('old_root')} -> {rot.get('new_root')}" if rot.get("kind") == "root" else ""))
+    else:
+        typer.echo(f"FAILED after {took:.1f}s: {rot.get('error')}", err=True)
+        raise typer.Exit(1)
 
-    def _change(ctx: typer.Context, method: str, path: str, body: dict) -> None:
-        client = _client(ctx, None)
-        data = _call(client, method, path, body)
-        version = data.get("version")
-        if isinstance(version, int):
-            acked, connected, waited = wait_for_acks(client, version)
-            typer.echo(f"snapshot v{version}: {acked}/{connected} nodes ACKed in {waited * 1000:.0f} ms")
-        _print_policy(data)
 
-    def _print_policy(data: dict) -> None:
-        typer.echo(f"default: {data.get('default')}")
-        rules = data.get("rules") or []
-        if not rules:
-            typer.echo("rules: none")
-        for i, r in enumerate(rules, 1):
-            extra = ""
-            if r.get("method"):
-                extra += f" method {r['method']}"
-            if r.get("path"):
-                extra += f" path {r['path']}*"
-            typer.echo(f"  {i}. {r['action']:5} {r['source']} -> {r['destination']}{extra}")
+def _change(ctx: typer.Context, method: str, path: str, body: dict) -> None:
+    """One policy change: wait for the ACKs, then print the policy as it is now."""
+    mesh = session(ctx)
+    data = mesh.call(method, path, body)
+    version = data.get("version")
+    if isinstance(version, int):
+        acked, connected, waited = mesh.wait_for_acks(version)
+        typer.echo(f"snapshot v{version}: {acked}/{connected} nodes ACKed in {waited * 1000:.0f} ms")
+    _print_policy(data)
 
-    def _rule_cmd(action: str):
-        def cmd(ctx: typer.Context,
+
+def _print_policy(data: dict) -> None:
+    typer.echo(f"default: {data.get('default')}")
+    rules = data.get("rules") or []
+    if not rules:
+        typer.echo("rules: none")
+    for i, r in enumerate(rules, 1):
+        extra = ""
+        if r.get("method"):
+            extra += f" method {r['method']}"
+        if r.get("path"):
+            extra += f" path {r['path']}*"
+        typer.echo(f"  {i}. {r['action']:5} {r['source']} -> {r['destination']}{extra}")
+
+
+def _rule_command(action: str):
+    def command(ctx: typer.Context,
                 source: str = typer.Argument(..., help="caller service (or `gateway`, or `*`)"),
                 destination: str = typer.Argument(..., help="destination service (or `*`)"),
                 path: Optional[str] = typer.Option(None, "--path", help="path prefix, e.g. /admin"),
                 method: Optional[str] = typer.Option(None, "--method", help="HTTP method, e.g. POST")) -> None:
-            _change(ctx, "POST", "/v1/policies/rules", {"action": action, "source": source,
-                                                        "destination": destination, "path": path,
-                                                        "method": method})
-        cmd.__doc__ = f"{action.capitalize()} calls from SOURCE to DESTINATION (explicit deny always wins)."
-        return cmd
+        _change(ctx, "POST", "/v1/policies/rules", {"action": action, "source": source,
+                                                    "destination": destination, "path": path, "method": method})
+    command.__doc__ = f"{action.capitalize()} calls from SOURCE to DESTINATION (explicit deny always wins)."
+    command.__name__ = f"policy_{action}"
+    return command
 
-    policy_app.command("allow")(_rule_cmd("allow"))
-    policy_app.command("deny")(_rule_cmd("deny"))
 
-    @policy_app.command("default")
-    def default(ctx: typer.Context, decision: str = typer.Argument(..., help="allow or deny")) -> None:
-        """The decision when no rule and no mesh.allow label applies."""
-        _change(ctx, "PUT", "/v1/policies/default", {"default": decision})
+policy_allow = policy.command("allow", cls=ApiCommand)(_rule_command("allow"))
+policy_deny = policy.command("deny", cls=ApiCommand)(_rule_command("deny"))
 
-    @policy_app.command("remove")
-    def remove(ctx: typer.Context, source: str = typer.Argument(...), destination: str = typer.Argument(...),
-               path: Optional[str] = typer.Option(None, "--path"), method: Optional[str] = typer.Option(None, "--method"),
-               action: Optional[str] = typer.Option(None, "--action", help="only rules of this action")) -> None:
-        """Remove the rules of SOURCE -> DESTINATION (with that path/method)."""
-        _change(ctx, "POST", "/v1/policies/remove", {"source": source, "destination": destination, "path": path,
-                                                     "method": method, "action": action})
 
-    @policy_app.command("list")
-    def list_(ctx: typer.Context) -> None:
-        """The rules in evaluation order (deny rules first win, then allow rules, mesh.allow, default)."""
-        _print_policy(_call(_client(ctx, None), "GET", "/v1/policies"))
-        services = _call(_client(ctx, None), "GET", "/v1/services").get("services") or []
-        labelled = [s for s in services if s.get("allow") is not None]
-        for s in labelled:
-            typer.echo(f"  mesh.allow on {s['name']}: {', '.join(s['allow'])}")
+@policy.command("default", cls=ApiCommand)
+def policy_default(ctx: typer.Context, decision: str = typer.Argument(..., help="allow or deny")) -> None:
+    """The decision when no rule and no mesh.allow label applies."""
+    _change(ctx, "PUT", "/v1/policies/default", {"default": decision})
 
-    app.add_typer(certs_app, name="certs")
-    app.add_typer(policy_app, name="policy")
+
+@policy.command("remove", cls=ApiCommand)
+def policy_remove(ctx: typer.Context, source: str = typer.Argument(...), destination: str = typer.Argument(...),
+                  path: Optional[str] = typer.Option(None, "--path"),
+                  method: Optional[str] = typer.Option(None, "--method"),
+                  action: Optional[str] = typer.Option(None, "--action", help="only rules of this action")) -> None:
+    """Remove the rules of SOURCE -> DESTINATION (with that path/method)."""
+    _change(ctx, "POST", "/v1/policies/remove", {"source": source, "destination": destination, "path": path,
+                                                 "method": method, "action": action})
+
+
+@policy.command("list", cls=ReadCommand)
+def policy_list(ctx: typer.Context) -> None:
+    """The rules in evaluation order (deny rules first win, then allow rules, mesh.allow, default)."""
+    mesh = session(ctx)
+    data = mesh.get("/v1/policies")
+    services = mesh.get("/v1/services").get("services") or []
+    labelled = {s["name"]: s["allow"] for s in services if s.get("allow") is not None}
+    if mesh.json:
+        mesh.print_json({**data, "mesh_allow": labelled})
+        return
+    _print_policy(data)
+    for name, allow in labelled.items():
+        typer.echo(f"  mesh.allow on {name}: {', '.join(allow)}")

@@ -3,30 +3,13 @@ every sidecar; each change waits for the sidecars' ACKs and says how long they t
 
 from __future__ import annotations
 
-import time
 from typing import Any, List, Optional
 
 import typer
 
-ACK_WAIT_S = 5.0
+from .context import ReadCommand, command_group, session
 
-
-def _call(client, method: str, path: str, body: dict | None = None) -> dict[str, Any]:
-    from .cli import api_call  # imported here: meshctl.cli registers this module at its end
-
-    return api_call(client, method, path, body)
-
-
-def wait_for_acks(client, version: int, timeout: float = ACK_WAIT_S) -> tuple[int, int, float]:
-    """Poll meshd until every connected node ACKed `version`: (acked, connected, seconds waited)."""
-    start = time.monotonic()
-    while True:
-        nodes = [n for n in _call(client, "GET", "/v1/status")["nodes"] if n.get("connected")]
-        acked = [n for n in nodes if (n.get("acked_version") or 0) >= version]
-        waited = time.monotonic() - start
-        if len(acked) == len(nodes) or waited >= timeout:
-            return len(acked), len(nodes), waited
-        time.sleep(0.02)
+commands = command_group()
 
 
 def describe_rules(rules: dict[str, Any]) -> list[str]:
@@ -57,107 +40,100 @@ def describe_rules(rules: dict[str, Any]) -> list[str]:
 
 
 def _change(ctx: typer.Context, service: str, kind: str, body: dict, wait: bool) -> None:
-    from .cli import _client
-
-    client = _client(ctx, None)
-    answer = _call(client, "POST", f"/v1/rules/{service}/{kind}", body)
+    """POST one rule change; print the service's rules now (or, -o json, meshd's answer) and the ACKs."""
+    mesh = session(ctx)
+    answer = mesh.call("POST", f"/v1/rules/{service}/{kind}", body)
     version = answer["version"]
-    typer.echo(f"{service}: rules now (snapshot version {version}):")
-    for line in describe_rules(answer["rules"]):
-        typer.echo(line)
-    report_push(client, version, wait)
-
-
-def report_push(client, version: int, wait: bool) -> None:
-    """Say which snapshot carries a change and, with `wait`, how fast every node ACKed it (exit 1 if not all)."""
-    if not wait:
-        return
-    acked, connected, waited = wait_for_acks(client, version)
-    typer.echo(f"snapshot version {version} ACKed by {acked}/{connected} connected nodes in {waited * 1000:.0f} ms")
-    if acked < connected:
-        typer.echo("some nodes did not ACK in time: see `meshctl status` for NACK reasons", err=True)
-        raise typer.Exit(1)
+    if mesh.json:
+        mesh.print_json(answer)
+    else:
+        typer.echo(f"{service}: rules now (snapshot version {version}):")
+        for line in describe_rules(answer["rules"]):
+            typer.echo(line)
+    mesh.report_push(version, wait)
 
 
 WAIT = typer.Option(True, "--wait/--no-wait", help="wait for every connected sidecar to ACK the change")
 
 
-def register(app: typer.Typer) -> None:
-    """Add the traffic commands to meshctl."""
+@commands.command(cls=ReadCommand)
+def split(ctx: typer.Context, service: str = typer.Argument(..., help="mesh service"),
+          weights: List[str] = typer.Argument(None, help="VERSION=WEIGHT ..., summing to 100"),
+          clear: bool = typer.Option(False, "--clear", help="remove the split (any version again)"),
+          wait: bool = WAIT) -> None:
+    """Split a service's traffic between versions, e.g. `meshctl split catalog v1=90 v2=10`."""
+    from meshcore.routing_rules import parse_split_args
 
-    @app.command()
-    def split(ctx: typer.Context, service: str = typer.Argument(..., help="mesh service"),
-              weights: List[str] = typer.Argument(None, help="VERSION=WEIGHT ..., summing to 100"),
-              clear: bool = typer.Option(False, "--clear", help="remove the split (any version again)"),
-              wait: bool = WAIT) -> None:
-        """Split a service's traffic between versions, e.g. `meshctl split catalog v1=90 v2=10`."""
-        from meshcore.routing_rules import parse_split_args
+    if clear:
+        return _change(ctx, service, "split-clear", {}, wait)
+    if not weights:
+        typer.echo("error: give weights like v1=90 v2=10, or --clear", err=True)
+        raise typer.Exit(2)
+    try:
+        pairs = parse_split_args(weights)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    _change(ctx, service, "split", {"weights": dict(pairs)}, wait)
 
-        if clear:
-            return _change(ctx, service, "split-clear", {}, wait)
-        if not weights:
-            typer.echo("error: give weights like v1=90 v2=10, or --clear", err=True)
+
+@commands.command(cls=ReadCommand)
+def route(ctx: typer.Context, service: str = typer.Argument(..., help="mesh service"),
+          to: Optional[str] = typer.Option(None, "--to", help="version that matching requests go to"),
+          header: List[str] = typer.Option([], "--header", help="NAME=VALUE a request must carry (repeatable)"),
+          path_prefix: Optional[str] = typer.Option(None, "--path-prefix", help="path prefix to match"),
+          clear: bool = typer.Option(False, "--clear", help="remove every route rule of the service"),
+          wait: bool = WAIT) -> None:
+    """Add an ordered route rule (first match wins, the split applies after), show or clear them."""
+    if clear:
+        return _change(ctx, service, "route-clear", {}, wait)
+    if to is None:
+        if header or path_prefix:
+            typer.echo("error: --header/--path-prefix need --to VERSION", err=True)
             raise typer.Exit(2)
-        try:
-            pairs = parse_split_args(weights)
-        except ValueError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2)
-        _change(ctx, service, "split", {"weights": dict(pairs)}, wait)
-
-    @app.command()
-    def route(ctx: typer.Context, service: str = typer.Argument(..., help="mesh service"),
-              to: Optional[str] = typer.Option(None, "--to", help="version that matching requests go to"),
-              header: List[str] = typer.Option([], "--header", help="NAME=VALUE a request must carry (repeatable)"),
-              path_prefix: Optional[str] = typer.Option(None, "--path-prefix", help="path prefix to match"),
-              clear: bool = typer.Option(False, "--clear", help="remove every route rule of the service"),
-              wait: bool = WAIT) -> None:
-        """Add an ordered route rule (first match wins, the split applies after), show or clear them."""
-        from .cli import _client
-
-        if clear:
-            return _change(ctx, service, "route-clear", {}, wait)
-        if to is None:
-            if header or path_prefix:
-                typer.echo("error: --header/--path-prefix need --to VERSION", err=True)
-                raise typer.Exit(2)
-            rules = _call(_client(ctx, None), "GET", f"/v1/rules/{service}")["rules"]
-            typer.echo(f"{service}:")
-            for line in describe_rules(rules):
-                typer.echo(line)
+        mesh = session(ctx)
+        answer = mesh.get(f"/v1/rules/{service}")
+        if mesh.json:
+            mesh.print_json(answer)
             return
-        headers = {}
-        for item in header:
-            name, sep, value = item.partition("=")
-            if not sep or not name.strip():
-                typer.echo(f"error: --header {item!r}: expected NAME=VALUE", err=True)
-                raise typer.Exit(2)
-            headers[name.strip()] = value
-        _change(ctx, service, "route", {"to": to, "headers": headers, "path_prefix": path_prefix}, wait)
-
-    @app.command()
-    def fault(ctx: typer.Context, service: str = typer.Argument(..., help="mesh service"),
-              abort: Optional[str] = typer.Option(None, "--abort", help="PERCENT[:STATUS], e.g. 50:503"),
-              delay: Optional[str] = typer.Option(None, "--delay", help="PERCENT:DURATION, e.g. 10:1s"),
-              clear: bool = typer.Option(False, "--clear", help="remove fault injection"),
-              wait: bool = WAIT) -> None:
-        """Inject faults into calls to a service (applied by every caller's sidecar)."""
-        if clear:
-            return _change(ctx, service, "fault-clear", {}, wait)
-        if abort is not None and ":" not in abort:
-            abort = f"{abort}:503"
-        _change(ctx, service, "fault", {"abort": abort, "delay": delay}, wait)
-
-    @app.command()
-    def mirror(ctx: typer.Context, service: str = typer.Argument(..., help="mesh service"),
-               to: Optional[str] = typer.Option(None, "--to", help="version that gets the copies"),
-               percent: float = typer.Option(100.0, "--percent", help="share of requests copied"),
-               clear: bool = typer.Option(False, "--clear", help="stop mirroring"),
-               wait: bool = WAIT) -> None:
-        """Copy a share of a service's traffic to a version (responses discarded)."""
-        if clear:
-            return _change(ctx, service, "mirror-clear", {}, wait)
-        if to is None:
-            typer.echo("error: give --to VERSION, or --clear", err=True)
+        typer.echo(f"{service}:")
+        for line in describe_rules(answer["rules"]):
+            typer.echo(line)
+        return
+    headers = {}
+    for item in header:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            typer.echo(f"error: --header {item!r}: expected NAME=VALUE", err=True)
             raise typer.Exit(2)
-        _change(ctx, service, "mirror", {"to": to, "percent": percent}, wait)
+        headers[name.strip()] = value
+    _change(ctx, service, "route", {"to": to, "headers": headers, "path_prefix": path_prefix}, wait)
+
+
+@commands.command(cls=ReadCommand)
+def fault(ctx: typer.Context, service: str = typer.Argument(..., help="mesh service"),
+          abort: Optional[str] = typer.Option(None, "--abort", help="PERCENT[:STATUS], e.g. 50:503"),
+          delay: Optional[str] = typer.Option(None, "--delay", help="PERCENT:DURATION, e.g. 10:1s"),
+          clear: bool = typer.Option(False, "--clear", help="remove fault injection"),
+          wait: bool = WAIT) -> None:
+    """Inject faults into calls to a service (applied by every caller's sidecar)."""
+    if clear:
+        return _change(ctx, service, "fault-clear", {}, wait)
+    if abort is not None and ":" not in abort:
+        abort = f"{abort}:503"
+    _change(ctx, service, "fault", {"abort": abort, "delay": delay}, wait)
+
+
+@commands.command(cls=ReadCommand)
+def mirror(ctx: typer.Context, service: str = typer.Argument(..., help="mesh service"),
+           to: Optional[str] = typer.Option(None, "--to", help="version that gets the copies"),
+           percent: float = typer.Option(100.0, "--percent", help="share of requests copied"),
+           clear: bool = typer.Option(False, "--clear", help="stop mirroring"),
+           wait: bool = WAIT) -> None:
+    """Copy a share of a service's traffic to a version (responses discarded)."""
+    if clear:
+        return _change(ctx, service, "mirror-clear", {}, wait)
+    if to is None:
+        typer.echo("error: give --to VERSION, or --clear", err=True)
+        raise typer.Exit(2)
+    _change(ctx, service, "mirror", {"to": to, "percent": percent}, wait)

@@ -12,7 +12,6 @@ import json
 import threading
 
 import pytest
-import typer
 from aiohttp import web
 from typer.testing import CliRunner
 
@@ -159,15 +158,9 @@ def mesh(tmp_path):
 
 
 def cli_app():
-    """meshctl's app with the observe commands (registered here if meshctl/cli.py does not yet)."""
-    from meshctl import cli, observe
+    """meshctl's root app, every command on it."""
+    from meshctl.cli import app
 
-    names = {c.name or (c.callback.__name__ if c.callback else "") for c in cli.app.registered_commands}
-    if "stat" in names:
-        return cli.app
-    app = typer.Typer()
-    app.callback()(cli._root)
-    observe.register(app)
     return app
 
 

@@ -131,8 +131,10 @@ def test_traces_table_newest_first(meshd):
     out = result.output
     assert "traces (2 of 2 stored)" in out
     assert out.index(SECOND) < out.index(FIRST)                       # newest first
-    rows = {cells[1]: cells for cells in ([c.strip() for c in line.split("│")[1:-1]]
-                                          for line in out.splitlines() if line.startswith("│"))}
+    # Not a terminal: a header line, then a row per line, columns apart by 3 spaces or more.
+    lines = out.splitlines()
+    assert re.split(r" {3,}", lines[1]) == ["TIME", "TRACE ID", "ROOT", "SPANS", "DURATION", "ERRORS"]
+    rows = {cells[1]: cells for cells in (re.split(r" {3,}", line) for line in lines[2:])}
     assert re.fullmatch(r"\d\d:\d\d:\d\d", rows[FIRST][0])
     assert rows[FIRST][2:] == ["gateway: GET orders", "5", "13 ms", "2"]     # root, spans, 0..13 ms, errors
     assert rows[SECOND][2:] == ["gateway: GET catalog", "2", "4.0 ms", "0"]
