@@ -291,8 +291,7 @@ class Meshd:
             # still show it stopped (`compose start` of a stopped app).
             app = apps.get(cid) if self.view_listed_at >= since else None
             spec = specs.get(cid)
-            ip = None if app is None else next(
-                (app.networks[n] for n in sorted(self.view.network_gateways) if app.networks.get(n)), None)
+            ip = None if app is None else self.view.mesh_address(app)
             ready = ip is not None and await sidecar_ready(ip)
             verdict = hold.decide(since, time.time(), listed=app is not None,
                                   running=app is not None and app.running,
@@ -571,8 +570,7 @@ class Meshd:
                 continue
             if now - docker_time(started.get(entry["sidecar"], "")) < grace_s:
                 continue
-            ip = next((app.networks[n] for n in sorted(view.network_gateways) if app.networks.get(n)), None)
-            checks.append((entry, ip))
+            checks.append((entry, view.mesh_address(app)))
 
         async def ask(entry: dict, ip: str | None) -> None:
             entry["control_error"] = ("no address of its app on a mesh network" if ip is None

@@ -55,6 +55,10 @@ class DockerView:
     network_gateways: dict[str, str]  # network name -> gateway IPv4 (the host's address on it)
     image_id: str | None              # id of the mesh image sidecars should run
 
+    def mesh_address(self, app: ContainerInfo) -> str | None:
+        """The app's IPv4 on a mesh bridge (where meshd, in the host namespace, reaches its sidecar)."""
+        return next((app.networks[n] for n in sorted(self.network_gateways) if app.networks.get(n)), None)
+
 
 def sidecar_name(app: ContainerInfo) -> str:
     """The sidecar container's name for an app container."""
