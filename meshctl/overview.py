@@ -100,14 +100,38 @@ def _show_status(mesh: Meshctl, data: dict) -> None:
 
     sidecars = data.get("sidecars") or []
     if sidecars:
-        grid = Grid(f"sidecars ({len(sidecars)})", ("app", "sidecar", "state"))
+        grid = Grid(f"sidecars ({len(sidecars)})", ("app", "sidecar", "state", "connected", "control error"))
         for sc in sidecars:
             state = text(sc.get("state"))
+            connected = sc.get("connected")
             grid.add_row(Text(text(sc.get("app"))), Text(text(sc.get("sidecar"))),
-                         Text(state, style="green" if state == "running" else "yellow"))
+                         Text(state, style="green" if state == "running" else "yellow"),
+                         Text("yes", style="green") if connected else Text("no", style="bold red"),
+                         Text(text(sc.get("control_error") or ""), style="red"))
         mesh.show(grid)
     else:
         mesh.show("sidecars: none")
+
+    problems = data.get("problems") or []
+    if problems:
+        grid = Grid(f"problems ({len(problems)})", ("kind", "subject", "since", "attempts", "last error"),
+                    title_style="bold red")
+        for p in problems:
+            grid.add_row(Text(text(p.get("kind")), style="red"), Text(text(p.get("subject"))),
+                         Text(_clock(p.get("since"))), Text(text(p.get("attempts"))), Text(text(p.get("message"))))
+        mesh.show(grid)
+    else:
+        mesh.show("problems: none")
+
+
+def _clock(ts: Any) -> str:
+    """Epoch seconds as local HH:MM:SS ('?' when not a number)."""
+    import time
+
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(float(ts)))
+    except (TypeError, ValueError, OverflowError):
+        return "?"
 
 
 def _versions(svc: dict) -> str:

@@ -49,7 +49,13 @@ SERVICES = {"services": [
 STATUS = {"meshd": {"version": "0.1.0", "uptime_s": 61, "snapshot_version": 3},
           "nodes": [{"node": "orders-1-mesh", "kind": "sidecar", "service": "orders", "connected": True,
                      "acked_version": 3, "nacked_version": None, "nack_reason": None}],
-          "label_errors": [], "sidecars": [{"app": "orders-1", "sidecar": "orders-1-mesh", "state": "running"}]}
+          "label_errors": [],
+          "sidecars": [{"app": "orders-1", "sidecar": "orders-1-mesh", "state": "running", "connected": True},
+                       {"app": "users-1", "sidecar": "users-1-mesh", "state": "running", "connected": False,
+                        "control_error": "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"}],
+          "problems": [{"kind": "control_listen", "subject": "172.22.0.1", "since": 1796464800.0,
+                        "last": 1796464830.0, "attempts": 7,
+                        "message": "OSError: [Errno 99] Cannot assign requested address"}]}
 STAT = {"window_s": 60, "targets": {"up": 1, "total": 1, "down": []}, "totals": [],
         "services": [{"service": "orders", "version": "v1", "rps": 12.5, "success_rate": 1.0, "p50_ms": 2.0,
                       "p90_ms": 4.0, "p99_ms": 9.0, "requests": 750, "error_rate": 0.0}],
@@ -198,6 +204,16 @@ def test_status_on_a_terminal_and_piped():
         "nodes (1)",
         "NODE            KIND      SERVICE   CONNECTED   ACKED   NACK REASON",
         "orders-1-mesh   sidecar   orders    yes         3       -"]
+
+
+def test_status_names_unconnected_sidecars_and_problems():
+    plain, _ = invoke(overview.commands, ["status"])
+    lines = plain.output.splitlines()
+    users = next(line for line in lines if line.startswith("users-1 "))
+    assert users.split()[2:4] == ["running", "no"] and "CERTIFICATE_VERIFY_FAILED" in users
+    assert "problems (1)" in lines
+    problem = next(line for line in lines if line.startswith("control_listen "))
+    assert "172.22.0.1" in problem and " 7 " in problem and "Cannot assign requested address" in problem
 
 
 def test_trace_tree_is_not_wrapped_when_piped():
