@@ -14,7 +14,7 @@ JSON-encoded); that part is the process's CPU (time.process_time, every thread, 
 flushed at the end of each repeat) minus the calling thread's. The spans are sent nowhere:
 Tracing.collector is None (meshd's receiver is set only by `sidecar run`) and the settings name no
 OTLP endpoint, so Tracing.targets() is empty (checked). The access log is structlog configured as
-the product does (meshio.runtime.configure_logging: JSON lines on stderr), stderr being /dev/null.
+the product does (meshproc.runtime.configure_logging: JSON lines on stderr), stderr being /dev/null.
 
 Run by `python -m bench` in a fresh interpreter (it configures structlog and logging globally).
 """
@@ -118,7 +118,7 @@ def run_hotpath(quick: bool = False, seconds: float | None = None, repeats: int 
     real_stderr = sys.stderr
     sys.stderr = devnull
     try:
-        from meshio.runtime import configure_logging
+        from meshproc.runtime import configure_logging
         configure_logging("sidecar")
     finally:
         sys.stderr = real_stderr

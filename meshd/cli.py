@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from meshio.runtime import configure_logging, run_forever
+from meshproc.runtime import configure_logging, run_forever
 
 
 def main(argv: list[str] | None = None) -> None:

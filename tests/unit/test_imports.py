@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("meshcore", "meshio", "certs", "meshd", "sidecar", "gateway", "meshctl")
+PACKAGES = ("meshcore", "meshproc", "certs", "meshd", "sidecar", "gateway", "meshctl")
 STDLIB = frozenset(sys.stdlib_module_names)
 
 
@@ -72,8 +72,8 @@ def test_meshcore_imports_only_stdlib_and_itself():
     ("gateway", ("meshd",)),
     ("meshctl", ("meshd", "sidecar", "gateway", "certs")),
     ("certs", ("meshd", "sidecar", "gateway", "meshctl")),
-    ("meshcore", ("meshd", "sidecar", "gateway", "meshctl", "certs", "meshio")),
-    ("meshio", ("meshd", "sidecar", "gateway", "meshctl", "certs")),
+    ("meshcore", ("meshd", "sidecar", "gateway", "meshctl", "certs", "meshproc")),
+    ("meshproc", ("meshd", "sidecar", "gateway", "meshctl", "certs")),
 ])
 def test_forbidden_imports(package, forbidden):
     bad = violations(package, forbidden=forbidden)
