@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from meshd.dashboard import PUBLIC_PATHS
-from meshd.telemetry import TelemetryHub, Target, add_routes
+from meshd.metrics_hub import TelemetryHub, Target, add_routes
 from meshd.traces import SettingsBook, TraceStore, add_routes as add_trace_routes
 from meshcore.tracing import KIND_CLIENT, KIND_SERVER, SpanRecord, TelemetrySettings
 from sidecar.telemetry import Telemetry, render_metrics
