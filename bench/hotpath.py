@@ -123,7 +123,7 @@ def run_hotpath(quick: bool = False, seconds: float | None = None, repeats: int 
     finally:
         sys.stderr = real_stderr
 
-    from meshcore.tracing import ACCESS_FULL, ACCESS_OFF, TelemetrySettings
+    from meshcore.telemetry_settings import ACCESS_FULL, ACCESS_OFF, TelemetrySettings
     from sidecar.telemetry import NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
     from sidecar.proxy import begin_trace, count_request
     from sidecar.tracing import Tracing
@@ -193,13 +193,13 @@ def run_hotpath(quick: bool = False, seconds: float | None = None, repeats: int 
 def _encode_cost(spans, out_ctx, in_ctx, finish, seconds: float, repeats: int) -> dict:
     """What SpanExporter.export does to a batch before posting it (skipped in the data path here,
     which has no target), per span: half client spans of new traces, half server spans."""
-    from sidecar.otel import MAX_BATCH, SCOPE, SpanExporter, encode_otlp, span_records
+    from sidecar.otel import MAX_BATCH, SCOPE, encode_otlp, span_records
     from sidecar.tracing import Tracing
 
     probe = Tracing(spans.service, spans.version, node=spans.node)
     probe.configure(spans.settings)
     out_fin, in_fin = finish(probe, out_ctx, "outbound"), finish(probe, in_ctx, "inbound")
-    exporter = probe._exporter = SpanExporter(probe, delay_s=3600.0, max_batch=MAX_BATCH + 1)  # noqa: SLF001
+    exporter = probe._exporter = probe.make_exporter(delay_s=3600.0, max_batch=MAX_BATCH + 1)  # noqa: SLF001
     for i in range(MAX_BATCH):
         (out_fin if i % 2 == 0 else in_fin)()
     batch = list(exporter.queue)

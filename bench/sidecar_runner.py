@@ -39,7 +39,7 @@ from meshcore.identity import match_identity
 from meshcore.labels import DEFAULT_TRUST_DOMAIN, spiffe_id
 from meshcore.protocol import Ack, SnapshotPush
 from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot, encode_snapshot
-from meshcore.tracing import (
+from meshcore.telemetry_settings import (
     ACCESS_LOG_MODES, DEFAULT_ACCESS_LOG, DEFAULT_SAMPLING, TelemetrySettings, decode_otlp_endpoint,
     decode_sampling, encode_settings,
 )

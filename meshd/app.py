@@ -18,7 +18,7 @@ from aiohttp import web
 from meshcore.labels import DEFAULT_TRUST_DOMAIN
 from meshcore.protocol import CONTROL_PATH, CONTROL_PORT
 from meshcore.snapshot import MeshConfig, Snapshot, build_config, build_workloads, encode_snapshot
-from meshcore.tracing import TelemetrySettings
+from meshcore.telemetry_settings import TelemetrySettings
 
 from . import __version__
 from .control import Hub, dumps

@@ -56,7 +56,7 @@ def test_process_imports_leave_out_heavy_modules(cli):
 def test_sampled_spans_load_no_opentelemetry_sdk():
     """A sampled span is queued and exported by sidecar.otel (the SDK's import and queued spans cost
     ~3.5 MiB per sidecar under load); http.client comes only with a target to post to."""
-    code = ("import sys\nfrom meshcore.tracing import TraceContext\nfrom sidecar.tracing import Tracing\n"
+    code = ("import sys\nfrom meshcore.tracecontext import TraceContext\nfrom sidecar.tracing import Tracing\n"
             "t = Tracing('svc', 'v1')\n"
             "t.finish(TraceContext(1, 2, None, True), direction='outbound', method=b'GET', target=b'/', status=200,"
             " flags='-', ms=1.0, source='a', source_version='v1', destination='b', destination_version='v1',"
