@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from .durations import parse_duration
 from .flowstats import Stats, fmt_pct
 
 TIGHT_OVERRIDES: dict[str, str] = {
@@ -114,7 +115,7 @@ def merge_policy_overrides(labels: dict[str, str], overrides: dict[str, str] | N
     the labels turned off stays off; labels that do not decode are returned unchanged.
     """
     from .labels import LabelDecodeError
-    from .policy import decode_traffic_policy, parse_duration
+    from .policy import decode_traffic_policy
 
     if not overrides:
         return dict(labels)

@@ -35,11 +35,11 @@ from aiohttp import web
 from meshcore.adaptive import AdaptiveConfig, AdaptiveState, decide_adaptive_policy, merge_policy_overrides
 from meshcore.alarms import AlarmState, LatencyConfig, SpikeConfig, detect_error_spike, detect_latency_jump
 from meshcore.canary import compare_versions
+from meshcore.durations import parse_duration
 from meshcore.flowstats import (
     Stats, Window, by_edge, by_service, by_service_version, health_by_service, health_by_service_version,
     summarize,
 )
-from meshcore.policy import parse_duration
 from meshcore.promtext import Scrape, parse_scrape, scrape_delta
 from meshcore.snapshot import MeshConfig, build_workloads
 
