@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--prefix", required=True)
     c.add_argument("--services", type=int, default=10)
     args = p.parse_args(argv)
-    from meshio.runtime import configure_logging, run_forever
+    from meshproc.runtime import configure_logging, run_forever
     configure_logging("meshd" if args.cmd == "hub" else "sidecar")
     run_forever(lambda: _hub(args) if args.cmd == "hub" else _clients(args))
 

@@ -111,7 +111,7 @@ def data_path_build() -> str:
     return "compiled (Cython, setup.py)" if compiled_data_path() is not None else "Python source"
 
 
-PRODUCT_PACKAGES = ("sidecar", "gateway", "meshcore", "meshio", "certs", "meshd")
+PRODUCT_PACKAGES = ("sidecar", "gateway", "meshcore", "meshproc", "certs", "meshd")
 
 
 def compile_checkout() -> None:

@@ -14,7 +14,7 @@ JSON-encoded); that part is the process's CPU (time.process_time, every thread, 
 flushed at the end of each repeat) minus the calling thread's. The spans are sent nowhere:
 Tracing.collector is None (meshd's receiver is set only by `sidecar run`) and the settings name no
 OTLP endpoint, so Tracing.targets() is empty (checked). The access log is structlog configured as
-the product does (meshio.runtime.configure_logging: JSON lines on stderr), stderr being /dev/null.
+the product does (meshproc.runtime.configure_logging: JSON lines on stderr), stderr being /dev/null.
 
 Run by `python -m bench` in a fresh interpreter (it configures structlog and logging globally).
 """
@@ -118,12 +118,12 @@ def run_hotpath(quick: bool = False, seconds: float | None = None, repeats: int 
     real_stderr = sys.stderr
     sys.stderr = devnull
     try:
-        from meshio.runtime import configure_logging
+        from meshproc.runtime import configure_logging
         configure_logging("sidecar")
     finally:
         sys.stderr = real_stderr
 
-    from meshcore.tracing import ACCESS_FULL, ACCESS_OFF, TelemetrySettings
+    from meshcore.telemetry_settings import ACCESS_FULL, ACCESS_OFF, TelemetrySettings
     from sidecar.telemetry import NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
     from sidecar.proxy import begin_trace, count_request
     from sidecar.tracing import Tracing
@@ -193,13 +193,13 @@ def run_hotpath(quick: bool = False, seconds: float | None = None, repeats: int 
 def _encode_cost(spans, out_ctx, in_ctx, finish, seconds: float, repeats: int) -> dict:
     """What SpanExporter.export does to a batch before posting it (skipped in the data path here,
     which has no target), per span: half client spans of new traces, half server spans."""
-    from sidecar.otel import MAX_BATCH, SCOPE, SpanExporter, encode_otlp, span_records
+    from sidecar.otel import MAX_BATCH, SCOPE, encode_otlp, span_records
     from sidecar.tracing import Tracing
 
     probe = Tracing(spans.service, spans.version, node=spans.node)
     probe.configure(spans.settings)
     out_fin, in_fin = finish(probe, out_ctx, "outbound"), finish(probe, in_ctx, "inbound")
-    exporter = probe._exporter = SpanExporter(probe, delay_s=3600.0, max_batch=MAX_BATCH + 1)  # noqa: SLF001
+    exporter = probe._exporter = probe.make_exporter(delay_s=3600.0, max_batch=MAX_BATCH + 1)  # noqa: SLF001
     for i in range(MAX_BATCH):
         (out_fin if i % 2 == 0 else in_fin)()
     batch = list(exporter.queue)

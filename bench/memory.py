@@ -11,8 +11,8 @@ from . import env
 STEPS = (
     ("python interpreter", ""),
     ("+ uvloop, httptools", "import uvloop, httptools"),
-    # first, as in `sidecar run`: meshio.runtime imports structlog without its console extras
-    ("+ structlog (meshio.runtime)", "import meshio.runtime"),
+    # first, as in `sidecar run`: meshproc.runtime imports structlog without its console extras
+    ("+ structlog (meshproc.runtime)", "import meshproc.runtime"),
     ("+ metrics (sidecar.telemetry, meshcore.metrics)", "import sidecar.telemetry"),
     ("+ proxy engine (sidecar.proxy, routing, meshcore)", "import sidecar.proxy"),
     ("+ ssl, certs.holder", "import certs.holder"),

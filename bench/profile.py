@@ -18,8 +18,10 @@ IDLE_WAITS = ("PyThread_acquire_lock_timed",)
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
-TRACING = "tracing, access log (meshcore/tracing.py, sidecar/tracing.py, sidecar/otel.py, structlog)"
-TRACING_FILES = ("meshcore/tracing.py", "sidecar/tracing.py", "sidecar/otel.py", "opentelemetry/", "structlog/")
+TRACING = ("tracing, access log (meshcore/tracecontext.py, meshcore/otlp.py, meshcore/spans.py, "
+           "meshcore/telemetry_settings.py, sidecar/tracing.py, sidecar/otel.py, structlog)")
+TRACING_FILES = ("meshcore/tracecontext.py", "meshcore/otlp.py", "meshcore/spans.py", "meshcore/telemetry_settings.py",
+                 "sidecar/tracing.py", "sidecar/otel.py", "opentelemetry/", "structlog/")
 
 
 def _owner(frame: str) -> str | None:

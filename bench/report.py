@@ -84,7 +84,7 @@ def telemetry_cost(res: dict) -> list[str]:
               "only by `sidecar run`) and no OTLP endpoint is set, so Tracing.targets() is "
               f"{hp.get('span_targets') or 'empty'}; "
               "with no target the exporter drops a batch before converting or encoding it (sidecar/otel.py), so the export rows below are the queue's own bookkeeping; what a target adds (conversion and OTLP JSON encoding, before the POST) is timed on its own in the last row. Access log: structlog configured by "
-              "meshio.runtime.configure_logging, its stream /dev/null (a write per line, "
+              "meshproc.runtime.configure_logging, its stream /dev/null (a write per line, "
               f"{hp.get('access_log_line_bytes', '?')} bytes)."]
         if cpu:
             L[-1] += (f" For scale, the share of the sidecar's own CPU per request in this run's data path "

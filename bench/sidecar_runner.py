@@ -4,7 +4,7 @@
     python -m bench.sidecar_runner --role inbound  --port Q --app-port A --tls-dir D --ready-file F
 
 What `sidecar run` does, minus what needs meshd and Docker: the same modules imported, uvloop through
-meshio.runtime, structlog JSON logging, a ProxyState with a certs.holder.TlsHolder (material loaded
+meshproc.runtime, structlog JSON logging, a ProxyState with a certs.holder.TlsHolder (material loaded
 with certs.store.load_material from files the harness issued through certs.CertificateAuthority), the
 snapshot applied through ControlClient.handle_push (decode + route table, as a push from meshd would),
 metrics on (sidecar.telemetry, served with readiness on the admin port), and start_outbound /
@@ -39,11 +39,11 @@ from meshcore.identity import match_identity
 from meshcore.labels import DEFAULT_TRUST_DOMAIN, spiffe_id
 from meshcore.protocol import Ack, SnapshotPush
 from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot, encode_snapshot
-from meshcore.tracing import (
+from meshcore.telemetry_settings import (
     ACCESS_LOG_MODES, DEFAULT_ACCESS_LOG, DEFAULT_SAMPLING, TelemetrySettings, decode_otlp_endpoint,
     decode_sampling, encode_settings,
 )
-from meshio.runtime import configure_logging, run_forever
+from meshproc.runtime import configure_logging, run_forever
 import sidecar.announce  # noqa: F401 - imported by `sidecar run`; counted in the process's memory
 from sidecar.admin import build_admin_app, start_admin
 from sidecar.control import ControlClient

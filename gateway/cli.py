@@ -6,8 +6,8 @@ import asyncio
 import os
 import sys
 
-# meshio.runtime imports structlog without its console extras (rich & co.): before anything else does
-from meshio.runtime import configure_logging, run_forever, stop_signal, structlog, wants_run
+# meshproc.runtime imports structlog without its console extras (rich & co.): before anything else does
+from meshproc.runtime import configure_logging, run_forever, stop_signal, structlog, wants_run
 
 log = structlog.get_logger("gateway")
 

@@ -22,13 +22,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import re
 from dataclasses import dataclass
 
 TOKEN_TTL_S = 24 * 3600.0   # an unused token expires (meshd then recreates the node)
 
-_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def hash_token(token: str) -> str:
@@ -121,12 +118,3 @@ def check_placement(p: Placement) -> str | None:
     return None
 
 
-def parse_duration(raw: str) -> float:
-    """`"24h"`, `"10s"`, `"90m"`, `"1d"`, `"500ms"` or plain seconds -> seconds (> 0)."""
-    m = _DURATION_RE.match(raw or "")
-    if not m:
-        raise ValueError(f"{raw!r} is not a duration (e.g. 24h, 90m, 10s)")
-    value = float(m.group(1)) * _UNITS[m.group(2)]
-    if value <= 0:
-        raise ValueError(f"{raw!r} is not a positive duration")
-    return value

@@ -11,6 +11,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from .dnsname import decode_name, encode_name
+
 MDNS_GROUP = "224.0.0.251"       # RFC 6762 section 3
 MDNS_PORT = 5353                 # RFC 6762 section 3
 MAX_PACKET = 9000                # RFC 6762 section 17: at most 9000 bytes over multicast
@@ -24,7 +26,6 @@ HOST_TTL = 120                   # RFC 6762 section 10: records naming a host (S
 OTHER_TTL = 4500                 # RFC 6762 section 10: the others (PTR, TXT)
 LEGACY_TTL = 10                  # RFC 6762 section 6.7: answers to one-shot (non-5353) queriers
 SERVICES_ENUM = "_services._dns-sd._udp.local."   # RFC 6763 section 9
-_MAX_POINTERS = 32               # compression pointers followed per name (loops in hostile packets)
 
 
 @dataclass(frozen=True)
@@ -46,48 +47,6 @@ class Query:
     questions: tuple[tuple[str, int, bool], ...]
     known: tuple[tuple[str, int, int, str], ...]   # (name, type, ttl, PTR target or "")
     raw_questions: bytes                            # echoed in legacy unicast replies (6.7)
-
-
-def encode_name(name: str) -> bytes:
-    """A domain name in wire form (RFC 1035 3.1), uncompressed; ValueError names a bad label."""
-    out = bytearray()
-    for label in name.rstrip(".").split("."):
-        raw = label.encode("utf-8")   # RFC 6762 section 16: names are UTF-8
-        if not 0 < len(raw) < 64:
-            raise ValueError(f"bad DNS label {label!r} in {name!r}")
-        out.append(len(raw))
-        out += raw
-    out.append(0)
-    return bytes(out)
-
-
-def decode_name(buf: bytes, offset: int) -> tuple[str, int]:
-    """(name with a trailing dot, offset after it in the record) at `offset`; ValueError if malformed."""
-    labels: list[str] = []
-    end = None
-    for _ in range(_MAX_POINTERS):
-        if offset >= len(buf):
-            raise ValueError("name runs past the packet")
-        n = buf[offset]
-        if n & 0xC0 == 0xC0:   # compression pointer (RFC 1035 4.1.4)
-            if offset + 1 >= len(buf):
-                raise ValueError("truncated compression pointer")
-            if end is None:
-                end = offset + 2
-            offset = ((n & 0x3F) << 8) | buf[offset + 1]
-            continue
-        if n & 0xC0:
-            raise ValueError("unknown label type")
-        if n == 0:
-            return ".".join(labels) + ".", end if end is not None else offset + 1
-        label = buf[offset + 1:offset + 1 + n]
-        if len(label) != n:
-            raise ValueError("label runs past the packet")
-        labels.append(label.decode("utf-8", errors="replace"))
-        offset += 1 + n
-        if end is None and len(labels) > 127:
-            raise ValueError("name too long")
-    raise ValueError("too many compression pointers")
 
 
 def _same(a: str, b: str) -> bool:

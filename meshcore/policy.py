@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .durations import UNIT_SECONDS, parse_duration
 from .labels import LabelDecodeError, decode_bool
 
 LB_POLICIES = ("least-request", "round-robin", "random", "ring-hash")
@@ -59,8 +60,6 @@ POLICY_LABEL_NAMES = frozenset(name for name, _, _ in POLICY_LABELS)
 # Prefixes this module owns: a label under them that is not in POLICY_LABEL_NAMES is a typo.
 POLICY_PREFIXES = ("mesh.lb", "mesh.timeout", "mesh.retries.", "mesh.circuit.", "mesh.outlier.", "mesh.ratelimit")
 
-_DURATION_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _INT_RE = re.compile(r"^-?[0-9]+$")
 _RATE_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*/\s*(s|m|h)$")
 _OFF = ("off", "none")
@@ -124,21 +123,9 @@ DEFAULT_POLICY = TrafficPolicy()
 
 # ---- value decoders ----------------------------------------------------------------------------
 
-def parse_duration(raw: str) -> float:
-    """Seconds from `250ms`, `2s`, `1.5m`, `1h`; raises ValueError (no label) on anything else."""
-    text = raw.strip().lower()
-    m = _DURATION_RE.match(text)
-    if not m:
-        if text.startswith("-"):
-            raise ValueError(f"{raw!r} is negative")
-        if re.fullmatch(r"[0-9.]+", text):
-            raise ValueError(f"{raw!r} needs a unit (ms, s, m or h)")
-        raise ValueError(f"{raw!r} is not a duration (like 250ms, 2s, 1m, 1h)")
-    return float(m.group(1)) * _UNIT_S[m.group(2)]
-
-
 def decode_duration(label: str, raw: str) -> float:
-    """Seconds from a duration label (`ms`, `s`, `m`, `h`) or LabelDecodeError naming the label."""
+    """Seconds from a duration label (meshcore.durations: `ms`, `s`, `m`, `h`, `d`, unit required) or
+    LabelDecodeError naming the label."""
     try:
         return parse_duration(raw)
     except ValueError as exc:
@@ -298,7 +285,7 @@ def _decode_ratelimit(labels: dict[str, str]) -> RateLimitPolicy | None:
     count = float(m.group(1))
     if count <= 0:
         raise LabelDecodeError("mesh.ratelimit", f"{raw!r} must allow more than zero requests")
-    rate = count / _UNIT_S[m.group(2)]
+    rate = count / UNIT_SECONDS[m.group(2)]
     burst = max(count, 1.0)
     if "mesh.ratelimit.burst" in labels:
         burst = float(decode_int("mesh.ratelimit.burst", labels["mesh.ratelimit.burst"], 1, UNLIMITED))

@@ -22,7 +22,7 @@ CONTROL_PORT = 15012  # istiod's mTLS xDS port; the channel is wss:// only
 NODE_KINDS = ("sidecar", "gateway")
 CSR_PURPOSES = ("workload", "gateway-server")
 # Every node's /metrics carries its start (wall clock, s); meshd's scraper reads it to count the
-# first scrape of a node born while it watched (meshcore.telemetry.scrape_delta).
+# first scrape of a node born while it watched (meshcore.promtext.scrape_delta).
 NODE_START_TIME_METRIC = "mesh_node_start_time_seconds"
 MAX_PEM_CHARS = 64 * 1024
 # websocket close codes (4000-4999 are for applications, RFC 6455 section 7.4.2)

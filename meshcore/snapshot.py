@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from .authz import DEFAULT_POLICY, Policy, PolicyError, decode_policy, encode_policy
 from .labels import (
     ContainerInfo, GatewayRule, LabelDecodeError, LabelError, MeshSpec, decode_container,
     is_mesh_enabled, is_mesh_owned, spiffe_id, COMPOSE_SERVICE,
 )
-from .authz import DEFAULT_POLICY, Policy, PolicyError, decode_policy, encode_policy
 from .labels import MTLS_MODES
 from .policy import decode_traffic_policy, policy_labels
 from .routing_rules import ServiceRules, decode_rules, encode_rules
-from .tracing import SettingsError, TelemetrySettings, decode_settings, encode_settings
+from .telemetry_settings import SettingsError, TelemetrySettings, decode_settings, encode_settings
 
 INBOUND_PORT = 15006  # the sidecar's inbound listener, Istio's number
 SNAPSHOT_SCHEMA = 1
@@ -93,7 +93,7 @@ class MeshConfig:
     endpoints: dict[str, tuple[Endpoint, ...]] = field(default_factory=dict)
     gateway_routes: tuple[GatewayRoute, ...] = ()
     policies: Policy = DEFAULT_POLICY    # authorization (meshcore.authz), decided by inbound sidecars
-    telemetry: TelemetrySettings = TelemetrySettings()  # tracing and access logs (meshcore.tracing)
+    telemetry: TelemetrySettings = TelemetrySettings()  # tracing and access logs
 
 
 @dataclass(frozen=True)

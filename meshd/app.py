@@ -20,7 +20,7 @@ from aiohttp import web
 from meshcore.labels import DEFAULT_TRUST_DOMAIN, wants_hold
 from meshcore.protocol import CONTROL_PATH, CONTROL_PORT
 from meshcore.snapshot import MeshConfig, Snapshot, build_config, build_workloads, encode_snapshot
-from meshcore.tracing import TelemetrySettings
+from meshcore.telemetry_settings import TelemetrySettings
 
 from . import __version__
 from .control import Hub, dumps
@@ -36,7 +36,7 @@ from .security_api import (
     PolicyBook, add_cert_routes, add_policy_routes, admin_auth_middleware, load_or_create_admin_token,
 )
 from .store import Store
-from .telemetry import TelemetryHub, add_routes as add_telemetry_routes  # observability
+from .metrics_hub import TelemetryHub, add_routes as add_telemetry_routes  # observability
 from .traces import (
     MAX_BODY as OTLP_MAX_BODY, SettingsBook, TraceStore, add_receiver, add_routes as add_trace_routes,
     settings_from_env,

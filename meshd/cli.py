@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from meshio.runtime import configure_logging, run_forever
+from meshproc.runtime import configure_logging, run_forever
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("run", help="watch Docker, manage sidecars and the gateway, push config")
     args = parser.parse_args(argv)
     if args.command == "run":
-        from meshcore.tracing import SettingsError
+        from meshcore.telemetry_settings import SettingsError
 
         from .app import Meshd, Settings
         configure_logging("meshd")

@@ -28,7 +28,8 @@ from cryptography import x509
 
 from certs.ca import CertificateAuthority, CsrRejected, IssuedCert
 from certs.holder import _load_via_memfd, _load_via_tempdir
-from meshcore.bootstrap import TokenRecord, hash_token, parse_duration
+from meshcore.bootstrap import TokenRecord, hash_token
+from meshcore.durations import parse_duration
 from meshcore.identity import renew_at as compute_renew_at
 from meshcore.labels import spiffe_id
 from meshcore.protocol import Bundle, Certs, Renew
@@ -171,7 +172,9 @@ class Pki:
         self.clock = clock
         self.rand = rand
         self.trust_domain = trust_domain
-        self.cert_ttl_s = parse_duration(cert_ttl)
+        self.cert_ttl_s = parse_duration(cert_ttl, bare_seconds=True)   # MESH_CERT_TTL took seconds
+        if self.cert_ttl_s <= 0:
+            raise ValueError(f"{cert_ttl!r} is not a positive duration")
         self.gateway_hosts = gateway_hosts
         self.ca, self.user_supplied = load_ca(state_dir, trust_domain, env or {}, clock())
         self.state_dir = state_dir

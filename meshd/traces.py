@@ -11,10 +11,9 @@ import structlog
 from aiohttp import web
 
 from certs.holder import peer_identity
-from meshcore.tracing import (
-    KIND_NAMES, OtlpError, SettingsError, SpanRecord, TelemetrySettings, build_trace_tree, decode_otlp,
-    decode_settings, encode_settings,
-)
+from meshcore.otlp import OtlpError, decode_otlp
+from meshcore.spans import KIND_NAMES, SpanRecord, build_trace_tree
+from meshcore.telemetry_settings import SettingsError, TelemetrySettings, decode_settings, encode_settings
 
 from .store import Store
 

@@ -8,8 +8,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-# meshio.runtime imports structlog without its console extras (rich & co.): before anything else does
-from meshio.runtime import configure_logging, run_forever, stop_signal, structlog, wants_run
+# meshproc.runtime imports structlog without its console extras (rich & co.): before anything else does
+from meshproc.runtime import configure_logging, run_forever, stop_signal, structlog, wants_run
 from sidecar.capture import PROXY_UID, apply_capture
 
 log = structlog.get_logger("sidecar")

@@ -14,7 +14,7 @@ exist, so a cached answer never points at a replica that has gone. A VIP is the 
 `name.namespace` (linear probing on a collision) and stays with its service for the sidecar's life.
 
 Message format: RFC 1035 section 4.1 (header 4.1.1, question 4.1.2, resource records 4.1.3, name
-compression 4.1.4); TCP messages carry a two-byte length prefix (RFC 1035 section 4.2.2). A mesh
+compression 4.1.4; names are read by meshcore.dnsname); TCP messages carry a two-byte length prefix (RFC 1035 section 4.2.2). A mesh
 name asked for another type (AAAA, RFC 3596, and the rest) gets an empty NOERROR answer ("NODATA",
 RFC 2308 section 2.2), so a resolver does not go looking for it elsewhere.
 """
@@ -28,6 +28,8 @@ import logging
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
+
+from meshcore.dnsname import DnsFormatError, decode_name
 
 log = logging.getLogger("sidecar.dns")
 
@@ -51,10 +53,6 @@ _RD = 0x0100
 _RA = 0x0080
 
 
-class DnsFormatError(ValueError):
-    """A message that does not follow RFC 1035 section 4.1."""
-
-
 @dataclass(frozen=True)
 class Query:
     """The parts of a query the proxy needs."""
@@ -68,55 +66,6 @@ class Query:
     qdcount: int
 
 
-def read_name(msg: bytes, offset: int) -> tuple[str, int]:
-    """A domain name at `offset` (labels, or a compression pointer: RFC 1035 4.1.2, 4.1.4); returns
-    (dotted lower-case name, offset after the name in the message)."""
-    labels: list[str] = []
-    end = -1
-    jumps = 0
-    while True:
-        if offset >= len(msg):
-            raise DnsFormatError("name runs past the message")
-        length = msg[offset]
-        if length & 0xC0 == 0xC0:
-            if offset + 1 >= len(msg):
-                raise DnsFormatError("truncated compression pointer")
-            if end < 0:
-                end = offset + 2
-            jumps += 1
-            if jumps > 16:
-                raise DnsFormatError("compression pointer loop")
-            offset = ((length & 0x3F) << 8) | msg[offset + 1]
-            continue
-        if length & 0xC0:
-            raise DnsFormatError("unknown label type")
-        offset += 1
-        if length == 0:
-            break
-        if offset + length > len(msg):
-            raise DnsFormatError("label runs past the message")
-        labels.append(msg[offset:offset + length].decode("ascii", "replace").lower())
-        offset += length
-    name = ".".join(labels)
-    if len(name) > 253:
-        raise DnsFormatError("name longer than 255 octets")
-    return name, (end if end >= 0 else offset)
-
-
-def encode_name(name: str) -> bytes:
-    """A dotted name as labels (RFC 1035 3.1), no compression."""
-    out = bytearray()
-    for label in name.strip(".").split("."):
-        if label:
-            raw = label.encode("ascii")
-            if len(raw) > 63:
-                raise ValueError(f"label {label!r} is longer than 63 octets")
-            out.append(len(raw))
-            out += raw
-    out.append(0)
-    return bytes(out)
-
-
 def parse_query(msg: bytes) -> Query:
     """The header and first question of a message; DnsFormatError when it is malformed."""
     if len(msg) < _HEADER.size:
@@ -124,7 +73,8 @@ def parse_query(msg: bytes) -> Query:
     ident, flags, qdcount, _an, _ns, _ar = _HEADER.unpack_from(msg, 0)
     if qdcount < 1:
         raise DnsFormatError("no question")
-    name, offset = read_name(msg, _HEADER.size)
+    name, offset = decode_name(msg, _HEADER.size)
+    name = name[:-1].lower()   # mesh names are matched without the root's dot, case-insensitively
     if offset + 4 > len(msg):
         raise DnsFormatError("question runs past the message")
     qtype, qclass = struct.unpack_from("!HH", msg, offset)

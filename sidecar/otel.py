@@ -1,8 +1,11 @@
-"""Span export of sidecar.tracing: sampled hops queued on the event loop, batched by one thread and
-posted as OTLP/HTTP JSON (no protobuf runtime, no SDK) to meshd's store and the external collector.
+"""Span export: sampled hops queued on the event loop, batched by one thread and posted as OTLP/HTTP
+JSON (no protobuf runtime, no SDK) to the targets it is given (meshd's store, the external collector).
+
+The exporter knows nothing of sidecar.tracing: the node's tracing gives it the resource, a function
+that lists the current targets and one that counts what became of the spans.
 
 Why not the OpenTelemetry SDK: it only batched here (ids and sampling are decided per request by
-meshcore.tracing, the encoding is meshcore.tracing.encode_otlp), and at 1% sampling under load its
+meshcore.tracecontext, the encoding is meshcore.otlp.encode_otlp), and at 1% sampling under load its
 import and its queued spans (a lock, two deques and a copy of the attributes each) cost a sidecar
 about 3.5 MiB; a span here is one tuple until its batch is encoded.
 """
@@ -13,14 +16,13 @@ import json
 import ssl
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Callable, Iterable
 
 import structlog
 
-from meshcore.tracing import SpanRecord, TraceContext, encode_otlp
-
-if TYPE_CHECKING:
-    from sidecar.tracing import Tracing
+from meshcore.otlp import encode_otlp
+from meshcore.spans import SpanRecord
+from meshcore.tracecontext import TraceContext
 
 log = structlog.get_logger("sidecar.tracing")
 
@@ -32,6 +34,14 @@ SCOPE = "meshd.sidecar"
 
 # One finished hop: (context, name, kind, attributes, start ns, end ns, error)
 Span = tuple[TraceContext, str, int, dict, int, int, bool]
+# Where spans go now: (label, URL, TLS client context factory or None)
+Target = tuple[str, str, Callable[[], ssl.SSLContext] | None]
+
+
+def node_resource(service: str, version: str, node: str = "") -> tuple[tuple[str, Any], ...]:
+    """A node's OTLP resource attributes, sorted (service.instance.id: the node, else the service)."""
+    return tuple(sorted({"service.name": service, "service.version": version,
+                         "service.instance.id": node or service}.items()))
 
 
 def span_records(spans: Iterable[Span], resource: tuple[tuple[str, Any], ...]) -> list[SpanRecord]:
@@ -70,15 +80,17 @@ class SpanExporter:
 
     `record` runs on the event loop only (a deque append; the thread starts with the first span);
     the thread wakes every BATCH_DELAY_MS, or at once when a full batch waits, and posts each batch
-    to every current target of the Tracing (read at export: settings may change). With no target
-    the batch is dropped unencoded. `close` flushes what is queued, bounded by the export timeout.
+    to every target `targets()` returns (called at export: settings may change), then calls
+    `count(label, ok, n)` per target. With no target the batch is dropped unencoded. `close` flushes
+    what is queued, bounded by the export timeout.
     """
 
-    def __init__(self, tracing: "Tracing", *, delay_s: float = BATCH_DELAY_MS / 1000,
+    def __init__(self, resource: tuple[tuple[str, Any], ...], targets: Callable[[], list[Target]],
+                 count: Callable[[str, bool, int], None], *, delay_s: float = BATCH_DELAY_MS / 1000,
                  max_queue: int = MAX_QUEUE, max_batch: int = MAX_BATCH):
-        self.tracing = tracing
-        self.resource = tuple(sorted({"service.name": tracing.service, "service.version": tracing.version,
-                                      "service.instance.id": tracing.node or tracing.service}.items()))
+        self.resource = resource
+        self.targets = targets
+        self.count = count
         self.delay_s = delay_s
         self.max_queue = max_queue
         self.max_batch = max_batch
@@ -130,7 +142,7 @@ class SpanExporter:
 
     def export(self, spans: list[Span]) -> bool:
         """Post one batch to every target; True when all accepted it (or there is none)."""
-        targets = self.tracing.targets()
+        targets = self.targets()
         if not targets:
             return True   # nowhere to send (no meshd receiver, no endpoint): no encoding
         body = json.dumps(encode_otlp(span_records(spans, self.resource), scope=SCOPE)).encode()
@@ -144,7 +156,7 @@ class SpanExporter:
             except Exception as exc:  # noqa: BLE001 - OSError, http.client.HTTPException, a bad context
                 ok = False
                 log.warning("span_export_failed", target=label, url=url, error=str(exc) or type(exc).__name__)
-            self.tracing.counts.add(label, ok, len(spans))
+            self.count(label, ok, len(spans))
             ok_all = ok_all and ok
         return ok_all
 

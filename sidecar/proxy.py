@@ -51,7 +51,8 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, Htt
 from meshcore.lb import DEFAULT_MAX_TRIES, connect_tries, merge_exclusions, pick_p2c
 from meshcore.resilience import DI, FI, RL, UO, URX, UT, backoff_delay, should_retry
 from meshcore.snapshot import Snapshot
-from meshcore.tracing import ACCESS_FULL, B3_MULTI, B3_SINGLE, TRACEPARENT, TRACESTATE, TraceContext
+from meshcore.telemetry_settings import ACCESS_FULL
+from meshcore.tracecontext import B3_MULTI, B3_SINGLE, TRACEPARENT, TRACESTATE, TraceContext
 
 from .routing import (
     EMPTY_TABLE, PASSTHROUGH, UNKNOWN, Cluster, RouteTable, build_route_table, find_by_address,

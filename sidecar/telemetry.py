@@ -86,7 +86,7 @@ class Telemetry:
         self.series: dict[tuple, _Series] = {}
         self.registry.register(_RequestCollector(self.series))
         # meshd counts a node's first scrape whole when the node started while it watched
-        # (meshcore.telemetry.scrape_delta): requests before that scrape are not lost.
+        # (meshcore.promtext.scrape_delta): requests before that scrape are not lost.
         self.start_time = Gauge(NODE_START_TIME_METRIC, "When this node's metrics began, seconds since the epoch.",
                                 registry=self.registry)
         self.start_time.set(time.time() if started is None else started)

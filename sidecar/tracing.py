@@ -1,6 +1,6 @@
 """Per-request tracing and access logs of one node (sidecar or gateway).
 
-Every HTTP request gets a trace context (meshcore.tracing: W3C `traceparent`, B3 understood and
+Every HTTP request gets a trace context (meshcore.tracecontext: W3C `traceparent`, B3 understood and
 forwarded). Sampled hops are queued for sidecar.otel's SpanExporter, whose thread posts them in
 batches as OTLP/HTTP JSON to meshd's trace store (mTLS, the control address) and to the external
 collector named in the snapshot's telemetry settings. The exporter is made by the first sampled
@@ -18,9 +18,10 @@ from urllib.parse import urlsplit
 import structlog
 
 from meshcore.metrics import Counter
-from meshcore.tracing import (
-    KIND_CLIENT, KIND_SERVER, Parent, TelemetrySettings, continue_traceparent, encode_trace_headers, TraceContext, decode_parent,
-    encode_otlp, should_log_access, start_hop,
+from meshcore.spans import KIND_CLIENT, KIND_SERVER
+from meshcore.telemetry_settings import TelemetrySettings, should_log_access
+from meshcore.tracecontext import (
+    Parent, TraceContext, continue_traceparent, decode_parent, encode_trace_headers, start_hop,
 )
 
 log = structlog.get_logger("sidecar.tracing")
@@ -139,10 +140,17 @@ class Tracing:
             if self._closed:
                 self.counts.dropped.inc()
                 return
-            from sidecar.otel import SpanExporter   # the first sampled span: not loaded by nodes that sample none
-            exporter = self._exporter = SpanExporter(self)
+            exporter = self._exporter = self.make_exporter()
         if not exporter.record((ctx, name, kind, attrs, start_ns, end_ns, error)):
             self.counts.dropped.inc()
+
+    def make_exporter(self, **options: Any):
+        """A sidecar.otel.SpanExporter of this node's spans, to its current targets, counted in its
+        counters (`options`: SpanExporter's queue and batch settings)."""
+        # made by the first sampled span: nodes that sample none do not load sidecar.otel
+        from sidecar.otel import SpanExporter, node_resource
+        return SpanExporter(node_resource(self.service, self.version, self.node), self.targets,
+                            self.counts.add, **options)
 
     def close(self) -> None:
         """Flush what is queued (bounded by the export timeout) and stop the exporter thread."""

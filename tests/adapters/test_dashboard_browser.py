@@ -19,9 +19,10 @@ import pytest
 from aiohttp import web
 
 from meshd.dashboard import PUBLIC_PATHS
-from meshd.telemetry import TelemetryHub, Target, add_routes
+from meshd.metrics_hub import TelemetryHub, Target, add_routes
 from meshd.traces import SettingsBook, TraceStore, add_routes as add_trace_routes
-from meshcore.tracing import KIND_CLIENT, KIND_SERVER, SpanRecord, TelemetrySettings
+from meshcore.spans import KIND_CLIENT, KIND_SERVER, SpanRecord
+from meshcore.telemetry_settings import TelemetrySettings
 from sidecar.telemetry import Telemetry, render_metrics
 
 from .test_meshd_telemetry import LoopThread

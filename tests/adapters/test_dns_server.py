@@ -6,8 +6,9 @@ import asyncio
 import struct
 
 
+from meshcore.dnsname import decode_name, encode_name
 from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot
-from sidecar.dns import TYPE_A, TYPE_AAAA, build_response, encode_name, parse_query, read_name, start_dns
+from sidecar.dns import TYPE_A, TYPE_AAAA, build_response, parse_query, start_dns
 from sidecar.proxy import ProxyState
 
 UPSTREAM_ADDR = "192.0.2.53"   # what the fake upstream answers for every name
@@ -19,11 +20,11 @@ def query(name: str, ident: int, qtype: int = TYPE_A) -> bytes:
 
 def addresses(msg: bytes) -> list[str]:
     an = struct.unpack_from("!H", msg, 6)[0]
-    _, offset = read_name(msg, 12)
+    _, offset = decode_name(msg, 12)
     offset += 4
     out = []
     for _ in range(an):
-        _, offset = read_name(msg, offset)
+        _, offset = decode_name(msg, offset)
         rtype, _, _, rdlen = struct.unpack_from("!HHIH", msg, offset)
         offset += 10
         if rtype == TYPE_A:

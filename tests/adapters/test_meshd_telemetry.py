@@ -15,12 +15,13 @@ import pytest
 from aiohttp import web
 from typer.testing import CliRunner
 
+from meshcore.adaptive import AdaptiveConfig, TIGHT_OVERRIDES
+from meshcore.alarms import LatencyConfig, SpikeConfig
 from meshcore.labels import ContainerInfo
 from meshcore.snapshot import build_config, build_workloads
-from meshcore.telemetry import TIGHT_OVERRIDES, AdaptiveConfig, LatencyConfig, SpikeConfig
 from meshd.docker_adapter import DockerView
 from meshd.store import Store
-from meshd.telemetry import TelemetryHub, Target, add_routes, meshd_targets
+from meshd.metrics_hub import TelemetryHub, Target, add_routes, meshd_targets
 from sidecar.telemetry import Telemetry, render_metrics
 
 WIDE = {"COLUMNS": "220", "MESHD_API": "", "MESHD_ADMIN_TOKEN": "", "MESHD_ADMIN_TOKEN_FILE": "/nonexistent"}

@@ -22,11 +22,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.server import start_gateway
+from meshcore.otlp import decode_otlp, encode_otlp
 from meshcore.snapshot import GatewayRoute, MeshConfig, Snapshot
-from meshcore.tracing import (
-    KIND_CLIENT, KIND_SERVER, SpanRecord, TelemetrySettings, TraceContext, decode_otlp, decode_traceparent,
-    encode_otlp,
-)
+from meshcore.spans import KIND_CLIENT, KIND_SERVER, SpanRecord
+from meshcore.telemetry_settings import TelemetrySettings
+from meshcore.tracecontext import TraceContext, decode_traceparent
 from meshd.pki import Pki
 from meshd.store import Store
 from meshd.traces import MAX_BODY, SettingsBook, TraceStore, add_receiver, add_routes
@@ -773,10 +773,9 @@ def test_sampled_spans_are_posted_in_batches_by_the_exporter_thread(posts):
 
 
 def test_a_full_batch_leaves_at_once_and_close_flushes_the_rest(posts):
-    from sidecar.otel import SpanExporter
     tracing = Tracing("a", "v1")
     tracing.collector = ("http://meshd.invalid/v1/traces", None)
-    tracing._exporter = SpanExporter(tracing, delay_s=60.0, max_batch=2)   # only a full batch wakes it
+    tracing._exporter = tracing.make_exporter(delay_s=60.0, max_batch=2)   # only a full batch wakes it
     for status in (200, 201, 202):
         finish_sampled(tracing, status)
     wait_until(lambda: posts.calls)     # woken by the full batch, not by the 60 s delay
@@ -786,12 +785,11 @@ def test_a_full_batch_leaves_at_once_and_close_flushes_the_rest(posts):
 
 
 def test_spans_beyond_a_full_queue_and_after_close_are_counted_as_dropped(posts):
-    from sidecar.otel import SpanExporter
     registry = Registry()
     tracing = Tracing("a", "v1", registry=registry)
     tracing.collector = ("http://meshd.invalid/v1/traces", None)
     posts.gate.clear()                  # the first batch's POST hangs: the queue fills behind it
-    tracing._exporter = SpanExporter(tracing, delay_s=0.01, max_queue=2)
+    tracing._exporter = tracing.make_exporter(delay_s=0.01, max_queue=2)
     finish_sampled(tracing, 200)
     wait_until(lambda: not tracing._exporter.queue)   # taken by the thread, which now waits on the POST
     for status in (201, 202, 203):      # the third finds the queue full
@@ -819,10 +817,9 @@ def test_without_a_target_batches_are_dropped_unencoded(posts, monkeypatch):
 def test_flush_beside_the_exporter_thread_loses_and_repeats_nothing(posts):
     """flush() may run on another thread while the exporter's own drains the queue (close, a bench):
     every span is exported once, none raises."""
-    from sidecar.otel import SpanExporter
     tracing = Tracing("a", "v1")
     tracing.collector = ("http://meshd.invalid/v1/traces", None)
-    tracing._exporter = exporter = SpanExporter(tracing, delay_s=0.0001, max_batch=64)
+    tracing._exporter = exporter = tracing.make_exporter(delay_s=0.0001, max_batch=64)
     switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)          # threads trade the GIL between any two bytecodes, nearly
     try:

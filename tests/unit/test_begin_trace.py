@@ -11,7 +11,8 @@ import itertools
 
 import pytest
 
-from meshcore.tracing import B3_MULTI_FORM, B3_SINGLE_FORM, TelemetrySettings, continue_traceparent
+from meshcore.telemetry_settings import TelemetrySettings
+from meshcore.tracecontext import B3_MULTI_FORM, B3_SINGLE_FORM, continue_traceparent
 from sidecar.proxy import begin_trace, canonical_traceparent, trace_of
 from sidecar.tracing import Tracing
 

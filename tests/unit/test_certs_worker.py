@@ -126,7 +126,7 @@ def test_the_child_gets_no_mesh_variables(monkeypatch):
 # install, save, restore after a restart, renewal with a new key; `cryptography` never loaded there.
 NODE = r"""
 import asyncio, json, sys
-from meshio.runtime import configure_logging
+from meshproc.runtime import configure_logging
 from meshcore.protocol import Certs
 from sidecar.tlsagent import CertAgent
 

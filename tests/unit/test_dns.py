@@ -7,10 +7,11 @@ import struct
 
 import pytest
 
+from meshcore.dnsname import decode_name, encode_name
 from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot
 from sidecar.dns import (
     CLASS_IN, TYPE_A, TYPE_AAAA, VIP_NETWORK, DnsFormatError, VipAllocator, answer_locally, build_response,
-    encode_name, error_response, mesh_names, parse_query, read_name, read_upstream,
+    error_response, mesh_names, parse_query, read_upstream,
 )
 from sidecar.routing import build_route_table, route_outbound
 
@@ -27,11 +28,11 @@ def parse_answers(msg: bytes) -> tuple[dict, list[tuple[int, int, int, bytes]]]:
     ident, flags, qd, an, ns, ar = struct.unpack_from("!HHHHHH", msg, 0)
     offset = 12
     for _ in range(qd):
-        _, offset = read_name(msg, offset)
+        _, offset = decode_name(msg, offset)
         offset += 4
     answers = []
     for _ in range(an):
-        _, offset = read_name(msg, offset)
+        _, offset = decode_name(msg, offset)
         rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", msg, offset)
         offset += 10
         answers.append((rtype, rclass, ttl, msg[offset:offset + rdlen]))
@@ -47,27 +48,6 @@ NAMES = {"catalog": "240.240.1.2", "catalog.shop": "240.240.1.2"}
 
 
 # ---- message format ---------------------------------------------------------------------------------
-
-def test_encode_and_read_name_round_trip_lower_cased():
-    raw = encode_name("Catalog.Shop.")
-    assert raw == b"\x07Catalog\x04Shop\x00"
-    assert read_name(raw, 0) == ("catalog.shop", len(raw))
-    assert read_name(b"\x00", 0) == ("", 1)
-    with pytest.raises(ValueError):
-        encode_name("x" * 64)
-
-
-def test_read_name_follows_compression_pointers_and_rejects_loops():
-    msg = b"\x00" * 12 + b"\x04shop\x00" + b"\x07catalog\xc0\x0c"
-    name, end = read_name(msg, 18)
-    assert (name, end) == ("catalog.shop", len(msg))
-    with pytest.raises(DnsFormatError):
-        read_name(b"\x00" * 12 + b"\xc0\x0c", 12)        # points at itself
-    with pytest.raises(DnsFormatError):
-        read_name(b"\x05abc", 0)                          # label past the end
-    with pytest.raises(DnsFormatError):
-        read_name(b"\x40abc", 0)                          # reserved label type
-
 
 def test_parse_query_header_and_question():
     q = parse_query(query("Catalog.shop", TYPE_AAAA, ident=77))

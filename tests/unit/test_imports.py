@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("meshcore", "meshio", "certs", "meshd", "sidecar", "gateway", "meshctl")
+PACKAGES = ("meshcore", "meshproc", "certs", "meshd", "sidecar", "gateway", "meshctl")
 STDLIB = frozenset(sys.stdlib_module_names)
 
 
@@ -18,14 +18,19 @@ def package_files(package: str) -> list[Path]:
     return sorted(p for p in base.rglob("*.py") if "__pycache__" not in p.parts) if base.is_dir() else []
 
 
-def imports_of(path: Path) -> list[tuple[int, str]]:
-    """(line, absolute dotted module) for every import in the file, relative imports resolved."""
+def imports_of(path: Path, module_level: bool = False, submodules: bool = False) -> list[tuple[int, str]]:
+    """(line, absolute dotted module) for every import in the file, relative imports resolved.
+
+    module_level: only the imports that run when the module is imported (not those inside functions,
+    nor under `if TYPE_CHECKING:`). submodules: `from pkg import name` also yields `pkg.name`, which
+    is the module imported when `name` is a submodule.
+    """
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
     pkg_parts = parts[:-1]  # the package the module lives in (also right for __init__.py)
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found = []
-    for node in ast.walk(tree):
+    for node in (_run_at_import(tree.body) if module_level else ast.walk(tree)):
         if isinstance(node, ast.Import):
             found.extend((node.lineno, alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -39,7 +44,38 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
             else:
                 module = node.module or ""
             found.append((node.lineno, module))
+            if submodules:
+                found.extend((node.lineno, f"{module}.{alias.name}") for alias in node.names
+                             if alias.name != "*")
     return found
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return ((isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+            or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _run_at_import(body: list[ast.stmt]):
+    """The import statements executed when a module body runs: function bodies and
+    `if TYPE_CHECKING:` blocks excluded, class bodies and if/try/with/loop blocks included."""
+    for stmt in body:
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            yield stmt
+        elif isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        elif isinstance(stmt, ast.If):
+            if not _is_type_checking(stmt.test):
+                yield from _run_at_import(stmt.body)
+            yield from _run_at_import(stmt.orelse)
+        elif isinstance(stmt, ast.Try):
+            yield from _run_at_import(stmt.body)
+            for handler in stmt.handlers:
+                yield from _run_at_import(handler.body)
+            yield from _run_at_import(stmt.orelse)
+            yield from _run_at_import(stmt.finalbody)
+        elif isinstance(stmt, (ast.ClassDef, ast.With, ast.For, ast.While)):
+            yield from _run_at_import(stmt.body)
+            yield from _run_at_import(getattr(stmt, "orelse", []))
 
 
 def top(module: str) -> str:
@@ -72,8 +108,8 @@ def test_meshcore_imports_only_stdlib_and_itself():
     ("gateway", ("meshd",)),
     ("meshctl", ("meshd", "sidecar", "gateway", "certs")),
     ("certs", ("meshd", "sidecar", "gateway", "meshctl")),
-    ("meshcore", ("meshd", "sidecar", "gateway", "meshctl", "certs", "meshio")),
-    ("meshio", ("meshd", "sidecar", "gateway", "meshctl", "certs")),
+    ("meshcore", ("meshd", "sidecar", "gateway", "meshctl", "certs", "meshproc")),
+    ("meshproc", ("meshd", "sidecar", "gateway", "meshctl", "certs")),
 ])
 def test_forbidden_imports(package, forbidden):
     bad = violations(package, forbidden=forbidden)
@@ -113,3 +149,28 @@ def test_imports_of_resolves(tmp_path, monkeypatch, rel, source, expected):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(source)
     assert [m for _, m in imports_of(path)] == expected
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("import os\ndef f():\n    import sidecar\n", ["os"]),
+    ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import sidecar\nelse:\n    import json\n",
+     ["typing", "json"]),
+    ("import typing\nif typing.TYPE_CHECKING:\n    import sidecar\n", ["typing"]),
+    ("try:\n    import uvloop\nexcept ImportError:\n    import asyncio\n", ["uvloop", "asyncio"]),
+    ("class A:\n    import json\n    def f(self):\n        import os\n", ["json"]),
+])
+def test_imports_of_module_level(tmp_path, monkeypatch, source, expected):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    path = tmp_path / "meshd" / "app.py"
+    path.parent.mkdir(parents=True)
+    path.write_text(source)
+    assert [m for _, m in imports_of(path, module_level=True)] == expected
+
+
+def test_imports_of_submodules(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    path = tmp_path / "meshd" / "app.py"
+    path.parent.mkdir(parents=True)
+    path.write_text("from meshcore import labels, snapshot as snap\n")
+    assert [m for _, m in imports_of(path, submodules=True)] == [
+        "meshcore", "meshcore.labels", "meshcore.snapshot"]

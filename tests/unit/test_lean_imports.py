@@ -42,7 +42,7 @@ def modules_imported_by(path: Path) -> list[str]:
 def test_process_imports_leave_out_heavy_modules(cli):
     package = cli.split("/")[0]
     modules = [f"{package}.cli"] + [m for m in modules_imported_by(ROOT / cli)
-                                    if m.split(".")[0] in ("sidecar", "gateway", "certs", "meshio", "meshcore")]
+                                    if m.split(".")[0] in ("sidecar", "gateway", "certs", "meshproc", "meshcore")]
     code = ("import sys\n" + "".join(f"import {m}\n" for m in modules)
             + f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\n")
     proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
@@ -56,7 +56,7 @@ def test_process_imports_leave_out_heavy_modules(cli):
 def test_sampled_spans_load_no_opentelemetry_sdk():
     """A sampled span is queued and exported by sidecar.otel (the SDK's import and queued spans cost
     ~3.5 MiB per sidecar under load); http.client comes only with a target to post to."""
-    code = ("import sys\nfrom meshcore.tracing import TraceContext\nfrom sidecar.tracing import Tracing\n"
+    code = ("import sys\nfrom meshcore.tracecontext import TraceContext\nfrom sidecar.tracing import Tracing\n"
             "t = Tracing('svc', 'v1')\n"
             "t.finish(TraceContext(1, 2, None, True), direction='outbound', method=b'GET', target=b'/', status=200,"
             " flags='-', ms=1.0, source='a', source_version='v1', destination='b', destination_version='v1',"
@@ -70,8 +70,8 @@ def test_sampled_spans_load_no_opentelemetry_sdk():
 
 
 def test_console_extras_stay_importable_for_others():
-    """meshio.runtime hides rich & co. only while structlog imports: meshctl still gets rich."""
-    code = "import meshio.runtime, sys; assert 'rich' not in sys.modules; import rich.console; print('ok')"
+    """meshproc.runtime hides rich & co. only while structlog imports: meshctl still gets rich."""
+    code = "import meshproc.runtime, sys; assert 'rich' not in sys.modules; import rich.console; print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
@@ -99,7 +99,7 @@ def test_nodes_do_not_load_prometheus_client():
     (["--help"], 0, "{run}"),
 ])
 def test_node_command_line_other_than_run_goes_to_argparse(argv, code, says, capsys):
-    from meshio.runtime import wants_run
+    from meshproc.runtime import wants_run
 
     with pytest.raises(SystemExit) as err:
         wants_run("sidecar", "The mesh sidecar proxy.", "proxy", argv)
@@ -111,7 +111,7 @@ def test_node_command_line_other_than_run_goes_to_argparse(argv, code, says, cap
 def test_node_run_command_loads_no_argparse():
     """`sidecar run` / `gateway run` (every container start) parse without argparse, which would
     bring shutil, bz2 and lzma (~0.6 MiB)."""
-    code = ("import sys\nfrom meshio.runtime import wants_run\nassert wants_run('sidecar', 'd', 'h', ['run'])\n"
+    code = ("import sys\nfrom meshproc.runtime import wants_run\nassert wants_run('sidecar', 'd', 'h', ['run'])\n"
             "print(' '.join(m for m in ('argparse', 'shutil', 'bz2', 'lzma') if m in sys.modules))\n")
     proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60,
                           env=AS_IN_THE_IMAGE)

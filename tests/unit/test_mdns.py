@@ -39,36 +39,6 @@ def parsed(packet: bytes) -> dict[tuple[str, int], list]:
     return out
 
 
-@pytest.mark.parametrize("name", ["local.", "a.b.local.", "abcdef123456._mesh._tcp.local.", "café.local."])
-def test_name_round_trip(name):
-    wire = mdns.encode_name(name)
-    assert mdns.decode_name(wire + b"rest", 0) == (name, len(wire))
-
-
-@pytest.mark.parametrize("name", ["a..local.", "x" * 64 + ".local."])
-def test_bad_names_are_refused_by_label(name):
-    with pytest.raises(ValueError, match="bad DNS label"):
-        mdns.encode_name(name)
-
-
-def test_compression_pointer_followed_and_offset_after_pointer():
-    packet = b"\x00" * 12 + mdns.encode_name("_mesh._tcp.local.") + b"\x01x\xc0\x0c"
-    start = 12 + len(mdns.encode_name("_mesh._tcp.local."))
-    assert mdns.decode_name(packet, start) == ("x._mesh._tcp.local.", len(packet))
-
-
-@pytest.mark.parametrize("packet, why", [
-    (b"\xc0\x00", "too many compression pointers"),      # points at itself
-    (b"\x05abc", "label runs past"),
-    (b"\x03abc", "name runs past"),
-    (b"\x80abc", "unknown label type"),
-    (b"\xc0", "truncated compression pointer"),
-])
-def test_hostile_names_raise(packet, why):
-    with pytest.raises(ValueError, match=why):
-        mdns.decode_name(packet, 0)
-
-
 def test_records_read_back_by_zeroconf():
     got = parsed(mdns.encode_response(RECORDS))
     assert got[(SERVICE_TYPE, const._TYPE_PTR)][0].alias == INSTANCE

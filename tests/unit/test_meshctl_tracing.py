@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 from typer.testing import CliRunner
 
-from meshcore.tracing import KIND_CLIENT, KIND_SERVER, SpanRecord, TelemetrySettings
+from meshcore.spans import KIND_CLIENT, KIND_SERVER, SpanRecord
+from meshcore.telemetry_settings import TelemetrySettings
 from meshctl.cli import app
 from meshd.store import Store
 from meshd.traces import SettingsBook, TraceStore, add_routes

@@ -1,4 +1,6 @@
-"""meshcore.telemetry: exposition parsing, deltas, windows, quantiles, anomalies, the adaptive loop, verdicts."""
+"""meshd's metrics math: exposition parsing and deltas (meshcore.promtext), windows and quantiles
+(meshcore.flowstats), anomalies (meshcore.alarms), the adaptive loop (meshcore.adaptive), verdicts
+(meshcore.canary)."""
 
 from __future__ import annotations
 
@@ -6,12 +8,17 @@ import math
 
 import pytest
 
-from meshcore.telemetry import (
-    Acc, AdaptiveConfig, AdaptiveState, AlarmState, FlowKey, Hist, LatencyConfig, SpikeConfig, Stats,
-    TIGHT_OVERRIDES, Window, by_edge, by_service, by_service_version, compare_versions, decide_adaptive_policy,
-    dedupe_reporters, detect_error_spike, detect_latency_jump, histogram_quantile, merge_policy_overrides,
-    parse_sample_line, parse_scrape, scrape_delta, summarize, wilson_lower_bound,
+from meshcore.adaptive import (
+    AdaptiveConfig, AdaptiveState, TIGHT_OVERRIDES, decide_adaptive_policy, merge_policy_overrides,
+    wilson_lower_bound,
 )
+from meshcore.alarms import AlarmState, LatencyConfig, SpikeConfig, detect_error_spike, detect_latency_jump
+from meshcore.canary import compare_versions
+from meshcore.flowstats import (
+    Acc, Stats, Window, by_edge, by_service, by_service_version, dedupe_reporters, histogram_quantile,
+    summarize,
+)
+from meshcore.promtext import FlowKey, Hist, parse_sample_line, parse_scrape, scrape_delta
 
 EXPOSITION = r'''# HELP istio_requests_total Requests handled by the proxy.
 # TYPE istio_requests_total counter
@@ -313,7 +320,8 @@ def test_compare_versions_verdicts():
 
 
 def test_health_view_takes_the_worse_reporter_per_flow():
-    from meshcore.telemetry import Acc, FlowKey, health_by_service
+    from meshcore.flowstats import Acc, health_by_service
+    from meshcore.promtext import FlowKey
     # orders' outbound sees 100 answers, 2 failed after retries; payments' inbound saw 140 tries, 60 failed
     flows = {
         FlowKey("source", "orders", "payments", "v1", "200"): Acc(requests=98),

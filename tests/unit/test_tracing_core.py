@@ -1,5 +1,6 @@
-"""meshcore.tracing: W3C traceparent and B3 decoding, hop contexts, header encoding, OTLP JSON,
-trace trees, telemetry settings and the access-log decision. Pure functions, table-driven."""
+"""Tracing's pure parts: W3C traceparent and B3 decoding, hop contexts, header encoding
+(meshcore.tracecontext), OTLP JSON (meshcore.otlp), trace trees (meshcore.spans), telemetry settings
+and the access-log decision (meshcore.telemetry_settings). Table-driven."""
 
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ import math
 
 import pytest
 
+from meshcore.otlp import OtlpError, decode_otlp, encode_otlp
 from meshcore.snapshot import MeshConfig, Snapshot, SnapshotError, decode_snapshot, encode_snapshot
-from meshcore.tracing import (
-    continue_traceparent,
-    ACCESS_ERRORS, ACCESS_FULL, ACCESS_OFF, ACCESS_SAMPLED, B3_MULTI_FORM, B3_NONE, B3_SINGLE_FORM, DEFAULT_ACCESS_LOG,
-    DEFAULT_SAMPLING, KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, STATUS_ERROR, OtlpError, Parent,
-    SettingsError, SpanRecord, TelemetrySettings, TraceContext, build_trace_tree, decode_access_log,
-    decode_b3_multi, decode_b3_single, decode_otlp, decode_otlp_endpoint, decode_parent, decode_sampling,
-    decode_settings, decode_traceparent, encode_otlp, encode_settings, encode_trace_headers,
-    should_log_access, start_hop,
+from meshcore.spans import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, STATUS_ERROR, SpanRecord, build_trace_tree
+from meshcore.telemetry_settings import (
+    ACCESS_ERRORS, ACCESS_FULL, ACCESS_OFF, ACCESS_SAMPLED, DEFAULT_ACCESS_LOG, DEFAULT_SAMPLING,
+    SettingsError, TelemetrySettings, decode_access_log, decode_otlp_endpoint, decode_sampling,
+    decode_settings, encode_settings, should_log_access,
+)
+from meshcore.tracecontext import (
+    B3_MULTI_FORM, B3_NONE, B3_SINGLE_FORM, Parent, TraceContext, continue_traceparent, decode_b3_multi,
+    decode_b3_single, decode_parent, decode_traceparent, encode_trace_headers, start_hop,
 )
 
 TID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -3,9 +3,10 @@
 Every SCRAPE_INTERVAL_S (2 s) meshd (host network namespace) GETs `/metrics` from each connected
 sidecar at `<app container IP on a mesh network>:15020` and from the gateway at 127.0.0.1:15021,
 at most CONCURRENCY at a time, each within SCRAPE_TIMEOUT_S, at most MAX_TARGETS targets and
-MAX_BODY bytes each. The math is meshcore.telemetry's (pure); this module is the I/O around it.
+MAX_BODY bytes each. The math is meshcore's (pure: promtext, flowstats, alarms, adaptive, canary);
+this module is the I/O around it.
 
-The adaptive policy (meshcore.telemetry.decide_adaptive_policy) acts through meshd's normal path:
+The adaptive policy (meshcore.adaptive.decide_adaptive_policy) acts through meshd's normal path:
 `on_adaptive_policy(service, overrides)` keeps `policy_overrides[service]`, persists it, and asks
 meshd to republish; meshd's `_publish_config` lays the overrides over the service's policy labels
 with `apply_overrides(config)` (never loosening them), so the change reaches every sidecar as a
@@ -31,14 +32,16 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from meshcore.policy import parse_duration
-from meshcore.snapshot import MeshConfig, build_workloads
-from meshcore.telemetry import (
-    AdaptiveConfig, AdaptiveState, AlarmState, LatencyConfig, Scrape, SpikeConfig, Stats, Window,
-    by_edge, by_service, by_service_version, compare_versions, decide_adaptive_policy, detect_error_spike,
-    detect_latency_jump, health_by_service, health_by_service_version, merge_policy_overrides, parse_scrape,
-    scrape_delta, summarize,
+from meshcore.adaptive import AdaptiveConfig, AdaptiveState, decide_adaptive_policy, merge_policy_overrides
+from meshcore.alarms import AlarmState, LatencyConfig, SpikeConfig, detect_error_spike, detect_latency_jump
+from meshcore.canary import compare_versions
+from meshcore.durations import parse_duration
+from meshcore.flowstats import (
+    Stats, Window, by_edge, by_service, by_service_version, health_by_service, health_by_service_version,
+    summarize,
 )
+from meshcore.promtext import Scrape, parse_scrape, scrape_delta
+from meshcore.snapshot import MeshConfig, build_workloads
 
 from .events import EventLog
 from .store import Store

@@ -1,0 +1,153 @@
+"""Spans as OTLP/HTTP JSON and back: opentelemetry-proto's JSON mapping, OTLP 1.0 "JSON Protobuf
+Encoding" (ids as lowercase hex, 64-bit integers as decimal strings, enums as integers).
+
+Pure, standard library only; decoding checks every field it reads and names the bad one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from .spans import KIND_NAMES, STATUS_ERROR, SpanRecord
+
+_HEX = frozenset(b"0123456789abcdef")
+
+
+class OtlpError(ValueError):
+    """An OTLP/HTTP JSON body that does not decode; the message names the field."""
+
+
+def _any_value(value: Any) -> dict:
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}  # int64 as a decimal string (proto3 JSON mapping)
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    return {"stringValue": str(value)}
+
+
+def _attributes(pairs: Iterable[tuple[str, Any]]) -> list[dict]:
+    return [{"key": k, "value": _any_value(v)} for k, v in pairs]
+
+
+def encode_otlp(spans: Iterable[SpanRecord], scope: str = "meshd") -> dict:
+    """An OTLP ExportTraceServiceRequest in JSON form, one ResourceSpans per (service, resource)."""
+    groups: dict[tuple, list[SpanRecord]] = {}
+    for span in spans:
+        groups.setdefault((span.service, span.resource), []).append(span)
+    out = []
+    for (service, resource), members in groups.items():
+        res = dict(resource)
+        res.setdefault("service.name", service)
+        out.append({
+            "resource": {"attributes": _attributes(res.items())},
+            "scopeSpans": [{"scope": {"name": scope}, "spans": [{
+                "traceId": s.trace_id, "spanId": s.span_id, "parentSpanId": s.parent_id or "",
+                "name": s.name, "kind": s.kind,
+                "startTimeUnixNano": str(s.start_ns), "endTimeUnixNano": str(s.end_ns),
+                "attributes": _attributes(s.attributes),
+                "status": {"code": STATUS_ERROR} if s.error else {},
+            } for s in members]}],
+        })
+    return {"resourceSpans": out}
+
+
+def _decode_value(raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict) or len(raw) != 1:
+        raise OtlpError(f"{where}: expected an AnyValue object")
+    (kind, value), = raw.items()
+    if kind == "stringValue" and isinstance(value, str):
+        return value
+    if kind == "boolValue" and isinstance(value, bool):
+        return value
+    if kind == "intValue" and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return int(value)
+        except ValueError:
+            raise OtlpError(f"{where}.intValue: {value!r} is not an integer") from None
+    if kind == "doubleValue" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind in ("arrayValue", "kvlistValue", "bytesValue"):
+        return str(value)  # kept as text: meshd only displays them
+    raise OtlpError(f"{where}: unsupported AnyValue {kind!r}")
+
+
+def _decode_attributes(raw: Any, where: str) -> tuple[tuple[str, Any], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise OtlpError(f"{where}: expected a list")
+    out = []
+    for i, kv in enumerate(raw):
+        if not isinstance(kv, dict) or not isinstance(kv.get("key"), str):
+            raise OtlpError(f"{where}[{i}].key: missing")
+        out.append((kv["key"], _decode_value(kv.get("value"), f"{where}[{i}].value")))
+    return tuple(out)
+
+
+def _hex_id(raw: Any, width: int, where: str, optional: bool = False) -> str | None:
+    if optional and raw in (None, ""):
+        return None
+    if not isinstance(raw, str) or len(raw) != width or not _HEX.issuperset(raw.lower().encode()) \
+            or int(raw, 16) == 0:
+        raise OtlpError(f"{where}: expected {width} hex digits, not all zero")
+    return raw.lower()
+
+
+def _nanos(raw: Any, where: str) -> int:
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise OtlpError(f"{where}: expected nanoseconds since the epoch") from None
+    if value < 0 or isinstance(raw, bool):
+        raise OtlpError(f"{where}: expected nanoseconds since the epoch")
+    return value
+
+
+def decode_otlp(body: Any) -> list[SpanRecord]:
+    """The spans of an OTLP ExportTraceServiceRequest in JSON form; raises OtlpError naming the field."""
+    if not isinstance(body, dict):
+        raise OtlpError("body: expected an object")
+    rs_list = body.get("resourceSpans", [])
+    if not isinstance(rs_list, list):
+        raise OtlpError("resourceSpans: expected a list")
+    out: list[SpanRecord] = []
+    for i, rs in enumerate(rs_list):
+        where = f"resourceSpans[{i}]"
+        if not isinstance(rs, dict):
+            raise OtlpError(f"{where}: expected an object")
+        res = rs.get("resource") or {}
+        if not isinstance(res, dict):
+            raise OtlpError(f"{where}.resource: expected an object")
+        resource = _decode_attributes(res.get("attributes"), f"{where}.resource.attributes")
+        service = str(dict(resource).get("service.name", "unknown"))
+        scopes = rs.get("scopeSpans", rs.get("instrumentationLibrarySpans", []))
+        if not isinstance(scopes, list):
+            raise OtlpError(f"{where}.scopeSpans: expected a list")
+        for j, ss in enumerate(scopes):
+            spans = ss.get("spans", []) if isinstance(ss, dict) else None
+            if not isinstance(spans, list):
+                raise OtlpError(f"{where}.scopeSpans[{j}].spans: expected a list")
+            for k, s in enumerate(spans):
+                w = f"{where}.scopeSpans[{j}].spans[{k}]"
+                if not isinstance(s, dict):
+                    raise OtlpError(f"{w}: expected an object")
+                name = s.get("name")
+                if not isinstance(name, str):
+                    raise OtlpError(f"{w}.name: expected a string")
+                kind = s.get("kind", 0)
+                if not isinstance(kind, int) or isinstance(kind, bool) or kind not in KIND_NAMES:
+                    raise OtlpError(f"{w}.kind: {kind!r} is not a SpanKind")
+                start = _nanos(s.get("startTimeUnixNano"), f"{w}.startTimeUnixNano")
+                end = _nanos(s.get("endTimeUnixNano"), f"{w}.endTimeUnixNano")
+                status = s.get("status") or {}
+                out.append(SpanRecord(
+                    trace_id=_hex_id(s.get("traceId"), 32, f"{w}.traceId"),
+                    span_id=_hex_id(s.get("spanId"), 16, f"{w}.spanId"),
+                    parent_id=_hex_id(s.get("parentSpanId"), 16, f"{w}.parentSpanId", optional=True),
+                    name=name, kind=kind, start_ns=start, end_ns=max(start, end), service=service,
+                    attributes=_decode_attributes(s.get("attributes"), f"{w}.attributes"),
+                    error=isinstance(status, dict) and status.get("code") == STATUS_ERROR,
+                    resource=resource))
+    return out
