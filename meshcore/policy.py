@@ -10,10 +10,11 @@ whose fields the data path reads as plain attributes.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
-from .labels import LabelDecodeError, decode_bool
+from .labels import LabelDecodeError, decode_bool, decode_decimal
 
 LB_POLICIES = ("least-request", "round-robin", "random", "ring-hash")
 RETRY_ON = ("connect-failure", "reset", "5xx", "gateway-error", "retriable-status-codes")
@@ -134,7 +135,10 @@ def parse_duration(raw: str) -> float:
         if re.fullmatch(r"[0-9.]+", text):
             raise ValueError(f"{raw!r} needs a unit (ms, s, m or h)")
         raise ValueError(f"{raw!r} is not a duration (like 250ms, 2s, 1m, 1h)")
-    return float(m.group(1)) * _UNIT_S[m.group(2)]
+    seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+    if not math.isfinite(seconds):   # float() makes hundreds of digits infinite
+        raise ValueError(f"{raw[:20]!r}... is too long")
+    return seconds
 
 
 def decode_duration(label: str, raw: str) -> float:
@@ -171,10 +175,7 @@ def decode_int(label: str, raw: str, low: int, high: int) -> int:
     text = raw.strip()
     if not _INT_RE.match(text):
         raise LabelDecodeError(label, f"{raw!r} is not a whole number")
-    value = int(text)
-    if not low <= value <= high:
-        raise LabelDecodeError(label, f"{value} is outside {low}..{high}")
-    return value
+    return decode_decimal(label, text, low, high)
 
 
 def _count_or_off(label: str, raw: str) -> int | None:
@@ -296,6 +297,8 @@ def _decode_ratelimit(labels: dict[str, str]) -> RateLimitPolicy | None:
     if not m:
         raise LabelDecodeError("mesh.ratelimit", f"{raw!r} is not a rate (like 100/s, 600/m, 1000/h)")
     count = float(m.group(1))
+    if not math.isfinite(count):
+        raise LabelDecodeError("mesh.ratelimit", f"{raw[:20]!r}... is too large")
     if count <= 0:
         raise LabelDecodeError("mesh.ratelimit", f"{raw!r} must allow more than zero requests")
     rate = count / _UNIT_S[m.group(2)]

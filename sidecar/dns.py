@@ -95,7 +95,9 @@ def read_name(msg: bytes, offset: int) -> tuple[str, int]:
             break
         if offset + length > len(msg):
             raise DnsFormatError("label runs past the message")
-        labels.append(msg[offset:offset + length].decode("ascii", "replace").lower())
+        # A dot inside a label stays escaped (RFC 4343 2.1): the one label `catalog\.shop` is not
+        # the name catalog.shop, and must not get its answer.
+        labels.append(msg[offset:offset + length].decode("ascii", "replace").lower().replace(".", "\\."))
         offset += length
     name = ".".join(labels)
     if len(name) > 253:
