@@ -10,5 +10,5 @@ from tests.fuzz import http1
 from tests.fuzz.engine import Target, corpus_test, fuzz_test
 
 TARGET = Target("http_request", http1.differential(response=False), http1.requests, http1.DICTIONARY)
-test_fuzz_http_request = fuzz_test(TARGET, examples=800)
+test_fuzz_http_request = fuzz_test(TARGET, examples=600)
 test_corpus_http_request = corpus_test(TARGET)

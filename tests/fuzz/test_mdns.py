@@ -57,5 +57,5 @@ packet = st.builds(
 
 TARGET = Target("mdns", check, st.one_of(packet, st.binary(max_size=40)),
                 (b"\xc0\x0c", b"\x05local\x00", b"\x00\x0c\x00\x01"))
-test_fuzz_mdns = fuzz_test(TARGET, examples=1200)
+test_fuzz_mdns = fuzz_test(TARGET, examples=900)
 test_corpus_mdns = corpus_test(TARGET)
