@@ -23,7 +23,7 @@ export PIP_ROOT_USER_ACTION := ignore
 # Same wheel bytes for the same sources, so Docker's layer cache holds when nothing changed.
 export SOURCE_DATE_EPOCH := 315532800
 
-.PHONY: install ext wheels base-image image demo-image images test-images docker test-tools demo demo-down test unit e2e bench
+.PHONY: install ext wheels base-image image demo-image images test-images docker test-tools demo demo-down test unit e2e fuzz bench
 
 install:
 	$(PIP) install -q -e '.[test]'
@@ -96,6 +96,14 @@ unit:
 # Uses the images as they are: `make images` first after changing the code.
 e2e:
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests/e2e
+
+# The fuzz targets of tests/fuzz (every parser of untrusted bytes the mesh owns), FUZZ_SECONDS each:
+# hypothesis, then atheris when installed. `make test` runs each for a few seconds, derandomized.
+# Prints executions, corpus inputs and findings per target; findings go to build/fuzz/ (exit 1).
+FUZZ_SECONDS ?= 60
+FUZZ_ARGS ?=
+fuzz:
+	$(PYTHON) -m tests.fuzz --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
 # Benchmarks -> bench/RESULTS.md, bench/results.png, bench/raw/: the data path against HAProxy and no
 # proxy (loopback only), the control plane, the demo's start-up (needs Docker, skipped when another

@@ -153,7 +153,9 @@ def claim_headers(claims: dict) -> bytes:
             text = ",".join(value)
         else:
             continue
-        if any(c in text for c in "\r\n\0") or len(text) > 1024:
+        # RFC 9110 5.5: no control character but HTAB in a field value (a CR or LF would inject a
+        # header; the others make the upstream's parser refuse the request).
+        if len(text) > 1024 or any(c < " " and c != "\t" or c == "\x7f" for c in text):
             continue
         out.append(b"x-jwt-claim-%b: %b\r\n" % (name.lower().encode("ascii"), text.encode("utf-8")))
     return b"".join(out)

@@ -70,5 +70,8 @@ def decode_name(msg: bytes, offset: int) -> tuple[str, int]:
         size += 1 + length
         if size > MAX_NAME:
             raise DnsFormatError(f"name longer than {MAX_NAME} octets")
-        labels.append(msg[offset + 1:offset + 1 + length].decode("utf-8", "replace"))
+        # A dot inside a label stays escaped (RFC 4343 section 2.1): the one label `catalog\.shop` is
+        # not the name catalog.shop, and must not get its answer.
+        labels.append(msg[offset + 1:offset + 1 + length].decode("utf-8", "replace")
+                      .replace("\\", "\\\\").replace(".", "\\."))
         offset += 1 + length

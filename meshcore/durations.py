@@ -9,6 +9,7 @@ seconds before units existed); a label needs its unit. Pure, standard library on
 
 from __future__ import annotations
 
+import math
 import re
 
 UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -30,4 +31,7 @@ def parse_duration(raw: str, *, bare_seconds: bool = False) -> float:
         if not bare_seconds:
             raise ValueError(f"{raw!r} needs a unit (ms, s, m, h or d)")
         unit = "s"
-    return float(number) * UNIT_SECONDS[unit]
+    seconds = float(number) * UNIT_SECONDS[unit]
+    if not math.isfinite(seconds):   # float() makes hundreds of digits infinite
+        raise ValueError(f"{raw[:20]!r}... is too long to be a duration")
+    return seconds

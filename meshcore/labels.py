@@ -138,12 +138,22 @@ def decode_port(label: str, raw: str) -> int:
     # Plain ASCII digits only: int() would also take "8_080", "+80" or non-ASCII digits.
     if not re.fullmatch(r"-?[0-9]+", text):
         raise LabelDecodeError(label, f"{raw!r} is not a port number")
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise LabelDecodeError(label, f"{port} is outside 1..65535")
+    port = decode_decimal(label, text, 1, 65535)
     if port in RESERVED_PORTS:
         raise LabelDecodeError(label, f"{port} is reserved for the sidecar ({sorted(RESERVED_PORTS)})")
     return port
+
+
+def decode_decimal(label: str, text: str, low: int, high: int) -> int:
+    """The integer of `-?[0-9]+` text in low..high, or LabelDecodeError naming the label."""
+    # int() alone refuses more than 4300 digits (leading zeros too) with a ValueError of its own.
+    digits = text.lstrip("-").lstrip("0") or "0"
+    if len(digits) > len(str(max(-low, high))):
+        raise LabelDecodeError(label, f"{text[:12]}... is outside {low}..{high}")
+    value = -int(digits) if text.startswith("-") else int(digits)
+    if not low <= value <= high:
+        raise LabelDecodeError(label, f"{value} is outside {low}..{high}")
+    return value
 
 
 def decode_choice(label: str, raw: str, choices: tuple[str, ...]) -> str:

@@ -10,11 +10,12 @@ whose fields the data path reads as plain attributes.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
 from .durations import UNIT_SECONDS, parse_duration
-from .labels import LabelDecodeError, decode_bool
+from .labels import LabelDecodeError, decode_bool, decode_decimal
 
 LB_POLICIES = ("least-request", "round-robin", "random", "ring-hash")
 RETRY_ON = ("connect-failure", "reset", "5xx", "gateway-error", "retriable-status-codes")
@@ -158,10 +159,7 @@ def decode_int(label: str, raw: str, low: int, high: int) -> int:
     text = raw.strip()
     if not _INT_RE.match(text):
         raise LabelDecodeError(label, f"{raw!r} is not a whole number")
-    value = int(text)
-    if not low <= value <= high:
-        raise LabelDecodeError(label, f"{value} is outside {low}..{high}")
-    return value
+    return decode_decimal(label, text, low, high)
 
 
 def _count_or_off(label: str, raw: str) -> int | None:
@@ -283,6 +281,8 @@ def _decode_ratelimit(labels: dict[str, str]) -> RateLimitPolicy | None:
     if not m:
         raise LabelDecodeError("mesh.ratelimit", f"{raw!r} is not a rate (like 100/s, 600/m, 1000/h)")
     count = float(m.group(1))
+    if not math.isfinite(count):
+        raise LabelDecodeError("mesh.ratelimit", f"{raw[:20]!r}... is too large")
     if count <= 0:
         raise LabelDecodeError("mesh.ratelimit", f"{raw!r} must allow more than zero requests")
     rate = count / UNIT_SECONDS[m.group(2)]

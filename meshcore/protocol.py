@@ -198,6 +198,8 @@ def decode_message(text: str | bytes) -> Message:
         body = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"not JSON: {exc}") from None
+    except RecursionError:   # json nests by recursion: a peer's "[[[[..." must not pass as another error
+        raise ProtocolError("not JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ProtocolError("message: expected a JSON object")
     kind = body.get("type")
