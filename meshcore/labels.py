@@ -56,6 +56,7 @@ class ContainerInfo:
     image: str = ""  # image id
     health: str = ""  # Docker HEALTHCHECK status: "" (none), "starting", "healthy" or "unhealthy"
     paused: bool = False  # frozen (`docker pause`, or meshd holding it until its sidecar is ready)
+    created: str = ""     # Docker's creation time (RFC 3339, UTC): which of two claims came first
 
     @property
     def serving(self) -> bool:

@@ -163,7 +163,9 @@ def build_config(workloads: Iterable[Workload], announcements: Iterable[Announce
     aliases: dict[str, set[str]] = {}
     accepted: dict[str, Workload] = {}
     routes: dict[tuple, GatewayRoute] = {}
-    for wl in workloads:
+    # The oldest container first: of two claims (a service name in two projects, one gateway route),
+    # the one that was there first keeps it, whatever the names of later ones.
+    for wl in sorted(workloads, key=lambda wl: wl.container.created):
         if wl.error is not None:
             errors.append(wl.error)
             continue

@@ -42,6 +42,7 @@ def decode_container_attrs(attrs: dict[str, Any]) -> ContainerInfo:
         image=attrs.get("Image", ""),
         health=str((state.get("Health") or {}).get("Status") or ""),
         paused=bool(state.get("Paused")),
+        created=str(attrs.get("Created") or ""),
     )
 
 

@@ -63,7 +63,7 @@ def test_running_app_container():
         exposed_ports=(8080, 9090),   # 53/udp is not a TCP port the mesh can carry
         networks={"shop_default": "172.20.0.5", "shop_backend": "172.21.0.9"},
         running=True, started_at="2024-05-01T10:00:00.123456789Z",
-        network_mode="shop_default", image=IMAGE_ID)
+        network_mode="shop_default", image=IMAGE_ID, created="2024-05-01T09:59:58.123456789Z")
     assert sidecar_name(info) == "shop-orders-1-mesh"
 
 

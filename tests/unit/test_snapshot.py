@@ -137,12 +137,15 @@ def test_conflicts_within_a_service(second_labels, second_ports, label, fragment
 def test_same_service_name_in_another_project_is_named():
     """Two compose projects with a service `web`: the later one is a label error naming the first
     project, and only the first project's instances are endpoints (one identity per service)."""
-    cs = [ctr("web", ip="10.0.0.2", project="alpha"), ctr("web-b", {"mesh.service": "web"}, ip="10.0.1.2",
-                                                           project="beta")]
-    config, errors = build(cs, [ann("web", "web", "10.0.0.2"), ann("web-b", "web", "10.0.1.2")])
-    assert [(e.container, e.label) for e in errors] == [("web-b", "mesh.service")]
-    assert "already a service of project 'alpha'" in errors[0].message
-    assert config.services["web"].identity == f"spiffe://{TD}/ns/alpha/sa/web"
+    import dataclasses
+
+    first = dataclasses.replace(ctr("web", ip="10.0.0.2", project="zulu"), created="2026-12-05T09:00:00.1Z")
+    later = dataclasses.replace(ctr("a-web", {"mesh.service": "web"}, ip="10.0.1.2", project="alpha"),
+                                created="2026-12-05T10:00:00.2Z")   # sorts first by name, came later
+    config, errors = build([first, later], [ann("web", "web", "10.0.0.2"), ann("a-web", "web", "10.0.1.2")])
+    assert [(e.container, e.label) for e in errors] == [("a-web", "mesh.service")]
+    assert "already a service of project 'zulu'" in errors[0].message
+    assert config.services["web"].identity == f"spiffe://{TD}/ns/zulu/sa/web"
     assert [e.instance for e in config.endpoints["web"]] == ["id-web"]
 
 
