@@ -57,6 +57,9 @@ from .routing import (
     EMPTY_TABLE, PASSTHROUGH, UNKNOWN, Cluster, RouteTable, build_route_table, find_by_address,
     local_cluster, passthrough_cluster, route_outbound, split_host,
 )
+from .datapath.speedups import (
+    VCHAR, bucket_of, cut, decimal_value, head_end, join, name_table, scan_fields,
+)
 from .dns import VipAllocator
 from .mirror import MirrorSender, shadow_host
 from .telemetry import DURATION_BOUNDS, NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
@@ -188,111 +191,9 @@ except ImportError:  # Cython absent: this is the Python source
     COMPILED = False
 WHOLE_HEADS = COMPILED
 
-# RFC 9110 5.6.2 tchar (a field name); RFC 9110 5.5 field-vchar, obs-text, SP and HTAB (a value).
-_TCHAR = bytes(1 if (c < 128 and chr(c).isalnum()) or chr(c) in "!#$%&'*+-.^_`|~" else 0 for c in range(256))
-_VCHAR = bytes(1 if c == 9 or 32 <= c <= 126 or c >= 128 else 0 for c in range(256))
 # The methods taken whole: CONNECT (a tunnel) and extension methods go to httptools.
 _WHOLE_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE"))
 _CR, _LF, _SP, _HTAB, _COLON, _SLASH = 13, 10, 32, 9, 58, 47
-
-
-def name_table(names: dict) -> tuple:
-    """`names` (lowercase field names -> actions) by (length, first letter) slot: for each of the 2048
-    slots, the (name, action, ...) pairs of the names in it, or None. scan_fields compares a field
-    name only with the names of its slot."""
-    slots: list = [None] * 2048
-    for name, act in names.items():
-        if name != name.lower() or not name:
-            raise ValueError(f"name_table: {name!r} is not a lowercase field name")
-        if len(name) < 64:
-            k = (len(name) << 5) | ((name[0] | 0x20) & 31)
-            slots[k] = (slots[k] or ()) + (name, act)
-    return tuple(slots)
-
-
-def scan_fields(data: bytes, i: int, end: int, names: dict, table: tuple, runs: bool) -> list | None:
-    """The header fields of data[i:end] (CRLF-ended lines, data[end:end + 2] the blank line's CRLF)
-    as [name, value, action, ...] (values without OWS; action: names' value for the lowercase name,
-    else None; `table` is name_table(names)). With `runs`,
-    consecutive fields without an action come as one [lines, None, None] of their raw bytes. None
-    unless every line is `token ":" OWS value OWS` (obs-fold, space before the colon, a control
-    character, a bare CR or LF: httptools decides those)."""
-    if i < 0 or end + 2 > len(data) or data[end] != _CR or data[end + 1] != _LF or len(table) != 2048:
-        raise ValueError("scan_fields: data[end:end + 2] is not the head's final CRLF")
-    # Compiled, p, tchar, vchar and t are C pointers: each scan below stops at the CR that ends its
-    # line, and data[end] is a CR, so no read goes past the head.
-    tables = _TCHAR
-    tchar = tables
-    tables2 = _VCHAR
-    vchar = tables2
-    p = data
-    out: list = []
-    run = -1   # start of the current run of raw lines
-    while i < end:
-        s = i
-        while tchar[p[i]]:
-            i += 1
-        n = i - s
-        if n == 0 or p[i] != _COLON:
-            return None
-        act = None
-        if n < 64:
-            slot = table[(n << 5) | ((p[s] | 0x20) & 31)]
-            if slot is not None:
-                if COMPILED:
-                    # The slot's names have this length: compared here, ASCII case folded as by
-                    # bytes.lower(), with no bytes made, lowered and hashed for a dict lookup.
-                    k = 0
-                    while k < len(slot):
-                        q = slot[k]
-                        j = 0
-                        while j < n:
-                            c = p[s + j]
-                            if 65 <= c <= 90:
-                                c += 32
-                            if c != q[j]:
-                                break
-                            j += 1
-                        if j == n:
-                            act = slot[k + 1]
-                            break
-                        k += 2
-                else:
-                    act = names.get(p[s:i].lower())
-        ns = s
-        i += 1
-        c = p[i]
-        while c == _SP or c == _HTAB:
-            i += 1
-            c = p[i]
-        s = i
-        while vchar[p[i]]:
-            i += 1
-        if p[i] != _CR or p[i + 1] != _LF:
-            return None
-        if act is None and runs:
-            if run < 0:
-                run = ns
-        else:
-            if run >= 0:
-                out.append(p[run:ns])
-                out.append(None)
-                out.append(None)
-                run = -1
-            e = i
-            c = p[e - 1]
-            while e > s and (c == _SP or c == _HTAB):
-                e -= 1
-                c = p[e - 1]
-            out.append(p[ns:ns + n])
-            out.append(p[s:e])
-            out.append(act)
-        i += 2
-    if run >= 0:
-        out.append(p[run:end])
-        out.append(None)
-        out.append(None)
-    return out
 
 
 _RESPONSE_TABLE = name_table(RESPONSE_HEADERS)
@@ -341,38 +242,6 @@ def line_end(data: bytes, pos: int, end: int) -> int:
     return pos
 
 
-def head_end(data: bytes, start: int, stop: int) -> int:
-    """data.find(b"\r\n\r\n", start, stop) for 0 <= start: where the blank line that ends a head
-    starts, or -1. Compiled, libc's memchr from CR to CR (one per header line): no method lookup and
-    no boxed bounds per call."""
-    if start < 0:
-        raise ValueError("head_end: start < 0")
-    if not COMPILED:
-        return data.find(b"\r\n\r\n", start, stop)
-    n = len(data)
-    if stop > n:
-        stop = n
-    p = data
-    i = start
-    last = stop - 4   # the last index where the four bytes fit
-    while i <= last:
-        hit = cython.cast("const char *", memchr(p + i, 13, last + 1 - i))  # noqa: F821 - a CR
-        if hit == cython.NULL:
-            return -1
-        i = hit - p
-        if p[i + 1] == 10 and p[i + 2] == 13 and p[i + 3] == 10:
-            return i
-        i += 1
-    return -1
-
-
-def _cut(data: bytes, start: int, stop: int) -> bytes:
-    """data[start:stop], for 0 <= start <= stop <= len(data): compiled, copied from a C pointer
-    (PyBytes_FromStringAndSize) instead of through a slice object (PySequence_GetSlice)."""
-    p = data
-    return p[start:stop]
-
-
 def split_status_line(data: bytes, pos: int, eol: int) -> tuple | None:
     """(status, HTTP/1.0?) of the status line data[pos:eol], or None when it is not
     `HTTP/1.x SP 3DIGIT SP reason` with a final (>= 200) status."""
@@ -396,7 +265,7 @@ def split_status_line(data: bytes, pos: int, eol: int) -> tuple | None:
         status = status * 10 + (c - 48)
     if status < 200:
         return None   # interim answers (and 101) are httptools'
-    tables = _VCHAR
+    tables = VCHAR
     vchar = tables
     for i in range(pos + 13, eol):
         if not vchar[p[i]]:
@@ -426,7 +295,7 @@ def split_head_fields(data: bytes, eol: int, end: int, names: dict, table: tuple
         if a == H_CL:
             if size >= 0:
                 return None
-            size = _decimal(fields[k + 1])
+            size = decimal_value(fields[k + 1])
             if size < 0:
                 return None
         elif a == H_CONNECTION:
@@ -437,21 +306,6 @@ def split_head_fields(data: bytes, eol: int, end: int, names: dict, table: tuple
         elif a == H_UPGRADE and not response:
             return None
     return fields, size, connection
-
-
-def _decimal(value: bytes) -> int:
-    """A Content-Length value (RFC 9110 8.6: 1*DIGIT), or -1."""
-    n = len(value)
-    if n == 0 or n > 18:   # 18 digits fit a C long long
-        return -1
-    p = value
-    size = 0
-    for i in range(n):
-        c = p[i]
-        if c < 48 or c > 57:
-            return -1
-        size = size * 10 + (c - 48)
-    return size
 
 
 def _keep_alive(http10: bool, connection: bytes | None) -> bool:
@@ -515,37 +369,9 @@ def _send(transport: asyncio.Transport, parts: list | tuple) -> None:
     for part in parts:  # not sum(map(len, parts)): a loop of C additions once compiled
         size += len(part)
     if size <= JOIN_MAX:
-        transport.write(_join(parts, size))
+        transport.write(join(parts, size))
     else:
         transport.writelines(parts)
-
-
-def _join(parts: list | tuple, size: int = -1) -> bytes:
-    """b"".join(parts) of a list or tuple of bytes (`size`: their total length, when the caller
-    has it). Compiled, the lengths are summed and the parts copied in C: bytes.join takes a buffer of
-    each part first, which is most of its cost for the many short parts of a head."""
-    if not COMPILED:
-        out = b"".join(parts)
-        if size >= 0 and len(out) != size:
-            raise ValueError("_join: the parts are not size bytes long")
-        return out
-    if size < 0:
-        size = 0
-        for part in parts:   # compiled: a bytes type check (TypeError, as b"".join raises)
-            size += len(part)
-    out = PyBytes_FromStringAndSize(cython.NULL, size)  # noqa: F821 - C API, compiled only
-    w = PyBytes_AS_STRING(out)  # noqa: F821
-    at = 0
-    for part in parts:
-        m = len(part)
-        if at + m > size:
-            raise ValueError("_join: the parts are not size bytes long")
-        src = part
-        memcpy(w + at, src, m)  # noqa: F821
-        at += m
-    if at != size:
-        raise ValueError("_join: the parts are not size bytes long")
-    return out
 
 
 # ---- trace context ------------------------------------------------------------------------------
@@ -610,9 +436,9 @@ def begin_trace(tracing: Tracing, tp: bytes | None, b3: dict | None) -> tuple:
         # Compiled: the ids written as hex into a copy of the line's template (no bytes per id).
         line = _traceparent_template()
         w = PyBytes_AS_STRING(line)  # noqa: F821 - C API, compiled only
-        _put_hex64(w + _TRACE_ID_AT, trace_id >> 64)
-        _put_hex64(w + _TRACE_ID_AT + 16, trace_id & _MASK64)
-        _put_hex64(w + _SPAN_ID_AT, span_id)
+        put_hex64(w + _TRACE_ID_AT, trace_id >> 64)
+        put_hex64(w + _TRACE_ID_AT + 16, trace_id & _MASK64)
+        put_hex64(w + _SPAN_ID_AT, span_id)
         if sampled:
             w[_SAMPLED_AT] = 0x31
         return None, line
@@ -627,7 +453,7 @@ def begin_trace(tracing: Tracing, tp: bytes | None, b3: dict | None) -> tuple:
     line = _traceparent_template()
     w = PyBytes_AS_STRING(line)  # noqa: F821
     memcpy(w + _TRACE_ID_AT - 3, t, 36)  # noqa: F821 - the caller's `00-` trace-id `-`
-    _put_hex64(w + _SPAN_ID_AT, span_id)
+    put_hex64(w + _SPAN_ID_AT, span_id)
     if odd[t[54]]:
         w[_SAMPLED_AT] = 0x31
     return None, line
@@ -636,7 +462,6 @@ def begin_trace(tracing: Tracing, tp: bytes | None, b3: dict | None) -> tuple:
 # The traceparent line begin_trace writes (`traceparent: 00-` trace-id `-` span-id `-0` flag CRLF),
 # the offsets of its parts, and the lowercase hex digits it writes them with (W3C Trace Context 3.2.2).
 _TRACEPARENT_LINE = b"traceparent: 00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-00\r\n"
-_HEX_DIGITS = b"0123456789abcdef"
 
 
 def _traceparent_template() -> bytes:
@@ -644,15 +469,6 @@ def _traceparent_template() -> bytes:
     template = _TRACEPARENT_LINE
     src = template
     return PyBytes_FromStringAndSize(src, len(template))  # noqa: F821
-
-
-def _put_hex64(w: Any, v: int) -> None:
-    """Compiled only: the 16 lowercase hex digits of the 64-bit `v` at w[0:16] (w a char pointer)."""
-    digits = _HEX_DIGITS
-    d = digits
-    for k in range(15, -1, -1):
-        w[k] = d[v & 15]
-        v >>= 4
 
 
 # Offsets in the traceparent line begin_trace writes: `traceparent: 00-` trace-id `-` span-id `-0` flag.
@@ -684,18 +500,6 @@ def count_request(telemetry: Telemetry, reporter: str, source: str, source_versi
     s.count += 1
     s.sum += ms
     s.buckets[bucket_of(ms)] += 1
-
-
-def bucket_of(ms: float) -> int:
-    """bisect_left(DURATION_BOUNDS, ms): the duration bucket of `ms`, by a loop over the bounds (most
-    requests stop at the first few; compiled, a C loop with no call)."""
-    bounds = DURATION_BOUNDS
-    n = len(bounds)
-    for i in range(n):
-        bound = bounds[i]
-        if not bound < ms:   # as bisect_left compares (a NaN falls in the first bucket there too)
-            return i
-    return n
 
 
 def _dec(counts: dict, key: Any) -> None:
@@ -1636,7 +1440,7 @@ class _Downstream:
             if left:
                 take = n - pos if n - pos < left else left
                 self.body_left = left - take
-                self.on_body(data if take == n else _cut(data, pos, pos + take))
+                self.on_body(data if take == n else cut(data, pos, pos + take))
                 pos += take
                 if not self.body_left:
                     self.on_message_complete()
@@ -1654,7 +1458,7 @@ class _Downstream:
             if taken < 0:
                 break
             pos = taken
-        return _cut(data, pos, len(data)) if pos else data
+        return cut(data, pos, len(data)) if pos else data
 
     def _whole_head(self, data: bytes, pos: int, end: int) -> int:
         """The request whose head is data[pos:end + 4], taken whole: where its body starts, or -1
@@ -2321,7 +2125,7 @@ class _Downstream:
             parts.append(ex.extra)
         parts.append(ex.trace_headers)
         parts.append(b"\r\n")
-        return _join(parts)
+        return join(parts)
 
     def _attach(self, ex: Exchange, up: _Upstream) -> None:
         up.attach(ex)
@@ -2779,15 +2583,15 @@ class _Upstream:
                 return data
             left = self.body_left
             if not left:
-                return _cut(data, pos, len(data))
+                return cut(data, pos, len(data))
         n = len(data)
         take = n - pos if n - pos < left else left
         self.body_left = left - take
-        self.on_body(data if take == n else _cut(data, pos, pos + take))
+        self.on_body(data if take == n else cut(data, pos, pos + take))
         pos += take
         if not self.body_left:
             self._message_done(self.whole_keep)
-        return _cut(data, pos, len(data))
+        return cut(data, pos, len(data))
 
     def _whole_head(self, data: bytes, end: int, ex: Exchange) -> int:
         """The response whose head is data[:end + 4], taken whole: where its body starts, or -1 for
@@ -2942,7 +2746,7 @@ class _Upstream:
             parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
         ex.close_after = close
-        self.out.append(_join(parts))
+        self.out.append(join(parts))
         self.phase = _BODY
         if ex.is_head:
             self._head_done(keep)

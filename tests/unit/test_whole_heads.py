@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+from sidecar.datapath.speedups import decimal_value, name_table, scan_fields
 from sidecar.proxy import (
-    H_CL, H_CONNECTION, H_DROP, H_HOST, H_TE, INBOUND_REQUEST_HEADERS, RESPONSE_HEADERS, _decimal,
-    _keep_alive, line_end, name_table, scan_fields, split_head_fields, split_request_line,
-    split_status_line,
+    H_CL, H_CONNECTION, H_DROP, H_HOST, H_TE, INBOUND_REQUEST_HEADERS, RESPONSE_HEADERS, _keep_alive,
+    line_end, split_head_fields, split_request_line, split_status_line,
 )
 
 REQ_TABLE = name_table(INBOUND_REQUEST_HEADERS)
@@ -168,7 +168,7 @@ def test_status_lines(line, expect):
     (b"9" * 19, -1),   # beyond what we take whole: httptools decides
 ])
 def test_content_length_values(value, expect):
-    assert _decimal(value) == expect
+    assert decimal_value(value) == expect
 
 
 @pytest.mark.parametrize("http10, connection, expect", [
