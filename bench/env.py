@@ -85,7 +85,10 @@ def venv_for(checkout: Path, venv: Path) -> str:
 # included: the C calls into it are compiled against its declarations)
 COMPILED_MODULES = {
     "sidecar.datapath.speedups": ("sidecar/datapath/speedups.py", "sidecar/datapath/speedups.pxd"),
-    "sidecar.proxy": ("sidecar/proxy.py", "sidecar/proxy.pxd", "sidecar/datapath/speedups.pxd"),
+    "sidecar.datapath.http1": ("sidecar/datapath/http1.py", "sidecar/datapath/http1.pxd",
+                               "sidecar/datapath/speedups.pxd"),
+    "sidecar.proxy": ("sidecar/proxy.py", "sidecar/proxy.pxd", "sidecar/datapath/http1.pxd",
+                      "sidecar/datapath/speedups.pxd"),
 }
 COMPILED_SOURCES = tuple(dict.fromkeys(src for srcs in COMPILED_MODULES.values() for src in srcs))
 

@@ -8,25 +8,13 @@ cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.string cimport memcpy
 
-from sidecar.datapath.speedups cimport bucket_of, cut, decimal_value, head_end, join, put_hex64, scan_fields
+from sidecar.datapath.http1 cimport connection_tokens, read_request_head, read_response_head, status_line
+from sidecar.datapath.speedups cimport bucket_of, cut, head_end, join, put_hex64
 
 
-@cython.locals(lines=dict)
-cpdef bytes _status_line(int code)
-cdef int _CR, _LF, _SP, _HTAB, _COLON, _SLASH   # C constants: compared with C chars, not as objects
+cdef int _SLASH   # a C constant: compared with C chars, not as an object
 cdef int H_DROP, H_CONNECTION, H_TE, H_CL, H_HOST, H_EXPECT, H_SOURCE, H_SOURCE_VERSION, H_XFF, H_FLAGS
 cdef int H_TRACEPARENT, H_B3, H_TRACESTATE, H_UPGRADE   # header actions (also in the module dict)
-@cython.locals(p="const unsigned char *", sp=Py_ssize_t, i=Py_ssize_t, t=Py_ssize_t, c=int)
-cpdef tuple split_request_line(bytes data, Py_ssize_t pos, Py_ssize_t eol)
-@cython.locals(p="const unsigned char *")
-cpdef Py_ssize_t line_end(bytes data, Py_ssize_t pos, Py_ssize_t end)
-@cython.locals(p="const unsigned char *", tables=bytes, vchar="const unsigned char *", status=int,
-               i=Py_ssize_t, c=int, http10=bint)
-cpdef tuple split_status_line(bytes data, Py_ssize_t pos, Py_ssize_t eol)
-@cython.locals(fields=list, size=Py_ssize_t, k=Py_ssize_t, a=int)
-cpdef tuple split_head_fields(bytes data, Py_ssize_t eol, Py_ssize_t end, dict names, tuple table, bint response)
-cpdef bint _keep_alive(bint http10, connection)
-cpdef _connection_tokens(bytes value, into)
 cpdef _join_flags(have, new)
 @cython.locals(size=Py_ssize_t)
 cpdef _send(transport, parts)
@@ -163,7 +151,7 @@ cdef class _Downstream:
     @cython.locals(pos=Py_ssize_t, n=Py_ssize_t, left=Py_ssize_t, take=Py_ssize_t, end=Py_ssize_t,
                    taken=Py_ssize_t, last=Exchange)
     cpdef bytes _feed_whole(self, bytes data)
-    @cython.locals(eol=Py_ssize_t, fields=list, size=Py_ssize_t, k=Py_ssize_t, ex=Exchange, head=tuple)
+    @cython.locals(fields=list, size=Py_ssize_t, k=Py_ssize_t, ex=Exchange, head=tuple, keep=bint, http10=bint)
     cpdef Py_ssize_t _whole_head(self, bytes data, Py_ssize_t pos, Py_ssize_t end)
     @cython.locals(a=int)
     cpdef _header(self, Exchange ex, bytes name, bytes value, act)
@@ -233,8 +221,7 @@ cdef class _Upstream:
     cpdef data_received(self, data)
     @cython.locals(left=Py_ssize_t, pos=Py_ssize_t, end=Py_ssize_t, n=Py_ssize_t, take=Py_ssize_t)
     cpdef bytes _feed_whole(self, bytes data, Exchange ex)
-    @cython.locals(eol=Py_ssize_t, fields=list, size=Py_ssize_t, k=Py_ssize_t, status=int,
-                   bodiless=bint, keep=bint, lines=list, head=tuple)
+    @cython.locals(fields=list, size=Py_ssize_t, k=Py_ssize_t, status=int, keep=bint, lines=list, head=tuple)
     cpdef Py_ssize_t _whole_head(self, bytes data, Py_ssize_t end, Exchange ex)
     cpdef on_message_begin(self)
     cpdef on_header(self, name, value)

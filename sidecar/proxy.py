@@ -42,7 +42,6 @@ import ssl
 import struct
 from collections import deque
 from dataclasses import dataclass
-from http import HTTPStatus
 from time import monotonic
 from typing import Any, Callable, Collection, NamedTuple, Protocol
 
@@ -57,9 +56,12 @@ from .routing import (
     EMPTY_TABLE, PASSTHROUGH, UNKNOWN, Cluster, RouteTable, build_route_table, find_by_address,
     local_cluster, passthrough_cluster, route_outbound, split_host,
 )
-from .datapath.speedups import (
-    VCHAR, bucket_of, cut, decimal_value, head_end, join, name_table, scan_fields,
+from .datapath.http1 import (
+    H_B3, H_CL, H_CONNECTION, H_DROP, H_EXPECT, H_FLAGS, H_HOST, H_SOURCE, H_SOURCE_VERSION, H_TE,
+    H_TRACEPARENT, H_TRACESTATE, H_UPGRADE, H_XFF, HEADER_ACTIONS, HOP_BY_HOP, connection_tokens, drop_named,
+    read_request_head, read_response_head, status_line,
 )
+from .datapath.speedups import bucket_of, cut, head_end, join, name_table
 from .dns import VipAllocator
 from .mirror import MirrorSender, shadow_host
 from .telemetry import DURATION_BOUNDS, NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
@@ -138,32 +140,12 @@ MESH_SOURCE_VERSION = b"x-mesh-source-version"
 TEXT = b"text/plain; charset=utf-8"
 JSON = b"application/json"
 
-# ---- header actions (looked up by lowercase name while parsing) ---------------------------------
-H_DROP = 1            # hop-by-hop, or set by the proxy itself
-H_CONNECTION = 2      # dropped; the headers it names are dropped too
-H_TE = 3              # transfer-encoding: dropped, re-added when the proxy chunks
-H_CL = 4              # content-length: kept, marks a body
-H_HOST = 5            # host: kept (re-emitted from Exchange.host)
-H_EXPECT = 6          # kept; notes 100-continue
-H_SOURCE = 7          # x-mesh-source: kept and noted (inbound metrics)
-H_SOURCE_VERSION = 8
-H_XFF = 9             # x-forwarded-for: noted and dropped (the gateway re-adds it with the client)
-H_FLAGS = 10          # response x-mesh-flags: kept and noted (a peer inbound's UF/UH is retriable)
-H_TRACEPARENT = 11    # W3C traceparent: noted and dropped; re-emitted with this hop's span id
-H_B3 = 12             # B3 (b3, x-b3-*): noted and dropped; re-emitted in kind (meshcore.tracing)
-H_TRACESTATE = 13     # W3C tracestate: noted and dropped; re-emitted only when the trace continues
-H_UPGRADE = 14        # upgrade: dropped (httptools parses a request that has it, see split_head_fields)
-# Compiled, the actions are C ints (proxy.pxd), so that taking a header is a C switch and not a chain of
-# object comparisons; the module dict gets them here too, for importers (the gateway's table, tests).
-globals().update(H_DROP=H_DROP, H_CONNECTION=H_CONNECTION, H_TE=H_TE, H_CL=H_CL, H_HOST=H_HOST, H_EXPECT=H_EXPECT,
-                 H_SOURCE=H_SOURCE, H_SOURCE_VERSION=H_SOURCE_VERSION, H_XFF=H_XFF, H_FLAGS=H_FLAGS,
-                 H_TRACEPARENT=H_TRACEPARENT, H_B3=H_B3, H_TRACESTATE=H_TRACESTATE, H_UPGRADE=H_UPGRADE)
+# The header actions (sidecar.datapath.http1) are C ints here once compiled (proxy.pxd), so that taking
+# a header is a C switch and not a chain of object comparisons; the module dict gets them here too, for
+# importers (the gateway's table, tests).
+globals().update(HEADER_ACTIONS)
+_SLASH = 47   # "/", the first byte of an origin-form target (a C int once compiled)
 
-HOP_BY_HOP = {
-    b"connection": H_CONNECTION, b"keep-alive": H_DROP, b"proxy-connection": H_DROP, b"te": H_DROP,
-    b"transfer-encoding": H_TE, b"upgrade": H_UPGRADE, b"proxy-authorization": H_DROP,
-    b"proxy-authenticate": H_DROP,
-}
 _REQUEST_BASE = {**HOP_BY_HOP, b"content-length": H_CL, b"host": H_HOST, b"expect": H_EXPECT,
                  TRACEPARENT: H_TRACEPARENT, TRACESTATE: H_TRACESTATE, B3_SINGLE: H_B3,
                  **{name: H_B3 for name in B3_MULTI}}
@@ -175,7 +157,6 @@ INBOUND_REQUEST_HEADERS = {**_REQUEST_BASE, MESH_SOURCE: H_SOURCE, MESH_SOURCE_V
 FLAG_RBAC = "RBAC"   # Envoy's response flag of a request denied by authorization
 RESPONSE_HEADERS = {**HOP_BY_HOP, b"content-length": H_CL, b"x-mesh-flags": H_FLAGS}
 
-_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 
 # ---- whole heads (the compiled build) ------------------------------------------------------------
@@ -191,166 +172,13 @@ except ImportError:  # Cython absent: this is the Python source
     COMPILED = False
 WHOLE_HEADS = COMPILED
 
-# The methods taken whole: CONNECT (a tunnel) and extension methods go to httptools.
-_WHOLE_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE"))
-_CR, _LF, _SP, _HTAB, _COLON, _SLASH = 13, 10, 32, 9, 58, 47
 
 
 _RESPONSE_TABLE = name_table(RESPONSE_HEADERS)
 
 
-def split_request_line(data: bytes, pos: int, eol: int) -> tuple | None:
-    """(method, origin-form target, HTTP/1.0?) of the request line data[pos:eol] (data[eol] a CR),
-    or None when it is not `method SP origin-form SP HTTP/1.x` with a method of _WHOLE_METHODS."""
-    if pos < 0 or eol >= len(data) or data[eol] != _CR:
-        raise ValueError("split_request_line: data[eol] is not the line's CR")
-    p = data
-    sp = pos
-    c = p[sp]
-    while 65 <= c <= 90:   # the methods taken whole are upper-case letters (the scan stops at the CR)
-        sp += 1
-        c = p[sp]
-    if c != _SP:
-        return None
-    method = p[pos:sp]
-    if method not in _WHOLE_METHODS:
-        return None
-    i = t = sp + 1
-    if i >= eol or p[i] != _SLASH:
-        return None
-    c = p[i]
-    while 33 <= c <= 126:   # RFC 9112 3.2: no whitespace or control characters in a target
-        i += 1
-        c = p[i]
-    if c != _SP or eol - i != 9:
-        return None
-    version = p[i + 1:eol]
-    if version == b"HTTP/1.1":
-        return method, p[t:i], False
-    if version == b"HTTP/1.0":
-        return method, p[t:i], True
-    return None
-
-
-def line_end(data: bytes, pos: int, end: int) -> int:
-    """The index of the first CR of data[pos:end + 1] (data[end] a CR)."""
-    if pos < 0 or end >= len(data) or data[end] != _CR:
-        raise ValueError("line_end: data[end] is not a CR")
-    p = data
-    while p[pos] != _CR:
-        pos += 1
-    return pos
-
-
-def split_status_line(data: bytes, pos: int, eol: int) -> tuple | None:
-    """(status, HTTP/1.0?) of the status line data[pos:eol], or None when it is not
-    `HTTP/1.x SP 3DIGIT SP reason` with a final (>= 200) status."""
-    if pos < 0 or eol > len(data) or eol - pos < 13:
-        return None
-    p = data
-    if p[pos + 12] != _SP:
-        return None
-    version = p[pos:pos + 9]
-    if version == b"HTTP/1.1 ":
-        http10 = False
-    elif version == b"HTTP/1.0 ":
-        http10 = True
-    else:
-        return None
-    status = 0
-    for i in range(pos + 9, pos + 12):
-        c = p[i]
-        if c < 48 or c > 57:
-            return None
-        status = status * 10 + (c - 48)
-    if status < 200:
-        return None   # interim answers (and 101) are httptools'
-    tables = VCHAR
-    vchar = tables
-    for i in range(pos + 13, eol):
-        if not vchar[p[i]]:
-            return None
-    return status, http10
-
-
-def split_head_fields(data: bytes, eol: int, end: int, names: dict, table: tuple,
-                      response: bool) -> tuple | None:
-    """(fields, Content-Length or -1, the Connection value or None) of the head data[:end + 4] whose
-    start line ends at `eol`: its fields as scan_fields splits them (a response's action-free lines
-    as raw runs). None when the head is httptools' to parse: not plain syntax, Transfer-Encoding, a
-    bad or second Content-Length, a request's Upgrade, a response's Connection naming headers to drop
-    (its lines are raw runs)."""
-    fields = scan_fields(data, eol + 2, end + 2, names, table, response) if eol < end else []
-    if fields is None:
-        return None
-    size = -1
-    connection = None
-    for k in range(0, len(fields), 3):
-        act = fields[k + 2]
-        if act is None:
-            continue
-        a = act
-        if a == H_TE:
-            return None
-        if a == H_CL:
-            if size >= 0:
-                return None
-            size = decimal_value(fields[k + 1])
-            if size < 0:
-                return None
-        elif a == H_CONNECTION:
-            value = fields[k + 1]
-            if response and _connection_tokens(value, None) is not None:
-                return None
-            connection = value if connection is None else connection + b"," + value
-        elif a == H_UPGRADE and not response:
-            return None
-    return fields, size, connection
-
-
-def _keep_alive(http10: bool, connection: bytes | None) -> bool:
-    """Whether the connection persists after this message (RFC 9112 9.3), as llhttp decides it."""
-    if connection is None:
-        return not http10
-    if connection in _PLAIN_CONNECTION:   # the common case: one token
-        return connection[0] | 0x20 == 107   # "k"eep-alive
-    tokens = [token.strip() for token in connection.lower().split(b",")]
-    if b"close" in tokens:
-        return False
-    return not http10 or b"keep-alive" in tokens
-
-
-def _status_line(code: int) -> bytes:
-    lines = _STATUS_LINES
-    line = lines.get(code)
-    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % code
-
-
 class _Stop(Exception):
     """Raised inside a parser callback to stop parsing the rest of the buffer."""
-
-
-_PLAIN_CONNECTION = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close"))  # name no header
-
-
-def _connection_tokens(value: bytes, into: set | None) -> set | None:
-    if value in _PLAIN_CONNECTION:
-        return into  # the common case (every keep-alive response of nginx, say): nothing to split
-    for token in value.split(b","):
-        token = token.strip().lower()
-        if token and token not in (b"close", b"keep-alive", b"upgrade"):
-            if into is None:
-                into = set()
-            into.add(token)
-    return into
-
-
-def _drop_named(lines: list, names: set) -> list:
-    out: list = []
-    for i in range(0, len(lines), 4):
-        if lines[i].lower() not in names:
-            out += lines[i:i + 4]
-    return out
 
 
 def _join_flags(have: str, new: str) -> str:
@@ -1463,21 +1291,16 @@ class _Downstream:
     def _whole_head(self, data: bytes, pos: int, end: int) -> int:
         """The request whose head is data[pos:end + 4], taken whole: where its body starts, or -1
         for httptools to parse it (not plain syntax; chunked, Upgrade, CONNECT...)."""
-        eol = line_end(data, pos, end)
-        line = split_request_line(data, pos, eol)
-        if line is None:
-            return -1
-        head = split_head_fields(data, eol, end, self.actions, self.stack.header_table, False)
+        head = read_request_head(data, pos, end, self.actions, self.stack.header_table)
         if head is None:
             return -1
-        fields, size, connection = head
-        method, target, http10 = line
+        method, target, http10, fields, size, keep = head
         self.on_message_begin()
         ex = self.cur
         ex.target = target
         for k in range(0, len(fields), 3):
             self._header(ex, fields[k], fields[k + 1], fields[k + 2])
-        if self._headers_done(ex, method, _keep_alive(http10, connection), http10, False):
+        if self._headers_done(ex, method, keep, http10, False):
             return len(data)   # as after httptools' _Stop: the rest of the read is dropped
         if size > 0:
             self.body_left = size
@@ -1559,7 +1382,7 @@ class _Downstream:
                 if b"chunked" in value.lower():
                     ex.chunked = True
             elif a == H_CONNECTION:
-                ex.conn_tokens = _connection_tokens(value, ex.conn_tokens)
+                ex.conn_tokens = connection_tokens(value, ex.conn_tokens)
             elif a == H_EXPECT:
                 ex.lines += (name, b": ", value, b"\r\n")
                 if value.strip().lower() == b"100-continue":
@@ -1596,7 +1419,7 @@ class _Downstream:
         if http10:
             ex.http10 = True
         if ex.conn_tokens:
-            ex.lines = _drop_named(ex.lines, ex.conn_tokens)
+            ex.lines = drop_named(ex.lines, ex.conn_tokens)
         if ex.chunked:
             ex.body = True
         if method == b"HEAD":
@@ -2230,7 +2053,7 @@ class _Downstream:
             return
         close = close or not ex.keep_alive or self.eof or (ex.expect and not ex.req_done)
         head = b"%bcontent-type: %b\r\ncontent-length: %d\r\nx-mesh-flags: %b\r\n%b%b\r\n" % (
-            _status_line(status), content_type, len(body), flags.encode(), headers,
+            status_line(status), content_type, len(body), flags.encode(), headers,
             b"connection: close\r\n" if close else b"")
         self.transport.write(head if ex.is_head else head + body)
         ex.status = status
@@ -2596,19 +2419,10 @@ class _Upstream:
     def _whole_head(self, data: bytes, end: int, ex: Exchange) -> int:
         """The response whose head is data[:end + 4], taken whole: where its body starts, or -1 for
         httptools to parse it (not plain syntax; 1xx, chunked, no Content-Length...)."""
-        eol = line_end(data, 0, end)
-        line = split_status_line(data, 0, eol)
-        if line is None:
-            return -1
-        head = split_head_fields(data, eol, end, RESPONSE_HEADERS, _RESPONSE_TABLE, True)
+        head = read_response_head(data, end, RESPONSE_HEADERS, _RESPONSE_TABLE, ex.is_head)
         if head is None:
             return -1
-        fields, size, connection = head
-        status, http10 = line
-        bodiless = ex.is_head or status == 204 or status == 304
-        if size < 0 and not bodiless:
-            return -1   # the body ends with the connection: httptools reads it
-        keep = _keep_alive(http10, connection)
+        status, fields, size, keep = head
         self.on_message_begin()
         self.mid = False   # httptools has not seen it
         lines = self.lines
@@ -2619,7 +2433,7 @@ class _Upstream:
                 self._header(fields[k], fields[k + 1], fields[k + 2])
         self._status_head(status, keep)
         if self.phase != _DONE:
-            if bodiless or size == 0:
+            if size == 0:
                 self._message_done(keep)
             else:
                 self.body_left = size
@@ -2693,7 +2507,7 @@ class _Upstream:
             if b"chunked" in value.lower():
                 self.chunked_in = True
         elif a == H_CONNECTION:
-            self.conn_tokens = _connection_tokens(value, self.conn_tokens)
+            self.conn_tokens = connection_tokens(value, self.conn_tokens)
 
     def on_headers_complete(self) -> None:
         p = self.parser
@@ -2705,13 +2519,13 @@ class _Upstream:
         ex = self.exchange
         lines = self.lines
         if self.conn_tokens:
-            lines = _drop_named(lines, self.conn_tokens)
+            lines = drop_named(lines, self.conn_tokens)
         if status < 200:
             if status == 101:
                 raise _Stop  # Upgrade was removed from the request; a switch is a protocol error
             self.interim = True
             if not ex.http10:
-                self.out.append(b"".join([_status_line(status), *lines, b"\r\n"]))
+                self.out.append(b"".join([status_line(status), *lines, b"\r\n"]))
             return
         if ex.traffic is not None and ex.down._response_head(ex, self, status):
             # The retry layer takes this answer: read it to its end and drop it (data_received decides).
@@ -2724,7 +2538,7 @@ class _Upstream:
         ex.resp_started = True
         down = ex.down
         close = not ex.keep_alive or down.eof
-        parts = [_status_line(status)]
+        parts = [status_line(status)]
         parts += lines
         self.chunked_out = False
         self.until_close = False

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+import sidecar.datapath.http1 as http1
 import sidecar.datapath.speedups as speedups
 import sidecar.proxy as proxy
 from bench.env import COMPILED_MODULES, ROOT, stale_compiled_modules
@@ -28,10 +29,11 @@ def test_ci_tests_the_compiled_data_path() -> None:
         assert not cls.__flags__ & (1 << 9), f"{cls.__name__} is a heap (Python) type"  # Py_TPFLAGS_HEAPTYPE
     # Compiled, heads that arrive whole in plain syntax are split by the proxy (test_whole_heads).
     assert proxy.WHOLE_HEADS is True
-    # The byte helpers are compiled too, and the proxy calls them as C functions (a cimport, which
+    # The byte helpers and the head grammar are compiled too, and the proxy calls them as C functions (a cimport, which
     # also makes a compiled proxy refuse to load beside the helpers' Python source).
     assert speedups.COMPILED is True and not speedups.__file__.endswith(".py"), speedups.__file__
     assert "head_end" in speedups.__pyx_capi__ and "put_hex64" in speedups.__pyx_capi__
+    assert http1.__file__.endswith(".so") and "split_head_fields" in http1.__pyx_capi__, http1.__file__
 
 
 def test_setup_compiles_the_modules_checked_for_staleness() -> None:
