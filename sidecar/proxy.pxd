@@ -9,6 +9,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.string cimport memcpy
 
 from sidecar.datapath.http1 cimport connection_tokens, read_request_head, read_response_head, status_line
+from meshcore.resilience cimport CircuitBreaker, RetryBudget
 from sidecar.datapath.speedups cimport bucket_of, cut, head_end, join, put_hex64
 
 
@@ -80,7 +81,9 @@ cdef class ProxyState:
 
 cdef class _Lane:
     cdef public object tr, cluster, rules, all, timeout, fault, mirror, retry_on, per_try_timeout
-    cdef public object breaker, budget, outlier
+    cdef public CircuitBreaker breaker
+    cdef public RetryBudget budget
+    cdef public object outlier
 
 
 cdef class Stack:

@@ -1613,17 +1613,13 @@ class _Downstream:
         lane = ex.lane
         # 4. circuit breaker
         if stack.breaker:
-            breaker = lane.breaker   # CircuitBreaker.try_acquire_request, inlined
-            n = breaker.requests
-            if n >= breaker.max_requests:
-                breaker.overflows_total += 1
+            if not lane.breaker.try_acquire_request():
                 self._reply(ex, 503, FLAG_OVERFLOW, b"upstream overflow\n")
                 return
-            breaker.requests = n + 1
             ex.admitted = True
         # 5. retries: the budget counts this request; the body is held while it fits (HOLD_LIMIT)
         if stack.retries:
-            lane.budget.active_requests += 1  # RetryBudget.start_request, inlined
+            lane.budget.start_request()
             ex.budgeted = True
             if lane.retry_on is not None:
                 ex.retry_on = lane.retry_on
@@ -1797,13 +1793,10 @@ class _Downstream:
         lane = ex.lane
         if ex.admitted:
             ex.admitted = False
-            breaker = lane.breaker   # CircuitBreaker.release_request, inlined
-            n = breaker.requests
-            if n > 0:
-                breaker.requests = n - 1
+            lane.breaker.release_request()
         if ex.budgeted:
             ex.budgeted = False
-            lane.budget.active_requests -= 1  # RetryBudget.finish_request, inlined
+            lane.budget.finish_request()
         if ex.in_retry:
             ex.in_retry = False
             lane.budget.finish_retry()

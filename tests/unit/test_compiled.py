@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+import meshcore.resilience as resilience
 import sidecar.datapath.http1 as http1
 import sidecar.datapath.speedups as speedups
 import sidecar.proxy as proxy
@@ -34,6 +35,10 @@ def test_ci_tests_the_compiled_data_path() -> None:
     assert speedups.COMPILED is True and not speedups.__file__.endswith(".py"), speedups.__file__
     assert "head_end" in speedups.__pyx_capi__ and "put_hex64" in speedups.__pyx_capi__
     assert http1.__file__.endswith(".so") and "split_head_fields" in http1.__pyx_capi__, http1.__file__
+    # The breaker slot and the retry budget are the proxy's only implementation of them (no inlined
+    # copies): compiled, meshcore.resilience's classes are extension types whose methods it calls in C.
+    for cls in (resilience.CircuitBreaker, resilience.RetryBudget):
+        assert not cls.__flags__ & (1 << 9), f"{cls.__name__} is a heap (Python) type"
 
 
 def test_setup_compiles_the_modules_checked_for_staleness() -> None:
