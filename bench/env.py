@@ -87,9 +87,10 @@ COMPILED_MODULES = {
     "sidecar.datapath.speedups": ("sidecar/datapath/speedups.py", "sidecar/datapath/speedups.pxd"),
     "sidecar.datapath.http1": ("sidecar/datapath/http1.py", "sidecar/datapath/http1.pxd",
                                "sidecar/datapath/speedups.pxd"),
+    "meshcore.lb": ("meshcore/lb.py", "meshcore/lb.pxd"),
     "meshcore.resilience": ("meshcore/resilience.py", "meshcore/resilience.pxd"),
     "sidecar.proxy": ("sidecar/proxy.py", "sidecar/proxy.pxd", "sidecar/datapath/http1.pxd",
-                      "sidecar/datapath/speedups.pxd", "meshcore/resilience.pxd"),
+                      "sidecar/datapath/speedups.pxd", "meshcore/resilience.pxd", "meshcore/lb.pxd"),
 }
 COMPILED_SOURCES = tuple(dict.fromkeys(src for srcs in COMPILED_MODULES.values() for src in srcs))
 

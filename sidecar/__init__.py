@@ -9,7 +9,7 @@ if _os.environ.get("MESHD_PURE_PYTHON"):
     import sys as _sys
 
     COMPILED_MODULES = frozenset(("sidecar.proxy", "sidecar.datapath.http1", "sidecar.datapath.speedups",
-                                  "meshcore.resilience"))   # setup.py's COMPILED
+                                  "meshcore.lb", "meshcore.resilience"))   # setup.py's COMPILED
 
     class _PureSource:
         """Finds each module of COMPILED_MODULES as its .py source, ahead of the compiled extension."""

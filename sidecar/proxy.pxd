@@ -9,6 +9,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.string cimport memcpy
 
 from sidecar.datapath.http1 cimport connection_tokens, read_request_head, read_response_head, status_line
+from meshcore.lb cimport connect_tries
 from meshcore.resilience cimport CircuitBreaker, RetryBudget
 from sidecar.datapath.speedups cimport bucket_of, cut, head_end, join, put_hex64
 

@@ -1556,7 +1556,7 @@ class _Downstream:
         if stack.traffic and cluster.mesh:
             self._traffic_layers(ex, cluster)
             return
-        ex.tries_left = min(len(cluster.endpoints), stack.max_tries)  # meshcore.lb.connect_tries, inlined
+        ex.tries_left = connect_tries(len(cluster.endpoints), stack.max_tries)
         self._pick(ex)
 
     # -- traffic layers (state per destination service: sidecar.traffic; order: build_outbound_stack)
@@ -1632,7 +1632,7 @@ class _Downstream:
                 ex.keep_held = True
                 if ex.req_done:
                     self._send_mirror(ex)
-        ex.tries_left = min(len(ex.cluster.endpoints), stack.max_tries)  # meshcore.lb.connect_tries, inlined
+        ex.tries_left = connect_tries(len(ex.cluster.endpoints), stack.max_tries)
         self._pick(ex)
 
     def _send_mirror(self, ex: Exchange) -> None:
