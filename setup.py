@@ -13,7 +13,7 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-COMPILED = ["sidecar.proxy"]
+COMPILED = ["meshcore.lb", "meshcore.resilience", "sidecar.datapath.speedups", "sidecar.datapath.http1", "sidecar.proxy"]
 DIRECTIVES = {
     "language_level": 3,
     "annotation_typing": False,   # types come from the .pxd only; annotations stay documentation

@@ -81,29 +81,61 @@ def venv_for(checkout: Path, venv: Path) -> str:
     return str(python)
 
 
-COMPILED_SOURCES = ("sidecar/proxy.py", "sidecar/proxy.pxd")
+# setup.py's COMPILED modules, each with the sources its extension is built from (a .pxd it cimports
+# included: the C calls into it are compiled against its declarations)
+COMPILED_MODULES = {
+    "sidecar.datapath.speedups": ("sidecar/datapath/speedups.py", "sidecar/datapath/speedups.pxd"),
+    "sidecar.datapath.http1": ("sidecar/datapath/http1.py", "sidecar/datapath/http1.pxd",
+                               "sidecar/datapath/speedups.pxd"),
+    "meshcore.lb": ("meshcore/lb.py", "meshcore/lb.pxd"),
+    "meshcore.resilience": ("meshcore/resilience.py", "meshcore/resilience.pxd"),
+    "sidecar.proxy": ("sidecar/proxy.py", "sidecar/proxy.pxd", "sidecar/datapath/http1.pxd",
+                      "sidecar/datapath/speedups.pxd", "meshcore/resilience.pxd", "meshcore/lb.pxd"),
+}
+COMPILED_SOURCES = tuple(dict.fromkeys(src for srcs in COMPILED_MODULES.values() for src in srcs))
+
+
+def compiled_module(name: str) -> Path | None:
+    """The checkout's extension of the compiled module `name` (built in place by setup.py), or None."""
+    package, _, leaf = name.rpartition(".")
+    found = sorted((ROOT / package.replace(".", "/")).glob(f"{leaf}.*.so"))
+    return found[0] if found else None
 
 
 def compiled_data_path() -> Path | None:
     """The checkout's compiled sidecar.proxy (setup.py builds it in place at `make install`), or None."""
-    found = sorted((ROOT / "sidecar").glob("proxy.*.so"))
-    return found[0] if found else None
+    return compiled_module("sidecar.proxy")
 
 
-def ensure_compiled_data_path() -> None:
-    """The sidecars run the compiled data path, as the image's do: rebuilt in place (`make ext`) when
-    missing or older than its sources; where it cannot be built (no Cython or compiler) they run
-    proxy.py, but never a compiled module older than its sources."""
-    built = compiled_data_path()
-    newest = max((ROOT / src).stat().st_mtime for src in COMPILED_SOURCES)
-    if built is not None and built.stat().st_mtime >= newest:
+def stale_compiled_modules(missing_too: bool = False) -> list[str]:
+    """The compiled modules whose extension is older than one of its sources (or, `missing_too`,
+    absent while another one is built, or absent at all)."""
+    built = {name: compiled_module(name) for name in COMPILED_MODULES}
+    any_built = any(path is not None for path in built.values())
+    stale = []
+    for name, path in built.items():
+        if path is None:
+            if missing_too or any_built:
+                stale.append(name)
+            continue
+        newest = max((ROOT / src).stat().st_mtime for src in COMPILED_MODULES[name])
+        if path.stat().st_mtime < newest:
+            stale.append(name)
+    return stale
+
+
+def ensure_compiled_data_path(missing_too: bool = True) -> None:
+    """The data path's compiled modules are current: rebuilt in place (`make ext`) when missing (with
+    `missing_too`) or older than their sources; where they cannot be built (no Cython or compiler)
+    the .py sources run, but never a compiled module older than its sources (RuntimeError)."""
+    if not stale_compiled_modules(missing_too):
         return
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, timeout=600,
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, timeout=900,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rebuilt = compiled_data_path()
-    if rebuilt is not None and rebuilt.stat().st_mtime < newest:
-        raise RuntimeError(f"{rebuilt} is older than its sources and setup.py could not rebuild it "
-                           "(is Cython installed?): run `make install`")
+    stale = stale_compiled_modules()
+    if stale:
+        raise RuntimeError(f"the compiled {', '.join(stale)} are older than their sources or missing and "
+                           "setup.py could not rebuild them (is Cython installed?): run `make install`")
 
 
 def data_path_build() -> str:

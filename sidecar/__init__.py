@@ -3,20 +3,22 @@
 import os as _os
 
 if _os.environ.get("MESHD_PURE_PYTHON"):
-    # Run the data path from sidecar/proxy.py even where its compiled module is built (setup.py):
+    # Run the data path from its .py sources even where their compiled modules are built (setup.py):
     # Python frames for py-spy, and the fallback's own tests (tests/adapters/test_pure_fallback.py).
     import importlib.machinery as _machinery
     import sys as _sys
 
-    class _ProxySource:
-        """Finds sidecar.proxy as its .py source, ahead of the compiled extension."""
+    COMPILED_MODULES = frozenset(("sidecar.proxy", "sidecar.datapath.http1", "sidecar.datapath.speedups",
+                                  "meshcore.lb", "meshcore.resilience"))   # setup.py's COMPILED
+
+    class _PureSource:
+        """Finds each module of COMPILED_MODULES as its .py source, ahead of the compiled extension."""
 
         @staticmethod
         def find_spec(name, path=None, target=None):
-            if name != "sidecar.proxy":
+            if name not in COMPILED_MODULES or not path:
                 return None
-            finder = _machinery.FileFinder(_os.path.dirname(__file__),
-                                           (_machinery.SourceFileLoader, _machinery.SOURCE_SUFFIXES))
+            finder = _machinery.FileFinder(path[0], (_machinery.SourceFileLoader, _machinery.SOURCE_SUFFIXES))
             return finder.find_spec(name)
 
-    _sys.meta_path.insert(0, _ProxySource)
+    _sys.meta_path.insert(0, _PureSource)

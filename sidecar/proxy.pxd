@@ -6,41 +6,20 @@
 
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from libc.string cimport memchr, memcpy
+from libc.string cimport memcpy
+
+from sidecar.datapath.http1 cimport connection_tokens, read_request_head, read_response_head, status_line
+from meshcore.lb cimport connect_tries
+from meshcore.resilience cimport CircuitBreaker, RetryBudget
+from sidecar.datapath.speedups cimport bucket_of, cut, head_end, join, put_hex64
 
 
-@cython.locals(lines=dict)
-cpdef bytes _status_line(int code)
-cdef int _CR, _LF, _SP, _HTAB, _COLON, _SLASH   # C constants: compared with C chars, not as objects
+cdef int _SLASH   # a C constant: compared with C chars, not as an object
 cdef int H_DROP, H_CONNECTION, H_TE, H_CL, H_HOST, H_EXPECT, H_SOURCE, H_SOURCE_VERSION, H_XFF, H_FLAGS
 cdef int H_TRACEPARENT, H_B3, H_TRACESTATE, H_UPGRADE   # header actions (also in the module dict)
-@cython.locals(tables=bytes, tables2=bytes, tchar="const unsigned char *", vchar="const unsigned char *",
-               p="const unsigned char *", s=Py_ssize_t, e=Py_ssize_t, n=Py_ssize_t, ns=Py_ssize_t,
-               run=Py_ssize_t, c=int, out=list, slot=tuple, k=Py_ssize_t, j=Py_ssize_t,
-               q="const unsigned char *")
-cpdef list scan_fields(bytes data, Py_ssize_t i, Py_ssize_t end, dict names, tuple table, bint runs)
-@cython.locals(p="const unsigned char *", sp=Py_ssize_t, i=Py_ssize_t, t=Py_ssize_t, c=int)
-cpdef tuple split_request_line(bytes data, Py_ssize_t pos, Py_ssize_t eol)
-@cython.locals(p="const unsigned char *")
-cpdef Py_ssize_t line_end(bytes data, Py_ssize_t pos, Py_ssize_t end)
-@cython.locals(p="const char *", hit="const char *", n=Py_ssize_t, i=Py_ssize_t, last=Py_ssize_t)
-cpdef Py_ssize_t head_end(bytes data, Py_ssize_t start, Py_ssize_t stop)
-@cython.locals(p="const unsigned char *")
-cpdef bytes _cut(bytes data, Py_ssize_t start, Py_ssize_t stop)
-@cython.locals(p="const unsigned char *", tables=bytes, vchar="const unsigned char *", status=int,
-               i=Py_ssize_t, c=int, http10=bint)
-cpdef tuple split_status_line(bytes data, Py_ssize_t pos, Py_ssize_t eol)
-@cython.locals(fields=list, size=Py_ssize_t, k=Py_ssize_t, a=int)
-cpdef tuple split_head_fields(bytes data, Py_ssize_t eol, Py_ssize_t end, dict names, tuple table, bint response)
-@cython.locals(n=Py_ssize_t, p="const unsigned char *", size="long long", i=Py_ssize_t, c=int)
-cpdef long long _decimal(bytes value)
-cpdef bint _keep_alive(bint http10, connection)
-cpdef _connection_tokens(bytes value, into)
 cpdef _join_flags(have, new)
 @cython.locals(size=Py_ssize_t)
 cpdef _send(transport, parts)
-@cython.locals(m=Py_ssize_t, at=Py_ssize_t, part=bytes, out=bytes, w="char *", src="const char *")
-cpdef bytes _join(parts, Py_ssize_t size=*)
 cdef int _DASH
 @cython.locals(p="const unsigned char *", table=bytes, hexes="const unsigned char *", i=Py_ssize_t, c=int, zero=bint)
 cpdef bint _trace_id_ok(bytes tp, Py_ssize_t start, Py_ssize_t end)
@@ -52,14 +31,10 @@ cpdef tuple begin_trace(tracing, tp, b3)
 cdef Py_ssize_t _TRACE_ID_AT, _SPAN_ID_AT, _SAMPLED_AT
 @cython.locals(template=bytes, src="const char *")
 cdef bytes _traceparent_template()
-@cython.locals(digits=bytes, d="const char *", k=int)
-cdef void _put_hex64(char *w, unsigned long long v)
 cpdef trace_of(bytes tp, bytes header)
 @cython.locals(series=dict)
 cpdef count_request(telemetry, reporter, source, source_version, destination, version, status, flags,
                     double ms)
-@cython.locals(bounds=tuple, i=Py_ssize_t, n=Py_ssize_t, bound=double)
-cpdef Py_ssize_t bucket_of(double ms)
 cpdef _dec(dict counts, key)
 cpdef route_by_host(_Downstream down, Exchange ex)
 cpdef limit_inbound(_Downstream down, Exchange ex)
@@ -107,7 +82,9 @@ cdef class ProxyState:
 
 cdef class _Lane:
     cdef public object tr, cluster, rules, all, timeout, fault, mirror, retry_on, per_try_timeout
-    cdef public object breaker, budget, outlier
+    cdef public CircuitBreaker breaker
+    cdef public RetryBudget budget
+    cdef public object outlier
 
 
 cdef class Stack:
@@ -178,7 +155,7 @@ cdef class _Downstream:
     @cython.locals(pos=Py_ssize_t, n=Py_ssize_t, left=Py_ssize_t, take=Py_ssize_t, end=Py_ssize_t,
                    taken=Py_ssize_t, last=Exchange)
     cpdef bytes _feed_whole(self, bytes data)
-    @cython.locals(eol=Py_ssize_t, fields=list, size=Py_ssize_t, k=Py_ssize_t, ex=Exchange, head=tuple)
+    @cython.locals(fields=list, size=Py_ssize_t, k=Py_ssize_t, ex=Exchange, head=tuple, keep=bint, http10=bint)
     cpdef Py_ssize_t _whole_head(self, bytes data, Py_ssize_t pos, Py_ssize_t end)
     @cython.locals(a=int)
     cpdef _header(self, Exchange ex, bytes name, bytes value, act)
@@ -248,8 +225,7 @@ cdef class _Upstream:
     cpdef data_received(self, data)
     @cython.locals(left=Py_ssize_t, pos=Py_ssize_t, end=Py_ssize_t, n=Py_ssize_t, take=Py_ssize_t)
     cpdef bytes _feed_whole(self, bytes data, Exchange ex)
-    @cython.locals(eol=Py_ssize_t, fields=list, size=Py_ssize_t, k=Py_ssize_t, status=int,
-                   bodiless=bint, keep=bint, lines=list, head=tuple)
+    @cython.locals(fields=list, size=Py_ssize_t, k=Py_ssize_t, status=int, keep=bint, lines=list, head=tuple)
     cpdef Py_ssize_t _whole_head(self, bytes data, Py_ssize_t end, Exchange ex)
     cpdef on_message_begin(self)
     cpdef on_header(self, name, value)

@@ -42,7 +42,6 @@ import ssl
 import struct
 from collections import deque
 from dataclasses import dataclass
-from http import HTTPStatus
 from time import monotonic
 from typing import Any, Callable, Collection, NamedTuple, Protocol
 
@@ -58,6 +57,12 @@ from .routing import (
     EMPTY_TABLE, PASSTHROUGH, UNKNOWN, Cluster, RouteTable, build_route_table, find_by_address,
     local_cluster, passthrough_cluster, route_outbound, split_host,
 )
+from .datapath.http1 import (
+    H_B3, H_CL, H_CONNECTION, H_DROP, H_EXPECT, H_FLAGS, H_HOST, H_SOURCE, H_SOURCE_VERSION, H_TE,
+    H_TRACEPARENT, H_TRACESTATE, H_UPGRADE, H_XFF, HEADER_ACTIONS, HOP_BY_HOP, connection_tokens, drop_named,
+    read_request_head, read_response_head, status_line,
+)
+from .datapath.speedups import bucket_of, cut, head_end, join, name_table
 from .dns import VipAllocator
 from .mirror import MirrorSender, shadow_host
 from .telemetry import DURATION_BOUNDS, NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
@@ -136,32 +141,12 @@ MESH_SOURCE_VERSION = b"x-mesh-source-version"
 TEXT = b"text/plain; charset=utf-8"
 JSON = b"application/json"
 
-# ---- header actions (looked up by lowercase name while parsing) ---------------------------------
-H_DROP = 1            # hop-by-hop, or set by the proxy itself
-H_CONNECTION = 2      # dropped; the headers it names are dropped too
-H_TE = 3              # transfer-encoding: dropped, re-added when the proxy chunks
-H_CL = 4              # content-length: kept, marks a body
-H_HOST = 5            # host: kept (re-emitted from Exchange.host)
-H_EXPECT = 6          # kept; notes 100-continue
-H_SOURCE = 7          # x-mesh-source: kept and noted (inbound metrics)
-H_SOURCE_VERSION = 8
-H_XFF = 9             # x-forwarded-for: noted and dropped (the gateway re-adds it with the client)
-H_FLAGS = 10          # response x-mesh-flags: kept and noted (a peer inbound's UF/UH is retriable)
-H_TRACEPARENT = 11    # W3C traceparent: noted and dropped; re-emitted with this hop's span id
-H_B3 = 12             # B3 (b3, x-b3-*): noted and dropped; re-emitted in kind (meshcore.tracing)
-H_TRACESTATE = 13     # W3C tracestate: noted and dropped; re-emitted only when the trace continues
-H_UPGRADE = 14        # upgrade: dropped (httptools parses a request that has it, see split_head_fields)
-# Compiled, the actions are C ints (proxy.pxd), so that taking a header is a C switch and not a chain of
-# object comparisons; the module dict gets them here too, for importers (the gateway's table, tests).
-globals().update(H_DROP=H_DROP, H_CONNECTION=H_CONNECTION, H_TE=H_TE, H_CL=H_CL, H_HOST=H_HOST, H_EXPECT=H_EXPECT,
-                 H_SOURCE=H_SOURCE, H_SOURCE_VERSION=H_SOURCE_VERSION, H_XFF=H_XFF, H_FLAGS=H_FLAGS,
-                 H_TRACEPARENT=H_TRACEPARENT, H_B3=H_B3, H_TRACESTATE=H_TRACESTATE, H_UPGRADE=H_UPGRADE)
+# The header actions (sidecar.datapath.http1) are C ints here once compiled (proxy.pxd), so that taking
+# a header is a C switch and not a chain of object comparisons; the module dict gets them here too, for
+# importers (the gateway's table, tests).
+globals().update(HEADER_ACTIONS)
+_SLASH = 47   # "/", the first byte of an origin-form target (a C int once compiled)
 
-HOP_BY_HOP = {
-    b"connection": H_CONNECTION, b"keep-alive": H_DROP, b"proxy-connection": H_DROP, b"te": H_DROP,
-    b"transfer-encoding": H_TE, b"upgrade": H_UPGRADE, b"proxy-authorization": H_DROP,
-    b"proxy-authenticate": H_DROP,
-}
 _REQUEST_BASE = {**HOP_BY_HOP, b"content-length": H_CL, b"host": H_HOST, b"expect": H_EXPECT,
                  TRACEPARENT: H_TRACEPARENT, TRACESTATE: H_TRACESTATE, B3_SINGLE: H_B3,
                  **{name: H_B3 for name in B3_MULTI}}
@@ -173,7 +158,6 @@ INBOUND_REQUEST_HEADERS = {**_REQUEST_BASE, MESH_SOURCE: H_SOURCE, MESH_SOURCE_V
 FLAG_RBAC = "RBAC"   # Envoy's response flag of a request denied by authorization
 RESPONSE_HEADERS = {**HOP_BY_HOP, b"content-length": H_CL, b"x-mesh-flags": H_FLAGS}
 
-_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 
 # ---- whole heads (the compiled build) ------------------------------------------------------------
@@ -189,315 +173,13 @@ except ImportError:  # Cython absent: this is the Python source
     COMPILED = False
 WHOLE_HEADS = COMPILED
 
-# RFC 9110 5.6.2 tchar (a field name); RFC 9110 5.5 field-vchar, obs-text, SP and HTAB (a value).
-_TCHAR = bytes(1 if (c < 128 and chr(c).isalnum()) or chr(c) in "!#$%&'*+-.^_`|~" else 0 for c in range(256))
-_VCHAR = bytes(1 if c == 9 or 32 <= c <= 126 or c >= 128 else 0 for c in range(256))
-# The methods taken whole: CONNECT (a tunnel) and extension methods go to httptools.
-_WHOLE_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE"))
-_CR, _LF, _SP, _HTAB, _COLON, _SLASH = 13, 10, 32, 9, 58, 47
-
-
-def name_table(names: dict) -> tuple:
-    """`names` (lowercase field names -> actions) by (length, first letter) slot: for each of the 2048
-    slots, the (name, action, ...) pairs of the names in it, or None. scan_fields compares a field
-    name only with the names of its slot."""
-    slots: list = [None] * 2048
-    for name, act in names.items():
-        if name != name.lower() or not name:
-            raise ValueError(f"name_table: {name!r} is not a lowercase field name")
-        if len(name) < 64:
-            k = (len(name) << 5) | ((name[0] | 0x20) & 31)
-            slots[k] = (slots[k] or ()) + (name, act)
-    return tuple(slots)
-
-
-def scan_fields(data: bytes, i: int, end: int, names: dict, table: tuple, runs: bool) -> list | None:
-    """The header fields of data[i:end] (CRLF-ended lines, data[end:end + 2] the blank line's CRLF)
-    as [name, value, action, ...] (values without OWS; action: names' value for the lowercase name,
-    else None; `table` is name_table(names)). With `runs`,
-    consecutive fields without an action come as one [lines, None, None] of their raw bytes. None
-    unless every line is `token ":" OWS value OWS` (obs-fold, space before the colon, a control
-    character, a bare CR or LF: httptools decides those)."""
-    if i < 0 or end + 2 > len(data) or data[end] != _CR or data[end + 1] != _LF or len(table) != 2048:
-        raise ValueError("scan_fields: data[end:end + 2] is not the head's final CRLF")
-    # Compiled, p, tchar, vchar and t are C pointers: each scan below stops at the CR that ends its
-    # line, and data[end] is a CR, so no read goes past the head.
-    tables = _TCHAR
-    tchar = tables
-    tables2 = _VCHAR
-    vchar = tables2
-    p = data
-    out: list = []
-    run = -1   # start of the current run of raw lines
-    while i < end:
-        s = i
-        while tchar[p[i]]:
-            i += 1
-        n = i - s
-        if n == 0 or p[i] != _COLON:
-            return None
-        act = None
-        if n < 64:
-            slot = table[(n << 5) | ((p[s] | 0x20) & 31)]
-            if slot is not None:
-                if COMPILED:
-                    # The slot's names have this length: compared here, ASCII case folded as by
-                    # bytes.lower(), with no bytes made, lowered and hashed for a dict lookup.
-                    k = 0
-                    while k < len(slot):
-                        q = slot[k]
-                        j = 0
-                        while j < n:
-                            c = p[s + j]
-                            if 65 <= c <= 90:
-                                c += 32
-                            if c != q[j]:
-                                break
-                            j += 1
-                        if j == n:
-                            act = slot[k + 1]
-                            break
-                        k += 2
-                else:
-                    act = names.get(p[s:i].lower())
-        ns = s
-        i += 1
-        c = p[i]
-        while c == _SP or c == _HTAB:
-            i += 1
-            c = p[i]
-        s = i
-        while vchar[p[i]]:
-            i += 1
-        if p[i] != _CR or p[i + 1] != _LF:
-            return None
-        if act is None and runs:
-            if run < 0:
-                run = ns
-        else:
-            if run >= 0:
-                out.append(p[run:ns])
-                out.append(None)
-                out.append(None)
-                run = -1
-            e = i
-            c = p[e - 1]
-            while e > s and (c == _SP or c == _HTAB):
-                e -= 1
-                c = p[e - 1]
-            out.append(p[ns:ns + n])
-            out.append(p[s:e])
-            out.append(act)
-        i += 2
-    if run >= 0:
-        out.append(p[run:end])
-        out.append(None)
-        out.append(None)
-    return out
 
 
 _RESPONSE_TABLE = name_table(RESPONSE_HEADERS)
 
 
-def split_request_line(data: bytes, pos: int, eol: int) -> tuple | None:
-    """(method, origin-form target, HTTP/1.0?) of the request line data[pos:eol] (data[eol] a CR),
-    or None when it is not `method SP origin-form SP HTTP/1.x` with a method of _WHOLE_METHODS."""
-    if pos < 0 or eol >= len(data) or data[eol] != _CR:
-        raise ValueError("split_request_line: data[eol] is not the line's CR")
-    p = data
-    sp = pos
-    c = p[sp]
-    while 65 <= c <= 90:   # the methods taken whole are upper-case letters (the scan stops at the CR)
-        sp += 1
-        c = p[sp]
-    if c != _SP:
-        return None
-    method = p[pos:sp]
-    if method not in _WHOLE_METHODS:
-        return None
-    i = t = sp + 1
-    if i >= eol or p[i] != _SLASH:
-        return None
-    c = p[i]
-    while 33 <= c <= 126:   # RFC 9112 3.2: no whitespace or control characters in a target
-        i += 1
-        c = p[i]
-    if c != _SP or eol - i != 9:
-        return None
-    version = p[i + 1:eol]
-    if version == b"HTTP/1.1":
-        return method, p[t:i], False
-    if version == b"HTTP/1.0":
-        return method, p[t:i], True
-    return None
-
-
-def line_end(data: bytes, pos: int, end: int) -> int:
-    """The index of the first CR of data[pos:end + 1] (data[end] a CR)."""
-    if pos < 0 or end >= len(data) or data[end] != _CR:
-        raise ValueError("line_end: data[end] is not a CR")
-    p = data
-    while p[pos] != _CR:
-        pos += 1
-    return pos
-
-
-def head_end(data: bytes, start: int, stop: int) -> int:
-    """data.find(b"\r\n\r\n", start, stop) for 0 <= start: where the blank line that ends a head
-    starts, or -1. Compiled, libc's memchr from CR to CR (one per header line): no method lookup and
-    no boxed bounds per call."""
-    if start < 0:
-        raise ValueError("head_end: start < 0")
-    if not COMPILED:
-        return data.find(b"\r\n\r\n", start, stop)
-    n = len(data)
-    if stop > n:
-        stop = n
-    p = data
-    i = start
-    last = stop - 4   # the last index where the four bytes fit
-    while i <= last:
-        hit = cython.cast("const char *", memchr(p + i, 13, last + 1 - i))  # noqa: F821 - a CR
-        if hit == cython.NULL:
-            return -1
-        i = hit - p
-        if p[i + 1] == 10 and p[i + 2] == 13 and p[i + 3] == 10:
-            return i
-        i += 1
-    return -1
-
-
-def _cut(data: bytes, start: int, stop: int) -> bytes:
-    """data[start:stop], for 0 <= start <= stop <= len(data): compiled, copied from a C pointer
-    (PyBytes_FromStringAndSize) instead of through a slice object (PySequence_GetSlice)."""
-    p = data
-    return p[start:stop]
-
-
-def split_status_line(data: bytes, pos: int, eol: int) -> tuple | None:
-    """(status, HTTP/1.0?) of the status line data[pos:eol], or None when it is not
-    `HTTP/1.x SP 3DIGIT SP reason` with a final (>= 200) status."""
-    if pos < 0 or eol > len(data) or eol - pos < 13:
-        return None
-    p = data
-    if p[pos + 12] != _SP:
-        return None
-    version = p[pos:pos + 9]
-    if version == b"HTTP/1.1 ":
-        http10 = False
-    elif version == b"HTTP/1.0 ":
-        http10 = True
-    else:
-        return None
-    status = 0
-    for i in range(pos + 9, pos + 12):
-        c = p[i]
-        if c < 48 or c > 57:
-            return None
-        status = status * 10 + (c - 48)
-    if status < 200:
-        return None   # interim answers (and 101) are httptools'
-    tables = _VCHAR
-    vchar = tables
-    for i in range(pos + 13, eol):
-        if not vchar[p[i]]:
-            return None
-    return status, http10
-
-
-def split_head_fields(data: bytes, eol: int, end: int, names: dict, table: tuple,
-                      response: bool) -> tuple | None:
-    """(fields, Content-Length or -1, the Connection value or None) of the head data[:end + 4] whose
-    start line ends at `eol`: its fields as scan_fields splits them (a response's action-free lines
-    as raw runs). None when the head is httptools' to parse: not plain syntax, Transfer-Encoding, a
-    bad or second Content-Length, a request's Upgrade, a response's Connection naming headers to drop
-    (its lines are raw runs)."""
-    fields = scan_fields(data, eol + 2, end + 2, names, table, response) if eol < end else []
-    if fields is None:
-        return None
-    size = -1
-    connection = None
-    for k in range(0, len(fields), 3):
-        act = fields[k + 2]
-        if act is None:
-            continue
-        a = act
-        if a == H_TE:
-            return None
-        if a == H_CL:
-            if size >= 0:
-                return None
-            size = _decimal(fields[k + 1])
-            if size < 0:
-                return None
-        elif a == H_CONNECTION:
-            value = fields[k + 1]
-            if response and _connection_tokens(value, None) is not None:
-                return None
-            connection = value if connection is None else connection + b"," + value
-        elif a == H_UPGRADE and not response:
-            return None
-    return fields, size, connection
-
-
-def _decimal(value: bytes) -> int:
-    """A Content-Length value (RFC 9110 8.6: 1*DIGIT), or -1."""
-    n = len(value)
-    if n == 0 or n > 18:   # 18 digits fit a C long long
-        return -1
-    p = value
-    size = 0
-    for i in range(n):
-        c = p[i]
-        if c < 48 or c > 57:
-            return -1
-        size = size * 10 + (c - 48)
-    return size
-
-
-def _keep_alive(http10: bool, connection: bytes | None) -> bool:
-    """Whether the connection persists after this message (RFC 9112 9.3), as llhttp decides it."""
-    if connection is None:
-        return not http10
-    if connection in _PLAIN_CONNECTION:   # the common case: one token
-        return connection[0] | 0x20 == 107   # "k"eep-alive
-    tokens = [token.strip() for token in connection.lower().split(b",")]
-    if b"close" in tokens:
-        return False
-    return not http10 or b"keep-alive" in tokens
-
-
-def _status_line(code: int) -> bytes:
-    lines = _STATUS_LINES
-    line = lines.get(code)
-    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % code
-
-
 class _Stop(Exception):
     """Raised inside a parser callback to stop parsing the rest of the buffer."""
-
-
-_PLAIN_CONNECTION = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close"))  # name no header
-
-
-def _connection_tokens(value: bytes, into: set | None) -> set | None:
-    if value in _PLAIN_CONNECTION:
-        return into  # the common case (every keep-alive response of nginx, say): nothing to split
-    for token in value.split(b","):
-        token = token.strip().lower()
-        if token and token not in (b"close", b"keep-alive", b"upgrade"):
-            if into is None:
-                into = set()
-            into.add(token)
-    return into
-
-
-def _drop_named(lines: list, names: set) -> list:
-    out: list = []
-    for i in range(0, len(lines), 4):
-        if lines[i].lower() not in names:
-            out += lines[i:i + 4]
-    return out
 
 
 def _join_flags(have: str, new: str) -> str:
@@ -516,37 +198,9 @@ def _send(transport: asyncio.Transport, parts: list | tuple) -> None:
     for part in parts:  # not sum(map(len, parts)): a loop of C additions once compiled
         size += len(part)
     if size <= JOIN_MAX:
-        transport.write(_join(parts, size))
+        transport.write(join(parts, size))
     else:
         transport.writelines(parts)
-
-
-def _join(parts: list | tuple, size: int = -1) -> bytes:
-    """b"".join(parts) of a list or tuple of bytes (`size`: their total length, when the caller
-    has it). Compiled, the lengths are summed and the parts copied in C: bytes.join takes a buffer of
-    each part first, which is most of its cost for the many short parts of a head."""
-    if not COMPILED:
-        out = b"".join(parts)
-        if size >= 0 and len(out) != size:
-            raise ValueError("_join: the parts are not size bytes long")
-        return out
-    if size < 0:
-        size = 0
-        for part in parts:   # compiled: a bytes type check (TypeError, as b"".join raises)
-            size += len(part)
-    out = PyBytes_FromStringAndSize(cython.NULL, size)  # noqa: F821 - C API, compiled only
-    w = PyBytes_AS_STRING(out)  # noqa: F821
-    at = 0
-    for part in parts:
-        m = len(part)
-        if at + m > size:
-            raise ValueError("_join: the parts are not size bytes long")
-        src = part
-        memcpy(w + at, src, m)  # noqa: F821
-        at += m
-    if at != size:
-        raise ValueError("_join: the parts are not size bytes long")
-    return out
 
 
 # ---- trace context ------------------------------------------------------------------------------
@@ -611,9 +265,9 @@ def begin_trace(tracing: Tracing, tp: bytes | None, b3: dict | None) -> tuple:
         # Compiled: the ids written as hex into a copy of the line's template (no bytes per id).
         line = _traceparent_template()
         w = PyBytes_AS_STRING(line)  # noqa: F821 - C API, compiled only
-        _put_hex64(w + _TRACE_ID_AT, trace_id >> 64)
-        _put_hex64(w + _TRACE_ID_AT + 16, trace_id & _MASK64)
-        _put_hex64(w + _SPAN_ID_AT, span_id)
+        put_hex64(w + _TRACE_ID_AT, trace_id >> 64)
+        put_hex64(w + _TRACE_ID_AT + 16, trace_id & _MASK64)
+        put_hex64(w + _SPAN_ID_AT, span_id)
         if sampled:
             w[_SAMPLED_AT] = 0x31
         return None, line
@@ -628,7 +282,7 @@ def begin_trace(tracing: Tracing, tp: bytes | None, b3: dict | None) -> tuple:
     line = _traceparent_template()
     w = PyBytes_AS_STRING(line)  # noqa: F821
     memcpy(w + _TRACE_ID_AT - 3, t, 36)  # noqa: F821 - the caller's `00-` trace-id `-`
-    _put_hex64(w + _SPAN_ID_AT, span_id)
+    put_hex64(w + _SPAN_ID_AT, span_id)
     if odd[t[54]]:
         w[_SAMPLED_AT] = 0x31
     return None, line
@@ -637,7 +291,6 @@ def begin_trace(tracing: Tracing, tp: bytes | None, b3: dict | None) -> tuple:
 # The traceparent line begin_trace writes (`traceparent: 00-` trace-id `-` span-id `-0` flag CRLF),
 # the offsets of its parts, and the lowercase hex digits it writes them with (W3C Trace Context 3.2.2).
 _TRACEPARENT_LINE = b"traceparent: 00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-00\r\n"
-_HEX_DIGITS = b"0123456789abcdef"
 
 
 def _traceparent_template() -> bytes:
@@ -645,15 +298,6 @@ def _traceparent_template() -> bytes:
     template = _TRACEPARENT_LINE
     src = template
     return PyBytes_FromStringAndSize(src, len(template))  # noqa: F821
-
-
-def _put_hex64(w: Any, v: int) -> None:
-    """Compiled only: the 16 lowercase hex digits of the 64-bit `v` at w[0:16] (w a char pointer)."""
-    digits = _HEX_DIGITS
-    d = digits
-    for k in range(15, -1, -1):
-        w[k] = d[v & 15]
-        v >>= 4
 
 
 # Offsets in the traceparent line begin_trace writes: `traceparent: 00-` trace-id `-` span-id `-0` flag.
@@ -685,18 +329,6 @@ def count_request(telemetry: Telemetry, reporter: str, source: str, source_versi
     s.count += 1
     s.sum += ms
     s.buckets[bucket_of(ms)] += 1
-
-
-def bucket_of(ms: float) -> int:
-    """bisect_left(DURATION_BOUNDS, ms): the duration bucket of `ms`, by a loop over the bounds (most
-    requests stop at the first few; compiled, a C loop with no call)."""
-    bounds = DURATION_BOUNDS
-    n = len(bounds)
-    for i in range(n):
-        bound = bounds[i]
-        if not bound < ms:   # as bisect_left compares (a NaN falls in the first bucket there too)
-            return i
-    return n
 
 
 def _dec(counts: dict, key: Any) -> None:
@@ -1637,7 +1269,7 @@ class _Downstream:
             if left:
                 take = n - pos if n - pos < left else left
                 self.body_left = left - take
-                self.on_body(data if take == n else _cut(data, pos, pos + take))
+                self.on_body(data if take == n else cut(data, pos, pos + take))
                 pos += take
                 if not self.body_left:
                     self.on_message_complete()
@@ -1655,26 +1287,21 @@ class _Downstream:
             if taken < 0:
                 break
             pos = taken
-        return _cut(data, pos, len(data)) if pos else data
+        return cut(data, pos, len(data)) if pos else data
 
     def _whole_head(self, data: bytes, pos: int, end: int) -> int:
         """The request whose head is data[pos:end + 4], taken whole: where its body starts, or -1
         for httptools to parse it (not plain syntax; chunked, Upgrade, CONNECT...)."""
-        eol = line_end(data, pos, end)
-        line = split_request_line(data, pos, eol)
-        if line is None:
-            return -1
-        head = split_head_fields(data, eol, end, self.actions, self.stack.header_table, False)
+        head = read_request_head(data, pos, end, self.actions, self.stack.header_table)
         if head is None:
             return -1
-        fields, size, connection = head
-        method, target, http10 = line
+        method, target, http10, fields, size, keep = head
         self.on_message_begin()
         ex = self.cur
         ex.target = target
         for k in range(0, len(fields), 3):
             self._header(ex, fields[k], fields[k + 1], fields[k + 2])
-        if self._headers_done(ex, method, _keep_alive(http10, connection), http10, False):
+        if self._headers_done(ex, method, keep, http10, False):
             return len(data)   # as after httptools' _Stop: the rest of the read is dropped
         if size > 0:
             self.body_left = size
@@ -1756,7 +1383,7 @@ class _Downstream:
                 if b"chunked" in value.lower():
                     ex.chunked = True
             elif a == H_CONNECTION:
-                ex.conn_tokens = _connection_tokens(value, ex.conn_tokens)
+                ex.conn_tokens = connection_tokens(value, ex.conn_tokens)
             elif a == H_EXPECT:
                 ex.lines += (name, b": ", value, b"\r\n")
                 if value.strip().lower() == b"100-continue":
@@ -1793,7 +1420,7 @@ class _Downstream:
         if http10:
             ex.http10 = True
         if ex.conn_tokens:
-            ex.lines = _drop_named(ex.lines, ex.conn_tokens)
+            ex.lines = drop_named(ex.lines, ex.conn_tokens)
         if ex.chunked:
             ex.body = True
         if method == b"HEAD":
@@ -1930,7 +1557,7 @@ class _Downstream:
         if stack.traffic and cluster.mesh:
             self._traffic_layers(ex, cluster)
             return
-        ex.tries_left = min(len(cluster.endpoints), stack.max_tries)  # meshcore.lb.connect_tries, inlined
+        ex.tries_left = connect_tries(len(cluster.endpoints), stack.max_tries)
         self._pick(ex)
 
     # -- traffic layers (state per destination service: sidecar.traffic; order: build_outbound_stack)
@@ -1987,17 +1614,13 @@ class _Downstream:
         lane = ex.lane
         # 4. circuit breaker
         if stack.breaker:
-            breaker = lane.breaker   # CircuitBreaker.try_acquire_request, inlined
-            n = breaker.requests
-            if n >= breaker.max_requests:
-                breaker.overflows_total += 1
+            if not lane.breaker.try_acquire_request():
                 self._reply(ex, 503, FLAG_OVERFLOW, b"upstream overflow\n")
                 return
-            breaker.requests = n + 1
             ex.admitted = True
         # 5. retries: the budget counts this request; the body is held while it fits (HOLD_LIMIT)
         if stack.retries:
-            lane.budget.active_requests += 1  # RetryBudget.start_request, inlined
+            lane.budget.start_request()
             ex.budgeted = True
             if lane.retry_on is not None:
                 ex.retry_on = lane.retry_on
@@ -2010,7 +1633,7 @@ class _Downstream:
                 ex.keep_held = True
                 if ex.req_done:
                     self._send_mirror(ex)
-        ex.tries_left = min(len(ex.cluster.endpoints), stack.max_tries)  # meshcore.lb.connect_tries, inlined
+        ex.tries_left = connect_tries(len(ex.cluster.endpoints), stack.max_tries)
         self._pick(ex)
 
     def _send_mirror(self, ex: Exchange) -> None:
@@ -2171,13 +1794,10 @@ class _Downstream:
         lane = ex.lane
         if ex.admitted:
             ex.admitted = False
-            breaker = lane.breaker   # CircuitBreaker.release_request, inlined
-            n = breaker.requests
-            if n > 0:
-                breaker.requests = n - 1
+            lane.breaker.release_request()
         if ex.budgeted:
             ex.budgeted = False
-            lane.budget.active_requests -= 1  # RetryBudget.finish_request, inlined
+            lane.budget.finish_request()
         if ex.in_retry:
             ex.in_retry = False
             lane.budget.finish_retry()
@@ -2322,7 +1942,7 @@ class _Downstream:
             parts.append(ex.extra)
         parts.append(ex.trace_headers)
         parts.append(b"\r\n")
-        return _join(parts)
+        return join(parts)
 
     def _attach(self, ex: Exchange, up: _Upstream) -> None:
         up.attach(ex)
@@ -2427,7 +2047,7 @@ class _Downstream:
             return
         close = close or not ex.keep_alive or self.eof or (ex.expect and not ex.req_done)
         head = b"%bcontent-type: %b\r\ncontent-length: %d\r\nx-mesh-flags: %b\r\n%b%b\r\n" % (
-            _status_line(status), content_type, len(body), flags.encode(), headers,
+            status_line(status), content_type, len(body), flags.encode(), headers,
             b"connection: close\r\n" if close else b"")
         self.transport.write(head if ex.is_head else head + body)
         ex.status = status
@@ -2780,32 +2400,23 @@ class _Upstream:
                 return data
             left = self.body_left
             if not left:
-                return _cut(data, pos, len(data))
+                return cut(data, pos, len(data))
         n = len(data)
         take = n - pos if n - pos < left else left
         self.body_left = left - take
-        self.on_body(data if take == n else _cut(data, pos, pos + take))
+        self.on_body(data if take == n else cut(data, pos, pos + take))
         pos += take
         if not self.body_left:
             self._message_done(self.whole_keep)
-        return _cut(data, pos, len(data))
+        return cut(data, pos, len(data))
 
     def _whole_head(self, data: bytes, end: int, ex: Exchange) -> int:
         """The response whose head is data[:end + 4], taken whole: where its body starts, or -1 for
         httptools to parse it (not plain syntax; 1xx, chunked, no Content-Length...)."""
-        eol = line_end(data, 0, end)
-        line = split_status_line(data, 0, eol)
-        if line is None:
-            return -1
-        head = split_head_fields(data, eol, end, RESPONSE_HEADERS, _RESPONSE_TABLE, True)
+        head = read_response_head(data, end, RESPONSE_HEADERS, _RESPONSE_TABLE, ex.is_head)
         if head is None:
             return -1
-        fields, size, connection = head
-        status, http10 = line
-        bodiless = ex.is_head or status == 204 or status == 304
-        if size < 0 and not bodiless:
-            return -1   # the body ends with the connection: httptools reads it
-        keep = _keep_alive(http10, connection)
+        status, fields, size, keep = head
         self.on_message_begin()
         self.mid = False   # httptools has not seen it
         lines = self.lines
@@ -2816,7 +2427,7 @@ class _Upstream:
                 self._header(fields[k], fields[k + 1], fields[k + 2])
         self._status_head(status, keep)
         if self.phase != _DONE:
-            if bodiless or size == 0:
+            if size == 0:
                 self._message_done(keep)
             else:
                 self.body_left = size
@@ -2890,7 +2501,7 @@ class _Upstream:
             if b"chunked" in value.lower():
                 self.chunked_in = True
         elif a == H_CONNECTION:
-            self.conn_tokens = _connection_tokens(value, self.conn_tokens)
+            self.conn_tokens = connection_tokens(value, self.conn_tokens)
 
     def on_headers_complete(self) -> None:
         p = self.parser
@@ -2902,13 +2513,13 @@ class _Upstream:
         ex = self.exchange
         lines = self.lines
         if self.conn_tokens:
-            lines = _drop_named(lines, self.conn_tokens)
+            lines = drop_named(lines, self.conn_tokens)
         if status < 200:
             if status == 101:
                 raise _Stop  # Upgrade was removed from the request; a switch is a protocol error
             self.interim = True
             if not ex.http10:
-                self.out.append(b"".join([_status_line(status), *lines, b"\r\n"]))
+                self.out.append(b"".join([status_line(status), *lines, b"\r\n"]))
             return
         if ex.traffic is not None and ex.down._response_head(ex, self, status):
             # The retry layer takes this answer: read it to its end and drop it (data_received decides).
@@ -2921,7 +2532,7 @@ class _Upstream:
         ex.resp_started = True
         down = ex.down
         close = not ex.keep_alive or down.eof
-        parts = [_status_line(status)]
+        parts = [status_line(status)]
         parts += lines
         self.chunked_out = False
         self.until_close = False
@@ -2943,7 +2554,7 @@ class _Upstream:
             parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
         ex.close_after = close
-        self.out.append(_join(parts))
+        self.out.append(join(parts))
         self.phase = _BODY
         if ex.is_head:
             self._head_done(keep)

@@ -12,10 +12,9 @@ from hypothesis import strategies as st
 
 OWS = b" \t"
 LF = 10
-# Known finding (tests/fuzz/test_regressions.py, xfail until sidecar/proxy.py is fixed): a start line
-# ended by a bare CR is taken whole, the byte after the CR skipped. The comparison stops there so the
-# fuzzers look for other findings; set False to see it again.
-BARE_CR_START_LINE_KNOWN = True
+# A finding, fixed (tests/fuzz/test_regressions.py): a start line ended by a bare CR was taken whole,
+# the byte after the CR skipped. True would stop the comparison there again.
+BARE_CR_START_LINE_KNOWN = False
 KNOWN_BARE_CR = "known: start line ended by a bare CR"
 
 

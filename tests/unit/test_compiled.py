@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import os
-from pathlib import Path
 
 import pytest
 
+import meshcore.resilience as resilience
+import sidecar.datapath.http1 as http1
+import sidecar.datapath.speedups as speedups
 import sidecar.proxy as proxy
-from bench.env import COMPILED_SOURCES, ROOT
-
-SOURCES = tuple(ROOT / src for src in COMPILED_SOURCES)
+from bench.env import COMPILED_MODULES, ROOT, stale_compiled_modules
 
 
 def _compiled() -> bool:
@@ -29,12 +30,35 @@ def test_ci_tests_the_compiled_data_path() -> None:
         assert not cls.__flags__ & (1 << 9), f"{cls.__name__} is a heap (Python) type"  # Py_TPFLAGS_HEAPTYPE
     # Compiled, heads that arrive whole in plain syntax are split by the proxy (test_whole_heads).
     assert proxy.WHOLE_HEADS is True
+    # The byte helpers and the head grammar are compiled too, and the proxy calls them as C functions (a cimport, which
+    # also makes a compiled proxy refuse to load beside the helpers' Python source).
+    assert speedups.COMPILED is True and not speedups.__file__.endswith(".py"), speedups.__file__
+    assert "head_end" in speedups.__pyx_capi__ and "put_hex64" in speedups.__pyx_capi__
+    assert http1.__file__.endswith(".so") and "split_head_fields" in http1.__pyx_capi__, http1.__file__
+    # The breaker slot and the retry budget are the proxy's only implementation of them (no inlined
+    # copies): compiled, meshcore.resilience's classes are extension types whose methods it calls in C.
+    for cls in (resilience.CircuitBreaker, resilience.RetryBudget):
+        assert not cls.__flags__ & (1 << 9), f"{cls.__name__} is a heap (Python) type"
 
 
-def test_compiled_module_is_not_older_than_its_sources() -> None:
-    """An edit of proxy.py or proxy.pxd without `make ext` would leave tests running the old code."""
+def test_setup_compiles_the_modules_checked_for_staleness() -> None:
+    """setup.py's COMPILED list is the one the stale check (bench.env.COMPILED_MODULES) covers."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    listed = next(ast.literal_eval(node.value) for node in tree.body
+                  if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "COMPILED")
+    assert sorted(listed) == sorted(COMPILED_MODULES)
+
+
+def test_compiled_modules_are_not_older_than_their_sources() -> None:
+    """An edit of a compiled module's .py or .pxd (or of a .pxd it cimports) without `make ext` would
+    leave tests running the old code (tests/conftest.py rebuilds it before collecting, or stops)."""
     if not _compiled():
         pytest.skip("sidecar.proxy runs from its source")
-    built = Path(proxy.__file__).stat().st_mtime
-    stale = [src.name for src in SOURCES if src.stat().st_mtime > built]
-    assert not stale, f"{proxy.__file__} is older than {', '.join(stale)}: run `make ext`"
+    stale = stale_compiled_modules()
+    assert not stale, f"{', '.join(stale)} older than their sources: run `make ext`"
+
+
+@pytest.mark.parametrize("name, sources", sorted(COMPILED_MODULES.items()))
+def test_each_compiled_module_lists_sources_that_exist(name, sources) -> None:
+    assert all((ROOT / src).is_file() for src in sources), sources
+    assert sources[0] == name.replace(".", "/") + ".py"

@@ -51,7 +51,7 @@ def test_bucket_of_is_bisect_left():
     below and past them, and the odd values (infinity, NaN) bisect_left also takes."""
     from bisect import bisect_left
     import math
-    from sidecar.proxy import bucket_of
+    from sidecar.datapath.speedups import bucket_of
 
     values = [-1.0, 0.0, math.inf, -math.inf, math.nan, 1e-9]
     for b in DURATION_BOUNDS:

@@ -1,11 +1,11 @@
-"""sidecar.proxy.head_end: where a head's blank line starts, as bytes.find says (libc memmem when compiled)."""
+"""sidecar.datapath.speedups.head_end: where a head's blank line starts, as bytes.find says (libc memmem when compiled)."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from sidecar.proxy import head_end
+from sidecar.datapath.speedups import head_end
 
 CRLF2 = b"\r\n\r\n"
 DATA = [

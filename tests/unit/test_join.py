@@ -1,9 +1,9 @@
-"""sidecar.proxy._join: b"".join of the parts of a head or a body write, in C when compiled."""
+"""sidecar.datapath.speedups.join: b"".join of the parts of a head or a body write, in C when compiled."""
 from __future__ import annotations
 
 import pytest
 
-from sidecar.proxy import _join
+from sidecar.datapath.speedups import join
 
 PARTS = [
     [],
@@ -17,18 +17,18 @@ PARTS = [
 @pytest.mark.parametrize("parts", PARTS)
 def test_join_equals_bytes_join(parts):
     want = b"".join(parts)
-    assert _join(parts) == want
-    assert _join(tuple(parts)) == want
-    assert _join(parts, len(want)) == want
+    assert join(parts) == want
+    assert join(tuple(parts)) == want
+    assert join(parts, len(want)) == want
 
 
 @pytest.mark.parametrize("size", [0, 5, 7])
 def test_a_wrong_size_is_refused(size):
     with pytest.raises(ValueError, match="size"):
-        _join([b"abc", b"def"], size)
+        join([b"abc", b"def"], size)
 
 
 @pytest.mark.parametrize("bad", [[b"a", "b"], [b"a", None], [1]])
 def test_parts_must_be_bytes(bad):
     with pytest.raises(TypeError):
-        _join(bad)
+        join(bad)

@@ -1,4 +1,4 @@
-"""The head splitting of sidecar.proxy's compiled build (WHOLE_HEADS): what it takes, what it leaves.
+"""The head splitting of the compiled data path (WHOLE_HEADS): what it takes, what it leaves.
 
 Whatever these functions refuse (None) is parsed by httptools instead, so each refusal below is a
 head that must not be taken whole; each accepted one must come out as httptools would read it.
@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.proxy import (
-    H_CL, H_CONNECTION, H_DROP, H_HOST, H_TE, INBOUND_REQUEST_HEADERS, RESPONSE_HEADERS, _decimal,
-    _keep_alive, line_end, name_table, scan_fields, split_head_fields, split_request_line,
+from sidecar.datapath.http1 import (
+    H_CL, H_CONNECTION, H_DROP, H_HOST, H_TE, keep_alive, line_end, split_head_fields, split_request_line,
     split_status_line,
 )
+from sidecar.datapath.speedups import decimal_value, name_table, scan_fields
+from sidecar.proxy import INBOUND_REQUEST_HEADERS, RESPONSE_HEADERS
 
 REQ_TABLE = name_table(INBOUND_REQUEST_HEADERS)
 RESP_TABLE = name_table(RESPONSE_HEADERS)
@@ -168,7 +169,7 @@ def test_status_lines(line, expect):
     (b"9" * 19, -1),   # beyond what we take whole: httptools decides
 ])
 def test_content_length_values(value, expect):
-    assert _decimal(value) == expect
+    assert decimal_value(value) == expect
 
 
 @pytest.mark.parametrize("http10, connection, expect", [
@@ -179,4 +180,4 @@ def test_content_length_values(value, expect):
     (False, b"upgrade", True),
 ])
 def test_keep_alive_as_rfc_9112_9_3(http10, connection, expect):
-    assert _keep_alive(http10, connection) is expect
+    assert keep_alive(http10, connection) is expect
