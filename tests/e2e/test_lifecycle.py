@@ -281,3 +281,30 @@ def test_same_service_names_in_a_second_project(lc):
     finally:
         project(other, "down")
     wait_mesh_ok(what="the mesh without the second project")
+
+
+def test_health_check_decides_the_endpoint(mesh):
+    """A container with a Docker HEALTHCHECK is an endpoint only while healthy, and meshd says so."""
+    hp = "lchealth"
+    project(hp, "down", file="health.yml", check=False)
+    project(hp, "up", "-d", file="health.yml")
+    try:
+        web = service_containers(hp, "hweb")[0]
+
+        def instance() -> dict:
+            svc = next(s for s in get_json(f"{ADMIN}/v1/services")["services"] if s["name"] == "hweb")
+            return svc["instances"][0] | {"endpoints": [e["instance"] for e in svc["endpoints"]]}
+
+        wait_for(lambda: instance()["health"] == "unhealthy", 30, what="hweb unhealthy")
+        assert web["Id"] not in instance()["endpoints"] and instance()["serving"] is False
+        assert curl(hp, "http://hweb/", client="hclient", timeout=3)[0] != 200   # not served while unhealthy
+        run(["docker", "exec", web["Id"], "touch", "/tmp/healthy"])
+        wait_for(lambda: web["Id"] in instance()["endpoints"], 30, what="hweb an endpoint once healthy")
+        assert instance()["health"] == "healthy"
+        before = mtls_requests(hp, "hweb", source="hclient")
+        assert curl(hp, "http://hweb/", client="hclient")[0] == 200
+        wait_for(lambda: mtls_requests(hp, "hweb", source="hclient") > before, 10, what="counted by hweb's sidecar")
+        run(["docker", "exec", web["Id"], "rm", "/tmp/healthy"])
+        wait_for(lambda: web["Id"] not in instance()["endpoints"], 30, what="hweb withdrawn once unhealthy")
+    finally:
+        project(hp, "down", file="health.yml", check=False)
