@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from .control import Hub, dumps
 from .discovery import Discovery
 from .docker_adapter import GATEWAY_NAME, DockerAdapter, DockerView, sidecar_name
 from . import hold
+from .parallel import run_bounded
 from .problems import Problems
 from .plan import build_sidecar_env, control_host_for, plan_sidecars
 from .rules_api import RulesBook, add_routes as add_rules_routes
@@ -384,7 +386,9 @@ class Meshd:
         workloads = build_workloads(view.apps)
         plan = plan_sidecars(workloads, view.sidecars, view.image_id)
         # Each step below fails alone: the failure is a problem (status, events) retried next time.
-        for sc in plan.remove:
+        # Removals, then creations, a few at a time (run_bounded): one by one, a `compose down` of 100
+        # waited on each sidecar's death in turn.
+        async def remove(sc) -> None:
             log.info("sidecar_remove", sidecar=sc.name, reason="app gone, stopped, stale or duplicate")
             await self._step("sidecar_remove", sc.name, loop.run_in_executor(None, self.docker.remove, sc.id))
             # Its control connection goes with it, before a replacement of the same name connects: a
@@ -392,8 +396,12 @@ class Meshd:
             # heartbeats fail, in place of the new one.
             if sc.name in self.hub.nodes:
                 await self.hub.drop(sc.name)
-        for wl in plan.create:
+
+        async def create(wl) -> None:
             await self._step("sidecar_create", sidecar_name(wl.container), self._create_sidecar(wl, view))
+
+        await run_bounded([functools.partial(remove, sc) for sc in plan.remove])
+        await run_bounded([functools.partial(create, wl) for wl in plan.create])
         self.problems.keep_only("sidecar_create", {sidecar_name(wl.container) for wl in workloads})
         self.problems.keep_only("sidecar_remove", {sc.name for sc in view.sidecars})
         # A hold that timed out stays a problem until the app's sidecar connects (or the app goes).
