@@ -357,6 +357,7 @@ def run(args, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PROJECT  # --project: every helper above names the project's containers by it
     parser = argparse.ArgumentParser(prog="python -m bench.lifecycle_scale", description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=100)
     parser.add_argument("--project", default=PROJECT, help="compose project name of the replicas")
@@ -370,7 +371,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(env.ROOT / "bench" / "RESULTS.md"))
     parser.add_argument("--no-write", action="store_true", help="print the section, leave RESULTS.md alone")
     args = parser.parse_args(argv)
-    global PROJECT
     PROJECT = args.project
     lock_path = os.environ.get("MESH_E2E_LOCK", "/tmp/meshd-e2e.lock")
     with open(lock_path, "a") as fh:
