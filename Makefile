@@ -23,7 +23,7 @@ export PIP_ROOT_USER_ACTION := ignore
 # Same wheel bytes for the same sources, so Docker's layer cache holds when nothing changed.
 export SOURCE_DATE_EPOCH := 315532800
 
-.PHONY: install ext wheels base-image image demo-image images test-images docker test-tools demo demo-down test unit e2e fuzz bench
+.PHONY: install ext wheels base-image image demo-image images test-images docker test-tools demo demo-down test unit e2e fuzz bench bench-scale
 
 install:
 	$(PIP) install -q -e '.[test]'
@@ -114,3 +114,10 @@ BENCH_ARGS ?=
 bench:
 	@if [ -f bench/__main__.py ]; then $(PYTHON) -m bench $(BENCH_ARGS); \
 	else echo "no benchmarks yet (bench/__main__.py is missing)"; fi
+
+# Lifecycle at scale (needs Docker, root, `make images test-images`): REPLICAS meshed nginx from
+# `compose up` to `compose down` -> the "Lifecycle at scale" section of bench/RESULTS.md. Takes
+# /tmp/meshd-e2e.lock itself; restarts meshd and takes it down at the end. About 5 minutes at 100.
+REPLICAS ?= 100
+bench-scale:
+	$(PYTHON) -m bench.lifecycle_scale --replicas $(REPLICAS) $(BENCH_ARGS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from .control import Hub, dumps
 from .discovery import Discovery
 from .docker_adapter import GATEWAY_NAME, DockerAdapter, DockerView, sidecar_name
 from . import hold
+from .parallel import run_bounded
 from .problems import Problems
 from .plan import build_sidecar_env, control_host_for, plan_sidecars
 from .rules_api import RulesBook, add_routes as add_rules_routes
@@ -283,19 +285,28 @@ class Meshd:
                 log.exception("hold_release_failed")
 
     async def _release_ready_holds(self) -> None:
-        """One pass of _release_holds over the current holds."""
+        """One pass of _release_holds over the current holds, every held app asked at once (a
+        `--scale web=100` holds 100 apps: one by one, a pass outlasted HOLD_MAX_S)."""
         apps = {app.id: app for app in self.view.apps}
         specs = {wl.container.id: wl.spec for wl in build_workloads(self.view.apps)}
-        for cid, since in list(self.holds.since.items()):
-            # Only a listing begun after the hold says what the app is now: an older one may
-            # still show it stopped (`compose start` of a stopped app).
-            app = apps.get(cid) if self.view_listed_at >= since else None
-            spec = specs.get(cid)
+        # Only a listing begun after the hold says what the app is now: an older one may still show
+        # it stopped (`compose start` of a stopped app).
+        fresh = {cid: apps.get(cid) if self.view_listed_at >= since else None
+                 for cid, since in self.holds.since.items()}
+
+        async def ready(app) -> bool:
             ip = None if app is None else self.view.mesh_address(app)
-            ready = ip is not None and await sidecar_ready(ip)
+            return ip is not None and await sidecar_ready(ip)
+
+        answers = await asyncio.gather(*(ready(app) for app in fresh.values()))
+        for (cid, app), is_ready in zip(fresh.items(), answers):
+            since = self.holds.since.get(cid)
+            if since is None:
+                continue
+            spec = specs.get(cid)
             verdict = hold.decide(since, time.time(), listed=app is not None,
                                   running=app is not None and app.running,
-                                  wants_hold=spec is not None and spec.hold, ready=ready)
+                                  wants_hold=spec is not None and spec.hold, ready=is_ready)
             if verdict is None:
                 continue
             if verdict != hold.FORGET:
@@ -383,7 +394,9 @@ class Meshd:
         workloads = build_workloads(view.apps)
         plan = plan_sidecars(workloads, view.sidecars, view.image_id)
         # Each step below fails alone: the failure is a problem (status, events) retried next time.
-        for sc in plan.remove:
+        # Removals, then creations, a few at a time (run_bounded): one by one, a `compose down` of 100
+        # waited on each sidecar's death in turn.
+        async def remove(sc) -> None:
             log.info("sidecar_remove", sidecar=sc.name, reason="app gone, stopped, stale or duplicate")
             await self._step("sidecar_remove", sc.name, loop.run_in_executor(None, self.docker.remove, sc.id))
             # Its control connection goes with it, before a replacement of the same name connects: a
@@ -391,8 +404,12 @@ class Meshd:
             # heartbeats fail, in place of the new one.
             if sc.name in self.hub.nodes:
                 await self.hub.drop(sc.name)
-        for wl in plan.create:
+
+        async def create(wl) -> None:
             await self._step("sidecar_create", sidecar_name(wl.container), self._create_sidecar(wl, view))
+
+        await run_bounded([functools.partial(remove, sc) for sc in plan.remove])
+        await run_bounded([functools.partial(create, wl) for wl in plan.create])
         self.problems.keep_only("sidecar_create", {sidecar_name(wl.container) for wl in workloads})
         self.problems.keep_only("sidecar_remove", {sc.name for sc in view.sidecars})
         # A hold that timed out stays a problem until the app's sidecar connects (or the app goes).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ OWNER = "meshd"
 SIDECAR_ROLE = "sidecar"
 GATEWAY_ROLE = "gateway"
 GATEWAY_NAME = "meshd-gateway"
+INSPECT_PARALLEL = 4   # inspections of one listing in flight at once
 
 
 def decode_container_attrs(attrs: dict[str, Any]) -> ContainerInfo:
@@ -43,6 +45,31 @@ def decode_container_attrs(attrs: dict[str, Any]) -> ContainerInfo:
         health=str((state.get("Health") or {}).get("Status") or ""),
         paused=bool(state.get("Paused")),
         created=str(attrs.get("Created") or ""),
+    )
+
+
+def decode_container_summary(summary: dict[str, Any]) -> ContainerInfo:
+    """A ContainerInfo from a `GET /containers/json` entry (pure): all an inspection gives but the
+    start time, which stays empty (the plan then does not judge a sidecar by it)."""
+    state = summary.get("State") or ""
+    status = summary.get("Status") or ""
+    health = next((h for h, marker in (("unhealthy", "(unhealthy)"), ("healthy", "(healthy)"),
+                                       ("starting", "(health: starting)")) if marker in status), "")
+    networks = (summary.get("NetworkSettings") or {}).get("Networks") or {}
+    names = summary.get("Names") or [""]
+    return ContainerInfo(
+        id=summary.get("Id", ""),
+        name=names[0].lstrip("/"),
+        labels=dict(summary.get("Labels") or {}),
+        exposed_ports=tuple(sorted({p["PrivatePort"] for p in summary.get("Ports") or []
+                                    if p.get("Type", "tcp") == "tcp" and isinstance(p.get("PrivatePort"), int)})),
+        networks={name: net.get("IPAddress") for name, net in networks.items() if net.get("IPAddress")},
+        running=state in ("running", "paused"),
+        started_at="",
+        network_mode=(summary.get("HostConfig") or {}).get("NetworkMode", ""),
+        image=summary.get("ImageID", ""),
+        health=health,
+        paused=state == "paused",
     )
 
 
@@ -93,26 +120,21 @@ class DockerAdapter:
         # container's state: used only when a fresh inspection times out, so that one slow answer of
         # a loaded engine degrades that container's entry instead of failing the whole listing.
         self._inspected: dict[str, ContainerInfo] = {}
-        self.stale: list[str] = []   # container names whose entry came from _inspected this listing
+        self.stale: list[str] = []   # names of containers this listing could not inspect in time
+        self._pool = ThreadPoolExecutor(INSPECT_PARALLEL, thread_name_prefix="docker-inspect")
 
     def list_view(self) -> DockerView:
-        """List every container once and inspect the ones that matter to the mesh."""
+        """List every container once and inspect the ones that matter to the mesh (a few at a time:
+        an inspection waits while the engine tears that container down)."""
         apps, sidecars, gateway = [], [], None
         inspected: dict[str, ContainerInfo] = {}
         self.stale = []
-        for summary in self.client.api.containers(all=True):
-            labels = summary.get("Labels") or {}
-            if not (is_mesh_enabled(labels) or is_mesh_owned(labels)):
-                continue
-            try:
-                info = decode_container_attrs(self.client.api.inspect_container(summary["Id"]))
-            except docker.errors.NotFound:
+        summaries = [s for s in self.client.api.containers(all=True)
+                     if is_mesh_enabled(s.get("Labels") or {}) or is_mesh_owned(s.get("Labels") or {})]
+        for summary, info in zip(summaries, self._pool.map(self._inspect, summaries)):
+            if info is None:
                 continue  # gone between list and inspect; the next event rebuilds again
-            except (requests.exceptions.Timeout, requests.exceptions.ConnectionError):
-                info = self._inspected.get(summary["Id"])
-                if info is None:
-                    raise
-                self.stale.append(info.name)
+            labels = summary.get("Labels") or {}
             inspected[info.id] = info
             if labels.get(OWNER_LABEL) == OWNER and labels.get(ROLE_LABEL) == SIDECAR_ROLE:
                 sidecars.append(info)
@@ -125,10 +147,22 @@ class DockerAdapter:
         gateways = bridge_gateways(self.client.api.networks(), names) if names else {}
         try:
             image_id = self.client.images.get(self.image).id
-        except docker.errors.ImageNotFound:
-            image_id = None
+        except (docker.errors.ImageNotFound, requests.exceptions.Timeout, requests.exceptions.ConnectionError):
+            image_id = None   # unknown: the plan then replaces no sidecar for its image
         return DockerView(apps=apps, sidecars=sidecars, gateway=gateway, network_gateways=gateways,
                           image_id=image_id)
+
+    def _inspect(self, summary: dict[str, Any]) -> ContainerInfo | None:
+        """One container of the listing, inspected; when the engine does not answer in time, its
+        last inspection or else the listing's own summary stands in (named in `stale`)."""
+        try:
+            return decode_container_attrs(self.client.api.inspect_container(summary["Id"]))
+        except docker.errors.NotFound:
+            return None
+        except (requests.exceptions.Timeout, requests.exceptions.ConnectionError):
+            info = self._inspected.get(summary["Id"]) or decode_container_summary(summary)
+            self.stale.append(info.name)
+            return info
 
     def create_sidecar(self, app: ContainerInfo, env: dict[str, str]) -> str:
         """Start the sidecar of `app` in its network namespace; returns the container id."""

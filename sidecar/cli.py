@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,6 +20,12 @@ OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
 ANNOUNCE_POLL_S = 0.05  # until ready (announce_when_ready)
 DRAIN_S = 1.0  # after SIGTERM: withdraw from discovery, keep serving briefly for in-flight requests
+# The app gone: Docker tears down its interfaces when it stops, but this process keeps its network
+# namespace alive with only `lo`. Then the sidecar ends itself (exit 0, so on-failure does not restart
+# it) instead of waiting for meshd to kill it in the middle of a `compose down` storm.
+ORPHAN_GRACE_S = 5.0   # longer than a `docker network disconnect` then `connect` leaves only lo
+ORPHAN_POLL_S = 2.0   # without a netlink socket (link_watch) only
+RTMGRP_LINK = 1       # rtnetlink(7): the multicast group of link changes
 
 
 class ConfigError(ValueError):
@@ -83,6 +91,85 @@ def read_routes() -> list:
 
     with open("/proc/net/route", encoding="ascii") as fh:
         return parse_proc_net_route(fh.read())
+
+
+def interface_names(proc_net_dev: str) -> list[str]:
+    """The interface names in the text of /proc/net/dev (pure; two header lines, then `name: counters`)."""
+    return [line.split(":", 1)[0].strip() for line in proc_net_dev.splitlines()[2:] if ":" in line]
+
+
+def lone_since(names: list[str], since: float | None, now: float) -> float | None:
+    """When the namespace was first seen with no interface but loopback (pure): `since` while that
+    lasts, `now` when it begins, None while any other interface is there."""
+    if any(name != "lo" for name in names):
+        return None
+    return now if since is None else since
+
+
+def read_interfaces() -> list[str]:
+    """The interfaces of this process's network namespace (the app's) now."""
+    with open("/proc/net/dev", encoding="ascii") as fh:
+        return interface_names(fh.read())
+
+
+def link_watch() -> socket.socket | None:
+    """A netlink socket told of every link change in this namespace (rtnetlink(7), RTMGRP_LINK), so
+    that the orphan check costs nothing at idle; None where it cannot be opened (then: polling)."""
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        sock.bind((0, RTMGRP_LINK))
+        sock.setblocking(False)
+        return sock
+    except (OSError, AttributeError):
+        return None
+
+
+async def stop_when_orphaned(stop: asyncio.Event, read=read_interfaces, watch: socket.socket | None = None,
+                             grace_s: float = ORPHAN_GRACE_S, poll_s: float = ORPHAN_POLL_S,
+                             clock=time.monotonic) -> bool:
+    """Set `stop` once the namespace has had no interface but lo for `grace_s` (its app has stopped);
+    True then, False if `stop` is set otherwise. Checks on each message of `watch` (a link_watch
+    socket), else every `poll_s`."""
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+
+    def on_message() -> None:
+        try:
+            while watch.recv(65536):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:  # ENOBUFS: messages were lost; the check below reads the state afresh
+            pass
+        changed.set()
+
+    if watch is not None:
+        loop.add_reader(watch.fileno(), on_message)
+    since = None
+    try:
+        while not stop.is_set():
+            changed.clear()
+            try:
+                since = lone_since(read(), since, clock())
+            except OSError:
+                since = None
+            if since is not None and clock() - since >= grace_s:
+                log.info("sidecar_orphaned", reason="its app's network namespace has no interface but lo",
+                         seconds=round(clock() - since, 1), action="exit 0")
+                stop.set()
+                return True
+            timeout = poll_s if watch is None else None
+            if since is not None:   # check again when the grace ends, at the latest
+                timeout = min(t for t in (timeout, grace_s - (clock() - since)) if t is not None)
+            waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+        return False
+    finally:
+        if watch is not None:
+            loop.remove_reader(watch.fileno())
+            watch.close()
 
 
 def drop_privileges(uid: int) -> None:
@@ -166,11 +253,13 @@ async def serve(settings: SidecarSettings) -> None:
                           settings.protocol, INBOUND_PORT)
     control_task = asyncio.ensure_future(control.run())
     stop = stop_signal()
+    orphan_task = asyncio.ensure_future(stop_when_orphaned(stop, watch=link_watch()))
     announce_task = asyncio.ensure_future(announce_when_ready(announcer, control, listening))
     log.info("sidecar_started", service=settings.service, version=settings.version,
              app_port=settings.app_port, capture=settings.capture, protocol=settings.protocol)
     await stop.wait()
     log.info("sidecar_stopping")
+    orphan_task.cancel()
     announce_task.cancel()
     await announcer.close()
     await asyncio.sleep(DRAIN_S)
