@@ -604,29 +604,25 @@ def add_routes(app: web.Application, hub: TelemetryHub) -> None:
     def bad(message: str) -> web.Response:
         return web.json_response({"error": message}, status=400)
 
-    async def stat(req: web.Request) -> web.Response:
-        try:
-            window = _window_param(req)
-        except ValueError as exc:
-            return bad(str(exc))
-        return web.json_response(hub.stat(window))
+    def windowed(answer):
+        """A GET handler answering `answer(req, window)`, or 400 naming a bad ?window."""
+        async def handler(req: web.Request) -> web.Response:
+            try:
+                window = _window_param(req)
+            except ValueError as exc:
+                return bad(str(exc))
+            return answer(req, window)
+        return handler
 
-    async def compare(req: web.Request) -> web.Response:
+    def compare_versions(req: web.Request, window: float) -> web.Response:
         service, a, b = req.query.get("service"), req.query.get("a"), req.query.get("b")
         if not service or not a or not b:
             return bad("query parameters service, a and b are required (e.g. ?service=catalog&a=v1&b=v2)")
-        try:
-            window = _window_param(req)
-        except ValueError as exc:
-            return bad(str(exc))
         return web.json_response(hub.compare(service, a, b, window))
 
-    async def graph(req: web.Request) -> web.Response:
-        try:
-            window = _window_param(req)
-        except ValueError as exc:
-            return bad(str(exc))
-        return web.json_response(hub.graph(window))
+    stat = windowed(lambda req, window: web.json_response(hub.stat(window)))
+    compare = windowed(compare_versions)
+    graph = windowed(lambda req, window: web.json_response(hub.graph(window)))
 
     async def events(req: web.Request) -> web.Response:
         since = after_id = None
