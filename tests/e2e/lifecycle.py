@@ -28,7 +28,10 @@ def containers(*filters: str) -> list[dict]:
     for f in filters:
         cmd += ["--filter", f]
     ids = run(cmd).stdout.split()
-    return json.loads(run(["docker", "inspect", *ids]).stdout) if ids else []
+    if not ids:
+        return []
+    # A container removed between the two calls is left out (docker inspect exits 1 for it).
+    return json.loads(run(["docker", "inspect", *ids], check=False).stdout or "[]")
 
 
 def service_containers(proj: str, service: str, running: bool = True) -> list[dict]:

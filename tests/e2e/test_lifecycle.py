@@ -296,6 +296,8 @@ def test_health_check_decides_the_endpoint(mesh):
             return svc["instances"][0] | {"endpoints": [e["instance"] for e in svc["endpoints"]]}
 
         wait_for(lambda: instance()["health"] == "unhealthy", 30, what="hweb unhealthy")
+        wait_for(lambda: not containers(f"id={web['Id']}")[0]["State"]["Paused"], 30,
+                 what="hweb released by the start hold")
         assert web["Id"] not in instance()["endpoints"] and instance()["serving"] is False
         assert curl(hp, "http://hweb/", client="hclient", timeout=3)[0] != 200   # not served while unhealthy
         run(["docker", "exec", web["Id"], "touch", "/tmp/healthy"])
