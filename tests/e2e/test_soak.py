@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ADMIN, ROOT, get_json, metric_sum, metrics, run, wait_for
-from .lifecycle import containers, ipv4, mesh_violations, project, service_containers, wait_mesh_ok
+from .lifecycle import containers, ipv4, mesh_violations, project, service_containers
 from .soak import (
     MEMORY_OPS, PROJECTS, TARGETS, Call, Op, State, Window, absent, judge, parse_calls, percentile, plan, states,
     touched,
@@ -155,6 +155,27 @@ def wait_model(state: State) -> None:
         raise AssertionError(f"{exc}\n{last[0]}") from None
 
 
+def soak_violations() -> list[str]:
+    """The mesh's invariants (tests/e2e/lifecycle.py), and no soak app still held (paused) at start."""
+    held = [c["Name"].lstrip("/") for c in containers("label=mesh.enable=true", "status=paused")
+            if c["Config"]["Labels"].get("com.docker.compose.project") in PROJECTS]
+    return mesh_violations() + [f"{name} still paused (held at start)" for name in held]
+
+
+def wait_settled(what: str) -> None:
+    """Poll toward the deadline until soak_violations() is empty; the last ones are in the failure."""
+    last: list[list[str]] = [[]]
+
+    def ok() -> bool:
+        last[0] = soak_violations()
+        return not last[0]
+
+    try:
+        wait_for(ok, SETTLE_S, interval=0.5, what=what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nviolations: {last[0]}") from None
+
+
 def pair_counts(caller_c: dict, callee: str, caller: str) -> tuple[float, float]:
     """(requests the caller's sidecar sent to callee, requests callee's sidecars took from caller),
     by the sidecars' own metrics."""
@@ -224,16 +245,20 @@ def summary(seed: int, ops: list[Op], timings: list[dict], calls: list[Call], ju
            "then every caller -> present callee pair is called and counted by both sidecars.", "",
            f"Calls of the steady load: {len(calls)}, failed {len(failed)} "
            f"({', '.join(f'{w}: {n}' for w, n in sorted(by_why.items())) or 'none'})."]
+    unexplained = [(c, idx) for c, why, idx in judged if why == "unexplained"]
+    md += [f"- unexplained: {c.caller} -> {c.callee} status {c.status}, curl exit {c.exit_code}, during operations {idx}"
+           for c, idx in unexplained[:20]]
     if memory.get("start"):
         (f0, r0), (f1, r1) = memory["start"], memory.get("end", (0, 0))
         md.append(f"meshd after {MEMORY_OPS} operations: {f0} fds, {r0 / 1024:.1f} MiB RSS; "
                   f"at the end: {f1} fds, {r1 / 1024:.1f} MiB RSS.")
-    text = "\n".join(["", f"lifecycle soak: seed {seed}"] + md)
+    text = "\n".join(["", f"lifecycle soak: seed {seed}"] + md + ["failed calls (UTC time, caller -> callee, "
+                                                                 "status/curl exit, why, operations overlapping):"])
     for call, why, idx in judged:
-        if why == "unexplained":
-            text += (f"\n  unexplained failed call {call.caller} -> {call.callee} at {call.start:.3f}"
-                     f" (+{call.end - call.start:.2f} s) status {call.status} curl exit {call.exit_code};"
-                     f" ops overlapping: {[f'{i} {ops[i]}' for i in idx]}")
+        at = time.strftime("%H:%M:%S", time.gmtime(call.start)) + f".{int(call.start * 1000) % 1000:03d}"
+        names = [f"{i} {ops[i]}" if i >= 0 else "bring-up" for i in idx]
+        text += (f"\n  {at} {call.caller} -> {call.callee} {call.status}/{call.exit_code}"
+                 f" ({call.end - call.start:.2f} s) {why}: {names}")
     return text, md
 
 
@@ -268,13 +293,17 @@ def test_lifecycle_soak(soak_env):
     after = states(ops)
     print(f"\nlifecycle soak: seed {seed}, {n} operations (replay: MESH_SOAK_SEED={seed} MESH_SOAK_OPS={n})")
     env = compose_env(soak_env, n)
+    setup = time.time()
     run(["docker", "network", "create", EXTRA_NET])
     for proj in PROJECTS:
         soak_project(proj, "up", "-d", env=env)
-    wait_mesh_ok(SETTLE_S, what="the soak projects meshed")
+    wait_settled("the soak projects meshed")
     check_pairs(State.all_up())
+    # the bring-up is window -1: every service was absent before it
+    every = frozenset(m for svcs in PROJECTS.values() for m, _ in svcs.values())
+    windows: list[Window] = [Window(-1, Op("up", "soaka,soakb,soakc"), setup, time.time(), float("inf"), every,
+                                    frozenset())]
 
-    windows: list[Window] = []
     timings: list[dict] = []
     memory: dict = {}
     before = State.all_up()
@@ -285,16 +314,15 @@ def test_lifecycle_soak(soak_env):
             note = perform(op, before, env)
             done = time.time()
             wait_model(after[i])
-            wait_mesh_ok(SETTLE_S, what=f"the invariants after {op}")
+            wait_settled(f"the invariants after {op}")
             converged = time.time()
             pairs = check_pairs(after[i])
-            late = mesh_violations()
+            late = soak_violations()
             assert not late, f"invariants broken again after the pair checks: {late}"
         except AssertionError as exc:
             raise AssertionError(f"{where}: {exc}") from None
         settled = time.time()
-        if windows:
-            windows[-1] = dataclasses.replace(windows[-1], next_start=start)
+        windows[-1] = dataclasses.replace(windows[-1], next_start=start)
         windows.append(Window(i, op, start, settled, float("inf"), frozenset(touched(op, before)),
                               frozenset(absent(after[i]))))
         timings.append({"kind": op.kind, "command": done - start, "converge": converged - done})
@@ -317,7 +345,7 @@ def test_lifecycle_soak(soak_env):
     unexplained = [(c, idx) for c, why, idx in judged if why == "unexplained"]
     assert not unexplained, (f"seed {seed}: {len(unexplained)} failed calls no operation explains, first at ops "
                              f"{unexplained[0][1]}: {unexplained[0][0]}; replay: MESH_SOAK_SEED={seed} "
-                             f"MESH_SOAK_OPS={max(unexplained[0][1], default=n - 1) + 1}")
+                             f"MESH_SOAK_OPS={max([*unexplained[0][1], 0]) + 1}")
     if n >= 2 * MEMORY_OPS:
         (f0, r0), (f1, r1) = memory["start"], memory["end"]
         assert f1 <= f0 * (1 + LEAK_TOLERANCE), f"seed {seed}: meshd's open fds grew from {f0} to {f1}"
