@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ADMIN, ROOT, get_json, metric_sum, metrics, run, wait_for
-from .lifecycle import containers, ipv4, mesh_violations, project, service_containers
+from .lifecycle import containers, ipv4, mesh_violations, project, service_containers, wait_mesh_ok
 from .soak import (
     MEMORY_OPS, PROJECTS, TARGETS, Call, Op, State, Window, absent, judge, parse_calls, percentile, plan, states,
     touched,
@@ -164,16 +164,7 @@ def soak_violations() -> list[str]:
 
 def wait_settled(what: str) -> None:
     """Poll toward the deadline until soak_violations() is empty; the last ones are in the failure."""
-    last: list[list[str]] = [[]]
-
-    def ok() -> bool:
-        last[0] = soak_violations()
-        return not last[0]
-
-    try:
-        wait_for(ok, SETTLE_S, interval=0.5, what=what)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\nviolations: {last[0]}") from None
+    wait_mesh_ok(SETTLE_S, what, violations=soak_violations)
 
 
 def pair_counts(caller_c: dict, callee: str, caller: str) -> tuple[float, float]:
@@ -246,8 +237,8 @@ def summary(seed: int, ops: list[Op], timings: list[dict], calls: list[Call], ju
            f"Calls of the steady load: {len(calls)}, failed {len(failed)} "
            f"({', '.join(f'{w}: {n}' for w, n in sorted(by_why.items())) or 'none'})."]
     unexplained = [(c, idx) for c, why, idx in judged if why == "unexplained"]
-    md += [f"- unexplained: {c.caller} -> {c.callee} status {c.status}, curl exit {c.exit_code}, during operations {idx}"
-           for c, idx in unexplained[:20]]
+    md += [f"- unexplained: {c.caller} -> {c.callee} status {c.status}, curl exit {c.exit_code}, "
+           f"during operations {idx}" for c, idx in unexplained[:20]]
     if memory.get("start"):
         (f0, r0), (f1, r1) = memory["start"], memory.get("end", (0, 0))
         md.append(f"meshd after {MEMORY_OPS} operations: {f0} fds, {r0 / 1024:.1f} MiB RSS; "
