@@ -326,7 +326,7 @@ def test_lifecycle_soak(soak_env):
 
     calls = read_calls(soak_env)  # a call still in flight has no line yet: it is neither counted nor judged
     windows[-1] = dataclasses.replace(windows[-1], next_start=time.time())
-    judged = [(c, *judge(c, windows)) for c in calls if c.failed]
+    judged = [(c, *judge(c, windows)) for c in sorted(calls, key=lambda c: c.start) if c.failed]
     text, md = summary(seed, ops, timings, calls, judged, memory)
     print(text)
     if os.environ.get("MESH_SOAK_RESULTS"):
