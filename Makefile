@@ -23,7 +23,7 @@ export PIP_ROOT_USER_ACTION := ignore
 # Same wheel bytes for the same sources, so Docker's layer cache holds when nothing changed.
 export SOURCE_DATE_EPOCH := 315532800
 
-.PHONY: install ext wheels base-image image demo-image images test-images docker test-tools demo demo-down test unit e2e fuzz bench bench-scale
+.PHONY: install ext wheels base-image image demo-image images test-images docker test-tools demo demo-down test unit e2e fuzz soak bench bench-scale
 
 install:
 	$(PIP) install -q -e '.[test]'
@@ -104,6 +104,15 @@ FUZZ_SECONDS ?= 60
 FUZZ_ARGS ?=
 fuzz:
 	$(PYTHON) -m tests.fuzz --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
+
+# The randomized lifecycle soak at length (CI runs 40 operations with the e2e tests): SOAK_OPS
+# operations from a random seed (SOAK_SEED=<seed> replays one), figures into bench/RESULTS.md under
+# "Lifecycle soak". Needs Docker and the images; about 20 minutes for 300 operations on 2 vCPUs.
+SOAK_OPS  ?= 300
+SOAK_SEED ?=
+soak:
+	MESH_SOAK_OPS=$(SOAK_OPS) MESH_SOAK_SEED=$(SOAK_SEED) MESH_SOAK_RESULTS=bench/RESULTS.md \
+	    $(PYTHON) -m pytest -q -s $(PYTEST_ARGS) tests/e2e/test_soak.py
 
 # Benchmarks -> bench/RESULTS.md, bench/results.png, bench/raw/: the data path against HAProxy and no
 # proxy (loopback only), the control plane, the demo's start-up (needs Docker, skipped when another

@@ -110,12 +110,12 @@ def mesh_violations() -> list[str]:
     return bad
 
 
-def wait_mesh_ok(timeout: float = 90, what: str = "the mesh's invariants") -> None:
-    """Poll until every invariant holds; the last violations are in the failure message."""
+def wait_mesh_ok(timeout: float = 90, what: str = "the mesh's invariants", violations=mesh_violations) -> None:
+    """Poll until `violations()` is empty (every invariant holds); the last ones are in the failure message."""
     last: list[list[str]] = [[]]
 
     def ok() -> bool:
-        last[0] = mesh_violations()
+        last[0] = violations()
         return not last[0]
 
     try:
