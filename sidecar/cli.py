@@ -224,12 +224,16 @@ async def serve(settings: SidecarSettings) -> None:
         def apply(snapshot, _apply=state.apply_snapshot, _authz=state.authz):
             _apply(snapshot)
             _authz.update(snapshot)
-    # Spans go to meshd's trace store beside the control channel (mTLS with the workload certificate).
+    # Spans go to meshd's trace store beside the control channel (mTLS with the workload certificate),
+    # at the host the control channel last reached: an address of this host (meshcore.control_address).
     state.tracing.node = settings.node
-    state.tracing.collector = (collector_url(settings.control_url),
-                               agent.control_ssl_context if agent is not None else None)
+    tls_factory = agent.control_ssl_context if agent is not None else None
+
+    def follow_control(url: str) -> None:
+        state.tracing.collector = (collector_url(url), tls_factory)
+
     control = ControlClient(settings.control_url, "sidecar", settings.node, settings.container,
-                            apply=apply, agent=agent, routes=read_routes)
+                            apply=apply, agent=agent, routes=read_routes, on_connected=follow_control)
     servers: list[asyncio.AbstractServer] = []
     # Outbound on loopback only: REDIRECT maps locally generated packets to 127.0.0.1, and nothing
     # outside the namespace may use this sidecar as an open proxy.

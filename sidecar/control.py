@@ -32,8 +32,10 @@ class ControlClient:
 
     def __init__(self, url: str, kind: str, node: str, container: str,
                  apply: Callable[[Snapshot], None], rand: Callable[[], float] = random.random,
-                 agent=None, routes: Callable[[], list[Route]] | None = None):
+                 agent=None, routes: Callable[[], list[Route]] | None = None,
+                 on_connected: Callable[[str], None] | None = None):
         self.url = url
+        self.on_connected = on_connected   # told the URL each connection went to (the host checked)
         # The namespace's current IPv4 routes (read at each connect): the host dialled is one of
         # this host's (meshcore.control_address). None: dial `url` as given (tests, the gateway).
         self.routes = routes
@@ -83,6 +85,8 @@ class ControlClient:
                 async with connect(url, **CONNECT_OPTIONS, **kwargs) as ws:
                     self.connected = True
                     self.last_error = None
+                    if self.on_connected is not None:
+                        self.on_connected(url)
                     last = self.current.version if self.current else 0
                     await ws.send(encode_message(Hello(kind=self.kind, node=self.node, container=self.container,
                                                        last_version=last, token=token, csr=csr)))

@@ -78,3 +78,39 @@ def test_client_dials_the_checked_host():
     assert ok.dial_url() == "wss://10.9.0.1:15012/v1/stream"
     plain = ControlClient("wss://203.0.113.9:15012/v1/stream", "gateway", "n", "c", apply=lambda s: None)
     assert plain.dial_url() == "wss://203.0.113.9:15012/v1/stream"   # no route source: as given
+
+
+async def test_the_dialled_url_is_reported_on_connect(monkeypatch):
+    """What follows the control channel (the span exporter) learns the checked URL, not the configured."""
+    import asyncio
+
+    import sidecar.control as control_module
+
+    dialled = []
+
+    class FakeWs:
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+        async def send(self, data):
+            raise OSError("closed")
+
+    def fake_connect(url, **kw):
+        dialled.append(url)
+        return FakeWs()
+
+    monkeypatch.setattr(control_module, "connect", fake_connect)
+    routes = parse_proc_net_route(PROC_TWO_NETS)
+    told = []
+    client = ControlClient("wss://172.23.0.1:15012/v1/stream", "sidecar", "n", "c", apply=lambda s: None,
+                           routes=lambda: routes, on_connected=told.append)
+    task = asyncio.ensure_future(client.run())
+    for _ in range(100):
+        if told:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    assert told == ["wss://172.31.0.1:15012/v1/stream"] and dialled[0] == told[0]
