@@ -48,16 +48,16 @@ async def serve(control_url: str, node: str, bind: str, port: int, admin_port: i
             https = server_cert.front
         else:
             https = agent.server_holder.front
-    state.jwt = JwtVerifier(env.get("MESH_JWKS_FILE", ""), env.get("MESH_JWKS_URL", ""))
-    state.jwt.start()
+    jwt = JwtVerifier(env.get("MESH_JWKS_FILE", ""), env.get("MESH_JWKS_URL", ""))
+    jwt.start()
     # Spans go to meshd's trace store beside the control channel (mTLS with the workload certificate).
     state.tracing.node = node
     state.tracing.collector = (collector_url(control_url),
                                agent.control_ssl_context if agent is not None else None)
     control = ControlClient(control_url, "gateway", node, "", apply=state.apply_snapshot, agent=agent)
-    server = await start_gateway(state, bind, port)
+    server = await start_gateway(state, bind, port, jwt=jwt)
     https_port = int(env.get("MESH_GATEWAY_HTTPS_PORT", "8443"))
-    https_server = await start_gateway(state, bind, https_port, ssl_context=https) if https else None
+    https_server = await start_gateway(state, bind, https_port, ssl_context=https, jwt=jwt) if https else None
     admin = await start_admin(build_admin_app(control, lambda: render_metrics(state.telemetry),
                                               server.is_serving), "127.0.0.1", admin_port)
     control_task = asyncio.ensure_future(control.run())

@@ -1,9 +1,10 @@
-"""The gateway's external HTTP listener: the sidecar engine with a gateway route layer.
+"""The gateway's external HTTP listener: the sidecar engine with the gateway's route and JWT layers.
 
-Only the route layer differs from the sidecar's outbound stack: the request is matched against the
+Only the route differs from the sidecar's outbound chain: the request is matched against the
 snapshot's gateway routes (`meshcore.snapshot.match_gateway_route`, through
-`sidecar.routing.route_gateway`) instead of by Host; balance, connect-retry and the pool are the
-outbound layers themselves (`sidecar.proxy.build_outbound_stack`).
+`sidecar.routing.route_gateway`) instead of by Host, and a route with `auth=jwt` is checked by the
+JWT layer after it; the traffic layers, balance, connect-retry and the pool are the outbound layers
+themselves (`sidecar.proxy.build_outbound_stack`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import asyncio
 import json
 
 from sidecar.proxy import (
-    OUTBOUND_REQUEST_HEADERS, H_DROP, H_XFF, Exchange, ProxyState, Reply, Stack, build_outbound_stack, serve_http,
+    HELD, NEXT, OUTBOUND_REQUEST_HEADERS, H_DROP, H_XFF, Exchange, Layer, ProxyState, Reply, Route, Stack,
+    build_outbound_stack, serve_http,
 )
 from sidecar.routing import Cluster, route_gateway
 
@@ -36,14 +38,9 @@ def route_by_gateway(down, ex: Exchange) -> Cluster | Reply:
         body = json.dumps({"error": "no route", "host": host, "path": path}).encode() + b"\n"
         return Reply(404, FLAG_NO_ROUTE, body, b"application/json")
     cluster, route, upstream_path = found
-    claims = b""
+    ex.route = route   # the JWT layer reads its auth settings
     if any(ex.lines[i][:len(_CLAIM_PREFIX)].lower() == _CLAIM_PREFIX for i in range(0, len(ex.lines), 4)):
         ex.lines = _without(ex.lines, lambda name: name[:len(_CLAIM_PREFIX)].lower() == _CLAIM_PREFIX)
-    if route.auth == "jwt":
-        denied = _check_jwt(down, ex, route)
-        if denied.__class__ is Reply:
-            return denied
-        claims = denied
     ex.target = upstream_path.encode("latin-1")
     client = down.peer_ip
     xff = ex.xff + b", " + client if ex.xff else client
@@ -51,7 +48,7 @@ def route_by_gateway(down, ex: Exchange) -> Cluster | Reply:
     extra = b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\n" % (xff, proto)
     if ex.host:
         extra += b"x-forwarded-host: %b\r\n" % ex.host
-    ex.extra = extra + claims
+    ex.extra = extra
     return cluster
 
 
@@ -63,7 +60,27 @@ def _without(lines: list, drop) -> list:
     return out
 
 
-def _check_jwt(down, ex: Exchange, route) -> bytes | Reply:
+class CheckJwt(Layer):
+    """JWT (gateway): a route with `auth=jwt` needs a valid bearer token from `verifier`
+    (gateway.jwt_auth.JwtVerifier); its claims go upstream as headers, Authorization does not; else 401 UAEX."""
+
+    def __init__(self, verifier):
+        Layer.__init__(self, "jwt")
+        self.verifier = verifier
+
+    def on_request(self, down, ex: Exchange) -> int:
+        route = ex.route
+        if route is None or route.auth != "jwt":
+            return NEXT
+        checked = _check_jwt(ex, route, self.verifier)
+        if checked.__class__ is Reply:
+            down._answer(ex, checked)
+            return HELD
+        ex.extra = (ex.extra or b"") + checked
+        return NEXT
+
+
+def _check_jwt(ex: Exchange, route, verifier) -> bytes | Reply:
     """The route wants a JWT: claims headers for a valid one (Authorization removed), else 401."""
     from gateway.jwt_auth import JwtError, claim_headers, www_authenticate
 
@@ -73,7 +90,6 @@ def _check_jwt(down, ex: Exchange, route) -> bytes | Reply:
             scheme, _, value = ex.lines[i + 2].strip().partition(b" ")
             if scheme.lower() == b"bearer" and value.strip():
                 token = value.strip().decode("latin-1")
-    verifier = getattr(down.state, "jwt", None)
     try:
         if verifier is None:
             raise JwtError("no signing keys are configured")
@@ -85,12 +101,14 @@ def _check_jwt(down, ex: Exchange, route) -> bytes | Reply:
     return claim_headers(claims)
 
 
-def build_gateway_stack(state: ProxyState) -> Stack:
-    """The outbound stack with the gateway's route layer and header actions."""
-    return build_outbound_stack(state, route=route_by_gateway, source=GATEWAY_SOURCE, direction="gateway",
+def build_gateway_stack(state: ProxyState, jwt=None) -> Stack:
+    """The outbound chain with the gateway's route and JWT layers and header actions (`jwt`: the
+    JwtVerifier of routes with auth=jwt; none: such routes answer 401)."""
+    return build_outbound_stack(state, route=Route(route_by_gateway, "route (gateway routes)"),
+                                after_route=(CheckJwt(jwt),), source=GATEWAY_SOURCE, direction="gateway",
                                 request_headers=GATEWAY_REQUEST_HEADERS)
 
 
-async def start_gateway(state: ProxyState, host: str, port: int, ssl_context=None) -> asyncio.Server:
+async def start_gateway(state: ProxyState, host: str, port: int, ssl_context=None, jwt=None) -> asyncio.Server:
     """The external HTTP entry (MESH_GATEWAY_PORT, 8080), or HTTPS with `ssl_context` (8443)."""
-    return await serve_http(state, host, port, build_gateway_stack(state), ssl_context=ssl_context)
+    return await serve_http(state, host, port, build_gateway_stack(state, jwt), ssl_context=ssl_context)

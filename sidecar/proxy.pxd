@@ -41,7 +41,8 @@ cpdef limit_inbound(_Downstream down, Exchange ex)
 cpdef balance_least_request(ProxyState state, cluster, exclude, _ex=*)
 cpdef balance_traffic(ProxyState state, cluster, exclude, Exchange ex=*)
 cpdef caller_of(_Downstream down, Exchange ex)
-cpdef _authorized(_Downstream down, Exchange ex, route)
+cpdef authorized(_Downstream down, Exchange ex)
+cdef int NEXT, HELD
 
 
 cdef class UpstreamPools:
@@ -74,7 +75,7 @@ cdef class ProxyState:
     cdef public double undelivered_after, dead_peer_after
     cdef public Py_ssize_t undelivered_total, probed_total
     cdef public set _watched
-    cdef public object _watchdog, inbound_limiter, jwt
+    cdef public object _watchdog, inbound_limiter
     cdef public dict lanes
 
     cpdef watch(self, _Upstream up)
@@ -87,19 +88,109 @@ cdef class _Lane:
     cdef public object outlier
 
 
+# The layers: their hooks are C calls through the chain (_Downstream._proceed, _finish_metrics).
+cdef class Layer:
+    cdef readonly str name
+    cdef readonly bint ends
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+    cpdef on_end(self, _Downstream down, Exchange ex)
+
+
+cdef class StartTrace(Layer):
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+
+
+cdef class RateLimit(Layer):
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+
+
+cdef class Authorize(Layer):
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+
+
+cdef class Route(Layer):
+    cdef readonly object fn
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+
+
+cdef class RouteByHost(Route):
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+
+
+cdef class RouteTo(Route):
+    cdef readonly object cluster
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+
+
+cdef class Traffic(Layer):
+    @cython.locals(lane=_Lane, state=ProxyState, lanes=dict)
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+
+
+cdef class Rules(Layer):
+    cdef readonly object choose
+    @cython.locals(lane=_Lane)
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+
+
+cdef class Timeout(Layer):
+    @cython.locals(lane=_Lane)
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+    cpdef on_end(self, _Downstream down, Exchange ex)
+
+
+cdef class Fault(Layer):
+    cdef readonly object fault
+    @cython.locals(lane=_Lane)
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+    cpdef on_end(self, _Downstream down, Exchange ex)
+
+
+cdef class Breaker(Layer):
+    @cython.locals(lane=_Lane)
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+    cpdef on_end(self, _Downstream down, Exchange ex)
+
+
+cdef class Retries(Layer):
+    @cython.locals(lane=_Lane)
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+    cpdef on_end(self, _Downstream down, Exchange ex)
+
+
+cdef class Mirror(Layer):
+    cdef readonly object choose
+    @cython.locals(lane=_Lane)
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+
+
+cdef class Balance(Layer):
+    cdef readonly int max_tries
+    cdef readonly bint outlier
+    cpdef int on_request(self, _Downstream down, Exchange ex) except -1
+    cpdef pick(self, ProxyState state, cluster, exclude, ex=*)
+
+
+cdef class LeastRequest(Balance):
+    pass
+
+
+cdef class TrafficBalance(Balance):
+    cpdef pick(self, ProxyState state, cluster, exclude, ex=*)
+
+
 cdef class Stack:
-    cdef readonly object direction, reporter, source_name, route
+    cdef readonly object direction, reporter, source_name
+    cdef readonly tuple chain, enders
     cdef readonly dict request_headers
     cdef readonly tuple header_table
     cdef readonly bytes mesh_headers
-    cdef readonly object balance
+    cdef readonly Balance balance
     cdef readonly int max_tries
     cdef readonly double connect_timeout
     cdef readonly UpstreamPools pool
-    cdef readonly object gauge, ratelimit
-    cdef readonly bint traffic
-    cdef readonly object rules, mirror, fault
-    cdef readonly bint breaker, retries, timeout, outlier
+    cdef readonly object gauge
+    cdef readonly bint breaker, outlier
 
 
 cdef class _Listener:
@@ -134,6 +225,8 @@ cdef class Exchange:
     cdef public object tp, ts, b3, trace
     cdef public _Lane lane
     cdef public bytes trace_headers
+    cdef public Py_ssize_t at
+    cdef public object route
 
 
 cdef class _Downstream:
@@ -173,12 +266,12 @@ cdef class _Downstream:
     cpdef on_message_complete(self)
     cpdef _forward_body(self, Exchange ex, tuple parts, Py_ssize_t size)
     cpdef _dispatch(self, Exchange ex)
-    @cython.locals(lane=_Lane)
-    cpdef _traffic_layers(self, Exchange ex, cluster)
-    cpdef _admit(self, Exchange ex)
+    @cython.locals(chain=tuple, n=Py_ssize_t, layer=Layer)
+    cpdef _proceed(self, Exchange ex)
+    cpdef _answer(self, Exchange ex, reply)
+    cpdef int _routed(self, Exchange ex, target) except -1
     cpdef _end_try(self, Exchange ex)
     cpdef _response_head(self, Exchange ex, _Upstream up, int status)
-    cpdef _traffic_done(self, Exchange ex)
     @cython.locals(up=_Upstream)
     cpdef _pick(self, Exchange ex)
     cpdef bytes _head(self, Exchange ex, cluster, host)
@@ -187,6 +280,7 @@ cdef class _Downstream:
     cpdef _reply(self, Exchange ex, int status, flags, bytes body=*, bytes content_type=*, bint close=*,
                  bytes headers=*)
     cpdef _response_done(self, Exchange ex, _Upstream up, bint reusable, bint close)
+    @cython.locals(layer=Layer)
     cpdef _finish_metrics(self, Exchange ex)
     @cython.locals(nxt=Exchange)
     cpdef _advance(self)

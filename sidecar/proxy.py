@@ -2,19 +2,21 @@
 
 Used by the sidecar's outbound (15001) and inbound (15006) listeners and by the gateway.
 
-Shape of one request (one `Exchange`):
+Shape of one request (one `Exchange`): `_Downstream` (client side) parses the head, then runs its
+`Stack.chain`, a tuple of `Layer` objects, in order (`_Downstream._proceed`); the builders below
+(`outbound_chain`, `inbound_chain`; the gateway's in gateway.server) write the order, and
+`python -m sidecar.datapath.chain` prints it:
 
-    _Downstream (client side, HttpRequestParser)
-        -> Stack.ratelimit  inbound only: the local service's token bucket (429, RL)
-        -> Stack.route    which cluster (sidecar.routing, pure)  [may rewrite target / add headers]
-        -> traffic layers (outbound and gateway, mesh services; state in sidecar.traffic):
-           rules (version subset, 503 UH) -> mirror -> fault (DI/FI) -> breaker (503 UO)
-           -> retries (backoff, budget, per-try timeout, URX) -> whole-request timeout (504 UT)
-        -> Stack.balance  which endpoint (the service's LB choice, skipping ejected endpoints)
-        -> connect-retry  a failed connect tries another endpoint (meshcore.lb.connect_tries)
-        -> Stack.pool     a pooled keep-alive connection, or a new one
-    _Upstream (server side, HttpResponseParser) -> response streamed back to _Downstream
-        (its head first goes past the retry layer: a retried answer is read and dropped, not sent)
+    outbound: trace context -> route by host -> traffic state -> rules + split -> timeout -> fault
+              -> circuit breaker -> retries + budget -> mirror -> balance + connect (pool)
+    inbound:  trace context -> rate limit -> authorize -> route to the local app -> balance + connect
+
+A layer's on_request goes on (NEXT) or answers / holds the request (HELD; a fault delay resumes the
+chain after it); the layers that hold per-request state release it in on_end when the exchange
+ends. The last layer picks an endpoint and connects (connect-retry on others:
+meshcore.lb.connect_tries; a pooled keep-alive connection or a new one). `_Upstream` (server side)
+streams the response back; its head first goes past the retry decision (a retried answer is read
+and dropped, not sent).
 
 Bodies are streamed both ways (Content-Length as is, chunked re-encoded from httptools' de-chunked
 `on_body`; trailers dropped). Backpressure: a side whose peer transport's write buffer is above its
@@ -614,7 +616,7 @@ class ProxyState:
         self.eject_seconds = eject_seconds
         self.ejected: dict[tuple[str, int], float] = {}   # endpoint key -> monotonic time it returns
         self.traffic = TrafficRegistry()    # per destination service: policy, rules, breaker, outlier...
-        self.lanes: dict = {}               # service name -> _Lane of its traffic state (_traffic_layers)
+        self.lanes: dict = {}               # service name -> _Lane of its traffic state (the Traffic layer)
         self.vips = VipAllocator()          # service virtual IPs, answered by the DNS proxy (sidecar.dns)
         self.mirrors = MirrorSender(self._mirror_connect, self._mirror_result)
         self.tracing = Tracing(service, version, registry=self.telemetry.registry)  # spans, access logs
@@ -627,7 +629,6 @@ class ProxyState:
         self._watched: set[_Upstream] = set()     # reused connections whose request waits for an answer
         self._watchdog: asyncio.TimerHandle | None = None
         self.inbound_limiter = None         # mesh.ratelimit of this node's own service (limit_inbound)
-        self.jwt = None                     # gateway: gateway.jwt_auth.JwtVerifier (set by gateway.cli)
         if table is not None:
             self.traffic.apply(table)
             self._sync_local()
@@ -802,11 +803,21 @@ class _Lane:
         self.outlier = tr.outlier
 
 
-# ---- the layer stack ----------------------------------------------------------------------------
+# ---- the layer chain ----------------------------------------------------------------------------
+# A listener's request path is a tuple of Layer objects, run in order by _Downstream._proceed: each
+# one's on_request says NEXT (the next layer runs) or HELD (it answered the request, or it holds it
+# until a timer of its own resumes the chain at the layer after it). The last layer balances and
+# connects. At the end of an exchange the layers that keep per-request state (`ends`) get on_end.
+# Compiled (proxy.pxd), the layers are extension types and the chain's calls are C calls.
+
+NEXT = 0   # C ints once compiled (proxy.pxd); the module dict gets them too, for layers outside (gateway)
+HELD = 1
+globals().update(NEXT=NEXT, HELD=HELD)
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A route decision to answer locally (e.g. the gateway's 404)."""
+    """A layer's decision to answer locally (e.g. the gateway's 404)."""
 
     status: int
     flags: str
@@ -816,48 +827,366 @@ class Reply:
 
 
 RouteFn = Callable[["_Downstream", "Exchange"], "Cluster | Reply"]
-BalanceFn = Callable[..., "int | None"]   # (state, cluster, exclude, exchange=None) -> index or None
-AdmitFn = Callable[["_Downstream", "Exchange"], "Reply | None"]
+
+
+class Layer:
+    """One concern of the request path: on_request in chain order, on_end once per exchange when `ends`."""
+
+    __slots__ = ("name", "ends")
+
+    def __init__(self, name: str, ends: bool = False):
+        self.name = name
+        self.ends = ends
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        """NEXT to go on, HELD once this layer answered or holds the request."""
+        return NEXT
+
+    def on_end(self, down: _Downstream, ex: Exchange) -> None:
+        """The exchange is over: release what on_request took."""
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class StartTrace(Layer):
+    """trace context: this hop's trace (begin_trace) and the headers that carry it to the next hop."""
+
+    def __init__(self):
+        Layer.__init__(self, "trace context")
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        ex.trace, ex.trace_headers = begin_trace(down.state.tracing, ex.tp, ex.b3)
+        trace = ex.trace
+        # No context made (begin_trace): a child exactly when the request had a traceparent.
+        if ex.ts is not None and (ex.tp is not None if trace is None else trace.is_child):
+            # tracestate belongs to the caller's trace: dropped when a new one starts (W3C 3.3.1).
+            ex.trace_headers += b"tracestate: %b\r\n" % ex.ts
+        return NEXT
+
+
+class RateLimit(Layer):
+    """rate limit (inbound): the local service's token bucket (limit_inbound), 429 RL."""
+
+    def __init__(self):
+        Layer.__init__(self, "rate limit")
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        limited = limit_inbound(down, ex)
+        if limited is None:
+            return NEXT
+        down._answer(ex, limited)
+        return HELD
+
+
+class Authorize(Layer):
+    """authorize (inbound): `state.authz` on the verified caller, 403 RBAC; the app gets the XFCC header."""
+
+    def __init__(self):
+        Layer.__init__(self, "authorize")
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        try:
+            denied = authorized(down, ex)
+        except Exception:  # noqa: BLE001
+            log.exception("authorize layer failed")
+            down._reply(ex, 500, FLAG_NO_ROUTE, b"route error\n")
+            return HELD
+        if denied is None:
+            return NEXT
+        down._answer(ex, denied)
+        return HELD
+
+
+class Route(Layer):
+    """route: the request's cluster from `fn(down, ex) -> Cluster | Reply` (a Reply is answered)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: RouteFn, name: str = "route"):
+        Layer.__init__(self, name)
+        self.fn = fn
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        try:
+            target = self.fn(down, ex)
+        except Exception:  # noqa: BLE001
+            log.exception("route layer failed")
+            down._reply(ex, 500, FLAG_NO_ROUTE, b"route error\n")
+            return HELD
+        return down._routed(ex, target)
+
+
+class RouteByHost(Route):
+    """route (outbound): route_by_host, called directly (a C call compiled)."""
+
+    def __init__(self):
+        Route.__init__(self, route_by_host, "route by host")
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        try:
+            target = route_by_host(down, ex)
+        except Exception:  # noqa: BLE001
+            log.exception("route layer failed")
+            down._reply(ex, 500, FLAG_NO_ROUTE, b"route error\n")
+            return HELD
+        return down._routed(ex, target)
+
+
+class RouteTo(Route):
+    """route (inbound): always `cluster`, the local app."""
+
+    __slots__ = ("cluster",)
+
+    def __init__(self, cluster: Cluster):
+        Route.__init__(self, None, "route to the local app")
+        self.cluster = cluster
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        return down._routed(ex, self.cluster)
+
+
+class Traffic(Layer):
+    """traffic state: a mesh destination's sidecar.traffic state (its _Lane), read by the layers after it."""
+
+    def __init__(self):
+        Layer.__init__(self, "traffic state")
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        cluster = ex.cluster
+        if not cluster.mesh:
+            return NEXT
+        state = down.state
+        lanes = state.lanes
+        lane = lanes.get(cluster.name)
+        if lane is None or lane.cluster is not cluster or lane.tr.cluster is not cluster:
+            # first request after a snapshot swap: sync (state.traffic.of), then copy
+            lane = lanes[cluster.name] = _Lane(state.traffic.of(cluster))
+        ex.traffic = lane.tr
+        ex.lane = lane
+        sub = lane.all
+        ex.subset = sub
+        ex.cluster = sub.cluster
+        return NEXT
+
+
+class Rules(Layer):
+    """rules and split: a version's endpoints (`choose(ex, traffic, rand)`); none: 503 UH."""
+
+    __slots__ = ("choose",)
+
+    def __init__(self, choose: Callable):
+        Layer.__init__(self, "rules + split")
+        self.choose = choose
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        lane = ex.lane
+        if lane is None or lane.rules is None:
+            return NEXT
+        sub = self.choose(ex, lane.tr, down.state.random())
+        if sub is None:
+            down._reply(ex, 503, FLAG_NO_HEALTHY_UPSTREAM, b"no healthy upstream for the version\n")
+            return HELD
+        ex.subset = sub
+        ex.cluster = sub.cluster
+        return NEXT
+
+
+class Timeout(Layer):
+    """timeout: the whole request's (a fault delay, backoffs and every try), 504 UT."""
+
+    def __init__(self):
+        Layer.__init__(self, "timeout", True)
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        lane = ex.lane
+        if lane is not None and lane.timeout is not None:
+            ex.timer = down.loop.call_later(lane.timeout, down._timed_out, ex)
+        return NEXT
+
+    def on_end(self, down: _Downstream, ex: Exchange) -> None:
+        if ex.timer is not None:
+            ex.timer.cancel()
+            ex.timer = None
+
+
+class Fault(Layer):
+    """fault: delay (DI) first, then abort (FI), Envoy's order (`fault(traffic, rand, rand)`)."""
+
+    __slots__ = ("fault",)
+
+    def __init__(self, fault: Callable):
+        Layer.__init__(self, "fault", True)
+        self.fault = fault
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        lane = ex.lane
+        if lane is None or lane.fault is None:
+            return NEXT
+        rand = down.state.random
+        abort, delay = self.fault(lane.tr, rand(), rand())
+        if delay > 0:
+            ex.flags = _join_flags(ex.flags, FLAG_FAULT_DELAY)
+            ex.fault_abort = abort or 0
+            ex.wait = down.loop.call_later(delay, down._fault_delayed, ex)
+            return HELD
+        if abort is not None:
+            down._reply(ex, abort, FLAG_FAULT_ABORT, b"fault filter abort\n")
+            return HELD
+        return NEXT
+
+    def on_end(self, down: _Downstream, ex: Exchange) -> None:
+        if ex.wait is not None:
+            ex.wait.cancel()
+            ex.wait = None
+
+
+class Breaker(Layer):
+    """circuit breaker: a request slot of the service's breaker, overflow 503 UO (also guards connects)."""
+
+    def __init__(self):
+        Layer.__init__(self, "circuit breaker", True)
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        lane = ex.lane
+        if lane is None:
+            return NEXT
+        if not lane.breaker.try_acquire_request():
+            down._reply(ex, 503, FLAG_OVERFLOW, b"upstream overflow\n")
+            return HELD
+        ex.admitted = True
+        return NEXT
+
+    def on_end(self, down: _Downstream, ex: Exchange) -> None:
+        if ex.admitted:
+            ex.admitted = False
+            ex.lane.breaker.release_request()
+
+
+class Retries(Layer):
+    """retries: the budget counts the request; the body is held (HOLD_LIMIT) for a retry by the
+    response head's decision (_Downstream._response_head: backoff, budget, per-try timeout, URX)."""
+
+    def __init__(self):
+        Layer.__init__(self, "retries + budget", True)
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        lane = ex.lane
+        if lane is None:
+            return NEXT
+        lane.budget.start_request()
+        ex.budgeted = True
+        if lane.retry_on is not None:
+            ex.retry_on = lane.retry_on
+            ex.keep_held = True
+        return NEXT
+
+    def on_end(self, down: _Downstream, ex: Exchange) -> None:
+        if ex.budgeted:
+            ex.budgeted = False
+            ex.lane.budget.finish_request()
+        if ex.in_retry:
+            ex.in_retry = False
+            ex.lane.budget.finish_retry()
+        if ex.try_timer is not None:
+            ex.try_timer.cancel()
+            ex.try_timer = None
+        if ex.wait is not None:
+            ex.wait.cancel()
+            ex.wait = None
+
+
+class Mirror(Layer):
+    """mirror: a fire-and-forget copy to `choose(traffic, rand)`'s subset, sent once the request is whole."""
+
+    __slots__ = ("choose",)
+
+    def __init__(self, choose: Callable):
+        Layer.__init__(self, "mirror")
+        self.choose = choose
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        lane = ex.lane
+        if lane is None or lane.mirror is None:
+            return NEXT
+        mirror = self.choose(ex.traffic, down.state.random())
+        if mirror is not None:
+            ex.mirror = mirror
+            ex.keep_held = True
+            if ex.req_done:
+                down._send_mirror(ex)
+        return NEXT
+
+
+class Balance(Layer):
+    """balance + connect, the chain's last layer: an endpoint (`pick`), tried up to `max_tries`
+    connects on other endpoints (meshcore.lb.connect_tries), over a pooled or new connection."""
+
+    __slots__ = ("max_tries", "outlier")
+
+    def __init__(self, name: str, max_tries: int, outlier: bool):
+        Layer.__init__(self, name)
+        self.max_tries = max_tries
+        self.outlier = outlier   # every try's outcome goes to the service's OutlierDetector
+
+    def on_request(self, down: _Downstream, ex: Exchange) -> int:
+        ex.tries_left = connect_tries(len(ex.cluster.endpoints), self.max_tries)
+        down._pick(ex)
+        return HELD
+
+    def pick(self, state: ProxyState, cluster: Cluster, exclude: Collection[int], ex: Any = None) -> int | None:
+        """The endpoint index for the next try, or None."""
+        return balance_least_request(state, cluster, exclude, ex)
+
+
+class LeastRequest(Balance):
+    """balance: least-request P2C (balance_least_request)."""
+
+    def __init__(self, max_tries: int = 1):
+        Balance.__init__(self, "balance (least request) + connect", max_tries, False)
+
+
+class TrafficBalance(Balance):
+    """balance: the service's LB choice over the version subset (balance_traffic), outcomes to outlier detection."""
+
+    def __init__(self, max_tries: int = DEFAULT_MAX_TRIES):
+        Balance.__init__(self, "balance (mesh.lb, outliers) + connect", max_tries, True)
+
+    def pick(self, state: ProxyState, cluster: Cluster, exclude: Collection[int], ex: Any = None) -> int | None:
+        return balance_traffic(state, cluster, exclude, ex)
 
 
 class Stack:
-    """The layers of one listener's request path; built once per listener (keyword arguments).
+    """One listener's request path: its chain of layers (run in order) and what the exchange needs
+    besides (header actions, mesh headers, pool, gauge); built once per listener (keyword arguments).
 
     A plain class, not a dataclass: compiled (proxy.pxd), its fields are read-only C struct members,
     read several times per request."""
 
-    __slots__ = ("direction", "reporter", "source_name", "route", "request_headers", "header_table", "mesh_headers",
-                 "balance", "max_tries", "connect_timeout", "pool", "gauge", "ratelimit", "traffic",
-                 "rules", "mirror", "fault", "breaker", "retries", "timeout", "outlier")
+    __slots__ = ("direction", "reporter", "source_name", "chain", "enders", "request_headers", "header_table",
+                 "mesh_headers", "balance", "max_tries", "connect_timeout", "pool", "gauge", "breaker", "outlier")
 
-    def __init__(self, *, direction: str, reporter: str, source_name: str, route: RouteFn,
-                 request_headers: dict, mesh_headers: bytes, balance: BalanceFn, max_tries: int,
-                 connect_timeout: float, pool: UpstreamPools, gauge: Any, ratelimit: AdmitFn | None = None,
-                 traffic: bool = False, rules: Callable | None = None, mirror: Callable | None = None,
-                 fault: Callable | None = None, breaker: bool = False, retries: bool = False,
-                 timeout: bool = False, outlier: bool = False):
+    def __init__(self, *, direction: str, reporter: str, source_name: str, chain: tuple,
+                 request_headers: dict, mesh_headers: bytes, connect_timeout: float, pool: UpstreamPools,
+                 gauge: Any):
         self.direction = direction              # "outbound" | "inbound" | "gateway" (connection gauge label)
         self.reporter = reporter                # metrics reporter
         self.source_name = source_name          # x-mesh-source we send, and source_workload we report
-        self.route = route                      # 1. which cluster
-        self.request_headers = request_headers  # 2. header actions while parsing (hop-by-hop etc.)
+        self.chain = tuple(chain)               # the layers, in the order they run
+        last = self.chain[-1]
+        if not isinstance(last, Balance) or any(isinstance(layer, Balance) for layer in self.chain[:-1]):
+            raise ValueError("a chain ends with its one balance layer")
+        self.enders = tuple(layer for layer in self.chain if layer.ends)
+        self.balance = last
+        self.max_tries = last.max_tries
+        self.outlier = last.outlier
+        self.breaker = any(isinstance(layer, Breaker) for layer in self.chain)   # connects take its slots too
+        self.request_headers = request_headers  # header actions while parsing (hop-by-hop etc.)
         self.header_table = name_table(request_headers)
-        self.mesh_headers = mesh_headers        #    headers added on mesh hops
-        self.balance = balance                  # 3. which endpoint
-        self.max_tries = max_tries              # 4. connect attempts, each on another endpoint
+        self.mesh_headers = mesh_headers        # headers added on mesh hops
         self.connect_timeout = connect_timeout
-        self.pool = pool                        # 5. keep-alive connections
+        self.pool = pool                        # keep-alive connections
         self.gauge = gauge                      # connections-active gauge child
-        # Traffic layers (see build_outbound_stack for their order); None / False = layer absent.
-        self.ratelimit = ratelimit              # inbound: local rate limit before routing
-        self.traffic = traffic                  # mesh services get their sidecar.traffic state and the layers below
-        self.rules = rules                      # (ex, traffic, rand) -> Subset | None
-        self.mirror = mirror                    # (traffic, rand) -> Subset | None
-        self.fault = fault                      # (traffic, rand, rand) -> (abort status | None, delay s)
-        self.breaker = breaker
-        self.retries = retries
-        self.timeout = timeout
-        self.outlier = outlier                  # record every try's outcome in the service's OutlierDetector
 
 
 def route_by_host(down: _Downstream, ex: Exchange) -> Cluster | Reply:
@@ -889,13 +1218,6 @@ def host_index(table: RouteTable) -> dict:
 
 
 _NO_ROUTE = Reply(404, FLAG_NO_ROUTE, b"no route to the destination\n")
-
-
-def route_to(cluster: Cluster) -> RouteFn:
-    """A route layer that always answers `cluster` (the inbound's local app)."""
-    def route(_down: _Downstream, _ex: Exchange) -> Cluster:
-        return cluster
-    return route
 
 
 def limit_inbound(down: _Downstream, ex: Exchange) -> Reply | None:
@@ -949,44 +1271,56 @@ def mesh_source_headers(source: str, version: str) -> bytes:
     return b"x-mesh-source: %s\r\nx-mesh-source-version: %s\r\n" % (source.encode(), version.encode())
 
 
-def build_outbound_stack(state: ProxyState, *, route: RouteFn = route_by_host, source: str | None = None,
-                         direction: str = "outbound",
+def outbound_chain(route: Layer | None = None, after_route: tuple = ()) -> tuple:
+    """The outbound layers in the order they run (the gateway passes its route and its JWT check)."""
+    return (
+        StartTrace(),                      # trace context: this hop's ids, headers for the next hop
+        route or RouteByHost(),            # route: the service (cluster), unknown -> passthrough
+        *after_route,
+        Traffic(),                         # mesh services: their sidecar.traffic state
+        Rules(choose_subset),              # rules + split: a version's endpoints (none: 503 UH)
+        Timeout(),                         # whole-request timeout (504 UT), from here on
+        Fault(fault_of),                   # fault: delay (DI), abort (FI)
+        Breaker(),                         # circuit breaker: overflow -> 503 UO
+        Retries(),                         # retries: budget, held body (the decision: response head)
+        Mirror(choose_mirror_subset),      # mirror: fire-and-forget copy, once the request is whole
+        TrafficBalance(DEFAULT_MAX_TRIES),  # balance (LB choice, ejected skipped) + connect-retry + pool
+    )
+
+
+def inbound_chain(cluster: Cluster) -> tuple:
+    """The inbound layers in the order they run: everything goes to the local app."""
+    return (
+        StartTrace(),                      # trace context
+        RateLimit(),                       # rate limit: 429 RL
+        Authorize(),                       # authorize: 403 RBAC; XFCC for the app
+        RouteTo(cluster),                  # route: the local app
+        LeastRequest(1),                   # balance + one connect + pool
+    )
+
+
+def build_outbound_stack(state: ProxyState, *, route: Layer | None = None, after_route: tuple = (),
+                         source: str | None = None, direction: str = "outbound",
                          request_headers: dict = OUTBOUND_REQUEST_HEADERS) -> Stack:
-    """The outbound request path, one job per layer, in order (the gateway passes its own route)."""
+    """The outbound request path (outbound_chain; the gateway passes its own route layers)."""
     source = source or state.service
     return Stack(
         direction=direction, reporter=REPORTER_SOURCE, source_name=source,
-        route=route,                                            # 1. route: find the service (cluster)
-        request_headers=request_headers,                        #    headers: drop hop-by-hop and
-        mesh_headers=mesh_source_headers(source, state.version),  #  the app's x-mesh-source; add ours
-        traffic=True,                                           #    mesh services: sidecar.traffic state
-        rules=choose_subset,                                    # 2. rules: route rules, then split -> a
-                                                                #    version's endpoints (none: 503 UH)
-        mirror=choose_mirror_subset,                            #    mirror: fire-and-forget copy
-        fault=fault_of,                                         # 3. fault: delay (DI), abort (FI)
-        breaker=True,                                           # 4. circuit breaker: overflow -> 503 UO
-        retries=True,                                           # 5. retries: backoff, budget, per-try
-                                                                #    timeout, another endpoint, URX
-        timeout=True,                                           # 6. whole-request timeout -> 504 UT
-        balance=balance_traffic, outlier=True,                  # 7. balance: LB choice, ejected skipped;
-                                                                #    every outcome -> outlier detector
-        max_tries=DEFAULT_MAX_TRIES,                            # 8. connect-retry on another endpoint
-        connect_timeout=state.connect_timeout,
-        pool=state.pools,                                       # 9. pool: keep-alive connections
-        gauge=state.telemetry.connections(direction),
+        chain=outbound_chain(route, after_route),
+        request_headers=request_headers,                        # drop hop-by-hop and the app's
+        mesh_headers=mesh_source_headers(source, state.version),  # x-mesh-source; add ours
+        connect_timeout=state.connect_timeout, pool=state.pools, gauge=state.telemetry.connections(direction),
     )
 
 
 def build_inbound_stack(state: ProxyState, app_port: int, *, protocol: str = "http",
                         app_host: str = "127.0.0.1") -> Stack:
-    """The inbound path: everything goes to the local app over pooled connections."""
+    """The inbound path (inbound_chain): everything goes to the local app over pooled connections."""
     cluster = local_cluster(state.service, state.version, app_port, protocol, app_host)
     return Stack(
         direction="inbound", reporter=REPORTER_DESTINATION, source_name=state.service,
-        ratelimit=limit_inbound,                                # 0. rate limit: 429 RL
-        route=authorize(route_to(cluster)), request_headers=INBOUND_REQUEST_HEADERS, mesh_headers=b"",
-        balance=balance_least_request, max_tries=1, connect_timeout=state.connect_timeout,
-        pool=state.pools, gauge=state.telemetry.connections("inbound"),
+        chain=inbound_chain(cluster), request_headers=INBOUND_REQUEST_HEADERS, mesh_headers=b"",
+        connect_timeout=state.connect_timeout, pool=state.pools, gauge=state.telemetry.connections("inbound"),
     )
 
 
@@ -999,16 +1333,9 @@ def caller_of(down: "_Downstream", ex: "Exchange") -> str:
     return ex.source.decode("latin-1") if ex.source else UNKNOWN
 
 
-def authorize(route: RouteFn) -> RouteFn:
-    """Inbound layer: `state.authz` decides on the verified caller; a denial is 403 `RBAC` with
-    `x-mesh-denied: <reason>`. An allowed mTLS request gets `x-forwarded-client-cert` for the app."""
-    def layer(down: _Downstream, ex: Exchange) -> Cluster | Reply:
-        return _authorized(down, ex, route)
-    return layer
-
-
-def _authorized(down: _Downstream, ex: Exchange, route: RouteFn) -> Cluster | Reply:
-    """The body of `authorize`'s layer (a module function, so that compiled it reads typed fields)."""
+def authorized(down: _Downstream, ex: Exchange) -> Reply | None:
+    """Inbound authorization: `state.authz` decides on the verified caller; a denial is 403 `RBAC`
+    with `x-mesh-denied: <reason>`. An allowed mTLS request gets `x-forwarded-client-cert` for the app."""
     authz = down.state.authz
     if authz is not None:
         decision = authz.check_request(down.peer_service, ex.method, ex.target)
@@ -1018,7 +1345,7 @@ def _authorized(down: _Downstream, ex: Exchange, route: RouteFn) -> Cluster | Re
                          headers=b"x-mesh-denied: %b\r\n" % reason)
     if down.peer_xfcc:
         ex.extra = (ex.extra or b"") + down.peer_xfcc
-    return route(down, ex)
+    return None
 
 
 # ---- one request --------------------------------------------------------------------------------
@@ -1039,7 +1366,7 @@ class Exchange:
         "traffic", "subset", "mirror", "admitted", "budgeted", "keep_held", "resend", "attempt", "retry_on",
         "in_retry", "timer", "try_timer", "wait", "fault_abort", "lane",
         # tracing
-        "tp", "ts", "b3", "trace", "trace_headers",
+        "tp", "ts", "b3", "trace", "trace_headers", "at", "route",
     )
 
     def __init__(self, down: _Downstream):
@@ -1107,6 +1434,8 @@ class Exchange:
         self.b3: dict | None = None               # the request's B3 headers, by lowercase name
         self.trace = None                         # meshcore.tracing.TraceContext of this hop
         self.trace_headers = b""                  # what carries it to the next hop
+        self.at = 0                               # the next layer of the chain to run (_proceed)
+        self.route = None                         # what the route layer matched, for the layers after it
 
 
 # Reasons the downstream's reading is paused (bits).
@@ -1516,31 +1845,28 @@ class _Downstream:
         if ex.bad:
             self._reply(ex, 400, FLAG_DOWNSTREAM_PROTOCOL_ERROR, b"bad request\n", close=True)
             return
-        ex.trace, ex.trace_headers = begin_trace(self.state.tracing, ex.tp, ex.b3)  # 0. this hop's trace context
-        trace = ex.trace
-        # No context made (begin_trace): a child exactly when the request had a traceparent.
-        if ex.ts is not None and (ex.tp is not None if trace is None else trace.is_child):
-            # tracestate belongs to the caller's trace: dropped when a new one starts (W3C 3.3.1).
-            ex.trace_headers += b"tracestate: %b\r\n" % ex.ts
-        stack = self.stack
-        ratelimit = stack.ratelimit
-        if ratelimit is not None:
-            limited = limit_inbound(self, ex) if ratelimit is limit_inbound else ratelimit(self, ex)
-            if limited is not None:
-                self._reply(ex, limited.status, limited.flags, limited.body, limited.content_type,
-                            headers=limited.headers)
+        ex.at = 0
+        self._proceed(ex)
+
+    def _proceed(self, ex: Exchange) -> None:
+        """Run the stack's layers from `ex.at` until one answers or holds the request."""
+        chain = self.stack.chain
+        n = len(chain)
+        while ex.at < n:
+            layer = chain[ex.at]
+            ex.at += 1
+            if layer.on_request(self, ex) != NEXT:
                 return
-        route = stack.route
-        try:
-            target = route_by_host(self, ex) if route is route_by_host else route(self, ex)
-        except Exception:  # noqa: BLE001
-            log.exception("route layer failed")
-            self._reply(ex, 500, FLAG_NO_ROUTE, b"route error\n")
-            return
+
+    def _answer(self, ex: Exchange, reply: Reply) -> None:
+        self._reply(ex, reply.status, reply.flags, reply.body, reply.content_type, headers=reply.headers)
+
+    def _routed(self, ex: Exchange, target: Any) -> int:
+        """The route layer's decision: a Reply is answered; a cluster is the exchange's (or, for the
+        first request to an unknown destination, a byte tunnel's)."""
         if target.__class__ is Reply:
-            self._reply(ex, target.status, target.flags, target.body, target.content_type,
-                        headers=target.headers)
-            return
+            self._answer(ex, target)
+            return HELD
         cluster: Cluster = target
         ex.cluster = cluster
         if self.raw is not None:
@@ -1550,55 +1876,11 @@ class _Downstream:
                 # First request to a destination the mesh does not know: forward the bytes unchanged.
                 self.queue.clear()
                 self._to_tunnel(passthrough_cluster(*self.orig_dst), raw)
-                return
+                return HELD
         if not cluster.endpoints:
             self._reply(ex, 503, FLAG_NO_HEALTHY_UPSTREAM, b"no healthy upstream\n")
-            return
-        if stack.traffic and cluster.mesh:
-            self._traffic_layers(ex, cluster)
-            return
-        ex.tries_left = connect_tries(len(cluster.endpoints), stack.max_tries)
-        self._pick(ex)
-
-    # -- traffic layers (state per destination service: sidecar.traffic; order: build_outbound_stack)
-
-    def _traffic_layers(self, ex: Exchange, cluster: Cluster) -> None:
-        stack = self.stack
-        state = self.state
-        lanes = state.lanes
-        lane = lanes.get(cluster.name)
-        if lane is None or lane.cluster is not cluster or lane.tr.cluster is not cluster:
-            # first request after a snapshot swap: sync (state.traffic.of), then copy
-            lane = lanes[cluster.name] = _Lane(state.traffic.of(cluster))
-        tr = lane.tr
-        ex.traffic = tr
-        ex.lane = lane
-        rand = state.random
-        # 2. rules: a version's endpoints
-        if stack.rules is not None and lane.rules is not None:
-            sub = stack.rules(ex, tr, rand())
-            if sub is None:
-                self._reply(ex, 503, FLAG_NO_HEALTHY_UPSTREAM, b"no healthy upstream for the version\n")
-                return
-        else:
-            sub = lane.all
-        ex.subset = sub
-        ex.cluster = sub.cluster
-        # 6. the whole-request timeout starts here: it covers a fault delay, backoffs and every try
-        if stack.timeout and lane.timeout is not None:
-            ex.timer = self.loop.call_later(lane.timeout, self._timed_out, ex)
-        # 3. fault injection: delay first, then abort (Envoy's order)
-        if stack.fault is not None and lane.fault is not None:
-            abort, delay = stack.fault(tr, rand(), rand())
-            if delay > 0:
-                ex.flags = _join_flags(ex.flags, FLAG_FAULT_DELAY)
-                ex.fault_abort = abort or 0
-                ex.wait = self.loop.call_later(delay, self._fault_delayed, ex)
-                return
-            if abort is not None:
-                self._reply(ex, abort, FLAG_FAULT_ABORT, b"fault filter abort\n")
-                return
-        self._admit(ex)
+            return HELD
+        return NEXT
 
     def _fault_delayed(self, ex: Exchange) -> None:
         ex.wait = None
@@ -1607,34 +1889,7 @@ class _Downstream:
         if ex.fault_abort:
             self._reply(ex, ex.fault_abort, FLAG_FAULT_ABORT, b"fault filter abort\n")
             return
-        self._admit(ex)
-
-    def _admit(self, ex: Exchange) -> None:
-        stack = self.stack
-        lane = ex.lane
-        # 4. circuit breaker
-        if stack.breaker:
-            if not lane.breaker.try_acquire_request():
-                self._reply(ex, 503, FLAG_OVERFLOW, b"upstream overflow\n")
-                return
-            ex.admitted = True
-        # 5. retries: the budget counts this request; the body is held while it fits (HOLD_LIMIT)
-        if stack.retries:
-            lane.budget.start_request()
-            ex.budgeted = True
-            if lane.retry_on is not None:
-                ex.retry_on = lane.retry_on
-                ex.keep_held = True
-        # mirror: chosen now (after fault and breaker), sent once the request is whole
-        if stack.mirror is not None and lane.mirror is not None:
-            mirror = stack.mirror(ex.traffic, self.state.random())
-            if mirror is not None:
-                ex.mirror = mirror
-                ex.keep_held = True
-                if ex.req_done:
-                    self._send_mirror(ex)
-        ex.tries_left = connect_tries(len(ex.cluster.endpoints), stack.max_tries)
-        self._pick(ex)
+        self._proceed(ex)
 
     def _send_mirror(self, ex: Exchange) -> None:
         sub = ex.mirror
@@ -1790,40 +2045,11 @@ class _Downstream:
         if not self._try_failed(ex, "timeout", up is not None):
             self._reply(ex, 504, FLAG_UPSTREAM_TIMEOUT, b"upstream request timeout\n")
 
-    def _traffic_done(self, ex: Exchange) -> None:
-        lane = ex.lane
-        if ex.admitted:
-            ex.admitted = False
-            lane.breaker.release_request()
-        if ex.budgeted:
-            ex.budgeted = False
-            lane.budget.finish_request()
-        if ex.in_retry:
-            ex.in_retry = False
-            lane.budget.finish_retry()
-        if ex.timer is not None:
-            ex.timer.cancel()
-            ex.timer = None
-        if ex.try_timer is not None:
-            ex.try_timer.cancel()
-            ex.try_timer = None
-        if ex.wait is not None:
-            ex.wait.cancel()
-            ex.wait = None
-
     # -- balance, connect, send
 
     def _pick(self, ex: Exchange) -> None:
         cluster = ex.cluster
-        balance = self.stack.balance
-        exclude = ex.excluded or ()
-        # The product's balancers are called as C functions (compiled), any other through Python.
-        if balance is balance_traffic:
-            idx = balance_traffic(self.state, cluster, exclude, ex)
-        elif balance is balance_least_request:
-            idx = balance_least_request(self.state, cluster, exclude, ex)
-        else:
-            idx = balance(self.state, cluster, exclude, ex)
+        idx = self.stack.balance.pick(self.state, cluster, ex.excluded or (), ex)
         if idx is None:
             lane = ex.lane
             if lane is not None and lane.outlier.ejections_total:
@@ -2085,8 +2311,8 @@ class _Downstream:
         """Once per exchange, when it ends: traffic accounting, metrics, the access log hook."""
         stack = self.stack
         state = self.state
-        if ex.traffic is not None:
-            self._traffic_done(ex)
+        for layer in stack.enders:
+            layer.on_end(self, ex)
         ms = (monotonic() - ex.start) * 1000.0
         cluster = ex.cluster
         if stack.reporter == REPORTER_DESTINATION:
@@ -2713,7 +2939,7 @@ async def _tunnel(state: ProxyState, stack: Stack, client: _Pipe, cluster: Clust
     tries = connect_tries(len(cluster.endpoints), stack.max_tries)
     excluded: set[int] = set()
     while tries > 0 and not client.closed:
-        idx = stack.balance(state, cluster, excluded)
+        idx = stack.balance.pick(state, cluster, excluded, None)
         if idx is None:
             break
         key = cluster.keys[idx]

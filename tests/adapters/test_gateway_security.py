@@ -44,9 +44,8 @@ async def _jwt(tmp_path):
                          jwt_issuer=ISS, jwt_audience=AUD),
             GatewayRoute(service="payments", path="/open", host=None, strip_prefix=True)])
         gw_state = ProxyState("gateway", "v1", table=mesh.out_state.table)
-        gw_state.jwt = JwtVerifier(str(jwks))
         stack.callback(gw_state.close)
-        gw = await start_gateway(gw_state, "127.0.0.1", 0)
+        gw = await start_gateway(gw_state, "127.0.0.1", 0, jwt=JwtVerifier(str(jwks)))
         stack.callback(gw.close)
         url = f"http://127.0.0.1:{port_of(gw)}"
         s = await mesh.session()

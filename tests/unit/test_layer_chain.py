@@ -1,0 +1,57 @@
+"""The chains the builders return are the layers that run, in the order written there (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.server import build_gateway_stack
+from sidecar.proxy import (
+    Authorize, Balance, Breaker, Fault, LeastRequest, Layer, Mirror, ProxyState, RateLimit, Retries, Route,
+    RouteByHost, RouteTo, Rules, StartTrace, Stack, Timeout, Traffic, TrafficBalance, build_inbound_stack,
+    build_outbound_stack,
+)
+
+OUTBOUND = [StartTrace, RouteByHost, Traffic, Rules, Timeout, Fault, Breaker, Retries, Mirror, TrafficBalance]
+INBOUND = [StartTrace, RateLimit, Authorize, RouteTo, LeastRequest]
+GATEWAY = [StartTrace, Route, "CheckJwt", Traffic, Rules, Timeout, Fault, Breaker, Retries, Mirror, TrafficBalance]
+
+
+@pytest.fixture
+def state():
+    s = ProxyState("frontend")
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("build, expected, ends", [
+    (build_outbound_stack, OUTBOUND, [Timeout, Fault, Breaker, Retries]),
+    (lambda s: build_inbound_stack(s, 8080), INBOUND, []),
+    (build_gateway_stack, GATEWAY, [Timeout, Fault, Breaker, Retries]),
+])
+def test_chain_order(state, build, expected, ends) -> None:
+    stack = build(state)
+    names = [t if isinstance(t, str) else t.__name__ for t in expected]
+    assert [type(layer).__name__ for layer in stack.chain] == names
+    assert [type(layer) for layer in stack.enders] == ends
+    assert stack.balance is stack.chain[-1]
+
+
+@pytest.mark.parametrize("chain, error", [
+    ((StartTrace(),), "ends with its one balance layer"),
+    ((LeastRequest(), StartTrace()), "ends with its one balance layer"),
+    ((LeastRequest(), LeastRequest()), "ends with its one balance layer"),
+])
+def test_a_chain_ends_with_one_balance_layer(state, chain, error) -> None:
+    with pytest.raises(ValueError, match=error):
+        Stack(direction="outbound", reporter="source", source_name="x", chain=chain, request_headers={},
+              mesh_headers=b"", connect_timeout=1.0, pool=state.pools, gauge=None)
+
+
+@pytest.mark.parametrize("balance, max_tries, outlier", [
+    (LeastRequest(1), 1, False), (TrafficBalance(3), 3, True),
+])
+def test_stack_reads_connect_tries_and_outliers_from_its_balance_layer(state, balance, max_tries, outlier) -> None:
+    stack = Stack(direction="outbound", reporter="source", source_name="x", chain=(Breaker(), balance),
+                  request_headers={}, mesh_headers=b"", connect_timeout=1.0, pool=state.pools, gauge=None)
+    assert (stack.max_tries, stack.outlier, stack.breaker) == (max_tries, outlier, True)
+    assert isinstance(stack.balance, Balance) and isinstance(stack.chain[0], Layer)
