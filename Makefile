@@ -40,7 +40,7 @@ wheels:
 	rm -rf build
 	$(PIP) wheel -q -w wheels .
 
-# Rebuild the compiled data path in place after editing sidecar/proxy.py or .pxd (`make install`
+# Rebuild the compiled data path in place after editing sidecar/datapath/*.py or .pxd (`make install`
 # does it too); tests/unit/test_compiled.py fails on a stale one.
 ext:
 	$(PYTHON) setup.py -q build_ext --inplace

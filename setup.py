@@ -1,9 +1,9 @@
 """The optional C build of the data path; everything else about the package is in pyproject.toml.
 
-sidecar/proxy.py is compiled with Cython, its declarations in sidecar/proxy.pxd (the per-request
-classes as C structs, their methods calling each other as C functions): the same source, run as
+sidecar/datapath/engine.py is compiled with Cython, its declarations in sidecar/datapath/engine.pxd
+(the per-request classes and the layers as C structs, their methods calling each other as C functions): the same source, run as
 machine code instead of bytecode. Where Cython or a C compiler is missing, or with
-MESHD_PURE_PYTHON=1, the package installs without it (a py3-none-any wheel) and runs proxy.py as
+MESHD_PURE_PYTHON=1, the package installs without it (a py3-none-any wheel) and runs engine.py as
 Python, with the same behaviour.
 """
 
@@ -13,7 +13,8 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-COMPILED = ["meshcore.lb", "meshcore.resilience", "sidecar.datapath.speedups", "sidecar.datapath.http1", "sidecar.proxy"]
+COMPILED = ["meshcore.lb", "meshcore.resilience", "sidecar.datapath.speedups", "sidecar.datapath.http1",
+            "sidecar.datapath.engine", "sidecar.datapath.pipes"]
 DIRECTIVES = {
     "language_level": 3,
     "annotation_typing": False,   # types come from the .pxd only; annotations stay documentation

@@ -89,8 +89,10 @@ COMPILED_MODULES = {
                                "sidecar/datapath/speedups.pxd"),
     "meshcore.lb": ("meshcore/lb.py", "meshcore/lb.pxd"),
     "meshcore.resilience": ("meshcore/resilience.py", "meshcore/resilience.pxd"),
-    "sidecar.proxy": ("sidecar/proxy.py", "sidecar/proxy.pxd", "sidecar/datapath/http1.pxd",
-                      "sidecar/datapath/speedups.pxd", "meshcore/resilience.pxd", "meshcore/lb.pxd"),
+    "sidecar.datapath.engine": ("sidecar/datapath/engine.py", "sidecar/datapath/engine.pxd",
+                                "sidecar/datapath/http1.pxd", "sidecar/datapath/speedups.pxd",
+                                "meshcore/resilience.pxd", "meshcore/lb.pxd"),
+    "sidecar.datapath.pipes": ("sidecar/datapath/pipes.py",),
 }
 COMPILED_SOURCES = tuple(dict.fromkeys(src for srcs in COMPILED_MODULES.values() for src in srcs))
 
@@ -103,8 +105,8 @@ def compiled_module(name: str) -> Path | None:
 
 
 def compiled_data_path() -> Path | None:
-    """The checkout's compiled sidecar.proxy (setup.py builds it in place at `make install`), or None."""
-    return compiled_module("sidecar.proxy")
+    """The checkout's compiled data-path engine (setup.py builds it in place at `make install`), or None."""
+    return compiled_module("sidecar.datapath.engine")
 
 
 def stale_compiled_modules(missing_too: bool = False) -> list[str]:
@@ -149,7 +151,7 @@ PRODUCT_PACKAGES = ("sidecar", "gateway", "meshcore", "meshproc", "certs", "mesh
 def compile_checkout() -> None:
     """Bring the checkout's bytecode up to date, as pip compiles the image's at install: a sidecar that
     compiles a changed module at start (nothing else may have: PYTHONDONTWRITEBYTECODE, a fresh edit)
-    keeps the compiler's leftovers, 4.7 MiB of RSS for sidecar/proxy.py, and its idle figure with them."""
+    keeps the compiler's leftovers, 4.7 MiB of RSS for the data path's engine, and its idle figure with them."""
     import compileall
     import py_compile
 

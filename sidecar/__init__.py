@@ -8,7 +8,8 @@ if _os.environ.get("MESHD_PURE_PYTHON"):
     import importlib.machinery as _machinery
     import sys as _sys
 
-    COMPILED_MODULES = frozenset(("sidecar.proxy", "sidecar.datapath.http1", "sidecar.datapath.speedups",
+    COMPILED_MODULES = frozenset(("sidecar.datapath.engine", "sidecar.datapath.pipes", "sidecar.datapath.http1",
+                                  "sidecar.datapath.speedups",
                                   "meshcore.lb", "meshcore.resilience"))   # setup.py's COMPILED
 
     class _PureSource:

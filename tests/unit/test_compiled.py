@@ -10,7 +10,7 @@ import pytest
 import meshcore.resilience as resilience
 import sidecar.datapath.http1 as http1
 import sidecar.datapath.speedups as speedups
-import sidecar.proxy as proxy
+import sidecar.datapath.engine as proxy
 from bench.env import COMPILED_MODULES, ROOT, stale_compiled_modules
 
 
@@ -21,9 +21,9 @@ def _compiled() -> bool:
 def test_ci_tests_the_compiled_data_path() -> None:
     """What the images run (their wheel is compiled by `make wheels`) is what CI tests."""
     if os.environ.get("CI") != "true" and not _compiled():
-        pytest.skip("sidecar.proxy is not compiled here (no Cython or compiler at install)")
-    assert _compiled(), f"sidecar.proxy loaded from {proxy.__file__}: run `make install` to compile it"
-    # proxy.pxd took effect: the per-request classes are C structs (typed attributes are getset
+        pytest.skip("sidecar.datapath.engine is not compiled here (no Cython or compiler at install)")
+    assert _compiled(), f"sidecar.datapath.engine loaded from {proxy.__file__}: run `make install` to compile it"
+    # engine.pxd took effect: the per-request classes are C structs (typed attributes are getset
     # descriptors of an extension type, where the source's __slots__ make member descriptors).
     for cls, attr in ((proxy.Exchange, "status"), (proxy._Downstream, "paused"), (proxy._Upstream, "phase")):
         assert type(cls.__dict__[attr]).__name__ == "getset_descriptor", (cls, attr)
@@ -53,7 +53,7 @@ def test_compiled_modules_are_not_older_than_their_sources() -> None:
     """An edit of a compiled module's .py or .pxd (or of a .pxd it cimports) without `make ext` would
     leave tests running the old code (tests/conftest.py rebuilds it before collecting, or stops)."""
     if not _compiled():
-        pytest.skip("sidecar.proxy runs from its source")
+        pytest.skip("sidecar.datapath.engine runs from its source")
     stale = stale_compiled_modules()
     assert not stale, f"{', '.join(stale)} older than their sources: run `make ext`"
 

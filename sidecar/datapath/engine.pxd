@@ -1,6 +1,6 @@
-# Cython declarations that compile sidecar/proxy.py (unchanged Python) into a C extension, see
+# Cython declarations that compile sidecar/datapath/engine.py (unchanged Python) into a C extension, see
 # setup.py. The .py stays the source and runs as it is where no compiled module was built; these
-# declarations only make the per-request classes C structs (typed attributes read and written
+# declarations only make the per-request classes and the layers C structs (typed attributes read and written
 # without dictionary lookups) and let their methods call each other as C functions.
 # Every attribute stays `public`: gateway, mtls and the tests read and set them from Python.
 
