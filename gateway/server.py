@@ -16,6 +16,7 @@ from sidecar.proxy import (
     HELD, NEXT, OUTBOUND_REQUEST_HEADERS, H_DROP, H_XFF, Exchange, Layer, ProxyState, Reply, Route, Stack,
     build_outbound_stack, serve_http,
 )
+from sidecar.datapath.http1 import HeaderLines
 from sidecar.routing import Cluster, route_gateway
 
 GATEWAY_SOURCE = "gateway"          # x-mesh-source of requests from outside, and source_workload
@@ -39,8 +40,9 @@ def route_by_gateway(down, ex: Exchange) -> Cluster | Reply:
         return Reply(404, FLAG_NO_ROUTE, body, b"application/json")
     cluster, route, upstream_path = found
     ex.route = route   # the JWT layer reads its auth settings
-    if any(ex.lines[i][:len(_CLAIM_PREFIX)].lower() == _CLAIM_PREFIX for i in range(0, len(ex.lines), 4)):
-        ex.lines = _without(ex.lines, lambda name: name[:len(_CLAIM_PREFIX)].lower() == _CLAIM_PREFIX)
+    fields = HeaderLines(ex.lines)
+    if fields.any_name(_is_claim):
+        ex.lines = fields.without(_is_claim)   # a client never sets claims headers
     ex.target = upstream_path.encode("latin-1")
     client = down.peer_ip
     xff = ex.xff + b", " + client if ex.xff else client
@@ -52,12 +54,8 @@ def route_by_gateway(down, ex: Exchange) -> Cluster | Reply:
     return cluster
 
 
-def _without(lines: list, drop) -> list:
-    out: list = []
-    for i in range(0, len(lines), 4):
-        if not drop(lines[i]):
-            out += lines[i:i + 4]
-    return out
+def _is_claim(name: bytes) -> bool:
+    return name.startswith(_CLAIM_PREFIX)
 
 
 class CheckJwt(Layer):
@@ -85,11 +83,12 @@ def _check_jwt(ex: Exchange, route, verifier) -> bytes | Reply:
     from gateway.jwt_auth import JwtError, claim_headers, www_authenticate
 
     token = None
-    for i in range(0, len(ex.lines), 4):
-        if ex.lines[i].lower() == b"authorization":
-            scheme, _, value = ex.lines[i + 2].strip().partition(b" ")
-            if scheme.lower() == b"bearer" and value.strip():
-                token = value.strip().decode("latin-1")
+    fields = HeaderLines(ex.lines)
+    for name, value in fields:
+        if name.lower() == b"authorization":
+            scheme, _, credentials = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and credentials.strip():
+                token = credentials.strip().decode("latin-1")
     try:
         if verifier is None:
             raise JwtError("no signing keys are configured")
@@ -97,7 +96,7 @@ def _check_jwt(ex: Exchange, route, verifier) -> bytes | Reply:
     except JwtError as exc:
         body = json.dumps({"error": "unauthorized", "reason": str(exc)}).encode() + b"\n"
         return Reply(401, FLAG_UNAUTHORIZED, body, b"application/json", headers=www_authenticate(exc))
-    ex.lines = _without(ex.lines, lambda name: name.lower() == b"authorization")
+    ex.lines = fields.without(b"authorization".__eq__)
     return claim_headers(claims)
 
 

@@ -232,9 +232,51 @@ def connection_tokens(value: bytes, into: set | None) -> set | None:
     return into
 
 
+class HeaderLines:
+    """The header fields of a parsed head as the data path keeps them (Exchange.lines, _Upstream.lines):
+    one flat list of wire pieces, four per field (name, b": ", value, CRLF), joined into the head as
+    they are. This names the fields of such a list; it reads and copies, never edits in place."""
+
+    __slots__ = ("lines",)
+
+    def __init__(self, lines: list):
+        self.lines = lines
+
+    @staticmethod
+    def field(name: bytes, value: bytes) -> tuple:
+        """The pieces of one field, to append (`lines += HeaderLines.field(...)`)."""
+        return (name, b": ", value, b"\r\n")
+
+    def __len__(self) -> int:
+        return len(self.lines) // 4
+
+    def __iter__(self):
+        """(name, value) of each field, in order, names as they came."""
+        lines = self.lines
+        for i in range(0, len(lines), 4):
+            yield lines[i], lines[i + 2]
+
+    def get(self, name: bytes) -> bytes | None:
+        """The value of the first field named `name` (lowercase; names compare case-insensitively)."""
+        for field, value in self:
+            if field.lower() == name:
+                return value
+        return None
+
+    def any_name(self, wanted) -> bool:
+        """Whether `wanted(lowercase name)` holds for some field."""
+        return any(wanted(field.lower()) for field, _ in self)
+
+    def without(self, unwanted) -> list:
+        """A new flat list of the fields whose lowercase name `unwanted` refuses."""
+        lines = self.lines
+        out: list = []
+        for i in range(0, len(lines), 4):
+            if not unwanted(lines[i].lower()):
+                out += lines[i:i + 4]
+        return out
+
+
 def drop_named(lines: list, names: set) -> list:
-    out: list = []
-    for i in range(0, len(lines), 4):
-        if lines[i].lower() not in names:
-            out += lines[i:i + 4]
-    return out
+    """`lines` without the fields named in `names` (lowercase): those a Connection header listed."""
+    return HeaderLines(lines).without(names.__contains__)
