@@ -673,6 +673,7 @@ class Meshd:
         self.telemetry.start()  # scraper; stopped by admin_runner.cleanup()
         threading.Thread(target=self._watch_events, name="docker-events", daemon=True).start()
         releaser = asyncio.ensure_future(self._release_holds())
+        resumer = asyncio.ensure_future(self.pki.resume_root_rotation(self.hub))
         log.info("meshd_started", version=__version__, snapshot_version=self._version,
                  admin=f"{self.settings.admin_host}:{ADMIN_PORT}")
         self._dirty.set()
@@ -700,6 +701,7 @@ class Meshd:
             log.info("meshd_stopping")
         finally:
             releaser.cancel()
+            resumer.cancel()
             self._stop.set()
             await self.discovery.close()
             await self.hub.close_all()
