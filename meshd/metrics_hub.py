@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -197,6 +198,7 @@ class TelemetryHub:
         self.last_targets: list[Target] = []
         self.last_scrape: float | None = None     # wall clock
         self._prev: dict[str, tuple[float, Scrape]] = {}
+        self._prev_digest: dict[str, bytes] = {}   # of each node's last text: unchanged ones are not parsed
         # Wall clock when this meshd began: nodes started since then counted nothing from before it.
         self.watched_since: float | None = wall()
         self._births: set[tuple[str, float]] = set()   # (address, node start time) already counted
@@ -363,6 +365,7 @@ class TelemetryHub:
         live = {t.address for t in targets}
         for gone in [a for a in self._prev if a not in live]:
             self._prev.pop(gone, None)
+            self._prev_digest.pop(gone, None)
         for gone in [a for a in self.health if a not in live]:
             self.health.pop(gone, None)
         self.last_scrape = wall
@@ -372,8 +375,14 @@ class TelemetryHub:
 
     def ingest(self, address: str, text: str, now: float) -> Scrape:
         """Feed one node's exposition text scraped at `now`; returns the increase since its last one."""
-        cur = parse_scrape(text)
         prev = self._prev.get(address)
+        digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=16).digest()
+        if prev is not None and self._prev_digest.get(address) == digest:
+            # Nothing changed on the node (an idle one): no parse, nothing happened since.
+            self._prev[address] = (now, prev[1])
+            return Scrape()
+        self._prev_digest[address] = digest
+        cur = parse_scrape(text)
         # A node first seen since it started (not one coming back after its target dropped out)
         # is counted whole when it started after this meshd did: its first requests, served before
         # meshd's first scrape of it, are this run's, not an old total to take as a baseline.

@@ -320,6 +320,23 @@ def test_a_node_born_while_watched_is_counted_from_its_first_request_once(tmp_pa
     assert sum(acc.requests for acc in flows.values()) == 10
 
 
+def test_an_unchanged_scrape_is_not_parsed_again(tmp_path, monkeypatch):
+    """An idle node's text is the same as last time: meshd skips parsing it, and nothing is counted;
+    a changed text is parsed and counted as before."""
+    import meshd.metrics_hub as hub_module
+
+    parsed = []
+    real = hub_module.parse_scrape
+    monkeypatch.setattr(hub_module, "parse_scrape", lambda text: parsed.append(1) or real(text))
+    hub = TelemetryHub(None, targets=list, adaptive=None, wall=lambda: 1000.0)
+    line = ('istio_requests_total{reporter="destination",source_workload="orders",destination_service="payments",'
+            'destination_version="v1",response_code="200"} %d\n')
+    assert hub.ingest("10.0.0.2:15020", line % 5, 10.0).empty()        # the baseline
+    assert hub.ingest("10.0.0.2:15020", line % 5, 12.0).empty() and len(parsed) == 1
+    assert hub._prev["10.0.0.2:15020"][0] == 12.0
+    assert sum(hub.ingest("10.0.0.2:15020", line % 7, 14.0).requests.values()) == 2 and len(parsed) == 2
+
+
 def test_meshd_targets_from_the_docker_view_and_connected_nodes():
     apps = [ContainerInfo(id="c1", name="shop-catalog-1", running=True,
                           networks={"other": "10.9.0.3", "shop_default": "172.20.0.5"},

@@ -334,3 +334,22 @@ def test_health_view_takes_the_worse_reporter_per_flow():
     health = health_by_service(flows)
     assert health[("payments",)].requests == 140 and health[("payments",)].errors == 60
     assert health[("users",)].errors == 10
+
+
+def test_request_families_are_rendered_again_only_after_a_count():
+    telemetry = pytest.importorskip("sidecar.telemetry")
+    from meshcore.metrics import render_families
+
+    t = telemetry.Telemetry()
+    t.record_request("source", "frontend", "v1", "catalog", "catalog", "v2", 200, "-", 3.0)
+    collector = next(c for c in t.registry.collectors() if hasattr(c, "exposition"))
+    first = collector.exposition()
+    assert first == render_families(collector.collect()) and collector.exposition() is first   # cached
+    t.series[next(iter(t.series))].count += 1      # the proxy's fast path counts a known series in place
+    t.series[next(iter(t.series))].buckets[0] += 1
+    second = collector.exposition()
+    assert second is not first and second == render_families(collector.collect())
+    t.record_request("destination", "unknown", "unknown", "catalog", "catalog", "v2", 500, "-", 2.0)
+    assert 'response_code="500"' in collector.exposition()
+    s = parse_scrape(telemetry.render_metrics(t).decode())
+    assert s.requests[FlowKey("source", "frontend", "catalog", "v2", "200")] == 2
