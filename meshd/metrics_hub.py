@@ -4,7 +4,8 @@ Every SCRAPE_INTERVAL_S (2 s) meshd (host network namespace) GETs `/metrics` fro
 sidecar at `<app container IP on a mesh network>:15020` and from the gateway at 127.0.0.1:15021,
 at most CONCURRENCY at a time, each within SCRAPE_TIMEOUT_S, at most MAX_TARGETS targets and
 MAX_BODY bytes each. The math is meshcore's (pure: promtext, flowstats, alarms, adaptive, canary);
-this module is the I/O around it.
+this module is the I/O around it. A node whose text has not changed is not parsed again, and one
+that stays unchanged (idle) is scraped every QUIET_EVERY ticks only (`scrape_due`).
 
 The adaptive policy (meshcore.adaptive.decide_adaptive_policy) acts through meshd's normal path:
 `on_adaptive_policy(service, overrides)` keeps `policy_overrides[service]`, persists it, and asks
@@ -26,6 +27,7 @@ import dataclasses
 import hashlib
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -65,7 +67,18 @@ DEFAULT_WINDOW_S = 60.0      # /v1/stat, /v1/compare, /v1/graph default
 DETECT_WINDOW_S = 10.0       # anomaly detection and the adaptive loop look at the last 10 s
 EJECTION_COOLDOWN_S = 10.0   # at most one ejection event per (service, version) per this
 MAX_ALARMS = 2000
+# A node whose text has not changed for QUIET_AFTER scrapes in a row (idle) is scraped on every
+# QUIET_EVERY-th tick only, in a slot of its own: at 100 idle sidecars that is a third of the
+# scrapes, and a node's first requests after a quiet spell are seen at most 6 s late.
+QUIET_AFTER, QUIET_EVERY = 5, 3
 OVERRIDES_KEY = "telemetry.adaptive_overrides"
+
+
+def scrape_due(quiet: int, tick: int, slot: int, quiet_after: int = QUIET_AFTER,
+               quiet_every: int = QUIET_EVERY) -> bool:
+    """Whether to scrape a node on this tick: always while it changes, else on its slot of every
+    `quiet_every` ticks once it has been unchanged `quiet_after` times in a row."""
+    return quiet < quiet_after or (tick + slot) % quiet_every == 0
 
 
 @dataclass(frozen=True)
@@ -199,6 +212,8 @@ class TelemetryHub:
         self.last_scrape: float | None = None     # wall clock
         self._prev: dict[str, tuple[float, Scrape]] = {}
         self._prev_digest: dict[str, bytes] = {}   # of each node's last text: unchanged ones are not parsed
+        self._quiet: dict[str, int] = {}           # scrapes in a row with the same text, per node
+        self._tick = 0
         # Wall clock when this meshd began: nodes started since then counted nothing from before it.
         self.watched_since: float | None = wall()
         self._births: set[tuple[str, float]] = set()   # (address, node start time) already counted
@@ -349,8 +364,11 @@ class TelemetryHub:
             log.exception("telemetry_targets_failed")
             targets = []
         self.last_targets = targets
+        self._tick += 1
+        due = [t for t in targets if scrape_due(self._quiet.get(t.address, 0), self._tick,
+                                                zlib.crc32(t.address.encode()))]
         sem = asyncio.Semaphore(self.concurrency)
-        results = await asyncio.gather(*(self._fetch(t, sem) for t in targets)) if targets else []
+        results = await asyncio.gather(*(self._fetch(t, sem) for t in due)) if due else []
         now, wall = self.clock(), self.wall()
         ejections: dict[tuple[str, str], float] = {}
         for target, text, error, ms in results:
@@ -366,6 +384,7 @@ class TelemetryHub:
         for gone in [a for a in self._prev if a not in live]:
             self._prev.pop(gone, None)
             self._prev_digest.pop(gone, None)
+            self._quiet.pop(gone, None)
         for gone in [a for a in self.health if a not in live]:
             self.health.pop(gone, None)
         self.last_scrape = wall
@@ -380,8 +399,10 @@ class TelemetryHub:
         if prev is not None and self._prev_digest.get(address) == digest:
             # Nothing changed on the node (an idle one): no parse, nothing happened since.
             self._prev[address] = (now, prev[1])
+            self._quiet[address] = self._quiet.get(address, 0) + 1
             return Scrape()
         self._prev_digest[address] = digest
+        self._quiet[address] = 0
         cur = parse_scrape(text)
         # A node first seen since it started (not one coming back after its target dropped out)
         # is counted whole when it started after this meshd did: its first requests, served before

@@ -21,7 +21,7 @@ from meshcore.labels import ContainerInfo
 from meshcore.snapshot import build_config, build_workloads
 from meshd.docker_adapter import DockerView
 from meshd.store import Store
-from meshd.metrics_hub import TelemetryHub, Target, add_routes, meshd_targets
+from meshd.metrics_hub import TelemetryHub, Target, add_routes, meshd_targets, scrape_due
 from sidecar.telemetry import Telemetry, render_metrics
 
 WIDE = {"COLUMNS": "220", "MESHD_API": "", "MESHD_ADMIN_TOKEN": "", "MESHD_ADMIN_TOKEN_FILE": "/nonexistent"}
@@ -442,3 +442,33 @@ def test_dashboard_page_and_script_are_served_and_use_the_json_endpoints(mesh):
     with pytest.raises(urllib.error.HTTPError) as exc:
         mesh.get("/dashboard/../app.py")
     assert exc.value.code == 404
+
+
+@pytest.mark.parametrize("quiet, tick, slot, due", [
+    (0, 1, 0, True), (4, 7, 5, True),            # changing, or not yet quiet long enough: every tick
+    (5, 3, 0, True), (5, 4, 0, False), (5, 5, 0, False), (5, 6, 0, True),   # quiet: every 3rd tick
+    (9, 4, 2, True), (9, 5, 2, False),           # in its own slot
+])
+def test_scrape_due(quiet, tick, slot, due):
+    assert scrape_due(quiet, tick, slot) is due
+
+
+def test_a_quiet_node_is_scraped_every_third_tick_and_at_once_again_after_a_change(tmp_path):
+    texts = {"10.0.0.2:15020": "mesh_node_start_time_seconds 1.0\n"}
+    fetched: list[int] = []
+    hub = TelemetryHub(None, targets=lambda: [Target("10.0.0.2:15020", "n", "sidecar", "s", "v1", "ns")],
+                       adaptive=None)
+
+    async def fetch(target, _sem):
+        fetched.append(hub._tick)
+        return target, texts[target.address], None, 1.0
+
+    hub._fetch = fetch
+    for _ in range(12):
+        asyncio.run(hub.scrape_once())
+    assert fetched[:6] == [1, 2, 3, 4, 5, 6]          # the first, then five unchanged in a row
+    assert len(fetched) < 10 and all(b - a == 3 for a, b in zip(fetched[6:], fetched[7:]))
+    texts["10.0.0.2:15020"] += 'istio_requests_total{reporter="source"} 1\n'
+    for _ in range(4):
+        asyncio.run(hub.scrape_once())
+    assert fetched[-3:] == [14, 15, 16]                # changed: scraped on every tick again
