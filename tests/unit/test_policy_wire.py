@@ -263,3 +263,12 @@ def test_a_node_applies_the_snapshot_policy_without_the_label_decoder(monkeypatc
     assert (tr.lb, tr.hash_header, tr.timeout) == (LB_RING_HASH, b"x-user", 2.0)
     assert tr.policy.retries.attempts == 4 and tr.outlier.c5xx_limit == 3
     assert tr.limiter is not None and tr.limiter.rate == 10.0
+
+
+def test_design_documents_every_policy_field():
+    """docs/DESIGN.md's "Snapshot schema" names every wire field of the policy (a renamed or new field
+    must be documented)."""
+    design = (ROOT / "docs" / "DESIGN.md").read_text(encoding="utf-8")
+    section = design.split("## Snapshot schema", 1)[1].split("\n## ", 1)[0]
+    leaves = [path for path, f in _fields() if not hasattr(f.kind, "fields") or f.kind.off]
+    assert [path for path in leaves if f"`{path}`" not in section and f"`{path.split('.')[-1]}`" not in section] == []
