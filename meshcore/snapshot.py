@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -11,12 +12,13 @@ from .labels import (
     is_mesh_enabled, is_mesh_owned, spiffe_id, COMPOSE_SERVICE,
 )
 from .labels import MTLS_MODES
-from .policy import decode_traffic_policy, policy_labels
+from .policy import DEFAULT_POLICY as DEFAULT_TRAFFIC_POLICY, TrafficPolicy, decode_traffic_policy, policy_labels
+from .policy_wire import PolicyWireError, decode_policy_wire, encode_policy_wire, policy_difference
 from .routing_rules import ServiceRules, decode_rules, encode_rules
 from .telemetry_settings import SettingsError, TelemetrySettings, decode_settings, encode_settings
 
 INBOUND_PORT = 15006  # the sidecar's inbound listener, Istio's number
-SNAPSHOT_SCHEMA = 1
+SNAPSHOT_SCHEMA = 2  # 2: services' traffic policy as typed fields (1: as mesh.* label strings)
 
 
 class SnapshotError(ValueError):
@@ -57,7 +59,7 @@ class ServiceConfig:
     port: int                       # the app's own port, what callers dial
     identity: str
     aliases: tuple[str, ...] = ()   # compose service names that also mean this service
-    policy: tuple[tuple[str, str], ...] = ()  # the service's traffic-policy labels, sorted
+    policy: TrafficPolicy = DEFAULT_TRAFFIC_POLICY  # decoded once from the labels by meshd
     rules: ServiceRules | None = None         # live rules set by meshctl (split, route, fault...)
     mtls: str = "strict"                      # mesh.mtls of the service's inbound
     allow: tuple[str, ...] | None = None      # mesh.allow: callers allowed (None: no label)
@@ -78,11 +80,13 @@ class GatewayRoute:
 
 @dataclass(frozen=True)
 class Workload:
-    """One meshed container as meshd sees it: its spec, or the label error that keeps it out."""
+    """One meshed container as meshd sees it: its spec and traffic policy, or the label error that
+    keeps it out."""
 
     container: ContainerInfo
     spec: MeshSpec | None
     error: LabelError | None
+    policy: TrafficPolicy | None = None   # decoded from its labels; None with an error
 
 
 @dataclass(frozen=True)
@@ -111,20 +115,22 @@ def build_workloads(containers: Iterable[ContainerInfo]) -> list[Workload]:
         if is_mesh_owned(info.labels) or not is_mesh_enabled(info.labels):
             continue
         decoded = decode_container(info)
+        policy = None
         if not isinstance(decoded, LabelError):
             try:
-                decode_traffic_policy(info.labels)
+                # The one place a traffic policy is read from labels: nodes get it typed.
+                policy = decode_traffic_policy(policy_labels(info.labels))
             except LabelDecodeError as exc:
                 decoded = LabelError(container=info.name.lstrip("/"), label=exc.label, message=exc.message)
         if isinstance(decoded, LabelError):
             out.append(Workload(container=info, spec=None, error=decoded))
         else:
-            out.append(Workload(container=info, spec=decoded, error=None))
+            out.append(Workload(container=info, spec=decoded, error=None, policy=policy))
     return out
 
 
 def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str,
-              policy: tuple[tuple[str, str], ...]) -> LabelError | None:
+              policy: TrafficPolicy) -> LabelError | None:
     if spec.namespace != first.namespace:
         # One identity per service name: instances of two projects would fail each other's SPIFFE
         # checks. Mesh service names are host-wide until namespaces are part of the routing.
@@ -144,11 +150,11 @@ def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str,
         return LabelError(label_container, "mesh.allow",
                           f"{','.join(spec.allow or ()) or 'none'!r} differs from "
                           f"{','.join(first.allow or ()) or 'none'!r} of other {spec.service} instances")
-    if policy != first.policy:
-        mine, theirs = dict(policy), dict(first.policy)
-        label = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))[0]
+    difference = policy_difference(policy, first.policy)
+    if difference is not None:
+        path, label, mine, theirs = difference
         return LabelError(label_container, label,
-                          f"{mine.get(label)!r} differs from {theirs.get(label)!r} of other "
+                          f"{path} {json.dumps(mine)} differs from {json.dumps(theirs)} of other "
                           f"{spec.service} instances (traffic policy is per service)")
     return None
 
@@ -172,7 +178,7 @@ def build_config(workloads: Iterable[Workload], announcements: Iterable[Announce
         spec = wl.spec
         assert spec is not None
         name = wl.container.name.lstrip("/")
-        policy = tuple(sorted(policy_labels(wl.container.labels).items()))
+        policy = wl.policy if wl.policy is not None else DEFAULT_TRAFFIC_POLICY
         first = services.get(spec.service)
         if first is not None:
             problem = _conflict(spec, first, name, policy)
@@ -262,7 +268,8 @@ def encode_snapshot(snapshot: Snapshot) -> dict[str, Any]:
         "schema": SNAPSHOT_SCHEMA,
         "version": snapshot.version,
         "services": {n: {"namespace": s.namespace, "protocol": s.protocol, "port": s.port,
-                         "identity": s.identity, "aliases": list(s.aliases), "policy": dict(s.policy),
+                         "identity": s.identity, "aliases": list(s.aliases),
+                         "policy": encode_policy_wire(s.policy),
                          "rules": encode_rules(s.rules) if s.rules else None,
                          "mtls": s.mtls, "allow": list(s.allow) if s.allow is not None else None}
                      for n, s in cfg.services.items()},
@@ -292,7 +299,8 @@ def decode_snapshot(data: Any) -> Snapshot:
         raise SnapshotError("snapshot: expected an object")
     schema = _field(data, "schema", int, "snapshot")
     if schema != SNAPSHOT_SCHEMA:
-        raise SnapshotError(f"snapshot.schema: {schema} is not supported (want {SNAPSHOT_SCHEMA})")
+        raise SnapshotError(f"snapshot.schema: {schema} is not supported (want {SNAPSHOT_SCHEMA}; "
+                            "meshd is of another build)")
     version = _field(data, "version", int, "snapshot")
     services = {}
     for name, raw in _field(data, "services", dict, "snapshot").items():
@@ -303,14 +311,12 @@ def decode_snapshot(data: Any) -> Snapshot:
         aliases = _field(raw, "aliases", list, where)
         if not all(isinstance(alias, str) for alias in aliases):
             raise SnapshotError(f"{where}.aliases: expected a list of strings")
-        policy = raw.get("policy") or {}
-        if not isinstance(policy, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in policy.items()):
-            raise SnapshotError(f"{where}.policy: expected an object of strings")
+        if "policy" not in raw:
+            raise SnapshotError(f"{where}.policy: missing")
         try:
-            decode_traffic_policy(policy)
-        except LabelDecodeError as exc:
-            raise SnapshotError(f"{where}.policy: {exc}") from None
+            policy = decode_policy_wire(raw["policy"], f"{where}.policy")
+        except PolicyWireError as exc:
+            raise SnapshotError(str(exc)) from None
         raw_rules = raw.get("rules")
         try:
             rules = decode_rules(raw_rules) if raw_rules is not None else None
@@ -327,7 +333,7 @@ def decode_snapshot(data: Any) -> Snapshot:
         services[name] = ServiceConfig(
             name=name, namespace=_field(raw, "namespace", str, where), protocol=protocol,
             port=_field(raw, "port", int, where), identity=_field(raw, "identity", str, where),
-            aliases=tuple(aliases), policy=tuple(sorted(policy.items())), rules=rules, mtls=mtls, allow=allow)
+            aliases=tuple(aliases), policy=policy, rules=rules, mtls=mtls, allow=allow)
     endpoints = {}
     for name, raw_eps in _field(data, "endpoints", dict, "snapshot").items():
         if name not in services:

@@ -9,9 +9,9 @@ that stays unchanged (idle) is scraped every QUIET_EVERY ticks only (`scrape_due
 
 The adaptive policy (meshcore.adaptive.decide_adaptive_policy) acts through meshd's normal path:
 `on_adaptive_policy(service, overrides)` keeps `policy_overrides[service]`, persists it, and asks
-meshd to republish; meshd's `_publish_config` lays the overrides over the service's policy labels
-with `apply_overrides(config)` (never loosening them), so the change reaches every sidecar as a
-new snapshot version, ACKed like any other.
+meshd to republish; meshd's `_publish_config` lays the overrides over the typed fields of the
+service's policy with `apply_overrides(config)` (never loosening them), so the change reaches every
+sidecar as a new snapshot version, ACKed like any other.
 
 Environment: MESH_TIGHTEN_ERROR_RATE (default 0.4; 0 or off disables the loop),
 MESH_TIGHTEN_RECOVERY_S (default 60), MESH_TIGHTEN_MIN_REQUESTS (default 20).
@@ -35,7 +35,10 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from meshcore.adaptive import AdaptiveConfig, AdaptiveState, decide_adaptive_policy, merge_policy_overrides
+from meshcore.adaptive import (
+    AdaptiveConfig, AdaptiveState, OutlierOverrides, decide_adaptive_policy, decode_overrides, encode_overrides,
+    tighten_policy,
+)
 from meshcore.alarms import AlarmState, LatencyConfig, SpikeConfig, detect_error_spike, detect_latency_jump
 from meshcore.canary import compare_versions
 from meshcore.durations import parse_duration
@@ -132,18 +135,18 @@ def meshd_targets(view, nodes: list[dict], gateway_address: str = GATEWAY_METRIC
     return out[:max_targets]
 
 
-def apply_policy_overrides(config: MeshConfig, overrides: dict[str, dict[str, str]]) -> MeshConfig:
-    """`config` with each service's adaptive overrides laid over its policy labels (pure)."""
+def apply_policy_overrides(config: MeshConfig, overrides: dict[str, OutlierOverrides]) -> MeshConfig:
+    """`config` with each service's adaptive overrides laid over its typed policy (pure)."""
     if not overrides:
         return config
     services = dict(config.services)
     changed = False
     for name, ov in overrides.items():
         svc = services.get(name)
-        if svc is None or not ov:
+        if svc is None:
             continue
-        merged = tuple(sorted(merge_policy_overrides(dict(svc.policy), ov).items()))
-        if merged != svc.policy:
+        merged = tighten_policy(svc.policy, ov)
+        if merged is not svc.policy:
             services[name] = dataclasses.replace(svc, policy=merged)
             changed = True
     return dataclasses.replace(config, services=services) if changed else config
@@ -228,14 +231,17 @@ class TelemetryHub:
         self._republish_task: asyncio.Task | None = None
         self._republish_again = False
         self._session: aiohttp.ClientSession | None = None
-        # service -> labels laid over its policy labels by meshd's snapshot build (apply_overrides)
-        self.policy_overrides: dict[str, dict[str, str]] = {}
+        # service -> overrides laid over its policy by meshd's snapshot build (apply_overrides)
+        self.policy_overrides: dict[str, OutlierOverrides] = {}
         saved = (store.get(OVERRIDES_KEY, {}) if store is not None else {}) or {}
-        for service, ov in saved.items():
-            if isinstance(ov, dict) and ov:
-                self.policy_overrides[service] = {str(k): str(v) for k, v in ov.items()}
-                # Still tight after a restart: the loop goes on from there and relaxes when it is time.
-                self._adaptive[service] = AdaptiveState(mode="tight", changed_at=clock())
+        for service, raw in saved.items():
+            ov = decode_overrides(raw)
+            if ov is None:
+                log.warning("adaptive_overrides_dropped", service=service)  # e.g. an older meshd's labels
+                continue
+            self.policy_overrides[service] = ov
+            # Still tight after a restart: the loop goes on from there and relaxes when it is time.
+            self._adaptive[service] = AdaptiveState(mode="tight", changed_at=clock())
 
     @classmethod
     def for_meshd(cls, meshd) -> "TelemetryHub":
@@ -249,14 +255,14 @@ class TelemetryHub:
         """`config` with the adaptive policy overrides merged (meshd's `_publish_config` calls this)."""
         return apply_policy_overrides(config, self.policy_overrides)
 
-    def on_adaptive_policy(self, service: str, overrides: dict[str, str] | None) -> None:
+    def on_adaptive_policy(self, service: str, overrides: OutlierOverrides | None) -> None:
         """Set (or with None, clear) a service's policy overrides and have meshd republish."""
-        if overrides:
-            self.policy_overrides[service] = dict(overrides)
+        if overrides is not None:
+            self.policy_overrides[service] = overrides
         elif self.policy_overrides.pop(service, None) is None:
             return
         if self.store is not None:
-            self.store.put(OVERRIDES_KEY, self.policy_overrides)
+            self.store.put(OVERRIDES_KEY, {s: encode_overrides(ov) for s, ov in self.policy_overrides.items()})
         self._schedule_republish()
 
     def _schedule_republish(self) -> None:
@@ -459,7 +465,8 @@ class TelemetryHub:
             if action is not None:
                 self.on_adaptive_policy(service, action.overrides)
                 kind = "adaptive_tighten" if action.kind == "tighten" else "adaptive_relax"
-                self.events.add(kind, f"{service}: {reason}", service, None, overrides=action.overrides,
+                overrides = encode_overrides(action.overrides) if action.overrides is not None else None
+                self.events.add(kind, f"{service}: {reason}", service, None, overrides=overrides,
                                 error_rate=stats.error_rate, requests=int(stats.requests))
                 log.warning("adaptive_policy", service=service, action=action.kind, reason=reason)
         if len(self._adaptive) > MAX_ALARMS:
@@ -544,7 +551,8 @@ class TelemetryHub:
         state = self._adaptive.get(service)
         if state is None and service not in self.policy_overrides:
             return None
-        return {"mode": state.mode if state else "tight", "overrides": self.policy_overrides.get(service),
+        ov = self.policy_overrides.get(service)
+        return {"mode": state.mode if state else "tight", "overrides": encode_overrides(ov) if ov else None,
                 "reason": self.adaptive_reasons.get(service)}
 
     def compare(self, service: str, a: str, b: str, window_s: float = DEFAULT_WINDOW_S,

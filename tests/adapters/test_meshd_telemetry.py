@@ -8,6 +8,7 @@ each `tick()` is one scrape, 2 s later than the last.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 
@@ -15,7 +16,7 @@ import pytest
 from aiohttp import web
 from typer.testing import CliRunner
 
-from meshcore.adaptive import AdaptiveConfig, TIGHT_OVERRIDES
+from meshcore.adaptive import AdaptiveConfig, TIGHT_OVERRIDES, encode_overrides
 from meshcore.alarms import LatencyConfig, SpikeConfig
 from meshcore.labels import ContainerInfo
 from meshcore.snapshot import build_config, build_workloads
@@ -258,9 +259,10 @@ def test_adaptive_loop_tightens_then_relaxes_through_republish(tmp_path):
         assert "too few requests to be sure" in m.hub.adaptive_reasons["catalog"]
         m.tick(1)   # 80 of 240, 33%: at least 27.7%
         assert m.hub.policy_overrides == {"catalog": TIGHT_OVERRIDES} and m.republished == 1
-        assert m.store.get("telemetry.adaptive_overrides") == {"catalog": TIGHT_OVERRIDES}
+        assert m.store.get("telemetry.adaptive_overrides") == {"catalog": {
+            "consecutive_5xx": 2, "base_ejection_s": 10.0, "max_ejection_percent": 50.0}}
         tight = next(t for t in m.get_json("/v1/stat")["totals"] if t["service"] == "catalog")["adaptive"]
-        assert tight["mode"] == "tight" and tight["overrides"] == TIGHT_OVERRIDES
+        assert tight["mode"] == "tight" and tight["overrides"] == encode_overrides(TIGHT_OVERRIDES)
         m.frontend.flows[1]["errors"] = 0
         m.tick(3)   # both failing scrapes still in the 10 s window: 80 of 280, staying tight
         assert "staying tight" in m.hub.adaptive_reasons["catalog"]
@@ -271,6 +273,7 @@ def test_adaptive_loop_tightens_then_relaxes_through_republish(tmp_path):
         events = [e for e in m.get_json("/v1/events")["events"] if e["kind"].startswith("adaptive")]
         assert [e["kind"] for e in events] == ["adaptive_tighten", "adaptive_relax"]
         assert "tightening outlier detection" in events[0]["message"] and events[0]["service"] == "catalog"
+        assert events[0]["details"]["overrides"] == encode_overrides(TIGHT_OVERRIDES)
         assert "relaxing" in events[1]["message"]
     finally:
         m.close()
@@ -279,7 +282,7 @@ def test_adaptive_loop_tightens_then_relaxes_through_republish(tmp_path):
 def test_overrides_survive_a_restart_and_merge_into_the_config(tmp_path):
     store = Store(str(tmp_path / "state.db"))
     hub = TelemetryHub(store, targets=list)
-    hub.on_adaptive_policy("catalog", dict(TIGHT_OVERRIDES))  # no loop running: stored, republished later
+    hub.on_adaptive_policy("catalog", TIGHT_OVERRIDES)  # no loop running: stored, republished later
     again = TelemetryHub(store, targets=list)
     assert again.policy_overrides == {"catalog": TIGHT_OVERRIDES}
     apps = [ContainerInfo(id="c1", name="shop-catalog-1", running=True, networks={"shop_default": "172.20.0.5"},
@@ -288,11 +291,22 @@ def test_overrides_survive_a_restart_and_merge_into_the_config(tmp_path):
     config, errors = build_config(build_workloads(apps), [], "mesh.local")
     assert not errors
     merged = again.apply_overrides(config)
-    assert dict(merged.services["catalog"].policy) == {
-        "mesh.outlier.consecutive-5xx": "2", "mesh.outlier.base-ejection": "10s",
-        "mesh.outlier.max-ejection-percent": "50%", "mesh.timeout": "2s"}
+    mine = config.services["catalog"].policy
+    # typed fields changed, the rest of the service's policy kept
+    assert merged.services["catalog"].policy == dataclasses.replace(mine, outlier=dataclasses.replace(
+        mine.outlier, consecutive_5xx=2, base_ejection=10.0, max_ejection_percent=50.0))
+    assert merged.services["catalog"].policy.timeout == 2.0
     again.on_adaptive_policy("catalog", None)
     assert again.apply_overrides(config) is config
+    store.close()
+
+
+def test_overrides_an_older_meshd_stored_as_labels_are_dropped(tmp_path):
+    store = Store(str(tmp_path / "state.db"))
+    store.put("telemetry.adaptive_overrides", {"catalog": {"mesh.outlier.consecutive-5xx": "2"},
+                                               "orders": encode_overrides(TIGHT_OVERRIDES)})
+    hub = TelemetryHub(store, targets=list)
+    assert hub.policy_overrides == {"orders": TIGHT_OVERRIDES}
     store.close()
 
 
