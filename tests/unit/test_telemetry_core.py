@@ -389,3 +389,26 @@ def test_request_families_are_rendered_again_only_after_a_count():
     assert 'response_code="500"' in collector.exposition()
     s = parse_scrape(telemetry.render_metrics(t).decode())
     assert s.requests[FlowKey("source", "frontend", "catalog", "v2", "200")] == 2
+
+
+def test_window_merges_old_slots_and_stays_exact_over_the_last_minute():
+    """Ten requests every 2 s for 300 s: beyond 70 s the 2 s slots are merged into 10 s ones, counts
+    over any span stay whole, and the last 60 s are exact."""
+    w = Window(horizon_s=300, resolution_s=2)
+    t, ok = 1000.0, 0
+    prev = parse_scrape(_scrape(0, 0, {"+Inf": 0}))
+    w.add(t, scrape_delta(None, prev), since=t)
+    counts = []
+    for i in range(1, 151):
+        ok += 10
+        cur = parse_scrape(_scrape(ok, 0, {"+Inf": ok}))
+        w.add(t + 2 * i, scrape_delta(prev, cur), since=t + 2 * (i - 1))
+        prev = cur
+        counts.append(len(w.slots))
+    now = t + 300
+    assert max(counts) <= 70 / 2 + (300 - 70) / 10 + 2        # 2 s slots for 70 s, 10 s slots beyond: not 150
+    assert all(end % 10 == 0 for end, _, _ in w.coarse) and len(w.fine) <= 35
+    total = lambda span: by_service_version(w.select(now, span))[("catalog", "v1")].requests  # noqa: E731
+    assert total(60) == 300 and total(10) == 50 and total(2) == 10       # exact
+    assert total(300) == 1500                                            # every delta of the last 300 s
+    assert 590 <= total(120) <= 700                                      # to the nearest 10 s beyond 70 s
