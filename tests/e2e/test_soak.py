@@ -312,8 +312,8 @@ def test_lifecycle_soak(soak_env):
             # answer, the adaptive loop) may be on its way to the sidecars, so poll toward a deadline
             # (the ACK of a new version takes ~0.1 s); what stays broken fails here.
             wait_settled(f"the invariants again after the pair checks of {op}")
-        except AssertionError as exc:
-            raise AssertionError(f"{where}: {exc}") from None
+        except (AssertionError, OSError) as exc:   # OSError: an admin port that did not answer
+            raise AssertionError(f"{where}: {exc!r}") from None
         settled = time.time()
         windows[-1] = dataclasses.replace(windows[-1], next_start=start)
         windows.append(Window(i, op, start, settled, float("inf"), frozenset(touched(op, before)),
