@@ -22,6 +22,7 @@ from meshcore.labels import DEFAULT_TRUST_DOMAIN, wants_hold
 from meshcore.protocol import CONTROL_PATH, CONTROL_PORT
 from meshcore.snapshot import MeshConfig, Snapshot, build_config, build_workloads, encode_snapshot
 from meshcore.telemetry_settings import TelemetrySettings
+from meshcore.egress import EGRESS_ALLOW_ANY, EgressError, decode_egress_mode
 
 from . import __version__
 from .control import Hub, dumps
@@ -117,6 +118,7 @@ class Settings:
     jwks_file: str = ""                    # MESH_JWKS_FILE (host path, mounted read-only) or MESH_JWKS_URL
     jwks_url: str = ""
     telemetry: TelemetrySettings = TelemetrySettings()  # MESH_TRACE_SAMPLING, MESH_OTLP_ENDPOINT, MESH_ACCESS_LOG
+    egress_mode: str = EGRESS_ALLOW_ANY    # MESH_EGRESS: allow-any | registry-only (meshcore.egress)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -137,7 +139,16 @@ class Settings:
             gateway_cert=env.get("MESH_GATEWAY_CERT", ""), gateway_key=env.get("MESH_GATEWAY_KEY", ""),
             jwks_file=env.get("MESH_JWKS_FILE", ""), jwks_url=env.get("MESH_JWKS_URL", ""),
             telemetry=settings_from_env(dict(env)),
+            egress_mode=egress_mode_from_env(env),
         )
+
+
+def egress_mode_from_env(env) -> str:
+    """MESH_EGRESS (default allow-any); a bad value raises EgressError naming the variable."""
+    try:
+        return decode_egress_mode(env.get("MESH_EGRESS") or EGRESS_ALLOW_ANY)
+    except EgressError as exc:
+        raise EgressError(f"MESH_EGRESS: {exc}") from None
 
 
 def config_digest(config: MeshConfig) -> str:
@@ -370,7 +381,8 @@ class Meshd:
         self._warming = False
         config, errors = build_config(workloads, announcements, self.settings.trust_domain,
                                       rules=self.rules.rules, policies=self.policies.policy,
-                                      telemetry=self.telemetry_settings.settings)
+                                      telemetry=self.telemetry_settings.settings,
+                                      egress_mode=self.settings.egress_mode)
         self.label_errors = errors
         config = self.telemetry.apply_overrides(config)  # adaptive policy overrides (observability)
         self._publish(config)
