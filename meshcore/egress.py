@@ -142,3 +142,25 @@ def egress_allowed(mode: str, allow_list: tuple[EgressRule, ...] | None, host: s
     if mode != EGRESS_REGISTRY_ONLY:
         return True
     return any(rule_matches(rule, host, port) for rule in allow_list or ())
+
+
+def egress_findings(mode: str, lists: dict[str, tuple[str, ...] | None]) -> list[str]:
+    """What `meshctl analyze` says of the services' mesh.egress lists (service -> canonical entries,
+    None: no label) under the mesh-wide `mode`: labels without effect, services cut off, lists that
+    let everything out."""
+    out = []
+    for service, entries in sorted(lists.items()):
+        if mode == EGRESS_ALLOW_ANY:
+            if entries:
+                out.append(f"{service}: mesh.egress has no effect while egress is allow-any "
+                           "(meshd's MESH_EGRESS=registry-only enforces it)")
+            continue
+        if not entries:
+            out.append(f"{service}: no mesh.egress: it reaches only mesh services (registry-only)")
+            continue
+        rules = decode_egress_list(",".join(entries))
+        everything = [str(r) for r in rules if r.network is not None and r.network.prefixlen == 0]
+        if everything:
+            out.append(f"{service}: mesh.egress {', '.join(everything)} lets every address out: for raw TCP "
+                       "and addressed calls this service is as under allow-any")
+    return out

@@ -75,6 +75,7 @@ cdef class ProxyState:
     cdef public Py_ssize_t undelivered_total, probed_total
     cdef public set _watched
     cdef public object _watchdog, inbound_limiter, jwt
+    cdef public object egress   # sidecar.egress.EgressControl
     cdef public dict lanes
 
     cpdef watch(self, _Upstream up)

@@ -64,6 +64,7 @@ from .datapath.http1 import (
 )
 from .datapath.speedups import bucket_of, cut, head_end, join, name_table
 from .dns import VipAllocator
+from .egress import EgressControl, http_egress_blocked, tunnel_egress_blocked   # egress control
 from .mirror import MirrorSender, shadow_host
 from .telemetry import DURATION_BOUNDS, NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
 from .tracing import Tracing
@@ -628,6 +629,7 @@ class ProxyState:
         self._watchdog: asyncio.TimerHandle | None = None
         self.inbound_limiter = None         # mesh.ratelimit of this node's own service (limit_inbound)
         self.jwt = None                     # gateway: gateway.jwt_auth.JwtVerifier (set by gateway.cli)
+        self.egress = EgressControl(service, self.telemetry.registry)   # egress control (sidecar.egress)
         if table is not None:
             self.traffic.apply(table)
             self._sync_local()
@@ -638,6 +640,7 @@ class ProxyState:
         """Build the route table of a snapshot and swap it in; returns it."""
         table = build_route_table(snapshot, self.vips.assign(snapshot.config.services))
         self.tracing.configure(snapshot.config.telemetry)
+        self.egress.update(snapshot.config)   # egress control (sidecar.egress)
         old, self.table = self.table, table
         self.traffic.apply(table)
         self._sync_local()
@@ -1543,6 +1546,8 @@ class _Downstream:
             return
         cluster: Cluster = target
         ex.cluster = cluster
+        if cluster.name == PASSTHROUGH and http_egress_blocked(self, ex, cluster):   # egress control: 502 EB
+            return
         if self.raw is not None:
             raw = bytes(self.raw)
             self.raw = None
@@ -2228,6 +2233,8 @@ class _Downstream:
         self.raw = None
         self.queue.clear()
         self.cur = None
+        if tunnel_egress_blocked(self, passthrough_cluster(*self.orig_dst), False):   # egress control: reset
+            return
         self._to_tunnel(passthrough_cluster(*self.orig_dst), raw, eof=eof)
 
     def _connect_tunnel(self, ex: Exchange, rest: bytes) -> None:
@@ -2239,6 +2246,8 @@ class _Downstream:
         cluster = route_outbound(self.state.table, None, (host, port))
         if cluster is None or cluster.protocol != "tcp":
             cluster = passthrough_cluster(host, port)
+        if cluster.name == PASSTHROUGH and tunnel_egress_blocked(self, cluster, True):   # egress control: 502 EB
+            return
         self.queue.clear()
         self._to_tunnel(cluster, rest, greeting=b"HTTP/1.1 200 Connection Established\r\n\r\n")
 

@@ -181,3 +181,78 @@ def test_snapshot_errors_name_the_field(key, value, fragment):
         wire["services"]["orders"][key] = value
     with pytest.raises(SnapshotError, match=fragment.replace(".", r"\.")):
         decode_snapshot(wire)
+
+
+def test_blocked_counter_is_read_from_a_scrape_and_its_growth_is_the_delta():
+    from meshcore.promtext import parse_scrape, scrape_delta
+
+    line = 'mesh_sidecar_egress_blocked_total{source_workload="orders",destination="%s",protocol="%s"} %d\n'
+    first = parse_scrape(line % ("api.example.com:443", "http", 2) + line % ("api.example.com:443", "tcp", 1))
+    assert first.egress_blocked == {("orders", "api.example.com:443"): 3}   # protocols summed
+    second = parse_scrape(line % ("api.example.com:443", "http", 5) + line % ("10.0.0.1:22", "tcp", 1))
+    assert scrape_delta(first, second).egress_blocked == {("orders", "api.example.com:443"): 2,
+                                                          ("orders", "10.0.0.1:22"): 1}
+    assert scrape_delta(second, second).empty()
+
+
+# ---- meshctl analyze ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, lists, expected", [
+    (EGRESS_ALLOW_ANY, {"a": None, "b": ("x.test:443",)},
+     ["b: mesh.egress has no effect while egress is allow-any (meshd's MESH_EGRESS=registry-only enforces it)"]),
+    (EGRESS_REGISTRY_ONLY, {"a": None, "b": ("x.test:443",)},
+     ["a: no mesh.egress: it reaches only mesh services (registry-only)"]),
+    (EGRESS_REGISTRY_ONLY, {"b": ("x.test:443", "0.0.0.0/0:*", "[::/0]:443")},
+     ["b: mesh.egress 0.0.0.0/0:*, [::/0]:443 lets every address out: for raw TCP and addressed calls this "
+      "service is as under allow-any"]),
+    (EGRESS_REGISTRY_ONLY, {"b": ("10.0.0.0/8:*",)}, []),
+    (EGRESS_ALLOW_ANY, {"a": None}, []),
+])
+def test_egress_findings(mode, lists, expected):
+    from meshcore.egress import egress_findings
+    assert egress_findings(mode, lists) == expected
+
+
+COMPOSE = """
+services:
+  orders:
+    image: shop/orders
+    expose: ["8080"]
+    labels: ["mesh.enable=true", "mesh.egress=api.example.com:443, 10.0.0.0/8:5432"]
+  users:
+    image: shop/users
+    expose: ["8080"]
+    labels: ["mesh.enable=true"]
+"""
+
+
+@pytest.mark.parametrize("args, env, lines", [
+    ((), {}, ["  egress: allow-any", "    orders may call api.example.com:443, 10.0.0.0/8:5432",
+              "note: orders: mesh.egress has no effect while egress is allow-any"]),
+    (("--egress", "registry-only"), {}, ["  egress: registry-only",
+                                         "note: users: no mesh.egress: it reaches only mesh services"]),
+    ((), {"MESH_EGRESS": "registry-only"}, ["  egress: registry-only"]),
+])
+def test_analyze_reports_egress(tmp_path, args, env, lines):
+    from typer.testing import CliRunner
+    from meshctl.cli import app
+
+    path = tmp_path / "compose.yaml"
+    path.write_text(COMPOSE)
+    result = CliRunner().invoke(app, ["analyze", str(path), *args], env={"COLUMNS": "200", **env})
+    assert result.exit_code == 0, result.output
+    for line in lines:
+        assert line in result.output, result.output
+
+
+def test_analyze_names_a_bad_egress_item_and_mode(tmp_path):
+    from typer.testing import CliRunner
+    from meshctl.cli import app
+
+    path = tmp_path / "compose.yaml"
+    path.write_text(COMPOSE.replace("10.0.0.0/8:5432", "10.0.0.1/8:5432"))
+    result = CliRunner().invoke(app, ["analyze", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 1
+    assert "service orders: label mesh.egress: '10.0.0.1/8:5432'" in result.output
+    result = CliRunner().invoke(app, ["analyze", str(path), "--egress", "deny"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "--egress" in result.output
