@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import aiohttp
@@ -23,6 +23,7 @@ from meshcore.protocol import CONTROL_PATH, CONTROL_PORT
 from meshcore.snapshot import MeshConfig, Snapshot, build_config, build_workloads, encode_snapshot
 from meshcore.telemetry_settings import TelemetrySettings
 from meshcore.egress import EGRESS_ALLOW_ANY, EgressError, decode_egress_mode
+from meshcore.limits import limits_env, limits_from_env
 
 from . import __version__
 from .control import Hub, dumps
@@ -119,6 +120,7 @@ class Settings:
     jwks_url: str = ""
     telemetry: TelemetrySettings = TelemetrySettings()  # MESH_TRACE_SAMPLING, MESH_OTLP_ENDPOINT, MESH_ACCESS_LOG
     egress_mode: str = EGRESS_ALLOW_ANY    # MESH_EGRESS: allow-any | registry-only (meshcore.egress)
+    limits: dict[str, str] = field(default_factory=dict)  # MESH_MAX_HEADERS...: handed to nodes
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -140,7 +142,14 @@ class Settings:
             jwks_file=env.get("MESH_JWKS_FILE", ""), jwks_url=env.get("MESH_JWKS_URL", ""),
             telemetry=settings_from_env(dict(env)),
             egress_mode=egress_mode_from_env(env),
+            limits=checked_limits_env(env),
         )
+
+
+def checked_limits_env(env) -> dict[str, str]:
+    """The limit variables (meshcore.limits) set for meshd, checked, to pass to the nodes it creates."""
+    limits_from_env(env)   # raises LimitError naming a bad variable
+    return limits_env(env)
 
 
 def egress_mode_from_env(env) -> str:
@@ -477,6 +486,7 @@ class Meshd:
         token = self.pki.issue_token("sidecar", name, wl.container.id)
         env = build_sidecar_env(wl, name, host, self.settings.trust_domain, token=token,
                                 bundle_pem=self.pki.ca.bundle_pem.decode("ascii"))
+        env.update(self.settings.limits)   # meshcore.limits set on meshd
         log.info("sidecar_create", app=wl.container.name, sidecar=name, service=wl.spec.service,
                  control=host)
         cid = await asyncio.get_running_loop().run_in_executor(None, self.docker.create_sidecar, wl.container, env)
@@ -516,7 +526,7 @@ class Meshd:
                "MESH_NODE": "gateway",
                "MESH_IDENTITY": self.pki.gateway_identity,
                "MESH_BOOTSTRAP_TOKEN": self.pki.issue_token("gateway", "gateway", ""),
-               "MESH_CA_BUNDLE": self.pki.ca.bundle_pem.decode("ascii")}
+               "MESH_CA_BUNDLE": self.pki.ca.bundle_pem.decode("ascii"), **st.limits}
         mounts = []
         # Host paths (the Docker daemon resolves bind mounts on the host), mounted read-only as is.
         for name, path in (("MESH_GATEWAY_CERT", st.gateway_cert), ("MESH_GATEWAY_KEY", st.gateway_key),
