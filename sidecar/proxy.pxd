@@ -15,6 +15,7 @@ from sidecar.datapath.speedups cimport bucket_of, cut, head_end, join, put_hex64
 
 
 cdef int _SLASH   # a C constant: compared with C chars, not as an object
+cdef Py_ssize_t CHUNK_COST   # added to a chunk's size in the held / pending accounting
 cdef int H_DROP, H_CONNECTION, H_TE, H_CL, H_HOST, H_EXPECT, H_SOURCE, H_SOURCE_VERSION, H_XFF, H_FLAGS
 cdef int H_TRACEPARENT, H_B3, H_TRACESTATE, H_UPGRADE   # header actions (also in the module dict)
 cpdef _join_flags(have, new)

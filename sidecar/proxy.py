@@ -88,6 +88,10 @@ POOL_MAX_IDLE = 64            # idle keep-alive connections kept per endpoint
 POOL_IDLE_TIMEOUT_S = 60.0
 HOLD_LIMIT = 64 * 1024        # request body kept for one retry on a fresh connection
 PENDING_LIMIT = 64 * 1024     # request body buffered while connecting; above it reading pauses
+# What one re-encoded chunk costs held or pending beyond its data (its size line and the list slots
+# and bytes objects of its three parts), counted against HOLD_LIMIT and PENDING_LIMIT: a flood of
+# one-byte chunks was otherwise kept ~100 times over (tests/adapters/test_attacks.py, chunk_flood).
+CHUNK_COST = 96
 MAX_HEAD = 64 * 1024          # compiled: a longer head is httptools', whose callbacks apply the limits
 SNIFF_LIMIT = 64 * 1024       # bytes kept while deciding whether an unknown destination speaks HTTP
 SNIFF_TIMEOUT_S = 0.3         # no first byte from the client by then: a server-first protocol, pass through
@@ -1468,9 +1472,9 @@ class _Downstream:
             return
         if ex.chunked:
             parts: tuple = (b"%x\r\n" % len(data), data, b"\r\n")
+            self._forward_body(ex, parts, len(data) + CHUNK_COST)
         else:
-            parts = (data,)
-        self._forward_body(ex, parts, len(data))
+            self._forward_body(ex, (data,), len(data))
 
     def on_message_complete(self) -> None:
         ex = self.cur
@@ -1521,7 +1525,14 @@ class _Downstream:
         if ex.pending is None:  # attached: stream it
             up = ex.up
             if up is not None:
-                _send(up.transport, parts)
+                if ex.chunked and self.feeding and self.cork is None:
+                    # The chunks of one read go in one write at its end (_uncork): a flood of tiny
+                    # chunks cost a system call each (tests/adapters/test_attacks.py, chunk_flood).
+                    ex.pending = list(parts)
+                    ex.pending_bytes = size
+                    self.cork = ex
+                else:
+                    _send(up.transport, parts)
             if held is not None and ex.held_bytes > HOLD_LIMIT:
                 ex.held = None
             return
@@ -1530,7 +1541,13 @@ class _Downstream:
             ex.pending += parts
         ex.pending_bytes += size
         if ex.pending_bytes > PENDING_LIMIT:
-            self._pause(P_PENDING)
+            up = ex.up
+            if self.cork is ex and up is not None:   # attached, corked: write what this read gathered
+                _send(up.transport, ex.pending)
+                ex.pending = []
+                ex.pending_bytes = 0
+            else:
+                self._pause(P_PENDING)
 
     def _dispatch(self, ex: Exchange) -> None:
         ex.dispatched = True
