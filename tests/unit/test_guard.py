@@ -42,8 +42,11 @@ def exchange(head_done: bool, age: float, dispatched: bool = True, resp_started:
 
 
 def head(age, first=True):
-    ex = exchange(False, age)
-    return {"cur": ex, "queue": [ex] if first else [exchange(True, 1), ex]}
+    """A connection in the middle of a head begun `age` seconds before the test runs (not collection)."""
+    def conn():
+        ex = exchange(False, age)
+        return {"cur": ex, "queue": [ex] if first else [exchange(True, 1), ex]}
+    return conn
 
 
 def body(**kw):
@@ -72,7 +75,7 @@ def body(**kw):
 ])
 def test_sweep(conn, phase, age, quiet, expected):
     guard = ConnectionGuard(LIMITS, quiet_for=lambda _t: quiet)
-    down = Conn(**conn)
+    down = Conn(**(conn() if callable(conn) else conn))
     guard.conns[down] = (phase, monotonic() - age)
     loop = SimpleNamespace(call_later=lambda *a: None)
     guard._sweep(loop)
