@@ -26,8 +26,11 @@ async def serve(control_url: str, node: str, bind: str, port: int, admin_port: i
     from gateway.jwt_auth import JwtVerifier
     from gateway.server import GATEWAY_SOURCE, start_gateway
 
+    from meshcore.limits import limits_from_env
+
     env = env or {}
     state = ProxyState(GATEWAY_SOURCE, "v1")
+    state.limits = limits_from_env(env)   # checked by main
     agent = None
     https = None
     bundle = env.get("MESH_CA_BUNDLE", "")
@@ -85,6 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     port_raw = env.get("MESH_GATEWAY_PORT", "8080")
     if not port_raw.isdigit() or not 0 < int(port_raw) < 65536:
         log.error("gateway_config_invalid", error=f"MESH_GATEWAY_PORT: {port_raw!r} is not a port number")
+        sys.exit(2)
+    from meshcore.limits import LimitError, limits_from_env
+    try:
+        limits_from_env(env)
+    except LimitError as exc:
+        log.error("gateway_config_invalid", error=str(exc))
         sys.exit(2)
     run_forever(lambda: serve(env.get("MESH_CONTROL_URL", "wss://127.0.0.1:15012/v1/stream"),
                               env.get("MESH_NODE", "gateway"), env.get("MESH_GATEWAY_BIND", "0.0.0.0"),

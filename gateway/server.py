@@ -36,6 +36,11 @@ def route_by_gateway(down, ex: Exchange) -> Cluster | Reply:
         body = json.dumps({"error": "no route", "host": host, "path": path}).encode() + b"\n"
         return Reply(404, FLAG_NO_ROUTE, body, b"application/json")
     cluster, route, upstream_path = found
+    max_body = down.listener.max_body
+    if max_body and ex.body and declared_length(ex.lines) > max_body:   # limits: MESH_GATEWAY_MAX_BODY
+        body = json.dumps({"error": "request body too large", "limit": max_body}).encode() + b"\n"
+        ex.keep_alive = False   # answered and closed, not read to its end
+        return Reply(413, "-", body, b"application/json")
     claims = b""
     if any(ex.lines[i][:len(_CLAIM_PREFIX)].lower() == _CLAIM_PREFIX for i in range(0, len(ex.lines), 4)):
         ex.lines = _without(ex.lines, lambda name: name[:len(_CLAIM_PREFIX)].lower() == _CLAIM_PREFIX)
@@ -53,6 +58,15 @@ def route_by_gateway(down, ex: Exchange) -> Cluster | Reply:
         extra += b"x-forwarded-host: %b\r\n" % ex.host
     ex.extra = extra + claims
     return cluster
+
+
+def declared_length(lines: list) -> int:
+    """The request's Content-Length (0 when it has none: chunked bodies are counted as they come)."""
+    for i in range(0, len(lines), 4):
+        if lines[i].lower() == b"content-length":
+            value = lines[i + 2].strip()
+            return int(value) if value.isdigit() else 0
+    return 0
 
 
 def _without(lines: list, drop) -> list:

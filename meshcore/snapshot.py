@@ -15,6 +15,7 @@ from .labels import MTLS_MODES
 from .policy import DEFAULT_POLICY as DEFAULT_TRAFFIC_POLICY, TrafficPolicy, decode_traffic_policy, policy_labels
 from .policy_wire import PolicyWireError, decode_policy_wire, encode_policy_wire, policy_difference
 from .routing_rules import ServiceRules, decode_rules, encode_rules
+from .egress import EGRESS_ALLOW_ANY, EgressError, decode_egress_list, decode_egress_mode
 from .telemetry_settings import SettingsError, TelemetrySettings, decode_settings, encode_settings
 
 INBOUND_PORT = 15006  # the sidecar's inbound listener, Istio's number
@@ -63,6 +64,7 @@ class ServiceConfig:
     rules: ServiceRules | None = None         # live rules set by meshctl (split, route, fault...)
     mtls: str = "strict"                      # mesh.mtls of the service's inbound
     allow: tuple[str, ...] | None = None      # mesh.allow: callers allowed (None: no label)
+    egress: tuple[str, ...] | None = None     # mesh.egress: external host:port allowed (meshcore.egress)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class MeshConfig:
     gateway_routes: tuple[GatewayRoute, ...] = ()
     policies: Policy = DEFAULT_POLICY    # authorization (meshcore.authz), decided by inbound sidecars
     telemetry: TelemetrySettings = TelemetrySettings()  # tracing and access logs
+    egress_mode: str = EGRESS_ALLOW_ANY  # mesh-wide egress control (meshcore.egress, MESH_EGRESS)
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,10 @@ def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str,
         return LabelError(label_container, "mesh.allow",
                           f"{','.join(spec.allow or ()) or 'none'!r} differs from "
                           f"{','.join(first.allow or ()) or 'none'!r} of other {spec.service} instances")
+    if spec.egress != first.egress:
+        return LabelError(label_container, "mesh.egress",
+                          f"{','.join(spec.egress or ()) or 'none'!r} differs from "
+                          f"{','.join(first.egress or ()) or 'none'!r} of other {spec.service} instances")
     difference = policy_difference(policy, first.policy)
     if difference is not None:
         path, label, mine, theirs = difference
@@ -162,7 +169,8 @@ def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str,
 def build_config(workloads: Iterable[Workload], announcements: Iterable[Announcement],
                  trust_domain: str, rules: dict[str, ServiceRules] | None = None,
                  policies: Policy | None = None,
-                 telemetry: TelemetrySettings | None = None) -> tuple[MeshConfig, list[LabelError]]:
+                 telemetry: TelemetrySettings | None = None,
+                 egress_mode: str = EGRESS_ALLOW_ANY) -> tuple[MeshConfig, list[LabelError]]:
     """Join decoded workloads with mDNS announcements into one MeshConfig, plus the errors found."""
     errors: list[LabelError] = []
     services: dict[str, ServiceConfig] = {}
@@ -189,7 +197,7 @@ def build_config(workloads: Iterable[Workload], announcements: Iterable[Announce
             services[spec.service] = ServiceConfig(
                 name=spec.service, namespace=spec.namespace, protocol=spec.protocol, port=spec.port,
                 identity=spiffe_id(trust_domain, spec.namespace, spec.service), policy=policy,
-                rules=(rules or {}).get(spec.service), mtls=spec.mtls, allow=spec.allow)
+                rules=(rules or {}).get(spec.service), mtls=spec.mtls, allow=spec.allow, egress=spec.egress)
         compose_service = wl.container.labels.get(COMPOSE_SERVICE)
         if compose_service and compose_service != spec.service:
             aliases.setdefault(spec.service, set()).add(compose_service)
@@ -224,7 +232,7 @@ def build_config(workloads: Iterable[Workload], announcements: Iterable[Announce
     ordered_routes = tuple(sorted(routes.values(), key=_route_order))
     return MeshConfig(services=dict(sorted(services.items())), endpoints=ordered,
                       gateway_routes=ordered_routes, policies=policies or DEFAULT_POLICY,
-                      telemetry=telemetry or TelemetrySettings()), errors
+                      telemetry=telemetry or TelemetrySettings(), egress_mode=egress_mode), errors
 
 
 def _route_order(route: GatewayRoute) -> tuple:
@@ -271,7 +279,8 @@ def encode_snapshot(snapshot: Snapshot) -> dict[str, Any]:
                          "identity": s.identity, "aliases": list(s.aliases),
                          "policy": encode_policy_wire(s.policy),
                          "rules": encode_rules(s.rules) if s.rules else None,
-                         "mtls": s.mtls, "allow": list(s.allow) if s.allow is not None else None}
+                         "mtls": s.mtls, "allow": list(s.allow) if s.allow is not None else None,
+                         "egress": list(s.egress) if s.egress is not None else None}
                      for n, s in cfg.services.items()},
         "endpoints": {n: [{"instance": e.instance, "address": e.address, "port": e.port,
                            "version": e.version, "identity": e.identity} for e in eps]
@@ -281,6 +290,7 @@ def encode_snapshot(snapshot: Snapshot) -> dict[str, Any]:
                             "jwt_audience": r.jwt_audience} for r in cfg.gateway_routes],
         "policies": encode_policy(cfg.policies),
         "telemetry": encode_settings(cfg.telemetry),
+        "egress_mode": cfg.egress_mode,
     }
 
 
@@ -330,10 +340,11 @@ def decode_snapshot(data: Any) -> Snapshot:
             if not isinstance(allow, list) or not all(isinstance(a, str) and a for a in allow):
                 raise SnapshotError(f"{where}.allow: expected a list of service names or null")
             allow = tuple(allow)
+        egress = _decode_egress(raw.get("egress"), where)
         services[name] = ServiceConfig(
             name=name, namespace=_field(raw, "namespace", str, where), protocol=protocol,
             port=_field(raw, "port", int, where), identity=_field(raw, "identity", str, where),
-            aliases=tuple(aliases), policy=policy, rules=rules, mtls=mtls, allow=allow)
+            aliases=tuple(aliases), policy=policy, rules=rules, mtls=mtls, allow=allow, egress=egress)
     endpoints = {}
     for name, raw_eps in _field(data, "endpoints", dict, "snapshot").items():
         if name not in services:
@@ -380,6 +391,22 @@ def decode_snapshot(data: Any) -> Snapshot:
             telemetry = decode_settings(data["telemetry"])
         except SettingsError as exc:
             raise SnapshotError(f"telemetry.{exc}") from None
+    try:
+        egress_mode = decode_egress_mode(data.get("egress_mode", EGRESS_ALLOW_ANY))
+    except EgressError as exc:
+        raise SnapshotError(f"snapshot.egress_mode: {exc}") from None
     return Snapshot(version=version, config=MeshConfig(services=services, endpoints=endpoints,
                                                        gateway_routes=tuple(routes), policies=policies,
-                                                       telemetry=telemetry))
+                                                       telemetry=telemetry, egress_mode=egress_mode))
+
+
+def _decode_egress(raw: Any, where: str) -> tuple[str, ...] | None:
+    """A service's `egress` entries on the wire (null: no mesh.egress label), checked and canonical."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        raise SnapshotError(f"{where}.egress: expected a list of host:port strings or null")
+    try:
+        return tuple(str(rule) for rule in decode_egress_list(",".join(raw)))
+    except EgressError as exc:
+        raise SnapshotError(f"{where}.egress: {exc}") from None

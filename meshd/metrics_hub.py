@@ -377,6 +377,7 @@ class TelemetryHub:
         results = await asyncio.gather(*(self._fetch(t, sem) for t in due)) if due else []
         now, wall = self.clock(), self.wall()
         ejections: dict[tuple[str, str], float] = {}
+        egress: dict[tuple[str, str], float] = {}
         for target, text, error, ms in results:
             health = self.health.setdefault(target.address, TargetHealth())
             if text is None:
@@ -386,6 +387,8 @@ class TelemetryHub:
             delta = self.ingest(target.address, text, now)
             for key, n in delta.ejections.items():
                 ejections[key] = ejections.get(key, 0.0) + n
+            for key, n in delta.egress_blocked.items():   # egress control (sidecar.egress)
+                egress[key] = egress.get(key, 0.0) + n
         live = {t.address for t in targets}
         for gone in [a for a in self._prev if a not in live]:
             self._prev.pop(gone, None)
@@ -395,6 +398,7 @@ class TelemetryHub:
             self.health.pop(gone, None)
         self.last_scrape = wall
         self._ejection_events(ejections, now)
+        self._egress_events(egress, now)
         self._nack_events()
         self.evaluate(now)
 
@@ -485,6 +489,17 @@ class TelemetryHub:
                             "detection", service, version or None, count=n)
         if len(self._ejection_at) > MAX_ALARMS:
             self._ejection_at.clear()
+
+    def _egress_events(self, blocked: dict[tuple[str, str], float], now: float) -> None:
+        """`egress_blocked`: calls a sidecar's registry-only egress control refused since the last scrape."""
+        for (service, destination), n in blocked.items():
+            key = ("egress", service, destination)
+            if now - self._ejection_at.get(key, -1e18) < EJECTION_COOLDOWN_S:
+                continue
+            self._ejection_at[key] = now
+            self.events.add("egress_blocked", f"{service}: {int(n)} call{'s' if n != 1 else ''} to {destination} "
+                            "blocked (registry-only egress; list it in the service's mesh.egress)", service, None,
+                            destination=destination, count=n)
 
     def _nack_events(self) -> None:
         if self.nodes is None:
