@@ -27,6 +27,24 @@ CONNECT_OPTIONS = {"max_size": 16 * 1024 * 1024, "ping_interval": 10.0, "ping_ti
                    "open_timeout": 10.0, "close_timeout": 5.0}
 
 
+RENEW_RETRY_S = 2.0     # a renewal asked for and not yet answered is asked again after this
+RENEW_CHECK_MAX_S = 30.0   # the renew loop looks again at least this often (a clock step, a new certificate)
+NO_CERT_CHECK_S = 1.0    # before the first certificate is installed, it looks this often
+SERVER_CHECK_S = 5.0     # the gateway's HTTPS certificate is looked at this often
+
+
+def renew_wait(now: float, renew_at: float | None, asked_at: float, has_server_cert: bool) -> float:
+    """Seconds the renew loop may sleep: until the certificate's renew time (or the retry of an
+    unanswered request), at most RENEW_CHECK_MAX_S, and SERVER_CHECK_S for a gateway. An idle
+    sidecar wakes up for this every 30 s, not four times a second."""
+    wait = RENEW_CHECK_MAX_S if renew_at is not None else NO_CERT_CHECK_S
+    if renew_at is not None:
+        wait = min(wait, renew_at - now if renew_at > now else asked_at + RENEW_RETRY_S - now)
+    if has_server_cert:
+        wait = min(wait, SERVER_CHECK_S)
+    return max(0.05, wait)
+
+
 class ControlClient:
     """Keeps the last good snapshot; `apply` is called with each new one and may raise to NACK it."""
 
@@ -196,6 +214,7 @@ class ControlClient:
                         server_csr = None
                     if server_csr is not None:
                         await ws.send(encode_message(CsrRequest(csr=server_csr, purpose="gateway-server")))
-                await asyncio.sleep(0.25)
+                await asyncio.sleep(renew_wait(now, agent.renew_at if agent.has_valid_cert(now) else None,
+                                               asked_at, agent.server_holder is not None))
         except ConnectionClosed:
             pass                   # run() notices it too, and reconnects
