@@ -40,8 +40,10 @@ def _check_datapath(res: dict, tmp_path, paths: list[str], scenarios: list[str])
             if path != "direct":
                 assert s["cpu_s_per_1000"]["pair"] >= 0
                 assert s["peak_rss_kib"]["outbound"] > 0 and s["peak_rss_kib"]["inbound"] > 0
-        if "mesh" in paths and "haproxy" in paths:
-            assert dp["ratios"][sc]["rps_mesh_over_haproxy"] > 0
+        for proxy in ("haproxy", "envoy"):
+            if "mesh" in paths and proxy in paths:
+                assert dp["ratios"][sc][f"rps_mesh_over_{proxy}"] > 0
+                assert dp["ratios"][sc][f"cpu_mesh_over_{proxy}"] > 0
         if "direct" in paths and "mesh" in paths:
             assert dp["ratios"][sc]["rps_mesh_over_direct"] > 0
     raw = json.loads((tmp_path / "raw" / "results.json").read_text())
@@ -113,13 +115,17 @@ def test_hotpath(tmp_path):
     assert "## Cost of metrics and tracing" in text and "sidecar.proxy.count_request" in text
 
 
-def test_datapath_with_wrk_nginx_and_haproxy(tmp_path):
+def test_datapath_with_wrk_nginx_haproxy_and_envoy_if_installed(tmp_path):
     missing = [t for t in ("wrk", "nginx", "haproxy") if env.which(t) is None]
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)} (`make bench` installs them)")
     res = run(_args(tmp_path, "--parts", "datapath", "--scenarios", "c32"), **QUIET)
     assert res["datapath"]["app"] == "nginx" and res["datapath"]["load_tool"] == "wrk"
-    _check_datapath(res, tmp_path, ["direct", "mesh", "haproxy"], ["c32"])
+    envoy = env.envoy_binary() is not None     # without it the Envoy pair is skipped, saying why
+    assert (res["datapath"]["envoy_skipped"] is None) == envoy
+    _check_datapath(res, tmp_path, ["direct", "mesh", "haproxy"] + (["envoy"] if envoy else []), ["c32"])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert ("meshd / Envoy, per round" in text) == envoy and ("Envoy pair skipped" in text) != envoy
     _check_variants(res, tmp_path, "c32")
     verdicts = {name: verdict for name, _, verdict in targets(res)}
     assert verdicts["req/s at 32 connections >= 0.8x HAProxy"] in ("met", "NOT met")
