@@ -236,8 +236,6 @@ def targets(res: dict) -> list[tuple[str, str, str]]:
           "<=", 1.5, unit="x")
     check("proxy CPU per request <= 1.3x HAProxy (32 connections, pair)", c32.get("cpu_mesh_over_haproxy"),
           "<=", 1.3, unit="x")
-    if c32.get("rps_mesh_over_envoy") is not None:  # issue 19's reference figure: 2.43x Envoy
-        check("req/s at 32 connections >= 1x Envoy", c32.get("rps_mesh_over_envoy"), ">=", 1.0, unit="x")
     added = c1.get("added_p50_mesh_over_haproxy")
     if added is not None:
         check(f"added p50 over direct at 1 connection <= 2x HAProxy's (mesh +{c1['added_p50_ms_mesh'] * 1000:.0f} us,"
