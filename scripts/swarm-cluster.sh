@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# A three-node Docker Swarm on one machine, for tests and for trying the mesh on Swarm (docs/SWARM.md).
+#
+# Each node is a container (all capabilities, see up) running Debian's dockerd (Docker-in-Docker) from the offline
+# base image, with its own /var/lib/docker volume, on the user bridge `meshswarm`. Node 1 initialises
+# the swarm on its address; nodes 2 and 3 join as managers, so that raft keeps a quorum and the
+# control plane can move when any one node is lost. There is no registry: images go in with
+# `docker save | docker load`.
+#
+#   scripts/swarm-cluster.sh up        nodes, swarm, images (idempotent)
+#   scripts/swarm-cluster.sh load      (re)load the images into every node
+#   scripts/swarm-cluster.sh check     an overlay network across nodes 1 and 3: a call crosses it
+#   scripts/swarm-cluster.sh status    `docker node ls` on node 1
+#   scripts/swarm-cluster.sh down      remove the nodes, their volumes and the network
+#
+# Environment: SWARM_NODES (3), NODE_IMAGE (meshswarm-node:bookworm), SWARM_IMAGES (the images moved
+# in: meshd:latest mesh-demo:latest).
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")/.." && pwd)"
+NODES="${SWARM_NODES:-3}"
+NODE_IMAGE="${NODE_IMAGE:-meshswarm-node:bookworm}"
+IMAGES="${SWARM_IMAGES:-meshd:latest mesh-demo:latest}"
+NET=meshswarm
+PREFIX=meshswarm
+
+log() { echo "swarm-cluster: $*" >&2; }
+node() { echo "$PREFIX-$1"; }
+on() { local n="$1"; shift; docker exec "$(node "$n")" "$@"; }
+node_ip() { docker inspect -f "{{(index .NetworkSettings.Networks \"$NET\").IPAddress}}" "$(node "$1")"; }
+
+wait_engine() {
+    local n="$1" end=$(( $(date +%s) + 60 ))
+    until on "$n" docker info >/dev/null 2>&1; do
+        if [ "$(date +%s)" -ge "$end" ]; then
+            docker logs --tail 30 "$(node "$n")" >&2 || :
+            log "dockerd of $(node "$n") did not answer in 60 s"; exit 1
+        fi
+        sleep 1
+    done
+}
+
+swarm_state() { on "$1" docker info -f '{{.Swarm.LocalNodeState}}' 2>/dev/null || echo unknown; }
+
+up() {
+    if ! docker image inspect "$NODE_IMAGE" >/dev/null 2>&1; then
+        IMAGE="$NODE_IMAGE" EXTRA_PACKAGES="docker.io,iptables,ca-certificates,procps,kmod,xz-utils,tini" \
+            "$here/images/build-base.sh"
+    fi
+    docker network inspect "$NET" >/dev/null 2>&1 || docker network create "$NET" >/dev/null
+    for n in $(seq 1 "$NODES"); do
+        local name; name="$(node "$n")"
+        if [ "$(docker inspect -f '{{.State.Running}}' "$name" 2>/dev/null)" != true ]; then
+            docker rm -f "$name" >/dev/null 2>&1 || :
+            log "starting $name"
+            # Every capability but CAP_SYS_RESOURCE, which this machine's engine does not hold
+            # (so --privileged fails here); the init script makes sysfs and cgroups writable.
+            docker run -d --name "$name" --hostname "$name" --network "$NET" \
+                --cap-add ALL --cap-drop SYS_RESOURCE --security-opt seccomp=unconfined \
+                --security-opt apparmor=unconfined --security-opt systempaths=unconfined \
+                --device-cgroup-rule 'a *:* rwm' -e MESHSWARM_NODE="$name" \
+                --label meshswarm.node="$n" \
+                -v "$name-docker:/var/lib/docker" \
+                -v "$here/scripts/swarm-node-init.sh:/usr/local/sbin/swarm-node-init:ro" \
+                --entrypoint /usr/local/sbin/swarm-node-init "$NODE_IMAGE" >/dev/null
+        fi
+    done
+    for n in $(seq 1 "$NODES"); do wait_engine "$n"; done
+    local addr; addr="$(node_ip 1)"
+    if [ "$(swarm_state 1)" != active ]; then
+        log "swarm init on $(node 1) ($addr)"
+        on 1 docker swarm init --advertise-addr "$addr" >/dev/null
+    fi
+    local token; token="$(on 1 docker swarm join-token -q manager)"
+    for n in $(seq 2 "$NODES"); do
+        if [ "$(swarm_state "$n")" != active ]; then
+            log "$(node "$n") joins as a manager"
+            on "$n" docker swarm join --token "$token" --advertise-addr "$(node_ip "$n")" "$addr:2377" >/dev/null
+        fi
+    done
+    load
+    on 1 docker node ls
+}
+
+load() {
+    local cache="$here/.cache"; mkdir -p "$cache"
+    local tarball="$cache/meshswarm-images.tar"
+    # One save, then one load per node (a pipe per node would save the images three times).
+    docker save $IMAGES -o "$tarball.tmp" && mv "$tarball.tmp" "$tarball"
+    for n in $(seq 1 "$NODES"); do
+        log "loading $IMAGES into $(node "$n")"
+        docker exec -i "$(node "$n")" docker load -q <"$tarball" >/dev/null
+    done
+    rm -f "$tarball"
+}
+
+check() {
+    # A call across the vxlan overlay: a server on node 1, a client on the last node.
+    local last="$NODES" net=meshswarm-check
+    on 1 docker network rm "$net" >/dev/null 2>&1 || :
+    on 1 docker network create -d overlay --attachable "$net" >/dev/null
+    on 1 docker rm -f meshswarm-check-server >/dev/null 2>&1 || :
+    on "$last" docker rm -f meshswarm-check-client >/dev/null 2>&1 || :
+    on 1 docker run -d --name meshswarm-check-server --network "$net" --entrypoint python3 \
+        meshd:latest -m http.server 8000 >/dev/null
+    local ip
+    ip="$(on 1 docker inspect -f "{{(index .NetworkSettings.Networks \"$net\").IPAddress}}" meshswarm-check-server)"
+    local ok=1
+    for _ in $(seq 1 20); do
+        if on "$last" docker run --rm --name meshswarm-check-client --network "$net" --entrypoint curl \
+                meshd:latest -s -o /dev/null -w '%{http_code} %{time_total}s\n' --max-time 3 "http://$ip:8000/"; then
+            ok=0; break
+        fi
+        sleep 1
+    done
+    on 1 docker rm -f meshswarm-check-server >/dev/null 2>&1 || :
+    on 1 docker network rm "$net" >/dev/null 2>&1 || :
+    if [ "$ok" = 0 ]; then log "overlay: $(node "$last") reached $ip on $(node 1)"; else log "overlay call failed"; fi
+    return "$ok"
+}
+
+down() {
+    for n in $(seq 1 "$NODES"); do
+        docker rm -f "$(node "$n")" >/dev/null 2>&1 || :
+        docker volume rm "$(node "$n")-docker" >/dev/null 2>&1 || :
+        # The node's containers had their cgroups under /<node> of the host's hierarchies (cgroup v1).
+        find /sys/fs/cgroup/*/"$(node "$n")" -depth -type d -exec rmdir {} + 2>/dev/null || :
+    done
+    docker network rm "$NET" >/dev/null 2>&1 || :
+    log "removed"
+}
+
+case "${1:-}" in
+    up) up ;;
+    load) load ;;
+    check) check ;;
+    status) on 1 docker node ls ;;
+    down) down ;;
+    *) echo "usage: $0 up|load|check|status|down" >&2; exit 2 ;;
+esac
