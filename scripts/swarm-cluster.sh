@@ -10,11 +10,15 @@
 #   scripts/swarm-cluster.sh up        nodes, swarm, images (idempotent)
 #   scripts/swarm-cluster.sh load      (re)load the images into every node
 #   scripts/swarm-cluster.sh check     an overlay network across nodes 1 and 3: a call crosses it
+#   scripts/swarm-cluster.sh deploy    the mesh stack (compose/swarm.yml) and the shop (compose/swarm-demo.yml)
+#   scripts/swarm-cluster.sh undeploy  both stacks removed (the secrets stay: the same CA next time)
+#   scripts/swarm-cluster.sh dev-image meshd:swarm in every node: meshd:latest with this checkout's
+#                                      Python sources over it (trying changes before `make image`)
 #   scripts/swarm-cluster.sh status    `docker node ls` on node 1
 #   scripts/swarm-cluster.sh down      remove the nodes, their volumes and the network
 #
 # Environment: SWARM_NODES (3), NODE_IMAGE (meshswarm-node:bookworm), SWARM_IMAGES (the images moved
-# in: meshd:latest mesh-demo:latest).
+# in: meshd:latest mesh-demo:latest), MESH_SWARM_IMAGE (the mesh's image in the stacks: meshd:latest).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -119,6 +123,52 @@ check() {
     return "$ok"
 }
 
+secrets() {
+    # The mesh CA (made once by the image's own code, kept in raft) and the agents' key.
+    if ! on 1 docker secret inspect mesh_ca_key >/dev/null 2>&1; then
+        log "creating the mesh CA and the swarm secrets mesh_ca_cert, mesh_ca_key, mesh_agent_key"
+        on 1 sh -c 'rm -rf /tmp/meshca && mkdir -m 700 /tmp/meshca'
+        on 1 docker run --rm -v /tmp/meshca:/out --entrypoint python3 "${MESH_SWARM_IMAGE:-meshd:latest}" -c \
+            "import time; from certs.ca import CertificateAuthority as CA; CA.create('${MESH_TRUST_DOMAIN:-mesh.local}', time.time()).save('/out/ca')"
+        on 1 docker secret create mesh_ca_key /tmp/meshca/ca/ca.key >/dev/null
+        on 1 docker secret create mesh_ca_cert /tmp/meshca/ca/ca.crt >/dev/null
+        on 1 rm -rf /tmp/meshca
+    fi
+    if ! on 1 docker secret inspect mesh_agent_key >/dev/null 2>&1; then
+        on 1 sh -c 'head -c 32 /dev/urandom | base64 | docker secret create mesh_agent_key -' >/dev/null
+    fi
+}
+
+deploy() {
+    secrets
+    docker cp "$here/compose/swarm.yml" "$(node 1):/tmp/swarm.yml"
+    docker cp "$here/compose/swarm-demo.yml" "$(node 1):/tmp/swarm-demo.yml"
+    on 1 env MESH_SWARM_IMAGE="${MESH_SWARM_IMAGE:-meshd:latest}" docker stack deploy -c /tmp/swarm.yml mesh
+    on 1 docker stack deploy -c /tmp/swarm-demo.yml shop
+    on 1 docker service ls
+}
+
+undeploy() {
+    on 1 docker stack rm shop || :
+    on 1 docker stack rm mesh || :
+}
+
+dev_image() {
+    # meshd:latest with this checkout's Python sources over the installed ones (compiled modules stay).
+    local site=/opt/mesh/lib/python3.11/site-packages ctx
+    ctx="$(mktemp -d)"
+    for pkg in meshcore meshd sidecar gateway meshctl certs meshproc; do
+        [ -d "$here/$pkg" ] && (cd "$here" && find "$pkg" -name '*.py' -print0 | tar --null -T - -cf - ) | tar -C "$ctx" -xf -
+    done
+    printf 'FROM meshd:latest\nCOPY . %s/\n' "$site" >"$ctx/Dockerfile"
+    for n in $(seq 1 "$NODES"); do
+        tar -C "$ctx" -cf - . | docker exec -i "$(node "$n")" sh -c \
+            'rm -rf /tmp/devimg && mkdir /tmp/devimg && tar -C /tmp/devimg -xf - && docker build -q -t meshd:swarm /tmp/devimg >/dev/null && rm -rf /tmp/devimg'
+        log "meshd:swarm built in $(node "$n")"
+    done
+    rm -rf "$ctx"
+}
+
 down() {
     for n in $(seq 1 "$NODES"); do
         docker rm -f "$(node "$n")" >/dev/null 2>&1 || :
@@ -134,7 +184,10 @@ case "${1:-}" in
     up) up ;;
     load) load ;;
     check) check ;;
+    deploy) deploy ;;
+    undeploy) undeploy ;;
+    dev-image) dev_image ;;
     status) on 1 docker node ls ;;
     down) down ;;
-    *) echo "usage: $0 up|load|check|status|down" >&2; exit 2 ;;
+    *) echo "usage: $0 up|load|check|deploy|undeploy|dev-image|status|down" >&2; exit 2 ;;
 esac
