@@ -23,7 +23,7 @@ export PIP_ROOT_USER_ACTION := ignore
 # Same wheel bytes for the same sources, so Docker's layer cache holds when nothing changed.
 export SOURCE_DATE_EPOCH := 315532800
 
-.PHONY: install ext wheels base-image image demo-image images test-images docker test-tools demo demo-down test unit e2e fuzz soak bench bench-scale swarm-up swarm-down
+.PHONY: install ext wheels base-image image demo-image images test-images docker test-tools demo demo-down test unit e2e fuzz soak bench bench-scale swarm-up swarm-down swarm-demo
 
 install:
 	$(PIP) install -q -e '.[test]'
@@ -141,3 +141,9 @@ swarm-up:
 swarm-down:
 	scripts/swarm-cluster.sh down
 
+
+# The mesh stack (compose/swarm.yml: control plane + one agent per node) and the demo shop as a second
+# stack (compose/swarm-demo.yml), on the test cluster. MESH_SWARM_IMAGE=meshd:swarm after
+# `scripts/swarm-cluster.sh dev-image` tries this checkout's sources without rebuilding meshd:latest.
+swarm-demo: swarm-up
+	scripts/swarm-cluster.sh deploy

@@ -116,8 +116,13 @@ class SwarmAgent:
         entries = [e for e in listing.get("tasks", []) if not e.get("error")]
         inspected = await loop.run_in_executor(None, self._inspect_all, [e["container"] for e in entries])
         view = await loop.run_in_executor(None, self.docker.list_view)
+        # Sidecars the control plane refused for a token it never issued: recreated with a new one.
+        orphans = {sidecar_name(app) for app in local_apps([e for e in entries if e.get("recreate")], inspected)}
+        for sc in [sc for sc in view.sidecars if sc.name in orphans]:
+            log.info("sidecar_remove", sidecar=sc.name, reason="its bootstrap token is unknown to the control plane")
+            await loop.run_in_executor(None, self.docker.remove, sc.id)
         workloads = build_workloads(local_apps(entries, inspected))
-        plan = plan_sidecars(workloads, view.sidecars, view.image_id)
+        plan = plan_sidecars(workloads, [sc for sc in view.sidecars if sc.name not in orphans], view.image_id)
         for sc in plan.remove:
             log.info("sidecar_remove", sidecar=sc.name, reason="task gone, stopped, stale or duplicate")
             await loop.run_in_executor(None, self.docker.remove, sc.id)

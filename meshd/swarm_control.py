@@ -16,7 +16,8 @@ Identity proof (the agent vouches, the control plane checks the swarm):
   peer address must be one of the task's overlay addresses;
 - after a move, the control plane's store is new: a sidecar that comes back with a certificate of
   the mesh CA (kept in swarm secrets) for the identity of its task, from the task's address, is
-  let in without a record of that certificate's serial.
+  let in without a record of that certificate's serial; one that comes with a bootstrap token this
+  control plane never issued (made just before the move) is recreated by its node's agent.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from .auth import NodeAuthenticator
 from .control import AuthRefused, AuthResult
 from .docker_adapter import OWNER, SIDECAR_ROLE, sidecar_name
 from .plan import build_sidecar_env
+from .store import Store
+from .swarm_state import SwarmState, state_document
 
 log = structlog.get_logger("meshd.swarm")
 
@@ -122,21 +125,32 @@ class SwarmAuthenticator(NodeAuthenticator):
         task = self.plane.swarm_view.task_by_container(name_or_id)
         return task_inspect_attrs(task) if task is not None else None
 
+    def _own_task(self, request, hello: Hello) -> SwarmTask | None:
+        """The running task whose sidecar `hello` claims to be, when it calls from the task's address."""
+        task = self.plane.swarm_view.task_by_container(hello.container)
+        if task is None or not task.container.running or hello.node != sidecar_name(task.container):
+            return None
+        return task if (request.remote or "") in task.container.networks.values() else None
+
     async def authenticate(self, request, hello: Hello) -> AuthResult:
         try:
             return await super().authenticate(request, hello)
         except AuthRefused as exc:
+            if hello.token and ("no bootstrap token" in exc.reason or "already used" in exc.reason):
+                # Its token came from a control plane that is gone (or it lost its key): the agent of
+                # its node is told to recreate it with a new token (GET /v1/swarm/tasks).
+                if self._own_task(request, hello) is not None:
+                    self.plane.orphans.add(hello.node)
+                raise
             if hello.token or "was not issued to this node" not in exc.reason:
                 raise
         # The store did not move with the control plane: a certificate of the mesh CA for the task's
         # identity, from the task's own address, is enough (the TLS layer verified the chain).
         sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
         identity = peer_identity(sslobj) if sslobj is not None else None
-        task = self.plane.swarm_view.task_by_container(hello.container)
-        if identity is None or task is None or hello.kind != "sidecar" or not task.container.running:
+        task = self._own_task(request, hello)
+        if identity is None or task is None or hello.kind != "sidecar":
             raise AuthRefused(CLOSE_FORBIDDEN, "the client certificate was not issued to this node")
-        if hello.node != sidecar_name(task.container) or (request.remote or "") not in task.container.networks.values():
-            raise AuthRefused(CLOSE_FORBIDDEN, "the certificate's node is not this task's sidecar")
         try:
             spec = decode_labels(task.container)
         except LabelDecodeError as exc:
@@ -151,10 +165,22 @@ class SwarmMeshd(Meshd):
     """The control plane on a manager: the swarm as source, agents as the hands on each node."""
 
     def __init__(self, settings: Settings, swarm: SwarmSettings, client: docker.DockerClient | None = None):
+        client = client or docker.from_env()
+        # Rules, policy, tracing settings and the version, as the last control plane left them (in
+        # raft, meshd.swarm_state), into the store before meshd reads it.
+        self.state = SwarmState(client.api)
+        seed = Store(os.path.join(settings.state_dir, "state.db"))
+        try:
+            seeded = self.state.seed(seed)
+        finally:
+            seed.close()
         super().__init__(settings, client)
+        log.info("swarm_state_loaded", keys=seeded)
+        self._saving: asyncio.Future | None = None
         self.swarm = swarm
         self.swarm_view = SwarmView()
         self.vouched: dict[str, str] = {}     # sidecar name -> app container id (an agent's word)
+        self.orphans: set[str] = set()        # sidecars refused for a token this control plane never issued
         self.own_ips: list[str] = []
         self.discovery = SwarmDiscovery(self)
         self.hub.auth = SwarmAuthenticator(self.pki, self)
@@ -186,6 +212,7 @@ class SwarmMeshd(Meshd):
         running = {t.container.id for t in view.tasks if t.container.running}
         for name in [n for n, app in self.vouched.items() if app not in running]:
             del self.vouched[name]
+        self.orphans &= {sidecar_name(t.container) for t in view.tasks if t.container.running}
         for name, node in list(self.hub.nodes.items()):
             if node.kind == "sidecar" and node.container not in running:
                 await self.hub.drop(name)
@@ -193,6 +220,30 @@ class SwarmMeshd(Meshd):
         # tasks to reconnect (meshd.app.hold_for_discovery): they keep serving their last one meanwhile.
         self._publish_config(build_workloads([t.container for t in view.tasks]),
                              {sidecar_name(t.container) for t in view.tasks if t.container.running})
+
+    def _publish(self, config) -> None:
+        super()._publish(config)
+        self._save_state()
+
+    def _save_state(self) -> None:
+        """Write the replicated state to the swarm when it changed (one write at a time; the next
+        publish writes what a running one missed)."""
+        if self._saving is not None and not self._saving.done():
+            return
+        doc = state_document(self.store)
+        if doc == self.state.saved:
+            return
+
+        def done(fut: asyncio.Future) -> None:
+            exc = fut.exception()
+            if exc is not None:
+                self.problems.fail("swarm_state", "swarm", f"{type(exc).__name__}: {exc}", time.time())
+                self._retry_later()
+            else:
+                self.problems.ok("swarm_state", "swarm")
+
+        self._saving = asyncio.get_running_loop().run_in_executor(None, self.state.save, doc)
+        self._saving.add_done_callback(done)
 
     def versions_of(self, service: str) -> set[str] | None:
         """The versions of a mesh service among the swarm's tasks; None when there is none."""
@@ -225,7 +276,8 @@ class SwarmMeshd(Meshd):
         for wl in build_workloads([t.container for t in tasks_on_node(self.swarm_view.tasks, node)]):
             c = wl.container
             out.append({"container": c.id, "name": c.name, "labels": c.labels, "running": c.running,
-                        "error": str(wl.error) if wl.error else None})
+                        "error": str(wl.error) if wl.error else None,
+                        "recreate": sidecar_name(c) in self.orphans})
         return web.json_response({"node": node, "tasks": out})
 
     async def _agent_sidecar(self, request: web.Request) -> web.Response:
@@ -246,6 +298,7 @@ class SwarmMeshd(Meshd):
         name = sidecar_name(task.container)
         token = self.pki.issue_token("sidecar", name, task.container.id)
         self.vouched[name] = task.container.id
+        self.orphans.discard(name)
         env = build_sidecar_env(wl[0], name, self.swarm.control_host, self.settings.trust_domain,
                                 token=token, bundle_pem=self.pki.ca.bundle_pem.decode("ascii"))
         log.info("sidecar_vouched", sidecar=name, node=node, service=wl[0].spec.service)

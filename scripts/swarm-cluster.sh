@@ -14,6 +14,9 @@
 #   scripts/swarm-cluster.sh undeploy  both stacks removed (the secrets stay: the same CA next time)
 #   scripts/swarm-cluster.sh dev-image meshd:swarm in every node: meshd:latest with this checkout's
 #                                      Python sources over it (trying changes before `make image`)
+#   scripts/swarm-cluster.sh admin METHOD PATH [JSON]
+#                                      the control plane's admin API, wherever its task runs
+#                                      (e.g. admin POST /v1/rules/catalog/split '{"weights":{"v1":90,"v2":10}}')
 #   scripts/swarm-cluster.sh status    `docker node ls` on node 1
 #   scripts/swarm-cluster.sh down      remove the nodes, their volumes and the network
 #
@@ -169,6 +172,26 @@ dev_image() {
     rm -rf "$ctx"
 }
 
+control_task() {
+    # "<node number> <container id>" of the control plane's running task
+    for n in $(seq 1 "$NODES"); do
+        local c
+        c="$(on "$n" docker ps -q -f label=com.docker.swarm.service.name=mesh_control 2>/dev/null | head -1)"
+        if [ -n "$c" ]; then echo "$n $c"; return 0; fi
+    done
+    log "no running mesh_control task"; return 1
+}
+
+admin() {
+    local method="$1" path="$2" body="${3:-}" where
+    where="$(control_task)"
+    # The token stays in the control plane's container: curl reads it there.
+    on "${where% *}" docker exec "${where#* }" sh -c \
+        'curl -sS -X "$0" -H "Authorization: Bearer $(cat /var/lib/meshd/admin.token)" \
+             -H "Content-Type: application/json" ${2:+--data "$2"} "http://127.0.0.1:15014$1"; echo' \
+        "$method" "$path" "$body"
+}
+
 down() {
     for n in $(seq 1 "$NODES"); do
         docker rm -f "$(node "$n")" >/dev/null 2>&1 || :
@@ -187,7 +210,8 @@ case "${1:-}" in
     deploy) deploy ;;
     undeploy) undeploy ;;
     dev-image) dev_image ;;
+    admin) shift; admin "$@" ;;
     status) on 1 docker node ls ;;
     down) down ;;
-    *) echo "usage: $0 up|load|check|deploy|undeploy|dev-image|status|down" >&2; exit 2 ;;
+    *) echo "usage: $0 up|load|check|deploy|undeploy|dev-image|admin|status|down" >&2; exit 2 ;;
 esac
