@@ -24,7 +24,9 @@ elif ! mkdir /sys/fs/cgroup/memory/.probe 2>/dev/null; then
 else
     rmdir /sys/fs/cgroup/memory/.probe
 fi
-rm -f /var/run/docker.pid /run/containerd/containerd.pid
+# A node killed and started again keeps its container filesystem: no process of the last boot is
+# left, but its runtime state is, and a stale containerd socket makes dockerd time out.
+rm -rf /var/run/docker.pid /var/run/docker /run/containerd
 # No registry anywhere: images come in with `docker load`; warnings only, the node's log stays short.
 exec dockerd --cgroup-parent="/${MESHSWARM_NODE:-meshswarm}" --host=unix:///var/run/docker.sock --log-level=warn --storage-driver=overlay2 \
     --log-driver=json-file --log-opt max-size=5m --log-opt max-file=2
