@@ -45,6 +45,7 @@ class AgentSettings:
     control_host: str = "mesh_control"                   # MESH_SWARM_CONTROL_HOST
     agent_key_file: str = "/run/secrets/mesh_agent_key"  # MESH_SWARM_AGENT_KEY_FILE
     ca_file: str = "/run/secrets/mesh_ca_cert"           # MESH_SWARM_CA_FILE: verifies the control plane
+    gateway: bool = True                                 # MESH_SWARM_GATEWAY: run this node's gateway
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "AgentSettings":
@@ -53,7 +54,8 @@ class AgentSettings:
         return cls(image=env.get("MESH_IMAGE", cls.image),
                    control_host=env.get("MESH_SWARM_CONTROL_HOST", cls.control_host),
                    agent_key_file=env.get("MESH_SWARM_AGENT_KEY_FILE", cls.agent_key_file),
-                   ca_file=env.get("MESH_SWARM_CA_FILE", cls.ca_file))
+                   ca_file=env.get("MESH_SWARM_CA_FILE", cls.ca_file),
+                   gateway=env.get("MESH_SWARM_GATEWAY", "true").lower() not in ("0", "false", "no", "off"))
 
 
 def local_apps(entries: list[dict], inspected: dict[str, ContainerInfo]) -> list[ContainerInfo]:
@@ -79,6 +81,7 @@ class SwarmAgent:
         self._dirty = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.node_id = ""
+        self._gateway: asyncio.subprocess.Process | None = None
 
     # ---- the control plane -----------------------------------------------------------------
 
@@ -113,6 +116,7 @@ class SwarmAgent:
         loop = asyncio.get_running_loop()
         listing = await self._call(session, "GET", "/v1/swarm/tasks")
         self.node_id = listing.get("node", "")
+        await self.keep_gateway(session, bool(listing.get("restart_gateway")))
         entries = [e for e in listing.get("tasks", []) if not e.get("error")]
         inspected = await loop.run_in_executor(None, self._inspect_all, [e["container"] for e in entries])
         view = await loop.run_in_executor(None, self.docker.list_view)
@@ -132,6 +136,25 @@ class SwarmAgent:
                 raise RuntimeError(f"the control plane names the sidecar {answer.get('name')!r}")
             log.info("sidecar_create", app=wl.container.name, sidecar=answer["name"], service=wl.spec.service)
             await loop.run_in_executor(None, self.docker.create_sidecar, wl.container, answer["env"])
+
+    async def keep_gateway(self, session: aiohttp.ClientSession, restart: bool) -> None:
+        """Run this node's gateway in the agent's own task (its published port), with an environment
+        and a one-time token from the control plane; started again when it exits or is refused."""
+        if not self.settings.gateway:
+            return
+        gw = self._gateway
+        if gw is not None and gw.returncode is None:
+            if not restart:
+                return
+            log.info("gateway_restart", reason="its bootstrap token is unknown to the control plane")
+            gw.terminate()
+            await gw.wait()
+        answer = await self._call(session, "POST", "/v1/swarm/gateway", {})
+        # Only the gateway's own settings: none of the agent's (its key file path stays out too).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        env.update(answer["env"])
+        self._gateway = await asyncio.create_subprocess_exec("gateway", "run", env=env)
+        log.info("gateway_started", gateway=answer.get("name"), pid=self._gateway.pid)
 
     # ---- run -------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from aiohttp import web
 
 from certs.holder import peer_identity
 from meshcore.labels import OWNER_LABEL, ROLE_LABEL, SIDECAR_FOR_LABEL, LabelDecodeError, decode_labels
-from meshcore.protocol import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, Hello
+from meshcore.protocol import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, CONTROL_PATH, CONTROL_PORT, Hello
 from meshcore.snapshot import Announcement, build_workloads
 from meshcore.swarm import (
     SwarmTask, SwarmView, decode_view, node_of_address, swarm_announcements, tasks_on_node,
@@ -54,6 +54,7 @@ log = structlog.get_logger("meshd.swarm")
 
 POLL_S = 2.0          # the swarm is listed this often (tasks on other nodes send no event here)
 AGENT_PORT = 15013    # the agents' API (HTTPS with the control certificate; bearer = the agent key)
+GATEWAY_PREFIX = "gateway-"   # + node id: each node's gateway, run by that node's agent
 
 
 @dataclass
@@ -132,14 +133,33 @@ class SwarmAuthenticator(NodeAuthenticator):
             return None
         return task if (request.remote or "") in task.container.networks.values() else None
 
+    def _placement(self, hello: Hello, node_attrs: dict | None, app_attrs: dict | None, peer: str) -> str | None:
+        if hello.kind == "gateway":
+            return self._gateway_placement(hello.node, peer)
+        return super()._placement(hello, node_attrs, app_attrs, peer)
+
+    def _gateway_placement(self, node: str, peer: str) -> str | None:
+        """A node's gateway runs in that node's agent task: it calls from that task's address."""
+        node_id = node.removeprefix(GATEWAY_PREFIX)
+        if not node.startswith(GATEWAY_PREFIX) or not node_id:
+            return f"{node!r} is not the gateway of a swarm node"
+        if node_of_address(self.plane.swarm_view.tasks, self.plane.swarm.agent_service, peer) != node_id:
+            return f"the gateway connects from {peer}, not from the agent task of its node"
+        return None
+
     async def authenticate(self, request, hello: Hello) -> AuthResult:
+        if hello.kind == "gateway" and not hello.token:
+            return self._gateway_by_certificate(request, hello)
         try:
             return await super().authenticate(request, hello)
         except AuthRefused as exc:
             if hello.token and ("no bootstrap token" in exc.reason or "already used" in exc.reason):
                 # Its token came from a control plane that is gone (or it lost its key): the agent of
                 # its node is told to recreate it with a new token (GET /v1/swarm/tasks).
-                if self._own_task(request, hello) is not None:
+                if hello.kind == "gateway":
+                    if self._gateway_placement(hello.node, request.remote or "") is None:
+                        self.plane.orphans.add(hello.node)
+                elif self._own_task(request, hello) is not None:
                     self.plane.orphans.add(hello.node)
                 raise
             if hello.token or "was not issued to this node" not in exc.reason:
@@ -158,6 +178,18 @@ class SwarmAuthenticator(NodeAuthenticator):
         if identity != self.pki.workload_identity(spec.namespace, spec.service):
             raise AuthRefused(CLOSE_FORBIDDEN, "the client certificate is not this task's identity")
         log.info("node_readmitted", node=hello.node, identity=identity, reason="certificate of the mesh CA")
+        return AuthResult(identity=identity, via="certificate")
+
+    def _gateway_by_certificate(self, request, hello: Hello) -> AuthResult:
+        """A gateway's later hello: the gateway identity's certificate (chain verified by the TLS
+        layer), from the agent task of the node it is named for; no store record needed."""
+        sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
+        identity = peer_identity(sslobj) if sslobj is not None else None
+        if identity != self.pki.gateway_identity:
+            raise AuthRefused(CLOSE_UNAUTHORIZED, "no bootstrap token and no gateway certificate")
+        reason = self._gateway_placement(hello.node, request.remote or "")
+        if reason is not None:
+            raise AuthRefused(CLOSE_FORBIDDEN, reason)
         return AuthResult(identity=identity, via="certificate")
 
 
@@ -212,7 +244,8 @@ class SwarmMeshd(Meshd):
         running = {t.container.id for t in view.tasks if t.container.running}
         for name in [n for n, app in self.vouched.items() if app not in running]:
             del self.vouched[name]
-        self.orphans &= {sidecar_name(t.container) for t in view.tasks if t.container.running}
+        self.orphans &= ({sidecar_name(t.container) for t in view.tasks if t.container.running}
+                         | {GATEWAY_PREFIX + n.id for n in view.nodes})
         for name, node in list(self.hub.nodes.items()):
             if node.kind == "sidecar" and node.container not in running:
                 await self.hub.drop(name)
@@ -278,7 +311,8 @@ class SwarmMeshd(Meshd):
             out.append({"container": c.id, "name": c.name, "labels": c.labels, "running": c.running,
                         "error": str(wl.error) if wl.error else None,
                         "recreate": sidecar_name(c) in self.orphans})
-        return web.json_response({"node": node, "tasks": out})
+        return web.json_response({"node": node, "tasks": out,
+                                  "restart_gateway": GATEWAY_PREFIX + node in self.orphans})
 
     async def _agent_sidecar(self, request: web.Request) -> web.Response:
         """POST /v1/swarm/sidecars {"container": id}: the environment (with a one-time bootstrap
@@ -304,11 +338,28 @@ class SwarmMeshd(Meshd):
         log.info("sidecar_vouched", sidecar=name, node=node, service=wl[0].spec.service)
         return web.json_response({"name": name, "env": env})
 
+    async def _agent_gateway(self, request: web.Request) -> web.Response:
+        """POST /v1/swarm/gateway: the environment (with a one-time bootstrap token) of the gateway
+        the calling agent runs in its own task (its node's published gateway port)."""
+        node = self._agent_node(request)
+        name = GATEWAY_PREFIX + node
+        st = self.settings
+        env = {"MESH_CONTROL_URL": f"wss://{self.swarm.control_host}:{CONTROL_PORT}{CONTROL_PATH}",
+               "MESH_GATEWAY_PORT": str(st.gateway_port), "MESH_GATEWAY_HTTPS_PORT": str(st.gateway_https_port),
+               "MESH_GATEWAY_HOSTS": ",".join(st.gateway_hosts), "MESH_GATEWAY_BIND": "0.0.0.0",
+               "MESH_NODE": name, "MESH_IDENTITY": self.pki.gateway_identity,
+               "MESH_BOOTSTRAP_TOKEN": self.pki.issue_token("gateway", name, ""),
+               "MESH_CA_BUNDLE": self.pki.ca.bundle_pem.decode("ascii")}
+        self.orphans.discard(name)
+        log.info("gateway_vouched", gateway=name, node=node)
+        return web.json_response({"name": name, "env": env})
+
     async def run(self) -> None:
         """Serve the control plane and the agents' API; list the swarm every POLL_S."""
         app = web.Application()
         app.router.add_get("/v1/swarm/tasks", self._agent_tasks)
         app.router.add_post("/v1/swarm/sidecars", self._agent_sidecar)
+        app.router.add_post("/v1/swarm/gateway", self._agent_gateway)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         self.pki.control_tls.ensure(self.own_ips)
@@ -340,8 +391,9 @@ def swarm_status(view: SwarmView, nodes: dict, agent_service: str) -> dict:
             sidecars.append({"task": wl.container.name, "service": wl.spec.service if wl.spec else None,
                              "connected": bool(conn and conn.connected),
                              "acked_version": conn.acked_version if conn else None})
+        gateway = nodes.get(GATEWAY_PREFIX + node.id)
         out.append({"id": node.id, "hostname": node.hostname, "role": node.role, "state": node.state,
-                    "leader": node.leader,
+                    "leader": node.leader, "gateway_connected": bool(gateway and gateway.connected),
                     "agent": any(t.service == agent_service and t.container.running for t in here),
                     "sidecars": sidecars})
     return {"nodes": out}

@@ -200,6 +200,21 @@ def test_split_holds_across_nodes(swarm):
     assert 70 <= seen.get("v2", 0) <= 130, seen     # 10% +/- 3% of 1,000
 
 
+def node_address(n: int) -> str:
+    return run(["docker", "inspect", "-f", '{{(index .NetworkSettings.Networks "meshswarm").IPAddress}}',
+                f"meshswarm-{n}"]).stdout.strip()
+
+
+def test_gateway_on_every_node_routes_to_tasks_on_any_node(swarm):
+    status = admin("GET", "/v1/status")
+    assert all(n["gateway_connected"] for n in status["swarm"]["nodes"]), status["swarm"]
+    seen = {}
+    for n in running_nodes():   # orders runs on node 1: nodes 2 and 3 route across the overlay
+        proc = run(["curl", "-s", "-m", "5", f"http://{node_address(n)}:8080/api/orders/1"])
+        seen[n] = json.loads(proc.stdout)["results"]["payments"]["paid"]
+    assert seen == {1: True, 2: True, 3: True}
+
+
 def test_killing_a_payments_node_under_load_fails_no_checkout(swarm):
     control = control_node()
     victim = next(n for n, _ in tasks_of("shop_payments") if n != control)

@@ -105,3 +105,21 @@ async def test_only_names_are_resolved():
     bad = ControlClient("wss://no-such-host.invalid:15012/v1/stream", "sidecar", "n", "c",
                         apply=lambda s: None, routes=lambda: [])
     assert await bad._resolve_host() is None
+
+
+def test_a_gateway_is_admitted_only_from_its_nodes_agent_task():
+    from types import SimpleNamespace
+
+    from meshcore.swarm import SwarmTask, SwarmView
+    from meshd.swarm_control import GATEWAY_PREFIX, SwarmAuthenticator
+    from meshcore.labels import ContainerInfo
+
+    agent = SwarmTask(id="t", service_id="s", service="mesh_agent", node_id=NODE2,
+                      container=ContainerInfo(id="a" * 64, name="mesh_agent.x.t", networks={"mesh": "10.0.3.4"}))
+    plane = SimpleNamespace(swarm_view=SwarmView(tasks=[agent]), swarm=SimpleNamespace(agent_service="mesh_agent"))
+    auth = SwarmAuthenticator.__new__(SwarmAuthenticator)
+    auth.plane = plane
+    assert auth._gateway_placement(GATEWAY_PREFIX + NODE2, "10.0.3.4") is None
+    assert "not from the agent task" in auth._gateway_placement(GATEWAY_PREFIX + NODE2, "10.0.3.9")
+    assert "not from the agent task" in auth._gateway_placement(GATEWAY_PREFIX + "othernode", "10.0.3.4")
+    assert "is not the gateway" in auth._gateway_placement("gateway", "10.0.3.4")
