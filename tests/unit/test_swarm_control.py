@@ -123,3 +123,23 @@ def test_a_gateway_is_admitted_only_from_its_nodes_agent_task():
     assert "not from the agent task" in auth._gateway_placement(GATEWAY_PREFIX + NODE2, "10.0.3.9")
     assert "not from the agent task" in auth._gateway_placement(GATEWAY_PREFIX + "othernode", "10.0.3.4")
     assert "is not the gateway" in auth._gateway_placement("gateway", "10.0.3.4")
+
+
+def test_meshctl_status_lists_swarm_nodes_agents_gateways_and_sidecars(monkeypatch):
+    from tests.unit import test_meshctl_commands as cmds
+    from meshctl import overview
+
+    v = view()
+    task = payments_on_node2()
+    nodes = {sidecar_name(task.container): NodeState(node=sidecar_name(task.container), kind="sidecar",
+                                                      container=task.container.id, connected=True)}
+    status = {**cmds.STATUS, "swarm": swarm_status(v, nodes, "mesh_agent")}
+    monkeypatch.setitem(cmds.ANSWERS, "/v1/status", status)
+    result, _ = cmds.invoke(overview.commands, ["status"], columns=200)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith("meshswarm-") and "manager" in line}
+    assert rows["meshswarm-1"][1:3] == ["(leader)", "manager"]
+    assert rows["meshswarm-2"][-1] == "1/3" and rows["meshswarm-3"][-1] == "0/3"
+    assert rows["meshswarm-2"][3:5] == ["no", "no"]     # no agent, no gateway in the fixture
+    assert sum("not connected" in line for line in lines) == 7
