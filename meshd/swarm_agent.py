@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import docker
+from aiohttp import web
 import docker.errors
 import structlog
 
@@ -29,7 +30,7 @@ from meshcore.snapshot import build_workloads
 
 from .docker_adapter import DockerAdapter, decode_container_attrs, sidecar_name
 from .plan import plan_sidecars
-from .swarm_control import AGENT_PORT
+from .swarm_control import ADMIN_TLS_PORT, AGENT_PORT
 
 log = structlog.get_logger("meshd.agent")
 
@@ -46,6 +47,7 @@ class AgentSettings:
     agent_key_file: str = "/run/secrets/mesh_agent_key"  # MESH_SWARM_AGENT_KEY_FILE
     ca_file: str = "/run/secrets/mesh_ca_cert"           # MESH_SWARM_CA_FILE: verifies the control plane
     gateway: bool = True                                 # MESH_SWARM_GATEWAY: run this node's gateway
+    admin_port: int = 15014                              # MESH_SWARM_ADMIN_PORT: the admin relay (0: none)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "AgentSettings":
@@ -55,7 +57,8 @@ class AgentSettings:
                    control_host=env.get("MESH_SWARM_CONTROL_HOST", cls.control_host),
                    agent_key_file=env.get("MESH_SWARM_AGENT_KEY_FILE", cls.agent_key_file),
                    ca_file=env.get("MESH_SWARM_CA_FILE", cls.ca_file),
-                   gateway=env.get("MESH_SWARM_GATEWAY", "true").lower() not in ("0", "false", "no", "off"))
+                   gateway=env.get("MESH_SWARM_GATEWAY", "true").lower() not in ("0", "false", "no", "off"),
+                   admin_port=int(env.get("MESH_SWARM_ADMIN_PORT", cls.admin_port)))
 
 
 def local_apps(entries: list[dict], inspected: dict[str, ContainerInfo]) -> list[ContainerInfo]:
@@ -82,6 +85,7 @@ class SwarmAgent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.node_id = ""
         self._gateway: asyncio.subprocess.Process | None = None
+        self._relay: aiohttp.ClientSession | None = None
 
     # ---- the control plane -----------------------------------------------------------------
 
@@ -156,6 +160,33 @@ class SwarmAgent:
         self._gateway = await asyncio.create_subprocess_exec("gateway", "run", env=env)
         log.info("gateway_started", gateway=answer.get("name"), pid=self._gateway.pid)
 
+    async def _relay_admin(self, request: web.Request) -> web.StreamResponse:
+        """One admin API call, passed on to the control plane wherever it runs (HTTPS over the
+        overlay); the control plane checks the caller's admin token itself."""
+        base = (await self._base_url()).replace(f":{AGENT_PORT}", f":{ADMIN_TLS_PORT}")
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("authorization", "content-type", "accept")}
+        try:
+            async with self._relay.request(request.method, base + request.path_qs, headers=headers,
+                                           data=await request.read(), ssl=self._tls) as resp:
+                body = await resp.read()
+                return web.Response(status=resp.status, body=body,
+                                    content_type=resp.content_type if body else None)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            return web.json_response({"error": f"the control plane did not answer: {type(exc).__name__}"},
+                                     status=502)
+
+    async def _start_admin_relay(self) -> web.AppRunner | None:
+        if not self.settings.admin_port:
+            return None
+        self._relay = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._relay_admin)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "0.0.0.0", self.settings.admin_port, reuse_address=True).start()
+        return runner
+
     # ---- run -------------------------------------------------------------------------------
 
     def _watch_events(self) -> None:
@@ -176,21 +207,28 @@ class SwarmAgent:
         log.info("agent_started", control=self.settings.control_host)
         last_error = None
         timeout = aiohttp.ClientTimeout(total=CALL_S)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            while True:
-                try:
-                    await self.reconcile(session)
-                    if last_error is not None:
-                        log.info("agent_reconciling_again", node=self.node_id)
-                    last_error = None
-                except Exception as exc:  # noqa: BLE001 - the control plane may be moving: keep all as is
-                    error = f"{type(exc).__name__}: {exc}"
-                    if error != last_error:
-                        log.warning("agent_reconcile_failed", error=error, action="sidecars kept as they are")
-                    last_error = error
-                try:
-                    await asyncio.wait_for(self._dirty.wait(), timeout=POLL_S)
-                    await asyncio.sleep(0.15)   # events come in bursts
-                except asyncio.TimeoutError:
-                    pass
-                self._dirty.clear()
+        relay = await self._start_admin_relay()
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                while True:
+                    try:
+                        await self.reconcile(session)
+                        if last_error is not None:
+                            log.info("agent_reconciling_again", node=self.node_id)
+                        last_error = None
+                    except Exception as exc:  # noqa: BLE001 - the control plane may be moving: keep all as is
+                        error = f"{type(exc).__name__}: {exc}"
+                        if error != last_error:
+                            log.warning("agent_reconcile_failed", error=error, action="sidecars kept as they are")
+                        last_error = error
+                    try:
+                        await asyncio.wait_for(self._dirty.wait(), timeout=POLL_S)
+                        await asyncio.sleep(0.15)   # events come in bursts
+                    except asyncio.TimeoutError:
+                        pass
+                    self._dirty.clear()
+        finally:
+            if relay is not None:
+                await relay.cleanup()
+            if self._relay is not None:
+                await self._relay.close()

@@ -35,6 +35,7 @@ import structlog
 from aiohttp import web
 
 from certs.holder import peer_identity
+from certs.store import write_file_atomic
 from meshcore.labels import OWNER_LABEL, ROLE_LABEL, SIDECAR_FOR_LABEL, LabelDecodeError, decode_labels
 from meshcore.protocol import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, CONTROL_PATH, CONTROL_PORT, Hello
 from meshcore.snapshot import Announcement, build_workloads
@@ -55,6 +56,7 @@ log = structlog.get_logger("meshd.swarm")
 POLL_S = 2.0          # the swarm is listed this often (tasks on other nodes send no event here)
 AGENT_PORT = 15013    # the agents' API (HTTPS with the control certificate; bearer = the agent key)
 GATEWAY_PREFIX = "gateway-"   # + node id: each node's gateway, run by that node's agent
+ADMIN_TLS_PORT = 15016  # the admin API on the overlay (HTTPS, control certificate), for the agents' relays
 
 
 @dataclass
@@ -65,6 +67,7 @@ class SwarmSettings:
     agent_service: str = "mesh_agent"    # MESH_SWARM_AGENT_SERVICE: whose tasks may call as agents
     network: str = "mesh"                # MESH_SWARM_NETWORK: the overlay endpoints are dialled on
     agent_key_file: str = "/run/secrets/mesh_agent_key"   # MESH_SWARM_AGENT_KEY_FILE
+    admin_token_file: str = "/run/secrets/mesh_admin_token"   # MESH_SWARM_ADMIN_TOKEN_FILE (optional)
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "SwarmSettings":
@@ -72,7 +75,8 @@ class SwarmSettings:
         return cls(control_host=env.get("MESH_SWARM_CONTROL_HOST", cls.control_host),
                    agent_service=env.get("MESH_SWARM_AGENT_SERVICE", cls.agent_service),
                    network=env.get("MESH_SWARM_NETWORK", cls.network),
-                   agent_key_file=env.get("MESH_SWARM_AGENT_KEY_FILE", cls.agent_key_file))
+                   agent_key_file=env.get("MESH_SWARM_AGENT_KEY_FILE", cls.agent_key_file),
+                   admin_token_file=env.get("MESH_SWARM_ADMIN_TOKEN_FILE", cls.admin_token_file))
 
 
 def task_inspect_attrs(task: SwarmTask) -> dict[str, Any]:
@@ -206,6 +210,13 @@ class SwarmMeshd(Meshd):
             seeded = self.state.seed(seed)
         finally:
             seed.close()
+        # The admin token from a swarm secret, when there is one: the same after a move.
+        if os.path.exists(swarm.admin_token_file):
+            with open(swarm.admin_token_file, encoding="ascii") as fh:
+                token = fh.read().strip()
+            if len(token) < 32:
+                raise ValueError(f"{swarm.admin_token_file}: an admin token has 32 characters at least")
+            write_file_atomic(os.path.join(settings.state_dir, "admin.token"), token.encode("ascii") + b"\n", 0o600)
         super().__init__(settings, client)
         log.info("swarm_state_loaded", keys=seeded)
         self._saving: asyncio.Future | None = None
@@ -365,6 +376,11 @@ class SwarmMeshd(Meshd):
         self.pki.control_tls.ensure(self.own_ips)
         await web.TCPSite(runner, "0.0.0.0", AGENT_PORT, reuse_address=True,
                           ssl_context=self.pki.control_tls.front).start()
+        # The admin API (its own token check) for the agents' relays on every node (meshctl --api).
+        admin = web.AppRunner(self._admin_app(), access_log=None)
+        await admin.setup()
+        await web.TCPSite(admin, "0.0.0.0", ADMIN_TLS_PORT, reuse_address=True,
+                          ssl_context=self.pki.control_tls.front).start()
 
         async def poll() -> None:
             while True:
@@ -377,6 +393,7 @@ class SwarmMeshd(Meshd):
         finally:
             poller.cancel()
             await runner.cleanup()
+            await admin.cleanup()
 
 
 def swarm_status(view: SwarmView, nodes: dict, agent_service: str) -> dict:

@@ -12,6 +12,8 @@
 #   scripts/swarm-cluster.sh check     an overlay network across nodes 1 and 3: a call crosses it
 #   scripts/swarm-cluster.sh deploy    the mesh stack (compose/swarm.yml) and the shop (compose/swarm-demo.yml)
 #   scripts/swarm-cluster.sh undeploy  both stacks removed (the secrets stay: the same CA next time)
+#                                      (deploy makes the secrets once; the admin token's copy for
+#                                      meshctl is .cache/meshswarm-admin.token)
 #   scripts/swarm-cluster.sh dev-image meshd:swarm in every node: meshd:latest with this checkout's
 #                                      Python sources over it (trying changes before `make image`)
 #   scripts/swarm-cluster.sh admin METHOD PATH [JSON]
@@ -140,6 +142,13 @@ secrets() {
     if ! on 1 docker secret inspect mesh_agent_key >/dev/null 2>&1; then
         on 1 sh -c 'head -c 32 /dev/urandom | base64 | docker secret create mesh_agent_key -' >/dev/null
     fi
+    # The admin token: a copy stays here for meshctl (--token-file), readable by root only.
+    local token_file="$here/.cache/meshswarm-admin.token"
+    if ! on 1 docker secret inspect mesh_admin_token >/dev/null 2>&1; then
+        mkdir -p "$here/.cache"
+        (umask 077; head -c 48 /dev/urandom | base64 | tr -d '=+/\n' >"$token_file")
+        docker exec -i "$(node 1)" docker secret create mesh_admin_token - <"$token_file" >/dev/null
+    fi
 }
 
 deploy() {
@@ -149,6 +158,15 @@ deploy() {
     on 1 env MESH_SWARM_IMAGE="${MESH_SWARM_IMAGE:-meshd:latest}" docker stack deploy -c /tmp/swarm.yml mesh
     on 1 docker stack deploy -c /tmp/swarm-demo.yml shop
     on 1 docker service ls
+    # The shop through the gateway of node 1 (the agents run one on every node).
+    local url="http://$(node_ip 1):8080/api/orders/1" end=$(( $(date +%s) + 120 ))
+    log "waiting up to 120 s for $url"
+    until curl -sf -o /dev/null -m 3 "$url"; do
+        if [ "$(date +%s)" -ge "$end" ]; then log "no 200 from $url after 120 s"; return 1; fi
+        sleep 2
+    done
+    log "the shop is up: $url (and on port 8080 of every node); meshctl --api http://$(node_ip 1):15014" \
+        "--token-file .cache/meshswarm-admin.token status"
 }
 
 undeploy() {

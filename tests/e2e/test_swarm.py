@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 
 import pytest
 
-from .conftest import metric_sum, run, wait_for
+from .conftest import ROOT, metric_sum, run, wait_for
 
 pytestmark = pytest.mark.skipif(os.environ.get("MESH_SWARM_TESTS") != "1",
                                 reason="the Swarm e2e tests run with MESH_SWARM_TESTS=1")
@@ -213,6 +214,16 @@ def test_gateway_on_every_node_routes_to_tasks_on_any_node(swarm):
         proc = run(["curl", "-s", "-m", "5", f"http://{node_address(n)}:8080/api/orders/1"])
         seen[n] = json.loads(proc.stdout)["results"]["payments"]["paid"]
     assert seen == {1: True, 2: True, 3: True}
+
+
+def test_meshctl_from_every_node_through_its_agent(swarm):
+    token = str(ROOT / ".cache" / "meshswarm-admin.token")
+    for n in running_nodes():
+        out = run([sys.executable, "-c", "from meshctl.cli import main; main()", "--api",
+                   f"http://{node_address(n)}:15014", "--token-file", token, "status"]).stdout
+        assert "meshd UP" in out and "swarm nodes (3)" in out, out
+        rows = [line.split() for line in out.splitlines() if line.startswith("meshswarm-")]
+        assert len(rows) == 3 and all(r[-1].split("/")[0] == r[-1].split("/")[1] for r in rows), out
 
 
 def test_killing_a_payments_node_under_load_fails_no_checkout(swarm):
