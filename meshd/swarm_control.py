@@ -247,9 +247,14 @@ class SwarmMeshd(Meshd):
             raise
         self.problems.ok("swarm_list", "swarm")
         self.swarm_view = view
+        # Its own task by its host name, which Docker sets to the container's short id.
         me = view.task_by_container(socket.gethostname())
         if me is not None:
             self.own_ips = sorted(set(me.container.networks.values()))
+            self.problems.ok("swarm_self", "control")
+        else:
+            self.problems.fail("swarm_self", "control", f"no task with container {socket.gethostname()!r}: "
+                               "is `hostname:` set on the control service?", time.time())
         self.pki.control_tls.ensure(self.own_ips)
         await self._apply_listeners(self.own_ips)
         running = {t.container.id for t in view.tasks if t.container.running}
