@@ -193,6 +193,48 @@ def test_checkout_crosses_nodes_over_mtls(swarm):
     assert plain.stdout.strip() in ("000", ""), plain.stdout
 
 
+# A packet capture in a task's network namespace (AF_PACKET, stdlib only: no tcpdump in the images):
+# frames seen on one interface, and how many carry a given byte string.
+SNIFF = r'''
+import json, socket, sys, time
+iface, seconds, needle = sys.argv[1], float(sys.argv[2]), sys.argv[3].encode()
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
+s.bind((iface, 0))
+s.settimeout(0.2)
+end, frames, found = time.time() + seconds, 0, 0
+while time.time() < end:
+    try:
+        frame = s.recv(65535)
+    except socket.timeout:
+        continue
+    frames += 1
+    found += needle in frame
+print(json.dumps({"iface": iface, "frames": frames, "with_needle": found}))
+'''
+
+
+def test_a_capture_on_the_overlay_shows_no_plaintext_body(swarm):
+    n, cid = task_container("shop_payments")
+    ip = on(n, "docker", "inspect", "-f", '{{(index .NetworkSettings.Networks "mesh").IPAddress}}', cid).stdout.strip()
+    addrs = on(n, "docker", "exec", cid, "ip", "-o", "-4", "addr", "show").stdout
+    overlay = next(line.split()[1] for line in addrs.splitlines() if f" {ip}/" in line)
+    sniffers = {}
+    for iface in (overlay, "lo"):   # lo: the sidecar hands the app the plaintext there (the capture works)
+        sniffers[iface] = on(n, "docker", "run", "-d", "--network", f"container:{cid}", "--cap-add", "NET_RAW",
+                             "--entrypoint", "python3", IMAGE, "-c", SNIFF, iface, "15", '"amount"').stdout.strip()
+    time.sleep(2)
+    result = load("http://orders:8080/orders/5", 8, 10)
+    assert result["failed"] == 0, result
+    seen = {}
+    for iface, sniffer in sniffers.items():
+        on(n, "docker", "wait", sniffer, timeout=60)
+        seen[iface] = json.loads(on(n, "docker", "logs", sniffer).stdout)
+        on(n, "docker", "rm", sniffer)
+    print(f"capture in a payments task on node {n}: {seen}")
+    assert seen[overlay]["frames"] > 0 and seen[overlay]["with_needle"] == 0, seen
+    assert seen["lo"]["with_needle"] > 0, seen
+
+
 def test_split_holds_across_nodes(swarm):
     admin("POST", "/v1/rules/catalog/split", {"weights": {"v1": 90, "v2": 10}})
     wait_for(all_sidecars_connected, 30, 1, "every sidecar to ACK the split")
