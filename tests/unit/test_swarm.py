@@ -88,7 +88,10 @@ def test_snapshot_from_swarm_has_stack_namespace_and_task_endpoints(api):
     assert errors == []
     assert sorted(config.services) == ["catalog", "inventory", "notifications", "orders", "payments", "users"]
     assert config.services["payments"].identity == "spiffe://mesh.local/ns/shop/sa/payments"
-    assert dict(config.services["payments"].policy)["mesh.retries.attempts"] == "3"
+    # the traffic policy labels from deploy.labels reach the workload the policy is decoded from
+    payments = next(wl for wl in workloads if wl.spec.service == "payments")
+    assert payments.container.labels["mesh.retries.attempts"] == "3"
+    assert config.services["payments"].policy != config.services["users"].policy
     assert [(e.address, e.port) for e in config.endpoints["payments"]] == [
         ("10.0.2.5", MESH_INBOUND_PORT), ("10.0.2.6", MESH_INBOUND_PORT)]
     assert sorted(e.version for e in config.endpoints["catalog"]) == ["v1", "v2"]
