@@ -23,7 +23,7 @@ export PIP_ROOT_USER_ACTION := ignore
 # Same wheel bytes for the same sources, so Docker's layer cache holds when nothing changed.
 export SOURCE_DATE_EPOCH := 315532800
 
-.PHONY: install ext wheels base-image image demo-image images test-images docker test-tools demo demo-down test unit e2e fuzz soak bench bench-scale
+.PHONY: install ext wheels base-image image demo-image images test-images docker test-tools demo demo-down test unit e2e fuzz soak bench bench-scale swarm-up swarm-down swarm-demo
 
 install:
 	$(PIP) install -q -e '.[test]'
@@ -131,3 +131,20 @@ bench:
 REPLICAS ?= 100
 bench-scale:
 	$(PYTHON) -m bench.lifecycle_scale --replicas $(REPLICAS) $(BENCH_ARGS)
+
+# Docker Swarm on one machine (docs/SWARM.md): three Docker-in-Docker manager nodes (meshswarm-1..3,
+# all capabilities but CAP_SYS_RESOURCE, Debian's dockerd from the offline base), the images loaded into each with docker save/load.
+# swarm-up also checks that an overlay network carries a call from node 3 to node 1.
+swarm-up:
+	scripts/swarm-cluster.sh up
+	scripts/swarm-cluster.sh check
+
+swarm-down:
+	scripts/swarm-cluster.sh down
+
+
+# The mesh stack (compose/swarm.yml: control plane + one agent per node) and the demo shop as a second
+# stack (compose/swarm-demo.yml), on the test cluster. MESH_SWARM_IMAGE=meshd:swarm after
+# `scripts/swarm-cluster.sh dev-image` tries this checkout's sources without rebuilding meshd:latest.
+swarm-demo: swarm-up
+	scripts/swarm-cluster.sh deploy

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
+import socket
 import time
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
@@ -96,7 +98,7 @@ class ControlClient:
             renewer = None
             url = self.url
             try:
-                url = self.dial_url()
+                url = self.dial_url(await self._resolve_host())
                 token, csr = await self.agent.bootstrap_fields() if self.agent is not None else ("", "")
                 ssl_ctx = self.agent.control_ssl_context() if self.agent is not None else None
                 kwargs = {"ssl": ssl_ctx} if ssl_ctx is not None else {}
@@ -141,18 +143,38 @@ class ControlClient:
             attempt += 1
             await asyncio.sleep(delay)
 
-    def dial_url(self) -> str:
-        """`url` with its host checked against the namespace's routes: kept while it is loopback or
-        on-link, else this namespace's default gateway (the host); raises NoControlAddress."""
+    async def _resolve_host(self) -> str | None:
+        """The configured host's IPv4 address when it is a name (on Swarm, the control service: one
+        task address with dnsrr, a new one after the control plane moved); None for an address, for
+        no route source, or when the name does not resolve (then the default gateway is dialled)."""
+        host = urlsplit(self.url).hostname or ""
+        if self.routes is None:
+            return None
+        try:
+            ipaddress.ip_address(host)
+            return None
+        except ValueError:
+            pass
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, family=socket.AF_INET)
+        except OSError:
+            return None
+        return str(infos[0][4][0]) if infos else None
+
+    def dial_url(self, resolved: str | None = None) -> str:
+        """`url` with its host (or the address `resolved` from its name) checked against the
+        namespace's routes: kept while it is loopback or on-link, else this namespace's default
+        gateway (the host); raises NoControlAddress."""
         if self.routes is None:
             return self.url
         parts = urlsplit(self.url)
         configured = parts.hostname or ""
-        host = choose_control_host(configured, self.routes())
+        host = choose_control_host(resolved or configured, self.routes())
         if host == configured:
             return self.url
-        log.warning("control_address_replaced", configured=configured, dialled=host,
-                    reason="not on a directly connected network of this namespace")
+        if host != resolved:
+            log.warning("control_address_replaced", configured=configured, dialled=host,
+                        reason="not on a directly connected network of this namespace")
         netloc = f"{host}:{parts.port}" if parts.port else host
         return urlunsplit(parts._replace(netloc=netloc))
 
