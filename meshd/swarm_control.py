@@ -351,6 +351,7 @@ class SwarmMeshd(Meshd):
         self.orphans.discard(name)
         env = build_sidecar_env(wl[0], name, self.swarm.control_host, self.settings.trust_domain,
                                 token=token, bundle_pem=self.pki.ca.bundle_pem.decode("ascii"))
+        env.update(self.settings.limits)   # meshcore.limits set on the control plane
         log.info("sidecar_vouched", sidecar=name, node=node, service=wl[0].spec.service)
         return web.json_response({"name": name, "env": env})
 
@@ -365,7 +366,7 @@ class SwarmMeshd(Meshd):
                "MESH_GATEWAY_HOSTS": ",".join(st.gateway_hosts), "MESH_GATEWAY_BIND": "0.0.0.0",
                "MESH_NODE": name, "MESH_IDENTITY": self.pki.gateway_identity,
                "MESH_BOOTSTRAP_TOKEN": self.pki.issue_token("gateway", name, ""),
-               "MESH_CA_BUNDLE": self.pki.ca.bundle_pem.decode("ascii")}
+               "MESH_CA_BUNDLE": self.pki.ca.bundle_pem.decode("ascii"), **st.limits}
         self.orphans.discard(name)
         log.info("gateway_vouched", gateway=name, node=node)
         return web.json_response({"name": name, "env": env})
