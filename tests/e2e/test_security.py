@@ -368,3 +368,12 @@ def _rotations_and_outage():
           f"{max(i['issued_at'] for i in ids.values()) - restarted:.0f} s; meshctl certs:\n"
           + meshctl("certs").stdout)
     assert all(i["not_after"] - i["issued_at"] > 3600 for i in ids.values())   # 24 h certificates again
+
+
+def test_piped_meshctl_certs_counts_every_identity(mesh):
+    """`docker exec meshd meshctl certs | grep -c spiffe://`: no terminal, yet one line per identity."""
+    out = run(["docker", "exec", "meshd", "sh", "-c", "meshctl certs | grep -c spiffe://"], check=False).stdout
+    identities = get_json(f"{ADMIN}/v1/certs")["identities"]
+    assert identities and int(out.strip() or 0) >= len(identities), (out, len(identities))
+    listed = run(["docker", "exec", "meshd", "sh", "-c", "meshctl certs"]).stdout
+    assert all(any(i["identity"] in line for line in listed.splitlines()) for i in identities), listed[:2000]
