@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
 import pytest
 
-from .conftest import ADMIN, get_json, http, run, wait_for
+from .conftest import ADMIN, GATEWAY, ROOT, compose, get_json, http, run, wait_for
 from .lifecycle import (
     calls_through_mesh, containers, curl, host_bridge_gateways, mesh_violations, mtls_requests, project,
     service_containers, sidecar_env, wait_mesh_ok,
@@ -395,3 +396,52 @@ def test_stop_drains_in_flight_and_long_lived_calls(mesh):
     finally:
         project(dp, "down", file="drain.yml", check=False)
 
+
+
+def _restart_dockerd() -> None:
+    """Stop the engine (it stops every container) and start it again as `make docker` does."""
+    if os.path.isdir("/run/systemd/system") and not os.path.exists("/var/run/docker.pid"):
+        run(["systemctl", "restart", "docker"], timeout=180)
+        return
+    pid = int(open("/var/run/docker.pid").read().strip())
+    os.kill(pid, signal.SIGTERM)
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(gone, 120, interval=0.5, what="dockerd to stop")
+    run([str(ROOT / "scripts" / "ensure-docker.sh")], timeout=120)
+
+
+def test_dockerd_restarted(lc):
+    """dockerd itself restarted: every container stops; those with a restart policy (meshd, and here
+    the lc project set to unless-stopped) come back with new network namespaces, and meshd gives each
+    app a new sidecar in it. The demo shop (no restart policy) is brought back up afterwards."""
+    apps = service_containers(lc, "web") + service_containers(lc, "client")
+    for app in apps:
+        run(["docker", "update", "--restart", "unless-stopped", app["Id"]])
+    old_sidecars = {sidecar_of(app)["Id"] for app in apps}
+    started = time.monotonic()
+    _restart_dockerd()
+    try:
+        wait_for(lambda: get_json(f"{ADMIN}/v1/status"), 90, what="meshd back after the engine's restart")
+        wait_mesh_ok(timeout=120, what="the mesh after dockerd's restart")
+        took = time.monotonic() - started
+        now = service_containers(lc, "web") + service_containers(lc, "client")
+        assert {c["Id"] for c in now} == {a["Id"] for a in apps}   # the same apps, restarted
+        assert all(c["State"]["StartedAt"] > a["State"]["StartedAt"] for c, a in
+                   zip(sorted(now, key=lambda c: c["Id"]), sorted(apps, key=lambda c: c["Id"])))
+        new_sidecars = {sidecar_of(c)["Id"] for c in now}
+        print(f"dockerd restarted: the lc project meshed again {took:.0f} s after the stop; "
+              f"sidecars replaced: {len(new_sidecars - old_sidecars)} of {len(new_sidecars)}")
+        calls_through_mesh(lc)
+    finally:
+        compose("up", "-d", project="meshd", file="compose/meshd.yml")
+        compose("up", "-d")
+        wait_for(lambda: http("GET", f"{GATEWAY}/api/orders/1", timeout=3)[0] == 200, 120,
+                 what="the demo shop through the gateway again")
+        wait_mesh_ok(what="the whole mesh after dockerd's restart")
