@@ -71,6 +71,7 @@ class ControlClient:
         self.nacks = 0
         self.ready = asyncio.Event()
         self.agent = agent          # sidecar.tlsagent.CertAgent: certificates over this channel (wss)
+        self.cert_installed = asyncio.Event()   # wakes the renew loop: a new renew time to sleep until
         self.refusals = 0
         self.last_refusal: str | None = None
 
@@ -194,6 +195,8 @@ class ControlClient:
                 await agent.install(msg)
             except (ValueError, OSError) as exc:
                 log.warning("tls_certificate_refused", error=str(exc))
+            else:
+                self.cert_installed.set()
         elif isinstance(msg, Renew):
             log.info("tls_renew_requested", reason=msg.reason)
             try:
@@ -236,7 +239,15 @@ class ControlClient:
                         server_csr = None
                     if server_csr is not None:
                         await ws.send(encode_message(CsrRequest(csr=server_csr, purpose="gateway-server")))
-                await asyncio.sleep(renew_wait(now, agent.renew_at if agent.has_valid_cert(now) else None,
-                                               asked_at, agent.server_holder is not None))
+                # Sleep until the renew time, or until a certificate is installed (a rotation's
+                # may be due long before the one the sleep was computed for).
+                self.cert_installed.clear()
+                now = time.time()
+                wait = renew_wait(now, agent.renew_at if agent.has_valid_cert(now) else None, asked_at,
+                                  agent.server_holder is not None)
+                try:
+                    await asyncio.wait_for(self.cert_installed.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
         except ConnectionClosed:
             pass                   # run() notices it too, and reconnects

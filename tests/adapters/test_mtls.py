@@ -527,3 +527,28 @@ async def _tcp_authz(ca):
 
 def test_tcp_inbound_is_authorized_per_connection(run, ca):
     run(_tcp_authz, ca)
+
+
+async def _short_certs_after_a_rotation(tmp_path):
+    """A node with a 1 h certificate gets 4 s ones from a leaf rotation: its renew loop, asleep
+    until the old certificate's renew time, wakes at the install and renews every ~2 s from then on."""
+    async with AsyncExitStack() as stack:
+        cp = await ControlPlane(tmp_path, ttl="1h").start(stack)
+        client, agent = cp.node(cp.pki.issue_token("sidecar", "shop-orders-1-mesh", APP_ID))
+        task = asyncio.ensure_future(client.run())
+        stack.callback(task.cancel)
+        await eventually(lambda: agent.has_valid_cert(), "the first certificate")
+        await asyncio.sleep(1.5)      # the renew loop (1 s steps until the first certificate) now sleeps 30 s
+        cp.pki.cert_ttl_s = 4.0
+        rot = cp.pki.start_rotation(cp.hub, root=False)
+        await eventually(lambda: rot.state != "running", "the leaf rotation", timeout=10)
+        after_rotation = cp.pki.cert_record("shop-orders-1-mesh")["renewals"]
+        await eventually(lambda: cp.pki.cert_record("shop-orders-1-mesh")["renewals"] >= after_rotation + 3,
+                         "three renewals of the 4 s certificate", timeout=12)
+        assert agent.has_valid_cert()
+        task.cancel()
+        await cp.hub.close_all()
+
+
+def test_a_rotation_to_short_certificates_wakes_the_renew_loop(tmp_path):
+    asyncio.run(asyncio.wait_for(_short_certs_after_a_rotation(tmp_path), 40))

@@ -22,7 +22,9 @@ def _restart_meshd(egress: str | None) -> None:
     if egress:
         env["MESH_EGRESS"] = egress
     compose("up", "-d", project="meshd", file="compose/meshd.yml", env=env)
-    wait_for(lambda: get_json(f"{ADMIN}/v1/status"), 60, what="meshd back")
+    # Back means published and every node reconnected and on its version: the next tests read status.
+    wait_for(lambda: get_json(f"{ADMIN}/v1/status")["meshd"]["snapshot_version"], 60, what="meshd back")
+    wait_mesh_ok(what="every node reconnected to the restarted meshd")
 
 
 @pytest.fixture
