@@ -19,17 +19,14 @@ timeouts' business (mesh.timeout), not these.
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from time import monotonic
 from typing import Any, Callable
 
 from meshcore.limits import DEFAULT_LIMITS, Limits
 
+from .tcpinfo import read_tcp_info
+
 FLAG_STREAM_IDLE = "SI"        # Envoy's response flag of a stream idle timeout
-_TCP_INFO = getattr(socket, "TCP_INFO", 11)
-_TCP_INFO_LEN = 104
-_TCPI_LAST_DATA_RECV = 52      # struct tcp_info (linux/tcp.h): u32 ms since the last data segment arrived
 _HEAD_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
                  b"content-length: 21\r\nx-mesh-flags: SI\r\nconnection: close\r\n\r\nrequest head timeout\n")
 _IDLE, _BODY = 1, 2            # the phases a sweep times by the kernel's last-data clock
@@ -37,16 +34,8 @@ _IDLE, _BODY = 1, 2            # the phases a sweep times by the kernel's last-d
 
 def last_data_recv(transport: asyncio.BaseTransport) -> float | None:
     """Seconds since data last arrived on the connection (TCP_INFO), or None when unreadable."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
-    except OSError:
-        return None
-    if len(raw) < _TCPI_LAST_DATA_RECV + 4:
-        return None
-    return struct.unpack_from("I", raw, _TCPI_LAST_DATA_RECV)[0] / 1000.0
+    info = read_tcp_info(transport)
+    return None if info is None else info.last_data_recv_ms / 1000.0
 
 
 class ConnectionGuard:

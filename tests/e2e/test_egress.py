@@ -4,12 +4,11 @@ sidecar, counted, and listed by `meshctl events`. The default (allow-any) passes
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
-from .conftest import ADMIN, compose, get_json, wait_for
+from .conftest import ADMIN, get_json, recreate_meshd, wait_for
 from .lifecycle import curl, project, wait_mesh_ok
 
 pytestmark = pytest.mark.e2e
@@ -18,10 +17,7 @@ EP = "lcegress"
 
 
 def _restart_meshd(egress: str | None) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "MESH_EGRESS"}
-    if egress:
-        env["MESH_EGRESS"] = egress
-    compose("up", "-d", project="meshd", file="compose/meshd.yml", env=env)
+    recreate_meshd("MESH_EGRESS", egress)
     # Back means published and every node reconnected and on its version: the next tests read status.
     wait_for(lambda: get_json(f"{ADMIN}/v1/status")["meshd"]["snapshot_version"], 60, what="meshd back")
     wait_mesh_ok(what="every node reconnected to the restarted meshd")
