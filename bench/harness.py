@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, help="warm-up seconds per path and load (default 2)")
     p.add_argument("--rounds", type=int, help="interleaved rounds per load (default 5)")
     p.add_argument("--scenarios", default="c1,c32,close", help="data path loads: c1, c32, close")
-    p.add_argument("--paths", default="direct,mesh,haproxy", help="data paths: direct, mesh, haproxy")
+    p.add_argument("--paths", default="direct,mesh,haproxy,envoy", help="data paths: direct, mesh, haproxy, envoy")
     p.add_argument("--mode", choices=("transparent", "explicit"), default="transparent",
                    help="the outbound sidecar's capture mode (routing by Host header either way)")
     p.add_argument("--variant-loads", default="c32",
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hotpath-seconds", type=float,
                    help="hot-path micro-benchmark: seconds per repeat (default 0.2; quick 0.05)")
     p.add_argument("--python-tools", action="store_true",
-                   help="use the pure-Python app and load generator instead of nginx and wrk (no HAProxy path)")
+                   help="use the pure-Python app and load generator instead of nginx and wrk (no HAProxy or Envoy path)")
     p.add_argument("--nodes", default="10,50,100", help="control clients per push benchmark")
     p.add_argument("--pushes", type=int, help="measured pushes per node count (default 20)")
     p.add_argument("--csr-seconds", type=float, help="seconds of CSR signing (default 2)")
@@ -106,6 +106,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     work = raw / "work"
     install = not args.no_install
     tools = env.ensure_tools(install and "datapath" in args.parts and not args.python_tools, log)
+    if "datapath" in args.parts and "envoy" in args.paths.split(","):
+        tools["envoy"] = env.ensure_envoy(install and not args.python_tools, log)
     if "datapath" in args.parts and args.profile_seconds > 0:
         env.ensure_pip_tools(install, log)
     elif install:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PATH_TITLES = {"direct": "direct (no proxy)", "mesh": "mesh sidecar pair", "haproxy": "HAProxy pair"}
+PATH_TITLES = {"direct": "direct (no proxy)", "mesh": "mesh sidecar pair", "haproxy": "HAProxy pair",
+               "envoy": "Envoy pair"}
+PROXY_PATHS = ("mesh", "haproxy", "envoy")
 MIB = 1024.0
 
 
@@ -16,36 +18,61 @@ def _mib(kib) -> str:
     return "-" if kib is None else f"{kib / MIB:.1f}"
 
 
+def _x_reference(dp: dict, sc: str, path: str, ref: str) -> float | None:
+    """req/s of `path` over the reference path `ref` (haproxy, envoy or direct) in load `sc`: the
+    round-by-round median where the ratios have it, else the medians' quotient."""
+    s, ratios = dp["summary"][sc], dp["ratios"].get(sc, {})
+    if path == ref:
+        return 1.0 if ref in s else None
+    if path == "mesh" and f"rps_mesh_over_{ref}" in ratios:
+        return ratios[f"rps_mesh_over_{ref}"]
+    if ref == "direct" and f"rps_{path}_over_direct" in ratios:
+        return ratios[f"rps_{path}_over_direct"]
+    if (path, ref) == ("envoy", "haproxy") and "rps_envoy_over_haproxy" in ratios:
+        return ratios["rps_envoy_over_haproxy"]
+    mine, theirs = s.get(path), s.get(ref)
+    return mine["rps"] / theirs["rps"] if mine and theirs and theirs["rps"] else None
+
+
 def datapath_table(dp: dict) -> list[str]:
-    s, ratios = dp["summary"], dp["ratios"]
-    lines = ["| load | path | req/s | x HAProxy | x direct | p50 / p90 / p99 ms | CPU-s per 1000 req (out + in = pair) | peak RSS out / in MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    s = dp["summary"]
+    lines = ["| load | path | req/s | x HAProxy | x Envoy | x direct | p50 / p90 / p99 ms | CPU-s per 1000 req (out + in = pair) | peak RSS out / in MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for sc, title in dp["scenarios"].items():
         if sc not in s:
             continue
-        hap = s[sc].get("haproxy")
-        dirc = s[sc].get("direct")
-        for path in ("direct", "mesh", "haproxy"):
+        for path in ("direct",) + PROXY_PATHS:
             r = s[sc].get(path)
             if r is None:
                 continue
-            if path == "mesh":
-                xh = ratios[sc].get("rps_mesh_over_haproxy")
-                xd = ratios[sc].get("rps_mesh_over_direct")
-            elif path == "haproxy":
-                xh, xd = 1.0, ratios[sc].get("rps_haproxy_over_direct")
-            else:
-                xh = dirc["rps"] / hap["rps"] if hap and hap["rps"] else None
-                xd = 1.0
+            xh, xe, xd = (_x_reference(dp, sc, path, ref) for ref in ("haproxy", "envoy", "direct"))
             lat = r["latency_ms"]
             c = r["cpu_s_per_1000"]
             cpu = (f"{c['outbound']:.4f} + {c['inbound']:.4f} = {c['pair']:.4f}" if c else "-")
             rss = r["peak_rss_kib"]
             mem = f"{_mib(rss.get('outbound'))} / {_mib(rss.get('inbound'))}" if rss else "-"
             err = f" ({r['errors']} errors)" if r["errors"] else ""
-            lines.append(f"| {title} | {PATH_TITLES[path]} | {r['rps']:,.0f}{err} | {_f(xh)} | {_f(xd)} | "
+            lines.append(f"| {title} | {PATH_TITLES[path]} | {r['rps']:,.0f}{err} | {_f(xh)} | {_f(xe)} | {_f(xd)} | "
                          f"{lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} | {cpu} | {mem} |")
     return lines
+
+
+def mesh_vs_envoy(dp: dict) -> list[str]:
+    """The mesh pair over the Envoy pair per load, each ratio taken round by round, then the median."""
+    rows = []
+    for sc, title in dp["scenarios"].items():
+        r = dp["ratios"].get(sc, {})
+        if r.get("rps_mesh_over_envoy") is None:
+            continue
+        rows.append(f"| {title} | {_f(r.get('rps_mesh_over_envoy'))} | {_f(r.get('cpu_mesh_over_envoy'))} | "
+                    f"{_f(r.get('p50_mesh_over_envoy'))} | {_f(r.get('p99_mesh_over_envoy'))} | "
+                    f"{_f(r.get('hwm_mesh_over_envoy'))} |")
+    if not rows:
+        return []
+    return ["meshd / Envoy, per round then the median (above 1: meshd makes more req/s; below 1: meshd uses "
+            "less CPU per request, less latency, less peak memory):", "",
+            "| load | req/s | CPU per request (pair) | p50 | p99 | peak RSS (pair) |", "|---|---|---|---|---|---|",
+            *rows, ""]
 
 
 def _sidecar_cpu_us(dp: dict | None, sc: str = "c32") -> dict | None:
@@ -243,7 +270,7 @@ def text_report(res: dict) -> list[str]:
           f"{m['date']}; {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, kernel {m['kernel']}; "
           f"Python {m['python']} (sidecars on {m.get('node_python') or m['python']}, data path "
           f"{m.get('data_path', 'Python source')}), uvloop {m['uvloop']}, httptools {m['httptools']}, {m['openssl']}; "
-          + "; ".join(m[k] for k in ("haproxy", "nginx", "wrk") if m.get(k))
+          + "; ".join(m[k] for k in ("haproxy", "envoy", "nginx", "wrk") if m.get(k))
           + f". Code: {res.get('code', '?')}.", ""]
     if res.get("merged_from", {}).get("parts"):
         mf = res["merged_from"]
@@ -263,7 +290,7 @@ def text_report(res: dict) -> list[str]:
               f"Load: {dp['load_tool']} (one thread, closed loop, keep-alive unless noted), `Host: payments`; app: "
               f"{dp['app']} returning a fixed 100-byte body; {o['rounds']} interleaved rounds x {o['duration']:g} s "
               f"after a {o['warmup']:g} s warm-up per path; medians. Ratios are taken round by round "
-              f"(mesh vs the HAProxy and direct runs of the same round), then the median. CPU from "
+              f"(mesh vs the HAProxy, Envoy and direct runs of the same round), then the median. CPU from "
               f"/proc/<pid>/stat (utime + stime) of each proxy process; peak RSS is VmHWM, reset when each load starts "
               f"(the same processes serve the loads in turn, c1, c32, close: each peak starts from the RSS the "
               f"earlier loads left). Outbound sidecar in "
@@ -286,12 +313,21 @@ def text_report(res: dict) -> list[str]:
                   + (f"The sidecars' own metrics after the check request: {', '.join(f'`{x}`' for x in seen)}. "
                      if seen else "")
                   + "HAProxy pair: one process each, `nbthread 1`, `http-reuse always`, `verify required` "
-                  "with the mesh CA both ways, TLS 1.3 (HAProxy cannot check a SPIFFE URI SAN).", ""]
+                  "with the mesh CA both ways, TLS 1.3 (HAProxy cannot check a SPIFFE URI SAN)."
+                  + (" Envoy pair (`bench/envoy_pair.py`): one process each, `--concurrency 1`, HTTP connection "
+                     "manager + router on both listeners, TLS 1.3 only, client certificate required and both "
+                     "peers' SPIFFE URI SAN checked, Envoy's stats on (admin port), no access log, keep-alive "
+                     "upstream pools (idle timeout 1 h), circuit-breaker thresholds at 2^32-1 as Istio sets them; "
+                     "no Istio telemetry filter (not in upstream Envoy)." if "envoy" in dp.get("paths", []) else ""),
+                  ""]
+        if dp.get("envoy_skipped"):
+            L += [f"Envoy pair skipped: {dp['envoy_skipped']}.", ""]
         L += datapath_table(dp)
         L.append("")
+        L += mesh_vs_envoy(dp)
         split = []
         for sc, title in dp["scenarios"].items():
-            for path in ("mesh", "haproxy"):
+            for path in PROXY_PATHS:
                 us = dp["summary"].get(sc, {}).get(path, {}).get("cpu_user_sys_per_1000")
                 if us:
                     split.append(f"{title}, {PATH_TITLES[path]}: " + ", ".join(
@@ -411,7 +447,7 @@ def text_report(res: dict) -> list[str]:
           "connections req/s measures CPU cost per request more than anything else, and 1-connection latency "
           "depends on which CPU each process runs on. Compare paths within one run, not with other machines.",
           "- The anchor figures (docs/PERFORMANCE.md, \"Reference figures\": HAProxy pair 47k req/s at 32 "
-          "connections, p99 1.26 ms) come from a like machine; this run's HAProxy row is the like-for-like reference.",
+          "connections, p99 1.26 ms) come from a like machine; this run's HAProxy and Envoy rows are the like-for-like references.",
           "- Each run records the CPU that /proc/stat charged to tasks other than the measured ones "
           "(`unattributed` in `raw/`): kernel threads handling loopback packets, and any other load on "
           "the machine (a test suite next door). Rounds start only once the machine is quiet (within a "
@@ -424,14 +460,14 @@ def text_report(res: dict) -> list[str]:
 def write_markdown(res: dict, path: Path) -> None:
     head = ["# meshd benchmarks", "",
             "`make bench` (or `python -m bench`; `--quick` for 1 s runs, `--help` for the options) measures the",
-            "data path against HAProxy and no proxy, the cost of metrics and tracing per request, the control",
+            "data path against HAProxy, Envoy and no proxy, the cost of metrics and tracing per request, the control",
             "plane and the demo's start-up, on loopback only.",
             "Raw JSON per run: `bench/raw/` (not committed). Chart: `results.png`.", ""]
     path.write_text("\n".join(head + text_report(res)) + "\n")
 
 
 def chart(res: dict, path: Path) -> str | None:
-    """req/s and p99 of direct / mesh / HAProxy per load; None when matplotlib is missing."""
+    """req/s and p99 of direct / mesh / HAProxy / Envoy per load; None when matplotlib is missing."""
     dp = res.get("datapath")
     if not dp:
         return "no data path results"
@@ -443,8 +479,8 @@ def chart(res: dict, path: Path) -> str | None:
         return "matplotlib is not installed (pip install matplotlib, or the `bench` extra)"
     s = dp["summary"]
     scs = [sc for sc in dp["scenarios"] if sc in s]
-    paths = [p for p in ("direct", "mesh", "haproxy") if any(p in s[sc] for sc in scs)]
-    colors = {"direct": "#9e9e9e", "mesh": "#1f77b4", "haproxy": "#ff7f0e"}
+    paths = [p for p in ("direct",) + PROXY_PATHS if any(p in s[sc] for sc in scs)]
+    colors = {"direct": "#9e9e9e", "mesh": "#1f77b4", "haproxy": "#ff7f0e", "envoy": "#2ca02c"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / max(1, len(paths))
     for ax, metric, title in ((axes[0], "rps", "requests per second"), (axes[1], "p99", "p99 latency (ms)")):
@@ -464,7 +500,7 @@ def chart(res: dict, path: Path) -> str | None:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     m = res["machine"]
-    fig.suptitle(f"meshd data path vs HAProxy vs direct ({m['nproc']} vCPU, {m['date']})", fontsize=10)
+    fig.suptitle(f"meshd data path vs HAProxy vs Envoy vs direct ({m['nproc']} vCPU, {m['date']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

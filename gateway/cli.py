@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import sys
+from urllib.parse import urlsplit
 
 # meshproc.runtime imports structlog without its console extras (rich & co.): before anything else does
 from meshproc.runtime import configure_logging, run_forever, stop_signal, structlog, wants_run
@@ -12,6 +14,22 @@ from meshproc.runtime import configure_logging, run_forever, stop_signal, struct
 log = structlog.get_logger("gateway")
 
 ADMIN_PORT = 15021  # Istio's ingress gateway health port
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_routes() -> list:
+    """The namespace's IPv4 routes now (meshcore.control_address)."""
+    from meshcore.control_address import parse_proc_net_route
+
+    with open("/proc/net/route", encoding="ascii") as fh:
+        return parse_proc_net_route(fh.read())
 
 
 async def serve(control_url: str, node: str, bind: str, port: int, admin_port: int,
@@ -26,8 +44,11 @@ async def serve(control_url: str, node: str, bind: str, port: int, admin_port: i
     from gateway.jwt_auth import JwtVerifier
     from gateway.server import GATEWAY_SOURCE, start_gateway
 
+    from meshcore.limits import limits_from_env
+
     env = env or {}
     state = ProxyState(GATEWAY_SOURCE, "v1")
+    state.limits = limits_from_env(env)   # checked by main
     agent = None
     https = None
     bundle = env.get("MESH_CA_BUNDLE", "")
@@ -54,7 +75,11 @@ async def serve(control_url: str, node: str, bind: str, port: int, admin_port: i
     state.tracing.node = node
     state.tracing.collector = (collector_url(control_url),
                                agent.control_ssl_context if agent is not None else None)
-    control = ControlClient(control_url, "gateway", node, "", apply=state.apply_snapshot, agent=agent)
+    # A control host given as a name (on Swarm, the control service) is resolved and checked against
+    # this namespace's routes, as a sidecar does; the address meshd gives on one host is dialled as is.
+    routes = None if _is_address(urlsplit(control_url).hostname or "") else _read_routes
+    control = ControlClient(control_url, "gateway", node, "", apply=state.apply_snapshot, agent=agent,
+                            routes=routes)
     server = await start_gateway(state, bind, port, jwt=jwt)
     https_port = int(env.get("MESH_GATEWAY_HTTPS_PORT", "8443"))
     https_server = await start_gateway(state, bind, https_port, ssl_context=https, jwt=jwt) if https else None
@@ -85,6 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     port_raw = env.get("MESH_GATEWAY_PORT", "8080")
     if not port_raw.isdigit() or not 0 < int(port_raw) < 65536:
         log.error("gateway_config_invalid", error=f"MESH_GATEWAY_PORT: {port_raw!r} is not a port number")
+        sys.exit(2)
+    from meshcore.limits import LimitError, limits_from_env
+    try:
+        limits_from_env(env)
+    except LimitError as exc:
+        log.error("gateway_config_invalid", error=str(exc))
         sys.exit(2)
     run_forever(lambda: serve(env.get("MESH_CONTROL_URL", "wss://127.0.0.1:15012/v1/stream"),
                               env.get("MESH_NODE", "gateway"), env.get("MESH_GATEWAY_BIND", "0.0.0.0"),

@@ -40,6 +40,11 @@ def route_by_gateway(down, ex: Exchange) -> Cluster | Reply:
         return Reply(404, FLAG_NO_ROUTE, body, b"application/json")
     cluster, route, upstream_path = found
     ex.route = route   # the JWT layer reads its auth settings
+    max_body = down.listener.max_body
+    if max_body and ex.body and declared_length(ex.lines) > max_body:   # limits: MESH_GATEWAY_MAX_BODY
+        body = json.dumps({"error": "request body too large", "limit": max_body}).encode() + b"\n"
+        ex.keep_alive = False   # answered and closed, not read to its end
+        return Reply(413, "-", body, b"application/json")
     fields = HeaderLines(ex.lines)
     if fields.any_name(_is_claim):
         ex.lines = fields.without(_is_claim)   # a client never sets claims headers
@@ -56,6 +61,13 @@ def route_by_gateway(down, ex: Exchange) -> Cluster | Reply:
 
 def _is_claim(name: bytes) -> bool:
     return name.startswith(_CLAIM_PREFIX)
+
+
+def declared_length(lines: list) -> int:
+    """The request's Content-Length (0 when it has none: chunked bodies are counted as they come)."""
+    value = HeaderLines(lines).get(b"content-length")
+    value = value.strip() if value is not None else b""
+    return int(value) if value.isdigit() else 0
 
 
 class CheckJwt(Layer):

@@ -10,12 +10,13 @@ service and applies the overrides through its normal snapshot path.
   ejects a lone instance after two errors in a row, an outage where retries had kept checkouts
   going), meshd tightens its outlier detection (TIGHT_OVERRIDES); when the rate then stays below the
   threshold for `recovery_s` (default 60 s) it relaxes back to the service's own labels.
-  TIGHT_OVERRIDES (only ever tighter than the service's labels, see `merge_policy_overrides`):
-    mesh.outlier.consecutive-5xx       5  -> 2    eject a failing endpoint after 2 errors in a row
-    mesh.outlier.base-ejection         30s -> 10s  but for a shorter time: with the eager threshold a
-                                                   healthy endpoint that was unlucky comes back soon
-    mesh.outlier.max-ejection-percent  10% -> 50%  let up to half of the endpoints be ejected (a bad
-                                                   canary version is often that half)
+  TIGHT_OVERRIDES, typed fields of the policy's `outlier` section (only ever tighter than the
+  service's labels, see `tighten_policy`):
+    consecutive_5xx       5  -> 2    eject a failing endpoint after 2 errors in a row
+    base_ejection_s       30 -> 10   but for a shorter time: with the eager threshold a healthy
+                                     endpoint that was unlucky comes back soon
+    max_ejection_percent  10 -> 50   let up to half of the endpoints be ejected (a bad canary
+                                     version is often that half)
   A mechanism the service's labels turned off (consecutive-5xx=off) stays off. Circuit-breaker limits
   are not touched: meshd cannot know a service's capacity.
 """
@@ -23,16 +24,23 @@ service and applies the overrides through its normal snapshot path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
-from .durations import parse_duration
 from .flowstats import Stats, fmt_pct
+from .policy import TrafficPolicy
 
-TIGHT_OVERRIDES: dict[str, str] = {
-    "mesh.outlier.consecutive-5xx": "2",
-    "mesh.outlier.base-ejection": "10s",
-    "mesh.outlier.max-ejection-percent": "50%",
-}
+
+@dataclass(frozen=True)
+class OutlierOverrides:
+    """Outlier-detection values the control loop lays over a service's policy, never loosening it."""
+
+    consecutive_5xx: int          # eject after this many errors in a row (at most: a lower label wins)
+    base_ejection_s: float        # at most this base ejection time
+    max_ejection_percent: float   # at least this share of endpoints may be ejected
+
+
+TIGHT_OVERRIDES = OutlierOverrides(consecutive_5xx=2, base_ejection_s=10.0, max_ejection_percent=50.0)
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,7 @@ class AdaptiveState:
 @dataclass(frozen=True)
 class AdaptiveAction:
     kind: str                                 # "tighten" | "relax"
-    overrides: dict[str, str] | None          # the labels to lay over the service's (None: none)
+    overrides: OutlierOverrides | None        # what to lay over the service's policy (None: nothing)
 
 
 def decide_adaptive_policy(state: AdaptiveState, window: Stats, now: float,
@@ -95,9 +103,10 @@ def decide_adaptive_policy(state: AdaptiveState, window: Stats, now: float,
             return state, None, (f"{figures} >= {fmt_pct(cfg.threshold)}, but too few requests to be sure: "
                                  f"at least {fmt_pct(low)} (95% Wilson bound)")
         return (AdaptiveState(mode="tight", changed_at=now),
-                AdaptiveAction("tighten", dict(TIGHT_OVERRIDES)),
+                AdaptiveAction("tighten", TIGHT_OVERRIDES),
                 f"{figures} >= {fmt_pct(cfg.threshold)} (at least {fmt_pct(low)}, 95% Wilson bound): "
-                f"tightening outlier detection ({', '.join(f'{k}={v}' for k, v in TIGHT_OVERRIDES.items())})")
+                f"tightening outlier detection "
+                f"({', '.join(f'{k}={v:g}' for k, v in asdict(TIGHT_OVERRIDES).items())})")
     if bad:
         return replace(state, below_since=None), None, f"{figures} still >= {fmt_pct(cfg.threshold)}: staying tight"
     since = state.below_since if state.below_since is not None else now
@@ -108,38 +117,37 @@ def decide_adaptive_policy(state: AdaptiveState, window: Stats, now: float,
             f"{figures} below {fmt_pct(cfg.threshold)} for {now - since:.0f} s; relax after {cfg.recovery_s:.0f} s")
 
 
-def merge_policy_overrides(labels: dict[str, str], overrides: dict[str, str] | None) -> dict[str, str]:
-    """A service's policy labels with adaptive overrides laid over them, never loosening them.
+def tighten_policy(policy: TrafficPolicy, overrides: OutlierOverrides | None) -> TrafficPolicy:
+    """`policy` with adaptive overrides laid over its outlier section, never loosening it.
 
-    consecutive-5xx and base-ejection take the smaller, max-ejection-percent the larger; a mechanism
-    the labels turned off stays off; labels that do not decode are returned unchanged.
+    consecutive_5xx and base ejection take the smaller, max ejection percent the larger; a mechanism
+    the labels turned off stays off; `policy` itself when nothing changes.
     """
-    from .labels import LabelDecodeError
-    from .policy import decode_traffic_policy
+    if overrides is None:
+        return policy
+    mine = policy.outlier
+    tight = replace(
+        mine,
+        consecutive_5xx=(None if mine.consecutive_5xx is None
+                         else min(mine.consecutive_5xx, overrides.consecutive_5xx)),
+        base_ejection=min(mine.base_ejection, overrides.base_ejection_s),
+        max_ejection_percent=max(mine.max_ejection_percent, overrides.max_ejection_percent))
+    return policy if tight == mine else replace(policy, outlier=tight)
 
-    if not overrides:
-        return dict(labels)
-    try:
-        mine = decode_traffic_policy(labels).outlier
-    except (LabelDecodeError, ValueError):
-        return dict(labels)
-    out = dict(labels)
-    for key, value in overrides.items():
-        try:
-            if key == "mesh.outlier.consecutive-5xx":
-                if mine.consecutive_5xx is None or int(value) >= mine.consecutive_5xx:
-                    continue
-            elif key == "mesh.outlier.base-ejection":
-                if parse_duration(value) >= mine.base_ejection:
-                    continue
-            elif key == "mesh.outlier.max-ejection-percent":
-                if float(value.rstrip("%")) <= mine.max_ejection_percent:
-                    continue
-        except ValueError:
-            continue
-        out[key] = value
-    try:
-        decode_traffic_policy(out)
-    except (LabelDecodeError, ValueError):
-        return dict(labels)
-    return out
+
+def encode_overrides(overrides: OutlierOverrides) -> dict[str, Any]:
+    """The JSON form of overrides (meshd's store, admin API and events)."""
+    return asdict(overrides)
+
+
+def decode_overrides(raw: Any) -> OutlierOverrides | None:
+    """Overrides from their JSON form; None for anything else (an older meshd's label strings)."""
+    if not isinstance(raw, dict) or set(raw) != {"consecutive_5xx", "base_ejection_s", "max_ejection_percent"}:
+        return None
+    c5, base, pct = raw["consecutive_5xx"], raw["base_ejection_s"], raw["max_ejection_percent"]
+    numbers = (c5, base, pct)
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in numbers):
+        return None
+    if not isinstance(c5, int) or c5 < 1 or base <= 0 or not 0 <= pct <= 100:
+        return None
+    return OutlierOverrides(consecutive_5xx=c5, base_ejection_s=float(base), max_ejection_percent=float(pct))

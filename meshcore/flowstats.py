@@ -103,40 +103,61 @@ def _accs_of(delta: Scrape) -> dict[FlowKey, Acc]:
 
 
 class Window:
-    """Deltas of every node in time slots; bounded by `horizon_s / resolution_s` slots and `max_keys`."""
+    """Deltas of every node in time slots, bounded by the horizon and `max_keys`: slots of
+    `resolution_s` for the last `fine_s`, merged into slots of `coarse_s` beyond (older data needs
+    less detail, and the window's memory stops growing well before the horizon is full). With the
+    defaults a query over the last 60 s or less is exact: coarse slots all end before it begins."""
 
-    def __init__(self, horizon_s: float = 300.0, resolution_s: float = 2.0, max_keys: int = 5000):
+    def __init__(self, horizon_s: float = 300.0, resolution_s: float = 2.0, max_keys: int = 5000,
+                 fine_s: float = 70.0, coarse_s: float = 10.0):
         self.horizon_s = horizon_s
         self.resolution_s = resolution_s
         self.max_keys = max_keys
-        self.slots: deque[tuple[float, dict[FlowKey, Acc], dict[tuple[str, str], float]]] = deque()  # (end, ...)
+        self.fine_s = fine_s
+        self.coarse_s = max(coarse_s, resolution_s)
+        # (end, flows, ejections), oldest first; `coarse` holds everything older than `fine`'s.
+        self.coarse: deque[tuple[float, dict[FlowKey, Acc], dict[tuple[str, str], float]]] = deque()
+        self.fine: deque[tuple[float, dict[FlowKey, Acc], dict[tuple[str, str], float]]] = deque()
         self.covered_from: float | None = None  # the start of the oldest interval still in the window
+
+    @property
+    def slots(self) -> list[tuple[float, dict[FlowKey, Acc], dict[tuple[str, str], float]]]:
+        """Every slot, oldest first."""
+        return [*self.coarse, *self.fine]
+
+    def _merge_into(self, slots: deque, end: float, accs: dict, ejections: dict) -> None:
+        if not slots or slots[-1][0] != end:
+            slots.append((end, {}, {}))
+        _, mine_accs, mine_ej = slots[-1]
+        for key, acc in accs.items():
+            mine = mine_accs.get(key)
+            if mine is None:
+                if len(mine_accs) >= self.max_keys:
+                    continue
+                mine = mine_accs[key] = Acc()
+            mine.add(acc)
+        for key, n in ejections.items():
+            mine_ej[key] = mine_ej.get(key, 0.0) + n
 
     def add(self, now: float, delta: Scrape, since: float | None = None) -> None:
         """Merge the increase seen at `now` (over the interval starting at `since`)."""
         self.evict(now)
         # A slot is named by its end: an increase seen at `now` happened in the slot ending at or after it.
         end = math.ceil(now / self.resolution_s) * self.resolution_s
-        if not self.slots or self.slots[-1][0] != end:
-            self.slots.append((end, {}, {}))
-        _, accs, ejections = self.slots[-1]
-        for key, acc in _accs_of(delta).items():
-            mine = accs.get(key)
-            if mine is None:
-                if len(accs) >= self.max_keys:
-                    continue
-                mine = accs[key] = Acc()
-            mine.add(acc)
-        for key, n in delta.ejections.items():
-            ejections[key] = ejections.get(key, 0.0) + n
+        self._merge_into(self.fine, end, _accs_of(delta), delta.ejections)
         begin = since if since is not None else now
         if self.covered_from is None or begin < self.covered_from:
             self.covered_from = begin
 
     def evict(self, now: float) -> None:
-        """Drop slots older than the horizon."""
-        while self.slots and self.slots[0][0] <= now - self.horizon_s:
-            self.slots.popleft()
+        """Drop slots older than the horizon; merge fine slots older than `fine_s` into coarse ones."""
+        while self.fine and self.fine[0][0] <= now - self.fine_s:
+            end, accs, ejections = self.fine.popleft()
+            self._merge_into(self.coarse, math.ceil(end / self.coarse_s) * self.coarse_s, accs, ejections)
+        while self.coarse and self.coarse[0][0] <= now - self.horizon_s:
+            self.coarse.popleft()
+        while self.fine and self.fine[0][0] <= now - self.horizon_s:
+            self.fine.popleft()
         if self.covered_from is not None and self.covered_from < now - self.horizon_s:
             self.covered_from = now - self.horizon_s
 
@@ -148,28 +169,31 @@ class Window:
         return max(self.resolution_s, min(span_s, now - self.covered_from))
 
     def select(self, now: float, span_s: float) -> dict[FlowKey, Acc]:
-        """Every flow's increase over the last `span_s` seconds (fresh objects)."""
+        """Every flow's increase over the last `span_s` seconds (fresh objects); beyond `fine_s`
+        to the nearest `coarse_s`."""
         cutoff = now - min(span_s, self.horizon_s)
         out: dict[FlowKey, Acc] = {}
-        for end, accs, _ in self.slots:
-            if end <= cutoff:
-                continue
-            for key, acc in accs.items():
-                mine = out.get(key)
-                if mine is None:
-                    mine = out[key] = Acc()
-                mine.add(acc)
+        for slots in (self.coarse, self.fine):
+            for end, accs, _ in slots:
+                if end <= cutoff:
+                    continue
+                for key, acc in accs.items():
+                    mine = out.get(key)
+                    if mine is None:
+                        mine = out[key] = Acc()
+                    mine.add(acc)
         return out
 
     def ejections(self, now: float, span_s: float) -> dict[tuple[str, str], float]:
         """Outlier ejections over the last `span_s` seconds by (service, version)."""
         cutoff = now - min(span_s, self.horizon_s)
         out: dict[tuple[str, str], float] = {}
-        for end, _, ej in self.slots:
-            if end <= cutoff:
-                continue
-            for key, n in ej.items():
-                out[key] = out.get(key, 0.0) + n
+        for slots in (self.coarse, self.fine):
+            for end, _, ej in slots:
+                if end <= cutoff:
+                    continue
+                for key, n in ej.items():
+                    out[key] = out.get(key, 0.0) + n
         return out
 
 

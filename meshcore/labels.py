@@ -31,6 +31,8 @@ KNOWN_LABELS = frozenset({
     "mesh.mtls", "mesh.allow", "mesh.gateway.auth", "mesh.gateway.jwt.issuer", "mesh.gateway.jwt.audience",
     # start-up ordering: the app is paused from its start until its sidecar is ready (meshd.hold)
     "mesh.hold",
+    # egress control: external hosts and ports this service may call in registry-only mode (meshcore.egress)
+    "mesh.egress",
 })
 MTLS_MODES = ("strict", "permissive")
 GATEWAY_AUTH = ("none", "jwt")
@@ -90,6 +92,7 @@ class MeshSpec:
     mtls: str = "strict"                    # mesh.mtls: strict | permissive (inbound)
     allow: tuple[str, ...] | None = None    # mesh.allow: callers allowed (None: label absent)
     hold: bool = True                       # mesh.hold: paused from start until the sidecar is ready
+    egress: tuple[str, ...] | None = None   # mesh.egress: allowed external host:port entries (canonical)
 
 
 @dataclass(frozen=True)
@@ -251,8 +254,21 @@ def decode_labels(info: ContainerInfo) -> MeshSpec:
         except PolicyError as exc:
             raise LabelDecodeError("mesh.allow", str(exc).removeprefix("mesh.allow: ")) from None
     hold = decode_bool("mesh.hold", labels.get("mesh.hold", "true"))
+    egress = decode_egress_label(labels)
     return MeshSpec(service=service, namespace=namespace, port=port, version=version,
-                    protocol=protocol, capture=capture, gateway=gateway, mtls=mtls, allow=allow, hold=hold)
+                    protocol=protocol, capture=capture, gateway=gateway, mtls=mtls, allow=allow, hold=hold,
+                    egress=egress)
+
+
+def decode_egress_label(labels: dict[str, str]) -> tuple[str, ...] | None:
+    """The canonical entries of `mesh.egress` (None: no label); LabelDecodeError names the bad item."""
+    if "mesh.egress" not in labels:
+        return None
+    from .egress import EgressError, decode_egress_list
+    try:
+        return tuple(str(rule) for rule in decode_egress_list(labels["mesh.egress"]))
+    except EgressError as exc:
+        raise LabelDecodeError("mesh.egress", str(exc)) from None
 
 
 def wants_hold(labels: dict[str, str]) -> bool:

@@ -91,6 +91,10 @@ class Registry:
         self._names |= names
         self._collectors.append(collector)
 
+    def collectors(self) -> list[Any]:
+        """The collectors, in registration order."""
+        return list(self._collectors)
+
     def collect(self) -> Iterator[MetricFamily]:
         """Every family of every collector, as of now."""
         for collector in list(self._collectors):
@@ -258,10 +262,10 @@ def _escape_label_value(v: str) -> str:
     return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-def render(registry: Registry) -> bytes:
-    """The registry in the Prometheus text format (CONTENT_TYPE), labels sorted by name, UTF-8."""
+def render_families(families: Iterable[MetricFamily]) -> str:
+    """Families in the Prometheus text format (CONTENT_TYPE), labels sorted by name."""
     out = []
-    for family in registry.collect():
+    for family in families:
         name = family.name + "_total" if family.type == "counter" else family.name
         doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {name} {doc}\n# TYPE {name} {family.type}\n")
@@ -269,4 +273,14 @@ def render(registry: Registry) -> bytes:
             labels = ",".join(f'{k}="{_escape_label_value(v)}"' for k, v in sorted(s.labels.items()))
             out.append(f"{s.name}{{{labels}}} {format_value(s.value)}\n" if labels
                        else f"{s.name} {format_value(s.value)}\n")
+    return "".join(out)
+
+
+def render(registry: Registry) -> bytes:
+    """The registry in the Prometheus text format (CONTENT_TYPE), UTF-8. A collector with an
+    `exposition()` method renders itself (it may cache its text while nothing changed)."""
+    out = []
+    for collector in registry.collectors():
+        own = getattr(collector, "exposition", None)
+        out.append(own() if own is not None else render_families(collector.collect()))
     return "".join(out).encode("utf-8")

@@ -2,8 +2,9 @@
 
 The labels live on the destination service's containers; every caller's sidecar applies them when it
 sends requests to that service (Istio's DestinationRule + VirtualService retries/timeouts, in labels).
-Decoding happens once per snapshot, never per request: the result is a tree of frozen dataclasses
-whose fields the data path reads as plain attributes.
+Decoding happens once, in meshd's snapshot build, never on a node: the result is a tree of frozen
+dataclasses that the snapshot carries as typed fields (meshcore.policy_wire) and whose fields the
+data path reads as plain attributes.
 
 `POLICY_LABELS` lists every label with its default and meaning (the README prints it).
 """

@@ -28,10 +28,13 @@ DURATION = "istio_request_duration_milliseconds"
 # Labels used: destination_service (or cluster_name), destination_version when present.
 EJECTION_METRICS = ("mesh_outlier_ejections_total", "mesh_sidecar_outlier_ejections_total",
                     "envoy_cluster_outlier_detection_ejections_enforced_total")
+# Calls a sidecar's registry-only egress control blocked (sidecar.egress), by source_workload and
+# destination (host:port): meshd raises `egress_blocked` events when they grow.
+EGRESS_BLOCKED_METRIC = "mesh_sidecar_egress_blocked_total"
 # The node process's start (wall clock, s): a node born after meshd began counted nothing from before
 # meshd, so its first scrape is counted whole instead of being a baseline.
 START_TIME = NODE_START_TIME_METRIC
-_WANTED_PREFIXES = (REQUESTS_TOTAL, DURATION, START_TIME) + EJECTION_METRICS
+_WANTED_PREFIXES = (REQUESTS_TOTAL, DURATION, START_TIME, EGRESS_BLOCKED_METRIC) + EJECTION_METRICS
 UNKNOWN = "unknown"
 INF = math.inf
 
@@ -120,9 +123,10 @@ class Scrape:
     hists: dict[FlowKey, Hist] = field(default_factory=dict)
     ejections: dict[tuple[str, str], float] = field(default_factory=dict)  # (service, version) -> n
     started: float | None = None   # the node's START_TIME, when it exposes one
+    egress_blocked: dict[tuple[str, str], float] = field(default_factory=dict)  # (source, destination) -> n
 
     def empty(self) -> bool:
-        return not self.requests and not self.hists and not self.ejections
+        return not self.requests and not self.hists and not self.ejections and not self.egress_blocked
 
 
 def _flow(labels: dict[str, str]) -> FlowKey:
@@ -173,9 +177,16 @@ def parse_scrape(text: str, max_keys: int = MAX_KEYS) -> Scrape:
         elif name in EJECTION_METRICS:
             svc = labels.get("destination_service") or _cluster_service(labels.get("cluster_name", ""))
             key2 = (svc or UNKNOWN, labels.get("destination_version") or "")
-            if key2 in out.ejections or len(out.ejections) < max_keys:
-                out.ejections[key2] = out.ejections.get(key2, 0.0) + value
+            _add_capped(out.ejections, key2, value, max_keys)
+        elif name == EGRESS_BLOCKED_METRIC:
+            key2 = (labels.get("source_workload") or UNKNOWN, labels.get("destination") or UNKNOWN)
+            _add_capped(out.egress_blocked, key2, value, max_keys)
     return out
+
+
+def _add_capped(counts: dict, key, value: float, max_keys: int) -> None:
+    if key in counts or len(counts) < max_keys:
+        counts[key] = counts.get(key, 0.0) + value
 
 
 def _cluster_service(cluster: str) -> str:
@@ -210,9 +221,11 @@ def scrape_delta(prev: Scrape | None, cur: Scrape, watched_since: float | None =
                 continue
             d = Hist(buckets=dict(hist.buckets), sum=hist.sum, count=hist.count)
         out.hists[key] = d
-    for key, value in cur.ejections.items():
-        before = prev.ejections.get(key, 0.0)
-        d = value - before if value >= before else value
-        if d > 0:
-            out.ejections[key] = d
+    for mine, theirs, into in ((cur.ejections, prev.ejections, out.ejections),
+                               (cur.egress_blocked, prev.egress_blocked, out.egress_blocked)):
+        for key, value in mine.items():
+            before = theirs.get(key, 0.0)
+            d = value - before if value >= before else value
+            if d > 0:
+                into[key] = d
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -11,12 +12,14 @@ from .labels import (
     is_mesh_enabled, is_mesh_owned, spiffe_id, COMPOSE_SERVICE,
 )
 from .labels import MTLS_MODES
-from .policy import decode_traffic_policy, policy_labels
+from .policy import DEFAULT_POLICY as DEFAULT_TRAFFIC_POLICY, TrafficPolicy, decode_traffic_policy, policy_labels
+from .policy_wire import PolicyWireError, decode_policy_wire, encode_policy_wire, policy_difference
 from .routing_rules import ServiceRules, decode_rules, encode_rules
+from .egress import EGRESS_ALLOW_ANY, EgressError, decode_egress_list, decode_egress_mode
 from .telemetry_settings import SettingsError, TelemetrySettings, decode_settings, encode_settings
 
 INBOUND_PORT = 15006  # the sidecar's inbound listener, Istio's number
-SNAPSHOT_SCHEMA = 1
+SNAPSHOT_SCHEMA = 2  # 2: services' traffic policy as typed fields (1: as mesh.* label strings)
 
 
 class SnapshotError(ValueError):
@@ -57,10 +60,11 @@ class ServiceConfig:
     port: int                       # the app's own port, what callers dial
     identity: str
     aliases: tuple[str, ...] = ()   # compose service names that also mean this service
-    policy: tuple[tuple[str, str], ...] = ()  # the service's traffic-policy labels, sorted
+    policy: TrafficPolicy = DEFAULT_TRAFFIC_POLICY  # decoded once from the labels by meshd
     rules: ServiceRules | None = None         # live rules set by meshctl (split, route, fault...)
     mtls: str = "strict"                      # mesh.mtls of the service's inbound
     allow: tuple[str, ...] | None = None      # mesh.allow: callers allowed (None: no label)
+    egress: tuple[str, ...] | None = None     # mesh.egress: external host:port allowed (meshcore.egress)
 
 
 @dataclass(frozen=True)
@@ -78,11 +82,13 @@ class GatewayRoute:
 
 @dataclass(frozen=True)
 class Workload:
-    """One meshed container as meshd sees it: its spec, or the label error that keeps it out."""
+    """One meshed container as meshd sees it: its spec and traffic policy, or the label error that
+    keeps it out."""
 
     container: ContainerInfo
     spec: MeshSpec | None
     error: LabelError | None
+    policy: TrafficPolicy | None = None   # decoded from its labels; None with an error
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class MeshConfig:
     gateway_routes: tuple[GatewayRoute, ...] = ()
     policies: Policy = DEFAULT_POLICY    # authorization (meshcore.authz), decided by inbound sidecars
     telemetry: TelemetrySettings = TelemetrySettings()  # tracing and access logs
+    egress_mode: str = EGRESS_ALLOW_ANY  # mesh-wide egress control (meshcore.egress, MESH_EGRESS)
 
 
 @dataclass(frozen=True)
@@ -111,20 +118,22 @@ def build_workloads(containers: Iterable[ContainerInfo]) -> list[Workload]:
         if is_mesh_owned(info.labels) or not is_mesh_enabled(info.labels):
             continue
         decoded = decode_container(info)
+        policy = None
         if not isinstance(decoded, LabelError):
             try:
-                decode_traffic_policy(info.labels)
+                # The one place a traffic policy is read from labels: nodes get it typed.
+                policy = decode_traffic_policy(policy_labels(info.labels))
             except LabelDecodeError as exc:
                 decoded = LabelError(container=info.name.lstrip("/"), label=exc.label, message=exc.message)
         if isinstance(decoded, LabelError):
             out.append(Workload(container=info, spec=None, error=decoded))
         else:
-            out.append(Workload(container=info, spec=decoded, error=None))
+            out.append(Workload(container=info, spec=decoded, error=None, policy=policy))
     return out
 
 
 def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str,
-              policy: tuple[tuple[str, str], ...]) -> LabelError | None:
+              policy: TrafficPolicy) -> LabelError | None:
     if spec.namespace != first.namespace:
         # One identity per service name: instances of two projects would fail each other's SPIFFE
         # checks. Mesh service names are host-wide until namespaces are part of the routing.
@@ -144,11 +153,15 @@ def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str,
         return LabelError(label_container, "mesh.allow",
                           f"{','.join(spec.allow or ()) or 'none'!r} differs from "
                           f"{','.join(first.allow or ()) or 'none'!r} of other {spec.service} instances")
-    if policy != first.policy:
-        mine, theirs = dict(policy), dict(first.policy)
-        label = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))[0]
+    if spec.egress != first.egress:
+        return LabelError(label_container, "mesh.egress",
+                          f"{','.join(spec.egress or ()) or 'none'!r} differs from "
+                          f"{','.join(first.egress or ()) or 'none'!r} of other {spec.service} instances")
+    difference = policy_difference(policy, first.policy)
+    if difference is not None:
+        path, label, mine, theirs = difference
         return LabelError(label_container, label,
-                          f"{mine.get(label)!r} differs from {theirs.get(label)!r} of other "
+                          f"{path} {json.dumps(mine)} differs from {json.dumps(theirs)} of other "
                           f"{spec.service} instances (traffic policy is per service)")
     return None
 
@@ -156,7 +169,8 @@ def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str,
 def build_config(workloads: Iterable[Workload], announcements: Iterable[Announcement],
                  trust_domain: str, rules: dict[str, ServiceRules] | None = None,
                  policies: Policy | None = None,
-                 telemetry: TelemetrySettings | None = None) -> tuple[MeshConfig, list[LabelError]]:
+                 telemetry: TelemetrySettings | None = None,
+                 egress_mode: str = EGRESS_ALLOW_ANY) -> tuple[MeshConfig, list[LabelError]]:
     """Join decoded workloads with mDNS announcements into one MeshConfig, plus the errors found."""
     errors: list[LabelError] = []
     services: dict[str, ServiceConfig] = {}
@@ -172,7 +186,7 @@ def build_config(workloads: Iterable[Workload], announcements: Iterable[Announce
         spec = wl.spec
         assert spec is not None
         name = wl.container.name.lstrip("/")
-        policy = tuple(sorted(policy_labels(wl.container.labels).items()))
+        policy = wl.policy if wl.policy is not None else DEFAULT_TRAFFIC_POLICY
         first = services.get(spec.service)
         if first is not None:
             problem = _conflict(spec, first, name, policy)
@@ -183,7 +197,7 @@ def build_config(workloads: Iterable[Workload], announcements: Iterable[Announce
             services[spec.service] = ServiceConfig(
                 name=spec.service, namespace=spec.namespace, protocol=spec.protocol, port=spec.port,
                 identity=spiffe_id(trust_domain, spec.namespace, spec.service), policy=policy,
-                rules=(rules or {}).get(spec.service), mtls=spec.mtls, allow=spec.allow)
+                rules=(rules or {}).get(spec.service), mtls=spec.mtls, allow=spec.allow, egress=spec.egress)
         compose_service = wl.container.labels.get(COMPOSE_SERVICE)
         if compose_service and compose_service != spec.service:
             aliases.setdefault(spec.service, set()).add(compose_service)
@@ -218,7 +232,7 @@ def build_config(workloads: Iterable[Workload], announcements: Iterable[Announce
     ordered_routes = tuple(sorted(routes.values(), key=_route_order))
     return MeshConfig(services=dict(sorted(services.items())), endpoints=ordered,
                       gateway_routes=ordered_routes, policies=policies or DEFAULT_POLICY,
-                      telemetry=telemetry or TelemetrySettings()), errors
+                      telemetry=telemetry or TelemetrySettings(), egress_mode=egress_mode), errors
 
 
 def _route_order(route: GatewayRoute) -> tuple:
@@ -262,9 +276,11 @@ def encode_snapshot(snapshot: Snapshot) -> dict[str, Any]:
         "schema": SNAPSHOT_SCHEMA,
         "version": snapshot.version,
         "services": {n: {"namespace": s.namespace, "protocol": s.protocol, "port": s.port,
-                         "identity": s.identity, "aliases": list(s.aliases), "policy": dict(s.policy),
+                         "identity": s.identity, "aliases": list(s.aliases),
+                         "policy": encode_policy_wire(s.policy),
                          "rules": encode_rules(s.rules) if s.rules else None,
-                         "mtls": s.mtls, "allow": list(s.allow) if s.allow is not None else None}
+                         "mtls": s.mtls, "allow": list(s.allow) if s.allow is not None else None,
+                         "egress": list(s.egress) if s.egress is not None else None}
                      for n, s in cfg.services.items()},
         "endpoints": {n: [{"instance": e.instance, "address": e.address, "port": e.port,
                            "version": e.version, "identity": e.identity} for e in eps]
@@ -274,6 +290,7 @@ def encode_snapshot(snapshot: Snapshot) -> dict[str, Any]:
                             "jwt_audience": r.jwt_audience} for r in cfg.gateway_routes],
         "policies": encode_policy(cfg.policies),
         "telemetry": encode_settings(cfg.telemetry),
+        "egress_mode": cfg.egress_mode,
     }
 
 
@@ -292,7 +309,8 @@ def decode_snapshot(data: Any) -> Snapshot:
         raise SnapshotError("snapshot: expected an object")
     schema = _field(data, "schema", int, "snapshot")
     if schema != SNAPSHOT_SCHEMA:
-        raise SnapshotError(f"snapshot.schema: {schema} is not supported (want {SNAPSHOT_SCHEMA})")
+        raise SnapshotError(f"snapshot.schema: {schema} is not supported (want {SNAPSHOT_SCHEMA}; "
+                            "meshd is of another build)")
     version = _field(data, "version", int, "snapshot")
     services = {}
     for name, raw in _field(data, "services", dict, "snapshot").items():
@@ -303,14 +321,12 @@ def decode_snapshot(data: Any) -> Snapshot:
         aliases = _field(raw, "aliases", list, where)
         if not all(isinstance(alias, str) for alias in aliases):
             raise SnapshotError(f"{where}.aliases: expected a list of strings")
-        policy = raw.get("policy") or {}
-        if not isinstance(policy, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in policy.items()):
-            raise SnapshotError(f"{where}.policy: expected an object of strings")
+        if "policy" not in raw:
+            raise SnapshotError(f"{where}.policy: missing")
         try:
-            decode_traffic_policy(policy)
-        except LabelDecodeError as exc:
-            raise SnapshotError(f"{where}.policy: {exc}") from None
+            policy = decode_policy_wire(raw["policy"], f"{where}.policy")
+        except PolicyWireError as exc:
+            raise SnapshotError(str(exc)) from None
         raw_rules = raw.get("rules")
         try:
             rules = decode_rules(raw_rules) if raw_rules is not None else None
@@ -324,10 +340,11 @@ def decode_snapshot(data: Any) -> Snapshot:
             if not isinstance(allow, list) or not all(isinstance(a, str) and a for a in allow):
                 raise SnapshotError(f"{where}.allow: expected a list of service names or null")
             allow = tuple(allow)
+        egress = _decode_egress(raw.get("egress"), where)
         services[name] = ServiceConfig(
             name=name, namespace=_field(raw, "namespace", str, where), protocol=protocol,
             port=_field(raw, "port", int, where), identity=_field(raw, "identity", str, where),
-            aliases=tuple(aliases), policy=tuple(sorted(policy.items())), rules=rules, mtls=mtls, allow=allow)
+            aliases=tuple(aliases), policy=policy, rules=rules, mtls=mtls, allow=allow, egress=egress)
     endpoints = {}
     for name, raw_eps in _field(data, "endpoints", dict, "snapshot").items():
         if name not in services:
@@ -374,6 +391,22 @@ def decode_snapshot(data: Any) -> Snapshot:
             telemetry = decode_settings(data["telemetry"])
         except SettingsError as exc:
             raise SnapshotError(f"telemetry.{exc}") from None
+    try:
+        egress_mode = decode_egress_mode(data.get("egress_mode", EGRESS_ALLOW_ANY))
+    except EgressError as exc:
+        raise SnapshotError(f"snapshot.egress_mode: {exc}") from None
     return Snapshot(version=version, config=MeshConfig(services=services, endpoints=endpoints,
                                                        gateway_routes=tuple(routes), policies=policies,
-                                                       telemetry=telemetry))
+                                                       telemetry=telemetry, egress_mode=egress_mode))
+
+
+def _decode_egress(raw: Any, where: str) -> tuple[str, ...] | None:
+    """A service's `egress` entries on the wire (null: no mesh.egress label), checked and canonical."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        raise SnapshotError(f"{where}.egress: expected a list of host:port strings or null")
+    try:
+        return tuple(str(rule) for rule in decode_egress_list(",".join(raw)))
+    except EgressError as exc:
+        raise SnapshotError(f"{where}.egress: {exc}") from None

@@ -28,9 +28,18 @@ def analyze(
     project: Optional[str] = typer.Option(
         None, "--project", "-p", help="compose project name (default: top-level name: or the file's directory)"),
     trust_domain: str = typer.Option("mesh.local", "--trust-domain", help="SPIFFE trust domain"),
+    egress: str = typer.Option("allow-any", "--egress", envvar="MESH_EGRESS",
+                               help="meshd's egress mode (MESH_EGRESS): allow-any or registry-only"),
 ) -> None:
     """Check the mesh labels of every `mesh.enable` service of a compose file, without running anything."""
+    from meshcore.egress import EgressError, decode_egress_mode, egress_findings
     from meshcore.labels import LABEL_PREFIX, is_mesh_enabled
+
+    try:
+        egress_mode = decode_egress_mode(egress)
+    except EgressError as exc:
+        typer.echo(f"error: --egress: {exc}", err=True)
+        raise typer.Exit(2)
 
     try:
         doc = read_compose_file(file)
@@ -77,3 +86,9 @@ def analyze(
             typer.echo(f"    {where} -> {route.service}{strip}")
     else:
         typer.echo("  gateway routes: none")
+    typer.echo(f"  egress: {egress_mode}")
+    for name, svc in config.services.items():
+        if svc.egress:
+            typer.echo(f"    {name} may call {', '.join(svc.egress)}")
+    for finding in egress_findings(egress_mode, {n: s.egress for n, s in config.services.items()}):
+        typer.echo(f"note: {finding}")

@@ -98,6 +98,8 @@ def _show_status(mesh: Meshctl, data: dict) -> None:
     else:
         mesh.show("label errors: none")
 
+    _show_swarm(mesh, (data.get("swarm") or {}).get("nodes") or [])
+
     sidecars = data.get("sidecars") or []
     if sidecars:
         grid = Grid(f"sidecars ({len(sidecars)})", ("app", "sidecar", "state", "connected", "control error"))
@@ -122,6 +124,30 @@ def _show_status(mesh: Meshctl, data: dict) -> None:
         mesh.show(grid)
     else:
         mesh.show("problems: none")
+
+
+def _show_swarm(mesh: Meshctl, nodes: list[dict]) -> None:
+    """On Docker Swarm (docs/SWARM.md): per node its role, agent, gateway and sidecars."""
+    from rich.text import Text
+
+    if not nodes:
+        return
+    yes, no = Text("yes", style="green"), Text("no", style="bold red")
+    grid = Grid(f"swarm nodes ({len(nodes)})", ("node", "role", "state", "agent", "gateway", "sidecars connected"))
+    for node in nodes:
+        sidecars = node.get("sidecars") or []
+        up = sum(1 for sc in sidecars if sc.get("connected"))
+        grid.add_row(Text(text(node.get("hostname")) + (" (leader)" if node.get("leader") else "")),
+                     Text(text(node.get("role"))),
+                     Text(text(node.get("state")), style="green" if node.get("state") == "ready" else "bold red"),
+                     yes if node.get("agent") else no, yes if node.get("gateway_connected") else no,
+                     Text(f"{up}/{len(sidecars)}", style="green" if up == len(sidecars) else "yellow"))
+    mesh.show(grid)
+    for node in nodes:
+        for sc in node.get("sidecars") or []:
+            if not sc.get("connected"):
+                mesh.show(Text(f"{text(node.get('hostname'))}: sidecar of {text(sc.get('task'))} not connected",
+                               style="yellow"))
 
 
 def _clock(ts: Any) -> str:

@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import aiohttp
@@ -22,6 +22,8 @@ from meshcore.labels import DEFAULT_TRUST_DOMAIN, wants_hold
 from meshcore.protocol import CONTROL_PATH, CONTROL_PORT
 from meshcore.snapshot import MeshConfig, Snapshot, build_config, build_workloads, encode_snapshot
 from meshcore.telemetry_settings import TelemetrySettings
+from meshcore.egress import EGRESS_ALLOW_ANY, EgressError, decode_egress_mode
+from meshcore.limits import limits_env, limits_from_env
 
 from . import __version__
 from .control import Hub, dumps
@@ -117,6 +119,8 @@ class Settings:
     jwks_file: str = ""                    # MESH_JWKS_FILE (host path, mounted read-only) or MESH_JWKS_URL
     jwks_url: str = ""
     telemetry: TelemetrySettings = TelemetrySettings()  # MESH_TRACE_SAMPLING, MESH_OTLP_ENDPOINT, MESH_ACCESS_LOG
+    egress_mode: str = EGRESS_ALLOW_ANY    # MESH_EGRESS: allow-any | registry-only (meshcore.egress)
+    limits: dict[str, str] = field(default_factory=dict)  # MESH_MAX_HEADERS...: handed to nodes
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -137,7 +141,23 @@ class Settings:
             gateway_cert=env.get("MESH_GATEWAY_CERT", ""), gateway_key=env.get("MESH_GATEWAY_KEY", ""),
             jwks_file=env.get("MESH_JWKS_FILE", ""), jwks_url=env.get("MESH_JWKS_URL", ""),
             telemetry=settings_from_env(dict(env)),
+            egress_mode=egress_mode_from_env(env),
+            limits=checked_limits_env(env),
         )
+
+
+def checked_limits_env(env) -> dict[str, str]:
+    """The limit variables (meshcore.limits) set for meshd, checked, to pass to the nodes it creates."""
+    limits_from_env(env)   # raises LimitError naming a bad variable
+    return limits_env(env)
+
+
+def egress_mode_from_env(env) -> str:
+    """MESH_EGRESS (default allow-any); a bad value raises EgressError naming the variable."""
+    try:
+        return decode_egress_mode(env.get("MESH_EGRESS") or EGRESS_ALLOW_ANY)
+    except EgressError as exc:
+        raise EgressError(f"MESH_EGRESS: {exc}") from None
 
 
 def config_digest(config: MeshConfig) -> str:
@@ -370,7 +390,8 @@ class Meshd:
         self._warming = False
         config, errors = build_config(workloads, announcements, self.settings.trust_domain,
                                       rules=self.rules.rules, policies=self.policies.policy,
-                                      telemetry=self.telemetry_settings.settings)
+                                      telemetry=self.telemetry_settings.settings,
+                                      egress_mode=self.settings.egress_mode)
         self.label_errors = errors
         config = self.telemetry.apply_overrides(config)  # adaptive policy overrides (observability)
         self._publish(config)
@@ -465,6 +486,7 @@ class Meshd:
         token = self.pki.issue_token("sidecar", name, wl.container.id)
         env = build_sidecar_env(wl, name, host, self.settings.trust_domain, token=token,
                                 bundle_pem=self.pki.ca.bundle_pem.decode("ascii"))
+        env.update(self.settings.limits)   # meshcore.limits set on meshd
         log.info("sidecar_create", app=wl.container.name, sidecar=name, service=wl.spec.service,
                  control=host)
         cid = await asyncio.get_running_loop().run_in_executor(None, self.docker.create_sidecar, wl.container, env)
@@ -504,7 +526,7 @@ class Meshd:
                "MESH_NODE": "gateway",
                "MESH_IDENTITY": self.pki.gateway_identity,
                "MESH_BOOTSTRAP_TOKEN": self.pki.issue_token("gateway", "gateway", ""),
-               "MESH_CA_BUNDLE": self.pki.ca.bundle_pem.decode("ascii")}
+               "MESH_CA_BUNDLE": self.pki.ca.bundle_pem.decode("ascii"), **st.limits}
         mounts = []
         # Host paths (the Docker daemon resolves bind mounts on the host), mounted read-only as is.
         for name, path in (("MESH_GATEWAY_CERT", st.gateway_cert), ("MESH_GATEWAY_KEY", st.gateway_key),
@@ -673,6 +695,7 @@ class Meshd:
         self.telemetry.start()  # scraper; stopped by admin_runner.cleanup()
         threading.Thread(target=self._watch_events, name="docker-events", daemon=True).start()
         releaser = asyncio.ensure_future(self._release_holds())
+        resumer = asyncio.ensure_future(self.pki.resume_root_rotation(self.hub))
         log.info("meshd_started", version=__version__, snapshot_version=self._version,
                  admin=f"{self.settings.admin_host}:{ADMIN_PORT}")
         self._dirty.set()
@@ -700,6 +723,7 @@ class Meshd:
             log.info("meshd_stopping")
         finally:
             releaser.cancel()
+            resumer.cancel()
             self._stop.set()
             await self.discovery.close()
             await self.hub.close_all()

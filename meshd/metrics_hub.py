@@ -4,13 +4,14 @@ Every SCRAPE_INTERVAL_S (2 s) meshd (host network namespace) GETs `/metrics` fro
 sidecar at `<app container IP on a mesh network>:15020` and from the gateway at 127.0.0.1:15021,
 at most CONCURRENCY at a time, each within SCRAPE_TIMEOUT_S, at most MAX_TARGETS targets and
 MAX_BODY bytes each. The math is meshcore's (pure: promtext, flowstats, alarms, adaptive, canary);
-this module is the I/O around it.
+this module is the I/O around it. A node whose text has not changed is not parsed again, and one
+that stays unchanged (idle) is scraped every QUIET_EVERY ticks only (`scrape_due`).
 
 The adaptive policy (meshcore.adaptive.decide_adaptive_policy) acts through meshd's normal path:
 `on_adaptive_policy(service, overrides)` keeps `policy_overrides[service]`, persists it, and asks
-meshd to republish; meshd's `_publish_config` lays the overrides over the service's policy labels
-with `apply_overrides(config)` (never loosening them), so the change reaches every sidecar as a
-new snapshot version, ACKed like any other.
+meshd to republish; meshd's `_publish_config` lays the overrides over the typed fields of the
+service's policy with `apply_overrides(config)` (never loosening them), so the change reaches every
+sidecar as a new snapshot version, ACKed like any other.
 
 Environment: MESH_TIGHTEN_ERROR_RATE (default 0.4; 0 or off disables the loop),
 MESH_TIGHTEN_RECOVERY_S (default 60), MESH_TIGHTEN_MIN_REQUESTS (default 20).
@@ -23,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -32,7 +35,10 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from meshcore.adaptive import AdaptiveConfig, AdaptiveState, decide_adaptive_policy, merge_policy_overrides
+from meshcore.adaptive import (
+    AdaptiveConfig, AdaptiveState, OutlierOverrides, decide_adaptive_policy, decode_overrides, encode_overrides,
+    tighten_policy,
+)
 from meshcore.alarms import AlarmState, LatencyConfig, SpikeConfig, detect_error_spike, detect_latency_jump
 from meshcore.canary import compare_versions
 from meshcore.durations import parse_duration
@@ -64,7 +70,18 @@ DEFAULT_WINDOW_S = 60.0      # /v1/stat, /v1/compare, /v1/graph default
 DETECT_WINDOW_S = 10.0       # anomaly detection and the adaptive loop look at the last 10 s
 EJECTION_COOLDOWN_S = 10.0   # at most one ejection event per (service, version) per this
 MAX_ALARMS = 2000
+# A node whose text has not changed for QUIET_AFTER scrapes in a row (idle) is scraped on every
+# QUIET_EVERY-th tick only, in a slot of its own: at 100 idle sidecars that is a third of the
+# scrapes, and a node's first requests after a quiet spell are seen at most 6 s late.
+QUIET_AFTER, QUIET_EVERY = 5, 3
 OVERRIDES_KEY = "telemetry.adaptive_overrides"
+
+
+def scrape_due(quiet: int, tick: int, slot: int, quiet_after: int = QUIET_AFTER,
+               quiet_every: int = QUIET_EVERY) -> bool:
+    """Whether to scrape a node on this tick: always while it changes, else on its slot of every
+    `quiet_every` ticks once it has been unchanged `quiet_after` times in a row."""
+    return quiet < quiet_after or (tick + slot) % quiet_every == 0
 
 
 @dataclass(frozen=True)
@@ -118,18 +135,18 @@ def meshd_targets(view, nodes: list[dict], gateway_address: str = GATEWAY_METRIC
     return out[:max_targets]
 
 
-def apply_policy_overrides(config: MeshConfig, overrides: dict[str, dict[str, str]]) -> MeshConfig:
-    """`config` with each service's adaptive overrides laid over its policy labels (pure)."""
+def apply_policy_overrides(config: MeshConfig, overrides: dict[str, OutlierOverrides]) -> MeshConfig:
+    """`config` with each service's adaptive overrides laid over its typed policy (pure)."""
     if not overrides:
         return config
     services = dict(config.services)
     changed = False
     for name, ov in overrides.items():
         svc = services.get(name)
-        if svc is None or not ov:
+        if svc is None:
             continue
-        merged = tuple(sorted(merge_policy_overrides(dict(svc.policy), ov).items()))
-        if merged != svc.policy:
+        merged = tighten_policy(svc.policy, ov)
+        if merged is not svc.policy:
             services[name] = dataclasses.replace(svc, policy=merged)
             changed = True
     return dataclasses.replace(config, services=services) if changed else config
@@ -197,6 +214,9 @@ class TelemetryHub:
         self.last_targets: list[Target] = []
         self.last_scrape: float | None = None     # wall clock
         self._prev: dict[str, tuple[float, Scrape]] = {}
+        self._prev_digest: dict[str, bytes] = {}   # of each node's last text: unchanged ones are not parsed
+        self._quiet: dict[str, int] = {}           # scrapes in a row with the same text, per node
+        self._tick = 0
         # Wall clock when this meshd began: nodes started since then counted nothing from before it.
         self.watched_since: float | None = wall()
         self._births: set[tuple[str, float]] = set()   # (address, node start time) already counted
@@ -211,14 +231,17 @@ class TelemetryHub:
         self._republish_task: asyncio.Task | None = None
         self._republish_again = False
         self._session: aiohttp.ClientSession | None = None
-        # service -> labels laid over its policy labels by meshd's snapshot build (apply_overrides)
-        self.policy_overrides: dict[str, dict[str, str]] = {}
+        # service -> overrides laid over its policy by meshd's snapshot build (apply_overrides)
+        self.policy_overrides: dict[str, OutlierOverrides] = {}
         saved = (store.get(OVERRIDES_KEY, {}) if store is not None else {}) or {}
-        for service, ov in saved.items():
-            if isinstance(ov, dict) and ov:
-                self.policy_overrides[service] = {str(k): str(v) for k, v in ov.items()}
-                # Still tight after a restart: the loop goes on from there and relaxes when it is time.
-                self._adaptive[service] = AdaptiveState(mode="tight", changed_at=clock())
+        for service, raw in saved.items():
+            ov = decode_overrides(raw)
+            if ov is None:
+                log.warning("adaptive_overrides_dropped", service=service)  # e.g. an older meshd's labels
+                continue
+            self.policy_overrides[service] = ov
+            # Still tight after a restart: the loop goes on from there and relaxes when it is time.
+            self._adaptive[service] = AdaptiveState(mode="tight", changed_at=clock())
 
     @classmethod
     def for_meshd(cls, meshd) -> "TelemetryHub":
@@ -232,14 +255,14 @@ class TelemetryHub:
         """`config` with the adaptive policy overrides merged (meshd's `_publish_config` calls this)."""
         return apply_policy_overrides(config, self.policy_overrides)
 
-    def on_adaptive_policy(self, service: str, overrides: dict[str, str] | None) -> None:
+    def on_adaptive_policy(self, service: str, overrides: OutlierOverrides | None) -> None:
         """Set (or with None, clear) a service's policy overrides and have meshd republish."""
-        if overrides:
-            self.policy_overrides[service] = dict(overrides)
+        if overrides is not None:
+            self.policy_overrides[service] = overrides
         elif self.policy_overrides.pop(service, None) is None:
             return
         if self.store is not None:
-            self.store.put(OVERRIDES_KEY, self.policy_overrides)
+            self.store.put(OVERRIDES_KEY, {s: encode_overrides(ov) for s, ov in self.policy_overrides.items()})
         self._schedule_republish()
 
     def _schedule_republish(self) -> None:
@@ -347,10 +370,14 @@ class TelemetryHub:
             log.exception("telemetry_targets_failed")
             targets = []
         self.last_targets = targets
+        self._tick += 1
+        due = [t for t in targets if scrape_due(self._quiet.get(t.address, 0), self._tick,
+                                                zlib.crc32(t.address.encode()))]
         sem = asyncio.Semaphore(self.concurrency)
-        results = await asyncio.gather(*(self._fetch(t, sem) for t in targets)) if targets else []
+        results = await asyncio.gather(*(self._fetch(t, sem) for t in due)) if due else []
         now, wall = self.clock(), self.wall()
         ejections: dict[tuple[str, str], float] = {}
+        egress: dict[tuple[str, str], float] = {}
         for target, text, error, ms in results:
             health = self.health.setdefault(target.address, TargetHealth())
             if text is None:
@@ -360,20 +387,33 @@ class TelemetryHub:
             delta = self.ingest(target.address, text, now)
             for key, n in delta.ejections.items():
                 ejections[key] = ejections.get(key, 0.0) + n
+            for key, n in delta.egress_blocked.items():   # egress control (sidecar.egress)
+                egress[key] = egress.get(key, 0.0) + n
         live = {t.address for t in targets}
         for gone in [a for a in self._prev if a not in live]:
             self._prev.pop(gone, None)
+            self._prev_digest.pop(gone, None)
+            self._quiet.pop(gone, None)
         for gone in [a for a in self.health if a not in live]:
             self.health.pop(gone, None)
         self.last_scrape = wall
         self._ejection_events(ejections, now)
+        self._egress_events(egress, now)
         self._nack_events()
         self.evaluate(now)
 
     def ingest(self, address: str, text: str, now: float) -> Scrape:
         """Feed one node's exposition text scraped at `now`; returns the increase since its last one."""
-        cur = parse_scrape(text)
         prev = self._prev.get(address)
+        digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=16).digest()
+        if prev is not None and self._prev_digest.get(address) == digest:
+            # Nothing changed on the node (an idle one): no parse, nothing happened since.
+            self._prev[address] = (now, prev[1])
+            self._quiet[address] = self._quiet.get(address, 0) + 1
+            return Scrape()
+        self._prev_digest[address] = digest
+        self._quiet[address] = 0
+        cur = parse_scrape(text)
         # A node first seen since it started (not one coming back after its target dropped out)
         # is counted whole when it started after this meshd did: its first requests, served before
         # meshd's first scrape of it, are this run's, not an old total to take as a baseline.
@@ -429,7 +469,8 @@ class TelemetryHub:
             if action is not None:
                 self.on_adaptive_policy(service, action.overrides)
                 kind = "adaptive_tighten" if action.kind == "tighten" else "adaptive_relax"
-                self.events.add(kind, f"{service}: {reason}", service, None, overrides=action.overrides,
+                overrides = encode_overrides(action.overrides) if action.overrides is not None else None
+                self.events.add(kind, f"{service}: {reason}", service, None, overrides=overrides,
                                 error_rate=stats.error_rate, requests=int(stats.requests))
                 log.warning("adaptive_policy", service=service, action=action.kind, reason=reason)
         if len(self._adaptive) > MAX_ALARMS:
@@ -448,6 +489,17 @@ class TelemetryHub:
                             "detection", service, version or None, count=n)
         if len(self._ejection_at) > MAX_ALARMS:
             self._ejection_at.clear()
+
+    def _egress_events(self, blocked: dict[tuple[str, str], float], now: float) -> None:
+        """`egress_blocked`: calls a sidecar's registry-only egress control refused since the last scrape."""
+        for (service, destination), n in blocked.items():
+            key = ("egress", service, destination)
+            if now - self._ejection_at.get(key, -1e18) < EJECTION_COOLDOWN_S:
+                continue
+            self._ejection_at[key] = now
+            self.events.add("egress_blocked", f"{service}: {int(n)} call{'s' if n != 1 else ''} to {destination} "
+                            "blocked (registry-only egress; list it in the service's mesh.egress)", service, None,
+                            destination=destination, count=n)
 
     def _nack_events(self) -> None:
         if self.nodes is None:
@@ -514,7 +566,8 @@ class TelemetryHub:
         state = self._adaptive.get(service)
         if state is None and service not in self.policy_overrides:
             return None
-        return {"mode": state.mode if state else "tight", "overrides": self.policy_overrides.get(service),
+        ov = self.policy_overrides.get(service)
+        return {"mode": state.mode if state else "tight", "overrides": encode_overrides(ov) if ov else None,
                 "reason": self.adaptive_reasons.get(service)}
 
     def compare(self, service: str, a: str, b: str, window_s: float = DEFAULT_WINDOW_S,

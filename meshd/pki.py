@@ -18,6 +18,7 @@ import asyncio
 import os
 import random
 import secrets
+import shutil
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,11 @@ GATEWAY_SERVICE = "gateway"
 CONTROL_CERT_TTL_S = 24 * 3600.0
 GATEWAY_SERVER_TTL_S = 30 * 86400.0
 TOKENS_KEY, CERTS_KEY, BUNDLE_VERSION_KEY = "pki_tokens", "pki_certs", "pki_bundle_version"
+# A root rotation in progress: {"phase", "old_root", "new_root", "started_at"}; the staged CA (its
+# key too) waits in <state>/ca-staged until it signs. Both outlive a meshd restart, which resumes.
+ROOT_ROTATION_KEY, STAGED_CA_DIR = "pki_root_rotation", "ca-staged"
+ROOT_PHASES = ("distributing_bundle", "switching_signer", "renewing", "retiring_old_root")
+RESUME_AFTER_S = 10.0  # a restarted meshd resumes a root rotation once its nodes have reconnected
 KEEP_SERIALS = 8
 WAIT_STEP_S = 60.0   # a rotation step waits this long for every connected node
 
@@ -287,19 +293,40 @@ class Pki:
         return {"trust_domain": self.trust_domain, "cert_ttl_s": self.cert_ttl_s,
                 "user_supplied_ca": self.user_supplied, "signing": _root_name(self.ca.certificate),
                 "roots": roots, "bundle_version": self.bundle_version, "identities": identities,
-                "rotation": self.rotation.to_dict() if self.rotation else None}
+                "rotation": self.rotation.to_dict() if self.rotation else None,
+                "interrupted_root_rotation": self.interrupted_root_rotation()}
 
     # ---- rotations -------------------------------------------------------------------------
 
-    def start_rotation(self, hub, root: bool) -> Rotation:
-        """Start a leaf rotation (every node renews now) or a root rotation; raises RuntimeError."""
+    def start_rotation(self, hub, root: bool, resumed: dict | None = None) -> Rotation:
+        """Start a leaf rotation (every node renews now) or a root rotation, or resume the root
+        rotation a stopped meshd left at `resumed`; raises RuntimeError."""
         if self.rotation is not None and self.rotation.state == "running":
             raise RuntimeError("a rotation is already running")
         if root and self.user_supplied:
             raise RuntimeError("the CA is user-supplied (MESH_CA_*): rotate it outside meshd and restart")
+        if root and resumed is None:
+            resumed = self.interrupted_root_rotation()   # a failed or interrupted one is finished first
         self.rotation = Rotation(kind="root" if root else "leaf")
-        self._rotation_task = asyncio.ensure_future(self._run_rotation(hub, self.rotation))
+        self._rotation_task = asyncio.ensure_future(self._run_rotation(hub, self.rotation, resumed))
         return self.rotation
+
+    def interrupted_root_rotation(self) -> dict | None:
+        """The root rotation a previous meshd left unfinished (its persisted phase), if any."""
+        rec = self.store.get(ROOT_ROTATION_KEY)
+        return dict(rec) if isinstance(rec, dict) and rec.get("phase") in ROOT_PHASES else None
+
+    async def resume_root_rotation(self, hub, after_s: float = RESUME_AFTER_S) -> None:
+        """Finish an interrupted root rotation once the nodes have had `after_s` to reconnect."""
+        rec = self.interrupted_root_rotation()
+        if rec is None or self.user_supplied:
+            return
+        await asyncio.sleep(after_s)
+        try:
+            self.start_rotation(hub, root=True, resumed=rec)
+        except RuntimeError:
+            return   # `meshctl certs rotate --root` resumed it meanwhile
+        log.info("rotation_resumed", phase=rec["phase"], old_root=rec.get("old_root"), new_root=rec.get("new_root"))
 
     async def _wait(self, rot: Rotation, hub, done: Callable[[Any], bool], what: str) -> None:
         deadline = time.monotonic() + WAIT_STEP_S
@@ -331,29 +358,61 @@ class Pki:
         await hub.broadcast(Bundle(version=version, bundle=self.ca.bundle_pem.decode("ascii")))
         await self._wait(rot, hub, lambda n: (n.bundle_acked or 0) >= version, f"bundle {version}")
 
-    async def _run_rotation(self, hub, rot: Rotation) -> None:
+    def _save_phase(self, rot: Rotation, phase: str) -> None:
+        self.store.put(ROOT_ROTATION_KEY, {"phase": phase, "old_root": rot.old_root, "new_root": rot.new_root,
+                                           "started_at": rot.started_at})
+
+    async def _rotate_root(self, rot: Rotation, hub, resumed: dict | None) -> None:
+        """Old+new roots to every node, sign with the new root, renew every node, retire the old
+        root. Each phase is persisted before it runs, so a restarted meshd resumes where it stopped."""
+        staged_dir = os.path.join(self.state_dir, STAGED_CA_DIR)
+        ca_dir = os.path.join(self.state_dir, "ca")
+        phase = resumed["phase"] if resumed else ROOT_PHASES[0]
+        if resumed:
+            rot.old_root, rot.new_root = resumed.get("old_root"), resumed.get("new_root")
+            rot.started_at = float(resumed.get("started_at") or rot.started_at)
+            rot.note("resumed", f"after a meshd restart, at {phase}")
+        at = ROOT_PHASES.index(phase)
+        staged = None
+        if at == 0:
+            if resumed and os.path.exists(os.path.join(staged_dir, "ca.key")):
+                staged = CertificateAuthority.load(staged_dir, self.trust_domain)
+            else:
+                rot.old_root = _root_name(self.ca.roots[0])
+                staged = CertificateAuthority.create(self.trust_domain, self.clock())
+                rot.new_root = _root_name(staged.certificate)
+                staged.save(staged_dir)
+                self._save_phase(rot, "distributing_bundle")
+            self.ca.add_root(staged.certificate)
+            self.ca.save(ca_dir)
+            rot.note("distributing_bundle", f"old+new roots to every node ({rot.old_root} + {rot.new_root})")
+            await self._push_bundle(rot, hub)
+            self._save_phase(rot, "switching_signer")
+            at = 1
+        if at == 1:
+            rot.note("switching_signer", f"new leaves are signed by {rot.new_root}")
+            self.ca.adopt(staged or CertificateAuthority.load(staged_dir, self.trust_domain))
+            self.ca.save(ca_dir)
+            self.control_tls.ensure(list(self.control_tls.ips), force=True)
+            self._save_phase(rot, "renewing")
+        if at <= 2:
+            rot.note("renewing", "every connected node renews under the new root")
+            await self._renew_all(rot, hub, "root rotation")
+            self._save_phase(rot, "retiring_old_root")
+        rot.note("retiring_old_root", f"bundle with {rot.new_root} only")
+        self.ca.retire_old_roots()
+        self.ca.save(ca_dir)
+        await self._push_bundle(rot, hub)
+        self.store.put(ROOT_ROTATION_KEY, None)
+        shutil.rmtree(staged_dir, ignore_errors=True)
+
+    async def _run_rotation(self, hub, rot: Rotation, resumed: dict | None = None) -> None:
         try:
             if rot.kind == "leaf":
                 rot.note("renewing", "every connected node renews its certificate now")
                 await self._renew_all(rot, hub, "leaf rotation")
             else:
-                rot.old_root = _root_name(self.ca.roots[0])
-                staged = CertificateAuthority.create(self.trust_domain, self.clock())
-                rot.new_root = _root_name(staged.certificate)
-                self.ca.add_root(staged.certificate)
-                self.ca.save(os.path.join(self.state_dir, "ca")) if not self.user_supplied else None
-                rot.note("distributing_bundle", f"old+new roots to every node ({rot.old_root} + {rot.new_root})")
-                await self._push_bundle(rot, hub)
-                rot.note("switching_signer", f"new leaves are signed by {rot.new_root}")
-                self.ca.adopt(staged)
-                self.ca.save(os.path.join(self.state_dir, "ca"))
-                self.control_tls.ensure(list(self.control_tls.ips), force=True)
-                rot.note("renewing", "every connected node renews under the new root")
-                await self._renew_all(rot, hub, "root rotation")
-                rot.note("retiring_old_root", f"bundle with {rot.new_root} only")
-                self.ca.retire_old_roots()
-                self.ca.save(os.path.join(self.state_dir, "ca"))
-                await self._push_bundle(rot, hub)
+                await self._rotate_root(rot, hub, resumed)
             rot.state = "done"
             rot.note("done")
         except Exception as exc:  # noqa: BLE001 - reported through the admin API
@@ -362,6 +421,5 @@ class Pki:
             rot.note("failed", rot.error)
         finally:
             rot.finished_at = time.time()
-
 
 __all__ = ["Pki", "ControlTls", "Rotation", "load_ca", "CsrRejected", "GATEWAY_NAMESPACE"]

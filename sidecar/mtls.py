@@ -238,7 +238,7 @@ async def start_mesh_inbound(state: ProxyState, host: str, port: int, *, app_por
             return _AuthorizedTcpDownstream(state, stack, cluster)
     else:
         stack = build_inbound_stack(state, app_port, app_host=app_host)
-        listener = _Listener(None, 0.3)
+        listener = _Listener(None, 0.3, state.limits)
 
         def factory() -> asyncio.Protocol:
             return _Downstream(state, stack, listener)

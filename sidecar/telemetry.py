@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 from meshcore.protocol import NODE_START_TIME_METRIC
 from meshcore.metrics import (
     CONTENT_TYPE, Counter, CounterMetricFamily, Gauge, HistogramMetricFamily, MetricFamily, Registry, render,
+    render_families,
 )
 
 REPORTER_SOURCE = "source"            # outbound sidecar and gateway (Istio's ingress reports "source")
@@ -51,6 +52,18 @@ class _RequestCollector:
 
     def __init__(self, series: dict):
         self._series = series
+        self._text_key: tuple[int, int] | None = None
+        self._text = ""
+
+    def exposition(self) -> str:
+        """The two families' text, rendered again only when a request was counted since the last
+        time: series are never removed and counts only grow, so (series, total count) says it.
+        An idle node answers a scrape without re-rendering its histograms (most of its text)."""
+        series = self._series
+        key = (len(series), sum(s.count for s in series.values()))
+        if key != self._text_key:
+            self._text, self._text_key = render_families(self.collect()), key
+        return self._text
 
     def describe(self) -> list[MetricFamily]:
         return [CounterMetricFamily("istio_requests_total", "", labels=REQUEST_LABELS),

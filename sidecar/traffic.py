@@ -1,13 +1,14 @@
 """Per destination service traffic state of one node, and the decisions the request path asks of it.
 
 A `ServiceTraffic` holds what the traffic layers of `sidecar.proxy` need for one mesh service: the
-decoded `TrafficPolicy` (meshcore.policy), the live `ServiceRules` (meshcore.routing_rules), a
+typed `TrafficPolicy` of the snapshot (meshcore.policy; meshd decoded it from the labels, a node
+never reads a label), the live `ServiceRules` (meshcore.routing_rules), a
 `CircuitBreaker`, an `OutlierDetector`, a `RetryBudget`, the inbound `RateLimiter`, the load-balancing
 choice, and the service's endpoints grouped by version (`Subset`s, each a `Cluster` of its own).
 
 Lifetime: one object per service name for the life of the node (`TrafficRegistry`). A snapshot swap
-re-syncs it from the new `Cluster` (subsets rebuilt, policy decoded only when the labels changed,
-thresholds updated in place), so counters, breakers, budgets and ejections are not reset by config
+re-syncs it from the new `Cluster` (subsets rebuilt, policy applied only when it changed, thresholds
+updated in place), so counters, breakers, budgets and ejections are not reset by config
 pushes that do not concern them. The sync is done by `ProxyState.apply_snapshot` and, should a table
 be swapped in another way, lazily at the first request that sees the new cluster (an identity check).
 
@@ -16,14 +17,11 @@ Nothing here is async or reads a clock; callers pass `now` and random floats (me
 
 from __future__ import annotations
 
-import logging
-from functools import lru_cache
 from time import monotonic
 from typing import Any
 
 from meshcore.lb import merge_exclusions, pick_p2c, pick_random, pick_round_robin
-from meshcore.labels import LabelDecodeError
-from meshcore.policy import DEFAULT_POLICY, RetryPolicy, TrafficPolicy, decode_traffic_policy
+from meshcore.policy import DEFAULT_POLICY, RetryPolicy, TrafficPolicy
 from meshcore.resilience import (
     CircuitBreaker, HashRing, OutlierDetector, RateLimiter, RetryBudget, decide_fault,
 )
@@ -31,25 +29,9 @@ from meshcore.routing_rules import ServiceRules, choose_mirror, choose_version
 
 from .routing import Cluster, RouteTable, make_cluster
 
-log = logging.getLogger("sidecar.traffic")
-
 LB_LEAST_REQUEST, LB_ROUND_ROBIN, LB_RANDOM, LB_RING_HASH = 0, 1, 2, 3
 _LB_CODES = {"least-request": LB_LEAST_REQUEST, "round-robin": LB_ROUND_ROBIN, "random": LB_RANDOM,
              "ring-hash": LB_RING_HASH}
-
-
-@lru_cache(maxsize=256)
-def policy_of(labels: tuple[tuple[str, str], ...]) -> TrafficPolicy:
-    """The decoded policy of a service's label pairs; cached, so one decode per distinct label set.
-
-    Snapshots are validated by meshd and by `decode_snapshot`; a config built another way with a bad
-    label falls back to the defaults (logged) rather than failing requests.
-    """
-    try:
-        return decode_traffic_policy(dict(labels))
-    except LabelDecodeError as exc:
-        log.warning("bad traffic policy %s, using defaults: %s", labels, exc)
-        return DEFAULT_POLICY
 
 
 def retry_statuses(policy: RetryPolicy) -> frozenset[int] | None:
@@ -89,14 +71,13 @@ class Subset:
 class ServiceTraffic:
     """The traffic state of one destination service (see the module docstring for its lifetime)."""
 
-    __slots__ = ("name", "cluster", "labels", "policy", "rules", "fault", "mirror", "lb", "hash_header",
+    __slots__ = ("name", "cluster", "policy", "rules", "fault", "mirror", "lb", "hash_header",
                  "timeout", "per_try_timeout", "retry_on", "breaker", "outlier", "budget", "limiter",
                  "all", "subsets", "retry_overflows", "retries_total")
 
     def __init__(self, name: str):
         self.name = name
         self.cluster: Cluster | None = None
-        self.labels: tuple | None = None
         policy = DEFAULT_POLICY
         self.breaker = CircuitBreaker.from_policy(policy.circuit)
         self.outlier = OutlierDetector(policy.outlier)
@@ -140,10 +121,9 @@ class ServiceTraffic:
     def sync(self, cluster: Cluster) -> None:
         """Follow a new snapshot's cluster of this service (once per snapshot)."""
         svc = cluster.service
-        labels = svc.policy if svc is not None else ()
-        if labels != self.labels:
-            self.labels = labels
-            self._apply_policy(policy_of(labels))
+        policy = svc.policy if svc is not None else DEFAULT_POLICY
+        if policy != self.policy:
+            self._apply_policy(policy)
         rules = svc.rules if svc is not None else None
         self.rules = rules
         self.fault = rules.fault if rules is not None else None

@@ -15,6 +15,7 @@ from sidecar.datapath.speedups cimport bucket_of, cut, head_end, join, put_hex64
 
 
 cdef int _SLASH   # a C constant: compared with C chars, not as an object
+cdef Py_ssize_t CHUNK_COST   # added to a chunk's size in the held / pending accounting
 cdef int H_DROP, H_CONNECTION, H_TE, H_CL, H_HOST, H_EXPECT, H_SOURCE, H_SOURCE_VERSION, H_XFF, H_FLAGS
 cdef int H_TRACEPARENT, H_B3, H_TRACESTATE, H_UPGRADE   # header actions (also in the module dict)
 cpdef _join_flags(have, new)
@@ -76,6 +77,8 @@ cdef class ProxyState:
     cdef public Py_ssize_t undelivered_total, probed_total
     cdef public set _watched
     cdef public object _watchdog, inbound_limiter
+    cdef public object egress   # sidecar.egress.EgressControl
+    cdef public object limits   # meshcore.limits.Limits
     cdef public dict lanes
 
     cpdef watch(self, _Upstream up)
@@ -195,6 +198,8 @@ cdef class Stack:
 
 cdef class _Listener:
     cdef public object original_dst, sniff_timeout, loop
+    cdef public object guard                                       # limits (sidecar.guard)
+    cdef public Py_ssize_t max_head, max_fields, max_line, max_body
 
 
 cdef class Exchange:
@@ -215,6 +220,7 @@ cdef class Exchange:
     cdef public int status
     cdef public object flags
     cdef public bint resp_started, resp_done, discard, close_after, dead
+    cdef public Py_ssize_t fields, body_seen   # limits
     cdef public object traffic, subset, mirror
     cdef public bint admitted, budgeted, keep_held, resend
     cdef public int attempt
@@ -232,7 +238,8 @@ cdef class Exchange:
 cdef class _Downstream:
     cdef public ProxyState state
     cdef public Stack stack
-    cdef public object listener, loop, transport, parser, queue
+    cdef public _Listener listener
+    cdef public object loop, transport, parser, queue
     cdef public dict actions
     cdef public Exchange cur, last, cork
     cdef public int paused
@@ -248,7 +255,8 @@ cdef class _Downstream:
     @cython.locals(pos=Py_ssize_t, n=Py_ssize_t, left=Py_ssize_t, take=Py_ssize_t, end=Py_ssize_t,
                    taken=Py_ssize_t, last=Exchange)
     cpdef bytes _feed_whole(self, bytes data)
-    @cython.locals(fields=list, size=Py_ssize_t, k=Py_ssize_t, ex=Exchange, head=tuple, keep=bint, http10=bint)
+    @cython.locals(fields=list, size=Py_ssize_t, k=Py_ssize_t, ex=Exchange, head=tuple, keep=bint, http10=bint,
+                   lim=_Listener)
     cpdef Py_ssize_t _whole_head(self, bytes data, Py_ssize_t pos, Py_ssize_t end)
     @cython.locals(a=int)
     cpdef _header(self, Exchange ex, bytes name, bytes value, act)

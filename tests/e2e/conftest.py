@@ -42,6 +42,15 @@ def compose(*args: str, project: str = PROJECT, file: str = "compose/demo.yml", 
     return run(compose_cmd() + ["-p", project, "-f", file, *args], **kw)
 
 
+def recreate_meshd(name: str, value: str | None) -> None:
+    """`compose up` meshd (compose/meshd.yml) with setting `name` set to `value`, or unset (the
+    file's default) when None: meshd is recreated when that changes its environment."""
+    env = {k: v for k, v in os.environ.items() if k != name}
+    if value:
+        env[name] = value
+    compose("up", "-d", project="meshd", file="compose/meshd.yml", env=env)
+
+
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
          timeout: float = 5.0) -> tuple[int, dict, bytes]:
     """A plain HTTP call: (status, headers, body); HTTP errors are returned, not raised."""

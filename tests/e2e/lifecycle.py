@@ -41,9 +41,12 @@ def service_containers(proj: str, service: str, running: bool = True) -> list[di
 
 
 def ipv4(c: dict) -> str:
-    """A container's first IPv4 address (sorted by network name)."""
+    """A container's IPv4 address on its Compose project's default network, else its first one (by
+    network name): a network connected later (`docker network connect`) is not the one to test on."""
     nets = c["NetworkSettings"]["Networks"]
-    return next(nets[n]["IPAddress"] for n in sorted(nets) if nets[n]["IPAddress"])
+    own = f"{(c['Config'].get('Labels') or {}).get('com.docker.compose.project', '')}_default"
+    order = sorted(nets, key=lambda n: (n != own, n))
+    return next(nets[n]["IPAddress"] for n in order if nets[n]["IPAddress"])
 
 
 def host_bridge_gateways() -> set[str]:
@@ -144,11 +147,12 @@ def mtls_requests(proj: str, service: str, source: str = "client") -> float:
     return total
 
 
-def calls_through_mesh(proj: str, service: str = "web", n: int = 5, url: str | None = None) -> None:
+def calls_through_mesh(proj: str, service: str = "web", n: int = 5, url: str | None = None,
+                       client: str = "client") -> None:
     """n calls from the client to the service answer 200, each counted over mTLS by the callee's sidecars."""
-    before = mtls_requests(proj, service)
+    before = mtls_requests(proj, service, source=client)
     for _ in range(n):
-        code, body = curl(proj, url or f"http://{service}/")
+        code, body = curl(proj, url or f"http://{service}/", client=client)
         assert code == 200, (code, body[:200])
-    wait_for(lambda: mtls_requests(proj, service) - before >= n, 10,
+    wait_for(lambda: mtls_requests(proj, service, source=client) - before >= n, 10,
              what=f"{n} mTLS requests counted by {service}'s sidecars")

@@ -171,6 +171,12 @@ def plan(seed: int, n: int) -> list[Op]:
     return ops
 
 
+def replay_ops(n: int, i: int) -> int:
+    """How many operations a replay of a run of `n` needs so that its first i + 1 are the run's:
+    a run of 2 * MEMORY_OPS or more has resets at MEMORY_OPS - 1 and at its end."""
+    return i + 1 if n < 2 * MEMORY_OPS else max(i + 2, 2 * MEMORY_OPS)
+
+
 def states(ops: list[Op]) -> list[State]:
     """The model's state after each operation."""
     state, out = State.all_up(), []

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import time
 
 import pytest
 
-from .conftest import ADMIN, get_json, run, wait_for
+from .conftest import ADMIN, GATEWAY, ROOT, compose, get_json, http, run, wait_for
 from .lifecycle import (
     calls_through_mesh, containers, curl, host_bridge_gateways, mesh_violations, mtls_requests, project,
     service_containers, sidecar_env, wait_mesh_ok,
@@ -265,6 +267,43 @@ def test_meshd_restarted_during_a_rebuild(lc):
     wait_mesh_ok(what="back to one web replica")
 
 
+def test_meshd_restarted_during_a_root_rotation(lc):
+    """meshd killed in the middle of a root rotation (held in its first phase by a paused sidecar
+    that cannot ACK the bundle): the restarted meshd resumes it from its persisted phase, every
+    identity ends under the new root alone, and calls pass through the mesh."""
+    before = get_json(f"{ADMIN}/v1/certs")
+    client_sc = sidecar_of(service_containers(lc, "client")[0])
+    run(["docker", "pause", client_sc["Id"]])
+    try:
+        status, _, body = http("POST", f"{ADMIN}/v1/certs/rotate", json.dumps({"root": True}).encode())
+        assert status == 202, body
+        wait_for(lambda: (r := get_json(f"{ADMIN}/v1/certs/rotation"))["step"] == "distributing_bundle"
+                 and client_sc["Name"].lstrip("/") in r["pending"], 30, what="the rotation waiting on the paused sidecar")
+        run(["docker", "kill", "meshd"])
+    finally:
+        run(["docker", "unpause", client_sc["Id"]])
+    run(["docker", "start", "meshd"])
+    wait_for(lambda: get_json(f"{ADMIN}/v1/certs")["interrupted_root_rotation"] is not None
+             or get_json(f"{ADMIN}/v1/certs")["rotation"], 60, what="meshd back with the interrupted rotation")
+
+    def done() -> dict | None:
+        rot = get_json(f"{ADMIN}/v1/certs")["rotation"]
+        return rot if rot and rot["state"] != "running" else None
+
+    rot = wait_for(done, 120, interval=1.0, what="the resumed root rotation to end")
+    assert rot["state"] == "done" and rot["log"][0]["step"] == "resumed", rot
+    after = get_json(f"{ADMIN}/v1/certs")
+    print(f"root rotation resumed after meshd's restart: {[r['name'] for r in before['roots']]} -> "
+          f"{[r['name'] for r in after['roots']]}, {rot['renewed']} nodes renewed")
+    assert [r["name"] for r in after["roots"]] == [rot["new_root"]] and rot["new_root"] not in \
+        [r["name"] for r in before["roots"]]
+    assert after["interrupted_root_rotation"] is None
+    wait_for(lambda: all(i["issuer"] == rot["new_root"] for i in get_json(f"{ADMIN}/v1/certs")["identities"]
+                         if i.get("connected")), 60, what="every connected identity under the new root")
+    wait_mesh_ok(what="the mesh after the resumed rotation")
+    calls_through_mesh(lc)
+
+
 def test_same_service_names_in_a_second_project(lc):
     """A second project with services of the same names: its containers are label errors naming the
     first project (mesh service names are host-wide for now), and the first project is untouched."""
@@ -310,3 +349,99 @@ def test_health_check_decides_the_endpoint(mesh):
         wait_for(lambda: web["Id"] not in instance()["endpoints"], 30, what="hweb withdrawn once unhealthy")
     finally:
         project(hp, "down", file="health.yml", check=False)
+
+
+def test_stop_drains_in_flight_and_long_lived_calls(mesh):
+    """`docker stop` of one of two replicas while it streams a long response: the stream finishes
+    through both sidecars (the app keeps its stop grace period), every new call meanwhile answers 200
+    from the other replica (withdrawn from callers first), and the stopped replica's sidecar goes."""
+    dp = "lcdrain"
+    project(dp, "down", file="drain.yml", check=False)
+    project(dp, "up", "-d", "--scale", "drainweb=2", file="drain.yml")
+    try:
+        wait_mesh_ok(what="the drain project meshed")
+        calls_through_mesh(dp, service="drainweb", n=2, client="draincli")
+        cli = service_containers(dp, "draincli")[0]["Id"]
+        seconds = 8
+        stream = subprocess.Popen(["docker", "exec", cli, "curl", "-sSN", "-m", "60", f"http://drainweb/stream?n={seconds}"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            first = stream.stdout.readline().split()
+            assert first and first[1] == "0", first
+            serving = next(c for c in service_containers(dp, "drainweb") if c["Config"]["Hostname"] == first[0])
+            stopped_at = time.monotonic()
+            stopper = subprocess.Popen(["docker", "stop", "-t", "30", serving["Id"]], stdout=subprocess.DEVNULL)
+            others: list[tuple[int, str]] = []
+            while stream.poll() is None and time.monotonic() - stopped_at < seconds + 10:
+                others.append(curl(dp, "http://drainweb/", client="draincli", timeout=5))
+            rest, err = stream.communicate(timeout=30)
+            assert stopper.wait(timeout=60) == 0
+            stop_took = time.monotonic() - stopped_at
+        finally:
+            if stream.poll() is None:
+                stream.kill()
+        lines = [first] + [line.split() for line in rest.splitlines()]
+        print(f"drain: stream of {len(lines)} lines, stop took {stop_took:.1f} s, {len(others)} calls meanwhile: "
+              f"{sorted({code for code, _ in others})}")
+        assert stream.returncode == 0, err
+        assert [int(n) for _, n in lines] == list(range(seconds)), lines
+        assert {host for host, _ in lines} == {first[0]}
+        assert others and all(code == 200 for code, _ in others), others
+        assert stop_took >= seconds - 2   # the app was given the time to finish its stream
+        exit_code = containers(f"id={serving['Id']}")[0]["State"]["ExitCode"]
+        assert exit_code == 0 and stop_took < 25, (exit_code, stop_took)   # it exited by itself, not killed
+        late = [body.strip() for _, body in others[len(others) // 2:]]
+        assert first[0] not in late, late   # withdrawn: the stopping replica takes no new calls
+        wait_mesh_ok(what="the stopped replica's sidecar removed")
+    finally:
+        project(dp, "down", file="drain.yml", check=False)
+
+
+
+def _restart_dockerd() -> None:
+    """Stop the engine (it stops every container) and start it again as `make docker` does."""
+    if os.path.isdir("/run/systemd/system") and not os.path.exists("/var/run/docker.pid"):
+        run(["systemctl", "restart", "docker"], timeout=180)
+        return
+    pid = int(open("/var/run/docker.pid").read().strip())
+    os.kill(pid, signal.SIGTERM)
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(gone, 120, interval=0.5, what="dockerd to stop")
+    run([str(ROOT / "scripts" / "ensure-docker.sh")], timeout=120)
+
+
+def test_dockerd_restarted(lc):
+    """dockerd itself restarted: every container stops; those with a restart policy (meshd, and here
+    the lc project set to unless-stopped) come back with new network namespaces, and meshd gives each
+    app a new sidecar in it. The demo shop (no restart policy) is brought back up afterwards."""
+    apps = service_containers(lc, "web") + service_containers(lc, "client")
+    for app in apps:
+        run(["docker", "update", "--restart", "unless-stopped", app["Id"]])
+    old_sidecars = {sidecar_of(app)["Id"] for app in apps}
+    started = time.monotonic()
+    _restart_dockerd()
+    try:
+        wait_for(lambda: get_json(f"{ADMIN}/v1/status"), 90, what="meshd back after the engine's restart")
+        wait_mesh_ok(timeout=120, what="the mesh after dockerd's restart")
+        took = time.monotonic() - started
+        now = service_containers(lc, "web") + service_containers(lc, "client")
+        assert {c["Id"] for c in now} == {a["Id"] for a in apps}   # the same apps, restarted
+        assert all(c["State"]["StartedAt"] > a["State"]["StartedAt"] for c, a in
+                   zip(sorted(now, key=lambda c: c["Id"]), sorted(apps, key=lambda c: c["Id"])))
+        new_sidecars = {sidecar_of(c)["Id"] for c in now}
+        print(f"dockerd restarted: the lc project meshed again {took:.0f} s after the stop; "
+              f"sidecars replaced: {len(new_sidecars - old_sidecars)} of {len(new_sidecars)}")
+        calls_through_mesh(lc)
+    finally:
+        compose("up", "-d", project="meshd", file="compose/meshd.yml")
+        compose("up", "-d")
+        wait_for(lambda: http("GET", f"{GATEWAY}/api/orders/1", timeout=3)[0] == 200, 120,
+                 what="the demo shop through the gateway again")
+        wait_mesh_ok(what="the whole mesh after dockerd's restart")

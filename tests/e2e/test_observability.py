@@ -101,7 +101,7 @@ def test_error_spike_tightens_policy_and_events_show_it(mesh):
         policy = snap["services"]["payments"]["policy"]
         print(f"\nadaptive: tighter payments policy pushed {took:.1f}s after the failures began: {policy}")
         assert took <= 10.0
-        assert policy.get("mesh.outlier.consecutive-5xx") == "2"
+        assert policy["outlier"]["consecutive_5xx"] == 2
     finally:
         app_faults(payments, fail_rate=0.0, status=503)
 
@@ -113,7 +113,7 @@ def test_error_spike_tightens_policy_and_events_show_it(mesh):
 
     wait_for(relaxed, 40, interval=0.5, what="the policy to relax after recovery")
     # back to the label of compose/demo.yml
-    assert get_json(f"{ADMIN}/v1/snapshot")["services"]["payments"]["policy"]["mesh.outlier.consecutive-5xx"] == "10"
+    assert get_json(f"{ADMIN}/v1/snapshot")["services"]["payments"]["policy"]["outlier"]["consecutive_5xx"] == 10
     out = meshctl("events").stdout
     assert "error_rate_spike" in out and "adaptive_tighten" in out and "adaptive_relax" in out
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from .conftest import (
-    ADMIN, GATEWAY, PROJECT, compose, container_ip, docker_ps, get_json, http, metrics, run, wait_for,
+    ADMIN, GATEWAY, PROJECT, container_ip, docker_ps, get_json, http, metrics, recreate_meshd, run, wait_for,
 )
 
 pytestmark = pytest.mark.e2e
@@ -282,11 +282,7 @@ def test_policy_deny_reaches_every_sidecar_within_a_second_and_allow_restores(me
 # ---- (d) rotations under load, (e) meshd down -------------------------------------------------------
 
 def _restart_meshd(ttl: str | None) -> float:
-    env = {**os.environ}
-    env.pop("MESH_CERT_TTL", None)
-    if ttl:
-        env["MESH_CERT_TTL"] = ttl
-    compose("up", "-d", project="meshd", file="compose/meshd.yml", env=env)
+    recreate_meshd("MESH_CERT_TTL", ttl)
     wait_for(lambda: get_json(f"{ADMIN}/v1/certs")["cert_ttl_s"] > 0, 30, what="meshd back")
     expected = len(docker_ps("label=mesh.role=sidecar")) + 1
     wait_for(lambda: len(connected_nodes()) >= expected, 30, what="every node reconnected")
@@ -368,3 +364,12 @@ def _rotations_and_outage():
           f"{max(i['issued_at'] for i in ids.values()) - restarted:.0f} s; meshctl certs:\n"
           + meshctl("certs").stdout)
     assert all(i["not_after"] - i["issued_at"] > 3600 for i in ids.values())   # 24 h certificates again
+
+
+def test_piped_meshctl_certs_counts_every_identity(mesh):
+    """`docker exec meshd meshctl certs | grep -c spiffe://`: no terminal, yet one line per identity."""
+    out = run(["docker", "exec", "meshd", "sh", "-c", "meshctl certs | grep -c spiffe://"], check=False).stdout
+    identities = get_json(f"{ADMIN}/v1/certs")["identities"]
+    assert identities and int(out.strip() or 0) >= len(identities), (out, len(identities))
+    listed = run(["docker", "exec", "meshd", "sh", "-c", "meshctl certs"]).stdout
+    assert all(any(i["identity"] in line for line in listed.splitlines()) for i in identities), listed[:2000]

@@ -26,7 +26,7 @@ import pytest
 from .conftest import ADMIN, ROOT, get_json, metric_sum, metrics, run, wait_for
 from .lifecycle import containers, ipv4, mesh_violations, project, service_containers, wait_mesh_ok
 from .soak import (
-    MEMORY_OPS, PROJECTS, TARGETS, Call, Op, State, Window, absent, judge, parse_calls, percentile, plan, states,
+    MEMORY_OPS, PROJECTS, TARGETS, Call, Op, State, Window, absent, judge, parse_calls, percentile, plan, replay_ops, states,
     touched,
 )
 
@@ -182,6 +182,24 @@ def pair_counts(caller_c: dict, callee: str, caller: str) -> tuple[float, float]
     return sent, took
 
 
+def pair_diagnostics(caller_c: dict, callee: str) -> str:
+    """What a failed pair check needs to be understood after the soak's teardown: the callee's
+    endpoints as meshd and the caller's sidecar see them, the callee's containers and their
+    addresses, and the last log lines of meshd and of the sidecars involved."""
+    lines = []
+    svc = next((s for s in get_json(f"{ADMIN}/v1/services")["services"] if s["name"] == callee), {})
+    lines.append(f"meshd's endpoints of {callee}: {svc.get('endpoints')}; instances: {svc.get('instances')}")
+    callees = [c for p in PROJECTS for n, (mesh, _) in PROJECTS[p].items() if mesh == callee
+               for c in service_containers(p, n, running=False)]
+    for c in callees:
+        lines.append(f"{c['Name']}: running={c['State']['Running']} paused={c['State']['Paused']} "
+                     f"started={c['State']['StartedAt']} ip={ipv4(c) if c['State']['Running'] else '-'}")
+    for name in ["meshd", caller_c["Name"].lstrip("/") + "-mesh"] + [c["Name"].lstrip("/") + "-mesh" for c in callees]:
+        tail = run(["docker", "logs", "--tail", "15", name], check=False)
+        lines.append(f"--- docker logs {name}:\n{(tail.stdout + tail.stderr)[-3000:]}")
+    return "\n".join(lines)
+
+
 def check_pairs(state: State) -> int:
     """Every running caller calls each of its present callees: 200, counted by both sidecars, and the
     callee is STRICT (its sidecars take nothing but mTLS). Returns the number of pairs checked."""
@@ -201,7 +219,8 @@ def check_pairs(state: State) -> int:
                 proc = run(["docker", "exec", caller_c["Id"], "curl", "-s", "-i", "-m", "5", "-w", "\n%{http_code}",
                             f"http://{callee}/"], check=False, timeout=20)
                 answer, _, code = proc.stdout.rpartition("\n")
-                assert code.strip() == "200", f"{caller} -> {callee}: {code!r}\n{answer[:600]}\n{proc.stderr[-300:]}"
+                assert code.strip() == "200", (f"{caller} -> {callee}: {code!r}\n{answer[:600]}\n{proc.stderr[-300:]}\n"
+                                               + pair_diagnostics(caller_c, callee))
                 wait_for(lambda: all(a > b for a, b in zip(pair_counts(caller_c, callee, caller), before)), 10,
                          what=f"{caller} -> {callee} counted by both sidecars")
                 checked += 1
@@ -299,7 +318,7 @@ def test_lifecycle_soak(soak_env):
     memory: dict = {}
     before = State.all_up()
     for i, op in enumerate(ops):
-        where = f"seed {seed}, operation {i} ({op}); replay: MESH_SOAK_SEED={seed} MESH_SOAK_OPS={i + 1}"
+        where = f"seed {seed}, operation {i} ({op}); replay: MESH_SOAK_SEED={seed} MESH_SOAK_OPS={replay_ops(n, i)}"
         start = time.time()
         try:
             note = perform(op, before, env)
@@ -312,8 +331,8 @@ def test_lifecycle_soak(soak_env):
             # answer, the adaptive loop) may be on its way to the sidecars, so poll toward a deadline
             # (the ACK of a new version takes ~0.1 s); what stays broken fails here.
             wait_settled(f"the invariants again after the pair checks of {op}")
-        except AssertionError as exc:
-            raise AssertionError(f"{where}: {exc}") from None
+        except (AssertionError, OSError) as exc:   # OSError: an admin port that did not answer
+            raise AssertionError(f"{where}: {exc!r}") from None
         settled = time.time()
         windows[-1] = dataclasses.replace(windows[-1], next_start=start)
         windows.append(Window(i, op, start, settled, float("inf"), frozenset(touched(op, before)),
@@ -338,7 +357,7 @@ def test_lifecycle_soak(soak_env):
     unexplained = [(c, idx) for c, why, idx in judged if why == "unexplained"]
     assert not unexplained, (f"seed {seed}: {len(unexplained)} failed calls no operation explains, first at ops "
                              f"{unexplained[0][1]}: {unexplained[0][0]}; replay: MESH_SOAK_SEED={seed} "
-                             f"MESH_SOAK_OPS={max([*unexplained[0][1], 0]) + 1}")
+                             f"MESH_SOAK_OPS={replay_ops(n, max([*unexplained[0][1], 0]))}")
     if n >= 2 * MEMORY_OPS:
         (f0, r0), (f1, r1) = memory["start"], memory["end"]
         assert f1 <= f0 * (1 + LEAK_TOLERANCE), f"seed {seed}: meshd's open fds grew from {f0} to {f1}"

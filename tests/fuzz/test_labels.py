@@ -8,12 +8,13 @@ Input bytes: one `key=value` label per line (UTF-8, invalid bytes replaced)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 from hypothesis import strategies as st
 
 from meshcore import labels as lb
-from meshcore import policy, routing_rules as rr
+from meshcore import policy, policy_wire, routing_rules as rr
 from tests.fuzz.engine import Target, corpus_test, fuzz_test
 
 
@@ -43,9 +44,14 @@ def check(data: bytes) -> None:
     assert isinstance(spec, (lb.MeshSpec, lb.LabelError)), spec
     finite(spec)
     try:
-        finite(policy.decode_traffic_policy(policy.policy_labels(labels)))
+        decoded = policy.decode_traffic_policy(policy.policy_labels(labels))
     except lb.LabelDecodeError:
         pass
+    else:
+        finite(decoded)
+        # every policy meshd decodes passes the nodes' check of the snapshot unchanged
+        wire = json.loads(json.dumps(policy_wire.encode_policy_wire(decoded)))
+        assert policy_wire.decode_policy_wire(wire) == decoded
     values = list(labels.values())[:4]
     for call in (lambda: rr.parse_split_args(values),
                  lambda: rr.validate_split("svc", rr.parse_split_args(values), None),

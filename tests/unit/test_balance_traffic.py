@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from meshcore.policy import TrafficPolicy
 from meshcore.snapshot import Endpoint, ServiceConfig
 from sidecar.proxy import Exchange, ProxyState, _Downstream, _Listener, balance_traffic, build_outbound_stack
 from sidecar.routing import make_cluster
@@ -28,7 +29,7 @@ class Draws:
 
 def traffic(n: int, lb: str):
     svc = ServiceConfig(name="payments", namespace="shop", protocol="http", port=80, identity="x",
-                        policy=(("mesh.lb", lb),))
+                        policy=TrafficPolicy(lb=lb))
     eps = tuple(Endpoint(f"p{i}", f"10.0.0.{i + 1}", 15006, "v1", "x") for i in range(n))
     cluster = make_cluster("payments", "http", eps, mesh=True, service=svc)
     return cluster, TrafficRegistry().of(cluster)

@@ -114,3 +114,16 @@ async def test_the_dialled_url_is_reported_on_connect(monkeypatch):
         await asyncio.sleep(0.01)
     task.cancel()
     assert told == ["wss://172.31.0.1:15012/v1/stream"] and dialled[0] == told[0]
+
+
+@pytest.mark.parametrize("now, renew_at, asked_at, server, wait", [
+    (100.0, None, 0.0, False, 1.0),           # no certificate yet: look again in 1 s
+    (100.0, 1000.0, 0.0, False, 30.0),        # renewal far off: at most 30 s
+    (100.0, 110.0, 0.0, False, 10.0),         # renewal in 10 s: sleep until then
+    (100.0, 90.0, 99.0, False, 1.0),          # due, asked 1 s ago: ask again 2 s after asking
+    (100.0, 90.0, 50.0, False, 0.05),         # due, asked long ago: at once (floor)
+    (100.0, 1000.0, 0.0, True, 5.0),          # a gateway also looks at its HTTPS certificate
+])
+def test_renew_wait(now, renew_at, asked_at, server, wait):
+    from sidecar.control import renew_wait
+    assert renew_wait(now, renew_at, asked_at, server) == pytest.approx(wait)

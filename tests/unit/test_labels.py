@@ -148,12 +148,12 @@ def test_every_known_label_is_decoded():
               "mesh.capture": "explicit", "mesh.gateway.path": "/o", "mesh.gateway.host": "o.example",
               "mesh.gateway.strip-prefix": "true", "mesh.mtls": "permissive", "mesh.allow": "gateway, users",
               "mesh.gateway.auth": "jwt", "mesh.gateway.jwt.issuer": "https://idp.example",
-              "mesh.gateway.jwt.audience": "shop", "mesh.hold": "false"}
+              "mesh.gateway.jwt.audience": "shop", "mesh.hold": "false", "mesh.egress": "api.example:443"}
     assert set(labels) | {"mesh.enable"} == set(KNOWN_LABELS)
     assert decode_labels(info(labels)) == MeshSpec(
         service="orders", namespace="shop", port=8080, version="v3", protocol="http", capture="explicit",
         gateway=GatewayRule("/o", "o.example", True, "jwt", "https://idp.example", "shop"),
-        mtls="permissive", allow=("gateway", "users"), hold=False)
+        mtls="permissive", allow=("gateway", "users"), hold=False, egress=("api.example:443",))
 
 
 def test_zero_trust_label_defaults():

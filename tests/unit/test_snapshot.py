@@ -8,6 +8,7 @@ import json
 import pytest
 
 from meshcore.labels import COMPOSE_PROJECT, COMPOSE_SERVICE, ContainerInfo, LabelError
+from meshcore.policy import decode_traffic_policy
 from meshcore.snapshot import (
     Announcement, Endpoint, GatewayRoute, MeshConfig, ServiceConfig, Snapshot, SnapshotError, build_config,
     build_workloads, decode_snapshot, encode_snapshot, match_gateway_route, rewrite_path,
@@ -287,7 +288,7 @@ def _set(path, value):
     (_set(["version"], "7"), "snapshot.version: expected int"),
     (_set(["version"], True), "snapshot.version: expected int"),
     (_set(["schema"], ...), "snapshot.schema: missing"),
-    (_set(["schema"], 2), "snapshot.schema: 2 is not supported"),
+    (_set(["schema"], 1), "snapshot.schema: 1 is not supported (want 2; meshd is of another build)"),
     (_set(["services"], []), "snapshot.services: expected dict"),
     (_set(["services", "catalog", "port"], "8080"), "services.catalog.port: expected int"),
     (_set(["services", "catalog", "port"], False), "services.catalog.port: expected int"),
@@ -335,8 +336,37 @@ def test_policy_carried_per_service_and_conflicts_reported():
     a = ctr("payments-a", {"mesh.service": "payments", "mesh.retries.attempts": "3"}, ip="10.0.0.1")
     b = ctr("payments-b", {"mesh.service": "payments", "mesh.retries.attempts": "5"}, ip="10.0.0.2")
     config, errors = build([a, b])
-    assert config.services["payments"].policy == (("mesh.retries.attempts", "3"),)
-    assert [(e.container, e.label) for e in errors] == [("payments-b", "mesh.retries.attempts")]
+    assert config.services["payments"].policy.retries.attempts == 3
+    assert [(e.container, e.label, e.message) for e in errors] == [
+        ("payments-b", "mesh.retries.attempts",
+         "retries.attempts 5 differs from 3 of other payments instances (traffic policy is per service)")]
+
+
+@pytest.mark.parametrize("first, second, label, message", [
+    ({"mesh.timeout": "2s"}, {"mesh.timeout": "2000ms"}, None, None),           # the same policy
+    ({"mesh.retries.attempts": "2"}, {}, None, None),                            # the default, said or not
+    ({"mesh.lb": "random"}, {}, "mesh.lb", 'lb "least-request" differs from "random"'),
+    ({}, {"mesh.timeout": "1s"}, "mesh.timeout", "timeout_s 1.0 differs from null"),
+    ({}, {"mesh.retries.budget": "20%,5"}, "mesh.retries.budget", "retries.budget_min 5 differs from 3"),
+    ({"mesh.circuit.max-requests": "10"}, {"mesh.circuit.max-requests": "20"}, "mesh.circuit.max-requests",
+     "circuit.max_requests 20 differs from 10"),
+    ({}, {"mesh.outlier.consecutive-5xx": "off"}, "mesh.outlier.consecutive-5xx",
+     "outlier.consecutive_5xx null differs from 5"),
+    ({}, {"mesh.ratelimit": "2/s"}, "mesh.ratelimit", 'rate_limit {"rate_per_s": 2.0'),
+    ({"mesh.ratelimit": "2/s"}, {"mesh.ratelimit": "2/s", "mesh.ratelimit.per-caller": "true"},
+     "mesh.ratelimit.per-caller", "rate_limit.per_caller true differs from false"),
+])
+def test_instances_of_a_service_must_agree_on_its_policy(first, second, label, message):
+    a = ctr("payments-a", {"mesh.service": "payments", **first}, ip="10.0.0.1")
+    b = ctr("payments-b", {"mesh.service": "payments", **second}, ip="10.0.0.2")
+    config, errors = build([a, b])
+    assert config.services["payments"].policy == decode_traffic_policy(first)
+    if label is None:
+        assert errors == []
+    else:
+        [error] = errors
+        assert (error.container, error.label) == ("payments-b", label)
+        assert error.message.startswith(message) and "of other payments instances" in error.message
 
 
 def test_policy_and_rules_round_trip():
@@ -352,14 +382,25 @@ def test_policy_and_rules_round_trip():
 
 
 @pytest.mark.parametrize("policy, rules, field", [
-    ({"mesh.lb": "fastest"}, None, "services.catalog.policy"),
-    ({"mesh.lb": 3}, None, "services.catalog.policy"),
-    ({}, {"service": "catalog", "split": {"weights": [["v1", 90], ["v2", 20]]}}, "services.catalog.rules"),
+    ({"lb": "fastest"}, None, "services.catalog.policy.lb: expected one of least-request"),
+    ({"lb": 3}, None, "services.catalog.policy.lb"),
+    ({"retries": {"attempts": -1}}, None, "services.catalog.policy.retries.attempts: expected an integer 0..10"),
+    ({"mesh.lb": "random"}, None, "services.catalog.policy: label strings (mesh.lb) instead of typed fields"),
+    (..., None, "services.catalog.policy: missing"),
+    (None, {"service": "catalog", "split": {"weights": [["v1", 90], ["v2", 20]]}}, "services.catalog.rules"),
 ])
 def test_decode_snapshot_rejects_bad_policy_or_rules(policy, rules, field):
     config, _ = build([ctr("catalog", ip="10.0.0.9")])
     wire = encode_snapshot(Snapshot(version=1, config=config))
-    wire["services"]["catalog"]["policy"] = policy
+    if policy is ...:
+        del wire["services"]["catalog"]["policy"]
+    elif policy is not None:
+        for key, value in policy.items():  # a change of one field (of one section) of the encoded policy
+            target = wire["services"]["catalog"]["policy"]
+            if isinstance(value, dict) and key in target:
+                target[key].update(value)
+            else:
+                target[key] = value
     wire["services"]["catalog"]["rules"] = rules
     with pytest.raises(SnapshotError) as exc:
         decode_snapshot(wire)

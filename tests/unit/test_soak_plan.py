@@ -10,7 +10,7 @@ import yaml
 
 from tests.e2e.soak import (
     KINDS, MAX_REPLICAS, MEMORY_OPS, PROJECTS, TARGETS, Call, Op, ServiceState, State, Window, absent, apply,
-    candidates, judge, parse_calls, percentile, plan, states, touched,
+    candidates, judge, parse_calls, percentile, plan, replay_ops, states, touched,
 )
 
 PROJECT_FILES = Path(__file__).resolve().parents[1] / "e2e" / "projects"
@@ -193,3 +193,14 @@ def test_compose_files_match_the_model(proj):
     assert sum(len(m) for m in meshes) == len(set().union(*meshes))
     versions = {labels.get("mesh.version", "v1") for labels in (s["labels"] for s in services.values())}
     assert proj != "soaka" or versions == {"v1", "v2"}
+
+
+def test_a_replay_with_two_more_operations_repeats_the_failed_one():
+    """A replay for a failure at operation i repeats the run's first i + 1 operations: a run's last
+    operation is a reset, so a replay of i + 1 would end with a reset in place of operation i."""
+    seed = 1855753523
+    for n in (30, 300):
+        full = plan(seed, n)
+        for i in (5, 25, n - 2):
+            assert plan(seed, replay_ops(n, i))[: i + 1] == full[: i + 1], (n, i)
+    assert plan(seed, 213)[212].kind == "reset" and plan(seed, 300)[212].kind != "reset"

@@ -9,8 +9,8 @@ import math
 import pytest
 
 from meshcore.adaptive import (
-    AdaptiveConfig, AdaptiveState, TIGHT_OVERRIDES, decide_adaptive_policy, merge_policy_overrides,
-    wilson_lower_bound,
+    AdaptiveConfig, AdaptiveState, OutlierOverrides, TIGHT_OVERRIDES, decide_adaptive_policy, decode_overrides,
+    encode_overrides, tighten_policy, wilson_lower_bound,
 )
 from meshcore.alarms import AlarmState, LatencyConfig, SpikeConfig, detect_error_spike, detect_latency_jump
 from meshcore.canary import compare_versions
@@ -18,6 +18,7 @@ from meshcore.flowstats import (
     Acc, Stats, Window, by_edge, by_service, by_service_version, dedupe_reporters, histogram_quantile,
     summarize,
 )
+from meshcore.policy import DEFAULT_POLICY, decode_traffic_policy
 from meshcore.promtext import FlowKey, Hist, parse_sample_line, parse_scrape, scrape_delta
 
 EXPOSITION = r'''# HELP istio_requests_total Requests handled by the proxy.
@@ -290,16 +291,51 @@ def test_adaptive_policy_runs_a_whole_episode():
     assert actions == [(10.0, "tighten"), (80.0, "relax")]  # below from t=20, relaxed 60 s later
 
 
-def test_merge_policy_overrides_only_tightens():
-    assert merge_policy_overrides({}, TIGHT_OVERRIDES) == TIGHT_OVERRIDES
-    stricter = {"mesh.outlier.consecutive-5xx": "1", "mesh.outlier.base-ejection": "5s",
-                "mesh.outlier.max-ejection-percent": "80%"}
-    assert merge_policy_overrides(stricter, TIGHT_OVERRIDES) == stricter
-    assert merge_policy_overrides({"mesh.outlier.consecutive-5xx": "off"}, TIGHT_OVERRIDES) == {
-        "mesh.outlier.consecutive-5xx": "off", "mesh.outlier.base-ejection": "10s",
-        "mesh.outlier.max-ejection-percent": "50%"}
-    assert merge_policy_overrides({"mesh.lb": "bogus"}, TIGHT_OVERRIDES) == {"mesh.lb": "bogus"}
-    assert merge_policy_overrides({"mesh.timeout": "2s"}, None) == {"mesh.timeout": "2s"}
+@pytest.mark.parametrize("labels, expected", [
+    # (labels of the service, its outlier section after tightening, as (c5xx, base s, max %))
+    ({}, (2, 10.0, 50.0)),
+    ({"mesh.outlier.consecutive-5xx": "1", "mesh.outlier.base-ejection": "5s",
+      "mesh.outlier.max-ejection-percent": "80%"}, (1, 5.0, 80.0)),          # already tighter: kept
+    ({"mesh.outlier.consecutive-5xx": "off"}, (None, 10.0, 50.0)),           # off stays off
+    ({"mesh.outlier.consecutive-5xx": "3", "mesh.outlier.base-ejection": "1m"}, (2, 10.0, 50.0)),
+    ({"mesh.outlier.max-ejection-percent": "50%"}, (2, 10.0, 50.0)),
+])
+def test_tighten_policy_changes_typed_fields_and_never_loosens(labels, expected):
+    policy = decode_traffic_policy({**labels, "mesh.timeout": "2s", "mesh.lb": "round-robin"})
+    tight = tighten_policy(policy, TIGHT_OVERRIDES)
+    o = tight.outlier
+    assert (o.consecutive_5xx, o.base_ejection, o.max_ejection_percent) == expected
+    # only the outlier section moves; everything else is the labels' own
+    assert tight.timeout == 2.0 and tight.lb == "round-robin" and tight.retries == policy.retries
+    assert (o.interval, o.max_ejection, o.min_health_percent) == (policy.outlier.interval,
+                                                                    policy.outlier.max_ejection,
+                                                                    policy.outlier.min_health_percent)
+
+
+def test_tighten_policy_returns_the_policy_itself_when_nothing_changes():
+    strict = decode_traffic_policy({"mesh.outlier.consecutive-5xx": "1", "mesh.outlier.base-ejection": "5s",
+                                    "mesh.outlier.max-ejection-percent": "90%"})
+    assert tighten_policy(strict, TIGHT_OVERRIDES) is strict
+    assert tighten_policy(DEFAULT_POLICY, None) is DEFAULT_POLICY
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"consecutive_5xx": 2, "base_ejection_s": 10.0, "max_ejection_percent": 50.0}, TIGHT_OVERRIDES),
+    ({"consecutive_5xx": 3, "base_ejection_s": 1, "max_ejection_percent": 100}, OutlierOverrides(3, 1.0, 100.0)),
+    ({"mesh.outlier.consecutive-5xx": "2", "mesh.outlier.base-ejection": "10s"}, None),  # an older meshd's
+    ({"consecutive_5xx": 0, "base_ejection_s": 10.0, "max_ejection_percent": 50.0}, None),
+    ({"consecutive_5xx": 2.5, "base_ejection_s": 10.0, "max_ejection_percent": 50.0}, None),
+    ({"consecutive_5xx": True, "base_ejection_s": 10.0, "max_ejection_percent": 50.0}, None),
+    ({"consecutive_5xx": 2, "base_ejection_s": 0, "max_ejection_percent": 50.0}, None),
+    ({"consecutive_5xx": 2, "base_ejection_s": float("inf"), "max_ejection_percent": 50.0}, None),
+    ({"consecutive_5xx": 2, "base_ejection_s": 10.0, "max_ejection_percent": 101}, None),
+    ({"consecutive_5xx": 2, "base_ejection_s": 10.0}, None),
+    ([2, 10, 50], None),
+])
+def test_decode_overrides(raw, expected):
+    assert decode_overrides(raw) == expected
+    if expected is not None:
+        assert decode_overrides(encode_overrides(expected)) == expected
 
 
 def test_compare_versions_verdicts():
@@ -334,3 +370,45 @@ def test_health_view_takes_the_worse_reporter_per_flow():
     health = health_by_service(flows)
     assert health[("payments",)].requests == 140 and health[("payments",)].errors == 60
     assert health[("users",)].errors == 10
+
+
+def test_request_families_are_rendered_again_only_after_a_count():
+    telemetry = pytest.importorskip("sidecar.telemetry")
+    from meshcore.metrics import render_families
+
+    t = telemetry.Telemetry()
+    t.record_request("source", "frontend", "v1", "catalog", "catalog", "v2", 200, "-", 3.0)
+    collector = next(c for c in t.registry.collectors() if hasattr(c, "exposition"))
+    first = collector.exposition()
+    assert first == render_families(collector.collect()) and collector.exposition() is first   # cached
+    t.series[next(iter(t.series))].count += 1      # the proxy's fast path counts a known series in place
+    t.series[next(iter(t.series))].buckets[0] += 1
+    second = collector.exposition()
+    assert second is not first and second == render_families(collector.collect())
+    t.record_request("destination", "unknown", "unknown", "catalog", "catalog", "v2", 500, "-", 2.0)
+    assert 'response_code="500"' in collector.exposition()
+    s = parse_scrape(telemetry.render_metrics(t).decode())
+    assert s.requests[FlowKey("source", "frontend", "catalog", "v2", "200")] == 2
+
+
+def test_window_merges_old_slots_and_stays_exact_over_the_last_minute():
+    """Ten requests every 2 s for 300 s: beyond 70 s the 2 s slots are merged into 10 s ones, counts
+    over any span stay whole, and the last 60 s are exact."""
+    w = Window(horizon_s=300, resolution_s=2)
+    t, ok = 1000.0, 0
+    prev = parse_scrape(_scrape(0, 0, {"+Inf": 0}))
+    w.add(t, scrape_delta(None, prev), since=t)
+    counts = []
+    for i in range(1, 151):
+        ok += 10
+        cur = parse_scrape(_scrape(ok, 0, {"+Inf": ok}))
+        w.add(t + 2 * i, scrape_delta(prev, cur), since=t + 2 * (i - 1))
+        prev = cur
+        counts.append(len(w.slots))
+    now = t + 300
+    assert max(counts) <= 70 / 2 + (300 - 70) / 10 + 2        # 2 s slots for 70 s, 10 s slots beyond: not 150
+    assert all(end % 10 == 0 for end, _, _ in w.coarse) and len(w.fine) <= 35
+    total = lambda span: by_service_version(w.select(now, span))[("catalog", "v1")].requests  # noqa: E731
+    assert total(60) == 300 and total(10) == 50 and total(2) == 10       # exact
+    assert total(300) == 1500                                            # every delta of the last 300 s
+    assert 590 <= total(120) <= 700                                      # to the nearest 10 s beyond 70 s
