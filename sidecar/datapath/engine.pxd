@@ -221,6 +221,7 @@ cdef class Exchange:
     cdef public object flags
     cdef public bint resp_started, resp_done, discard, close_after, dead
     cdef public Py_ssize_t fields, body_seen   # limits
+    cdef public object upgrade                 # the Upgrade of a request switching protocols
     cdef public object traffic, subset, mirror
     cdef public bint admitted, budgeted, keep_held, resend
     cdef public int attempt
@@ -247,6 +248,7 @@ cdef class _Downstream:
     cdef public Py_ssize_t body_left
     cdef public bytes peer_ip, peer_xfcc
     cdef public object peer_identity, peer_service, orig_dst, raw, sniff_timer
+    cdef public bytes early
 
     @cython.locals(ex=Exchange)
     cpdef data_received(self, data)
@@ -318,6 +320,7 @@ cdef class _Upstream:
     cdef public bint mid
     cdef public Py_ssize_t body_left
     cdef public bint whole_keep
+    cdef public object upgrade   # the response's Upgrade (a 101)
 
     cpdef attach(self, Exchange ex)
     cpdef close(self)

@@ -984,8 +984,8 @@ class Mirror(Layer):
 
     def on_request(self, down: _Downstream, ex: Exchange) -> int:
         lane = ex.lane
-        if lane is None or lane.mirror is None:
-            return NEXT
+        if lane is None or lane.mirror is None or ex.upgrade is not None:
+            return NEXT   # an upgrade (a WebSocket) is a conversation, not a request to copy
         mirror = self.choose(ex.traffic, down.state.random())
         if mirror is not None:
             ex.mirror = mirror
@@ -1238,7 +1238,7 @@ class Exchange:
         "is_head", "is_connect", "bad", "head_done", "req_done", "dispatched", "cluster", "index",
         "key", "excluded", "tries_left", "up", "pending", "pending_bytes", "held", "held_bytes",
         "reused", "fresh_retry", "got_body", "status", "flags", "resp_started", "resp_done", "discard",
-        "close_after", "dead", "fields", "body_seen",
+        "close_after", "dead", "fields", "body_seen", "upgrade",
         # traffic layers
         "traffic", "subset", "mirror", "admitted", "budgeted", "keep_held", "resend", "attempt", "retry_on",
         "in_retry", "timer", "try_timer", "wait", "fault_abort", "lane",
@@ -1293,6 +1293,7 @@ class Exchange:
         self.dead = False
         self.fields = 0                           # header fields (limits: max_headers)
         self.body_seen = 0                        # body bytes, counted where a limit applies (gateway)
+        self.upgrade: bytes | None = None         # Upgrade of a request asking to switch protocols (RFC 9110 7.8)
         self.traffic = None                       # sidecar.traffic.ServiceTraffic of a mesh destination
         self.lane: _Lane | None = None            # what the traffic layers read of it (_Lane)
         self.subset = None                        # the version subset chosen by the rules layer
@@ -1381,6 +1382,7 @@ class _Downstream:
         self.orig_dst: tuple[str, int] | None = None
         self.raw: bytearray | None = None
         self.sniff_timer: asyncio.TimerHandle | None = None
+        self.early = b""   # bytes after an upgrade request's head: the new protocol's, sent on a 101
 
     # -- transport callbacks
 
@@ -1460,9 +1462,15 @@ class _Downstream:
                 if ex is None or ex.bad:
                     self._bad_request()
                     return
+                if ex.upgrade is not None:
+                    # The rest is the new protocol's, held until the upstream switches (101); reading
+                    # stops here: an answer other than 101 closes the connection.
+                    self.early += data
+                    self._pause(P_STOPPED)
+                    return
                 if not data:
                     return
-                # An Upgrade request without a body: Upgrade is hop-by-hop, dropped; parse on.
+                # Upgrade without Connection: upgrade (or from HTTP/1.0): ignored; parse on.
             except HttpParserError as exc:
                 if self.closing or self.switched:
                     return
@@ -1625,6 +1633,9 @@ class _Downstream:
                 if ex.b3 is None:
                     ex.b3 = {}
                 ex.b3[name.lower()] = value
+            elif a == H_UPGRADE:
+                value = value.strip()
+                ex.upgrade = value if ex.upgrade is None else ex.upgrade + b", " + value
 
     def on_headers_complete(self) -> None:
         p = self.parser
@@ -1649,8 +1660,12 @@ class _Downstream:
             ex.is_connect = True
             ex.head_done = True
             return False  # handled when the parser reports the upgrade
-        if upgrade and ex.body:
+        if not upgrade or http10:
+            ex.upgrade = None   # RFC 9110 7.8: only with Connection: upgrade, never from HTTP/1.0
+        elif ex.body:
             ex.bad = True  # an Upgrade request with a body is not supported
+        else:
+            ex.keep_alive = False   # after the answer the connection is a tunnel (101) or closed
         target = ex.target
         if (not target or target[0] != _SLASH) and target != b"*" and not ex.bad:
             if not self._absolute_form(ex):
@@ -2070,6 +2085,8 @@ class _Downstream:
         parts += ex.lines
         if ex.chunked:
             parts.append(b"transfer-encoding: chunked\r\n")
+        elif ex.upgrade is not None:
+            parts += (b"connection: upgrade\r\nupgrade: ", ex.upgrade, b"\r\n")
         if cluster.mesh:
             parts.append(self.stack.mesh_headers)
         if ex.extra:
@@ -2401,7 +2418,8 @@ class _Downstream:
 
 # ---- the upstream side --------------------------------------------------------------------------
 
-_WAIT_HEAD, _BODY, _DONE, _SKIP = 0, 1, 2, 3   # _SKIP: a response the retry layer took, read and dropped
+_WAIT_HEAD, _BODY, _DONE, _SKIP, _SWITCHED = 0, 1, 2, 3, 4   # _SKIP: a response the retry layer took,
+# read and dropped; _SWITCHED: a 101 answered an upgrade request (the connection becomes a tunnel)
 
 
 class _Upstream:
@@ -2412,7 +2430,7 @@ class _Upstream:
                  "got_bytes", "phase", "lines", "chunked_in", "has_cl", "conn_tokens", "chunked_out",
                  "until_close", "keep", "interim", "read_paused", "write_paused", "uses", "out",
                  "peer_flags", "skip", "breaker", "connected_at", "sent_at", "doomed", "probing",
-                 "mid", "body_left", "whole_keep")
+                 "mid", "body_left", "whole_keep", "upgrade")
 
     def __init__(self, pool: UpstreamPools, key: tuple[str, int], breaker: Any = None):
         self.pool = pool
@@ -2462,6 +2480,17 @@ class _Upstream:
         if not self.closed and self.transport is not None:
             self.transport.close()
 
+    def detach(self) -> None:
+        """Leave the pool and the breaker's connection count: the connection is closed, or a byte
+        tunnel's from now on (a protocol switch; a snapshot that removes its endpoint does not end it)."""
+        self.closed = True   # for the pool: never handed out again
+        self.pool.discard(self)
+        self.pool.unregister(self)
+        breaker = self.breaker
+        if breaker is not None:
+            self.breaker = None
+            breaker.release_connection()
+
     def pause_reading(self) -> None:
         if not self.read_paused and not self.closed:
             self.read_paused = True
@@ -2503,6 +2532,11 @@ class _Upstream:
             if out:
                 _send(ex.down.transport, out)
             if self.exchange is not ex:
+                return
+            if self.phase == _SWITCHED and exc.__class__ is HttpParserUpgrade:
+                from .pipes import switch_protocols   # pipes imports this module: not at its top
+
+                switch_protocols(ex.down, ex, self, data[exc.args[0]:])
                 return
             if self.phase == _DONE or self.skip:
                 self.keep = False  # complete, but junk followed (or a dropped answer went bad)
@@ -2578,13 +2612,7 @@ class _Upstream:
         return None  # close; connection_lost decides what it meant
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.pool.discard(self)
-        self.pool.unregister(self)
-        breaker = self.breaker
-        if breaker is not None:
-            self.breaker = None
-            breaker.release_connection()
+        self.detach()
         ex = self.exchange
         if ex is None:
             return
@@ -2621,6 +2649,7 @@ class _Upstream:
         self.has_cl = False
         self.conn_tokens = None
         self.peer_flags = None
+        self.upgrade = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header(name, value, RESPONSE_HEADERS.get(name.lower()))
@@ -2642,6 +2671,8 @@ class _Upstream:
                 self.chunked_in = True
         elif a == H_CONNECTION:
             self.conn_tokens = connection_tokens(value, self.conn_tokens)
+        elif a == H_UPGRADE:
+            self.upgrade = value.strip()
 
     def on_headers_complete(self) -> None:
         p = self.parser
@@ -2656,7 +2687,14 @@ class _Upstream:
             lines = drop_named(lines, self.conn_tokens)
         if status < 200:
             if status == 101:
-                raise _Stop  # Upgrade was removed from the request; a switch is a protocol error
+                if ex.upgrade is None or ex.resp_started:
+                    raise _Stop  # a switch nobody asked for is a protocol error
+                ex.status = 101
+                ex.resp_started = True
+                self.phase = _SWITCHED   # the parser stops after this head (HttpParserUpgrade)
+                self.out.append(join([status_line(101), *lines, b"connection: upgrade\r\nupgrade: ",
+                                      self.upgrade or ex.upgrade, b"\r\n\r\n"]))
+                return
             self.interim = True
             if not ex.http10:
                 self.out.append(b"".join([status_line(status), *lines, b"\r\n"]))

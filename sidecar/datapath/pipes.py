@@ -1,6 +1,6 @@
 """Byte forwarding: a tunnel of two `_Pipe` protocols (services with protocol "tcp", passthrough of
 destinations the mesh does not know, CONNECT), connected with the HTTP path's balance layer,
-connect-retry and TLS."""
+connect-retry and TLS; and the tunnel an HTTP/1.1 Upgrade (WebSocket) becomes after its 101."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from meshcore.lb import connect_tries
 
 from ..routing import Cluster
-from .engine import WRITE_HIGH_WATER, ProxyState, Stack, _dec, log
+from .engine import WRITE_HIGH_WATER, Exchange, ProxyState, Stack, _Downstream, _Upstream, _dec, log
 from .peers import check_peer
 
 
@@ -166,3 +166,41 @@ async def _tunnel(state: ProxyState, stack: Stack, client: _Pipe, cluster: Clust
         client.transport.close()
     else:
         client.transport.abort()  # a reset tells the client the destination is unreachable
+
+
+def switch_protocols(down: _Downstream, ex: Exchange, up: _Upstream, rest: bytes) -> None:
+    """The upstream answered `ex`'s upgrade with 101 (its head already written downstream): the
+    exchange ends (counted with status 101) and the two connections become one byte tunnel, each
+    side given what arrived after the heads (`down.early`, `rest`)."""
+    up.exchange = None
+    ex.up = None
+    up.detach()   # out of its pool and breaker: the tunnel owns the connection now
+    key = ex.key
+    ex.key = None   # still in flight (least-request balancing) until the tunnel ends: the pipe releases it
+    ex.resp_done = True
+    down.switched = True
+    down.queue.clear()
+    down.cur = None
+    down._finish_metrics(ex)
+    client = _Pipe(down.stack.gauge)   # the downstream connection's gauge count ends with the tunnel
+    client.transport = down.transport
+    server = _Pipe()
+    server.transport = up.transport
+    if key is not None:
+        server.counts = down.state.in_flight
+        server.key = key
+    client.peer = server
+    server.peer = client
+    down.transport.set_protocol(client)
+    up.transport.set_protocol(server)
+    if down.early:
+        up.transport.write(down.early)
+        down.early = b""
+    if rest:
+        down.transport.write(rest)
+    if down.eof:   # the client half-closed after its request: pass that on
+        client.eof_received()
+    else:
+        down.transport.resume_reading()
+    if up.read_paused:
+        up.transport.resume_reading()

@@ -117,10 +117,6 @@ def metric(state: ProxyState, name: str, **labels) -> float:
     return total
 
 
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority.create(TD, time.time())
-
 
 # ---- mTLS on the data path ----------------------------------------------------------------------
 

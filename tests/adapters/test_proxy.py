@@ -70,6 +70,7 @@ class App:
         app.router.add_get("/head", self.head)
         app.router.add_get("/nocontent", self.nocontent)
         app.router.add_get("/reset", self.reset)
+        app.router.add_get("/ws", self.websocket)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -82,6 +83,20 @@ class App:
 
     def _seen(self, request):
         self.peers.add(request.transport.get_extra_info("peername")[1])
+
+    async def websocket(self, request: web.Request):
+        """A WebSocket that echoes each message with its length; "bye" closes it from this side."""
+        self._seen(request)
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT and msg.data == "bye":
+                await ws.close()
+            elif msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str(f"{len(msg.data)}:{msg.data}")
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        return ws
 
     async def echo(self, request: web.Request):
         self._seen(request)

@@ -17,7 +17,7 @@ def test_proxy_engine_tests_pass_on_the_python_source() -> None:
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert which.stdout.strip().endswith("sidecar/datapath/engine.py"), which.stdout + which.stderr
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "tests/adapters/test_proxy.py"],
+                          "tests/adapters/test_proxy.py", "tests/adapters/test_upgrade.py"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     tail = run.stdout[-3000:] + run.stderr[-2000:]
     assert run.returncode == 0, tail
