@@ -36,6 +36,9 @@ REQUEST_LABELS = ("reporter", "source_workload", "source_version", "destination_
                   "destination_workload", "destination_version", "request_protocol", "response_code",
                   "response_flags")
 
+TUNNEL_LABELS = ("reporter", "source_workload", "source_version", "destination_service", "destination_version")
+
+
 
 class _Series:
     __slots__ = ("labels", "count", "sum", "buckets")
@@ -116,6 +119,12 @@ class Telemetry:
             ("source_workload", "destination_service", "destination_version", "response_code"),
             registry=self.registry)
         self._mirror_children: dict[tuple, Counter] = {}
+        # Istio's TCP byte counters, here for the tunnels an HTTP Upgrade (WebSocket) becomes:
+        # received = bytes from the client's side, sent = bytes from the server's side.
+        self.tcp_received = Counter("istio_tcp_received_bytes", "Bytes a tunnel carried from its client.",
+                                    TUNNEL_LABELS, registry=self.registry)
+        self.tcp_sent = Counter("istio_tcp_sent_bytes", "Bytes a tunnel carried from its server.",
+                                TUNNEL_LABELS, registry=self.registry)
 
     def record_request(self, reporter: str, source_workload: str, source_version: str,
                        destination_service: str, destination_workload: str, destination_version: str,
@@ -145,6 +154,13 @@ class Telemetry:
             child = self._mirror_children[key] = self.mirror_requests.labels(
                 source_workload, destination_service, destination_version, str(response_code))
         child.inc()
+
+    def record_tunnel_bytes(self, labels: tuple, received: int, sent: int) -> None:
+        """Count the bytes of a tunnel (TUNNEL_LABELS' values) that ended or moved on."""
+        if received:
+            self.tcp_received.labels(*labels).inc(received)
+        if sent:
+            self.tcp_sent.labels(*labels).inc(sent)
 
     def connections(self, direction: str) -> Gauge:
         """The cached gauge child of `mesh_sidecar_connections_active` for a direction."""

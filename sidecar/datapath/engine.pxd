@@ -292,6 +292,7 @@ cdef class _Downstream:
     cpdef _response_done(self, Exchange ex, _Upstream up, bint reusable, bint close)
     @cython.locals(layer=Layer)
     cpdef _finish_metrics(self, Exchange ex)
+    cpdef tuple metric_labels(self, Exchange ex)
     @cython.locals(nxt=Exchange)
     cpdef _advance(self)
     cpdef _pause(self, int bit)

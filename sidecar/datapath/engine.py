@@ -2240,19 +2240,8 @@ class _Downstream:
             layer.on_end(self, ex)
         ms = (monotonic() - ex.start) * 1000.0
         cluster = ex.cluster
-        if stack.reporter == REPORTER_DESTINATION:
-            src = caller_of(self, ex)
-            srcv = ex.source_version.decode("latin-1") if ex.source_version else UNKNOWN
-            dst, ver = state.service, state.version
-            count_request(state.telemetry, REPORTER_DESTINATION, src, srcv, dst, ver, ex.status, ex.flags, ms)
-        else:
-            src, srcv = stack.source_name, state.version
-            if cluster is None:
-                dst, ver = UNKNOWN, UNKNOWN
-            else:
-                dst = cluster.name
-                ver = cluster.endpoints[ex.index].version if ex.index is not None else UNKNOWN
-            count_request(state.telemetry, REPORTER_SOURCE, src, srcv, dst, ver, ex.status, ex.flags, ms)
+        reporter, src, srcv, dst, ver = self.metric_labels(ex)
+        count_request(state.telemetry, reporter, src, srcv, dst, ver, ex.status, ex.flags, ms)
         trace = ex.trace
         headers = ex.trace_headers
         if trace is None and not headers:
@@ -2270,6 +2259,20 @@ class _Downstream:
                                  status=ex.status, flags=ex.flags, ms=ms, source=src, source_version=srcv,
                                  destination=dst, destination_version=ver, upstream=upstream,
                                  attempts=ex.attempt + 1, no_flags=NO_FLAGS)
+
+    def metric_labels(self, ex: Exchange) -> tuple:
+        """(reporter, source workload, its version, destination service, its version) of `ex`."""
+        state = self.state
+        if self.stack.reporter == REPORTER_DESTINATION:
+            srcv = ex.source_version.decode("latin-1") if ex.source_version else UNKNOWN
+            return REPORTER_DESTINATION, caller_of(self, ex), srcv, state.service, state.version
+        cluster = ex.cluster
+        if cluster is None:
+            dst, ver = UNKNOWN, UNKNOWN
+        else:
+            dst = cluster.name
+            ver = cluster.endpoints[ex.index].version if ex.index is not None else UNKNOWN
+        return REPORTER_SOURCE, self.stack.source_name, state.version, dst, ver
 
     def _advance(self) -> None:
         """The head exchange is finished: start the next pipelined one, if any."""

@@ -17,7 +17,7 @@ from .peers import check_peer
 class _Pipe(asyncio.Protocol):
     """One side of a byte tunnel; writes what it reads to its peer, with backpressure and half-close."""
 
-    __slots__ = ("transport", "peer", "buffer", "eof", "closed", "gauge", "counts", "key")
+    __slots__ = ("transport", "peer", "buffer", "eof", "closed", "gauge", "counts", "key", "moved", "meter")
 
     def __init__(self, gauge: Any = None):
         self.transport: asyncio.Transport | None = None
@@ -28,6 +28,8 @@ class _Pipe(asyncio.Protocol):
         self.gauge = gauge
         self.counts: dict | None = None
         self.key: tuple[str, int] | None = None
+        self.moved = 0                 # bytes read from this side (for `meter`)
+        self.meter: Any = None         # meter(bytes) once this side is closed: its bytes in the metrics
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -39,6 +41,7 @@ class _Pipe(asyncio.Protocol):
             self.transport.pause_reading()
         else:
             peer.transport.write(data)
+        self.moved += len(data)
 
     def eof_received(self) -> bool | None:
         self.eof = True
@@ -66,6 +69,9 @@ class _Pipe(asyncio.Protocol):
         if self.counts is not None:
             _dec(self.counts, self.key)
             self.counts = None
+        if self.meter is not None:
+            self.meter(self.moved)
+            self.meter = None
         peer = self.peer
         if peer is not None and not peer.closed:
             if exc is not None:
@@ -182,6 +188,8 @@ def switch_protocols(down: _Downstream, ex: Exchange, up: _Upstream, rest: bytes
     down.queue.clear()
     down.cur = None
     down._finish_metrics(ex)
+    labels = down.metric_labels(ex)
+    telemetry = down.state.telemetry
     client = _Pipe(down.stack.gauge)   # the downstream connection's gauge count ends with the tunnel
     client.transport = down.transport
     server = _Pipe()
@@ -191,6 +199,8 @@ def switch_protocols(down: _Downstream, ex: Exchange, up: _Upstream, rest: bytes
         server.key = key
     client.peer = server
     server.peer = client
+    client.meter = lambda n: telemetry.record_tunnel_bytes(labels, n, 0)
+    server.meter = lambda n: telemetry.record_tunnel_bytes(labels, 0, n)
     down.transport.set_protocol(client)
     up.transport.set_protocol(server)
     if down.early:

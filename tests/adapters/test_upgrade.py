@@ -31,6 +31,16 @@ async def _websocket_echo(ca):
             assert await ws.receive_bytes(timeout=GUARD_S) == blob
         for state, reporter in ((pair.outbound, "source"), (pair.inbound, "destination")):
             assert metric(state, "istio_requests_total", reporter=reporter, response_code="101") == 1
+        # The bytes each way, once both tunnels closed: the messages (framed: at least their sizes).
+        sizes = sum(len(f"hello {i}") for i in range(20)) + len(blob)
+        for state, reporter in ((pair.outbound, "source"), (pair.inbound, "destination")):
+            await eventually(lambda: metric(state, "istio_tcp_sent_bytes_total", reporter=reporter) > 0
+                             and metric(state, "istio_tcp_received_bytes_total", reporter=reporter) > 0,
+                             f"{reporter}'s tunnel closed on both sides")
+            received = metric(state, "istio_tcp_received_bytes_total", reporter=reporter,
+                              source_workload="orders", destination_service="payments")
+            sent = metric(state, "istio_tcp_sent_bytes_total", reporter=reporter, destination_service="payments")
+            assert sizes < received < sizes + 4096 and sizes < sent < sizes + 4096, (reporter, received, sent)
         # The tunnels ended with the WebSocket: no connection of theirs is left open or in flight.
         await eventually(lambda: not any(pair.outbound.in_flight.values()), "the tunnel's in-flight count released")
 
