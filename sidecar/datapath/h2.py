@@ -452,6 +452,10 @@ class H2Connection(asyncio.Protocol):
             h2.settings.SettingCodes.MAX_FRAME_SIZE: self.limits.max_frame_size,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         })
+        # Settings given before the preface are current at once, so h2 never sees them change on the
+        # ACK and would keep its defaults for these two: set them on the decoder and the frame reader.
+        self.h2.decoder.max_header_list_size = self.limits.max_header_list_size
+        self.h2.max_inbound_frame_size = self.limits.max_frame_size
         self.h2.initiate_connection()
         extra = self.limits.connection_window - 65535   # the connection window starts at 65,535 (RFC 9113 6.9.2)
         if extra > 0:

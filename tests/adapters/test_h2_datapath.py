@@ -656,3 +656,180 @@ def test_random_bytes_seeded_batch_end_in_goaway_or_wait():
         if t.closing:
             assert goaway_codes(t) and proto.closed
     assert ended > 100   # most random frames are errors; the rest wait for more bytes
+
+
+# ---- the two sides without gRPC: resets, credit on consumption, stream limits, GOAWAY -------------------
+
+class Served:
+    """H2Downstream on loopback with a given handler; `pool` is an H2Pool to it."""
+
+    def __init__(self, on_request, limits: Limits | None = None, pool_limits: Limits | None = None,
+                 max_connections: int = 16):
+        self.on_request, self.limits = on_request, limits
+        self.pool_limits, self.max_connections = pool_limits, max_connections
+        self.downstreams: list[H2Downstream] = []
+
+    async def __aenter__(self) -> Served:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._accept, "127.0.0.1", 0)
+        self.pool = H2Pool("127.0.0.1", self.server.sockets[0].getsockname()[1], limits=self.pool_limits,
+                           max_connections=self.max_connections)
+        return self
+
+    def _accept(self) -> H2Downstream:
+        d = H2Downstream(self.on_request, self.limits)
+        self.downstreams.append(d)
+        return d
+
+    async def __aexit__(self, *exc) -> None:
+        self.pool.close()
+        for d in self.downstreams:
+            d.close()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def post(path: bytes = b"/") -> RequestHead:
+    return RequestHead(b"POST", path, b"svc", b"http", [(b"content-type", b"application/octet-stream")])
+
+
+async def _resets_both_ways():
+    seen: list = []
+
+    async def on_request(stream):
+        if stream.head.path == b"/refuse":
+            stream.reset(7)   # REFUSED_STREAM
+            return
+        try:
+            while await stream.read():
+                pass
+        except StreamReset as exc:
+            seen.append(exc)
+            raise
+    async with Served(on_request) as s:
+        refused = await s.pool.open_stream(post(b"/refuse"), end=True)
+        with pytest.raises(StreamReset) as err:
+            await refused.response()
+        assert err.value.remote and err.value.retriable
+        cancelled = await s.pool.open_stream(post(b"/wait"))
+        await cancelled.send_data(b"x" * 100)
+        cancelled.reset()   # CANCEL
+        await eventually(lambda: seen, "the server's read to see the reset")
+        assert seen[0].remote and seen[0].code == 8 and not seen[0].retriable
+        with pytest.raises(StreamReset):
+            await cancelled.send_data(b"more")
+        assert len(s.downstreams) == 1 and not s.downstreams[0].closed   # stream errors spare the connection
+
+
+def test_rst_stream_both_ways_fails_the_stream_only(run):
+    run(_resets_both_ways)
+
+
+async def _credit_on_consumption():
+    limits = Limits(stream_window=65535, send_buffer=65536)
+    gate = asyncio.Event()
+    streams = []
+
+    async def on_request(stream):
+        streams.append(stream)
+        await gate.wait()             # a slow consumer: nothing read until the gate opens
+        total = 0
+        while chunk := await stream.read():
+            total += len(chunk)
+        stream.send_head(ResponseHead(200))
+        await stream.send_data(b"%d" % total, end=True)
+    async with Served(on_request, limits=limits, pool_limits=limits) as s:
+        up = await s.pool.open_stream(post())
+        sent = 0
+
+        async def produce():
+            nonlocal sent
+            for _ in range(64):       # 1 MiB in 16 KiB chunks
+                await up.send_data(b"z" * 16384)
+                sent += 16384
+            up.end()
+        producer = asyncio.ensure_future(produce())
+        await eventually(lambda: streams and streams[0].buffered >= 65535 - 16384, "the window to fill")
+        await asyncio.sleep(0.1)
+        # unread: the server holds at most the stream window; the client at most its send buffer and
+        # one chunk; the producer waits
+        assert not producer.done()
+        assert streams[0].buffered <= 65535
+        assert up.buffered <= 65536 + 16384
+        assert sent <= 65535 + 65536 + 16384
+        gate.set()
+        await producer
+        head = await up.response()
+        assert head.status == 200 and await up.read() == b"%d" % (64 * 16384) and await up.read() == b""
+
+
+def test_received_data_is_credited_only_when_consumed(run):
+    run(_credit_on_consumption)
+
+
+async def _stream_limit():
+    gate = asyncio.Event()
+    active = []
+
+    async def on_request(stream):
+        active.append(stream.stream_id)
+        await gate.wait()
+        stream.send_head(ResponseHead(200), end=True)
+    async with Served(on_request, limits=Limits(max_concurrent_streams=2), max_connections=1) as s:
+        first = [await s.pool.open_stream(post(), end=True) for _ in range(2)]
+        third = asyncio.ensure_future(s.pool.open_stream(post(), end=True))
+        await asyncio.sleep(0.1)
+        assert not third.done() and len(active) == 2   # the peer allows 2; max_connections=1: it waits
+        gate.set()
+        for st in first + [await third]:
+            assert (await st.response()).status == 200
+        assert s.pool.opened == 1 and len(active) == 3
+
+
+def test_streams_beyond_the_peers_limit_wait_for_a_slot(run):
+    run(_stream_limit)
+
+
+async def _graceful_goaway():
+    gate = asyncio.Event()
+
+    async def on_request(stream):
+        if stream.head.path == b"/slow":
+            await gate.wait()
+        stream.send_head(ResponseHead(200))
+        await stream.send_data(b"done:" + stream.head.path, end=True)
+    async with Served(on_request) as s:
+        slow = await s.pool.open_stream(post(b"/slow"), end=True)
+        await eventually(lambda: s.downstreams and s.downstreams[0].requests == 1, "the request")
+        first_conn = s.pool.connections[0]
+        s.downstreams[0].goaway()   # drain: the open stream finishes, new ones go elsewhere
+        await eventually(lambda: first_conn.goaway_received, "the GOAWAY to arrive")
+        fresh = await s.pool.open_stream(post(b"/fresh"), end=True)
+        assert (await fresh.response()).status == 200 and await fresh.read() == b"done:/fresh"
+        assert s.pool.opened == 2
+        gate.set()
+        assert (await slow.response()).status == 200 and await slow.read() == b"done:/slow"
+        await eventually(lambda: first_conn.closed and s.downstreams[0].closed, "the drained connection to close")
+        assert "drained" in s.downstreams[0].close_reason
+
+
+def test_goaway_drains_open_streams_and_the_pool_moves_on(run):
+    run(_graceful_goaway)
+
+
+async def _header_list_limit():
+    async def on_request(stream):
+        stream.send_head(ResponseHead(200), end=True)
+    async with Served(on_request, limits=Limits(max_header_list_size=4096)) as s:
+        ok = await s.pool.open_stream(post(), end=True)
+        assert (await ok.response()).status == 200
+        big = RequestHead(b"GET", b"/", b"svc", b"http", [(b"x-big", b"v" * 8192)])
+        st = await s.pool.open_stream(big, end=True)
+        with pytest.raises(ConnectionGone) as err:
+            await st.response()
+        assert "ENHANCE_YOUR_CALM" in str(err.value)   # RFC 9113 10.5.1: the connection ends, loudly
+        assert s.downstreams[0].closed
+
+
+def test_a_header_list_over_the_limit_ends_the_connection(run):
+    run(_header_list_limit)
