@@ -11,8 +11,9 @@ import ssl as ssl_module
 import h2.events
 import h2.exceptions
 
-from .h2 import (PROTOCOL_ERROR, ConnectionGone, H2Connection, H2Error, H2Stream, Limits, MalformedHead,
-                 RequestHead, ResponseHead, parse_response_head, request_headers)
+from .h2 import (PROTOCOL_ERROR, ConnectionGone, H2Error, Limits, MalformedHead, RequestHead, ResponseHead,
+                 parse_response_head, request_headers)
+from .h2conn import H2Connection, H2Stream
 
 ALPN_H2 = "h2"   # RFC 9113 3.2
 

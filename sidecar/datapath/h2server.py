@@ -11,8 +11,9 @@ from typing import Awaitable, Callable
 import h2.events
 import h2.exceptions
 
-from .h2 import (INTERNAL_ERROR, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, H2Connection, H2Stream,
-                 Limits, MalformedHead, RequestHead, ResponseHead, parse_request_head, response_headers)
+from .h2 import (INTERNAL_ERROR, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, Limits, MalformedHead, RequestHead,
+                 ResponseHead, parse_request_head, response_headers)
+from .h2conn import H2Connection, H2Stream
 
 log = logging.getLogger("sidecar.h2")
 

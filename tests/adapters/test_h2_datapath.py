@@ -24,8 +24,8 @@ from certs.holder import TlsMaterial, build_context
 from certs.keys import build_csr, generate_key
 from sidecar.datapath.h2 import (PREFACE, ConnectionGone, H2Error, Limits, MalformedHead, RequestHead,
                                  ResponseHead, StreamReset, h2_fields, parse_request_head,
-                                 parse_response_head, preface_state, relay_body, request_headers,
-                                 response_headers)
+                                 parse_response_head, preface_state, request_headers, response_headers)
+from sidecar.datapath.h2conn import relay_body
 from sidecar.datapath.h2client import H2Pool, NoH2
 from sidecar.datapath.h2server import H2Downstream
 
@@ -781,8 +781,8 @@ async def _stream_limit():
         await asyncio.sleep(0.1)
         assert not third.done() and len(active) == 2   # the peer allows 2; max_connections=1: it waits
         gate.set()
-        for st in first + [await third]:
-            assert (await st.response()).status == 200
+        for stream in first + [await third]:
+            assert (await stream.response()).status == 200
         assert s.pool.opened == 1 and len(active) == 3
 
 
@@ -824,9 +824,9 @@ async def _header_list_limit():
         ok = await s.pool.open_stream(post(), end=True)
         assert (await ok.response()).status == 200
         big = RequestHead(b"GET", b"/", b"svc", b"http", [(b"x-big", b"v" * 8192)])
-        st = await s.pool.open_stream(big, end=True)
+        refused = await s.pool.open_stream(big, end=True)
         with pytest.raises(ConnectionGone) as err:
-            await st.response()
+            await refused.response()
         assert "ENHANCE_YOUR_CALM" in str(err.value)   # RFC 9113 10.5.1: the connection ends, loudly
         assert s.downstreams[0].closed
 
