@@ -214,8 +214,12 @@ class H2Connection(asyncio.Protocol):
 
     def __init__(self, limits: Limits | None = None):
         self.limits = limits or Limits()
+        # Received heads are validated (RFC 9113 8.2); sent ones are not validated again: they come from
+        # heads validated on receipt (by h2, or httptools on HTTP/1) through h2_fields, and checking
+        # them twice was a fifth of a forwarded call's CPU.
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=self.client_side, header_encoding=None))
+            client_side=self.client_side, header_encoding=None, validate_outbound_headers=False,
+            normalize_outbound_headers=False))
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
         self.alpn: str | None = None          # the protocol TLS's ALPN picked, None on cleartext
@@ -226,6 +230,7 @@ class H2Connection(asyncio.Protocol):
         self.goaway_last_id = MAX_STREAM_ID   # streams above it, opened by the peer after our GOAWAY, are refused
         self._blocked: set[H2Stream] = set()  # streams with data waiting for a window or the socket
         self._write_paused = False
+        self._write_scheduled = False
         self._lost: asyncio.Future | None = None
         # The peer's first frame must be SETTINGS (RFC 9113 3.4), which h2 does not check: the first
         # bytes are kept until that frame's type byte is in (after the client's 24-byte preface).
@@ -250,6 +255,10 @@ class H2Connection(asyncio.Protocol):
         self.h2.decoder.max_header_list_size = self.limits.max_header_list_size
         self.h2.max_inbound_frame_size = self.limits.max_frame_size
         self.h2.initiate_connection()
+        # The limit is advertised but enforced here (H2Downstream refuses the excess stream with
+        # REFUSED_STREAM, a stream error as RFC 9113 5.1.2 asks); h2 would end the whole connection,
+        # even for a burst sent before the peer saw our SETTINGS.
+        del self.h2.local_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS]
         extra = self.limits.connection_window - 65535   # the connection window starts at 65,535 (RFC 9113 6.9.2)
         if extra > 0:
             self.h2.increment_flow_control_window(extra)
@@ -325,7 +334,7 @@ class H2Connection(asyncio.Protocol):
         self.goaway_last_id = self._last_stream_id()
         # Written as a raw frame: h2's close_connection() would also end the open streams.
         frame = GoAwayFrame(0, last_stream_id=self.goaway_last_id, error_code=NO_ERROR)
-        self._write()
+        self._write_now()
         self.transport.write(frame.serialize())
         self._close_if_idle()
 
@@ -493,6 +502,14 @@ class H2Connection(asyncio.Protocol):
             self._abort(NO_ERROR, "drained after GOAWAY", send_goaway=not self.goaway_received)
 
     def _write(self) -> None:
+        """Send what h2 has queued at the end of this loop iteration: one write for every frame the
+        streams and events of the iteration made (a write per frame costs a syscall each)."""
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_now)
+
+    def _write_now(self) -> None:
+        self._write_scheduled = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -508,7 +525,7 @@ class H2Connection(asyncio.Protocol):
             except Exception:   # noqa: BLE001 - closing anyway
                 pass
         try:
-            self._write()
+            self._write_now()
         except Exception:   # noqa: BLE001 - the transport may be gone already
             pass
         if self.transport is not None:

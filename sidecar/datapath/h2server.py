@@ -47,8 +47,8 @@ OnRequest = Callable[[H2ServerStream], Awaitable[None]]
 class H2Downstream(H2Connection):
     """An asyncio protocol serving HTTP/2 on one accepted connection. Each request stream runs
     `on_request(stream)` as a task; a stream whose response was not ended when it returns is reset
-    (INTERNAL_ERROR). Streams beyond Limits.max_concurrent_streams are the peer's error (h2 refuses
-    them); goaway() drains, close() ends now.
+    (INTERNAL_ERROR). Streams beyond Limits.max_concurrent_streams are refused (RST_STREAM
+    REFUSED_STREAM, retriable); goaway() drains, close() ends now.
 
     Taking over a connection whose first bytes were already read (preface sniffing on an HTTP/1
     port): transport.set_protocol(p); p.connection_made(transport); p.data_received(first_bytes).
@@ -72,6 +72,9 @@ class H2Downstream(H2Connection):
         sid = event.stream_id
         if self.goaway_sent and sid > self.goaway_last_id:
             self._refuse(sid, REFUSED_STREAM)   # opened after our GOAWAY: not processed (RFC 9113 6.8)
+            return
+        if len(self.streams) >= self.limits.max_concurrent_streams:
+            self._refuse(sid, REFUSED_STREAM)   # over SETTINGS_MAX_CONCURRENT_STREAMS (RFC 9113 5.1.2)
             return
         try:
             head = parse_request_head(event.headers)

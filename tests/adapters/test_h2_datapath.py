@@ -833,3 +833,29 @@ async def _header_list_limit():
 
 def test_a_header_list_over_the_limit_ends_the_connection(run):
     run(_header_list_limit)
+
+
+async def _excess_streams():
+    gate = asyncio.Event()
+
+    async def on_request(stream):
+        await gate.wait()
+    proto = H2Downstream(on_request, Limits(max_concurrent_streams=2))
+    t = Transport()
+    proto.connection_made(t)
+    client = h2.connection.H2Connection()
+    client.initiate_connection()
+    for sid in (1, 3, 5):   # a burst before the client has seen the server's SETTINGS
+        client.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":path", "/"),
+                                  (":authority", "a")], end_stream=True)
+    proto.data_received(client.data_to_send())
+    await asyncio.sleep(0)
+    events = client.receive_data(bytes(t.out))
+    resets = [(e.stream_id, e.error_code) for e in events if type(e).__name__ == "StreamReset"]
+    assert resets == [(5, 7)] and not t.closing and sorted(proto.streams) == [1, 3]
+    assert client.remote_settings.max_concurrent_streams == 2   # advertised all the same
+    gate.set()
+
+
+def test_streams_over_the_advertised_limit_are_refused_not_the_connection():
+    run_on_asyncio(_excess_streams)
