@@ -77,6 +77,7 @@ class H2Upstream(H2Connection):
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.on_change = on_change   # called when capacity frees or the connection ends (the pool's wakeup)
         self.max_streams_seen = 0
+        self._full = False
 
     def connection_made(self, transport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
@@ -94,7 +95,7 @@ class H2Upstream(H2Connection):
     @property
     def capacity(self) -> int:
         """How many more streams this connection may open now."""
-        if self.closed or self.goaway_sent or self.goaway_received:
+        if self.closed or self.goaway_sent or self.goaway_received or self._full:
             return 0
         peer_max = self.h2.remote_settings.max_concurrent_streams
         return max(0, min(peer_max, self.limits.max_concurrent_streams) - len(self.streams))
@@ -109,7 +110,13 @@ class H2Upstream(H2Connection):
             self.goaway()   # stream ids used up (RFC 9113 5.1.1): drain and let the pool open another
             raise ConnectionGone("stream ids exhausted", retriable=True) from None
         stream = H2ClientStream(self, sid, head)
-        self.h2.send_headers(sid, request_headers(head), end_stream=end)
+        try:
+            self.h2.send_headers(sid, request_headers(head), end_stream=end)
+        except h2.exceptions.TooManyStreamsError:
+            self._full = True   # the peer lowered its limit under our count: no slot until a stream ends
+            raise ConnectionGone("the peer's stream limit is reached", retriable=True) from None
+        except h2.exceptions.ProtocolError as exc:
+            raise ConnectionGone(f"cannot open a stream: {exc}", retriable=True) from None
         self.streams[sid] = stream
         self.max_streams_seen = max(self.max_streams_seen, len(self.streams))
         if end:
@@ -136,6 +143,7 @@ class H2Upstream(H2Connection):
         self._changed()
 
     def _on_stream_removed(self, s) -> None:
+        self._full = False
         self._changed()
 
     def _on_closed(self) -> None:
@@ -184,7 +192,12 @@ class H2Pool:
                 raise ConnectionGone("pool closed", retriable=True)
             conn = self._with_capacity()
             if conn is not None:
-                return conn.open_stream(head, end)
+                try:
+                    return conn.open_stream(head, end)
+                except ConnectionGone:
+                    if conn.capacity > 0:   # not a full connection: a closed one, say so
+                        raise
+                    continue   # full or draining now: another connection
             if self._pending is not None:   # one connect at a time: its capacity may be enough
                 await asyncio.shield(self._pending)
                 continue

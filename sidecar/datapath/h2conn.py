@@ -205,6 +205,24 @@ class H2Stream:
 
 # ---- the connection ----------------------------------------------------------------------------------
 
+_OPEN = (h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN)
+
+
+def _keep_open_after_goaway(conn: h2.connection.H2Connection) -> None:
+    """h2 takes any received GOAWAY as the connection's end, failing the frames of the streams still
+    going (even those later in the same read); RFC 9113 6.8 lets the streams at or below the GOAWAY's
+    last-stream-id finish. So its state machine stays open on one; H2Connection opens no new stream
+    after it, and ends the connection itself on an error code."""
+    machine = conn.state_machine
+    process_input = machine.process_input
+
+    def stay_open_on_goaway(input_):
+        if input_ is h2.connection.ConnectionInputs.RECV_GOAWAY and machine.state in _OPEN:
+            return []
+        return process_input(input_)
+    machine.process_input = stay_open_on_goaway
+
+
 class H2Connection(asyncio.Protocol):
     """The half of an HTTP/2 connection both sides share: bytes in -> h2 events -> streams, queued
     stream data -> frames within the peer's windows -> the transport. A protocol error ends the
@@ -220,6 +238,7 @@ class H2Connection(asyncio.Protocol):
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=self.client_side, header_encoding=None, validate_outbound_headers=False,
             normalize_outbound_headers=False))
+        _keep_open_after_goaway(self.h2)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
         self.alpn: str | None = None          # the protocol TLS's ALPN picked, None on cleartext
@@ -267,6 +286,10 @@ class H2Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._write_scheduled:
+            # h2 drops its unsent frames when a GOAWAY arrives; sent HEADERS among them would leave the
+            # peer's HPACK table behind ours.
+            self._write_now()
         if self._first_bytes is not None and not self._first_frame_is_settings(data):
             self._abort(PROTOCOL_ERROR, "the peer's first frame is not SETTINGS")
             return
@@ -418,11 +441,6 @@ class H2Connection(asyncio.Protocol):
         if code != NO_ERROR:
             self._abort(code, f"GOAWAY({code_name(code)}) from the peer", send_goaway=False)
             return
-        if self.streams:
-            # h2 treats any received GOAWAY as the connection's end; RFC 9113 6.8 lets the streams at or
-            # below the last-stream-id finish, so its state machine is put back to open for them.
-            self.h2.state_machine.state = (h2.connection.ConnectionState.CLIENT_OPEN if self.client_side
-                                           else h2.connection.ConnectionState.SERVER_OPEN)
         self._close_if_idle()
 
     def _is_local_stream(self, sid: int) -> bool:

@@ -11,8 +11,8 @@ from typing import Awaitable, Callable
 import h2.events
 import h2.exceptions
 
-from .h2 import (INTERNAL_ERROR, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, Limits, MalformedHead, RequestHead,
-                 ResponseHead, parse_request_head, response_headers)
+from .h2 import (CANCEL, INTERNAL_ERROR, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, H2Error, Limits, MalformedHead,
+                 RequestHead, ResponseHead, StreamReset, parse_request_head, response_headers)
 from .h2conn import H2Connection, H2Stream
 
 log = logging.getLogger("sidecar.h2")
@@ -113,7 +113,14 @@ class H2Downstream(H2Connection):
     def _send_head(self, stream: H2ServerStream, block: list, end: bool) -> None:
         if self.closed:
             raise stream.error or RuntimeError("connection closed")
-        self.h2.send_headers(stream.stream_id, block, end_stream=end)
+        try:
+            self.h2.send_headers(stream.stream_id, block, end_stream=end)
+        except h2.exceptions.StreamClosedError:
+            stream._fail(StreamReset(CANCEL, remote=True))   # the peer reset it meanwhile
+            raise stream.error from None
+        except h2.exceptions.ProtocolError as exc:
+            stream.reset(INTERNAL_ERROR)
+            raise H2Error(f"cannot send the response head: {exc}") from None
         if end:
             stream._out_end = stream._out_closed = True
         self._write()

@@ -859,3 +859,33 @@ async def _excess_streams():
 
 def test_streams_over_the_advertised_limit_are_refused_not_the_connection():
     run_on_asyncio(_excess_streams)
+
+
+async def _goaway_then_data_in_one_read():
+    from sidecar.datapath.h2client import H2Upstream
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    server.initiate_connection()
+    proto = H2Upstream()
+    t = Transport()
+    proto.connection_made(t)
+    proto.data_received(server.data_to_send())
+    await proto.ready
+    first = proto.open_stream(post(b"/a"), end=True)
+    second = proto.open_stream(post(b"/b"), end=True)
+    await asyncio.sleep(0)
+    server.receive_data(bytes(t.out))
+    # GOAWAY naming stream 1 as the last processed, then stream 1's response, all in one read
+    goaway = hyperframe.frame.GoAwayFrame(0, last_stream_id=1, error_code=0).serialize()
+    server.send_headers(1, [(b":status", b"200")])
+    server.send_data(1, b"still here", end_stream=True)
+    proto.data_received(goaway + server.data_to_send())
+    assert (await first.response()).status == 200 and await first.read() == b"still here"
+    with pytest.raises(ConnectionGone) as err:
+        await second.response()
+    assert err.value.retriable   # stream 3 was above the last-stream-id: never processed
+    await asyncio.sleep(0)
+    assert proto.closed and t.closing   # nothing left open: the connection ends
+
+
+def test_a_goaway_lets_the_streams_it_covers_finish_even_in_the_same_read():
+    run_on_asyncio(_goaway_then_data_in_one_read)
