@@ -408,8 +408,9 @@ async def _slow_reader():
         await sampler
         assert total == 320 * 65536
         assert 0 < peak < BUFFER_BOUND, peak
-        # the server never runs far ahead of the slow reader: the windows on the way bound the lead
-        assert max(lag) * 65536 < 16 * 1024 * 1024, lag
+        # the server never runs far ahead of the slow reader (unchecked it would be 20 MiB ahead at once):
+        # the windows on the way bound its lead, most of it the grpcio client's own (BDP-sized) window
+        assert max(lag) < 128, lag
         print(f"flow control: forwarder peak buffered {peak} bytes; server lead (messages) {lag}")
 
 
@@ -889,3 +890,36 @@ async def _goaway_then_data_in_one_read():
 
 def test_a_goaway_lets_the_streams_it_covers_finish_even_in_the_same_read():
     run_on_asyncio(_goaway_then_data_in_one_read)
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """One gRPC length-prefixed message (uncompressed)."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+async def _slow_h2_reader():
+    async with Mesh() as m:
+        client = H2Pool("127.0.0.1", m.fwd.port)
+        head = RequestHead(b"POST", b"/%s/ServerStream" % SERVICE.encode(), b"fwd", b"http",
+                           [(b"content-type", b"application/grpc"), (b"te", b"trailers")])
+        call = await client.open_stream(head)
+        await call.send_data(grpc_frame(b"160,65536"), end=True)   # 10 MiB in 64 KiB messages
+        assert (await call.response()).status == 200
+        got, lead, peak = 0, 0, 0
+        while chunk := await call.read():
+            got += len(chunk)
+            lead = max(lead, m.service.sent * (65536 + 5) - got)   # bytes the server is ahead of the reader
+            peak = max(peak, m.fwd.buffered_bytes)
+            await asyncio.sleep(0.0005)
+        assert got == 160 * (65536 + 5)
+        assert dict(call.trailers)[b"grpc-status"] == b"0"
+        assert peak < BUFFER_BOUND, peak
+        # the reader's 64 KiB window, the forwarder's buffers and the gRPC server's own queue: the server
+        # stays within a few windows of the reader instead of running 10 MiB ahead
+        assert lead < 1024 * 1024, lead
+        print(f"slow h2 reader: forwarder peak {peak} bytes, server lead {lead} bytes")
+        client.close()
+
+
+def test_a_slow_h2_reader_holds_back_the_grpc_server_through_the_forwarder(run):
+    run(_slow_h2_reader)
