@@ -923,3 +923,55 @@ async def _slow_h2_reader():
 
 def test_a_slow_h2_reader_holds_back_the_grpc_server_through_the_forwarder(run):
     run(_slow_h2_reader)
+
+
+class Sniffer(asyncio.Protocol):
+    """An HTTP/1 port's first protocol: hands a connection that opens with the HTTP/2 preface to
+    H2Downstream (with the bytes already read), answers anything else as HTTP/1."""
+
+    def __init__(self, on_request, taken: list):
+        self.on_request, self.taken = on_request, taken
+        self.first = b""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.first += data
+        verdict = preface_state(self.first)
+        if verdict is None:
+            return
+        if verdict:
+            h2proto = H2Downstream(self.on_request)
+            self.taken.append(h2proto)
+            self.transport.set_protocol(h2proto)
+            h2proto.connection_made(self.transport)
+            h2proto.data_received(self.first)
+        else:
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhttp1")
+            self.transport.close()
+
+
+async def _sniffed():
+    async with Mesh() as m:
+        taken: list = []
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: Sniffer(m.fwd.handle, taken), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        ch = channel(port)
+        try:
+            unary = method(ch, "unary_unary", "Unary")
+            assert await asyncio.to_thread(unary, b"sniffed", timeout=10) == b"echo:sniffed"
+            assert len(taken) == 1 and taken[0].requests == 1
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert (await reader.read()).endswith(b"http1")
+            writer.close()
+        finally:
+            ch.close()
+            server.close()
+            await server.wait_closed()
+
+
+def test_a_connection_sniffed_as_http2_is_handed_to_h2downstream_with_its_first_bytes(run):
+    run(_sniffed)
