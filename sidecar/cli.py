@@ -66,8 +66,8 @@ class SidecarSettings:
         if not port_raw.isdigit() or not 0 < int(port_raw) < 65536:
             raise ConfigError(f"MESH_APP_PORT: {port_raw!r} is not a port number")
         protocol = env.get("MESH_PROTOCOL", "http")
-        if protocol not in ("http", "tcp"):
-            raise ConfigError(f"MESH_PROTOCOL: {protocol!r} is not http or tcp")
+        if protocol not in ("http", "tcp", "grpc", "http2"):
+            raise ConfigError(f"MESH_PROTOCOL: {protocol!r} is not http, grpc, http2 or tcp")
         capture = env.get("MESH_CAPTURE", "transparent")
         if capture not in ("transparent", "explicit"):
             raise ConfigError(f"MESH_CAPTURE: {capture!r} is not transparent or explicit")
@@ -256,7 +256,8 @@ async def serve(settings: SidecarSettings) -> None:
     elif settings.protocol == "tcp":
         servers.append(await start_tcp_inbound(state, "0.0.0.0", INBOUND_PORT, app_port=settings.app_port))
     else:
-        servers.append(await start_inbound(state, "0.0.0.0", INBOUND_PORT, app_port=settings.app_port))
+        servers.append(await start_inbound(state, "0.0.0.0", INBOUND_PORT, app_port=settings.app_port,
+                                           protocol=settings.protocol))
     listening = lambda: all(s.is_serving() for s in servers)  # noqa: E731
     admin = await start_admin(build_admin_app(control, lambda: render_metrics(state.telemetry), listening),
                               "0.0.0.0", settings.admin_port)

@@ -237,7 +237,7 @@ async def start_mesh_inbound(state: ProxyState, host: str, port: int, *, app_por
         def factory() -> asyncio.Protocol:
             return _AuthorizedTcpDownstream(state, stack, cluster)
     else:
-        stack = build_inbound_stack(state, app_port, app_host=app_host)
+        stack = build_inbound_stack(state, app_port, protocol=protocol, app_host=app_host)
         listener = _Listener(None, 0.3, state.limits)
 
         def factory() -> asyncio.Protocol:

@@ -177,12 +177,12 @@ def route_outbound(table: RouteTable, host: str | None, dest: tuple[str, int] | 
 def route_gateway(table: RouteTable, host: str, path: str) -> tuple[Cluster, GatewayRoute, str] | None:
     """The gateway's route for an external request: (cluster, route, upstream path) or None.
 
-    Only HTTP services are reachable through the gateway.
+    HTTP services (HTTP/1.1, HTTP/2, gRPC) are reachable through the gateway; tcp ones are not.
     """
     route = match_gateway_route(table.gateway_routes, host, path)
     if route is None:
         return None
     cluster = table.clusters.get(route.service)
-    if cluster is None or cluster.protocol != "http":
+    if cluster is None or cluster.protocol == "tcp":
         return None
     return cluster, route, rewrite_path(route, path)

@@ -194,6 +194,7 @@ cdef class Stack:
     cdef readonly UpstreamPools pool
     cdef readonly object gauge
     cdef readonly bint breaker, outlier
+    cdef readonly object h2, connect
 
 
 cdef class _Listener:
@@ -222,6 +223,7 @@ cdef class Exchange:
     cdef public bint resp_started, resp_done, discard, close_after, dead
     cdef public Py_ssize_t fields, body_seen   # limits
     cdef public object upgrade                 # the Upgrade of a request switching protocols
+    cdef public object trailers                # a chunked request body's trailer lines
     cdef public object traffic, subset, mirror
     cdef public bint admitted, budgeted, keep_held, resend
     cdef public int attempt
@@ -249,6 +251,7 @@ cdef class _Downstream:
     cdef public bytes peer_ip, peer_xfcc
     cdef public object peer_identity, peer_service, orig_dst, raw, sniff_timer
     cdef public bytes early
+    cdef public bint h2_sniff
 
     @cython.locals(ex=Exchange)
     cpdef data_received(self, data)
@@ -322,6 +325,7 @@ cdef class _Upstream:
     cdef public Py_ssize_t body_left
     cdef public bint whole_keep
     cdef public object upgrade   # the response's Upgrade (a 101)
+    cdef public object trailers  # a chunked response body's trailer lines
 
     cpdef attach(self, Exchange ex)
     cpdef close(self)

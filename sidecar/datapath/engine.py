@@ -62,6 +62,7 @@ from .http1 import (
     read_request_head, read_response_head, status_line,
 )
 from .speedups import bucket_of, cut, head_end, join, name_table
+from .h2bridge import H2_PROTOCOLS, H2AppConnector, is_preface_start, serve_h2
 from .peers import (
     ACK_SLACK_MS, DEAD_PEER_S, UNDELIVERED_AFTER_S, PeerProbe, TcpInfo, TcpInfoReader, TlsProvider, check_peer,
     open_upstream, probe_peer, read_tcp_info, reset_connection, stop_probing,
@@ -173,6 +174,15 @@ def _join_flags(have: str, new: str) -> str:
     if have == NO_FLAGS or have == new:
         return new
     return ",".join(sorted(set(have.split(",")) | set(new.split(","))))
+
+
+# Trailer fields not passed on (RFC 9110 6.5.1: framing, routing, connection-specific).
+TRAILER_DROP = frozenset((*HOP_BY_HOP, b"content-length", b"host", b"trailer", b"content-type"))
+
+
+def last_chunk(trailers: list | None) -> bytes:
+    """The end of a chunked body, with its trailer lines (name, ": ", value, CRLF pieces) if any."""
+    return b"0\r\n\r\n" if trailers is None else join([b"0\r\n", *trailers, b"\r\n"])
 
 
 def _send(transport: asyncio.Transport, parts: list | tuple) -> None:
@@ -1041,11 +1051,12 @@ class Stack:
     read several times per request."""
 
     __slots__ = ("direction", "reporter", "source_name", "chain", "enders", "request_headers", "header_table",
-                 "mesh_headers", "balance", "max_tries", "connect_timeout", "pool", "gauge", "breaker", "outlier")
+                 "mesh_headers", "balance", "max_tries", "connect_timeout", "pool", "gauge", "breaker", "outlier",
+                 "h2", "connect")
 
     def __init__(self, *, direction: str, reporter: str, source_name: str, chain: tuple,
                  request_headers: dict, mesh_headers: bytes, connect_timeout: float, pool: UpstreamPools,
-                 gauge: Any):
+                 gauge: Any, h2: Any = None, connect: Any = None):
         self.direction = direction              # "outbound" | "inbound" | "gateway" (connection gauge label)
         self.reporter = reporter                # metrics reporter
         self.source_name = source_name          # x-mesh-source we send, and source_workload we report
@@ -1064,6 +1075,10 @@ class Stack:
         self.connect_timeout = connect_timeout
         self.pool = pool                        # keep-alive connections
         self.gauge = gauge                      # connections-active gauge child
+        self.h2 = h2                            # h2(down, first bytes): serves a connection opened with the
+                                                # HTTP/2 preface (h2bridge.serve_h2), or None
+        self.connect = connect                  # connect(loop, factory, host, port, ssl, server_hostname) to
+                                                # an endpoint (h2bridge.H2AppConnector), None: a TCP connection
 
 
 def route_by_host(down: _Downstream, ex: Exchange) -> Cluster | Reply:
@@ -1187,17 +1202,20 @@ def build_outbound_stack(state: ProxyState, *, route: Layer | None = None, after
         request_headers=request_headers,                        # drop hop-by-hop and the app's
         mesh_headers=mesh_source_headers(source, state.version),  # x-mesh-source; add ours
         connect_timeout=state.connect_timeout, pool=state.pools, gauge=state.telemetry.connections(direction),
+        h2=serve_h2,                                            # HTTP/2 from the app or a gateway client
     )
 
 
 def build_inbound_stack(state: ProxyState, app_port: int, *, protocol: str = "http",
                         app_host: str = "127.0.0.1") -> Stack:
-    """The inbound path (inbound_chain): everything goes to the local app over pooled connections."""
+    """The inbound path (inbound_chain): everything goes to the local app over pooled connections
+    (HTTP/2 streams over h2c for an app of protocol grpc or http2)."""
     cluster = local_cluster(state.service, state.version, app_port, protocol, app_host)
     return Stack(
         direction="inbound", reporter=REPORTER_DESTINATION, source_name=state.service,
         chain=inbound_chain(cluster), request_headers=INBOUND_REQUEST_HEADERS, mesh_headers=b"",
         connect_timeout=state.connect_timeout, pool=state.pools, gauge=state.telemetry.connections("inbound"),
+        connect=H2AppConnector() if protocol in H2_PROTOCOLS else None,
     )
 
 
@@ -1238,7 +1256,7 @@ class Exchange:
         "is_head", "is_connect", "bad", "head_done", "req_done", "dispatched", "cluster", "index",
         "key", "excluded", "tries_left", "up", "pending", "pending_bytes", "held", "held_bytes",
         "reused", "fresh_retry", "got_body", "status", "flags", "resp_started", "resp_done", "discard",
-        "close_after", "dead", "fields", "body_seen", "upgrade",
+        "close_after", "dead", "fields", "body_seen", "upgrade", "trailers",
         # traffic layers
         "traffic", "subset", "mirror", "admitted", "budgeted", "keep_held", "resend", "attempt", "retry_on",
         "in_retry", "timer", "try_timer", "wait", "fault_abort", "lane",
@@ -1294,6 +1312,7 @@ class Exchange:
         self.fields = 0                           # header fields (limits: max_headers)
         self.body_seen = 0                        # body bytes, counted where a limit applies (gateway)
         self.upgrade: bytes | None = None         # Upgrade of a request asking to switch protocols (RFC 9110 7.8)
+        self.trailers: list | None = None         # a chunked body's trailer lines (gRPC's over HTTP/1.1)
         self.traffic = None                       # sidecar.traffic.ServiceTraffic of a mesh destination
         self.lane: _Lane | None = None            # what the traffic layers read of it (_Lane)
         self.subset = None                        # the version subset chosen by the rules layer
@@ -1383,6 +1402,7 @@ class _Downstream:
         self.raw: bytearray | None = None
         self.sniff_timer: asyncio.TimerHandle | None = None
         self.early = b""   # bytes after an upgrade request's head: the new protocol's, sent on a 101
+        self.h2_sniff = stack.h2 is not None   # the first read may be the HTTP/2 preface
 
     # -- transport callbacks
 
@@ -1422,6 +1442,14 @@ class _Downstream:
             self._to_tunnel(cluster, b"")
 
     def data_received(self, data: bytes) -> None:
+        if self.h2_sniff:
+            self.h2_sniff = False
+            # A connection opened with the HTTP/2 preface (RFC 9113 3.4; "PRI" is no HTTP/1 method):
+            # HTTP/2, each stream an exchange of this stack. Not to a destination the mesh does not
+            # know (raw): that is passed through as it is.
+            if self.raw is None and len(data) >= 3 and is_preface_start(data):
+                self.stack.h2(self, data)
+                return
         if self.raw is not None:
             if self.sniff_timer is not None:
                 self.sniff_timer.cancel()
@@ -1593,6 +1621,10 @@ class _Downstream:
         ex.fields += 1
         if ex.head_size > self.listener.max_head or ex.fields > self.listener.max_fields:   # limits
             self._head_too_large(ex)
+        if ex.head_done:   # a trailer (RFC 9112 7.1.2): passed on after the body, never acted on
+            if name.lower() not in TRAILER_DROP:
+                ex.trailers = (ex.trailers or []) + [name, b": ", value, b"\r\n"]
+            return
         self._header(ex, name, value, self.actions.get(name.lower()))
 
     def _header(self, ex: Exchange, name: bytes, value: bytes, act: int | None) -> None:
@@ -1699,7 +1731,7 @@ class _Downstream:
             self._advance()
             return
         if ex.chunked:
-            self._forward_body(ex, (b"0\r\n\r\n",), 0)
+            self._forward_body(ex, (last_chunk(ex.trailers),), 0)
         if ex.mirror is not None:
             self._send_mirror(ex)
 
@@ -2030,10 +2062,13 @@ class _Downstream:
             if cluster.mesh and tls is not None:
                 ctx = tls.client_context()
                 hostname = cluster.name
-            _, up = await asyncio.wait_for(
-                self.loop.create_connection(factory, key[0], key[1],
-                                            ssl=ctx, server_hostname=hostname),
-                stack.connect_timeout)
+            connect = stack.connect
+            if connect is None:
+                made_connection = self.loop.create_connection(factory, key[0], key[1], ssl=ctx,
+                                                              server_hostname=hostname)
+            else:
+                made_connection = connect(self.loop, factory, key[0], key[1], ctx, hostname)
+            _, up = await asyncio.wait_for(made_connection, stack.connect_timeout)
             if ctx is not None:
                 check_peer(tls, up.transport, cluster, ex.index)
         except asyncio.CancelledError:
@@ -2433,7 +2468,7 @@ class _Upstream:
                  "got_bytes", "phase", "lines", "chunked_in", "has_cl", "conn_tokens", "chunked_out",
                  "until_close", "keep", "interim", "read_paused", "write_paused", "uses", "out",
                  "peer_flags", "skip", "breaker", "connected_at", "sent_at", "doomed", "probing",
-                 "mid", "body_left", "whole_keep", "upgrade")
+                 "mid", "body_left", "whole_keep", "upgrade", "trailers")
 
     def __init__(self, pool: UpstreamPools, key: tuple[str, int], breaker: Any = None):
         self.pool = pool
@@ -2653,8 +2688,13 @@ class _Upstream:
         self.conn_tokens = None
         self.peer_flags = None
         self.upgrade = None
+        self.trailers = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.phase == _BODY or self.phase == _SKIP:   # a trailer (RFC 9112 7.1.2): after the body
+            if self.phase == _BODY and name.lower() not in TRAILER_DROP:
+                self.trailers = (self.trailers or []) + [name, b": ", value, b"\r\n"]
+            return
         self._header(name, value, RESPONSE_HEADERS.get(name.lower()))
 
     def _header(self, name: bytes, value: bytes, act: int | None) -> None:
@@ -2772,6 +2812,6 @@ class _Upstream:
         if self.phase != _BODY:
             return  # the end of a HEAD response's head, already finished
         if self.chunked_out:
-            self.out.append(b"0\r\n\r\n")
+            self.out.append(last_chunk(self.trailers))
         self.keep = keep
         self.phase = _DONE

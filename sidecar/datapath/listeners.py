@@ -69,14 +69,15 @@ async def start_outbound(state: ProxyState, host: str, port: int, *, mode: str =
 
 
 async def start_inbound(state: ProxyState, host: str, port: int, *, app_port: int,
-                        tls: TlsProvider | None = None, app_host: str = "127.0.0.1") -> asyncio.Server:
+                        tls: TlsProvider | None = None, app_host: str = "127.0.0.1",
+                        protocol: str = "http") -> asyncio.Server:
     """The inbound HTTP listener (15006): every request to `app_host:app_port`, pooled.
 
     TLS: `tls` or else `state.tls`; None of both means a plaintext mesh hop.
     """
     tls = tls if tls is not None else state.tls
     ctx = server_ssl_context(tls) if tls is not None else None
-    return await serve_http(state, host, port, build_inbound_stack(state, app_port, app_host=app_host),
+    return await serve_http(state, host, port, build_inbound_stack(state, app_port, protocol=protocol, app_host=app_host),
                             ssl_context=ctx)
 
 

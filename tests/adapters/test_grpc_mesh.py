@@ -1,0 +1,163 @@
+"""gRPC through a sidecar pair on loopback: a grpcio client (h2c, prior knowledge) -> outbound
+(transparent: the preface makes the connection HTTP/2, each stream an exchange of the layers) ->
+mutual TLS, HTTP/1.1 chunked with trailers -> inbound of a `grpc` service -> a grpcio server (h2c).
+Every call kind streams through; trailers and statuses arrive; calls on one channel are balanced per
+call across endpoints; the exchanges are counted by both sidecars."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from contextlib import AsyncExitStack
+
+import grpc
+import pytest
+
+from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot
+from sidecar.mtls import Authorizer, start_mesh_inbound
+from sidecar.proxy import ProxyState, start_outbound
+from sidecar.routing import build_route_table
+from sidecar.tlsagent import MeshTls
+from tests.adapters.loops import GUARD_S
+from tests.adapters.test_h2_datapath import EchoService, channel, method, start_grpc_server
+from tests.adapters.test_mtls import ORDERS, PAYMENTS, SVC_PORT, make_agent, metric
+
+SERVICE_ADDRESS = ("127.0.0.1", SVC_PORT)   # what the client dials, as transparent capture reports it
+
+
+class GrpcMesh:
+    """`n` payments endpoints (grpcio server + inbound sidecar each) and the orders outbound sidecar;
+    `ch` is a grpcio channel from "orders" to payments through them."""
+
+    def __init__(self, stack: AsyncExitStack, ca, n: int = 1):
+        self.stack, self.ca, self.n = stack, ca, n
+
+    async def start(self) -> GrpcMesh:
+        self.services, self.inbounds, ports = [], [], []
+        pay_agent = await make_agent(self.ca, PAYMENTS)
+        for _ in range(self.n):
+            service = EchoService()
+            server, app_port = start_grpc_server(service)
+            self.stack.callback(server.stop, 0)
+            state = ProxyState("payments", "v1", tls=MeshTls(pay_agent))
+            state.authz = Authorizer("payments")
+            self.stack.callback(state.close)
+            inbound = await start_mesh_inbound(state, "127.0.0.1", 0, app_port=app_port, protocol="grpc")
+            self.stack.callback(inbound.close)
+            self.services.append(service)
+            self.inbounds.append(state)
+            ports.append(inbound.sockets[0].getsockname()[1])
+        services = {"payments": ServiceConfig("payments", "shop", "grpc", SVC_PORT, PAYMENTS),
+                    "orders": ServiceConfig("orders", "shop", "http", SVC_PORT, ORDERS)}
+        endpoints = {"payments": tuple(Endpoint(f"pay-{i}", "127.0.0.1", p, "v1", PAYMENTS)
+                                       for i, p in enumerate(ports))}
+        snap = Snapshot(version=1, config=MeshConfig(services=services, endpoints=endpoints))
+        for state in self.inbounds:
+            state.apply_snapshot(snap)
+            state.authz.update(snap)
+        self.outbound = ProxyState("orders", "v1", table=build_route_table(snap),
+                                   tls=MeshTls(await make_agent(self.ca, ORDERS)))
+        self.outbound.apply_snapshot(snap)
+        self.stack.callback(self.outbound.close)
+        out = await start_outbound(self.outbound, "127.0.0.1", 0, mode="transparent",
+                                   original_dst=lambda transport: SERVICE_ADDRESS)
+        self.stack.callback(out.close)
+        self.ch = channel(out.sockets[0].getsockname()[1])
+        self.stack.callback(self.ch.close)
+        return self
+
+
+def call(fn, *args, **kw):
+    return asyncio.to_thread(fn, *args, timeout=GUARD_S, **kw)
+
+
+async def _unary_and_statuses(ca):
+    async with AsyncExitStack() as stack:
+        mesh = await GrpcMesh(stack, ca).start()
+        unary = method(mesh.ch, "unary_unary", "Unary")
+        reply, outcome = await call(unary.with_call, b"hi", metadata=(("x-tag", "abc"),))
+        assert reply == b"echo:hi"
+        assert ("x-trailer", "t-abc") in outcome.trailing_metadata()   # trailers across both hops
+        with pytest.raises(grpc.RpcError) as failed:
+            await call(unary, b"fail")
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+        assert failed.value.details() == "no such thing: fail"
+        assert ("x-why", "asked-to") in failed.value.trailing_metadata()
+        for state, reporter in ((mesh.outbound, "source"), (mesh.inbounds[0], "destination")):
+            assert metric(state, "istio_requests_total", reporter=reporter, destination_service="payments",
+                          response_code="200") == 2, reporter
+
+
+def test_grpc_unary_calls_trailers_and_statuses_cross_the_mesh(run, ca):
+    run(_unary_and_statuses, ca)
+
+
+async def _streams(ca):
+    async with AsyncExitStack() as stack:
+        mesh = await GrpcMesh(stack, ca).start()
+        service = mesh.services[0]
+        # Server streaming: the second message is sent only once the client has the first, so the
+        # call completes only if each message passes both sidecars before the stream ends.
+        stream = method(mesh.ch, "unary_stream", "ServerStream")
+
+        def read_all() -> list:
+            out = []
+            for i, message in enumerate(stream(b"5,10", timeout=GUARD_S)):
+                out.append(message)
+                if i == 0:
+                    service.first_taken.set()
+            return out
+
+        assert await asyncio.to_thread(read_all) == [bytes([i]) * 10 for i in range(5)]
+        # Client streaming: the server holds the first message while the client still sends.
+        proceed = threading.Event()
+
+        def requests():
+            yield b"a" * 100
+            assert proceed.wait(GUARD_S)
+            yield b"b" * 50
+
+        total = asyncio.create_task(call(method(mesh.ch, "stream_unary", "ClientStream"), requests()))
+        assert await asyncio.to_thread(service.first_seen.wait, GUARD_S)
+        proceed.set()
+        assert await total == b"150"
+        # Bidi: 20 round trips, each answer before the next message is sent.
+        bidi = method(mesh.ch, "stream_stream", "Bidi")
+
+        def ping_pong() -> int:
+            outbox: list = []
+            ready = threading.Event()
+
+            def messages():
+                for i in range(20):
+                    yield b"%d" % i
+                    ready.wait(GUARD_S)
+                    ready.clear()
+
+            answers = 0
+            for answer in bidi(messages(), timeout=GUARD_S):
+                outbox.append(answer)
+                answers += 1
+                ready.set()
+            assert outbox == [b"pong:%d" % i for i in range(20)]
+            return answers
+
+        assert await asyncio.to_thread(ping_pong) == 20
+
+
+def test_grpc_streaming_calls_pass_message_by_message(run, ca):
+    run(_streams, ca)
+
+
+async def _balanced_per_call(ca):
+    async with AsyncExitStack() as stack:
+        mesh = await GrpcMesh(stack, ca, n=2).start()
+        unary = method(mesh.ch, "unary_unary", "Unary")
+        for i in range(40):   # one channel: one HTTP/2 connection from the client
+            assert await call(unary, b"%d" % i) == b"echo:%d" % i
+        calls = [service.calls for service in mesh.services]
+        assert sum(calls) == 40 and min(calls) >= 8, calls   # each endpoint took its share
+
+
+def test_calls_on_one_grpc_channel_are_balanced_per_call(run, ca):
+    run(_balanced_per_call, ca)
