@@ -104,6 +104,14 @@ def test_analyze_accepts_grpc_and_http2_services(tmp_path):
     assert "feed: http2 port 8443" in result.output
 
 
+def test_analyze_passes_the_demo_with_its_grpc_service():
+    from pathlib import Path
+    demo = Path(__file__).resolve().parents[2] / "compose" / "demo.yml"
+    result = run("analyze", str(demo), "--project", "shop")
+    assert result.exit_code == 0, result.output
+    assert "recommendations: grpc port 50051, versions v1, v2" in result.output
+
+
 def test_analyze_cross_service_errors(tmp_path):
     text = """
     services:
