@@ -27,6 +27,9 @@ MAX_TIMEOUT_DIGITS = 8  # PROTOCOL-HTTP2.md: TimeoutValue is a positive integer 
 _NANOS_PER_UNIT = {"H": 3600 * 10**9, "M": 60 * 10**9, "S": 10**9, "m": 10**6, "u": 10**3, "n": 1}
 _UNITS_FINEST_FIRST = ("n", "u", "m", "S", "M", "H")
 _TIMEOUT_LIMIT = 10**MAX_TIMEOUT_DIGITS
+# RFC 9110 section 5.6.3: optional whitespace around a field value is SP and HTAB only (str.strip()
+# would also take \x1c-\x1f and, from latin-1, \x85 and \xa0)
+_OWS = " \t"
 
 
 class GrpcStatus(IntEnum):
@@ -92,7 +95,7 @@ def sniff_h2_preface(data: bytes) -> bool | None:
 def is_grpc_content_type(value: bytes | str) -> bool:
     """True for `application/grpc` and `application/grpc+<format>` (PROTOCOL-HTTP2.md), any case."""
     raw = value.encode("latin-1") if isinstance(value, str) else value
-    media = raw.split(b";", 1)[0].strip().lower()
+    media = raw.split(b";", 1)[0].strip(b" \t").lower()
     return media == GRPC_CONTENT_TYPE or media.startswith(GRPC_CONTENT_TYPE + b"+")
 
 
@@ -117,7 +120,7 @@ def parse_grpc_timeout(value: bytes | str | None) -> float | None:
     malformed (the mesh then ignores it, as Envoy does)."""
     if value is None:
         return None
-    text = (value.decode("latin-1") if isinstance(value, bytes) else value).strip()
+    text = (value.decode("latin-1") if isinstance(value, bytes) else value).strip(_OWS)
     digits, unit = text[:-1], text[-1:]
     # isdigit() would take non-ASCII digits and int() underscores or signs: ASCII digits only.
     if unit not in _NANOS_PER_UNIT or not 1 <= len(digits) <= MAX_TIMEOUT_DIGITS \
@@ -164,8 +167,7 @@ def parse_grpc_status(value: bytes | str | None) -> int | None:
     """The code of a `grpc-status` value (ASCII digits), None when absent or malformed."""
     if value is None:
         return None
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    text = text.strip()
+    text = (value.decode("latin-1") if isinstance(value, bytes) else value).strip(_OWS)
     if not text or len(text) > 10 or text.strip("0123456789"):
         return None
     return int(text)

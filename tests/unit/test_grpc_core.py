@@ -38,6 +38,7 @@ def test_grpc_timeout_parses_to_seconds(value, seconds):
 
 @pytest.mark.parametrize("value", [
     None, "", "S", "100", "100s", "100ms", "1.5S", "-1S", "+1S", "1_0S", "123456789S", "\u0661S", "1 S", "1x",
+    "\x1c50m", "50m\xa0",   # only SP and HTAB are whitespace around a field value (RFC 9110 5.6.3)
 ])
 def test_malformed_grpc_timeout_is_none(value):
     assert grpc.parse_grpc_timeout(value) is None
@@ -166,6 +167,8 @@ def test_retry_decision_from_a_decoded_policy_and_a_trailers_only_response():
     ([(b"grpc-status", b"fourteen")], None),
     ([(b"grpc-status", b"-1")], None),
     ([(b"grpc-status", b"")], None),
+    ([(b"grpc-status", b"\x1c14")], None),
+    ([(b"grpc-status", b" 14\t")], 14),
 ])
 def test_response_grpc_status(headers, status):
     assert grpc.response_grpc_status(headers) == status
@@ -195,7 +198,8 @@ def test_sniff_h2_preface(data, verdict):
     (b"application/grpc", True), ("application/grpc+proto", True), (b"application/grpc+json", True),
     (b"Application/GRPC", True), (b"application/grpc; charset=utf-8", True),
     (b"application/grpc-web", False), (b"application/grpc-web+proto", False),
-    (b"application/json", False), (b"", False), (b"application/grpcx", False),
+    (b"application/json", False), (b"", False), (b"application/grpcx", False), (b" application/grpc", True),
+    (b"\x0bapplication/grpc", False),
 ])
 def test_grpc_content_types(value, is_grpc):
     assert grpc.is_grpc_content_type(value) is is_grpc
