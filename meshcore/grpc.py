@@ -94,7 +94,7 @@ def sniff_h2_preface(data: bytes) -> bool | None:
 
 def is_grpc_content_type(value: bytes | str) -> bool:
     """True for `application/grpc` and `application/grpc+<format>` (PROTOCOL-HTTP2.md), any case."""
-    raw = value.encode("latin-1") if isinstance(value, str) else value
+    raw = value.encode("latin-1", "replace") if isinstance(value, str) else value
     media = raw.split(b";", 1)[0].strip(b" \t").lower()
     return media == GRPC_CONTENT_TYPE or media.startswith(GRPC_CONTENT_TYPE + b"+")
 
