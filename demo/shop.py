@@ -24,7 +24,9 @@ Role APIs:
                    calls the gRPC service `recommendations` (demo/recommend.py) over one long-lived
                    channel; answers its items and which version and algorithm answered;
                    GET /recommendations/watch ?count=&interval_ms=: the server-streaming Watch,
-                   its messages in the order they came
+                   its messages in the order they came;
+                   GET /recommendations/tally ?calls=N (default 100, at most 5000): N calls on the
+                   channel, 32 at a time; how many each version answered (a split shows here)
 
 Every JSON answer carries service, version (env VERSION, default v1) and instance (hostname).
 Outbound calls are plain aiohttp: in transparent mode the sidecar captures them; in explicit
@@ -51,6 +53,8 @@ INSTANCE = socket.gethostname()
 TIMEOUT = ClientTimeout(total=float(os.environ.get("DOWNSTREAM_TIMEOUT_S", "5")))
 RECOMMENDATIONS_TARGET = os.environ.get("RECOMMENDATIONS_TARGET", "recommendations:50051")
 RECOMMEND_DEADLINE_S = float(os.environ.get("RECOMMEND_DEADLINE_S", "2"))
+TALLY_MAX_CALLS = 5000
+TALLY_CONCURRENCY = 32     # calls in flight at once on the one channel (HTTP/2 streams)
 # Request headers passed on to downstream calls (request ids, trace context, user for routing).
 PROPAGATE = ("x-request-id", "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid",
              "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "x-user")
@@ -202,14 +206,16 @@ def recommend_query(request, **extra):
     return query
 
 
-async def grpc_call(request, call, query, timeout=RECOMMEND_DEADLINE_S):
-    """Await `call(query)` (a gRPC call) with the request's propagated headers as metadata, within
-    `timeout` seconds (grpc-timeout); (result, None) or (None, a 502 reply naming the gRPC status)."""
-    try:
-        return await call(query, timeout=timeout, metadata=tuple(propagated(request).items())), None
-    except grpc.aio.AioRpcError as exc:
-        return None, reply({"error": "recommendations failed", "grpc_status": exc.code().name,
-                            "details": exc.details()}, status=502)
+def call_options(request, timeout=None):
+    """A gRPC call's options: its deadline (sent as grpc-timeout; default RECOMMEND_DEADLINE_S) and the
+    request's propagated headers as metadata (trace context, x-user for header routes)."""
+    return {"timeout": RECOMMEND_DEADLINE_S if timeout is None else timeout,
+            "metadata": tuple(propagated(request).items())}
+
+
+def grpc_failure(exc):
+    return reply({"error": "recommendations failed", "grpc_status": exc.code().name,
+                  "details": exc.details()}, status=502)
 
 
 def answered_by(message):
@@ -221,9 +227,10 @@ async def recommendations(request):
         query = recommend_query(request)
     except ValueError:
         return reply({"error": "count must be an integer"}, status=400)
-    answer, failed = await grpc_call(request, request.app["recommend"], query)
-    if failed:
-        return failed
+    try:
+        answer = await request.app["recommend"](query, **call_options(request))
+    except grpc.aio.AioRpcError as exc:
+        return grpc_failure(exc)
     return reply({"user": query["user"], "item": query["item"], "recommendations": answer["items"],
                   "answered_by": answered_by(answer)})
 
@@ -233,16 +240,41 @@ async def watch_recommendations(request):
         query = recommend_query(request, interval_ms="100")
     except ValueError:
         return reply({"error": "count and interval_ms must be integers"}, status=400)
-
-    async def collect(q, **kwargs):
-        return [message async for message in request.app["watch"](q, **kwargs)]
-    stream_s = query["count"] * query["interval_ms"] / 1000
-    messages, failed = await grpc_call(request, collect, query, RECOMMEND_DEADLINE_S + stream_s)
-    if failed:
-        return failed
+    options = call_options(request, RECOMMEND_DEADLINE_S + query["count"] * query["interval_ms"] / 1000)
+    try:
+        messages = [m async for m in request.app["watch"](query, **options)]
+    except grpc.aio.AioRpcError as exc:
+        return grpc_failure(exc)
     return reply({"user": query["user"], "item": query["item"],
                   "stream": [{"item": m["item"], "rank": m["rank"], "answered_by": answered_by(m)}
                              for m in messages]})
+
+
+async def tally_recommendations(request):
+    """`calls` Recommend calls on the one channel, TALLY_CONCURRENCY at a time: how many calls each
+    version answered and how many failed with which gRPC status (a split is per call, so it shows here)."""
+    try:
+        calls = int(request.query.get("calls", "100"))
+        query = recommend_query(request)
+    except ValueError:
+        return reply({"error": "calls and count must be integers"}, status=400)
+    if not 1 <= calls <= TALLY_MAX_CALLS:
+        return reply({"error": f"calls must be 1..{TALLY_MAX_CALLS}"}, status=400)
+    versions, failed = {}, {}
+    gate = asyncio.Semaphore(TALLY_CONCURRENCY)
+    options = call_options(request)
+
+    async def one():
+        async with gate:
+            try:
+                answer = await request.app["recommend"](query, **options)
+            except grpc.aio.AioRpcError as exc:
+                failed[exc.code().name] = failed.get(exc.code().name, 0) + 1
+            else:
+                versions[answer["version"]] = versions.get(answer["version"], 0) + 1
+    await asyncio.gather(*(one() for _ in range(calls)))
+    return reply({"calls": calls, "answered_by_version": dict(sorted(versions.items())),
+                  "share": {v: round(n / calls, 3) for v, n in sorted(versions.items())}, "failed": failed})
 
 
 def role_routes(role):
@@ -258,6 +290,7 @@ def role_routes(role):
         return [web.post("/notify", notify)]
     return [*(web.get(prefix + "/recommendations", recommendations) for prefix in ("", "/api/catalog")),
             *(web.get(prefix + "/recommendations/watch", watch_recommendations) for prefix in ("", "/api/catalog")),
+            *(web.get(prefix + "/recommendations/tally", tally_recommendations) for prefix in ("", "/api/catalog")),
             web.get("/{tail:.*}", catalog)]  # catalog: /, /api/catalog..., any path
 
 

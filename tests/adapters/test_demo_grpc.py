@@ -100,14 +100,20 @@ def test_bad_settings_are_named(env, problem):
 
 # ---- the shop's route, over one grpc.aio channel -------------------------------------------------
 
-@pytest.fixture
-async def shop_client(server_of, monkeypatch):
-    """An aiohttp test client of the shop's catalog role, its channel to a v2 recommendations server."""
+async def shop_of(target, monkeypatch):
+    """A started aiohttp test client of the shop's catalog role, its channel to `target`."""
     from aiohttp.test_utils import TestClient, TestServer
-    monkeypatch.setattr(shop, "RECOMMENDATIONS_TARGET", server_of("v2"))
+    monkeypatch.setattr(shop, "RECOMMENDATIONS_TARGET", target)
     monkeypatch.setattr(shop, "ROLE", "catalog")
     client = TestClient(TestServer(shop.make_app("catalog"), host="127.0.0.1"))
     await client.start_server()
+    return client
+
+
+@pytest.fixture
+async def shop_client(server_of, monkeypatch):
+    """The shop's catalog role, its channel to a v2 recommendations server."""
+    client = await shop_of(server_of("v2"), monkeypatch)
     yield client
     await client.close()
 
@@ -140,16 +146,38 @@ async def test_shop_names_the_grpc_status_of_a_failed_call(shop_client):
     assert resp.status == 400
 
 
-async def test_shop_answers_502_unavailable_when_the_service_is_down(server_of, monkeypatch):
-    from aiohttp.test_utils import TestClient, TestServer
+async def test_shop_answers_502_unavailable_when_the_service_is_down(monkeypatch):
     import socket
     with socket.socket() as probe:          # a loopback port nobody listens on
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
-    monkeypatch.setattr(shop, "RECOMMENDATIONS_TARGET", f"127.0.0.1:{free}")
     monkeypatch.setattr(shop, "RECOMMEND_DEADLINE_S", 1.0)
-    async with TestClient(TestServer(shop.make_app("catalog"), host="127.0.0.1")) as client:
+    client = await shop_of(f"127.0.0.1:{free}", monkeypatch)
+    try:
         resp = await client.get("/recommendations")
         body = await resp.json()
+    finally:
+        await client.close()
     assert resp.status == 502
     assert body["grpc_status"] in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+async def test_shop_tally_counts_the_versions_that_answered(shop_client):
+    resp = await shop_client.get("/api/catalog/recommendations/tally", params={"calls": "64"})
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert body["calls"] == 64
+    assert body["answered_by_version"] == {"v2": 64} and body["share"] == {"v2": 1.0} and body["failed"] == {}
+
+
+async def test_shop_tally_counts_failures_by_grpc_status(server_of, monkeypatch):
+    client = await shop_of(server_of("v1", fail_rate=1.0), monkeypatch)
+    try:
+        resp = await client.get("/recommendations/tally", params={"calls": "10"})
+        body = await resp.json()
+        assert (await client.get("/recommendations/tally", params={"calls": "0"})).status == 400
+        assert (await client.get("/recommendations/tally", params={"calls": "x"})).status == 400
+    finally:
+        await client.close()
+    assert resp.status == 200, body
+    assert body["answered_by_version"] == {} and body["failed"] == {"UNAVAILABLE": 10}
