@@ -31,14 +31,15 @@ install:
 # The project's wheels and every dependency's, for the images (cp311, like Debian 12's python3):
 # meshd twice, compiled for this Python (setup.py) and pure (py3-none-any), so an image of another
 # Python takes the pure one. build/ goes too: setuptools would put modules deleted from the tree
-# (or the other build's extension) back into the wheel.
+# (or the other build's extension) back into the wheel. The `demo` extra adds the demo image's
+# packages (grpcio), which meshd itself does not need.
 wheels:
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; v == (3, 11) or print("warning: wheels for Python %d.%d," \
 	    " but mesh-base has 3.11: offline (--no-index) image builds will miss binary wheels" % v)'
 	rm -rf build wheels/meshd-*.whl
 	MESHD_PURE_PYTHON=1 $(PIP) wheel -q --no-deps -w wheels .
 	rm -rf build
-	$(PIP) wheel -q -w wheels .
+	$(PIP) wheel -q -w wheels '.[demo]'
 
 # Rebuild the compiled data path in place after editing sidecar/datapath/*.py or .pxd (`make install`
 # does it too); tests/unit/test_compiled.py fails on a stale one.

@@ -19,11 +19,20 @@ Role APIs:
     inventory      GET /stock/{id}
     users          GET /users/{id}
     notifications  POST /notify
-    catalog        GET / and GET /api/catalog... (any path)
+    catalog        GET / and GET /api/catalog... (any path);
+                   GET /recommendations (also /api/catalog/recommendations) ?user=&item=&count=:
+                   calls the gRPC service `recommendations` (demo/recommend.py) over one long-lived
+                   channel; answers its items and which version and algorithm answered;
+                   GET /recommendations/watch ?count=&interval_ms=: the server-streaming Watch,
+                   its messages in the order they came;
+                   GET /recommendations/tally ?calls=N (default 100, at most 5000): N calls on the
+                   channel, 32 at a time; how many each version answered (a split shows here)
 
 Every JSON answer carries service, version (env VERSION, default v1) and instance (hostname).
 Outbound calls are plain aiohttp: in transparent mode the sidecar captures them; in explicit
-mode HTTP_PROXY is honoured (trust_env=True).
+mode HTTP_PROXY is honoured (trust_env=True). The gRPC channel (grpc.aio, on the same event loop)
+goes to env RECOMMENDATIONS_TARGET (default recommendations:50051) with a deadline of
+RECOMMEND_DEADLINE_S (default 2) seconds per call.
 """
 
 import asyncio
@@ -33,12 +42,19 @@ import random
 import socket
 import sys
 
+import grpc
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
+
+from recommend import RECOMMEND, WATCH, decode, encode
 
 ROLES = ("orders", "payments", "inventory", "users", "notifications", "catalog")
 VERSION = os.environ.get("VERSION", "v1")
 INSTANCE = socket.gethostname()
 TIMEOUT = ClientTimeout(total=float(os.environ.get("DOWNSTREAM_TIMEOUT_S", "5")))
+RECOMMENDATIONS_TARGET = os.environ.get("RECOMMENDATIONS_TARGET", "recommendations:50051")
+RECOMMEND_DEADLINE_S = float(os.environ.get("RECOMMEND_DEADLINE_S", "2"))
+TALLY_MAX_CALLS = 5000
+TALLY_CONCURRENCY = 32     # calls in flight at once on the one channel (HTTP/2 streams)
 # Request headers passed on to downstream calls (request ids, trace context, user for routing).
 PROPAGATE = ("x-request-id", "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid",
              "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "x-user")
@@ -181,6 +197,86 @@ async def catalog(request):
     return reply({"path": request.path, "items": ["hat", "mug", "shirt"]})
 
 
+def recommend_query(request, **extra):
+    """The request message for the recommendations service from the query string (ValueError: bad count)."""
+    query = {"user": request.query.get("user", "guest"), "item": request.query.get("item", "hat"),
+             "count": int(request.query.get("count", "3"))}
+    for name, default in extra.items():
+        query[name] = int(request.query.get(name, default))
+    return query
+
+
+def call_options(request, timeout=None):
+    """A gRPC call's options: its deadline (sent as grpc-timeout; default RECOMMEND_DEADLINE_S) and the
+    request's propagated headers as metadata (trace context, x-user for header routes)."""
+    return {"timeout": RECOMMEND_DEADLINE_S if timeout is None else timeout,
+            "metadata": tuple(propagated(request).items())}
+
+
+def grpc_failure(exc):
+    return reply({"error": "recommendations failed", "grpc_status": exc.code().name,
+                  "details": exc.details()}, status=502)
+
+
+def answered_by(message):
+    return {key: message.get(key) for key in ("version", "algorithm", "instance")}
+
+
+async def recommendations(request):
+    try:
+        query = recommend_query(request)
+    except ValueError:
+        return reply({"error": "count must be an integer"}, status=400)
+    try:
+        answer = await request.app["recommend"](query, **call_options(request))
+    except grpc.aio.AioRpcError as exc:
+        return grpc_failure(exc)
+    return reply({"user": query["user"], "item": query["item"], "recommendations": answer["items"],
+                  "answered_by": answered_by(answer)})
+
+
+async def watch_recommendations(request):
+    try:
+        query = recommend_query(request, interval_ms="100")
+    except ValueError:
+        return reply({"error": "count and interval_ms must be integers"}, status=400)
+    options = call_options(request, RECOMMEND_DEADLINE_S + query["count"] * query["interval_ms"] / 1000)
+    try:
+        messages = [m async for m in request.app["watch"](query, **options)]
+    except grpc.aio.AioRpcError as exc:
+        return grpc_failure(exc)
+    return reply({"user": query["user"], "item": query["item"],
+                  "stream": [{"item": m["item"], "rank": m["rank"], "answered_by": answered_by(m)}
+                             for m in messages]})
+
+
+async def tally_recommendations(request):
+    """`calls` Recommend calls on the one channel, TALLY_CONCURRENCY at a time: how many calls each
+    version answered and how many failed with which gRPC status (a split is per call, so it shows here)."""
+    try:
+        calls = int(request.query.get("calls", "100"))
+        query = recommend_query(request)
+    except ValueError:
+        return reply({"error": "calls and count must be integers"}, status=400)
+    if not 1 <= calls <= TALLY_MAX_CALLS:
+        return reply({"error": f"calls must be 1..{TALLY_MAX_CALLS}"}, status=400)
+    versions, failed = {}, {}
+    gate = asyncio.Semaphore(TALLY_CONCURRENCY)
+    options = call_options(request)
+
+    async def one():
+        async with gate:
+            try:
+                answer = await request.app["recommend"](query, **options)
+            except grpc.aio.AioRpcError as exc:
+                failed[exc.code().name] = failed.get(exc.code().name, 0) + 1
+            else:
+                versions[answer["version"]] = versions.get(answer["version"], 0) + 1
+    await asyncio.gather(*(one() for _ in range(calls)))
+    return reply({"calls": calls, "answered_by_version": dict(sorted(versions.items())),
+                  "share": {v: round(n / calls, 3) for v, n in sorted(versions.items())}, "failed": failed})
+
+
 def role_routes(role):
     if role == "orders":
         return [web.get(p, order) for p in ("/api/orders/{id}", "/orders/{id}", "/{id}")]
@@ -192,7 +288,10 @@ def role_routes(role):
         return [web.get("/users/{id}", user)]
     if role == "notifications":
         return [web.post("/notify", notify)]
-    return [web.get("/{tail:.*}", catalog)]  # catalog: /, /api/catalog..., any path
+    return [*(web.get(prefix + "/recommendations", recommendations) for prefix in ("", "/api/catalog")),
+            *(web.get(prefix + "/recommendations/watch", watch_recommendations) for prefix in ("", "/api/catalog")),
+            *(web.get(prefix + "/recommendations/tally", tally_recommendations) for prefix in ("", "/api/catalog")),
+            web.get("/{tail:.*}", catalog)]  # catalog: /, /api/catalog..., any path
 
 
 # ---- app ---------------------------------------------------------------------------------------
@@ -204,11 +303,22 @@ async def client_ctx(app):
         yield
 
 
+async def recommendations_ctx(app):
+    # One long-lived channel for every call: gRPC multiplexes its calls on one HTTP/2 connection, so
+    # a split between versions must be applied per call (the mesh's job), not per connection.
+    async with grpc.aio.insecure_channel(RECOMMENDATIONS_TARGET) as channel:
+        app["recommend"] = channel.unary_unary(RECOMMEND, request_serializer=encode, response_deserializer=decode)
+        app["watch"] = channel.unary_stream(WATCH, request_serializer=encode, response_deserializer=decode)
+        yield
+
+
 def make_app(role):
     app = web.Application(middlewares=[faults])
     app["faults"] = faults_from_env()
     app["stats"] = {"requests": 0, "failed": 0}
     app.cleanup_ctx.append(client_ctx)
+    if role == "catalog":
+        app.cleanup_ctx.append(recommendations_ctx)
     app.add_routes([
         web.get("/healthz", healthz),
         web.get("/call", call),

@@ -13,7 +13,9 @@ OWNER_LABEL = "mesh.owner"
 ROLE_LABEL = "mesh.role"
 SIDECAR_FOR_LABEL = "mesh.sidecar.for"
 
-PROTOCOLS = ("http", "tcp")
+# http: HTTP/1.1 (the default); http2: HTTP/2 with prior knowledge (h2c) from the app; grpc: gRPC,
+# which is HTTP/2 (the data path reads grpc-status); tcp: bytes, balanced per connection.
+PROTOCOLS = ("http", "tcp", "http2", "grpc")
 CAPTURE_MODES = ("transparent", "explicit")
 DEFAULT_VERSION = "v1"
 DEFAULT_TRUST_DOMAIN = "mesh.local"
@@ -244,7 +246,7 @@ def decode_labels(info: ContainerInfo) -> MeshSpec:
     gateway = _decode_gateway(labels)
     if gateway is not None and protocol != "http":
         raise LabelDecodeError("mesh.gateway.path" if gateway.path else "mesh.gateway.host",
-                               "the gateway routes HTTP only; this service has mesh.protocol=tcp")
+                               f"the gateway routes HTTP/1.1 only; this service has mesh.protocol={protocol}")
     mtls = decode_choice("mesh.mtls", labels.get("mesh.mtls", "strict"), MTLS_MODES)
     allow = None
     if "mesh.allow" in labels:

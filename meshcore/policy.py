@@ -19,7 +19,10 @@ from .durations import UNIT_SECONDS, parse_duration
 from .labels import LabelDecodeError, decode_bool, decode_decimal
 
 LB_POLICIES = ("least-request", "round-robin", "random", "ring-hash")
-RETRY_ON = ("connect-failure", "reset", "5xx", "gateway-error", "retriable-status-codes")
+HTTP_RETRY_ON = ("connect-failure", "reset", "5xx", "gateway-error", "retriable-status-codes")
+# Istio's retryOn names for gRPC: a response whose grpc-status is that code (meshcore.grpc maps them)
+GRPC_RETRY_ON = ("cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable")
+RETRY_ON = HTTP_RETRY_ON + GRPC_RETRY_ON
 FAILURES = ("connect-failure", "reset", "timeout")  # transport outcomes the data path reports
 UNLIMITED = 2**32 - 1          # Istio's circuit breaker thresholds: effectively no limit
 MAX_RETRY_ATTEMPTS = 10        # upper bound for mesh.retries.attempts (retry storms)
@@ -37,7 +40,8 @@ POLICY_LABELS: tuple[tuple[str, str, str], ...] = (
     ("mesh.retries.attempts", "2", "retries after the first try (0 disables retries; at most 10)"),
     ("mesh.retries.per-try-timeout", "off", "timeout of each try; an expired try may be retried"),
     ("mesh.retries.on", "connect-failure,reset",
-     "comma list of connect-failure, reset, 5xx, gateway-error, retriable-status-codes"),
+     "comma list of connect-failure, reset, 5xx, gateway-error, retriable-status-codes; for gRPC also "
+     "cancelled, deadline-exceeded, internal, resource-exhausted, unavailable (the response's grpc-status)"),
     ("mesh.retries.status-codes", "-", "comma list of HTTP statuses for retriable-status-codes"),
     ("mesh.retries.backoff", "25ms,250ms", "base[,max] of exponential backoff with full jitter; max = 10x base"),
     ("mesh.retries.budget", "20%,3",

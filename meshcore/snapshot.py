@@ -11,7 +11,7 @@ from .labels import (
     ContainerInfo, GatewayRule, LabelDecodeError, LabelError, MeshSpec, decode_container,
     is_mesh_enabled, is_mesh_owned, spiffe_id, COMPOSE_SERVICE,
 )
-from .labels import MTLS_MODES
+from .labels import MTLS_MODES, PROTOCOLS
 from .policy import DEFAULT_POLICY as DEFAULT_TRAFFIC_POLICY, TrafficPolicy, decode_traffic_policy, policy_labels
 from .policy_wire import PolicyWireError, decode_policy_wire, encode_policy_wire, policy_difference
 from .routing_rules import ServiceRules, decode_rules, encode_rules
@@ -316,8 +316,8 @@ def decode_snapshot(data: Any) -> Snapshot:
     for name, raw in _field(data, "services", dict, "snapshot").items():
         where = f"services.{name}"
         protocol = _field(raw, "protocol", str, where)
-        if protocol not in ("http", "tcp"):
-            raise SnapshotError(f"{where}.protocol: {protocol!r} is not http or tcp")
+        if protocol not in PROTOCOLS:
+            raise SnapshotError(f"{where}.protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
         aliases = _field(raw, "aliases", list, where)
         if not all(isinstance(alias, str) for alias in aliases):
             raise SnapshotError(f"{where}.aliases: expected a list of strings")

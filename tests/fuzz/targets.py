@@ -6,7 +6,8 @@ import importlib
 
 from tests.fuzz.engine import Target
 
-NAMES = ("http_request", "http_response", "mdns", "dns", "websocket", "labels", "control", "snapshot", "jwt")
+NAMES = ("http_request", "http_response", "mdns", "dns", "websocket", "labels", "control", "snapshot", "jwt",
+         "grpc")
 
 
 def load(name: str) -> Target:

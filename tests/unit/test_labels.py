@@ -62,6 +62,9 @@ def test_namespace_from_compose_project(project, expected):
     ({"mesh.version": "2.1.0-rc_1"}, "version", "2.1.0-rc_1"),
     ({"mesh.protocol": "tcp"}, "protocol", "tcp"),
     ({"mesh.protocol": "HTTP"}, "protocol", "http"),
+    ({"mesh.protocol": "grpc"}, "protocol", "grpc"),
+    ({"mesh.protocol": "GRPC"}, "protocol", "grpc"),
+    ({"mesh.protocol": "http2"}, "protocol", "http2"),
     ({"mesh.capture": "explicit"}, "capture", "explicit"),
     ({"mesh.capture": "Transparent"}, "capture", "transparent"),
     ({"mesh.gateway.path": "/api/orders"}, "gateway", GatewayRule("/api/orders", None, False)),
@@ -111,7 +114,8 @@ def test_port_label_wins_over_exposed_ports():
     ({"mesh.version": "v 2"}, (8080,), "mesh.version", "not a version name"),
     ({"mesh.version": "-v2"}, (8080,), "mesh.version", "not a version name"),
     ({"mesh.version": ""}, (8080,), "mesh.version", "not a version name"),
-    ({"mesh.protocol": "grpc"}, (8080,), "mesh.protocol", "not one of http, tcp"),
+    ({"mesh.protocol": "udp"}, (8080,), "mesh.protocol", "not one of http, tcp, http2, grpc"),
+    ({"mesh.protocol": "h2c"}, (8080,), "mesh.protocol", "not one of"),
     ({"mesh.protocol": ""}, (8080,), "mesh.protocol", "not one of"),
     ({"mesh.capture": "iptables"}, (8080,), "mesh.capture", "not one of transparent, explicit"),
     ({"mesh.foo": "1"}, (8080,), "mesh.foo", "unknown mesh label"),
@@ -126,8 +130,10 @@ def test_port_label_wins_over_exposed_ports():
      "mesh.gateway.strip-prefix", "needs mesh.gateway.path"),
     ({"mesh.gateway.path": "/api", "mesh.gateway.strip-prefix": "maybe"}, (8080,),
      "mesh.gateway.strip-prefix", "not a boolean"),
-    ({"mesh.protocol": "tcp", "mesh.gateway.path": "/db"}, (5432,), "mesh.gateway.path", "HTTP only"),
-    ({"mesh.protocol": "tcp", "mesh.gateway.host": "db.example"}, (5432,), "mesh.gateway.host", "HTTP only"),
+    ({"mesh.protocol": "tcp", "mesh.gateway.path": "/db"}, (5432,), "mesh.gateway.path", "HTTP/1.1 only"),
+    ({"mesh.protocol": "tcp", "mesh.gateway.host": "db.example"}, (5432,), "mesh.gateway.host", "HTTP/1.1 only"),
+    ({"mesh.protocol": "grpc", "mesh.gateway.path": "/rpc"}, (50051,), "mesh.gateway.path",
+     "mesh.protocol=grpc"),
 ])
 def test_label_errors_name_the_label(labels, ports, label, fragment):
     exc = error_of(info(labels, ports=ports))

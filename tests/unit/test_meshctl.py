@@ -63,7 +63,8 @@ def test_analyze_good_file(tmp_path):
 
 @pytest.mark.parametrize("labels, label", [
     ('mesh.port: abc', "mesh.port"),
-    ('mesh.protocol: grpc', "mesh.protocol"),
+    ('mesh.protocol: udp', "mesh.protocol"),
+    ('mesh.retries.on: "unavailable,not-found"', "mesh.retries.on"),
     ('mesh.foo: "1"', "mesh.foo"),
     ('mesh.gateway.path: api', "mesh.gateway.path"),
 ])
@@ -80,6 +81,35 @@ def test_analyze_bad_label(tmp_path, labels, label):
     result = run("analyze", str(write(tmp_path, text)))
     assert result.exit_code == 1, result.output
     assert f"service orders: label {label}" in result.output
+
+
+def test_analyze_accepts_grpc_and_http2_services(tmp_path):
+    text = """
+    services:
+      recommendations-v1:
+        image: shop/recommend
+        labels: {mesh.enable: "true", mesh.service: recommendations, mesh.version: v1, mesh.port: "50051",
+                 mesh.protocol: grpc, mesh.retries.on: "unavailable,resource-exhausted,connect-failure"}
+      recommendations-v2:
+        image: shop/recommend
+        labels: {mesh.enable: "true", mesh.service: recommendations, mesh.version: v2, mesh.port: "50051",
+                 mesh.protocol: grpc, mesh.retries.on: "unavailable,resource-exhausted,connect-failure"}
+      feed:
+        image: shop/feed
+        labels: {mesh.enable: "true", mesh.port: "8443", mesh.protocol: http2}
+    """
+    result = run("analyze", str(write(tmp_path, text)))
+    assert result.exit_code == 0, result.output
+    assert "recommendations: grpc port 50051, versions v1, v2" in result.output
+    assert "feed: http2 port 8443" in result.output
+
+
+def test_analyze_passes_the_demo_with_its_grpc_service():
+    from pathlib import Path
+    demo = Path(__file__).resolve().parents[2] / "compose" / "demo.yml"
+    result = run("analyze", str(demo), "--project", "shop")
+    assert result.exit_code == 0, result.output
+    assert "recommendations: grpc port 50051, versions v1, v2" in result.output
 
 
 def test_analyze_cross_service_errors(tmp_path):

@@ -32,6 +32,7 @@ LABEL_SETS = [
     {"mesh.retries.attempts": "10", "mesh.retries.per-try-timeout": "250ms", "mesh.retries.on": "5xx,reset",
      "mesh.retries.backoff": "10ms", "mesh.retries.budget": "50%,0", "mesh.retries.non-idempotent": "true"},
     {"mesh.retries.on": "retriable-status-codes,gateway-error", "mesh.retries.status-codes": "429,503"},
+    {"mesh.retries.on": "unavailable,resource-exhausted,connect-failure"},
     {"mesh.circuit.max-connections": "1", "mesh.circuit.max-pending": "7", "mesh.circuit.max-requests": "100"},
     {"mesh.outlier.consecutive-5xx": "off", "mesh.outlier.consecutive-gateway-errors": "3",
      "mesh.outlier.interval": "1.5m", "mesh.outlier.base-ejection": "10m",

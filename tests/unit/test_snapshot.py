@@ -249,12 +249,21 @@ def sample_snapshot() -> Snapshot:
                              "mesh.gateway.strip-prefix": "true"}, ip="10.0.0.5"),
           ctr("catalog-v2", {"mesh.service": "catalog", "mesh.version": "v2"}, ip="10.0.0.6"),
           ctr("web", {"mesh.gateway.host": "shop.example"}, ip="10.0.0.7"),
-          ctr("db", {"mesh.protocol": "tcp"}, ports=(5432,), ip="10.0.0.8")]
+          ctr("db", {"mesh.protocol": "tcp"}, ports=(5432,), ip="10.0.0.8"),
+          ctr("recommendations", {"mesh.protocol": "grpc", "mesh.retries.on": "unavailable,reset"},
+              ports=(50051,), ip="10.0.0.9"),
+          ctr("feed", {"mesh.protocol": "http2"}, ports=(8443,), ip="10.0.0.10")]
     anns = [ann("catalog-v1", "catalog", "10.0.0.5"), ann("catalog-v2", "catalog", "10.0.0.6"),
-            ann("web", "web", "10.0.0.7")]
+            ann("web", "web", "10.0.0.7"), ann("recommendations", "recommendations", "10.0.0.9")]
     config, errors = build(cs, anns)
     assert errors == []
     return Snapshot(version=7, config=config)
+
+
+def test_grpc_and_http2_services_carry_their_protocol_and_grpc_retry_names():
+    services = decode_snapshot(json.loads(json.dumps(encode_snapshot(sample_snapshot())))).config.services
+    assert (services["recommendations"].protocol, services["feed"].protocol) == ("grpc", "http2")
+    assert services["recommendations"].policy.retries.on == frozenset({"unavailable", "reset"})
 
 
 def test_round_trip():
