@@ -12,6 +12,7 @@ from typing import Callable
 
 # meshproc.runtime imports structlog without its console extras (rich & co.): before anything else does
 from meshproc.runtime import configure_logging, run_forever, stop_signal, structlog, wants_run
+from meshcore.labels import PROTOCOLS
 from meshcore.limits import DEFAULT_LIMITS, LimitError, Limits, limits_from_env
 from sidecar.capture import PROXY_UID, apply_capture
 
@@ -66,7 +67,7 @@ class SidecarSettings:
         if not port_raw.isdigit() or not 0 < int(port_raw) < 65536:
             raise ConfigError(f"MESH_APP_PORT: {port_raw!r} is not a port number")
         protocol = env.get("MESH_PROTOCOL", "http")
-        if protocol not in ("http", "tcp", "grpc", "http2"):
+        if protocol not in PROTOCOLS:
             raise ConfigError(f"MESH_PROTOCOL: {protocol!r} is not http, grpc, http2 or tcp")
         capture = env.get("MESH_CAPTURE", "transparent")
         if capture not in ("transparent", "explicit"):

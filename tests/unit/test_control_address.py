@@ -113,7 +113,9 @@ async def test_the_dialled_url_is_reported_on_connect(monkeypatch):
             break
         await asyncio.sleep(0.01)
     task.cancel()
-    assert told == ["wss://172.31.0.1:15012/v1/stream"] and dialled[0] == told[0]
+    # Under load the client may have reconnected (FakeWs fails every send) before the poll looked:
+    # every connect reports the same checked URL.
+    assert told and set(told) == {"wss://172.31.0.1:15012/v1/stream"} and dialled[0] == told[0]
 
 
 @pytest.mark.parametrize("now, renew_at, asked_at, server, wait", [
