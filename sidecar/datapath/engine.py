@@ -46,6 +46,7 @@ from typing import Any, Callable, Collection
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
 
+from meshcore.grpc import GRPC_CONTENT_TYPE, is_grpc_content_type, local_reply_status, percent_encode_message
 from meshcore.lb import DEFAULT_MAX_TRIES, connect_tries, merge_exclusions, pick_p2c
 from meshcore.resilience import DI, FI, RL, UO, URX, UT, backoff_delay, should_retry
 from meshcore.snapshot import Snapshot
@@ -58,7 +59,8 @@ from ..routing import (
 )
 from .http1 import (
     H_B3, H_CL, H_CONNECTION, H_DROP, H_EXPECT, H_FLAGS, H_HOST, H_SOURCE, H_SOURCE_VERSION, H_TE,
-    H_TRACEPARENT, H_TRACESTATE, H_UPGRADE, H_XFF, HEADER_ACTIONS, HOP_BY_HOP, connection_tokens, drop_named,
+    H_TRACEPARENT, H_TRACESTATE, H_UPGRADE, H_XFF, HEADER_ACTIONS, HOP_BY_HOP, HeaderLines, connection_tokens,
+    drop_named,
     read_request_head, read_response_head, status_line,
 )
 from .speedups import bucket_of, cut, head_end, join, name_table
@@ -178,6 +180,12 @@ def _join_flags(have: str, new: str) -> str:
 
 # Trailer fields not passed on (RFC 9110 6.5.1: framing, routing, connection-specific).
 TRAILER_DROP = frozenset((*HOP_BY_HOP, b"content-length", b"host", b"trailer", b"content-type"))
+
+
+def is_grpc_call(lines: list) -> bool:
+    """Whether a request's fields (the flat list) say gRPC: content-type application/grpc[+...]."""
+    value = HeaderLines(lines).get(b"content-type")
+    return value is not None and is_grpc_content_type(value)
 
 
 def last_chunk(trailers: list | None) -> bytes:
@@ -2232,6 +2240,12 @@ class _Downstream:
             self._abort()
             return
         close = close or not ex.keep_alive or self.eof or (ex.expect and not ex.req_done)
+        if is_grpc_call(ex.lines):
+            # A gRPC client reads a call's outcome from grpc-status, not from the HTTP status: a
+            # trailers-only answer (gRPC over HTTP/2: status 200, no body) with the matching code.
+            headers += b"grpc-status: %d\r\ngrpc-message: %b\r\n" % (
+                local_reply_status(status, flags), percent_encode_message(body.strip().decode("latin-1")))
+            status, content_type, body = 200, GRPC_CONTENT_TYPE, b""
         head = b"%bcontent-type: %b\r\ncontent-length: %d\r\nx-mesh-flags: %b\r\n%b%b\r\n" % (
             status_line(status), content_type, len(body), flags.encode(), headers,
             b"connection: close\r\n" if close else b"")

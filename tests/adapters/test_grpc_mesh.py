@@ -13,6 +13,9 @@ from contextlib import AsyncExitStack
 import grpc
 import pytest
 
+import dataclasses
+
+from meshcore.authz import Policy, make_rule
 from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot
 from sidecar.mtls import Authorizer, start_mesh_inbound
 from sidecar.proxy import ProxyState, start_outbound
@@ -21,9 +24,6 @@ from sidecar.tlsagent import MeshTls
 from tests.adapters.loops import GUARD_S
 from tests.adapters.test_h2_datapath import EchoService, channel, method, start_grpc_server
 from tests.adapters.test_mtls import ORDERS, PAYMENTS, SVC_PORT, make_agent, metric
-
-SERVICE_ADDRESS = ("127.0.0.1", SVC_PORT)   # what the client dials, as transparent capture reports it
-
 
 class GrpcMesh:
     """`n` payments endpoints (grpcio server + inbound sidecar each) and the orders outbound sidecar;
@@ -51,7 +51,7 @@ class GrpcMesh:
                     "orders": ServiceConfig("orders", "shop", "http", SVC_PORT, ORDERS)}
         endpoints = {"payments": tuple(Endpoint(f"pay-{i}", "127.0.0.1", p, "v1", PAYMENTS)
                                        for i, p in enumerate(ports))}
-        snap = Snapshot(version=1, config=MeshConfig(services=services, endpoints=endpoints))
+        snap = self.snapshot = Snapshot(version=1, config=MeshConfig(services=services, endpoints=endpoints))
         for state in self.inbounds:
             state.apply_snapshot(snap)
             state.authz.update(snap)
@@ -59,8 +59,10 @@ class GrpcMesh:
                                    tls=MeshTls(await make_agent(self.ca, ORDERS)))
         self.outbound.apply_snapshot(snap)
         self.stack.callback(self.outbound.close)
+        # What transparent capture reports for the app's connection: the service's VIP (its DNS answer).
+        vip = self.outbound.vips.vip("payments", "shop")
         out = await start_outbound(self.outbound, "127.0.0.1", 0, mode="transparent",
-                                   original_dst=lambda transport: SERVICE_ADDRESS)
+                                   original_dst=lambda transport: (vip, SVC_PORT))
         self.stack.callback(out.close)
         self.ch = channel(out.sockets[0].getsockname()[1])
         self.stack.callback(self.ch.close)
@@ -161,3 +163,29 @@ async def _balanced_per_call(ca):
 
 def test_calls_on_one_grpc_channel_are_balanced_per_call(run, ca):
     run(_balanced_per_call, ca)
+
+
+async def _local_errors_are_grpc_statuses(ca):
+    async with AsyncExitStack() as stack:
+        mesh = await GrpcMesh(stack, ca).start()
+        unary = method(mesh.ch, "unary_unary", "Unary")
+        cfg = mesh.snapshot.config
+        # Denied by the callee's sidecar (403 RBAC on HTTP): PERMISSION_DENIED, as a trailers-only answer.
+        denied = Snapshot(version=2, config=dataclasses.replace(
+            cfg, policies=Policy(rules=(make_rule("deny", "orders", "payments"),))))
+        mesh.inbounds[0].apply_snapshot(denied)
+        mesh.inbounds[0].authz.update(denied)
+        with pytest.raises(grpc.RpcError) as failed:
+            await call(unary, b"x")
+        assert failed.value.code() == grpc.StatusCode.PERMISSION_DENIED, failed.value
+        assert "RBAC" in failed.value.details()
+        # No endpoint left (503 UH on HTTP): UNAVAILABLE, from the caller's own sidecar.
+        mesh.outbound.apply_snapshot(Snapshot(version=3, config=dataclasses.replace(cfg, endpoints={"payments": ()})))
+        with pytest.raises(grpc.RpcError) as failed:
+            await call(unary, b"x")
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
+        assert mesh.services[0].calls == 0   # neither reached the app
+
+
+def test_errors_the_mesh_answers_itself_are_grpc_statuses(run, ca):
+    run(_local_errors_are_grpc_statuses, ca)

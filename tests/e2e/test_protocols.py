@@ -6,14 +6,20 @@ WebSocket outlives a snapshot change."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 
 import aiohttp
 import pytest
 
-from .conftest import ADMIN, GATEWAY, get_json, metric_sum, metrics, run, wait_for
+from .conftest import ADMIN, GATEWAY, PROJECT, compose, get_json, http, metric_sum, metrics, run, wait_for
 from .lifecycle import ipv4, project, service_containers, wait_mesh_ok
 
 pytestmark = pytest.mark.e2e
+
+
+def meshctl(*args: str, check: bool = True):
+    return run(["meshctl", *args], env={**os.environ, "COLUMNS": "250"}, check=check)
 
 WP = "lcws"
 WS_CLIENT = """
@@ -91,3 +97,53 @@ def test_websocket_through_the_gateway_outlives_a_snapshot_change(ws_project):
     assert first.endswith(":before") and second.endswith(":after"), (first, second)
     assert first.split(":")[0] == second.split(":")[0]   # the same tunnel, to the same replica
     project(WP, "up", "-d", "--scale", "wsapp=1", file="websocket.yml")
+
+
+# ---- gRPC: the demo's second story on a gRPC service --------------------------------------------------
+
+def _tally(calls: int) -> dict:
+    status, _, body = http("GET", f"{GATEWAY}/api/catalog/recommendations/tally?calls={calls}", timeout=120)
+    assert status == 200, body[:300]
+    return json.loads(body)
+
+
+def test_grpc_split_applies_per_call_on_one_channel(mesh):
+    # Both versions answer calls made on the catalog's one gRPC channel (one HTTP/2 connection):
+    # the mesh balances each call, not the connection.
+    def both_versions() -> dict | None:
+        tally = _tally(200)
+        return tally if len(tally["answered_by_version"]) == 2 else None
+
+    first = wait_for(both_versions, 60, interval=1.0, what="both recommendations versions answering on one channel")
+    assert not first["failed"], first
+    meshctl("split", "recommendations", "v1=90", "v2=10")
+    try:
+        tally = _tally(1000)
+        assert not tally["failed"], tally
+        v2 = tally["answered_by_version"].get("v2", 0)
+        print(f"split 90/10 over 1000 calls on one channel: {tally['answered_by_version']}")
+        assert 70 <= v2 <= 130, tally   # 10% +/- 3%
+        # Counted per call by the callee's sidecars, with the caller's identity (mTLS) and version.
+        def counted() -> float:
+            return sum(metric_sum(metrics(ipv4(c)), "istio_requests_total", reporter="destination",
+                                  source_workload="catalog", destination_service="recommendations",
+                                  response_code="200")
+                       for c in service_containers(PROJECT, "recommendations-v1")
+                       + service_containers(PROJECT, "recommendations-v2"))
+        assert counted() >= 1200
+    finally:
+        meshctl("split", "recommendations", "--clear", check=False)
+
+
+def test_grpc_errors_from_the_mesh_are_grpc_statuses(mesh):
+    # No healthy instance of the service: the caller's sidecar answers the call itself, and the gRPC
+    # client reads UNAVAILABLE (not an HTTP 503 it cannot parse).
+    compose("stop", "recommendations-v1", "recommendations-v2")
+    try:
+        def unavailable() -> dict | None:
+            tally = _tally(5)
+            return tally if tally["failed"].get("UNAVAILABLE") == 5 else None
+        wait_for(unavailable, 60, interval=1.0, what="calls to a stopped gRPC service failing UNAVAILABLE")
+    finally:
+        compose("start", "recommendations-v1", "recommendations-v2")
+        wait_for(lambda: not _tally(20)["failed"], 90, interval=1.0, what="recommendations back")
