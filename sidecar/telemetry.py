@@ -34,7 +34,7 @@ _BOUND_NAMES = tuple(str(b) for b in DURATION_BOUNDS) + ("+Inf",)
 
 REQUEST_LABELS = ("reporter", "source_workload", "source_version", "destination_service",
                   "destination_workload", "destination_version", "request_protocol", "response_code",
-                  "response_flags")
+                  "response_flags", "grpc_response_status")
 
 TUNNEL_LABELS = ("reporter", "source_workload", "source_version", "destination_service", "destination_version")
 
@@ -129,13 +129,13 @@ class Telemetry:
     def record_request(self, reporter: str, source_workload: str, source_version: str,
                        destination_service: str, destination_workload: str, destination_version: str,
                        response_code: int, response_flags: str, duration_ms: float,
-                       request_protocol: str = "http") -> None:
-        """Count one finished request and observe its duration."""
+                       request_protocol: str = "http", grpc_response_status: str = "") -> None:
+        """Count one finished request and observe its duration (a gRPC call: its grpc-status)."""
         key = (reporter, source_workload, source_version, destination_service, destination_workload,
-               destination_version, request_protocol, response_code, response_flags)
+               destination_version, request_protocol, response_code, response_flags, grpc_response_status)
         s = self.series.get(key)
         if s is None:
-            s = self.series[key] = _Series(key[:7] + (str(response_code), response_flags))
+            s = self.series[key] = _Series(key[:7] + (str(response_code), response_flags, grpc_response_status))
         s.count += 1
         s.sum += duration_ms
         s.buckets[bisect_left(DURATION_BOUNDS, duration_ms)] += 1

@@ -46,7 +46,10 @@ from typing import Any, Callable, Collection
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
 
-from meshcore.grpc import GRPC_CONTENT_TYPE, is_grpc_content_type, local_reply_status, percent_encode_message
+from meshcore.grpc import (
+    GRPC_CONTENT_TYPE, is_grpc_content_type, is_retriable_grpc_status, local_reply_status, parse_grpc_status,
+    percent_encode_message,
+)
 from meshcore.lb import DEFAULT_MAX_TRIES, connect_tries, merge_exclusions, pick_p2c
 from meshcore.resilience import DI, FI, RL, UO, URX, UT, backoff_delay, should_retry
 from meshcore.snapshot import Snapshot
@@ -59,7 +62,7 @@ from ..routing import (
 )
 from .http1 import (
     H_B3, H_CL, H_CONNECTION, H_DROP, H_EXPECT, H_FLAGS, H_HOST, H_SOURCE, H_SOURCE_VERSION, H_TE,
-    H_TRACEPARENT, H_TRACESTATE, H_UPGRADE, H_XFF, HEADER_ACTIONS, HOP_BY_HOP, HeaderLines, connection_tokens,
+    H_GRPC_STATUS, H_TRACEPARENT, H_TRACESTATE, H_UPGRADE, H_XFF, HEADER_ACTIONS, HOP_BY_HOP, HeaderLines, connection_tokens,
     drop_named,
     read_request_head, read_response_head, status_line,
 )
@@ -145,7 +148,7 @@ OUTBOUND_REQUEST_HEADERS = {**_REQUEST_BASE, MESH_SOURCE: H_DROP, MESH_SOURCE_VE
 INBOUND_REQUEST_HEADERS = {**_REQUEST_BASE, MESH_SOURCE: H_SOURCE, MESH_SOURCE_VERSION: H_SOURCE_VERSION,
                            XFCC: H_DROP}
 FLAG_RBAC = "RBAC"   # Envoy's response flag of a request denied by authorization
-RESPONSE_HEADERS = {**HOP_BY_HOP, b"content-length": H_CL, b"x-mesh-flags": H_FLAGS}
+RESPONSE_HEADERS = {**HOP_BY_HOP, b"content-length": H_CL, b"x-mesh-flags": H_FLAGS, b"grpc-status": H_GRPC_STATUS}
 
 
 
@@ -321,14 +324,20 @@ def trace_of(tp: bytes | None, header: bytes) -> TraceContext:
 
 
 def count_request(telemetry: Telemetry, reporter: str, source: str, source_version: str, destination: str,
-                  version: str, status: int, flags: str, ms: float) -> None:
+                  version: str, status: int, flags: str, ms: float, grpc_status: str | None = None) -> None:
     """telemetry.record_request(reporter, source, source_version, destination, destination, version,
-    status, flags, ms): a series already there is counted here, compiled; a new one by record_request."""
+    status, flags, ms, protocol, grpc_status): a series already there is counted here, compiled; a new
+    one by record_request. A gRPC call (its answer has a grpc-status) is request_protocol grpc."""
     series = telemetry.series
-    s = series.get((reporter, source, source_version, destination, destination, version, "http", status, flags))
+    if grpc_status is None:
+        s = series.get((reporter, source, source_version, destination, destination, version, "http", status,
+                        flags, ""))
+    else:
+        s = series.get((reporter, source, source_version, destination, destination, version, "grpc", status,
+                        flags, grpc_status))
     if s is None:
         telemetry.record_request(reporter, source, source_version, destination, destination, version, status,
-                                 flags, ms)
+                                 flags, ms, "http" if grpc_status is None else "grpc", grpc_status or "")
         return
     s.count += 1
     s.sum += ms
@@ -1264,7 +1273,7 @@ class Exchange:
         "is_head", "is_connect", "bad", "head_done", "req_done", "dispatched", "cluster", "index",
         "key", "excluded", "tries_left", "up", "pending", "pending_bytes", "held", "held_bytes",
         "reused", "fresh_retry", "got_body", "status", "flags", "resp_started", "resp_done", "discard",
-        "close_after", "dead", "fields", "body_seen", "upgrade", "trailers",
+        "close_after", "dead", "fields", "body_seen", "upgrade", "trailers", "grpc_status",
         # traffic layers
         "traffic", "subset", "mirror", "admitted", "budgeted", "keep_held", "resend", "attempt", "retry_on",
         "in_retry", "timer", "try_timer", "wait", "fault_abort", "lane",
@@ -1321,6 +1330,7 @@ class Exchange:
         self.body_seen = 0                        # body bytes, counted where a limit applies (gateway)
         self.upgrade: bytes | None = None         # Upgrade of a request asking to switch protocols (RFC 9110 7.8)
         self.trailers: list | None = None         # a chunked body's trailer lines (gRPC's over HTTP/1.1)
+        self.grpc_status: str | None = None       # the answer's grpc-status: a gRPC call (metrics)
         self.traffic = None                       # sidecar.traffic.ServiceTraffic of a mesh destination
         self.lane: _Lane | None = None            # what the traffic layers read of it (_Lane)
         self.subset = None                        # the version subset chosen by the rules layer
@@ -1894,7 +1904,18 @@ class _Downstream:
         if ex.try_timer is not None or ex.in_retry:
             self._end_try(ex)
         retry_on = ex.retry_on
-        if retry_on is None or status not in retry_on:
+        if retry_on is None:
+            return False
+        if up.grpc_status is not None and up.grpc_status != b"0":
+            # A trailers-only gRPC answer (no message yet): retried when mesh.retries.on names its
+            # status (Istio's retryOn: cancelled, deadline-exceeded, internal, resource-exhausted,
+            # unavailable), whatever the method: every gRPC call is a POST (gRPC's retry design).
+            if is_retriable_grpc_status(parse_grpc_status(up.grpc_status), ex.traffic.policy.retries.on):
+                if ex.attempt >= ex.traffic.policy.retries.attempts:
+                    ex.flags = _join_flags(ex.flags, FLAG_RETRY_LIMIT)
+                    return False
+                return self._start_retry(ex)
+        if status not in retry_on:
             return False
         if status == 503 and up.peer_flags in _PEER_UNREACHABLE:
             # The peer's inbound could not reach its app: the request reached no app, any method may retry.
@@ -1926,6 +1947,11 @@ class _Downstream:
             if ex.attempt and should_retry(policy, 0, method, status, failure, sent):
                 ex.flags = _join_flags(ex.flags, FLAG_RETRY_LIMIT)  # retriable, but no attempts left
             return False
+        return self._start_retry(ex)
+
+    def _start_retry(self, ex: Exchange) -> bool:
+        """A retry is wanted: True when the request can be sent again (whole in memory, budget)."""
+        tr = ex.traffic
         if not ex.req_done or (ex.body and ex.held is None):
             return False  # the whole request is not in memory: it cannot be sent again
         budget = tr.budget
@@ -2243,8 +2269,10 @@ class _Downstream:
         if is_grpc_call(ex.lines):
             # A gRPC client reads a call's outcome from grpc-status, not from the HTTP status: a
             # trailers-only answer (gRPC over HTTP/2: status 200, no body) with the matching code.
+            code = local_reply_status(status, flags)
+            ex.grpc_status = str(int(code))
             headers += b"grpc-status: %d\r\ngrpc-message: %b\r\n" % (
-                local_reply_status(status, flags), percent_encode_message(body.strip().decode("latin-1")))
+                code, percent_encode_message(body.strip().decode("latin-1")))
             status, content_type, body = 200, GRPC_CONTENT_TYPE, b""
         head = b"%bcontent-type: %b\r\ncontent-length: %d\r\nx-mesh-flags: %b\r\n%b%b\r\n" % (
             status_line(status), content_type, len(body), flags.encode(), headers,
@@ -2263,6 +2291,8 @@ class _Downstream:
             _dec(self.state.in_flight, key)
         ex.resp_done = True
         if up is not None:
+            if up.grpc_status is not None:
+                ex.grpc_status = up.grpc_status.decode("latin-1")
             ex.up = None
             if up.write_paused:
                 self._resume(P_UPSTREAM)
@@ -2290,7 +2320,7 @@ class _Downstream:
         ms = (monotonic() - ex.start) * 1000.0
         cluster = ex.cluster
         reporter, src, srcv, dst, ver = self.metric_labels(ex)
-        count_request(state.telemetry, reporter, src, srcv, dst, ver, ex.status, ex.flags, ms)
+        count_request(state.telemetry, reporter, src, srcv, dst, ver, ex.status, ex.flags, ms, ex.grpc_status)
         trace = ex.trace
         headers = ex.trace_headers
         if trace is None and not headers:
@@ -2482,7 +2512,7 @@ class _Upstream:
                  "got_bytes", "phase", "lines", "chunked_in", "has_cl", "conn_tokens", "chunked_out",
                  "until_close", "keep", "interim", "read_paused", "write_paused", "uses", "out",
                  "peer_flags", "skip", "breaker", "connected_at", "sent_at", "doomed", "probing",
-                 "mid", "body_left", "whole_keep", "upgrade", "trailers")
+                 "mid", "body_left", "whole_keep", "upgrade", "trailers", "grpc_status")
 
     def __init__(self, pool: UpstreamPools, key: tuple[str, int], breaker: Any = None):
         self.pool = pool
@@ -2703,11 +2733,14 @@ class _Upstream:
         self.peer_flags = None
         self.upgrade = None
         self.trailers = None
+        self.grpc_status = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.phase == _BODY or self.phase == _SKIP:   # a trailer (RFC 9112 7.1.2): after the body
             if self.phase == _BODY and name.lower() not in TRAILER_DROP:
                 self.trailers = (self.trailers or []) + [name, b": ", value, b"\r\n"]
+                if name.lower() == b"grpc-status":
+                    self.grpc_status = value.strip()
             return
         self._header(name, value, RESPONSE_HEADERS.get(name.lower()))
 
@@ -2730,6 +2763,9 @@ class _Upstream:
             self.conn_tokens = connection_tokens(value, self.conn_tokens)
         elif a == H_UPGRADE:
             self.upgrade = value.strip()
+        elif a == H_GRPC_STATUS:
+            self.grpc_status = value.strip()   # a trailers-only gRPC answer: metrics, retries on it
+            self.lines += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         p = self.parser

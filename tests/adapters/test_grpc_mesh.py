@@ -16,6 +16,7 @@ import pytest
 import dataclasses
 
 from meshcore.authz import Policy, make_rule
+from meshcore.policy import decode_traffic_policy
 from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot
 from sidecar.mtls import Authorizer, start_mesh_inbound
 from sidecar.proxy import ProxyState, start_outbound
@@ -29,14 +30,16 @@ class GrpcMesh:
     """`n` payments endpoints (grpcio server + inbound sidecar each) and the orders outbound sidecar;
     `ch` is a grpcio channel from "orders" to payments through them."""
 
-    def __init__(self, stack: AsyncExitStack, ca, n: int = 1):
-        self.stack, self.ca, self.n = stack, ca, n
+    def __init__(self, stack: AsyncExitStack, ca, n: int = 1, labels: dict | None = None,
+                 service_type: type = EchoService):
+        self.stack, self.ca, self.n, self.service_type = stack, ca, n, service_type
+        self.policy = decode_traffic_policy(labels or {})   # payments' mesh.* labels
 
     async def start(self) -> GrpcMesh:
         self.services, self.inbounds, ports = [], [], []
         pay_agent = await make_agent(self.ca, PAYMENTS)
         for _ in range(self.n):
-            service = EchoService()
+            service = self.service_type()
             server, app_port = start_grpc_server(service)
             self.stack.callback(server.stop, 0)
             state = ProxyState("payments", "v1", tls=MeshTls(pay_agent))
@@ -47,7 +50,7 @@ class GrpcMesh:
             self.services.append(service)
             self.inbounds.append(state)
             ports.append(inbound.sockets[0].getsockname()[1])
-        services = {"payments": ServiceConfig("payments", "shop", "grpc", SVC_PORT, PAYMENTS),
+        services = {"payments": ServiceConfig("payments", "shop", "grpc", SVC_PORT, PAYMENTS, policy=self.policy),
                     "orders": ServiceConfig("orders", "shop", "http", SVC_PORT, ORDERS)}
         endpoints = {"payments": tuple(Endpoint(f"pay-{i}", "127.0.0.1", p, "v1", PAYMENTS)
                                        for i, p in enumerate(ports))}
@@ -86,8 +89,11 @@ async def _unary_and_statuses(ca):
         assert failed.value.details() == "no such thing: fail"
         assert ("x-why", "asked-to") in failed.value.trailing_metadata()
         for state, reporter in ((mesh.outbound, "source"), (mesh.inbounds[0], "destination")):
-            assert metric(state, "istio_requests_total", reporter=reporter, destination_service="payments",
-                          response_code="200") == 2, reporter
+            # Istio's labels of a gRPC call: HTTP 200 both times, the outcome in grpc_response_status.
+            for grpc_status in ("0", "5"):
+                assert metric(state, "istio_requests_total", reporter=reporter, destination_service="payments",
+                              request_protocol="grpc", response_code="200",
+                              grpc_response_status=grpc_status) == 1, (reporter, grpc_status)
 
 
 def test_grpc_unary_calls_trailers_and_statuses_cross_the_mesh(run, ca):
@@ -189,3 +195,32 @@ async def _local_errors_are_grpc_statuses(ca):
 
 def test_errors_the_mesh_answers_itself_are_grpc_statuses(run, ca):
     run(_local_errors_are_grpc_statuses, ca)
+
+
+class FlakyEcho(EchoService):
+    """Fails a call UNAVAILABLE (trailers-only, as grpcio's abort does) unless it is every third one."""
+
+    def unary(self, request: bytes, context) -> bytes:
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+        if n % 3:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
+        return b"echo:" + request
+
+
+async def _retried_on_grpc_status(ca):
+    async with AsyncExitStack() as stack:
+        labels = {"mesh.retries.attempts": "3", "mesh.retries.on": "unavailable", "mesh.retries.backoff": "1ms,5ms"}
+        mesh = await GrpcMesh(stack, ca, labels=labels, service_type=FlakyEcho).start()
+        unary = method(mesh.ch, "unary_unary", "Unary")
+        for i in range(5):   # each call: two UNAVAILABLE answers, retried by the caller's sidecar, then OK
+            assert await call(unary, b"%d" % i) == b"echo:%d" % i
+        assert mesh.services[0].calls == 15
+        assert metric(mesh.inbounds[0], "istio_requests_total", reporter="destination",
+                      grpc_response_status="14") == 10
+        assert metric(mesh.outbound, "istio_requests_total", reporter="source", grpc_response_status="0") == 5
+
+
+def test_a_grpc_status_named_in_retries_on_is_retried(run, ca):
+    run(_retried_on_grpc_status, ca)
