@@ -585,15 +585,23 @@ def frames_of(data: bytes) -> list:
     return out
 
 
-async def _feed(chunks: list[bytes]) -> tuple[Transport, H2Downstream, list]:
+async def _feed(chunks: list[bytes], client_side: bool = False) -> tuple[Transport, H2Downstream, list]:
+    """Feed chunks to a server (or, client_side, a client with one stream open); what it wrote, it,
+    and the loop's unhandled errors."""
     errors = []
     asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
 
     async def on_request(stream):
         stream.send_head(ResponseHead(200), end=True)
-    proto = H2Downstream(on_request)
     t = Transport()
-    proto.connection_made(t)
+    if client_side:
+        from sidecar.datapath.h2client import H2Upstream
+        proto = H2Upstream()
+        proto.connection_made(t)
+        proto.open_stream(post(), end=True)
+    else:
+        proto = H2Downstream(on_request)
+        proto.connection_made(t)
     for c in chunks:
         proto.data_received(c)
     await asyncio.sleep(0)
@@ -644,6 +652,17 @@ def test_random_bytes_after_the_preface_never_raise(garbage, split, with_setting
         assert len(codes) <= 1 and proto.closed
     else:           # still open: the bytes so far were valid frames or the start of one
         assert codes == [] and not proto.closed
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(garbage=st.binary(min_size=1, max_size=300))
+def test_random_bytes_from_a_server_never_raise_in_the_client(garbage):
+    t, proto, errors = run_on_asyncio(_feed, [EMPTY_SETTINGS + garbage], True)
+    assert errors == []
+    if t.closing:
+        assert proto.closed and proto.streams == {}   # its stream failed with the connection
+    else:
+        assert goaway_codes(t) == []
 
 
 def test_random_bytes_seeded_batch_end_in_goaway_or_wait():
