@@ -41,6 +41,26 @@ class H2ServerStream(H2Stream):
         self.conn._send_head(self, response_headers(head), end and head.status >= 200)
 
 
+    async def send_data(self, data: bytes, end: bool = False) -> None:
+        self._require_head()
+        await super().send_data(data, end)
+
+    def send_trailers(self, fields) -> None:
+        self._require_head()
+        super().send_trailers(fields)
+
+    def end(self) -> None:
+        self._require_head()
+        super().end()
+
+    def _require_head(self) -> None:
+        """A body or trailers before the final head would be a protocol error at the client (RFC 9113
+        8.1), ending its whole connection: the stream is reset instead."""
+        if self.response is None and self._error is None:
+            self.reset(INTERNAL_ERROR)
+            raise H2Error("response body before its head: stream reset")
+
+
 OnRequest = Callable[[H2ServerStream], Awaitable[None]]
 
 

@@ -994,3 +994,21 @@ async def _sniffed():
 
 def test_a_connection_sniffed_as_http2_is_handed_to_h2downstream_with_its_first_bytes(run):
     run(_sniffed)
+
+
+async def _data_before_head():
+    async def on_request(stream):
+        await stream.send_data(b"body before any head")   # a handler's bug: the stream is reset
+    async with Served(on_request) as s:
+        st = await s.pool.open_stream(post(), end=True)
+        with pytest.raises(StreamReset) as err:
+            await st.response()
+        assert err.value.remote and err.value.code == 2   # INTERNAL_ERROR, and the connection lives on
+        ok = await s.pool.open_stream(post(), end=True)
+        with pytest.raises(StreamReset):
+            await ok.response()
+        assert s.pool.opened == 1 and not s.downstreams[0].closed
+
+
+def test_a_handler_error_resets_its_stream_and_spares_the_connection(run):
+    run(_data_before_head)
