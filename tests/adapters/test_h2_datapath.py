@@ -1012,3 +1012,23 @@ async def _data_before_head():
 
 def test_a_handler_error_resets_its_stream_and_spares_the_connection(run):
     run(_data_before_head)
+
+
+async def _a_connection_per_slot():
+    gate = asyncio.Event()
+
+    async def on_request(stream):
+        await gate.wait()
+        stream.send_head(ResponseHead(200), end=True)
+    async with Served(on_request, limits=Limits(max_concurrent_streams=1), max_connections=32) as s:
+        streams = await asyncio.gather(*[s.pool.open_stream(post(), end=True) for _ in range(12)])
+        assert s.pool.opened == 12 and len(s.downstreams) == 12   # the peer allows 1 stream each
+        assert len({st.conn for st in streams}) == 12
+        gate.set()
+        assert [(await st.response()).status for st in streams] == [200] * 12
+        more = await s.pool.open_stream(post(), end=True)   # slots free again: no new connection
+        assert (await more.response()).status == 200 and s.pool.opened == 12
+
+
+def test_concurrent_openers_share_connects_and_reuse_freed_slots(run):
+    run(_a_connection_per_slot)
