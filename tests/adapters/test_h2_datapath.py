@@ -1032,3 +1032,27 @@ async def _a_connection_per_slot():
 
 def test_concurrent_openers_share_connects_and_reuse_freed_slots(run):
     run(_a_connection_per_slot)
+
+
+async def _stalled_streams():
+    async def on_request(stream):
+        if stream.head.path == b"/stall":
+            await asyncio.Event().wait()   # never reads: its window stays full
+        total = 0
+        while chunk := await stream.read():
+            total += len(chunk)
+        stream.send_head(ResponseHead(200))
+        await stream.send_data(b"%d" % total, end=True)
+    async with Served(on_request) as s:
+        stalled = [await s.pool.open_stream(post(b"/stall")) for _ in range(30)]
+        for st in stalled:
+            await st.send_data(b"s" * 65535)   # 30 full stream windows: ~2 MiB unread at the server
+        await eventually(lambda: s.downstreams[0].buffered_bytes >= 30 * 65535, "the windows to fill")
+        live = await s.pool.open_stream(post(b"/echo"))
+        await live.send_data(b"l" * 200_000, end=True)
+        assert (await live.response()).status == 200 and await live.read() == b"200000"
+        assert s.downstreams[0].buffered_bytes <= 31 * 65535   # each stream holds at most its window
+
+
+def test_streams_whose_readers_stall_do_not_starve_the_others(run):
+    run(_stalled_streams)
