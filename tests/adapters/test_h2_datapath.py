@@ -1056,3 +1056,24 @@ async def _stalled_streams():
 
 def test_streams_whose_readers_stall_do_not_starve_the_others(run):
     run(_stalled_streams)
+
+
+async def _request_trailers():
+    async def on_request(stream):
+        body = b"".join([chunk async for chunk in stream.body()])
+        stream.send_head(ResponseHead(200, [(b"x-len", b"%d" % len(body))]))
+        await stream.send_data(body)
+        stream.send_trailers(stream.trailers + [(b"x-server", b"done")])   # the request's, echoed
+    async with Served(on_request) as s:
+        st = await s.pool.open_stream(post())
+        await st.send_data(b"abc")
+        st.send_trailers([(b"x-checksum", b"42"), (b"connection", b"close")])   # connection-specific: dropped
+        head = await st.response()
+        assert head.status == 200 and head.get(b"x-len") == b"3"
+        assert await st.read() == b"abc" and await st.read() == b""
+        assert st.trailers == [(b"x-checksum", b"42"), (b"x-server", b"done")]
+        assert st.finished and st.error is None and await st.wait_closed() is None
+
+
+def test_request_and_response_trailers_pass_both_ways(run):
+    run(_request_trailers)
