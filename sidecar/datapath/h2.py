@@ -28,7 +28,10 @@ class Limits:
     """An HTTP/2 connection's bounds; the settings ones are advertised to the peer (RFC 9113 6.5.2)."""
     max_concurrent_streams: int = 100     # SETTINGS_MAX_CONCURRENT_STREAMS (server); streams opened per connection (client)
     stream_window: int = 65535            # SETTINGS_INITIAL_WINDOW_SIZE: most unread bytes a peer may send one stream
-    connection_window: int = 1 << 20      # most unread bytes a peer may send all streams together
+    # Most unread bytes a peer may send all streams together: room for every stream's window, so streams
+    # whose readers stall cannot starve the others of the connection's window (the bound that matters
+    # is per stream: stream_window unread, send_buffer unsent).
+    connection_window: int = 100 * 65535
     max_header_list_size: int = 65536     # SETTINGS_MAX_HEADER_LIST_SIZE; a larger head ends the connection
     max_frame_size: int = 16384           # SETTINGS_MAX_FRAME_SIZE (the RFC's minimum)
     send_buffer: int = 65536              # bytes a stream's producer may queue before send_data() waits

@@ -218,6 +218,14 @@ class H2Pool:
         return None
 
     async def _connect(self) -> H2Upstream:
+        try:
+            return await self._open_connection()
+        finally:
+            # cleared here, not in a done callback: an opener arriving before that callback ran would
+            # find a finished connect still "under way" and spin on it without ever yielding
+            self._pending = None
+
+    async def _open_connection(self) -> H2Upstream:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(loop.create_connection(
@@ -237,8 +245,8 @@ class H2Pool:
         self.opened += 1
         return conn
 
-    def _connected(self, task: asyncio.Task) -> None:
-        self._pending = None
+    @staticmethod
+    def _connected(task: asyncio.Task) -> None:
         if not task.cancelled():
             task.exception()   # the openers waiting on it got the error; no "never retrieved" noise
 

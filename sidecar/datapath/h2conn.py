@@ -483,9 +483,9 @@ class H2Connection(asyncio.Protocol):
                     conn.end_stream(sid)
         except h2.exceptions.StreamClosedError:
             s._fail(StreamReset(CANCEL, remote=True))   # reset by the peer in this very batch
-        except h2.exceptions.ProtocolError as exc:
-            s._fail(StreamReset(INTERNAL_ERROR, remote=False))
+        except h2.exceptions.ProtocolError as exc:   # e.g. data before the head: the stream cannot go on
             log.warning("h2: send on stream %d failed: %s", sid, exc)
+            self._reset(s, INTERNAL_ERROR)
         if s._out and s._error is None:
             self._blocked.add(s)
         else:

@@ -11,7 +11,7 @@ from typing import Awaitable, Callable
 import h2.events
 import h2.exceptions
 
-from .h2 import (CANCEL, INTERNAL_ERROR, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, H2Error, Limits, MalformedHead,
+from .h2 import (CANCEL, INTERNAL_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, H2Error, Limits, MalformedHead,
                  RequestHead, ResponseHead, StreamReset, parse_request_head, response_headers)
 from .h2conn import H2Connection, H2Stream
 
@@ -41,6 +41,26 @@ class H2ServerStream(H2Stream):
         self.conn._send_head(self, response_headers(head), end and head.status >= 200)
 
 
+    async def send_data(self, data: bytes, end: bool = False) -> None:
+        self._require_head()
+        await super().send_data(data, end)
+
+    def send_trailers(self, fields) -> None:
+        self._require_head()
+        super().send_trailers(fields)
+
+    def end(self) -> None:
+        self._require_head()
+        super().end()
+
+    def _require_head(self) -> None:
+        """A body or trailers before the final head would be a protocol error at the client (RFC 9113
+        8.1), ending its whole connection: the stream is reset instead."""
+        if self.response is None and self._error is None:
+            self.reset(INTERNAL_ERROR)
+            raise H2Error("response body before its head: stream reset")
+
+
 OnRequest = Callable[[H2ServerStream], Awaitable[None]]
 
 
@@ -48,7 +68,8 @@ class H2Downstream(H2Connection):
     """An asyncio protocol serving HTTP/2 on one accepted connection. Each request stream runs
     `on_request(stream)` as a task; a stream whose response was not ended when it returns is reset
     (INTERNAL_ERROR). Streams beyond Limits.max_concurrent_streams are refused (RST_STREAM
-    REFUSED_STREAM, retriable); goaway() drains, close() ends now.
+    REFUSED_STREAM, retriable); goaway() drains, close() ends now. A handler waiting on something
+    else learns of its stream's reset or its connection's loss from stream.wait_closed().
 
     Taking over a connection whose first bytes were already read (preface sniffing on an HTTP/1
     port): transport.set_protocol(p); p.connection_made(transport); p.data_received(first_bytes).
@@ -137,4 +158,4 @@ def negotiated_protocol(transport) -> str | None:
     return ssl_object.selected_alpn_protocol() if ssl_object is not None else None
 
 
-__all__ = ["H2Downstream", "H2ServerStream", "OnRequest", "negotiated_protocol", "NO_ERROR"]
+__all__ = ["H2Downstream", "H2ServerStream", "OnRequest", "negotiated_protocol"]

@@ -585,15 +585,23 @@ def frames_of(data: bytes) -> list:
     return out
 
 
-async def _feed(chunks: list[bytes]) -> tuple[Transport, H2Downstream, list]:
+async def _feed(chunks: list[bytes], client_side: bool = False) -> tuple[Transport, H2Downstream, list]:
+    """Feed chunks to a server (or, client_side, a client with one stream open); what it wrote, it,
+    and the loop's unhandled errors."""
     errors = []
     asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
 
     async def on_request(stream):
         stream.send_head(ResponseHead(200), end=True)
-    proto = H2Downstream(on_request)
     t = Transport()
-    proto.connection_made(t)
+    if client_side:
+        from sidecar.datapath.h2client import H2Upstream
+        proto = H2Upstream()
+        proto.connection_made(t)
+        proto.open_stream(post(), end=True)
+    else:
+        proto = H2Downstream(on_request)
+        proto.connection_made(t)
     for c in chunks:
         proto.data_received(c)
     await asyncio.sleep(0)
@@ -644,6 +652,17 @@ def test_random_bytes_after_the_preface_never_raise(garbage, split, with_setting
         assert len(codes) <= 1 and proto.closed
     else:           # still open: the bytes so far were valid frames or the start of one
         assert codes == [] and not proto.closed
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(garbage=st.binary(min_size=1, max_size=300))
+def test_random_bytes_from_a_server_never_raise_in_the_client(garbage):
+    t, proto, errors = run_on_asyncio(_feed, [EMPTY_SETTINGS + garbage], True)
+    assert errors == []
+    if t.closing:
+        assert proto.closed and proto.streams == {}   # its stream failed with the connection
+    else:
+        assert goaway_codes(t) == []
 
 
 def test_random_bytes_seeded_batch_end_in_goaway_or_wait():
@@ -975,3 +994,86 @@ async def _sniffed():
 
 def test_a_connection_sniffed_as_http2_is_handed_to_h2downstream_with_its_first_bytes(run):
     run(_sniffed)
+
+
+async def _data_before_head():
+    async def on_request(stream):
+        await stream.send_data(b"body before any head")   # a handler's bug: the stream is reset
+    async with Served(on_request) as s:
+        st = await s.pool.open_stream(post(), end=True)
+        with pytest.raises(StreamReset) as err:
+            await st.response()
+        assert err.value.remote and err.value.code == 2   # INTERNAL_ERROR, and the connection lives on
+        ok = await s.pool.open_stream(post(), end=True)
+        with pytest.raises(StreamReset):
+            await ok.response()
+        assert s.pool.opened == 1 and not s.downstreams[0].closed
+
+
+def test_a_handler_error_resets_its_stream_and_spares_the_connection(run):
+    run(_data_before_head)
+
+
+async def _a_connection_per_slot():
+    gate = asyncio.Event()
+
+    async def on_request(stream):
+        await gate.wait()
+        stream.send_head(ResponseHead(200), end=True)
+    async with Served(on_request, limits=Limits(max_concurrent_streams=1), max_connections=32) as s:
+        streams = await asyncio.gather(*[s.pool.open_stream(post(), end=True) for _ in range(12)])
+        assert s.pool.opened == 12 and len(s.downstreams) == 12   # the peer allows 1 stream each
+        assert len({st.conn for st in streams}) == 12
+        gate.set()
+        assert [(await st.response()).status for st in streams] == [200] * 12
+        more = await s.pool.open_stream(post(), end=True)   # slots free again: no new connection
+        assert (await more.response()).status == 200 and s.pool.opened == 12
+
+
+def test_concurrent_openers_share_connects_and_reuse_freed_slots(run):
+    run(_a_connection_per_slot)
+
+
+async def _stalled_streams():
+    async def on_request(stream):
+        if stream.head.path == b"/stall":
+            await asyncio.Event().wait()   # never reads: its window stays full
+        total = 0
+        while chunk := await stream.read():
+            total += len(chunk)
+        stream.send_head(ResponseHead(200))
+        await stream.send_data(b"%d" % total, end=True)
+    async with Served(on_request) as s:
+        stalled = [await s.pool.open_stream(post(b"/stall")) for _ in range(30)]
+        for st in stalled:
+            await st.send_data(b"s" * 65535)   # 30 full stream windows: ~2 MiB unread at the server
+        await eventually(lambda: s.downstreams[0].buffered_bytes >= 30 * 65535, "the windows to fill")
+        live = await s.pool.open_stream(post(b"/echo"))
+        await live.send_data(b"l" * 200_000, end=True)
+        assert (await live.response()).status == 200 and await live.read() == b"200000"
+        assert s.downstreams[0].buffered_bytes <= 31 * 65535   # each stream holds at most its window
+
+
+def test_streams_whose_readers_stall_do_not_starve_the_others(run):
+    run(_stalled_streams)
+
+
+async def _request_trailers():
+    async def on_request(stream):
+        body = b"".join([chunk async for chunk in stream.body()])
+        stream.send_head(ResponseHead(200, [(b"x-len", b"%d" % len(body))]))
+        await stream.send_data(body)
+        stream.send_trailers(stream.trailers + [(b"x-server", b"done")])   # the request's, echoed
+    async with Served(on_request) as s:
+        st = await s.pool.open_stream(post())
+        await st.send_data(b"abc")
+        st.send_trailers([(b"x-checksum", b"42"), (b"connection", b"close")])   # connection-specific: dropped
+        head = await st.response()
+        assert head.status == 200 and head.get(b"x-len") == b"3"
+        assert await st.read() == b"abc" and await st.read() == b""
+        assert st.trailers == [(b"x-checksum", b"42"), (b"x-server", b"done")]
+        assert st.finished and st.error is None and await st.wait_closed() is None
+
+
+def test_request_and_response_trailers_pass_both_ways(run):
+    run(_request_trailers)
