@@ -17,7 +17,7 @@ from sidecar.datapath.speedups cimport bucket_of, cut, head_end, join, put_hex64
 cdef int _SLASH   # a C constant: compared with C chars, not as an object
 cdef Py_ssize_t CHUNK_COST   # added to a chunk's size in the held / pending accounting
 cdef int H_DROP, H_CONNECTION, H_TE, H_CL, H_HOST, H_EXPECT, H_SOURCE, H_SOURCE_VERSION, H_XFF, H_FLAGS
-cdef int H_TRACEPARENT, H_B3, H_TRACESTATE, H_UPGRADE, H_GRPC_STATUS   # header actions (also in the module dict)
+cdef int H_TRACEPARENT, H_B3, H_TRACESTATE, H_UPGRADE, H_GRPC_STATUS, H_GRPC_TIMEOUT   # header actions (also in the module dict)
 cpdef _join_flags(have, new)
 @cython.locals(size=Py_ssize_t)
 cpdef _send(transport, parts)
@@ -225,6 +225,7 @@ cdef class Exchange:
     cdef public object upgrade                 # the Upgrade of a request switching protocols
     cdef public object trailers                # a chunked request body's trailer lines
     cdef public object grpc_status             # the answer's grpc-status (str), or None
+    cdef public object grpc_timeout            # the request's grpc-timeout (bytes), or None
     cdef public object traffic, subset, mirror
     cdef public bint admitted, budgeted, keep_held, resend
     cdef public int attempt

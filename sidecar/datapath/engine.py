@@ -47,7 +47,7 @@ from typing import Any, Callable, Collection
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
 
 from meshcore.grpc import (
-    GRPC_CONTENT_TYPE, is_grpc_content_type, is_retriable_grpc_status, local_reply_status, parse_grpc_status,
+    GRPC_CONTENT_TYPE, cap_grpc_timeout, is_grpc_content_type, is_retriable_grpc_status, local_reply_status, parse_grpc_status,
     percent_encode_message,
 )
 from meshcore.lb import DEFAULT_MAX_TRIES, connect_tries, merge_exclusions, pick_p2c
@@ -62,7 +62,7 @@ from ..routing import (
 )
 from .http1 import (
     H_B3, H_CL, H_CONNECTION, H_DROP, H_EXPECT, H_FLAGS, H_HOST, H_SOURCE, H_SOURCE_VERSION, H_TE,
-    H_GRPC_STATUS, H_TRACEPARENT, H_TRACESTATE, H_UPGRADE, H_XFF, HEADER_ACTIONS, HOP_BY_HOP, HeaderLines, connection_tokens,
+    H_GRPC_STATUS, H_GRPC_TIMEOUT, H_TRACEPARENT, H_TRACESTATE, H_UPGRADE, H_XFF, HEADER_ACTIONS, HOP_BY_HOP, HeaderLines, connection_tokens,
     drop_named,
     read_request_head, read_response_head, status_line,
 )
@@ -140,7 +140,7 @@ globals().update(HEADER_ACTIONS)
 _SLASH = 47   # "/", the first byte of an origin-form target (a C int once compiled)
 
 _REQUEST_BASE = {**HOP_BY_HOP, b"content-length": H_CL, b"host": H_HOST, b"expect": H_EXPECT,
-                 TRACEPARENT: H_TRACEPARENT, TRACESTATE: H_TRACESTATE, B3_SINGLE: H_B3,
+                 TRACEPARENT: H_TRACEPARENT, TRACESTATE: H_TRACESTATE, B3_SINGLE: H_B3, b"grpc-timeout": H_GRPC_TIMEOUT,
                  **{name: H_B3 for name in B3_MULTI}}
 # Outbound: the app's own x-mesh-source headers are dropped; ours are added on mesh hops.
 XFCC = b"x-forwarded-client-cert"   # set by the inbound from the verified peer certificate (Envoy's name)
@@ -904,8 +904,14 @@ class Timeout(Layer):
 
     def on_request(self, down: _Downstream, ex: Exchange) -> int:
         lane = ex.lane
-        if lane is not None and lane.timeout is not None:
-            ex.timer = down.loop.call_later(lane.timeout, down._timed_out, ex)
+        timeout = lane.timeout if lane is not None else None
+        if ex.grpc_timeout is not None:
+            # gRPC's own deadline is honoured, the mesh's timeout its cap; the next hop is told the
+            # smaller one (gRPC over HTTP/2: grpc-timeout).
+            timeout, sent_on = cap_grpc_timeout(timeout, ex.grpc_timeout)
+            ex.grpc_timeout = sent_on.encode("latin-1") if sent_on is not None else None
+        if timeout is not None:
+            ex.timer = down.loop.call_later(timeout, down._timed_out, ex)
         return NEXT
 
     def on_end(self, down: _Downstream, ex: Exchange) -> None:
@@ -1273,7 +1279,7 @@ class Exchange:
         "is_head", "is_connect", "bad", "head_done", "req_done", "dispatched", "cluster", "index",
         "key", "excluded", "tries_left", "up", "pending", "pending_bytes", "held", "held_bytes",
         "reused", "fresh_retry", "got_body", "status", "flags", "resp_started", "resp_done", "discard",
-        "close_after", "dead", "fields", "body_seen", "upgrade", "trailers", "grpc_status",
+        "close_after", "dead", "fields", "body_seen", "upgrade", "trailers", "grpc_status", "grpc_timeout",
         # traffic layers
         "traffic", "subset", "mirror", "admitted", "budgeted", "keep_held", "resend", "attempt", "retry_on",
         "in_retry", "timer", "try_timer", "wait", "fault_abort", "lane",
@@ -1331,6 +1337,7 @@ class Exchange:
         self.upgrade: bytes | None = None         # Upgrade of a request asking to switch protocols (RFC 9110 7.8)
         self.trailers: list | None = None         # a chunked body's trailer lines (gRPC's over HTTP/1.1)
         self.grpc_status: str | None = None       # the answer's grpc-status: a gRPC call (metrics)
+        self.grpc_timeout: bytes | None = None    # the call's grpc-timeout, as sent on (the timeout layer caps it)
         self.traffic = None                       # sidecar.traffic.ServiceTraffic of a mesh destination
         self.lane: _Lane | None = None            # what the traffic layers read of it (_Lane)
         self.subset = None                        # the version subset chosen by the rules layer
@@ -1683,6 +1690,8 @@ class _Downstream:
                 if ex.b3 is None:
                     ex.b3 = {}
                 ex.b3[name.lower()] = value
+            elif a == H_GRPC_TIMEOUT:
+                ex.grpc_timeout = value.strip()
             elif a == H_UPGRADE:
                 value = value.strip()
                 ex.upgrade = value if ex.upgrade is None else ex.upgrade + b", " + value
@@ -2156,6 +2165,8 @@ class _Downstream:
             parts.append(b"transfer-encoding: chunked\r\n")
         elif ex.upgrade is not None:
             parts += (b"connection: upgrade\r\nupgrade: ", ex.upgrade, b"\r\n")
+        if ex.grpc_timeout is not None:
+            parts += (b"grpc-timeout: ", ex.grpc_timeout, b"\r\n")
         if cluster.mesh:
             parts.append(self.stack.mesh_headers)
         if ex.extra:

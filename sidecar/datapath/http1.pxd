@@ -7,7 +7,7 @@ from sidecar.datapath.speedups cimport decimal_value, scan_fields
 
 cdef int _CR, _LF, _SP, _SLASH   # C constants: compared with C chars, not as objects
 cdef int H_DROP, H_CONNECTION, H_TE, H_CL, H_HOST, H_EXPECT, H_SOURCE, H_SOURCE_VERSION, H_XFF, H_FLAGS
-cdef int H_TRACEPARENT, H_B3, H_TRACESTATE, H_UPGRADE, H_GRPC_STATUS   # header actions (also in HEADER_ACTIONS)
+cdef int H_TRACEPARENT, H_B3, H_TRACESTATE, H_UPGRADE, H_GRPC_STATUS, H_GRPC_TIMEOUT   # header actions (also in HEADER_ACTIONS)
 
 @cython.locals(lines=dict)
 cpdef bytes status_line(int code)

@@ -32,12 +32,14 @@ H_B3 = 12             # B3 (b3, x-b3-*): noted and dropped; re-emitted in kind (
 H_TRACESTATE = 13     # W3C tracestate: noted and dropped; re-emitted only when the trace continues
 H_UPGRADE = 14        # upgrade: dropped (httptools parses a request that has it, see split_head_fields)
 H_GRPC_STATUS = 15    # response grpc-status: kept and noted (metrics, retries on gRPC status)
+H_GRPC_TIMEOUT = 16   # request grpc-timeout: noted and re-emitted, capped by the mesh's timeout
 # Compiled, the actions are C ints (http1.pxd), compared in C; by name, for importers (the proxy's
 # tables, the gateway's, tests), they are here:
 HEADER_ACTIONS = dict(H_DROP=H_DROP, H_CONNECTION=H_CONNECTION, H_TE=H_TE, H_CL=H_CL, H_HOST=H_HOST,
                       H_EXPECT=H_EXPECT, H_SOURCE=H_SOURCE, H_SOURCE_VERSION=H_SOURCE_VERSION, H_XFF=H_XFF,
                       H_FLAGS=H_FLAGS, H_TRACEPARENT=H_TRACEPARENT, H_B3=H_B3, H_TRACESTATE=H_TRACESTATE,
-                      H_UPGRADE=H_UPGRADE, H_GRPC_STATUS=H_GRPC_STATUS)
+                      H_UPGRADE=H_UPGRADE, H_GRPC_STATUS=H_GRPC_STATUS,
+                      H_GRPC_TIMEOUT=H_GRPC_TIMEOUT)
 globals().update(HEADER_ACTIONS)
 
 HOP_BY_HOP = {

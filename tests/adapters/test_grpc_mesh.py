@@ -224,3 +224,38 @@ async def _retried_on_grpc_status(ca):
 
 def test_a_grpc_status_named_in_retries_on_is_retried(run, ca):
     run(_retried_on_grpc_status, ca)
+
+
+class DeadlineEcho(EchoService):
+    """Records the deadline each call arrived with (what grpc-timeout said, as grpcio reads it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.remaining: list[float] = []
+
+    def unary(self, request: bytes, context) -> bytes:
+        self.remaining.append(context.time_remaining())
+        return super().unary(request, context)
+
+
+async def _grpc_timeout_capped(ca):
+    async with AsyncExitStack() as stack:
+        mesh = await GrpcMesh(stack, ca, labels={"mesh.timeout": "500ms"}, service_type=DeadlineEcho).start()
+        unary = method(mesh.ch, "unary_unary", "Unary")
+        # The client allows 10 s; the mesh's 500 ms is the cap: the app is told at most that...
+        assert await asyncio.to_thread(unary, b"quick", timeout=10) == b"echo:quick"
+        assert 0 < mesh.services[0].remaining[0] <= 0.5, mesh.services[0].remaining
+        # ... and a call that takes longer ends at the mesh's deadline, as DEADLINE_EXCEEDED.
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(grpc.RpcError) as failed:
+            await asyncio.to_thread(unary, b"slow", metadata=(("x-sleep", "3"),), timeout=10)
+        assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, failed.value
+        assert loop.time() - started < 2.5
+        # A client deadline under the cap passes as it is.
+        assert await asyncio.to_thread(unary, b"short", timeout=0.3) == b"echo:short"
+        assert 0 < mesh.services[0].remaining[-1] <= 0.3, mesh.services[0].remaining
+
+
+def test_grpc_timeout_is_honoured_with_the_mesh_timeout_as_its_cap(run, ca):
+    run(_grpc_timeout_capped, ca)
