@@ -34,7 +34,9 @@ _BOUND_NAMES = tuple(str(b) for b in DURATION_BOUNDS) + ("+Inf",)
 
 REQUEST_LABELS = ("reporter", "source_workload", "source_version", "destination_service",
                   "destination_workload", "destination_version", "request_protocol", "response_code",
-                  "response_flags", "grpc_response_status")
+                  "response_flags", "grpc_response_status", "connection_security_policy")
+MUTUAL_TLS = "mutual_tls"   # connection_security_policy of a request that crossed an mTLS hop (Istio's value)
+NO_TLS = "none"
 
 TUNNEL_LABELS = ("reporter", "source_workload", "source_version", "destination_service", "destination_version")
 
@@ -129,13 +131,17 @@ class Telemetry:
     def record_request(self, reporter: str, source_workload: str, source_version: str,
                        destination_service: str, destination_workload: str, destination_version: str,
                        response_code: int, response_flags: str, duration_ms: float,
-                       request_protocol: str = "http", grpc_response_status: str = "") -> None:
-        """Count one finished request and observe its duration (a gRPC call: its grpc-status)."""
+                       request_protocol: str = "http", grpc_response_status: str = "",
+                       connection_security_policy: str = NO_TLS) -> None:
+        """Count one finished request and observe its duration (a gRPC call: its grpc-status; over
+        mutual TLS: connection_security_policy mutual_tls)."""
         key = (reporter, source_workload, source_version, destination_service, destination_workload,
-               destination_version, request_protocol, response_code, response_flags, grpc_response_status)
+               destination_version, request_protocol, response_code, response_flags, grpc_response_status,
+               connection_security_policy)
         s = self.series.get(key)
         if s is None:
-            s = self.series[key] = _Series(key[:7] + (str(response_code), response_flags, grpc_response_status))
+            s = self.series[key] = _Series(key[:7] + (str(response_code), response_flags, grpc_response_status,
+                                                      connection_security_policy))
         s.count += 1
         s.sum += duration_ms
         s.buckets[bisect_left(DURATION_BOUNDS, duration_ms)] += 1

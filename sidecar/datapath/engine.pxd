@@ -35,7 +35,7 @@ cdef bytes _traceparent_template()
 cpdef trace_of(bytes tp, bytes header)
 @cython.locals(series=dict)
 cpdef count_request(telemetry, reporter, source, source_version, destination, version, status, flags,
-                    double ms, grpc_status=*)
+                    double ms, grpc_status=*, security=*)
 cpdef _dec(dict counts, key)
 cpdef route_by_host(_Downstream down, Exchange ex)
 cpdef limit_inbound(_Downstream down, Exchange ex)

@@ -76,7 +76,7 @@ from ..dns import VipAllocator
 from ..egress import EgressControl, http_egress_blocked, tunnel_egress_blocked   # egress control
 from ..guard import DEFAULT_LIMITS, ConnectionGuard, body_over_limit   # limits (meshcore.limits)
 from ..mirror import MirrorSender, shadow_host
-from ..telemetry import DURATION_BOUNDS, NO_FLAGS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
+from ..telemetry import DURATION_BOUNDS, MUTUAL_TLS, NO_FLAGS, NO_TLS, REPORTER_DESTINATION, REPORTER_SOURCE, Telemetry
 from ..tracing import Tracing
 from ..traffic import (
     LB_LEAST_REQUEST, LB_RING_HASH, ServiceTraffic, TrafficRegistry, balance_subset, choose_mirror_subset,
@@ -324,20 +324,22 @@ def trace_of(tp: bytes | None, header: bytes) -> TraceContext:
 
 
 def count_request(telemetry: Telemetry, reporter: str, source: str, source_version: str, destination: str,
-                  version: str, status: int, flags: str, ms: float, grpc_status: str | None = None) -> None:
+                  version: str, status: int, flags: str, ms: float, grpc_status: str | None = None,
+                  security: str = NO_TLS) -> None:
     """telemetry.record_request(reporter, source, source_version, destination, destination, version,
-    status, flags, ms, protocol, grpc_status): a series already there is counted here, compiled; a new
-    one by record_request. A gRPC call (its answer has a grpc-status) is request_protocol grpc."""
+    status, flags, ms, protocol, grpc_status, security): a series already there is counted here,
+    compiled; a new one by record_request. A gRPC call (its answer has a grpc-status) is
+    request_protocol grpc."""
     series = telemetry.series
     if grpc_status is None:
         s = series.get((reporter, source, source_version, destination, destination, version, "http", status,
-                        flags, ""))
+                        flags, "", security))
     else:
         s = series.get((reporter, source, source_version, destination, destination, version, "grpc", status,
-                        flags, grpc_status))
+                        flags, grpc_status, security))
     if s is None:
         telemetry.record_request(reporter, source, source_version, destination, destination, version, status,
-                                 flags, ms, "http" if grpc_status is None else "grpc", grpc_status or "")
+                                 flags, ms, "http" if grpc_status is None else "grpc", grpc_status or "", security)
         return
     s.count += 1
     s.sum += ms
@@ -2331,7 +2333,12 @@ class _Downstream:
         ms = (monotonic() - ex.start) * 1000.0
         cluster = ex.cluster
         reporter, src, srcv, dst, ver = self.metric_labels(ex)
-        count_request(state.telemetry, reporter, src, srcv, dst, ver, ex.status, ex.flags, ms, ex.grpc_status)
+        if reporter == REPORTER_DESTINATION:
+            security = MUTUAL_TLS if self.peer_identity else NO_TLS   # the caller's verified certificate
+        else:
+            security = MUTUAL_TLS if cluster is not None and cluster.mesh and state.tls is not None else NO_TLS
+        count_request(state.telemetry, reporter, src, srcv, dst, ver, ex.status, ex.flags, ms, ex.grpc_status,
+                      security)
         trace = ex.trace
         headers = ex.trace_headers
         if trace is None and not headers:

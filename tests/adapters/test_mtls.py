@@ -129,7 +129,9 @@ async def _mtls_ok(ca):
         headers = json.loads(body)["headers"]
         assert headers["x-forwarded-client-cert"] == f"URI={ORDERS}"      # the verified caller
         assert metric(pair.inbound, "istio_requests_total", reporter="destination", source_workload="orders",
-                      response_code="200") == 1
+                      response_code="200", connection_security_policy="mutual_tls") == 1
+        assert metric(pair.outbound, "istio_requests_total", reporter="source", destination_service="payments",
+                      response_code="200", connection_security_policy="mutual_tls") == 1
         assert metric(pair.inbound, "mesh_tls_connections_total", direction="inbound", tls_version="TLSv1.3") == 1
         assert metric(pair.outbound, "mesh_tls_connections_total", direction="outbound", tls_version="TLSv1.3") == 1
 

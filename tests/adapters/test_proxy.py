@@ -367,7 +367,7 @@ async def _mesh_headers_and_metrics():
             assert r.status == 404
         src = dict(reporter="source", source_workload="frontend", source_version="v1",
                    destination_service="payments", destination_workload="payments",
-                   destination_version="v2", request_protocol="http", response_flags="-", grpc_response_status="")
+                   destination_version="v2", request_protocol="http", response_flags="-", grpc_response_status="", connection_security_policy="none")
         assert sample(mesh.out_state, "istio_requests_total", response_code="200", **src) == 1
         assert sample(mesh.out_state, "istio_requests_total", response_code="404", **src) == 1
         assert sample(mesh.out_state, "istio_request_duration_milliseconds_count", response_code="200", **src) == 1
@@ -753,7 +753,7 @@ async def _no_endpoints_and_all_failed():
             assert r.status == 503  # and the connection is still usable
         assert sample(mesh.out_state, "istio_requests_total", reporter="source", source_workload="frontend",
                       source_version="v1", destination_service="payments", destination_workload="payments",
-                      destination_version="unknown", request_protocol="http", grpc_response_status="", response_code="503",
+                      destination_version="unknown", request_protocol="http", grpc_response_status="", connection_security_policy="none", response_code="503",
                       response_flags="UH") == 2
     async with AsyncExitStack() as stack:
         mesh = await Mesh(stack).start(live=0, dead=2)
@@ -1053,12 +1053,12 @@ async def _gateway():
             assert (await r.json())["error"] == "no route"
         assert sample(gw_state, "istio_requests_total", reporter="source", source_workload="gateway",
                       source_version="v1", destination_service="payments", destination_workload="payments",
-                      destination_version="v2", request_protocol="http", grpc_response_status="", response_code="200",
+                      destination_version="v2", request_protocol="http", grpc_response_status="", connection_security_policy="none", response_code="200",
                       response_flags="-") == 1
         assert sample(mesh.inbound_state, "istio_requests_total", reporter="destination",
                       source_workload="gateway", source_version="v1", destination_service="payments",
                       destination_workload="payments", destination_version="v2", request_protocol="http",
-                      response_code="200", response_flags="-", grpc_response_status="") == 1
+                      response_code="200", response_flags="-", grpc_response_status="", connection_security_policy="none") == 1
 
 
 def test_gateway_routes_strips_prefix_sets_forwarded_headers_and_404s(run):
