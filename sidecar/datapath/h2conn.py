@@ -34,7 +34,7 @@ class H2Stream:
 
     __slots__ = ("conn", "stream_id", "trailers", "_in", "_in_bytes", "_in_ended", "_in_waiter",
                  "_error", "_out", "_out_bytes", "_out_end", "_out_trailers", "_out_closed",
-                 "_drain_waiter", "_closed", "_discard")
+                 "_drain_waiter", "_closed", "_discard", "_out_stopped")
 
     def __init__(self, conn: H2Connection, stream_id: int):
         self.conn = conn
@@ -53,6 +53,7 @@ class H2Stream:
         self._drain_waiter: asyncio.Future | None = None
         self._closed: asyncio.Future | None = None
         self._discard = False           # the consumer is gone: received data is credited at once
+        self._out_stopped = False       # the peer answered whole and asked us to stop sending (RST NO_ERROR)
 
     # -- state
     @property
@@ -111,6 +112,8 @@ class H2Stream:
     async def send_data(self, data: bytes, end: bool = False) -> None:
         """Queue body bytes (and END_STREAM when end) for sending within the peer's window; waits
         while more than Limits.send_buffer bytes are queued. Raises the stream's error."""
+        if self._out_stopped:
+            return   # the peer has answered and wants no more of the request (RFC 9113 8.1)
         if self._error is not None:
             raise self._error
         if self._out_end:
@@ -132,6 +135,8 @@ class H2Stream:
 
     def send_trailers(self, fields: Fields) -> None:
         """Queue trailers after the queued body; they end the stream."""
+        if self._out_stopped:
+            return
         if self._error is not None:
             raise self._error
         if self._out_end:
@@ -169,6 +174,15 @@ class H2Stream:
             self.trailers = trailers
         self._in_ended = True
         self._wake_reader()
+        self._maybe_closed()
+
+    def _stop_sending(self) -> None:
+        self._out_stopped = True
+        self._out.clear()
+        self._out_bytes = 0
+        self._out_end = self._out_closed = True
+        self.conn._blocked.discard(self)
+        self._wake_writer()
         self._maybe_closed()
 
     def _fail(self, error: H2Error) -> None:
@@ -407,7 +421,13 @@ class H2Connection(asyncio.Protocol):
         elif isinstance(event, E.StreamReset):
             s = self.streams.get(event.stream_id)
             if s is not None:
-                s._fail(StreamReset(event.error_code, remote=True))
+                if event.error_code == NO_ERROR and s._in_ended:
+                    # RFC 9113 8.1: a complete answer, then RST_STREAM(NO_ERROR) asking us to stop
+                    # sending (grpcio does this when it answered before the request's END_STREAM):
+                    # what was received stays readable; only our sending ends.
+                    s._stop_sending()
+                else:
+                    s._fail(StreamReset(event.error_code, remote=True))
         elif isinstance(event, E.WindowUpdated):
             targets = list(self._blocked) if event.stream_id == 0 else \
                 [s for s in (self.streams.get(event.stream_id),) if s is not None]
