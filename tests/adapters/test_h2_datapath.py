@@ -13,7 +13,9 @@ import time
 from concurrent import futures
 
 import grpc
+import h2.config
 import h2.connection
+import h2.events
 import hyperframe.frame
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -1077,3 +1079,42 @@ async def _request_trailers():
 
 def test_request_and_response_trailers_pass_both_ways(run):
     run(_request_trailers)
+
+
+async def _answered_then_stop_sending():
+    """A server that answers whole before the request's end, then RST_STREAM(NO_ERROR) (RFC 9113 8.1:
+    'stop sending, without error'), as grpcio does: the answer and its trailers stay readable."""
+    async def serve(reader, writer):
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    sid = event.stream_id
+                    conn.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+                    conn.send_data(sid, b"hello")
+                    conn.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+                    conn.reset_stream(sid, error_code=0)
+            writer.write(conn.data_to_send())
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = H2Pool("127.0.0.1", server.sockets[0].getsockname()[1])
+    try:
+        stream = await pool.open_stream(RequestHead(b"POST", b"/s/m", b"svc", b"http", [(b"te", b"trailers")]))
+        await stream.send_data(b"part one")   # the request is not ended: the server answers anyway
+        head = await stream.response()
+        assert head.status == 200
+        assert await stream.read() == b"hello"
+        assert await stream.read() == b""
+        assert stream.trailers == [(b"grpc-status", b"0")] and stream.error is None
+        await stream.send_data(b"part two")   # the rest of the request is dropped, without an error
+        stream.end()
+    finally:
+        pool.close()
+        server.close()
+
+
+def test_an_answer_followed_by_rst_no_error_stays_readable(run):
+    run(_answered_then_stop_sending)
