@@ -49,6 +49,9 @@ def endpoints(service: str) -> list[dict]:
     return []
 
 
+DEMO_MESHED = 9   # meshed containers of compose/demo.yml
+
+
 def all_nodes_acked(version: int) -> bool:
     """Every connected node ACKed `version` (or newer)."""
     nodes = get_json(f"{ADMIN}/v1/status")["nodes"]
@@ -57,7 +60,7 @@ def all_nodes_acked(version: int) -> bool:
 
 def test_every_meshed_container_has_exactly_one_sidecar(mesh):
     apps = docker_ps(f"label=com.docker.compose.project={PROJECT}", "label=mesh.enable=true")
-    assert len(apps) == 7
+    assert len(apps) == DEMO_MESHED   # compose/demo.yml: 7 shop apps and the two recommendations versions
     by_app = wait_for(lambda: (lambda m: m if all(len(m.get(a["ID"], [])) == 1 for a in apps) else None)(sidecars_by_app()),
                       30, what="one sidecar per app")
     for app in apps:
@@ -93,7 +96,7 @@ def test_status_reports_sidecars_connected_and_acked(mesh):
     assert version >= 1
     wait_for(lambda: all_nodes_acked(version), 10, what="every node to ACK the snapshot")
     kinds = sorted(n["kind"] for n in get_json(f"{ADMIN}/v1/status")["nodes"])
-    assert kinds.count("gateway") == 1 and kinds.count("sidecar") == 7
+    assert kinds.count("gateway") == 1 and kinds.count("sidecar") == DEMO_MESHED
     out = meshctl("status")
     for app in app_containers("orders") + app_containers("payments"):
         assert f"{app['Names']}-mesh" in out
