@@ -1,6 +1,7 @@
 """The mesh on Docker Swarm, end to end on the three-node test cluster (scripts/swarm-cluster.sh).
 
-Skipped unless MESH_SWARM_TESTS=1. MESH_SWARM_IMAGE picks the mesh image in the stacks (default
+They run under CI=true (CI builds the node image and the cluster, about 8 minutes) or with
+MESH_SWARM_TESTS=1; elsewhere they are skipped, as they take minutes. MESH_SWARM_IMAGE picks the mesh image in the stacks (default
 meshd:latest; meshd:swarm after `scripts/swarm-cluster.sh dev-image`); MESH_SWARM_KEEP=1 leaves the
 cluster up afterwards. The tests run in file order: they share one cluster and the later ones kill
 nodes. Placement is pinned so that each check crosses nodes: the client side of the shop (orders,
@@ -19,8 +20,9 @@ import pytest
 
 from .conftest import ROOT, metric_sum, run, wait_for
 
-pytestmark = pytest.mark.skipif(os.environ.get("MESH_SWARM_TESTS") != "1",
-                                reason="the Swarm e2e tests run with MESH_SWARM_TESTS=1")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("MESH_SWARM_TESTS") != "1" and os.environ.get("CI", "").lower() != "true",
+    reason="the Swarm e2e tests run under CI=true or with MESH_SWARM_TESTS=1")
 
 CLUSTER = "scripts/swarm-cluster.sh"
 IMAGE = os.environ.get("MESH_SWARM_IMAGE", "meshd:latest")
@@ -133,7 +135,7 @@ def load(url: str, seconds: float, rate: float = 20.0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def swarm():
+def swarm(images):
     cluster("up")
     cluster("check")
     if IMAGE == "meshd:swarm":
