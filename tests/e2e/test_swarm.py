@@ -177,14 +177,14 @@ def test_checkout_crosses_nodes_over_mtls(swarm):
     result = load("http://orders:8080/orders/1", 10, 10)
     assert result["failed"] == 0, result
     sent = metric_sum(sidecar_metrics(n_orders, orders), "istio_requests_total", reporter="source",
-                      destination_service="payments", response_code="200")
+                      destination_service="payments", response_code="200", connection_security_policy="mutual_tls")
     assert sent >= result["sent"]
     counted = {}
     for n, cid in tasks_of("shop_payments"):
         text = sidecar_metrics(n, cid)
         assert n != n_orders
-        counted[n] = metric_sum(text, "istio_requests_total", reporter="destination",
-                                destination_service="payments", response_code="200") - before[cid]
+        counted[n] = metric_sum(text, "istio_requests_total", reporter="destination", destination_service="payments",
+                                response_code="200", connection_security_policy="mutual_tls") - before[cid]
         assert metric_sum(text, "mesh_tls_connections_total", direction="inbound") >= 1
     assert sum(counted.values()) >= result["sent"] and all(v > 0 for v in counted.values()), counted
     # The inbound port takes no plaintext: a plain HTTP call from a container on the overlay fails.
