@@ -17,7 +17,8 @@ import dataclasses
 
 from meshcore.authz import Policy, make_rule
 from meshcore.policy import decode_traffic_policy
-from meshcore.snapshot import Endpoint, MeshConfig, ServiceConfig, Snapshot
+from gateway.server import start_gateway
+from meshcore.snapshot import Endpoint, GatewayRoute, MeshConfig, ServiceConfig, Snapshot
 from sidecar.mtls import Authorizer, start_mesh_inbound
 from sidecar.proxy import ProxyState, start_outbound
 from sidecar.routing import build_route_table
@@ -54,7 +55,9 @@ class GrpcMesh:
                     "orders": ServiceConfig("orders", "shop", "http", SVC_PORT, ORDERS)}
         endpoints = {"payments": tuple(Endpoint(f"pay-{i}", "127.0.0.1", p, "v1", PAYMENTS)
                                        for i, p in enumerate(ports))}
-        snap = self.snapshot = Snapshot(version=1, config=MeshConfig(services=services, endpoints=endpoints))
+        routes = (GatewayRoute(service="payments", path="/meshtest.Echo", host=None, strip_prefix=False),)
+        snap = self.snapshot = Snapshot(version=1, config=MeshConfig(services=services, endpoints=endpoints,
+                                                                     gateway_routes=routes))
         for state in self.inbounds:
             state.apply_snapshot(snap)
             state.authz.update(snap)
@@ -262,3 +265,25 @@ async def _grpc_timeout_capped(ca):
 
 def test_grpc_timeout_is_honoured_with_the_mesh_timeout_as_its_cap(run, ca):
     run(_grpc_timeout_capped, ca)
+
+
+async def _through_the_gateway(ca):
+    async with AsyncExitStack() as stack:
+        mesh = await GrpcMesh(stack, ca, n=2).start()
+        gw_state = ProxyState("gateway", "v1", tls=MeshTls(await make_agent(ca, ORDERS)))
+        gw_state.apply_snapshot(mesh.snapshot)
+        stack.callback(gw_state.close)
+        gw = await start_gateway(gw_state, "127.0.0.1", 0)
+        stack.callback(gw.close)
+        ch = channel(gw.sockets[0].getsockname()[1])   # h2c from outside, routed by the gRPC path
+        stack.callback(ch.close)
+        unary = method(ch, "unary_unary", "Unary")
+        for i in range(20):
+            assert await call(unary, b"%d" % i) == b"echo:%d" % i
+        assert min(service.calls for service in mesh.services) >= 3   # balanced per call here too
+        assert metric(gw_state, "istio_requests_total", reporter="source", destination_service="payments",
+                      request_protocol="grpc", grpc_response_status="0") == 20
+
+
+def test_grpc_from_outside_through_the_gateway_h2c(run, ca):
+    run(_through_the_gateway, ca)
