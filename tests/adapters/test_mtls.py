@@ -323,7 +323,9 @@ class ControlPlane:
                                        network_mode=f"container:{OTHER_ID}"),
         })
         self.lost: list[str] = []
-        self.hub = Hub(auth=NodeAuthenticator(self.pki, docker, on_identity_lost=self.lost.append))
+        self.refused: list[tuple] = []   # what meshd turns into node_refused events
+        self.hub = Hub(auth=NodeAuthenticator(self.pki, docker, on_identity_lost=self.lost.append),
+                       on_refused=lambda hello, peer, exc: self.refused.append((hello.node, peer, exc.code, exc.reason)))
 
     async def start(self, stack: AsyncExitStack, port: int = 0) -> "ControlPlane":
         app = web.Application()
@@ -381,6 +383,8 @@ async def _bootstrap(tmp_path):
         # It came from the app's own address and the real sidecar container (loopback here): that is
         # the node itself having lost its key, so meshd is told to recreate it with a new token.
         assert cp.lost and set(cp.lost) == {"shop-orders-1-mesh"} and "recreates" in thief.last_refusal
+        assert [r[:3] for r in cp.refused][:1] == [("shop-orders-1-mesh", "127.0.0.1", 4401)], cp.refused
+        assert "already used" in cp.refused[0][3] and token not in repr(cp.refused)
 
         # A token of another container, and a CSR for another identity, get nothing either.
         other = cp.pki.issue_token("sidecar", "shop-users-1-mesh", OTHER_ID)
