@@ -321,6 +321,8 @@ class ControlPlane:
             "shop-users-1-mesh": attrs("d" * 64, "shop-users-1-mesh",
                                        {"mesh.owner": "meshd", "mesh.role": "sidecar", "mesh.sidecar.for": OTHER_ID},
                                        network_mode=f"container:{OTHER_ID}"),
+            "meshd-gateway": attrs("e" * 64, "meshd-gateway", {"mesh.owner": "meshd", "mesh.role": "gateway"},
+                                   network_mode="host"),
         })
         self.lost: list[str] = []
         self.refused: list[tuple] = []   # what meshd turns into node_refused events
@@ -414,6 +416,39 @@ async def _bootstrap(tmp_path):
 
 def test_bootstrap_token_once_replay_and_foreign_identity_refused_renewal_over_the_channel(tmp_path):
     asyncio.run(asyncio.wait_for(_bootstrap(tmp_path), 30))
+
+
+async def _gateway_restarted_without_credentials(tmp_path):
+    async with AsyncExitStack() as stack:
+        cp = await ControlPlane(tmp_path).start(stack)
+
+        def gateway(token: str) -> tuple[ControlClient, CertAgent]:
+            agent = CertAgent(cp.pki.gateway_identity, cp.pki.ca.bundle_pem, token, tls_dir=None)
+            return ControlClient(cp.url, "gateway", "gateway", "", apply=lambda s: None, rand=lambda: 0.05,
+                                 agent=agent), agent
+
+        token = cp.pki.issue_token("gateway", "gateway", "")
+        early, _ = gateway("")           # no token, no certificate, before the token was spent
+        t0 = asyncio.ensure_future(early.run())
+        stack.callback(t0.cancel)
+        await eventually(lambda: early.refusals >= 1, "a hello without credentials refused")
+        assert cp.lost == [] and "recreates" not in early.last_refusal, early.last_refusal
+        t0.cancel()
+        first, agent = gateway(token)
+        t1 = asyncio.ensure_future(first.run())
+        await eventually(lambda: agent.has_valid_cert(), "the gateway's first certificate")
+        t1.cancel()
+        # Docker restarted it after its certificate expired: no token (spent, its file deleted), no
+        # certificate. meshd recreates it with a new token instead of refusing it forever.
+        restarted, _ = gateway("")
+        t2 = asyncio.ensure_future(restarted.run())
+        stack.callback(t2.cancel)
+        await eventually(lambda: restarted.refusals >= 1, "the restarted gateway refused")
+        assert cp.lost == ["gateway"] and "recreates the gateway" in restarted.last_refusal, restarted.last_refusal
+
+
+def test_a_gateway_restarted_without_token_nor_certificate_is_recreated(tmp_path):
+    asyncio.run(asyncio.wait_for(_gateway_restarted_without_credentials(tmp_path), 30))
 
 
 async def _root_rotation(tmp_path):
