@@ -526,7 +526,8 @@ class Meshd:
         if not self.settings.manage_gateway:
             return
         gw = view.gateway
-        if gw is not None and gw.running and (not view.image_id or gw.image == view.image_id):
+        if gw is not None and gw.running and (not view.image_id or gw.image == view.image_id) \
+                and not gw.token_in_env:   # one made by an older meshd is replaced: see meshd.plan
             return
         st = self.settings
         env = {"MESH_CONTROL_URL": f"wss://127.0.0.1:{CONTROL_PORT}{CONTROL_PATH}",

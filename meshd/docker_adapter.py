@@ -10,7 +10,7 @@ import docker
 import docker.errors
 import requests
 
-from meshcore.bootstrap import TOKEN_DIR_PARENT, token_archive
+from meshcore.bootstrap import TOKEN_DIR_PARENT, TOKEN_ENV, token_archive
 from meshcore.labels import (
     ContainerInfo, OWNER_LABEL, ROLE_LABEL, SIDECAR_FOR_LABEL, is_mesh_enabled, is_mesh_owned,
 )
@@ -46,6 +46,7 @@ def decode_container_attrs(attrs: dict[str, Any]) -> ContainerInfo:
         health=str((state.get("Health") or {}).get("Status") or ""),
         paused=bool(state.get("Paused")),
         created=str(attrs.get("Created") or ""),
+        token_in_env=any(str(e).startswith(TOKEN_ENV + "=") for e in config.get("Env") or ()),
     )
 
 

@@ -26,7 +26,8 @@ def _is_current(sidecar: ContainerInfo, app: ContainerInfo, image_id: str | None
         return False
     if image_id and sidecar.image and sidecar.image != image_id:
         return False
-    return True
+    # Made by an older meshd: its (spent) token would stay in `docker inspect` for good.
+    return not sidecar.token_in_env
 
 
 def plan_sidecars(workloads: list[Workload], sidecars: list[ContainerInfo],
