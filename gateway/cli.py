@@ -53,11 +53,13 @@ async def serve(control_url: str, node: str, bind: str, port: int, admin_port: i
     https = None
     bundle = env.get("MESH_CA_BUNDLE", "")
     if bundle and control_url.startswith("wss://"):
-        from sidecar.tlsagent import CertAgent, MeshTls, ServerCert
+        from meshcore.bootstrap import TOKEN_ENV, TOKEN_FILE, TOKEN_FILE_ENV
+        from sidecar.tlsagent import CertAgent, MeshTls, ServerCert, read_bootstrap_token
 
         user_cert, user_key = env.get("MESH_GATEWAY_CERT", ""), env.get("MESH_GATEWAY_KEY", "")
         hosts = tuple(h.strip() for h in env.get("MESH_GATEWAY_HOSTS", "localhost").split(",") if h.strip())
-        agent = CertAgent(env.get("MESH_IDENTITY", ""), bundle.encode("ascii"), env.get("MESH_BOOTSTRAP_TOKEN", ""),
+        token, token_file = read_bootstrap_token(env.get(TOKEN_FILE_ENV) or TOKEN_FILE, env.get(TOKEN_ENV, ""))
+        agent = CertAgent(env.get("MESH_IDENTITY", ""), bundle.encode("ascii"), token, token_file=token_file,
                           tls_dir=env.get("MESH_TLS_DIR", "/tmp/mesh-tls"),
                           server_names=() if user_cert else hosts, registry=state.telemetry.registry, restore=False)
         await agent.restore()   # saved material, read by a certs.worker subprocess

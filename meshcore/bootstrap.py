@@ -1,8 +1,10 @@
 """Bootstrap of node identities: one-time tokens bound to Docker facts; pure, standard library only.
 
-meshd creates every sidecar (and the gateway) with a random one-time token in its environment and
-keeps only the token's SHA-256, with the node's name and app container id. The node's first hello
-carries the token and a CSR. meshd signs only when every check below passes, then marks the token
+meshd creates every sidecar (and the gateway) with a random one-time token and keeps only the token's
+SHA-256, with the node's name and app container id. The token is never in the node's environment
+(which `docker inspect` shows): meshd copies it as a file (`token_archive`, at TOKEN_FILE) into the
+created, not yet started container, and the node deletes the file once the token is spent. The
+node's first hello carries the token and a CSR. meshd signs only when every check below passes, then marks the token
 used; a token is never accepted twice. Everything after that authenticates with the certificate.
 
 Checks (`check_token`, then `check_placement`; each failure has a reason that names no secret):
@@ -21,10 +23,35 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import ipaddress
 from dataclasses import dataclass
 
 TOKEN_TTL_S = 24 * 3600.0   # an unused token expires (meshd then recreates the node)
+NODE_UID = 1337             # the uid the nodes run as (Istio's proxy uid); it owns the token file
+TOKEN_DIR_PARENT = "/run"   # exists in every Debian-based image; the archive adds TOKEN_DIR below it
+TOKEN_DIR = "mesh"
+TOKEN_NAME = "bootstrap-token"
+TOKEN_FILE = f"{TOKEN_DIR_PARENT}/{TOKEN_DIR}/{TOKEN_NAME}"
+TOKEN_FILE_ENV = "MESH_BOOTSTRAP_TOKEN_FILE"   # overrides TOKEN_FILE (tests)
+TOKEN_ENV = "MESH_BOOTSTRAP_TOKEN"             # the Swarm agent's gateway subprocess only
+
+
+def token_archive(token: str, uid: int = NODE_UID, mtime: float = 0.0) -> bytes:
+    """A tar archive (for Docker's put_archive at TOKEN_DIR_PARENT) of TOKEN_DIR (0700) holding
+    TOKEN_NAME (0400), both owned by `uid`: the node reads the token, and deletes it once spent."""
+    import tarfile  # meshd only: the nodes import this module for its constants
+
+    out = io.BytesIO()
+    data = token.encode("ascii")
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        folder = tarfile.TarInfo(TOKEN_DIR)
+        folder.type, folder.mode, folder.uid, folder.gid, folder.mtime = tarfile.DIRTYPE, 0o700, uid, uid, mtime
+        tar.addfile(folder)
+        entry = tarfile.TarInfo(f"{TOKEN_DIR}/{TOKEN_NAME}")
+        entry.size, entry.mode, entry.uid, entry.gid, entry.mtime = len(data), 0o400, uid, uid, mtime
+        tar.addfile(entry, io.BytesIO(data))
+    return out.getvalue()
 
 
 

@@ -61,6 +61,7 @@ class ContainerInfo:
     health: str = ""  # Docker HEALTHCHECK status: "" (none), "starting", "healthy" or "unhealthy"
     paused: bool = False  # frozen (`docker pause`, or meshd holding it until its sidecar is ready)
     created: str = ""     # Docker's creation time (RFC 3339, UTC): which of two claims came first
+    token_in_env: bool = False  # a node made by an older meshd, its bootstrap token in its environment
 
     @property
     def serving(self) -> bool:

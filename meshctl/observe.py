@@ -85,7 +85,7 @@ def events_table(events: list[dict], title: str = "events") -> Grid:
 
     grid = Grid(f"{title} ({len(events)})", ("time", "kind", "service", "message"))
     for e in events:
-        bad = any(w in str(e.get("kind")) for w in ("spike", "jump", "nack", "tighten", "ejection", "expiry"))
+        bad = any(w in str(e.get("kind")) for w in ("spike", "jump", "nack", "tighten", "ejection", "expiry", "refused"))
         grid.add_row(_fmt_time(e.get("ts")), Text(str(e.get("kind")), style="red" if bad else "green"),
                      Text(" ".join(x for x in (e.get("service"), e.get("version")) if x) or "-"),
                      Text(str(e.get("message"))))
@@ -243,7 +243,7 @@ def events(ctx: typer.Context,
            since: Optional[str] = typer.Option(None, "--since",
                                                help="a duration back from now (10m, 1h) or epoch seconds"),
            limit: int = typer.Option(100, "--limit", help="at most this many (the newest)")) -> None:
-    """Mesh events: error spikes, latency jumps, ejections, NACKs, adaptive policy changes."""
+    """Mesh events: error spikes, latency jumps, ejections, NACKs, adaptive policy changes, refused nodes."""
     from urllib.parse import urlencode
 
     query = {"limit": str(limit)}

@@ -28,6 +28,7 @@ from meshcore.limits import limits_env, limits_from_env
 from . import __version__
 from .control import Hub, dumps
 from .discovery import Discovery
+from .events import first_in_window
 from .docker_adapter import GATEWAY_NAME, DockerAdapter, DockerView, sidecar_name
 from . import hold
 from .parallel import run_bounded
@@ -197,9 +198,10 @@ class Meshd:
                        env=dict(os.environ), gateway_hosts=settings.gateway_hosts)
         self.admin_token = load_or_create_admin_token(settings.state_dir)
         self.policies = PolicyBook(self.store)
-        self.hub = Hub(on_hello_version=self._on_hello_version,
+        self.hub = Hub(on_hello_version=self._on_hello_version, on_refused=self._refused,
                        auth=NodeAuthenticator(self.pki, self.docker.client, on_identity_lost=self._identity_lost))
         self._recreated: dict[str, float] = {}
+        self._refusals: dict[tuple, float] = {}   # (peer, node, reason) -> when last made an event
         self.discovery = Discovery(on_change=self.trigger)
         self.view: DockerView | None = None
         self.view_listed_at = 0.0   # wall time the listing of `view` began
@@ -256,6 +258,14 @@ class Meshd:
             self.trigger()
 
         threading.Thread(target=remove, name=f"recreate-{node}", daemon=True).start()
+
+    def _refused(self, hello, peer: str, exc) -> None:
+        """A refused hello (a replayed token, a rogue node) as a `node_refused` event, one a minute
+        per peer, node and reason; the reasons name no secret (meshcore.bootstrap)."""
+        if not first_in_window(self._refusals, (peer, hello.node, exc.reason), time.monotonic()):
+            return
+        self.telemetry.events.add("node_refused", f"{hello.kind} {hello.node[:100]!r} from {peer or '?'} refused "
+                                  f"({exc.code}): {exc.reason}", code=exc.code, peer=peer, node=hello.node[:100])
 
     def _problem_event(self, what: str, problem) -> None:
         """One event when a part of the mesh starts failing and one when it works again."""
@@ -484,12 +494,13 @@ class Meshd:
                            f"(networks: {', '.join(sorted(wl.container.networks)) or 'none'})")
         name = sidecar_name(wl.container)
         token = self.pki.issue_token("sidecar", name, wl.container.id)
-        env = build_sidecar_env(wl, name, host, self.settings.trust_domain, token=token,
+        env = build_sidecar_env(wl, name, host, self.settings.trust_domain,
                                 bundle_pem=self.pki.ca.bundle_pem.decode("ascii"))
         env.update(self.settings.limits)   # meshcore.limits set on meshd
         log.info("sidecar_create", app=wl.container.name, sidecar=name, service=wl.spec.service,
                  control=host)
-        cid = await asyncio.get_running_loop().run_in_executor(None, self.docker.create_sidecar, wl.container, env)
+        cid = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.docker.create_sidecar(wl.container, env, token=token))
         self.pki.set_node_container(name, cid)
 
     def _publish(self, config: MeshConfig) -> None:
@@ -515,7 +526,8 @@ class Meshd:
         if not self.settings.manage_gateway:
             return
         gw = view.gateway
-        if gw is not None and gw.running and (not view.image_id or gw.image == view.image_id):
+        if gw is not None and gw.running and (not view.image_id or gw.image == view.image_id) \
+                and not gw.token_in_env:   # one made by an older meshd is replaced: see meshd.plan
             return
         st = self.settings
         env = {"MESH_CONTROL_URL": f"wss://127.0.0.1:{CONTROL_PORT}{CONTROL_PATH}",
@@ -525,7 +537,6 @@ class Meshd:
                "MESH_GATEWAY_BIND": st.gateway_bind,
                "MESH_NODE": "gateway",
                "MESH_IDENTITY": self.pki.gateway_identity,
-               "MESH_BOOTSTRAP_TOKEN": self.pki.issue_token("gateway", "gateway", ""),
                "MESH_CA_BUNDLE": self.pki.ca.bundle_pem.decode("ascii"), **st.limits}
         mounts = []
         # Host paths (the Docker daemon resolves bind mounts on the host), mounted read-only as is.
@@ -537,9 +548,10 @@ class Meshd:
         if st.jwks_url:
             env["MESH_JWKS_URL"] = st.jwks_url
         log.info("gateway_create", port=st.gateway_port, https_port=st.gateway_https_port)
+        token = self.pki.issue_token("gateway", "gateway", "")
         try:
             cid = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self.docker.create_gateway(env, volumes=mounts))
+                None, lambda: self.docker.create_gateway(env, volumes=mounts, token=token))
             self.pki.set_node_container("gateway", cid)
         except docker.errors.APIError as exc:
             log.warning("gateway_create_failed", error=str(exc))

@@ -102,7 +102,10 @@ class NodeAuthenticator:
             return await self._bootstrap(hello, peer, loop)
         identity = peer_identity(sslobj) if sslobj is not None else None
         if identity is None:
-            raise AuthRefused(CLOSE_UNAUTHORIZED, "no bootstrap token and no client certificate")
+            reason = "no bootstrap token and no client certificate"
+            if await self._gateway_lost(hello, peer, loop):
+                reason += "; meshd recreates the gateway with a new token"
+            raise AuthRefused(CLOSE_UNAUTHORIZED, reason)
         cert = sslobj.getpeercert() or {}
         try:
             serial = int(cert.get("serialNumber", ""), 16)
@@ -123,6 +126,22 @@ class NodeAuthenticator:
             if app is None or peer not in app.networks.values():
                 raise AuthRefused(CLOSE_FORBIDDEN, f"the connection comes from {peer}, not from the app container")
         return AuthResult(identity=identity, via="certificate")
+
+    async def _gateway_lost(self, hello: Hello, peer: str, loop) -> bool:
+        """True (and meshd told to recreate it) when meshd's own gateway, from its place, comes back
+        with neither a token nor a certificate: Docker restarted it after its token was spent and
+        its saved certificate expired (a host down longer than a certificate's life). A sidecar in
+        that state exits instead (sidecar.cli), and meshd recreates it."""
+        if hello.kind != "gateway" or self.on_identity_lost is None:
+            return False
+        record = self.pki.token_record(hello.node)
+        if record is None or record.used_at is None:
+            return False
+        node_attrs, app_attrs = await loop.run_in_executor(None, self._facts, hello, record.node_container)
+        if self._placement(hello, node_attrs, app_attrs, peer) is not None:
+            return False
+        self.on_identity_lost(hello.node)
+        return True
 
     async def _bootstrap(self, hello: Hello, peer: str, loop) -> AuthResult:
         record = self.pki.token_record(hello.node)

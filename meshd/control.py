@@ -83,7 +83,7 @@ class _Conn:
 class Hub:
     """Holds the latest snapshot and every node; wakes node senders on a new version."""
 
-    def __init__(self, on_hello_version=None, auth=None):
+    def __init__(self, on_hello_version=None, auth=None, on_refused=None):
         self.latest: Snapshot | None = None
         self._latest_text: str | None = None
         self.nodes: dict[str, NodeState] = {}
@@ -93,6 +93,8 @@ class Hub:
         # `sign(node, identity, CsrRequest) -> Certs`, both raising AuthRefused. None: no checks
         # (tests of the snapshot push only).
         self.auth = auth
+        # Called with (hello, peer address, AuthRefused) for each hello `auth` refuses.
+        self.on_refused = on_refused
         self._conns: set[_Conn] = set()
         self._closing: set[asyncio.Task] = set()
 
@@ -134,6 +136,8 @@ class Hub:
             except AuthRefused as exc:
                 log.warning("node_refused", node=hello.node, kind=hello.kind, peer=request.remote,
                             code=exc.code, reason=exc.reason)
+                if self.on_refused is not None:
+                    self.on_refused(hello, request.remote or "", exc)
                 await ws.close(code=exc.code, message=exc.reason[:120].encode())
                 return ws
         node = self.nodes.get(hello.node)

@@ -10,6 +10,7 @@ import docker
 import docker.errors
 import requests
 
+from meshcore.bootstrap import TOKEN_DIR_PARENT, TOKEN_ENV, token_archive
 from meshcore.labels import (
     ContainerInfo, OWNER_LABEL, ROLE_LABEL, SIDECAR_FOR_LABEL, is_mesh_enabled, is_mesh_owned,
 )
@@ -45,6 +46,7 @@ def decode_container_attrs(attrs: dict[str, Any]) -> ContainerInfo:
         health=str((state.get("Health") or {}).get("Status") or ""),
         paused=bool(state.get("Paused")),
         created=str(attrs.get("Created") or ""),
+        token_in_env=any(str(e).startswith(TOKEN_ENV + "=") for e in config.get("Env") or ()),
     )
 
 
@@ -164,29 +166,42 @@ class DockerAdapter:
             self.stale.append(info.name)
             return info
 
-    def create_sidecar(self, app: ContainerInfo, env: dict[str, str]) -> str:
-        """Start the sidecar of `app` in its network namespace; returns the container id."""
+    def _create_node(self, token: str, **options: Any) -> str:
+        """Create a node container, copy its bootstrap token in as a file (meshcore.bootstrap: never
+        in its environment, which `docker inspect` shows), then start it; returns its id."""
+        container = self.client.containers.create(self.image, **options)
+        try:
+            if token and not container.put_archive(TOKEN_DIR_PARENT, token_archive(token)):
+                raise docker.errors.APIError(f"the bootstrap token could not be copied into {options['name']}")
+            container.start()
+        except Exception:
+            self.remove(container.id)   # never leave a node that cannot bootstrap
+            raise
+        return container.id
+
+    def create_sidecar(self, app: ContainerInfo, env: dict[str, str], token: str = "") -> str:
+        """Start the sidecar of `app` in its network namespace, with its one-time `token`; returns
+        the container id."""
         name = sidecar_name(app)
         self.remove(name)
-        container = self.client.containers.run(
-            self.image, command=["sidecar", "run"], name=name, detach=True,
+        return self._create_node(
+            token, command=["sidecar", "run"], name=name,
             network_mode=f"container:{app.id}", cap_add=["NET_ADMIN", "NET_RAW"],
             labels={OWNER_LABEL: OWNER, ROLE_LABEL: SIDECAR_ROLE, SIDECAR_FOR_LABEL: app.id},
             environment=env, restart_policy={"Name": "on-failure", "MaximumRetryCount": 5},
             log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
         )
-        return container.id
 
-    def create_gateway(self, env: dict[str, str], volumes: list[str] | None = None) -> str:
-        """Start the gateway container in the host network namespace; returns its id."""
+    def create_gateway(self, env: dict[str, str], volumes: list[str] | None = None, token: str = "") -> str:
+        """Start the gateway container in the host network namespace, with its one-time `token`;
+        returns its id."""
         self.remove(GATEWAY_NAME)
-        container = self.client.containers.run(
-            self.image, command=["gateway", "run"], name=GATEWAY_NAME, detach=True,
+        return self._create_node(
+            token, command=["gateway", "run"], name=GATEWAY_NAME,
             network_mode="host", labels={OWNER_LABEL: OWNER, ROLE_LABEL: GATEWAY_ROLE},
             environment=env, volumes=volumes or None, restart_policy={"Name": "unless-stopped"},
             log_config={"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
         )
-        return container.id
 
     def set_paused(self, container_id: str, paused: bool) -> bool:
         """Freeze or thaw a container (a start hold); False when it is gone or already so."""

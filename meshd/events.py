@@ -4,7 +4,9 @@ Kinds: error_rate_spike / error_rate_recovered, latency_jump / latency_recovered
 data plane's ejection counter, when it has one), nack (a node refused a snapshot), cert_near_expiry,
 adaptive_tighten / adaptive_relax (the control loop's actions, with their reason), problem /
 problem_cleared (a part of a rebuild, such as a sidecar, a listener or an mDNS interface, started
-failing or works again: meshd.problems).
+failing or works again: meshd.problems), node_refused (the control channel refused a hello: a replayed
+or unknown bootstrap token, a node in the wrong place; `first_in_window` keeps one a minute per peer,
+node and reason).
 
 Kept in meshd's store under one key, the last MAX_EVENTS, so they survive a meshd restart. Events
 are rare (edges of alarms, not samples): writing the bounded list on each one is cheap.
@@ -21,7 +23,24 @@ from .store import Store
 STORE_KEY = "events"
 MAX_EVENTS = 1000
 KINDS = ("problem", "problem_cleared", "error_rate_spike", "error_rate_recovered", "latency_jump",
-         "latency_recovered", "ejection", "nack", "cert_near_expiry", "adaptive_tighten", "adaptive_relax")
+         "latency_recovered", "ejection", "nack", "cert_near_expiry", "adaptive_tighten", "adaptive_relax",
+         "node_refused")
+REFUSAL_WINDOW_S = 60.0
+MAX_KEYS = 1000
+
+
+def first_in_window(seen: dict, key: Any, now: float, window_s: float = REFUSAL_WINDOW_S,
+                    max_keys: int = MAX_KEYS) -> bool:
+    """True when `key` was not seen in the last `window_s` (then it is noted at `now`); `seen` keeps
+    at most `max_keys` keys (the stale ones go first), so a flood of new keys cannot grow it."""
+    last = seen.get(key)
+    if last is not None and now - last < window_s:
+        return False
+    if len(seen) >= max_keys:
+        for old in [k for k, t in seen.items() if now - t >= window_s] or sorted(seen, key=seen.get)[:1]:
+            del seen[old]
+    seen[key] = now
+    return True
 
 
 class EventLog:

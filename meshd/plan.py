@@ -26,7 +26,8 @@ def _is_current(sidecar: ContainerInfo, app: ContainerInfo, image_id: str | None
         return False
     if image_id and sidecar.image and sidecar.image != image_id:
         return False
-    return True
+    # Made by an older meshd: its (spent) token would stay in `docker inspect` for good.
+    return not sidecar.token_in_env
 
 
 def plan_sidecars(workloads: list[Workload], sidecars: list[ContainerInfo],
@@ -58,11 +59,10 @@ def plan_sidecars(workloads: list[Workload], sidecars: list[ContainerInfo],
 
 
 def build_sidecar_env(wl: Workload, node_name: str, control_host: str, trust_domain: str,
-                      token: str = "", bundle_pem: str = "") -> dict[str, str]:
-    """The environment a sidecar starts with (see docs/DESIGN.md).
-
-    `token` is the node's one-time bootstrap token (meshd keeps only its hash); `bundle_pem` the
-    mesh's trust bundle (public), with which the node verifies meshd's control endpoint.
+                      bundle_pem: str = "") -> dict[str, str]:
+    """The environment a sidecar starts with (see docs/DESIGN.md); never a secret: `docker inspect`
+    shows it. `bundle_pem` is the mesh's trust bundle (public), with which the node verifies meshd's
+    control endpoint; the one-time bootstrap token goes in as a file (meshd.docker_adapter).
     """
     spec = wl.spec
     assert spec is not None
@@ -78,8 +78,6 @@ def build_sidecar_env(wl: Workload, node_name: str, control_host: str, trust_dom
         "MESH_CAPTURE": spec.capture,
         "MESH_IDENTITY": spiffe_id(trust_domain, spec.namespace, spec.service),
     }
-    if token:
-        env["MESH_BOOTSTRAP_TOKEN"] = token
     if bundle_pem:
         env["MESH_CA_BUNDLE"] = bundle_pem
     return env

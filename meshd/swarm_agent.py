@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import socket
 import ssl
@@ -139,7 +140,8 @@ class SwarmAgent:
             if answer.get("name") != sidecar_name(wl.container):
                 raise RuntimeError(f"the control plane names the sidecar {answer.get('name')!r}")
             log.info("sidecar_create", app=wl.container.name, sidecar=answer["name"], service=wl.spec.service)
-            await loop.run_in_executor(None, self.docker.create_sidecar, wl.container, answer["env"])
+            await loop.run_in_executor(None, functools.partial(
+                self.docker.create_sidecar, wl.container, answer["env"], token=answer.get("token", "")))
 
     async def keep_gateway(self, session: aiohttp.ClientSession, restart: bool) -> None:
         """Run this node's gateway in the agent's own task (its published port), with an environment

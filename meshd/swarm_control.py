@@ -350,10 +350,11 @@ class SwarmMeshd(Meshd):
         self.vouched[name] = task.container.id
         self.orphans.discard(name)
         env = build_sidecar_env(wl[0], name, self.swarm.control_host, self.settings.trust_domain,
-                                token=token, bundle_pem=self.pki.ca.bundle_pem.decode("ascii"))
+                                bundle_pem=self.pki.ca.bundle_pem.decode("ascii"))
         env.update(self.settings.limits)   # meshcore.limits set on the control plane
         log.info("sidecar_vouched", sidecar=name, node=node, service=wl[0].spec.service)
-        return web.json_response({"name": name, "env": env})
+        # The token apart from the environment: the agent copies it into the sidecar as a file.
+        return web.json_response({"name": name, "env": env, "token": token})
 
     async def _agent_gateway(self, request: web.Request) -> web.Response:
         """POST /v1/swarm/gateway: the environment (with a one-time bootstrap token) of the gateway

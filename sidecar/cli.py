@@ -12,6 +12,7 @@ from typing import Callable
 
 # meshproc.runtime imports structlog without its console extras (rich & co.): before anything else does
 from meshproc.runtime import configure_logging, run_forever, stop_signal, structlog, wants_run
+from meshcore.bootstrap import TOKEN_ENV, TOKEN_FILE, TOKEN_FILE_ENV
 from meshcore.labels import PROTOCOLS
 from meshcore.limits import DEFAULT_LIMITS, LimitError, Limits, limits_from_env
 from sidecar.capture import PROXY_UID, apply_capture
@@ -49,7 +50,8 @@ class SidecarSettings:
     capture: str
     identity: str
     admin_port: int = 15020
-    bootstrap_token: str = ""      # MESH_BOOTSTRAP_TOKEN: one-time, for the first certificate
+    bootstrap_token: str = ""      # MESH_BOOTSTRAP_TOKEN: only where no token file can be given
+    token_file: str = TOKEN_FILE   # MESH_BOOTSTRAP_TOKEN_FILE: the one-time token meshd copied in
     ca_bundle: str = ""            # MESH_CA_BUNDLE: the mesh's trust roots (PEM), to verify meshd
     tls_dir: str = "/tmp/mesh-tls"  # MESH_TLS_DIR: the node's own key and certificate (0700/0600)
     limits: Limits = DEFAULT_LIMITS  # MESH_MAX_HEADERS, MESH_HEAD_TIMEOUT...: meshcore.limits
@@ -82,7 +84,7 @@ class SidecarSettings:
                    app_port=int(port_raw), protocol=protocol, capture=capture,
                    identity=env.get("MESH_IDENTITY", ""),
                    admin_port=int(env.get("MESH_ADMIN_PORT", "15020")),
-                   bootstrap_token=env.get("MESH_BOOTSTRAP_TOKEN", ""),
+                   bootstrap_token=env.get(TOKEN_ENV, ""), token_file=env.get(TOKEN_FILE_ENV) or TOKEN_FILE,
                    ca_bundle=env.get("MESH_CA_BUNDLE", ""),
                    tls_dir=env.get("MESH_TLS_DIR", "/tmp/mesh-tls"), limits=limits)
 
@@ -221,11 +223,18 @@ async def serve(settings: SidecarSettings) -> None:
     apply = state.apply_snapshot
     if settings.secure:
         from sidecar.mtls import Authorizer
-        from sidecar.tlsagent import CertAgent, MeshTls
+        from sidecar.tlsagent import CertAgent, MeshTls, read_bootstrap_token
 
-        agent = CertAgent(settings.identity, settings.ca_bundle.encode("ascii"), settings.bootstrap_token,
+        token, token_file = read_bootstrap_token(settings.token_file, settings.bootstrap_token)
+        agent = CertAgent(settings.identity, settings.ca_bundle.encode("ascii"), token, token_file=token_file,
                           tls_dir=settings.tls_dir, registry=state.telemetry.registry, restore=False)
         await agent.restore()   # saved material, read by a certs.worker subprocess
+        if agent.needs_bootstrap() and not token:
+            # Restarted after its token was spent, without a valid saved certificate: it could never
+            # join. Exit 0 (on-failure does not restart it): meshd creates a new sidecar with a new token.
+            log.error("sidecar_without_credentials", reason="no valid saved certificate and no bootstrap token",
+                      action="exit 0: meshd creates a new sidecar")
+            return
         state.tls = MeshTls(agent)
         state.authz = Authorizer(settings.service)
 

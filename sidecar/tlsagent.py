@@ -45,6 +45,18 @@ MAX_PENDING_KEYS = 4
 INSPECT_ATTEMPTS = 3    # a certificate that arrives is not asked for again: retry a worker that failed
 
 
+def read_bootstrap_token(path: str, fallback: str = "") -> tuple[str, str]:
+    """(token, file): the one-time token meshd copied into this node's file system at `path`
+    (meshcore.bootstrap), with the file to delete once the token is spent; else (`fallback`, "")
+    (MESH_BOOTSTRAP_TOKEN: the Swarm agent's gateway subprocess), and ("", "") for a restarted node
+    whose token is spent."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            return fh.read().strip(), path
+    except FileNotFoundError:
+        return fallback, ""
+
+
 class PendingKey:
     """A private key whose CSR is out: its PEM (never shown) and its SPKI (DER), to match the certificate."""
 
@@ -103,10 +115,11 @@ class CertAgent:
     def __init__(self, identity: str, bundle_pem: bytes, token: str = "", *, tls_dir: str | None = DEFAULT_TLS_DIR,
                  server_names: tuple[str, ...] = (), registry: Registry | None = None,
                  rand: Callable[[], float] = random.random, clock: Callable[[], float] = time.time,
-                 restore: bool = True):
+                 restore: bool = True, token_file: str = ""):
         self.identity = identity
         self.initial_bundle = bundle_pem
         self.token = token
+        self.token_file = token_file   # where `token` came from: deleted once the token is spent
         self.tls_dir = tls_dir
         self.rand = rand
         self.clock = clock
@@ -259,9 +272,23 @@ class CertAgent:
             raise ValueError(f"the certificate is for {material.identity!r}, not {self.identity!r}")
         self._install_material(material, msg.renew_at or None)
         self._token_spent = True
+        self._delete_token_file()
         log.info("tls_certificate_installed", identity=self.identity, serial=f"{material.serial:x}",
                  not_after=round(material.not_after, 1), renew_at=round(self.renew_at or 0, 1))
         return material
+
+    def _delete_token_file(self) -> None:
+        """The token is spent: its file goes (a restarted node reconnects with its saved certificate;
+        this process keeps the token, which tells meshd that its own node lost its key)."""
+        if not self.token_file:
+            return
+        try:
+            os.unlink(self.token_file)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("bootstrap_token_file_kept", error=str(exc))
+        self.token_file = ""
 
     def install_bundle(self, bundle_pem: str, version: int) -> None:
         """A new trust bundle for the current certificate (root rotation)."""

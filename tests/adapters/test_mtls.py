@@ -319,9 +319,13 @@ class ControlPlane:
             "shop-users-1-mesh": attrs("d" * 64, "shop-users-1-mesh",
                                        {"mesh.owner": "meshd", "mesh.role": "sidecar", "mesh.sidecar.for": OTHER_ID},
                                        network_mode=f"container:{OTHER_ID}"),
+            "meshd-gateway": attrs("e" * 64, "meshd-gateway", {"mesh.owner": "meshd", "mesh.role": "gateway"},
+                                   network_mode="host"),
         })
         self.lost: list[str] = []
-        self.hub = Hub(auth=NodeAuthenticator(self.pki, docker, on_identity_lost=self.lost.append))
+        self.refused: list[tuple] = []   # what meshd turns into node_refused events
+        self.hub = Hub(auth=NodeAuthenticator(self.pki, docker, on_identity_lost=self.lost.append),
+                       on_refused=lambda hello, peer, exc: self.refused.append((hello.node, peer, exc.code, exc.reason)))
 
     async def start(self, stack: AsyncExitStack, port: int = 0) -> "ControlPlane":
         app = web.Application()
@@ -379,6 +383,8 @@ async def _bootstrap(tmp_path):
         # It came from the app's own address and the real sidecar container (loopback here): that is
         # the node itself having lost its key, so meshd is told to recreate it with a new token.
         assert cp.lost and set(cp.lost) == {"shop-orders-1-mesh"} and "recreates" in thief.last_refusal
+        assert [r[:3] for r in cp.refused][:1] == [("shop-orders-1-mesh", "127.0.0.1", 4401)], cp.refused
+        assert "already used" in cp.refused[0][3] and token not in repr(cp.refused)
 
         # A token of another container, and a CSR for another identity, get nothing either.
         other = cp.pki.issue_token("sidecar", "shop-users-1-mesh", OTHER_ID)
@@ -408,6 +414,40 @@ async def _bootstrap(tmp_path):
 
 def test_bootstrap_token_once_replay_and_foreign_identity_refused_renewal_over_the_channel(tmp_path):
     asyncio.run(asyncio.wait_for(_bootstrap(tmp_path), 30))
+
+
+async def _gateway_restarted_without_credentials(tmp_path):
+    async with AsyncExitStack() as stack:
+        cp = await ControlPlane(tmp_path).start(stack)
+
+        def gateway(token: str) -> tuple[ControlClient, CertAgent]:
+            agent = CertAgent(cp.pki.gateway_identity, cp.pki.ca.bundle_pem, token, tls_dir=None)
+            return ControlClient(cp.url, "gateway", "gateway", "", apply=lambda s: None, rand=lambda: 0.05,
+                                 agent=agent), agent
+
+        token = cp.pki.issue_token("gateway", "gateway", "")
+        early, _ = gateway("")           # no token, no certificate, before the token was spent
+        t0 = asyncio.ensure_future(early.run())
+        stack.callback(t0.cancel)
+        await eventually(lambda: early.refusals >= 1, "a hello without credentials refused")
+        assert cp.lost == [] and "recreates" not in early.last_refusal, early.last_refusal
+        t0.cancel()
+        first, agent = gateway(token)
+        t1 = asyncio.ensure_future(first.run())
+        await eventually(lambda: agent.has_valid_cert(), "the gateway's first certificate")
+        t1.cancel()
+        # Docker restarted it after its certificate expired: no token (spent, its file deleted), no
+        # certificate. meshd recreates it with a new token instead of refusing it forever.
+        restarted, _ = gateway("")
+        t2 = asyncio.ensure_future(restarted.run())
+        stack.callback(t2.cancel)
+        await eventually(lambda: restarted.refusals >= 1, "the restarted gateway refused")
+        # (each retry asks again; meshd itself recreates a node at most once a minute)
+        assert set(cp.lost) == {"gateway"} and "recreates the gateway" in restarted.last_refusal, restarted.last_refusal
+
+
+def test_a_gateway_restarted_without_token_nor_certificate_is_recreated(tmp_path):
+    asyncio.run(asyncio.wait_for(_gateway_restarted_without_credentials(tmp_path), 30))
 
 
 async def _root_rotation(tmp_path):

@@ -40,7 +40,7 @@ class FakeDocker:
             raise self.list_error
         return self.view
 
-    def create_sidecar(self, container, env):
+    def create_sidecar(self, container, env, token=""):
         if container.name in self.fail_create:
             raise RuntimeError(f"Conflict: the container name {container.name}-mesh is already in use")
         self.created.append(container.name)

@@ -59,3 +59,20 @@ SIDECAR = {"mesh.owner": "meshd", "mesh.role": "sidecar", "mesh.sidecar.for": AP
 def test_check_placement(placement, fragment):
     reason = check_placement(placement)
     assert reason is None if fragment is None else fragment in reason
+
+
+def test_token_archive_holds_one_private_file_for_the_node_uid():
+    import io
+    import tarfile
+
+    from meshcore.bootstrap import NODE_UID, TOKEN_DIR_PARENT, TOKEN_FILE, token_archive
+
+    with tarfile.open(fileobj=io.BytesIO(token_archive("s3cret-token")), mode="r") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert sorted(members) == ["mesh", "mesh/bootstrap-token"]
+        folder, entry = members["mesh"], members["mesh/bootstrap-token"]
+        assert folder.isdir() and folder.mode == 0o700 and (folder.uid, folder.gid) == (NODE_UID, NODE_UID)
+        assert entry.isfile() and entry.mode == 0o400 and (entry.uid, entry.gid) == (NODE_UID, NODE_UID)
+        assert tar.extractfile(entry).read() == b"s3cret-token"
+    assert TOKEN_FILE == f"{TOKEN_DIR_PARENT}/mesh/bootstrap-token"
+    assert token_archive("a") == token_archive("a")       # no clock in it: the same token, the same bytes

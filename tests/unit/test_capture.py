@@ -91,3 +91,30 @@ def test_dns_capture_follows_the_proxy_uid_and_port_and_can_be_off():
     off = build_capture_rules(8080, dns_port=None)
     assert DNS_CHAIN not in off and "127.0.0.11" not in off
     assert chain_rules(off, OUT_CHAIN) == chain_rules(build_capture_rules(8080), OUT_CHAIN)
+
+
+def test_ipv6_rules_reject_the_app_port_from_all_but_loopback():
+    from sidecar.capture import IN6_CHAIN, build_ipv6_rules
+
+    ls = lines(build_ipv6_rules(8080))
+    assert ls[0] == "*filter" and ls[-1] == "COMMIT" and f":{IN6_CHAIN} - [0:0]" in ls
+    assert f"-A INPUT -p tcp -j {IN6_CHAIN}" in ls
+    assert chain_rules("\n".join(ls), IN6_CHAIN) == [
+        f"-A {IN6_CHAIN} -i lo -j RETURN",
+        f"-A {IN6_CHAIN} -p tcp --dport 8080 -j REJECT --reject-with tcp-reset"]
+    assert build_ipv6_rules(80).endswith("\n")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", []),
+    ("00000000000000000000000000000001 01 80 10 80       lo\n", []),
+    ("00000000000000000000000000000001 01 80 10 80       lo\n"
+     "fd6d6573686200000000000000000002 2f 40 00 80     eth0\n"
+     "fe800000000000000042acfffe120002 2f 40 20 80     eth0\n"
+     "fe800000000000000042acfffe130002 30 40 20 80     eth1\n", ["eth0", "eth1"]),
+    ("garbage\n", []),
+])
+def test_ipv6_interfaces_of_proc_net_if_inet6(text, expected):
+    from sidecar.capture import ipv6_interfaces
+
+    assert ipv6_interfaces(text) == expected

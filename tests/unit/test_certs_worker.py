@@ -128,18 +128,21 @@ NODE = r"""
 import asyncio, json, sys
 from meshproc.runtime import configure_logging
 from meshcore.protocol import Certs
-from sidecar.tlsagent import CertAgent
+from sidecar.tlsagent import CertAgent, read_bootstrap_token
 
 def ask(obj):
     print("@@" + json.dumps(obj), flush=True)
     return json.loads(sys.stdin.readline())
 
 async def main(identity, bundle, tls_dir):
-    agent = CertAgent(identity, bundle.encode(), "token", tls_dir=tls_dir, restore=False)  # as `sidecar run`
+    token, token_file = read_bootstrap_token(tls_dir + "-token")      # the file meshd copied in
+    agent = CertAgent(identity, bundle.encode(), token, token_file=token_file, tls_dir=tls_dir,
+                      restore=False)                                       # as `sidecar run`
     await agent.restore()                     # nothing saved yet
     token, csr = await agent.bootstrap_fields()
     reply = ask({"csr": csr, "token": token})
     m = await agent.install(Certs(cert_chain=reply["chain"], bundle=bundle, not_after=0))
+    assert read_bootstrap_token(tls_dir + "-token") == ("", "")         # spent: the file is gone
     restored = CertAgent(identity, bundle.encode(), "", tls_dir=tls_dir, restore=False)   # a restart
     assert not restored.has_valid_cert()
     await restored.restore()
@@ -169,6 +172,7 @@ def _message(proc) -> dict:
 
 def test_a_node_lives_without_cryptography(ca, tmp_path):
     tls_dir = tmp_path / "tls"
+    (tmp_path / "tls-token").write_text("token\n")
     proc = subprocess.Popen([sys.executable, "-c", NODE, WEB, ca.bundle_pem.decode(), str(tls_dir)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:

@@ -264,3 +264,11 @@ def test_decode_container_summary_missing_sections():
     assert decode_container_summary({"Id": "c" * 64, "Names": None, "Ports": None, "NetworkSettings": None}) == \
         ContainerInfo(id="c" * 64, name="", labels={}, exposed_ports=(), networks={}, running=False,
                       started_at="", network_mode="", image="")
+
+
+def test_a_bootstrap_token_in_the_environment_is_noted_never_kept():
+    token = "spent-" + "t" * 40
+    attrs = {**INSPECT, "Config": {**INSPECT["Config"], "Env": ["PATH=/usr/bin", f"MESH_BOOTSTRAP_TOKEN={token}"]}}
+    info = decode_container_attrs(attrs)
+    assert info.token_in_env and token not in repr(info)
+    assert not decode_container_attrs(INSPECT).token_in_env

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from meshcore.labels import COMPOSE_PROJECT, COMPOSE_SERVICE, SIDECAR_FOR_LABEL, ContainerInfo
@@ -59,6 +61,9 @@ CASES = {
     "adopt when image id unknown": (
         [app("orders")], [sc("orders-mesh", "orders", image=OLD_IMG)], None,
         ([], [], ["orders-mesh"])),
+    "sidecar of an older meshd, its token in its environment: replaced": (
+        [app("orders")], [dataclasses.replace(sc("orders-mesh", "orders"), token_in_env=True)], IMG,
+        (["orders"], ["orders-mesh"], [])),
     "app gone": (
         [app("catalog")], [sc("orders-mesh", "orders"), sc("catalog-mesh", "catalog")], IMG,
         ([], ["orders-mesh"], ["catalog-mesh"])),
