@@ -122,43 +122,30 @@ async def _serve_stream(downstream_type, state, stack, listener, transport, stre
     await tr.done
 
 
-class StreamTransport(asyncio.Transport):
-    """What a per-stream `_Downstream` writes its HTTP/1.1 response to: sent on the HTTP/2 stream.
-    Socket facts (peer, original destination, TLS) are the real connection's."""
+class _EngineSide(asyncio.Transport):
+    """What both bridge transports are to the engine's protocol on them: the HTTP/1.1 it writes is
+    parsed (`parser_type`, callbacks on the subclass), its pause_reading holds the HTTP/2 side's
+    feeding (`reading`), and it can never become a byte tunnel."""
 
-    def __init__(self, real: asyncio.Transport, stream: H2ServerStream):
+    what = "message"   # what the engine writes, for the log
+
+    def __init__(self, parser_type):
         super().__init__()
-        self.real = real
-        self.stream = stream
         self.protocol: Any = None
         self.loop = asyncio.get_running_loop()
-        self.parser = HttpResponseParser(self)
-        self.fields: list = []
-        self.trailers: list | None = None
-        self.status = 0
-        self.head_sent = False
-        self.deferred = False        # a gRPC head held back: it may be a trailers-only answer
-        self.complete = False
+        self.parser = parser_type(self)
         self.closing = False
         self.reading = asyncio.Event()
         self.reading.set()
-        self.queue: collections.deque = collections.deque()
-        self.queued = 0
-        self.writer: asyncio.Task | None = None
-        self.engine_paused = False
-        self.done = self.loop.create_future()   # the exchange is over (answered, or failed)
-
-    # -- what the engine calls
-    def get_extra_info(self, name, default=None):
-        return self.real.get_extra_info(name, default)
+        self.engine_paused = False   # the engine was told pause_writing (the HTTP/2 side is behind)
 
     def write(self, data) -> None:
-        if self.closing or self.complete:
+        if self.closing:
             return
         try:
             self.parser.feed_data(bytes(data))
         except HttpParserError as exc:
-            log.warning("h2: the engine's response did not parse: %r", exc)
+            log.warning("h2: the engine's %s did not parse: %r", self.what, exc)
             self.abort()
 
     def writelines(self, parts) -> None:
@@ -166,9 +153,6 @@ class StreamTransport(asyncio.Transport):
 
     def set_write_buffer_limits(self, high=None, low=None) -> None:
         pass
-
-    def get_write_buffer_size(self) -> int:
-        return self.queued
 
     def pause_reading(self) -> None:
         self.reading.clear()
@@ -193,6 +177,39 @@ class StreamTransport(asyncio.Transport):
 
     def get_protocol(self):
         return self.protocol
+
+
+class StreamTransport(_EngineSide):
+    """What a per-stream `_Downstream` writes its HTTP/1.1 response to: sent on the HTTP/2 stream.
+    Socket facts (peer, original destination, TLS) are the real connection's."""
+
+    what = "response"
+
+    def __init__(self, real: asyncio.Transport, stream: H2ServerStream):
+        super().__init__(HttpResponseParser)
+        self.real = real
+        self.stream = stream
+        self.fields: list = []
+        self.trailers: list | None = None
+        self.status = 0
+        self.head_sent = False
+        self.deferred = False        # a gRPC head held back: it may be a trailers-only answer
+        self.complete = False
+        self.queue: collections.deque = collections.deque()
+        self.queued = 0
+        self.writer: asyncio.Task | None = None
+        self.done = self.loop.create_future()   # the exchange is over (answered, or failed)
+
+    # -- what the engine calls
+    def get_extra_info(self, name, default=None):
+        return self.real.get_extra_info(name, default)
+
+    def write(self, data) -> None:
+        if not self.complete:
+            _EngineSide.write(self, data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.queued
 
     def close(self) -> None:
         """The engine is done with this exchange: what it answered is sent, an unanswered stream reset."""
@@ -345,27 +362,22 @@ class H2AppConnector:
         self.pools.clear()
 
 
-class AppStreamTransport(asyncio.Transport):
+class AppStreamTransport(_EngineSide):
     """One keep-alive 'connection' of the engine to an HTTP/2 app: each HTTP/1.1 request written to
     it is sent as an HTTP/2 stream on the pool, its response fed back as HTTP/1.1 (chunked, trailers)."""
 
+    what = "request"
+
     def __init__(self, pool: H2Pool, address: tuple[str, int]):
-        super().__init__()
+        super().__init__(HttpRequestParser)
         self.pool = pool
         self.address = address
-        self.protocol: Any = None
-        self.loop = asyncio.get_running_loop()
-        self.parser = HttpRequestParser(self)
-        self.closing = False
-        self.reading = asyncio.Event()
-        self.reading.set()
         self.request: tuple | None = None    # (method, target, fields) being parsed
         self.target = b""
         self.fields: list = []
         self.trailers: list | None = None
         self.body: asyncio.Queue | None = None   # the current request's body and end, for its task
         self.body_bytes = 0
-        self.engine_paused = False
         self.stream = None
         self.task: asyncio.Task | None = None
 
@@ -373,47 +385,8 @@ class AppStreamTransport(asyncio.Transport):
     def get_extra_info(self, name, default=None):
         return self.address if name == "peername" else default
 
-    def write(self, data) -> None:
-        if self.closing:
-            return
-        try:
-            self.parser.feed_data(bytes(data))
-        except HttpParserError as exc:
-            log.warning("h2: the engine's request did not parse: %r", exc)
-            self.abort()
-
-    def writelines(self, parts) -> None:
-        self.write(b"".join(parts))
-
-    def set_write_buffer_limits(self, high=None, low=None) -> None:
-        pass
-
     def get_write_buffer_size(self) -> int:
         return self.body_bytes
-
-    def pause_reading(self) -> None:
-        self.reading.clear()
-
-    def resume_reading(self) -> None:
-        self.reading.set()
-
-    def is_reading(self) -> bool:
-        return self.reading.is_set()
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def write_eof(self) -> None:
-        pass
-
-    def set_protocol(self, protocol) -> None:
-        raise RuntimeError("an HTTP/2 stream cannot become a tunnel")
-
-    def get_protocol(self):
-        return self.protocol
 
     def close(self) -> None:
         self._end(None, CANCEL)
