@@ -29,7 +29,8 @@ ACTIONS = ("allow", "deny")
 DEFAULTS = ("allow", "deny")
 ANY = "*"
 GATEWAY_SOURCE = "gateway"
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# A service name, or `name.project` (a Compose project name: lowercase letters, digits, '-', '_').
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9][a-z0-9_-]*)?$")
 _METHOD_RE = re.compile(r"^[A-Z]{1,20}$")
 
 
@@ -115,7 +116,8 @@ def check_name(what: str, value: Any, wildcard: bool = True) -> str:
     if wildcard and value == ANY:
         return value
     if not _NAME_RE.match(value):
-        raise PolicyError(f"{what}: {value!r} is not a service name (lowercase letters, digits, '-')"
+        raise PolicyError(f"{what}: {value!r} is not a service name (lowercase letters, digits, '-'; "
+                          "`name.project` for a name several projects use)"
                           + (" or '*'" if wildcard else ""))
     return value
 
