@@ -2364,7 +2364,7 @@ class _Downstream:
         state = self.state
         if self.stack.reporter == REPORTER_DESTINATION:
             srcv = ex.source_version.decode("latin-1") if ex.source_version else UNKNOWN
-            return REPORTER_DESTINATION, caller_of(self, ex), srcv, state.service, state.version
+            return REPORTER_DESTINATION, caller_of(self, ex), srcv, state.table.own or state.service, state.version
         cluster = ex.cluster
         if cluster is None:
             dst, ver = UNKNOWN, UNKNOWN

@@ -243,3 +243,91 @@ def test_a_node_finds_its_own_service_in_its_project():
     in_b.update(config)
     in_a.update(config)
     assert in_b.rules is not None and in_a.rules is None
+
+
+# ---- meshd's admin API and meshctl: names users give ---------------------------------------------
+
+async def test_rules_and_policies_take_a_qualified_name_and_refuse_an_ambiguous_one(tmp_path):
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+    from meshd.rules_api import RulesBook, add_routes
+    from meshd.security_api import PolicyBook, add_policy_routes
+    from meshd.store import Store
+
+    services = build(TWO).services
+    store = Store(str(tmp_path / "state.db"))
+    book, policies = RulesBook(store), PolicyBook(store)
+
+    async def publish():
+        return 7
+
+    app = web.Application()
+    add_routes(app, book, lambda key: {"v1"} if key in services else None, publish,
+               lambda name: resolve_service(services, name))
+    add_policy_routes(app, policies, publish, lambda name: resolve_service(services, name))
+    async with TestClient(TestServer(app)) as client:
+        ambiguous = await client.post("/v1/rules/web/fault", json={"abort": "50:503"})
+        assert ambiguous.status == 400
+        assert (await ambiguous.json())["error"].endswith("name one of web.a, web.b")
+        assert book.rules == {}
+        for name, key in (("web.a", "web"), ("web.b", "web.b"), ("db", "db")):
+            done = await client.post(f"/v1/rules/{name}/fault", json={"abort": "50:503"})
+            assert done.status == 200 and key in book.rules
+        shown = await (await client.get("/v1/rules/web.b")).json()
+        assert shown["rules"]["service"] == "web.b" and shown["rules"]["fault"]["abort_percent"] == 50
+        refused = await client.post("/v1/policies/rules", json={"action": "deny", "source": "client",
+                                                                "destination": "web.b"})
+        assert refused.status == 400 and "name one of client.a, client.b" in (await refused.json())["error"]
+        added = await client.post("/v1/policies/rules", json={"action": "deny", "source": "client.a",
+                                                              "destination": "web.b"})
+        assert added.status == 200 and [(r.source, r.destination) for r in policies.policy.rules] == [("client", "web.b")]
+        removed = await client.post("/v1/policies/remove", json={"source": "client.a", "destination": "web.b"})
+        assert removed.status == 200 and policies.policy.rules == ()
+
+
+def test_meshctl_shows_the_ambiguity_and_exits_1():
+    from typer.testing import CliRunner
+    from meshctl import traffic
+    from meshctl.api import MeshdApiError
+    from meshctl.context import Meshctl
+
+    services = build(TWO).services
+
+    class Meshd:
+        """Answers POST /v1/rules/<name>/<kind> as meshd does for a name it cannot resolve."""
+        base_url = "http://meshd.test:15014"
+        token = "t0ken"
+
+        def request(self, method, path, body=None):
+            try:
+                resolve_service(services, path.split("/")[3])
+            except ServiceNameError as exc:
+                raise MeshdApiError(self.base_url + path, str(exc), status=400, error=str(exc)) from None
+            raise AssertionError(f"{method} {path}: resolved, not expected here")
+
+    result = CliRunner().invoke(traffic.commands, ["fault", "web", "--abort", "50:503"],
+                                obj=Meshctl(client=Meshd(), tty=False), env={"COLUMNS": "80", "MESHD_API": ""})
+    assert result.exit_code == 1
+    assert "'web' is ambiguous: projects a, b each have one; name one of web.a, web.b" in result.output
+
+
+# ---- a node's data path ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("namespace, own", [("a", "web"), ("b", "web.b"), (None, "web")])
+def test_a_node_routes_bare_names_in_its_project_and_reports_its_own_key(namespace, own):
+    from sidecar.proxy import (
+        Exchange, ProxyState, _Downstream, _Listener, build_inbound_stack, build_outbound_stack, route_by_host,
+    )
+
+    state = ProxyState("web")
+    state.namespace = namespace
+    state.apply_snapshot(Snapshot(3, build(TWO)))
+    out = _Downstream(state, build_outbound_stack(state), _Listener(None, 0.3))
+    ex = Exchange(out)
+    for host, expected in ((b"client", "client" if own == "web" else "client.b"), (b"client.b", "client.b"),
+                           (b"client.a:80", "client")):
+        ex.host = host
+        assert route_by_host(out, ex).name == expected
+    assert state.local_traffic() is state.traffic.of(state.table.clusters[own])
+    inbound = _Downstream(state, build_inbound_stack(state, 80), _Listener(None, 0.3))
+    assert inbound.metric_labels(Exchange(inbound))[3] == own   # destination_service, as callers report it
