@@ -1,7 +1,8 @@
 """Service-to-service authorization decisions; pure, standard library only.
 
 The INBOUND sidecar of the destination decides, on the caller's verified identity (the SPIFFE ID of
-its TLS client certificate, reduced to a service name; the gateway is `gateway`). A plaintext
+its TLS client certificate, reduced to its service's snapshot key: `web`, or `web.b` for a name several
+Compose projects use; the gateway is `gateway`). A plaintext
 caller (a `mesh.mtls=permissive` inbound) is unauthenticated: `source` is None.
 
 Evaluation, like Istio's AuthorizationPolicy (CUSTOM aside: DENY, then ALLOW, then the default):
@@ -12,9 +13,9 @@ Evaluation, like Istio's AuthorizationPolicy (CUSTOM aside: DENY, then ALLOW, th
 4. the mesh-wide default (`allow` unless `meshctl policy default deny`).
 
 A rule matches when its source, destination, method and path all match:
-- source: a service name (only an authenticated caller of that service matches) or `*` (any caller,
-  authenticated or not);
-- destination: a service name or `*`;
+- source: a service's snapshot key (only an authenticated caller of that service matches) or `*` (any
+  caller, authenticated or not);
+- destination: a service's snapshot key or `*`;
 - method: None (any) or an HTTP method, case-insensitive;
 - path: None (any) or a prefix of the request path (segment-unaware, like Istio's `prefix*`).
 """

@@ -3,7 +3,8 @@
 Transparent capture redirects the app's queries to Docker's embedded resolver (127.0.0.11:53, UDP
 and TCP) here (sidecar.capture, chain MESH_DNS; the sidecar's own uid is exempt, so what it forwards
 reaches Docker). A-queries for a mesh service name or alias, bare or with `.namespace`
-(`catalog`, `catalog.shop`), are answered with the service's virtual IP; every other query is
+(`catalog`, `catalog.shop`; a bare name resolves in the node's own project first, as the route table's
+host names do), are answered with the service's virtual IP; every other query is
 forwarded unchanged to the upstream of /etc/resolv.conf (Docker's resolver) and its answer relayed.
 
 Virtual IPs: one per service from 240.240.0.0/16 (RFC 1112 section 4 reserves 240.0.0.0/4; Istio
