@@ -26,6 +26,7 @@ pytestmark = pytest.mark.e2e
 
 P = "lc"
 HOLD_NET = "lc-subnet-hold"
+SHARED_NET = "mesh-projects"   # tests/e2e/projects/namedweb.yml's network
 
 
 def gateway_of(network: str) -> str:
@@ -306,12 +307,19 @@ def test_meshd_restarted_during_a_root_rotation(lc):
 
 def test_two_projects_with_the_same_service_names(mesh):
     """Compose projects are namespaces: two projects each with `web` (nginx serving a page naming its
-    project) and `client`. Each client's `http://web/` reaches its own project's web through both
-    sidecars over mTLS, with its own identity; `web.<other>` reaches the other's; a bare `web` given to
-    meshd is ambiguous; `down` of the second leaves the first with its keys and working."""
+    project) and `client`, on one shared network. Each client's `http://web/` reaches its own project's
+    web through both sidecars over mTLS, with its own identity; `web.<other>` reaches the other's; a
+    bare `web` given to meshd is ambiguous; `down` of the second leaves the first with its keys and
+    working."""
     first, second = "pa", "pb"
-    for proj in (first, second):
-        project(proj, "down", "-v", "--remove-orphans", file="namedweb.yml", check=False)
+
+    def down_all() -> None:
+        for proj in (second, first):
+            project(proj, "down", "-v", "--remove-orphans", file="namedweb.yml", check=False)
+        run(["docker", "network", "rm", SHARED_NET], check=False)
+
+    down_all()
+    run(["docker", "network", "create", SHARED_NET])
     try:
         for proj in (first, second):
             project(proj, "up", "-d", file="namedweb.yml", env={**os.environ, "WHO": proj})
@@ -328,14 +336,12 @@ def test_two_projects_with_the_same_service_names(mesh):
         status, _, body = http("POST", f"{ADMIN}/v1/rules/web/fault", json.dumps({"abort": "50:503"}).encode(),
                                {"Content-Type": "application/json"})
         assert status == 400 and f"name one of web.{first}, web.{second}" in json.loads(body)["error"], body
-    finally:
-        project(second, "down", "-v", "--remove-orphans", file="namedweb.yml", check=False)
-    try:
+        project(second, "down", "-v", "--remove-orphans", file="namedweb.yml")
         wait_mesh_ok(what=f"the mesh without project {second}")
         assert _service_of(first, "web")["name"] == web[first]["name"]   # its key did not change
         _call_counted(first, "http://web/", first, web[first]["name"])
     finally:
-        project(first, "down", "-v", "--remove-orphans", file="namedweb.yml", check=False)
+        down_all()
 
 
 def _service_of(proj: str, service: str) -> dict:
