@@ -1,7 +1,8 @@
 """Service-to-service authorization decisions; pure, standard library only.
 
 The INBOUND sidecar of the destination decides, on the caller's verified identity (the SPIFFE ID of
-its TLS client certificate, reduced to a service name; the gateway is `gateway`). A plaintext
+its TLS client certificate, reduced to its service's snapshot key: `web`, or `web.b` for a name several
+Compose projects use; the gateway is `gateway`). A plaintext
 caller (a `mesh.mtls=permissive` inbound) is unauthenticated: `source` is None.
 
 Evaluation, like Istio's AuthorizationPolicy (CUSTOM aside: DENY, then ALLOW, then the default):
@@ -12,9 +13,9 @@ Evaluation, like Istio's AuthorizationPolicy (CUSTOM aside: DENY, then ALLOW, th
 4. the mesh-wide default (`allow` unless `meshctl policy default deny`).
 
 A rule matches when its source, destination, method and path all match:
-- source: a service name (only an authenticated caller of that service matches) or `*` (any caller,
-  authenticated or not);
-- destination: a service name or `*`;
+- source: a service's snapshot key (only an authenticated caller of that service matches) or `*` (any
+  caller, authenticated or not);
+- destination: a service's snapshot key or `*`;
 - method: None (any) or an HTTP method, case-insensitive;
 - path: None (any) or a prefix of the request path (segment-unaware, like Istio's `prefix*`).
 """
@@ -29,7 +30,8 @@ ACTIONS = ("allow", "deny")
 DEFAULTS = ("allow", "deny")
 ANY = "*"
 GATEWAY_SOURCE = "gateway"
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# A service name, or `name.project` (a Compose project name: lowercase letters, digits, '-', '_').
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9][a-z0-9_-]*)?$")
 _METHOD_RE = re.compile(r"^[A-Z]{1,20}$")
 
 
@@ -115,7 +117,8 @@ def check_name(what: str, value: Any, wildcard: bool = True) -> str:
     if wildcard and value == ANY:
         return value
     if not _NAME_RE.match(value):
-        raise PolicyError(f"{what}: {value!r} is not a service name (lowercase letters, digits, '-')"
+        raise PolicyError(f"{what}: {value!r} is not a service name (lowercase letters, digits, '-'; "
+                          "`name.project` for a name several projects use)"
                           + (" or '*'" if wildcard else ""))
     return value
 

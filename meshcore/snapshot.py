@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from .authz import DEFAULT_POLICY, Policy, PolicyError, decode_policy, encode_policy
 from .labels import (
@@ -134,12 +135,8 @@ def build_workloads(containers: Iterable[ContainerInfo]) -> list[Workload]:
 
 def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str,
               policy: TrafficPolicy) -> LabelError | None:
-    if spec.namespace != first.namespace:
-        # One identity per service name: instances of two projects would fail each other's SPIFFE
-        # checks. Mesh service names are host-wide until namespaces are part of the routing.
-        return LabelError(label_container, "mesh.service",
-                          f"{spec.service!r} is already a service of project {first.namespace!r} "
-                          f"(mesh service names are host-wide): set another mesh.service")
+    # Instances of one snapshot key share a project (the key names it, or its owner holds the bare
+    # name): what must agree between them is how callers reach them.
     if spec.protocol != first.protocol:
         return LabelError(label_container, "mesh.protocol",
                           f"{spec.protocol!r} differs from {first.protocol!r} of other {spec.service} instances")
@@ -166,18 +163,113 @@ def _conflict(spec: MeshSpec, first: ServiceConfig, label_container: str,
     return None
 
 
+class ServiceNameError(ValueError):
+    """A service name that names no mesh service, or several (`choices`, also in the message)."""
+
+    def __init__(self, message: str, choices: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.choices = choices
+
+
+def base_name(key: str) -> str:
+    """The mesh service name of a snapshot key (`web` of `web` and of `web.shop`)."""
+    return key.partition(".")[0]
+
+
+def service_key(service: str, namespace: str, owners: Mapping[str, str]) -> str:
+    """The snapshot key of a project's service: its bare name when that project holds the name
+    (`owners`), else `name.project` (a name that other projects use too)."""
+    return service if owners.get(service, namespace) == namespace else f"{service}.{namespace}"
+
+
+def assign_owners(previous: Mapping[str, str], workloads: Iterable[Workload]) -> dict[str, str]:
+    """Which project holds each mesh service name bare: the holder in `previous` while any container
+    of that name is left (in any project: keys never change under a running service), else the
+    project of the oldest container of that name. A name no container uses any more is dropped."""
+    claims: dict[str, str] = {}
+    for wl in sorted(workloads, key=lambda wl: wl.container.created):
+        if wl.spec is not None:
+            claims.setdefault(wl.spec.service, wl.spec.namespace)
+    return {name: previous.get(name, oldest) for name, oldest in sorted(claims.items())}
+
+
+def qualified_index(services: Mapping[str, ServiceConfig]) -> dict[tuple[str, str], str]:
+    """(mesh service name, project) -> snapshot key, for every service of a config."""
+    return {(base_name(key), svc.namespace): key for key, svc in services.items()}
+
+
+def pick_service(name: str, namespace: str | None, candidates: Iterable[tuple[str, str]]) -> str | None:
+    """Which of the services answering to a bare `name` ((key, project) pairs) a caller in project
+    `namespace` means, as Kubernetes' search domain would have it: its own project's, else the one
+    holding the name bare (keyed `name`), else the only one; None when that leaves several."""
+    candidates = list(candidates)
+    for key, project in candidates:
+        if project == namespace:
+            return key
+    for key, _project in candidates:
+        if key == name:
+            return key
+    return candidates[0][0] if len(candidates) == 1 else None
+
+
+def search_names(services: Mapping[str, ServiceConfig], namespace: str | None) -> dict[str, str]:
+    """Host name -> snapshot key for a caller in project `namespace` (None: outside any project):
+    each service's name and aliases as `name.project`, and bare as `pick_service` resolves them.
+    A service's own name wins over another service's alias (the names are filled in last)."""
+    out: dict[str, str] = {}
+    for pass_names in (False, True):
+        bare: dict[str, list[tuple[str, str]]] = {}
+        for key, svc in services.items():
+            for base in ((base_name(key),) if pass_names else svc.aliases):
+                base = base.lower()
+                out[f"{base}.{svc.namespace}"] = key
+                bare.setdefault(base, []).append((key, svc.namespace))
+        for base, candidates in bare.items():
+            key = pick_service(base, namespace, candidates)
+            if key is not None:
+                out[base] = key
+    return out
+
+
+def resolve_service(services: Mapping[str, ServiceConfig], name: str) -> str:
+    """The snapshot key of a service named by a user (meshctl): `name` when one project has it,
+    `name.project` always; raises ServiceNameError naming the choices when `name` is ambiguous."""
+    index = qualified_index(services)
+    service, dot, project = name.partition(".")
+    if dot:
+        key = index.get((service, project))
+        if key is None:
+            raise ServiceNameError(f"no mesh service {service!r} in project {project!r}")
+        return key
+    projects = sorted(ns for base, ns in index if base == name)
+    if not projects:
+        raise ServiceNameError(f"no mesh service named {name!r}")
+    if len(projects) > 1:
+        choices = tuple(f"{name}.{ns}" for ns in projects)
+        raise ServiceNameError(f"{name!r} is ambiguous: projects {', '.join(projects)} each have one; "
+                               f"name one of {', '.join(choices)}", choices)
+    return index[(name, projects[0])]
+
+
 def build_config(workloads: Iterable[Workload], announcements: Iterable[Announcement],
                  trust_domain: str, rules: dict[str, ServiceRules] | None = None,
                  policies: Policy | None = None,
                  telemetry: TelemetrySettings | None = None,
-                 egress_mode: str = EGRESS_ALLOW_ANY) -> tuple[MeshConfig, list[LabelError]]:
-    """Join decoded workloads with mDNS announcements into one MeshConfig, plus the errors found."""
+                 egress_mode: str = EGRESS_ALLOW_ANY,
+                 owners: Mapping[str, str] | None = None) -> tuple[MeshConfig, list[LabelError]]:
+    """Join decoded workloads with mDNS announcements into one MeshConfig, plus the errors found.
+
+    Services are keyed by name, a name shared by several projects `name.project` except in the
+    project that holds it bare (`owners`, from `assign_owners`; None: the oldest container's)."""
+    workloads = list(workloads)
+    if owners is None:
+        owners = assign_owners({}, workloads)
     errors: list[LabelError] = []
     services: dict[str, ServiceConfig] = {}
     aliases: dict[str, set[str]] = {}
-    accepted: dict[str, Workload] = {}
+    accepted: dict[str, tuple[Workload, str]] = {}
     routes: dict[tuple, GatewayRoute] = {}
-    # The oldest container first: of two claims (a service name in two projects, one gateway route),
+    # The oldest container first: of two claims (one gateway route, or two instances that disagree),
     # the one that was there first keeps it, whatever the names of later ones.
     for wl in sorted(workloads, key=lambda wl: wl.container.created):
         if wl.error is not None:
@@ -186,53 +278,70 @@ def build_config(workloads: Iterable[Workload], announcements: Iterable[Announce
         spec = wl.spec
         assert spec is not None
         name = wl.container.name.lstrip("/")
+        key = service_key(spec.service, spec.namespace, owners)
         policy = wl.policy if wl.policy is not None else DEFAULT_TRAFFIC_POLICY
-        first = services.get(spec.service)
+        first = services.get(key)
         if first is not None:
             problem = _conflict(spec, first, name, policy)
             if problem:
                 errors.append(problem)
                 continue
         else:
-            services[spec.service] = ServiceConfig(
-                name=spec.service, namespace=spec.namespace, protocol=spec.protocol, port=spec.port,
+            services[key] = ServiceConfig(
+                name=key, namespace=spec.namespace, protocol=spec.protocol, port=spec.port,
                 identity=spiffe_id(trust_domain, spec.namespace, spec.service), policy=policy,
-                rules=(rules or {}).get(spec.service), mtls=spec.mtls, allow=spec.allow, egress=spec.egress)
+                rules=(rules or {}).get(key), mtls=spec.mtls, allow=spec.allow, egress=spec.egress)
         compose_service = wl.container.labels.get(COMPOSE_SERVICE)
         if compose_service and compose_service != spec.service:
-            aliases.setdefault(spec.service, set()).add(compose_service)
+            aliases.setdefault(key, set()).add(compose_service)
         if spec.gateway is not None:
             rule: GatewayRule = spec.gateway
-            key = (rule.host, rule.path)
-            existing = routes.get(key)
-            if existing is not None and existing.service != spec.service:
+            route_key = (rule.host, rule.path)
+            existing = routes.get(route_key)
+            if existing is not None and existing.service != key:
                 errors.append(LabelError(name, "mesh.gateway.path" if rule.path else "mesh.gateway.host",
                                          f"route {rule.host or '*'}{rule.path or ''} already belongs to {existing.service}"))
             else:
-                routes[key] = GatewayRoute(service=spec.service, path=rule.path, host=rule.host,
-                                           strip_prefix=rule.strip_prefix, auth=rule.auth,
-                                           jwt_issuer=rule.jwt_issuer, jwt_audience=rule.jwt_audience)
+                routes[route_key] = GatewayRoute(service=key, path=rule.path, host=rule.host,
+                                                 strip_prefix=rule.strip_prefix, auth=rule.auth,
+                                                 jwt_issuer=rule.jwt_issuer, jwt_audience=rule.jwt_audience)
         if wl.container.serving:
-            accepted[wl.container.id] = wl
-    for svc, names in aliases.items():
-        services[svc] = ServiceConfig(**{**services[svc].__dict__, "aliases": tuple(sorted(names))})
+            accepted[wl.container.id] = (wl, key)
+    for key, names in aliases.items():
+        services[key] = dataclasses.replace(services[key], aliases=tuple(sorted(names)))
+    _resolve_allow(services)
     endpoints: dict[str, list[Endpoint]] = {}
     for ann in announcements:
-        wl = accepted.get(ann.instance)
+        wl, key = accepted.get(ann.instance, (None, ""))
         # An announcement counts only for a running meshed container, for its own service and its own
         # address: a stale or spoofed mDNS record cannot put traffic on another container.
         if wl is None or wl.spec is None or ann.service != wl.spec.service:
             continue
         if ann.address not in wl.container.networks.values():
             continue
-        endpoints.setdefault(ann.service, []).append(Endpoint(
+        endpoints.setdefault(key, []).append(Endpoint(
             instance=ann.instance, address=ann.address, port=ann.port, version=wl.spec.version,
-            identity=services[ann.service].identity))
+            identity=services[key].identity))
     ordered = {svc: tuple(sorted(set(eps), key=lambda e: (e.address, e.port))) for svc, eps in sorted(endpoints.items())}
     ordered_routes = tuple(sorted(routes.values(), key=_route_order))
     return MeshConfig(services=dict(sorted(services.items())), endpoints=ordered,
                       gateway_routes=ordered_routes, policies=policies or DEFAULT_POLICY,
                       telemetry=telemetry or TelemetrySettings(), egress_mode=egress_mode), errors
+
+
+def _resolve_allow(services: dict[str, ServiceConfig]) -> None:
+    """Each `mesh.allow` caller name as the snapshot key it means from its service's project
+    (authorization compares keys); a name that resolves to nothing is kept as written."""
+    names_in: dict[str, dict[str, str]] = {}
+    for key, svc in services.items():
+        if not svc.allow:
+            continue
+        names = names_in.get(svc.namespace)
+        if names is None:
+            names = names_in[svc.namespace] = search_names(services, svc.namespace)
+        allow = tuple(sorted({names.get(caller, caller) for caller in svc.allow}))
+        if allow != svc.allow:
+            services[key] = dataclasses.replace(svc, allow=allow)
 
 
 def _route_order(route: GatewayRoute) -> tuple:

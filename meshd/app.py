@@ -20,7 +20,10 @@ from aiohttp import web
 
 from meshcore.labels import DEFAULT_TRUST_DOMAIN, wants_hold
 from meshcore.protocol import CONTROL_PATH, CONTROL_PORT
-from meshcore.snapshot import MeshConfig, Snapshot, build_config, build_workloads, encode_snapshot
+from meshcore.snapshot import (
+    MeshConfig, Snapshot, assign_owners, build_config, build_workloads, encode_snapshot, resolve_service,
+    service_key,
+)
 from meshcore.telemetry_settings import TelemetrySettings
 from meshcore.egress import EGRESS_ALLOW_ANY, EgressError, decode_egress_mode
 from meshcore.limits import limits_env, limits_from_env
@@ -57,6 +60,7 @@ DRAIN_FORGET_S = 120.0  # a container that outlives a stop signal this long is s
 UNCONNECTED_GRACE_S = 10.0  # a sidecar running this long without a control connection is reported
 MAX_REASON_QUERIES = 32     # admin ports asked per status call, at most (1 s each, concurrently)
 HOLD_POLL_S = 0.2      # how often held apps' sidecars are asked whether they are ready
+OWNERS_KEY = "service_owners"  # store key: service name -> the project holding it bare
 RETRY_S = 5.0          # a failed step of a rebuild (listener, sidecar, mDNS) is tried again after this
 STOP_SIGNALS = {"15", "2", "3", "9", "SIGTERM", "SIGINT", "SIGQUIT", "SIGKILL"}
 
@@ -215,6 +219,9 @@ class Meshd:
         self._control_sites: dict[str, web.TCPSite] = {}
         self._stop = asyncio.Event()
         self.rules = RulesBook(self.store)
+        # Which project holds each shared service name bare (meshcore.snapshot.assign_owners): kept
+        # across restarts so that a key never changes under a running service.
+        self.owners: dict[str, str] = dict(self.store.get(OWNERS_KEY, {}) or {})
         self.draining: dict[str, float] = {}  # container id -> when it was sent a stop signal
         self.telemetry = TelemetryHub.for_meshd(self)  # observability
         self.traces = TraceStore()
@@ -378,12 +385,19 @@ class Meshd:
         return self._version
 
     def versions_of(self, service: str) -> set[str] | None:
-        """The versions of a mesh service among meshed containers; None when there is no such service."""
+        """The versions of a mesh service (a snapshot key) among meshed containers; None when there
+        is no such service."""
         if self.view is None:
             return None
         found = [wl.spec.version for wl in build_workloads(self.view.apps)
-                 if wl.spec is not None and wl.spec.service == service]
+                 if wl.spec is not None and service_key(wl.spec.service, wl.spec.namespace, self.owners) == service]
         return set(found) if found else None
+
+    def resolve_service(self, name: str) -> str:
+        """The snapshot key of a service a user named (`web`, `web.shop`); ServiceNameError when
+        it is ambiguous or unknown (meshcore.snapshot.resolve_service)."""
+        latest = self.hub.latest
+        return resolve_service(latest.config.services, name) if latest is not None else name
 
     def _publish_config(self, workloads, sidecars_up: set[str] | None = None) -> None:
         announcements = [a for a in self.discovery.announcements() if a.instance not in self.draining]
@@ -398,10 +412,14 @@ class Meshd:
                 asyncio.get_running_loop().call_later(wait, self.trigger)   # answers trigger one sooner
                 return
         self._warming = False
+        owners = assign_owners(self.owners, workloads)
+        if owners != self.owners:
+            self.owners = owners
+            self.store.put(OWNERS_KEY, owners)
         config, errors = build_config(workloads, announcements, self.settings.trust_domain,
                                       rules=self.rules.rules, policies=self.policies.policy,
                                       telemetry=self.telemetry_settings.settings,
-                                      egress_mode=self.settings.egress_mode)
+                                      egress_mode=self.settings.egress_mode, owners=owners)
         self.label_errors = errors
         config = self.telemetry.apply_overrides(config)  # adaptive policy overrides (observability)
         self._publish(config)
@@ -590,7 +608,7 @@ class Meshd:
         if view is not None:
             for wl in build_workloads(view.apps):
                 if wl.spec is not None:
-                    service_of[wl.container.id] = wl.spec.service
+                    service_of[wl.container.id] = service_key(wl.spec.service, wl.spec.namespace, self.owners)
         for n in nodes:
             n["service"] = "gateway" if n["kind"] == "gateway" else service_of.get(n["container"])
         return {
@@ -638,7 +656,7 @@ class Meshd:
         if self.view is not None:
             for wl in build_workloads(self.view.apps):
                 if wl.spec is not None and wl.container.running:
-                    health.setdefault(wl.spec.service, []).append(
+                    health.setdefault(service_key(wl.spec.service, wl.spec.namespace, self.owners), []).append(
                         {"container": wl.container.name, "version": wl.spec.version,
                          "health": wl.container.health or "none", "serving": wl.container.serving})
         if latest is not None:
@@ -682,10 +700,10 @@ class Meshd:
         app.router.add_get("/v1/services", services)
         app.router.add_get("/v1/snapshot", snapshot)
         app.router.add_get("/v1/acks", ack_latency)
-        add_rules_routes(app, self.rules, self.versions_of, self.republish)
+        add_rules_routes(app, self.rules, self.versions_of, self.republish, self.resolve_service)
         add_telemetry_routes(app, self.telemetry)  # observability (also /dashboard)
         add_trace_routes(app, self.traces, self.telemetry_settings, self.republish)
-        add_policy_routes(app, self.policies, self.republish)
+        add_policy_routes(app, self.policies, self.republish, self.resolve_service)
         add_cert_routes(app, self.pki, self.hub)
         return app
 

@@ -12,6 +12,8 @@ from meshcore.routing_rules import (
     validate_split,
 )
 
+from meshcore.snapshot import ServiceNameError
+
 from .store import Store
 
 STORE_KEY = "rules"
@@ -79,23 +81,34 @@ KINDS = ("split", "split-clear", "route", "route-clear", "fault", "fault-clear",
 
 
 def add_routes(app: web.Application, book: RulesBook, versions_of: Callable[[str], set[str] | None],
-               publish: Callable[[], Awaitable[int]]) -> None:
+               publish: Callable[[], Awaitable[int]], resolve: Callable[[str], str] = str) -> None:
     """GET /v1/rules[/{service}] and POST /v1/rules/{service}/{kind} on meshd's admin API.
 
-    `versions_of(service)` gives the versions meshd knows of (None: no such service); `publish()`
-    rebuilds and pushes, returning the snapshot version that carries the change.
+    `resolve(name)` gives the snapshot key a user's name means (`web`, `web.shop`) or raises
+    ServiceNameError; rules are kept by key. `versions_of(key)` gives the versions meshd knows of
+    (None: no such service); `publish()` rebuilds and pushes, returning the snapshot version that
+    carries the change.
     """
     async def list_all(_req: web.Request) -> web.Response:
         return web.json_response({"rules": {s: encode_rules(r) for s, r in sorted(book.rules.items())}})
 
     async def show(req: web.Request) -> web.Response:
         service = req.match_info["service"]
+        try:
+            service = resolve(service)
+        except ServiceNameError as exc:
+            if exc.choices:
+                return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"rules": encode_rules(book.get(service))})
 
     async def change(req: web.Request) -> web.Response:
         service, kind = req.match_info["service"], req.match_info["kind"]
         if kind not in KINDS:
             return web.json_response({"error": f"unknown change {kind!r}; one of {', '.join(KINDS)}"}, status=404)
+        try:
+            service = resolve(service)
+        except ServiceNameError as exc:
+            return web.json_response({"error": str(exc)}, status=400 if exc.choices else 404)
         versions = versions_of(service)
         if versions is None:
             return web.json_response({"error": f"no mesh service named {service!r}"}, status=404)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import os
 import secrets
@@ -21,8 +22,10 @@ from aiohttp import web
 
 from certs.store import write_file_atomic
 from meshcore.authz import (
-    DEFAULT_POLICY, Policy, PolicyError, add_rule, decode_policy, encode_policy, make_rule, remove_rules,
+    ANY, DEFAULT_POLICY, GATEWAY_SOURCE, Policy, PolicyError, Rule, add_rule, decode_policy, encode_policy,
+    make_rule, remove_rules,
 )
+from meshcore.snapshot import ServiceNameError
 
 from .store import Store
 from .dashboard import PUBLIC_PATHS
@@ -95,16 +98,33 @@ def _error(message: str, status: int = 400) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def add_policy_routes(app: web.Application, book: PolicyBook, republish: Callable[[], Awaitable[int]]) -> None:
+def resolve_rule_names(rule: Rule, resolve: Callable[[str], str]) -> Rule:
+    """`rule` with its source and destination as the snapshot keys they mean (`web.shop` -> `web` when
+    shop holds the name bare); a name of no service now is kept as written, an ambiguous one raises
+    ServiceNameError naming the choices."""
+    def key(name: str) -> str:
+        if name in (ANY, GATEWAY_SOURCE):
+            return name
+        try:
+            return resolve(name)
+        except ServiceNameError as exc:
+            if exc.choices:
+                raise
+            return name
+    return dataclasses.replace(rule, source=key(rule.source), destination=key(rule.destination))
+
+
+def add_policy_routes(app: web.Application, book: PolicyBook, republish: Callable[[], Awaitable[int]],
+                      resolve: Callable[[str], str] = str) -> None:
     async def get_policies(_req):
         return web.json_response(encode_policy(book.policy))
 
     async def add(req):
         body = await _body(req)
         try:
-            rule = make_rule(body.get("action"), body.get("source"), body.get("destination"),
-                             body.get("path"), body.get("method"))
-        except PolicyError as exc:
+            rule = resolve_rule_names(make_rule(body.get("action"), body.get("source"), body.get("destination"),
+                                                body.get("path"), body.get("method")), resolve)
+        except (PolicyError, ServiceNameError) as exc:
             return _error(str(exc))
         book.put(add_rule(book.policy, rule))
         version = await republish()
@@ -113,9 +133,10 @@ def add_policy_routes(app: web.Application, book: PolicyBook, republish: Callabl
     async def remove(req):
         body = await _body(req)
         try:
-            probe = make_rule(body.get("action") or "allow", body.get("source"), body.get("destination"),
-                              body.get("path"), body.get("method"))
-        except PolicyError as exc:
+            probe = resolve_rule_names(make_rule(body.get("action") or "allow", body.get("source"),
+                                                 body.get("destination"), body.get("path"), body.get("method")),
+                                       resolve)
+        except (PolicyError, ServiceNameError) as exc:
             return _error(str(exc))
         policy, n = remove_rules(book.policy, probe.source, probe.destination, probe.path, probe.method,
                                  body.get("action"))

@@ -219,6 +219,8 @@ async def serve(settings: SidecarSettings) -> None:
 
     agent = None
     state = ProxyState(settings.service, settings.version)
+    state.namespace = settings.namespace
+    state.egress.namespace = settings.namespace
     state.limits = settings.limits
     apply = state.apply_snapshot
     if settings.secure:
@@ -236,7 +238,7 @@ async def serve(settings: SidecarSettings) -> None:
                       action="exit 0: meshd creates a new sidecar")
             return
         state.tls = MeshTls(agent)
-        state.authz = Authorizer(settings.service)
+        state.authz = Authorizer(settings.service, settings.namespace)
 
         def apply(snapshot, _apply=state.apply_snapshot, _authz=state.authz):
             _apply(snapshot)

@@ -3,7 +3,8 @@
 Transparent capture redirects the app's queries to Docker's embedded resolver (127.0.0.11:53, UDP
 and TCP) here (sidecar.capture, chain MESH_DNS; the sidecar's own uid is exempt, so what it forwards
 reaches Docker). A-queries for a mesh service name or alias, bare or with `.namespace`
-(`catalog`, `catalog.shop`), are answered with the service's virtual IP; every other query is
+(`catalog`, `catalog.shop`; a bare name resolves in the node's own project first, as the route table's
+host names do), are answered with the service's virtual IP; every other query is
 forwarded unchanged to the upstream of /etc/resolv.conf (Docker's resolver) and its answer relayed.
 
 Virtual IPs: one per service from 240.240.0.0/16 (RFC 1112 section 4 reserves 240.0.0.0/4; Istio
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from meshcore.dnsname import DnsFormatError, decode_name
+from meshcore.snapshot import base_name
 
 log = logging.getLogger("sidecar.dns")
 
@@ -154,23 +156,19 @@ class VipAllocator:
     def assign(self, services: Mapping[str, Any]) -> dict[str, str]:
         """service name -> VIP for a snapshot's services (ServiceConfig: name, namespace), in name order
         so that first-time collisions resolve the same way in every sidecar."""
-        return {name: self.vip(name, services[name].namespace) for name in sorted(services)}
+        return {name: self.vip(base_name(name), services[name].namespace) for name in sorted(services)}
 
 
 def mesh_names(table: Any) -> dict[str, str]:
-    """DNS name -> VIP from a route table: each service's name and aliases, bare and `.namespace`.
-    A service's own name wins over another's alias (as in routing)."""
-    names: dict[str, str] = {}
+    """DNS name -> VIP from a route table: the host names it routes (each service's name and aliases,
+    bare as the node's project resolves them and `.namespace`), without ports and VIPs."""
     vips = table.vips
-    for pass_names in (False, True):
-        for name, cluster in table.clusters.items():
-            svc = cluster.service
-            vip = vips.get(name)
-            if svc is None or vip is None:
-                continue
-            for base in ((name,) if pass_names else svc.aliases):
-                for host in (base, f"{base}.{svc.namespace}"):
-                    names[host.lower()] = vip
+    taken = set(vips.values())
+    names: dict[str, str] = {}
+    for host, cluster in table.hosts.items():
+        vip = vips.get(cluster.name)
+        if vip is not None and ":" not in host and host not in taken:
+            names[host] = vip
     return names
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from meshcore.egress import EGRESS_REGISTRY_ONLY, EgressRule, decode_egress_list, egress_allowed
 from meshcore.metrics import Counter, Registry
-from meshcore.snapshot import MeshConfig
+from meshcore.snapshot import MeshConfig, qualified_index
 
 from .routing import Cluster, split_host
 
@@ -36,10 +36,11 @@ _CONNECT_BLOCKED = (b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nx-mesh-fl
 class EgressControl:
     """The node's egress mode and allow-list (from the latest snapshot) and its blocked-call counter."""
 
-    __slots__ = ("service", "active", "mode", "rules", "counter", "_children")
+    __slots__ = ("service", "namespace", "active", "mode", "rules", "counter", "_children")
 
-    def __init__(self, service: str, registry: Registry):
+    def __init__(self, service: str, registry: Registry, namespace: str | None = None):
         self.service = service
+        self.namespace = namespace                   # the node's project: which `service` is its own
         self.active = False                          # registry-only: passthrough calls are checked
         self.mode = ""
         self.rules: tuple[EgressRule, ...] | None = None
@@ -50,7 +51,8 @@ class EgressControl:
 
     def update(self, config: MeshConfig) -> None:
         """Take the mode and this node's service's mesh.egress from a new snapshot's config."""
-        svc = config.services.get(self.service)
+        own = qualified_index(config.services).get((self.service, self.namespace)) if self.namespace else None
+        svc = config.services.get(own or self.service)
         entries = svc.egress if svc is not None else None
         self.mode = config.egress_mode
         self.rules = decode_egress_list(",".join(entries)) if entries else None

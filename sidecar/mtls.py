@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 import structlog
 
-from meshcore.authz import DEFAULT_POLICY, Decision, Policy, decide
-from meshcore.snapshot import Snapshot
+from meshcore.authz import DEFAULT_POLICY, Decision, Policy, decide, source_name
+from meshcore.snapshot import Snapshot, qualified_index
 
 from .proxy import (
     ProxyState, _Downstream, _Listener, _TcpDownstream, build_inbound_stack, server_ssl_context,
@@ -38,14 +38,18 @@ MEMO_MAX = 4096  # remembered decisions per inbound (distinct caller, method, ta
 
 
 class Authorizer:
-    """The authorization decision of one inbound (`ProxyState.authz`)."""
+    """The authorization decision of one inbound (`ProxyState.authz`), on the caller's verified
+    SPIFFE ID: policies name services by snapshot key (`web`, or `web.shop` for a name several
+    projects use), so the ID is mapped to its service's key."""
 
-    def __init__(self, service: str):
-        self.service = service
+    def __init__(self, service: str, namespace: str | None = None):
+        self.home = (service, namespace)
+        self.service = service          # this node's snapshot key, the rules' destination
         self.policy: Policy = DEFAULT_POLICY
         self.allow: tuple[str, ...] | None = None
         self.mtls = "strict"
         self.denied = 0
+        self.callers: dict[str, str] = {}   # verified SPIFFE ID -> snapshot key of its service
         # decide() is a pure function of the policy and the request's (source, method, path): its
         # answers are kept until the next snapshot, a bounded number of them.
         self._memo: dict[tuple, Decision] = {}
@@ -53,24 +57,35 @@ class Authorizer:
     def update(self, snapshot: Snapshot) -> None:
         cfg = snapshot.config
         self.policy = cfg.policies
+        own = qualified_index(cfg.services).get(self.home) if self.home[1] else None
+        self.service = own or self.home[0]
         svc = cfg.services.get(self.service)
         self.allow = svc.allow if svc is not None else None
         self.mtls = svc.mtls if svc is not None else "strict"
+        self.callers = {s.identity: key for key, s in cfg.services.items()}
         self._memo = {}
 
-    def check(self, source: str | None, method: str, path: str) -> Decision:
-        decision = decide(self.policy, source, self.service, method, path, self.allow)
+    def caller(self, identity: str | None) -> str | None:
+        """The name rules know a verified caller by: its service's key, `gateway`, else the service
+        of its SPIFFE ID; None for an unauthenticated caller."""
+        if identity is None:
+            return None
+        return self.callers.get(identity) or source_name(identity)
+
+    def check(self, identity: str | None, method: str, path: str) -> Decision:
+        decision = decide(self.policy, self.caller(identity), self.service, method, path, self.allow)
         if not decision.allowed:
             self.denied += 1
         return decision
 
-    def check_request(self, source: str | None, method: bytes, target: bytes) -> Decision:
+    def check_request(self, identity: str | None, method: bytes, target: bytes) -> Decision:
         """check() for a request line's method and target (query ignored), memoized."""
-        key = (source, method, target)
+        key = (identity, method, target)
         decision = self._memo.get(key)
         if decision is None:
             path = target.split(b"?", 1)[0].decode("latin-1")
-            decision = decide(self.policy, source, self.service, method.decode("latin-1"), path, self.allow)
+            decision = decide(self.policy, self.caller(identity), self.service, method.decode("latin-1"), path,
+                              self.allow)
             memo = self._memo
             if len(memo) >= MEMO_MAX:
                 memo.clear()
@@ -194,8 +209,8 @@ class _AuthorizedTcpDownstream(_TcpDownstream):
         authz = self.state.authz
         identify = getattr(self.state.tls, "inbound_peer", None)
         if authz is not None and identify is not None:
-            _identity, service = identify(transport.get_extra_info("ssl_object"))
-            decision = authz.check(service, "", "")
+            identity, service = identify(transport.get_extra_info("ssl_object"))
+            decision = authz.check(identity, "", "")
             if not decision.allowed:
                 log.info("tcp_connection_denied", source=service, reason=decision.reason)
                 self.transport = transport

@@ -15,7 +15,8 @@ from types import MappingProxyType
 from typing import Mapping
 
 from meshcore.snapshot import (
-    Endpoint, GatewayRoute, MeshConfig, ServiceConfig, Snapshot, match_gateway_route, rewrite_path,
+    Endpoint, GatewayRoute, MeshConfig, ServiceConfig, Snapshot, match_gateway_route, qualified_index,
+    rewrite_path, search_names,
 )
 
 PASSTHROUGH = "PassthroughCluster"
@@ -64,6 +65,7 @@ class RouteTable:
     addresses: Mapping[tuple[str, int], Cluster] = field(default_factory=dict)  # (ip, service port)
     gateway_routes: tuple[GatewayRoute, ...] = ()
     vips: Mapping[str, str] = field(default_factory=dict)   # service name -> virtual IP (sidecar.dns)
+    own: str | None = None      # the snapshot key of the node's own service (None: not in the snapshot)
 
     def service(self, name: str) -> ServiceConfig | None:
         c = self.clusters.get(name)
@@ -78,10 +80,13 @@ EMPTY_TABLE = RouteTable(version=0, clusters=MappingProxyType({}), hosts=Mapping
                          addresses=MappingProxyType({}))
 
 
-def build_route_table(snapshot: Snapshot, vips: Mapping[str, str] | None = None) -> RouteTable:
+def build_route_table(snapshot: Snapshot, vips: Mapping[str, str] | None = None,
+                      home: tuple[str, str] | None = None) -> RouteTable:
     """Index a snapshot: clusters by service, host names (name, aliases, `name.namespace`, each also
     with `:port`), and endpoint addresses (with the service's port) for transparent capture.
 
+    `home` is the node's (service, project): a bare name resolves first in that project (a search
+    domain, `meshcore.snapshot.search_names`), and `own` is the key of that service.
     `vips` (service name -> virtual IP, handed out by the sidecar's DNS proxy) are indexed too: as a
     host (any port) and as an address with the service's port, so a connection to a VIP routes to its
     service even without a Host header."""
@@ -92,15 +97,10 @@ def build_route_table(snapshot: Snapshot, vips: Mapping[str, str] | None = None)
     for name, svc in cfg.services.items():
         cluster = make_cluster(name, svc.protocol, tuple(cfg.endpoints.get(name, ())), mesh=True, service=svc)
         clusters[name] = cluster
-    # Service names win over aliases of other services: fill aliases first, names after.
-    for pass_names in (False, True):
-        for name, svc in cfg.services.items():
-            cluster = clusters[name]
-            for base in ((name,) if pass_names else svc.aliases):
-                for host in (base, f"{base}.{svc.namespace}"):
-                    host = host.lower()
-                    hosts[host] = cluster
-                    hosts[f"{host}:{svc.port}"] = cluster  # the common form of a Host header, exact
+    for host, name in search_names(cfg.services, home[1] if home else None).items():
+        cluster = clusters[name]
+        hosts[host] = cluster
+        hosts[f"{host}:{cluster.service.port}"] = cluster  # the common form of a Host header, exact
     for name, cluster in clusters.items():
         svc = cluster.service
         for ep in cluster.endpoints:
@@ -112,9 +112,10 @@ def build_route_table(snapshot: Snapshot, vips: Mapping[str, str] | None = None)
             table_vips[name] = vip
             hosts[vip] = cluster
             addresses[(vip, cluster.service.port)] = cluster
+    own = qualified_index(cfg.services).get(home) if home else None
     return RouteTable(version=snapshot.version, clusters=MappingProxyType(clusters),
                       hosts=MappingProxyType(hosts), addresses=MappingProxyType(addresses),
-                      gateway_routes=tuple(cfg.gateway_routes), vips=MappingProxyType(table_vips))
+                      gateway_routes=tuple(cfg.gateway_routes), vips=MappingProxyType(table_vips), own=own)
 
 
 def split_host(host: str, default_port: int | None = None) -> tuple[str, int | None]:

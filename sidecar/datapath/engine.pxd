@@ -78,6 +78,7 @@ cdef class ProxyState:
     cdef public set _watched
     cdef public object _watchdog, inbound_limiter
     cdef public object egress   # sidecar.egress.EgressControl
+    cdef public object namespace   # the node's project (bare names resolve there first)
     cdef public object limits   # meshcore.limits.Limits
     cdef public dict lanes
 

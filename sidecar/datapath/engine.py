@@ -505,6 +505,7 @@ class ProxyState:
                  dead_peer_after: float = DEAD_PEER_S):
         self.service = service
         self.version = version
+        self.namespace: str | None = None   # the node's project: bare names resolve there first
         self.table: RouteTable = table if table is not None else EMPTY_TABLE
         self.host_index: dict = {}          # route_by_host: host_index(host_index_of)
         self.host_index_of: RouteTable | None = None
@@ -542,7 +543,8 @@ class ProxyState:
 
     def apply_snapshot(self, snapshot: Snapshot) -> RouteTable:
         """Build the route table of a snapshot and swap it in; returns it."""
-        table = build_route_table(snapshot, self.vips.assign(snapshot.config.services))
+        table = build_route_table(snapshot, self.vips.assign(snapshot.config.services),
+                                  (self.service, self.namespace) if self.namespace else None)
         self.tracing.configure(snapshot.config.telemetry)
         self.egress.update(snapshot.config)   # egress control (sidecar.egress)
         old, self.table = self.table, table
@@ -663,7 +665,7 @@ class ProxyState:
 
     def local_traffic(self):
         """The traffic state of this node's own service (its inbound policy), or None."""
-        cluster = self.table.clusters.get(self.service)
+        cluster = self.table.clusters.get(self.table.own or self.service)
         return self.traffic.of(cluster) if cluster is not None else None
 
     def _mirror_connect(self, key: tuple[str, int], factory: Callable, tag: tuple) -> Any:
@@ -1258,7 +1260,7 @@ def authorized(down: _Downstream, ex: Exchange) -> Reply | None:
     with `x-mesh-denied: <reason>`. An allowed mTLS request gets `x-forwarded-client-cert` for the app."""
     authz = down.state.authz
     if authz is not None:
-        decision = authz.check_request(down.peer_service, ex.method, ex.target)
+        decision = authz.check_request(down.peer_identity, ex.method, ex.target)
         if not decision.allowed:
             reason = decision.reason.encode("latin-1", "replace")
             return Reply(403, FLAG_RBAC, b"RBAC: access denied: %b\n" % reason,
@@ -2362,7 +2364,7 @@ class _Downstream:
         state = self.state
         if self.stack.reporter == REPORTER_DESTINATION:
             srcv = ex.source_version.decode("latin-1") if ex.source_version else UNKNOWN
-            return REPORTER_DESTINATION, caller_of(self, ex), srcv, state.service, state.version
+            return REPORTER_DESTINATION, caller_of(self, ex), srcv, state.table.own or state.service, state.version
         cluster = ex.cluster
         if cluster is None:
             dst, ver = UNKNOWN, UNKNOWN

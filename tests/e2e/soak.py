@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-# Compose service -> (mesh service, role). Mesh service names are host-wide: no two projects share
-# one. aweb2 is the v2 of aweb (mesh.version v2, mesh.service aweb).
+# Compose service -> (mesh service, role). No two projects share a mesh service name (calls are
+# counted by name). aweb2 is the v2 of aweb (mesh.version v2, mesh.service aweb).
 PROJECTS: dict[str, dict[str, tuple[str, str]]] = {
     "soaka": {"aweb": ("aweb", "server"), "aweb2": ("aweb", "server"), "acli": ("acli", "caller")},
     "soakb": {"bweb": ("bweb", "server"), "bapi": ("bapi", "server"), "bcli": ("bcli", "caller")},

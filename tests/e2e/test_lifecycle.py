@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from .conftest import ADMIN, GATEWAY, ROOT, compose, get_json, http, run, wait_for
+from .conftest import ADMIN, GATEWAY, ROOT, compose, get_json, http, metric_sum, metrics, run, wait_for
 from .lifecycle import (
-    calls_through_mesh, containers, curl, host_bridge_gateways, mesh_violations, mtls_requests, project,
+    calls_through_mesh, containers, curl, host_bridge_gateways, ipv4, mesh_violations, mtls_requests, project,
     service_containers, sidecar_env, wait_mesh_ok,
 )
 
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.e2e
 
 P = "lc"
 HOLD_NET = "lc-subnet-hold"
+SHARED_NET = "mesh-projects"   # tests/e2e/projects/namedweb.yml's network
 
 
 def gateway_of(network: str) -> str:
@@ -304,22 +305,75 @@ def test_meshd_restarted_during_a_root_rotation(lc):
     calls_through_mesh(lc)
 
 
-def test_same_service_names_in_a_second_project(lc):
-    """A second project with services of the same names: its containers are label errors naming the
-    first project (mesh service names are host-wide for now), and the first project is untouched."""
-    other = "lc2"
-    project(other, "up", "-d")
-    try:
-        def named() -> bool:
-            errors = get_json(f"{ADMIN}/v1/status")["label_errors"]
-            return sorted(e["label"] for e in errors if f"project {lc!r}" in e["message"]) == \
-                ["mesh.service", "mesh.service"]
+def test_two_projects_with_the_same_service_names(mesh):
+    """Compose projects are namespaces: two projects each with `web` (nginx serving a page naming its
+    project) and `client`, on one shared network. Each client's `http://web/` reaches its own project's
+    web through both sidecars over mTLS, with its own identity; `web.<other>` reaches the other's; a
+    bare `web` given to meshd is ambiguous; `down` of the second leaves the first with its keys and
+    working."""
+    first, second = "pa", "pb"
 
-        wait_for(named, 30, what="label errors for lc2's web and client")
-        calls_through_mesh(lc)
+    def down_all() -> None:
+        for proj in (second, first):
+            project(proj, "down", "-v", "--remove-orphans", file="namedweb.yml", check=False)
+        run(["docker", "network", "rm", SHARED_NET], check=False)
+
+    down_all()
+    run(["docker", "network", "create", SHARED_NET])
+    try:
+        for proj in (first, second):
+            project(proj, "up", "-d", file="namedweb.yml", env={**os.environ, "WHO": proj})
+            wait_mesh_ok(what=f"project {proj} meshed")
+        web = {proj: _service_of(proj, "web") for proj in (first, second)}
+        td = web[first]["identity"].split("/")[2]
+        for proj in (first, second):
+            assert web[proj]["identity"] == f"spiffe://{td}/ns/{proj}/sa/web"
+        assert web[second]["name"] == f"web.{second}"   # the first project holds the name (or an older one)
+        for caller in (first, second):
+            for url, proj in (("http://web/", caller), (f"http://web.{second}/", second),
+                              (f"http://web.{first}/", first)):
+                _call_counted(caller, url, proj, web[proj]["name"])
+        status, _, body = http("POST", f"{ADMIN}/v1/rules/web/fault", json.dumps({"abort": "50:503"}).encode(),
+                               {"Content-Type": "application/json"})
+        assert status == 400 and f"name one of web.{first}, web.{second}" in json.loads(body)["error"], body
+        project(second, "down", "-v", "--remove-orphans", file="namedweb.yml")
+        wait_mesh_ok(what=f"the mesh without project {second}")
+        assert _service_of(first, "web")["name"] == web[first]["name"]   # its key did not change
+        _call_counted(first, "http://web/", first, web[first]["name"])
     finally:
-        project(other, "down")
-    wait_mesh_ok(what="the mesh without the second project")
+        down_all()
+
+
+def _service_of(proj: str, service: str) -> dict:
+    """meshd's /v1/services entry of a project's service (its `name` is the snapshot key)."""
+    found = [s for s in get_json(f"{ADMIN}/v1/services")["services"]
+             if s["namespace"] == proj and s["name"].partition(".")[0] == service]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _count(c: dict, **labels: str) -> float:
+    return metric_sum(metrics(ipv4(c)), "istio_requests_total", connection_security_policy="mutual_tls", **labels)
+
+
+def _call_counted(caller: str, url: str, proj: str, key: str, n: int = 3) -> None:
+    """n curls of `url` from project `caller`'s client answer `proj`'s page, each counted by the
+    client's sidecar (outbound) and by `proj`'s web sidecars (inbound over mTLS) under `key`."""
+    client = service_containers(caller, "client")[0]
+    webs = service_containers(proj, "web")
+
+    def counts() -> tuple[float, float]:
+        out = _count(client, reporter="source", destination_service=key)
+        inbound = sum(_count(c, reporter="destination", source_workload="client", destination_service=key)
+                      for c in webs)
+        return out, inbound
+
+    before = counts()
+    for _ in range(n):
+        code, body = curl(caller, url)
+        assert (code, body.strip()) == (200, f"web of {proj}"), (caller, url, code, body[:200])
+    wait_for(lambda: all(now - was >= n for now, was in zip(counts(), before)), 10,
+             what=f"{n} calls {caller} -> {url} counted by both sidecars under {key}")
 
 
 def test_health_check_decides_the_endpoint(mesh):

@@ -135,19 +135,21 @@ def test_conflicts_within_a_service(second_labels, second_ports, label, fragment
     assert [e.instance for e in config.endpoints["orders"]] == ["id-orders"]
 
 
-def test_same_service_name_in_another_project_is_named():
-    """Two compose projects with a service `web`: the later one is a label error naming the first
-    project, and only the first project's instances are endpoints (one identity per service)."""
+def test_same_service_name_in_another_project_is_its_own_service():
+    """Two compose projects with a service `web`: no label error; the oldest project's keeps the bare
+    key, the later one's is `web.<project>`, each with its own identity and endpoints
+    (tests/unit/test_projects.py has the whole table)."""
     import dataclasses
 
     first = dataclasses.replace(ctr("web", ip="10.0.0.2", project="zulu"), created="2026-12-05T09:00:00.1Z")
     later = dataclasses.replace(ctr("a-web", {"mesh.service": "web"}, ip="10.0.1.2", project="alpha"),
                                 created="2026-12-05T10:00:00.2Z")   # sorts first by name, came later
     config, errors = build([first, later], [ann("web", "web", "10.0.0.2"), ann("a-web", "web", "10.0.1.2")])
-    assert [(e.container, e.label) for e in errors] == [("a-web", "mesh.service")]
-    assert "already a service of project 'zulu'" in errors[0].message
+    assert errors == []
     assert config.services["web"].identity == f"spiffe://{TD}/ns/zulu/sa/web"
+    assert config.services["web.alpha"].identity == f"spiffe://{TD}/ns/alpha/sa/web"
     assert [e.instance for e in config.endpoints["web"]] == ["id-web"]
+    assert [e.instance for e in config.endpoints["web.alpha"]] == ["id-a-web"]
 
 
 @pytest.mark.parametrize("a_labels, b_labels, conflict_label", [

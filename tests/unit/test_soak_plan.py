@@ -178,7 +178,7 @@ def test_parse_calls():
 @pytest.mark.parametrize("proj", sorted(PROJECTS))
 def test_compose_files_match_the_model(proj):
     """The services, their mesh names and versions, and the callers' targets are those of PROJECTS
-    and TARGETS, and no mesh service name is used by two projects (names are host-wide)."""
+    and TARGETS, and no mesh service name is used by two projects (the soak counts calls by name)."""
     services = yaml.safe_load((PROJECT_FILES / FILES[proj]).read_text())["services"]
     assert set(services) == set(PROJECTS[proj])
     for name, (mesh, role) in PROJECTS[proj].items():
