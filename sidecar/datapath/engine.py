@@ -69,7 +69,7 @@ from .http1 import (
 from .speedups import bucket_of, cut, head_end, join, name_table
 from .h2bridge import H2_PROTOCOLS, H2AppConnector, H2PeerConnector, is_preface_start, serve_h2
 from .peers import (
-    ACK_SLACK_MS, DEAD_PEER_S, UNDELIVERED_AFTER_S, PeerProbe, TcpInfo, TcpInfoReader, TlsProvider, check_peer,
+    ACK_SLACK_MS, DEAD_PEER_S, UNDELIVERED_AFTER_S, PeerProbe, TcpInfo, TcpInfoReader, TlsProvider, check_peer, hop_tls,
     open_upstream, probe_peer, read_tcp_info, reset_connection, stop_probing,
 )
 from ..dns import VipAllocator
@@ -2106,12 +2106,8 @@ class _Downstream:
             return up
 
         try:
-            ctx = None
-            hostname = None
             tls = state.tls
-            if cluster.mesh and tls is not None:
-                ctx = tls.client_context()
-                hostname = cluster.name
+            ctx, hostname = hop_tls(tls, cluster)
             connect = stack.connect
             if connect is None and ctx is not None and cluster.protocol in H2_PROTOCOLS:
                 connect = stack.connect_h2   # an HTTP/2 service: streams on an h2 hop (ALPN), if the peer offers it
