@@ -22,7 +22,11 @@ from typing import Any, NamedTuple
 
 from meshcore.identity import SCHEME, is_spiffe_id
 
+# ALPN (RFC 7301). A mesh server offers HTTP/2 (RFC 9113 3.2) first: a client that offers "h2" gets
+# it, any other gets HTTP/1.1. Clients offer "http/1.1" alone, except the HTTP/2 hop's context.
 ALPN_PROTOCOLS = ["http/1.1"]
+ALPN_SERVER = ["h2", "http/1.1"]
+ALPN_H2_CLIENT = ["h2", "http/1.1"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class _State(NamedTuple):
     material: TlsMaterial
     server: ssl.SSLContext
     client: ssl.SSLContext
+    client_h2: ssl.SSLContext
+
 
 
 def _refuse_password() -> bytes:
@@ -121,7 +127,7 @@ class DirectSSLObject(ssl.SSLObject):
         return self
 
 
-def _base_context(server_side: bool) -> ssl.SSLContext:
+def _base_context(server_side: bool, alpn: list[str] | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     ctx.sslobject_class = DirectSSLObject
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -129,15 +135,16 @@ def _base_context(server_side: bool) -> ssl.SSLContext:
         ctx.check_hostname = False  # identity is the URI SAN, checked by the caller
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    ctx.set_alpn_protocols(ALPN_PROTOCOLS)
+    ctx.set_alpn_protocols(alpn or (ALPN_SERVER if server_side else ALPN_PROTOCOLS))
     if server_side:
         ctx.num_tickets = 0
     return ctx
 
 
-def build_context(material: TlsMaterial, server_side: bool) -> ssl.SSLContext:
-    """A TLS 1.3 mTLS context for `material`; raises ValueError when the material does not load."""
-    ctx = _base_context(server_side)
+def build_context(material: TlsMaterial, server_side: bool, alpn: list[str] | None = None) -> ssl.SSLContext:
+    """A TLS 1.3 mTLS context for `material` (ALPN offer `alpn`, else the side's default); raises
+    ValueError when the material does not load."""
+    ctx = _base_context(server_side, alpn)
     try:
         ctx.load_verify_locations(cadata=material.bundle_pem.decode("ascii"))
         if not _load_via_memfd(ctx, material.cert_chain_pem, material.key_pem):
@@ -179,9 +186,10 @@ class TlsHolder:
         """Install new material; returns its version number (1, 2, ...)."""
         server = build_context(material, server_side=True)
         client = build_context(material, server_side=False)
+        client_h2 = build_context(material, server_side=False, alpn=ALPN_H2_CLIENT)
         with self._lock:
             self._version += 1
-            self._state = _State(self._version, material, server, client)  # one reference swap
+            self._state = _State(self._version, material, server, client, client_h2)  # one reference swap
             return self._version
 
     def _select_context(self, ssl_obj: Any, server_name: str | None, ctx: ssl.SSLContext) -> int | None:
@@ -219,6 +227,10 @@ class TlsHolder:
     def client_context(self) -> ssl.SSLContext:
         """The client context of the current material; raises RuntimeError before the first update."""
         return self._current().client
+
+    def client_context_h2(self) -> ssl.SSLContext:
+        """client_context offering ALPN h2 before http/1.1 (the HTTP/2 hop between sidecars)."""
+        return self._current().client_h2
 
 
 def peer_uris(ssl_object: Any) -> list[str]:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import structlog
 
 from certs import worker
-from certs.holder import TlsHolder, TlsMaterial, peer_identity
+from certs.holder import ALPN_SERVER, TlsHolder, TlsMaterial, peer_identity
 from certs.store import (
     inspect_request, load_material, material_from_inspection, read_material_files, save_material,
 )
@@ -360,7 +360,7 @@ class ServerCert:
 
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.set_alpn_protocols(["http/1.1"])
+        ctx.set_alpn_protocols(ALPN_SERVER)   # the gateway's listener takes HTTP/2 (h2) and HTTP/1.1
         ctx.num_tickets = 0
         if not _load_via_memfd(ctx, chain_pem, key_pem):   # OpenSSL checks that the key fits
             _load_via_tempdir(ctx, chain_pem, key_pem)
@@ -400,6 +400,9 @@ class MeshTls:
 
     def client_context(self) -> ssl.SSLContext:
         return self.holder.client_context()
+
+    def client_context_h2(self) -> ssl.SSLContext:
+        return self.holder.client_context_h2()
 
     def check_peer(self, ssl_object: Any, endpoint: Any) -> bool:
         """Outbound: the peer's verified SPIFFE ID must be the endpoint's expected identity."""

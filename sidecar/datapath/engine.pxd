@@ -195,7 +195,7 @@ cdef class Stack:
     cdef readonly UpstreamPools pool
     cdef readonly object gauge
     cdef readonly bint breaker, outlier
-    cdef readonly object h2, connect
+    cdef readonly object h2, connect, connect_h2
 
 
 cdef class _Listener:

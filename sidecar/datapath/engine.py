@@ -67,9 +67,9 @@ from .http1 import (
     read_request_head, read_response_head, status_line,
 )
 from .speedups import bucket_of, cut, head_end, join, name_table
-from .h2bridge import H2_PROTOCOLS, H2AppConnector, is_preface_start, serve_h2
+from .h2bridge import H2_PROTOCOLS, H2AppConnector, H2PeerConnector, is_preface_start, serve_h2
 from .peers import (
-    ACK_SLACK_MS, DEAD_PEER_S, UNDELIVERED_AFTER_S, PeerProbe, TcpInfo, TcpInfoReader, TlsProvider, check_peer,
+    ACK_SLACK_MS, DEAD_PEER_S, UNDELIVERED_AFTER_S, PeerProbe, TcpInfo, TcpInfoReader, TlsProvider, check_peer, hop_tls,
     open_upstream, probe_peer, read_tcp_info, reset_connection, stop_probing,
 )
 from ..dns import VipAllocator
@@ -1079,11 +1079,11 @@ class Stack:
 
     __slots__ = ("direction", "reporter", "source_name", "chain", "enders", "request_headers", "header_table",
                  "mesh_headers", "balance", "max_tries", "connect_timeout", "pool", "gauge", "breaker", "outlier",
-                 "h2", "connect")
+                 "h2", "connect", "connect_h2")
 
     def __init__(self, *, direction: str, reporter: str, source_name: str, chain: tuple,
                  request_headers: dict, mesh_headers: bytes, connect_timeout: float, pool: UpstreamPools,
-                 gauge: Any, h2: Any = None, connect: Any = None):
+                 gauge: Any, h2: Any = None, connect: Any = None, connect_h2: Any = None):
         self.direction = direction              # "outbound" | "inbound" | "gateway" (connection gauge label)
         self.reporter = reporter                # metrics reporter
         self.source_name = source_name          # x-mesh-source we send, and source_workload we report
@@ -1104,8 +1104,11 @@ class Stack:
         self.gauge = gauge                      # connections-active gauge child
         self.h2 = h2                            # h2(down, first bytes): serves a connection opened with the
                                                 # HTTP/2 preface (h2bridge.serve_h2), or None
-        self.connect = connect                  # connect(loop, factory, host, port, ssl, server_hostname) to
-                                                # an endpoint (h2bridge.H2AppConnector), None: a TCP connection
+        self.connect = connect                  # connect(loop, factory, host, port, ssl, server_hostname,
+                                                # verify) to every endpoint (h2bridge.H2AppConnector), None:
+                                                # a TCP connection (TLS on mesh hops)
+        self.connect_h2 = connect_h2            # the same, for the mesh hops to HTTP/2 services
+                                                # (h2bridge.H2PeerConnector), None: HTTP/1.1 to them too
 
 
 def route_by_host(down: _Downstream, ex: Exchange) -> Cluster | Reply:
@@ -1230,6 +1233,7 @@ def build_outbound_stack(state: ProxyState, *, route: Layer | None = None, after
         mesh_headers=mesh_source_headers(source, state.version),  # x-mesh-source; add ours
         connect_timeout=state.connect_timeout, pool=state.pools, gauge=state.telemetry.connections(direction),
         h2=serve_h2,                                            # HTTP/2 from the app or a gateway client
+        connect_h2=H2PeerConnector.for_tls(state.tls, state.connect_timeout),   # HTTP/2 hops
     )
 
 
@@ -1243,6 +1247,7 @@ def build_inbound_stack(state: ProxyState, app_port: int, *, protocol: str = "ht
         chain=inbound_chain(cluster), request_headers=INBOUND_REQUEST_HEADERS, mesh_headers=b"",
         connect_timeout=state.connect_timeout, pool=state.pools, gauge=state.telemetry.connections("inbound"),
         connect=H2AppConnector() if protocol in H2_PROTOCOLS else None,
+        h2=serve_h2,                                   # HTTP/2 streams from a peer's h2 hop (ALPN h2)
     )
 
 
@@ -2103,20 +2108,20 @@ class _Downstream:
             return up
 
         try:
-            ctx = None
-            hostname = None
             tls = state.tls
-            if cluster.mesh and tls is not None:
-                ctx = tls.client_context()
-                hostname = cluster.name
+            ctx, hostname = hop_tls(tls, cluster)
             connect = stack.connect
+            if connect is None and ctx is not None and cluster.protocol in H2_PROTOCOLS:
+                connect = stack.connect_h2   # an HTTP/2 service: streams on an h2 hop (ALPN), if the peer offers it
             if connect is None:
                 made_connection = self.loop.create_connection(factory, key[0], key[1], ssl=ctx,
                                                               server_hostname=hostname)
-            else:
-                made_connection = connect(self.loop, factory, key[0], key[1], ctx, hostname)
+            else:   # the connector checks the peer of each connection it opens
+                index = ex.index
+                made_connection = connect(self.loop, factory, key[0], key[1], ctx, hostname,
+                                          lambda transport: check_peer(tls, transport, cluster, index))
             _, up = await asyncio.wait_for(made_connection, stack.connect_timeout)
-            if ctx is not None:
+            if ctx is not None and connect is None:
                 check_peer(tls, up.transport, cluster, ex.index)
         except asyncio.CancelledError:
             if breaker is not None:

@@ -11,8 +11,11 @@ stack's layers (route, authorize, split, retries, timeouts, balance per request,
   inbound stack's connections to it are `AppStreamTransport`s over one pool of h2c connections:
   the engine writes HTTP/1.1 requests, each becomes an HTTP/2 stream, its response comes back as
   HTTP/1.1.
-- Between sidecars the hop stays HTTP/1.1 over mutual TLS: chunked bodies carry the streams and
-  chunked trailers carry gRPC's status, on pooled connections balanced per request.
+- Between sidecars (`H2PeerConnector`): to a service of protocol grpc / http2 the outbound offers
+  ALPN `h2` (RFC 7301) on the mutual-TLS hop; a peer that picks it gets each request as a stream on a
+  pooled connection (the peer's inbound serves it with `serve_h2`, as a preface on any listener is);
+  a peer that picks http/1.1 gets HTTP/1.1 (chunked bodies, chunked trailers for gRPC's status).
+  Either way requests are balanced per request by the layers.
 
 Flow control holds end to end: a stream's body is read only while the engine reads (pause_reading),
 and the engine stops reading its upstream (pause_writing) while a stream's unsent bytes are over
@@ -29,7 +32,8 @@ from typing import Any
 from httptools import HttpParserError, HttpRequestParser, HttpResponseParser
 
 from .h2 import CANCEL, INTERNAL_ERROR, PREFACE, H2Error, RequestHead, ResponseHead
-from .h2client import H2Pool
+from .h2client import H2Pool, NoH2
+from .peers import probe_peer
 from .h2server import H2Downstream, H2ServerStream
 from .http1 import status_line
 
@@ -37,6 +41,8 @@ log = logging.getLogger("sidecar.h2")
 
 H2_PROTOCOLS = ("grpc", "http2")   # mesh.protocol values whose apps speak HTTP/2 (h2c)
 STREAM_HIGH_WATER = 64 * 1024   # a stream's unsent response bytes above which the engine pauses
+NO_H2_RECHECK_S = 300.0         # a peer that picked http/1.1 by ALPN is offered h2 again after this
+MAX_PEER_POOLS = 256            # peers' HTTP/2 pools kept; above it the ones without connections go
 # Fields HTTP/2 forbids (RFC 9113 8.2.2) or that HTTP/1.1 framing owns here.
 _NOT_FORWARDED = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                             b"upgrade", b"te", b"host", b"content-length"))
@@ -94,6 +100,9 @@ async def _serve_stream(downstream_type, state, stack, listener, transport, stre
     if tr.closing:
         await tr.done
         return
+    # A stream is out of the listener's HTTP/1 timers (idle, body): a call may be quiet as long as
+    # it likes; HTTP/2 flow control bounds what it holds, the route's timeout how long it may take.
+    listener.guard.release(down)
     length = head.get(b"content-length")
     chunked = length is None and not stream.at_end
     parts = [head.method, b" ", head.path, b" HTTP/1.1\r\nhost: ", head.authority, b"\r\n",
@@ -346,15 +355,90 @@ class H2AppConnector:
     def __init__(self):
         self.pools: dict[tuple[str, int], H2Pool] = {}
 
-    async def __call__(self, loop, factory, host: str, port: int, ssl=None, server_hostname=None):
+    async def __call__(self, loop, factory, host: str, port: int, ssl=None, server_hostname=None, verify=None):
         pool = self.pools.get((host, port))
         if pool is None or pool._closed:
             pool = self.pools[(host, port)] = H2Pool(host, port)
-        transport = AppStreamTransport(pool, (host, port))
-        protocol = factory()
-        transport.protocol = protocol
-        protocol.connection_made(transport)
+        return _stream_connection(pool, (host, port), factory, None)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()
+
+
+def _peer_checked(transport: asyncio.BaseTransport, verify) -> None:
+    verify(transport)      # the endpoint's identity
+    # The connection outlives any one request: a peer whose namespace vanished (no FIN, no RST) is
+    # found by the kernel's keepalive probes and unacknowledged-data timeout, in seconds, instead of
+    # holding the streams put on it.
+    probe_peer(transport)
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _stream_connection(pool: H2Pool, address: tuple[str, int], factory, ssl_object) -> tuple:
+    transport = AppStreamTransport(pool, address, ssl_object)
+    protocol = factory()
+    transport.protocol = protocol
+    protocol.connection_made(transport)
+    return transport, protocol
+
+
+class H2PeerConnector:
+    """The outbound stack's connect function for the mesh hops to an HTTP/2 service: a pool of TLS
+    connections per peer offering ALPN h2 then http/1.1; the engine's connections are
+    AppStreamTransports on it. A peer that picks http/1.1 gets an ordinary TLS connection, and is not
+    asked for h2 again for NO_H2_RECHECK_S. `verify(transport)` checks the peer of each connection."""
+
+    def __init__(self, tls, connect_timeout: float):
+        self.tls = tls
+        self.connect_timeout = connect_timeout
+        self.pools: dict[tuple[str, int], H2Pool] = {}
+        self.http1_until: dict[tuple[str, int], float] = {}   # peer -> when to offer it h2 again
+
+    @classmethod
+    def for_tls(cls, tls, connect_timeout: float) -> "H2PeerConnector | None":
+        """A connector when the TLS hook has an h2 client context (`client_context_h2`), else None."""
+        if tls is None or getattr(tls, "client_context_h2", None) is None:
+            return None
+        return cls(tls, connect_timeout)
+
+    async def __call__(self, loop, factory, host: str, port: int, ssl, server_hostname, verify):
+        key = (host, port)
+        if self.http1_until.get(key, 0.0) > loop.time():
+            return await self._http1(loop, factory, key, ssl, server_hostname, verify)
+        pool = self.pools.get(key)
+        if pool is None or pool._closed:
+            if len(self.pools) >= MAX_PEER_POOLS:
+                self._forget_idle()
+            pool = self.pools[key] = H2Pool(host, port, ssl=self.tls.client_context_h2,
+                                            server_hostname=server_hostname,
+                                            connect_timeout=self.connect_timeout)
+        pool.verify = lambda transport: _peer_checked(transport, verify)   # as the latest snapshot says
+        try:
+            conn = await pool.connection()
+        except NoH2:
+            pool.close()
+            self.pools.pop(key, None)
+            self.http1_until[key] = loop.time() + NO_H2_RECHECK_S
+            return await self._http1(loop, factory, key, ssl, server_hostname, verify)
+        return _stream_connection(pool, key, factory, conn.transport.get_extra_info("ssl_object"))
+
+    async def _http1(self, loop, factory, key, ssl, server_hostname, verify) -> tuple:
+        transport, protocol = await loop.create_connection(factory, key[0], key[1], ssl=ssl,
+                                                           server_hostname=server_hostname)
+        verify(transport)
         return transport, protocol
+
+    def _forget_idle(self) -> None:
+        for key, pool in list(self.pools.items()):
+            if not pool.connections and pool._pending is None:
+                pool.close()
+                del self.pools[key]
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -368,10 +452,11 @@ class AppStreamTransport(_EngineSide):
 
     what = "request"
 
-    def __init__(self, pool: H2Pool, address: tuple[str, int]):
+    def __init__(self, pool: H2Pool, address: tuple[str, int], ssl_object=None):
         super().__init__(HttpRequestParser)
         self.pool = pool
         self.address = address
+        self.ssl_object = ssl_object   # a TLS hop's (the first connection's): what the peer check read
         self.request: tuple | None = None    # (method, target, fields) being parsed
         self.target = b""
         self.fields: list = []
@@ -383,7 +468,11 @@ class AppStreamTransport(_EngineSide):
 
     # -- what the engine calls
     def get_extra_info(self, name, default=None):
-        return self.address if name == "peername" else default
+        if name == "peername":
+            return self.address
+        if name == "ssl_object" and self.ssl_object is not None:
+            return self.ssl_object
+        return default
 
     def get_write_buffer_size(self) -> int:
         return self.body_bytes
@@ -455,6 +544,7 @@ class AppStreamTransport(_EngineSide):
             no_body = isinstance(first, tuple) and not first[1]
             stream = self.stream = await self.pool.open_stream(head, end=no_body)
             response = self.loop.create_task(self._respond(stream))
+            response.add_done_callback(_retrieved)   # a reset stream fails it after this task is cancelled
             item = None if no_body else first
             while item is not None:
                 if isinstance(item, tuple):

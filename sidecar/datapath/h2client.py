@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl as ssl_module
+from typing import Callable
 
 import h2.events
 import h2.exceptions
@@ -160,15 +161,20 @@ class H2Upstream(H2Connection):
 class H2Pool:
     """HTTP/2 connections to one endpoint (host, port): open_stream() puts a request on a connection
     with a free stream slot, opening a new connection when all are full (up to max_connections, then
-    waiting for a slot). With ssl, the connection offers ALPN `h2` only and peer_alpn tells what the
-    peer picked: NoH2 when it is not h2, for the caller to fall back to HTTP/1.1."""
+    waiting for a slot). With ssl (a context, or a function returning the current one: certificates
+    rotate), the context's ALPN offer is the caller's and peer_alpn tells what the peer picked: NoH2
+    when it is not h2, for the caller to fall back to HTTP/1.1. `verify(transport)`, when set, checks
+    each new TLS connection before it is used (the peer's identity) and raises to refuse it."""
 
-    def __init__(self, host: str, port: int, *, ssl: ssl_module.SSLContext | None = None,
+    def __init__(self, host: str, port: int, *,
+                 ssl: ssl_module.SSLContext | Callable[[], ssl_module.SSLContext] | None = None,
                  server_hostname: str | None = None, limits: Limits | None = None,
-                 max_connections: int = 16, connect_timeout: float = 5.0):
+                 max_connections: int = 16, connect_timeout: float = 5.0,
+                 verify: Callable[[asyncio.BaseTransport], None] | None = None):
         self.host, self.port = host, port
         self.ssl = ssl
         self.server_hostname = server_hostname
+        self.verify = verify
         self.limits = limits or Limits()
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
@@ -188,16 +194,23 @@ class H2Pool:
         """A new stream carrying `head` to the endpoint. Raises NoH2 (peer's ALPN is not h2),
         ConnectFailed (no connection; nothing sent), ConnectionGone."""
         while True:
+            conn = await self.connection()
+            try:
+                return conn.open_stream(head, end)
+            except ConnectionGone:
+                if conn.capacity > 0:   # not a full connection: a closed one, say so
+                    raise
+                # full or draining now: another connection
+
+    async def connection(self) -> H2Upstream:
+        """A ready connection with a free stream slot, opened when none has one (same errors as
+        open_stream)."""
+        while True:
             if self._closed:
                 raise ConnectionGone("pool closed", retriable=True)
             conn = self._with_capacity()
             if conn is not None:
-                try:
-                    return conn.open_stream(head, end)
-                except ConnectionGone:
-                    if conn.capacity > 0:   # not a full connection: a closed one, say so
-                        raise
-                    continue   # full or draining now: another connection
+                return conn
             if self._pending is not None:   # one connect at a time: its capacity may be enough
                 await asyncio.shield(self._pending)
                 continue
@@ -227,15 +240,22 @@ class H2Pool:
 
     async def _open_connection(self) -> H2Upstream:
         loop = asyncio.get_running_loop()
+        ctx = self.ssl() if callable(self.ssl) else self.ssl
         try:
             _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: H2Upstream(self.limits, on_change=self._wake), self.host, self.port, ssl=self.ssl,
-                server_hostname=self.server_hostname if self.ssl is not None else None),
+                lambda: H2Upstream(self.limits, on_change=self._wake), self.host, self.port, ssl=ctx,
+                server_hostname=self.server_hostname if ctx is not None else None),
                 self.connect_timeout)
-        except (OSError, asyncio.TimeoutError, ssl_module.SSLError) as exc:
+        except (OSError, asyncio.TimeoutError, ssl_module.SSLError, RuntimeError) as exc:
             raise ConnectFailed(f"connect to {self.host}:{self.port} failed: {exc!r}") from exc
-        if self.ssl is not None:
+        if ctx is not None:
             self.peer_alpn = conn.alpn
+            if self.verify is not None and not conn.closed:
+                try:
+                    self.verify(conn.transport)
+                except Exception as exc:  # noqa: BLE001 - whatever the check raises refuses the peer
+                    conn.close()
+                    raise ConnectFailed(f"{self.host}:{self.port} refused: {exc!r}") from exc
         try:
             await asyncio.wait_for(asyncio.shield(conn.ready), self.connect_timeout)
         except asyncio.TimeoutError:

@@ -120,6 +120,14 @@ def reset_connection(transport: asyncio.BaseTransport) -> None:
     transport.abort()
 
 
+def hop_tls(tls: Any, cluster: Cluster) -> tuple[ssl.SSLContext | None, str | None]:
+    """The client TLS context and server name of a connection to `cluster`'s endpoints: mutual TLS
+    with the holder's current material on a mesh hop, plaintext (None, None) otherwise."""
+    if cluster.mesh and tls is not None:
+        return tls.client_context(), cluster.name
+    return None, None
+
+
 def check_peer(tls: Any, transport: asyncio.BaseTransport, cluster: Cluster, index: int | None) -> None:
     """Optional identity check of a mesh peer: `tls.check_peer(ssl_object, endpoint) -> bool`."""
     check = getattr(tls, "check_peer", None)
@@ -135,12 +143,8 @@ async def open_upstream(state: ProxyState, cluster: Cluster, index: int | None, 
                         factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, Any]:
     """A connection to endpoint `key` of `cluster` as the data path makes them (TLS and the peer check
     on mesh hops, the connect timeout); used by the mirror layer."""
-    ctx = None
-    hostname = None
     tls = state.tls
-    if cluster.mesh and tls is not None:
-        ctx = tls.client_context()
-        hostname = cluster.name
+    ctx, hostname = hop_tls(tls, cluster)
     transport, proto = await asyncio.wait_for(
         asyncio.get_running_loop().create_connection(factory, key[0], key[1], ssl=ctx, server_hostname=hostname),
         state.connect_timeout)

@@ -11,7 +11,7 @@ from meshcore.lb import connect_tries
 
 from ..routing import Cluster
 from .engine import WRITE_HIGH_WATER, Exchange, ProxyState, Stack, _Downstream, _Upstream, _dec, log
-from .peers import check_peer
+from .peers import check_peer, hop_tls
 
 
 class _Pipe(asyncio.Protocol):
@@ -110,13 +110,10 @@ async def _tunnel(state: ProxyState, stack: Stack, client: _Pipe, cluster: Clust
         if idx is None:
             break
         key = cluster.keys[idx]
-        ctx = None
-        hostname = None
         tls = state.tls
+        ctx = None
         try:
-            if cluster.mesh and tls is not None:
-                ctx = tls.client_context()
-                hostname = cluster.name
+            ctx, hostname = hop_tls(tls, cluster)
             transport, up = await asyncio.wait_for(
                 loop.create_connection(_Pipe, key[0], key[1], ssl=ctx, server_hostname=hostname),
                 stack.connect_timeout)

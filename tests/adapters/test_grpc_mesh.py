@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from contextlib import AsyncExitStack
 
 import grpc
@@ -15,26 +16,51 @@ import pytest
 
 import dataclasses
 
+from certs.ca import CertificateAuthority
+from certs.holder import build_context
+from certs.keys import build_server_csr, generate_key
 from meshcore.authz import Policy, make_rule
+from meshcore.limits import Limits
 from meshcore.policy import decode_traffic_policy
 from gateway.server import start_gateway
 from meshcore.snapshot import Endpoint, GatewayRoute, MeshConfig, ServiceConfig, Snapshot
 from sidecar.mtls import Authorizer, start_mesh_inbound
 from sidecar.proxy import ProxyState, start_outbound
 from sidecar.routing import build_route_table
-from sidecar.tlsagent import MeshTls
+from sidecar.tlsagent import MeshTls, ServerCert
 from tests.adapters.loops import GUARD_S
 from tests.adapters.test_h2_datapath import EchoService, channel, method, start_grpc_server
 from tests.adapters.test_mtls import ORDERS, PAYMENTS, SVC_PORT, make_agent, metric
+
+class HopSpy(MeshTls):
+    """The inbound's TLS hook, noting the TLS connection and the ALPN protocol of each request's hop."""
+
+    def __init__(self, agent):
+        super().__init__(agent)
+        self.hops: list[tuple[int, str | None]] = []
+
+    def inbound_peer(self, ssl_object):
+        self.hops.append((id(ssl_object), ssl_object.selected_alpn_protocol() if ssl_object else None))
+        return super().inbound_peer(ssl_object)
+
+
+class Http1OnlyPeer(HopSpy):
+    """A peer whose inbound offers ALPN http/1.1 alone (an older sidecar, another mesh's proxy)."""
+
+    def server_context(self):
+        return build_context(self.holder.material, server_side=True, alpn=["http/1.1"])
+
 
 class GrpcMesh:
     """`n` payments endpoints (grpcio server + inbound sidecar each) and the orders outbound sidecar;
     `ch` is a grpcio channel from "orders" to payments through them."""
 
     def __init__(self, stack: AsyncExitStack, ca, n: int = 1, labels: dict | None = None,
-                 service_type: type = EchoService):
+                 service_type: type = EchoService, inbound_tls: type = None, limits: Limits | None = None):
         self.stack, self.ca, self.n, self.service_type = stack, ca, n, service_type
         self.policy = decode_traffic_policy(labels or {})   # payments' mesh.* labels
+        self.inbound_tls = inbound_tls or HopSpy   # the payments sidecars' TLS hook
+        self.limits = limits
 
     async def start(self) -> GrpcMesh:
         self.services, self.inbounds, ports = [], [], []
@@ -43,7 +69,9 @@ class GrpcMesh:
             service = self.service_type()
             server, app_port = start_grpc_server(service)
             self.stack.callback(server.stop, 0)
-            state = ProxyState("payments", "v1", tls=MeshTls(pay_agent))
+            state = ProxyState("payments", "v1", tls=self.inbound_tls(pay_agent))
+            if self.limits is not None:
+                state.limits = self.limits
             state.authz = Authorizer("payments")
             self.stack.callback(state.close)
             inbound = await start_mesh_inbound(state, "127.0.0.1", 0, app_port=app_port, protocol="grpc")
@@ -287,3 +315,94 @@ async def _through_the_gateway(ca):
 
 def test_grpc_from_outside_through_the_gateway_h2c(run, ca):
     run(_through_the_gateway, ca)
+
+
+async def _gateway_https(ca):
+    web_ca = CertificateAuthority.create("mesh.local", time.time())
+    key, key_pem = generate_key()
+    issued = web_ca.sign_server_csr(build_server_csr(key, ("localhost",)), ("localhost",), 3600, time.time())
+    server = ServerCert()
+    await server.aload_pem(issued.full_chain_pem, key_pem)
+    async with AsyncExitStack() as stack:
+        mesh = await GrpcMesh(stack, ca).start()
+        gw_state = ProxyState("gateway", "v1", tls=MeshTls(await make_agent(ca, ORDERS)))
+        gw_state.apply_snapshot(mesh.snapshot)
+        stack.callback(gw_state.close)
+        gw = await start_gateway(gw_state, "127.0.0.1", 0, ssl_context=server.front)
+        stack.callback(gw.close)
+        # grpcio over TLS offers ALPN h2 only: it connects only if the gateway picks h2
+        creds = grpc.ssl_channel_credentials(root_certificates=web_ca.bundle_pem)
+        ch = grpc.secure_channel(f"localhost:{gw.sockets[0].getsockname()[1]}", creds)
+        stack.callback(ch.close)
+        unary = method(ch, "unary_unary", "Unary")
+        for i in range(5):
+            assert await call(unary, b"%d" % i) == b"echo:%d" % i
+        assert metric(gw_state, "istio_requests_total", reporter="source", destination_service="payments",
+                      request_protocol="grpc", grpc_response_status="0") == 5
+
+
+def test_grpc_from_outside_through_the_gateway_over_tls_alpn_h2(run, ca):
+    run(_gateway_https, ca)
+
+
+async def _hop(ca, inbound_tls: type) -> list:
+    async with AsyncExitStack() as stack:
+        mesh = await GrpcMesh(stack, ca, inbound_tls=inbound_tls).start()
+        unary = method(mesh.ch, "unary_unary", "Unary")
+        answers = await asyncio.gather(*(call(unary, b"%d" % i) for i in range(16)))
+        assert answers == [b"echo:%d" % i for i in range(16)]
+        assert metric(mesh.inbounds[0], "istio_requests_total", reporter="destination",
+                      grpc_response_status="0") == 16
+        return mesh.inbounds[0].tls.hops
+
+
+def test_the_hop_to_a_grpc_service_is_http2_over_mtls_by_alpn(run, ca):
+    hops = run(_hop, ca, HopSpy)
+    assert {alpn for _, alpn in hops} == {"h2"}
+    # 16 calls at once as streams of one TLS connection (HTTP/1.1 would need one connection per call):
+    # the connection is identified once, then each stream.
+    assert len(hops) == 1 + 16 and len({conn for conn, _ in hops}) == 1, hops
+
+
+def test_a_peer_without_h2_gets_the_calls_over_http1(run, ca):
+    hops = run(_hop, ca, Http1OnlyPeer)
+    assert {alpn for _, alpn in hops} == {"http/1.1"}
+    assert len({conn for conn, _ in hops}) > 1
+
+
+class SlowBidi(EchoService):
+    """Answers each bidi message after a pause longer than the inbound's body timeout."""
+
+    def bidi(self, requests, context):
+        for request in requests:
+            threading.Event().wait(1.0)
+            yield b"late:" + request
+
+
+async def _quiet_stream(ca):
+    async with AsyncExitStack() as stack:
+        mesh = await GrpcMesh(stack, ca, service_type=SlowBidi,
+                              limits=Limits(body_timeout=0.3, idle_timeout=0.3)).start()
+        bidi = method(mesh.ch, "stream_stream", "Bidi")
+        answered = threading.Event()
+
+        def messages():   # the request stays open, and silent, while each answer takes its second
+            for m in (b"a", b"b"):
+                yield m
+                assert answered.wait(GUARD_S)
+                answered.clear()
+
+        def talk() -> list:
+            out = []
+            for answer in bidi(messages(), timeout=GUARD_S):
+                out.append(answer)
+                answered.set()
+            return out
+
+        assert await asyncio.to_thread(talk) == [b"late:a", b"late:b"]
+
+
+def test_a_stream_quiet_longer_than_the_body_timeout_is_not_cut(run, ca):
+    """HTTP/2 streams are out of the HTTP/1 listener's timers: flow control and the route's timeout
+    govern them (a bidi call may be silent for a while)."""
+    run(_quiet_stream, ca)
