@@ -6,6 +6,8 @@ Pure, standard library only; decoding checks every field it reads and names the 
 
 from __future__ import annotations
 
+import json
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, Iterable
 
 from .spans import KIND_NAMES, STATUS_ERROR, SpanRecord
@@ -51,6 +53,63 @@ def encode_otlp(spans: Iterable[SpanRecord], scope: str = "meshd") -> dict:
             } for s in members]}],
         })
     return {"resourceSpans": out}
+
+
+# One span of OtlpJsonWriter: encode_otlp's keys in its order, json.dumps's separators.
+_SPAN_JSON = ('{"traceId": "%s", "spanId": "%016x", "parentSpanId": %s, "name": %s, "kind": %d, '
+              '"startTimeUnixNano": "%d", "endTimeUnixNano": "%d", "attributes": [%s], "status": %s}')
+_STATUS_JSON = (json.dumps({}), json.dumps({"code": STATUS_ERROR}))
+_MAX_CACHED = 512            # attribute texts kept (~180 KiB at most; the recurring ones are few)
+
+
+class OtlpJsonWriter:
+    """The OTLP/HTTP JSON body of one resource's spans, byte for byte what json.dumps(encode_otlp(...))
+    makes of them, without building the dicts: the resource and scope are encoded once, and each
+    string or integer attribute (key and value) once while it recurs (methods, statuses, services, and
+    paths often).
+
+    A span here is (trace id as 32 lowercase hex digits, span id, parent id or None, name, kind,
+    start ns, end ns, attribute pairs, error): the ids come from the node's own trace contexts.
+    Safe to use from several threads (its caches only gain entries equal to any other writing).
+    """
+
+    def __init__(self, resource: Iterable[tuple[str, Any]], service: str, scope: str):
+        res = dict(resource)
+        res.setdefault("service.name", service)
+        shell = json.dumps({"resourceSpans": [{"resource": {"attributes": _attributes(res.items())},
+                                               "scopeSpans": [{"scope": {"name": scope}, "spans": [0]}]}]})
+        head, _, tail = shell.rpartition("[0]")   # the spans go between these brackets
+        self._head, self._tail = head + "[", "]" + tail
+        self._values: dict[tuple[str, Any], str] = {}    # (key, str or int value) -> its KeyValue
+
+    def body(self, spans: Iterable[tuple]) -> bytes:
+        """The ExportTraceServiceRequest carrying `spans` (an empty one when there are none)."""
+        known = self._values.get
+        texts = []
+        for trace_hex, span_id, parent_id, name, kind, start_ns, end_ns, attributes, error in spans:
+            attrs = []
+            for pair in attributes:
+                cls = pair[1].__class__
+                # only str and exact int values are remembered: True == 1, so a bool never looks one up
+                text = known(pair) if cls is str or cls is int else None
+                attrs.append(text if text is not None else self._attribute(pair))
+            texts.append(_SPAN_JSON % (trace_hex, span_id, '"%016x"' % parent_id if parent_id is not None else '""',
+                                       _json_str(name), kind, start_ns, end_ns, ", ".join(attrs),
+                                       _STATUS_JSON[bool(error)]))
+        if not texts:
+            return json.dumps({"resourceSpans": []}).encode()
+        return (self._head + ", ".join(texts) + self._tail).encode()
+
+    def _attribute(self, pair: tuple[str, Any]) -> str:
+        """One KeyValue as json.dumps writes it, remembered when a str or int (bounded: paths may not recur)."""
+        key, value = pair
+        text = json.dumps({"key": key, "value": _any_value(value)})
+        if value.__class__ is str or value.__class__ is int:
+            cache = self._values
+            if len(cache) >= _MAX_CACHED:
+                cache.clear()
+            cache[pair] = text
+        return text
 
 
 def _decode_value(raw: Any, where: str) -> Any:
