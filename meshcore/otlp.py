@@ -59,18 +59,17 @@ def encode_otlp(spans: Iterable[SpanRecord], scope: str = "meshd") -> dict:
 _SPAN_JSON = ('{"traceId": "%s", "spanId": "%016x", "parentSpanId": %s, "name": %s, "kind": %d, '
               '"startTimeUnixNano": "%d", "endTimeUnixNano": "%d", "attributes": [%s], "status": %s}')
 _STATUS_JSON = (json.dumps({}), json.dumps({"code": STATUS_ERROR}))
-_MAX_CACHED = 512            # attribute texts kept (~180 KiB at most; the recurring ones are few)
+_MAX_CACHED = 512            # attribute texts kept (~150 KiB at most; the recurring ones are few)
 
 
 class OtlpJsonWriter:
     """The OTLP/HTTP JSON body of one resource's spans, byte for byte what json.dumps(encode_otlp(...))
     makes of them, without building the dicts: the resource and scope are encoded once, and each
-    string or integer attribute (key and value) once while it recurs (methods, statuses, services, and
-    paths often).
+    string attribute (key and value) once while it recurs (methods, services, and paths often).
 
-    A span here is (trace id as 32 lowercase hex digits, span id, parent id or None, name, kind,
-    start ns, end ns, attribute pairs, error): the ids come from the node's own trace contexts.
-    Safe to use from several threads (its caches only gain entries equal to any other writing).
+    A span here is a queued hop: (its meshcore.tracecontext.TraceContext, name, kind, attributes
+    dict, start ns, end ns, error). Safe to use from several threads (its caches only gain entries
+    equal to any other writing).
     """
 
     def __init__(self, resource: Iterable[tuple[str, Any]], service: str, scope: str):
@@ -80,20 +79,22 @@ class OtlpJsonWriter:
                                                "scopeSpans": [{"scope": {"name": scope}, "spans": [0]}]}]})
         head, _, tail = shell.rpartition("[0]")   # the spans go between these brackets
         self._head, self._tail = head + "[", "]" + tail
-        self._values: dict[tuple[str, Any], str] = {}    # (key, str or int value) -> its KeyValue
+        # (key, str value) -> its KeyValue; a key with a value of another type never equals one
+        self._strings: dict[tuple[str, str], str] = {}
+        self._keys: dict[str, str] = {}           # key -> its KeyValue up to the AnyValue
 
     def body(self, spans: Iterable[tuple]) -> bytes:
         """The ExportTraceServiceRequest carrying `spans` (an empty one when there are none)."""
-        known = self._values.get
+        known = self._strings.get
         texts = []
-        for trace_hex, span_id, parent_id, name, kind, start_ns, end_ns, attributes, error in spans:
+        for ctx, name, kind, attributes, start_ns, end_ns, error in spans:
             attrs = []
-            for pair in attributes:
-                cls = pair[1].__class__
-                # only str and exact int values are remembered: True == 1, so a bool never looks one up
-                text = known(pair) if cls is str or cls is int else None
+            for pair in attributes.items():
+                text = known(pair)
                 attrs.append(text if text is not None else self._attribute(pair))
-            texts.append(_SPAN_JSON % (trace_hex, span_id, '"%016x"' % parent_id if parent_id is not None else '""',
+            parent_id = ctx.parent_id
+            texts.append(_SPAN_JSON % (ctx.trace_hex, ctx.span_id,
+                                       '"%016x"' % parent_id if parent_id is not None else '""',
                                        _json_str(name), kind, start_ns, end_ns, ", ".join(attrs),
                                        _STATUS_JSON[bool(error)]))
         if not texts:
@@ -101,15 +102,24 @@ class OtlpJsonWriter:
         return (self._head + ", ".join(texts) + self._tail).encode()
 
     def _attribute(self, pair: tuple[str, Any]) -> str:
-        """One KeyValue as json.dumps writes it, remembered when a str or int (bounded: paths may not recur)."""
+        """One KeyValue as json.dumps writes it, remembered when a str (bounded: paths may not recur)."""
         key, value = pair
-        text = json.dumps({"key": key, "value": _any_value(value)})
-        if value.__class__ is str or value.__class__ is int:
-            cache = self._values
-            if len(cache) >= _MAX_CACHED:
-                cache.clear()
-            cache[pair] = text
-        return text
+        head = self._keys.get(key)
+        if head is None:
+            head = _remember(self._keys, key, json.dumps({"key": key, "value": 0})[:-2])
+        cls = value.__class__
+        if cls is str:
+            return _remember(self._strings, pair, f'{head}{{"stringValue": {_json_str(value)}}}}}')
+        if cls is int:
+            return f'{head}{{"intValue": "{value:d}"}}}}'
+        return head + json.dumps(_any_value(value)) + "}"
+
+
+def _remember(cache: dict, key: Any, text: str) -> str:
+    if len(cache) >= _MAX_CACHED:
+        cache.clear()
+    cache[key] = text
+    return text
 
 
 def _decode_value(raw: Any, where: str) -> Any:

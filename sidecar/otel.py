@@ -31,7 +31,7 @@ MAX_QUEUE = 2048               # spans waiting for export; more are dropped (cou
 MAX_BATCH = 512                # spans per POST (OTLP/HTTP bodies stay well under receivers' limits)
 SCOPE = "meshd.sidecar"
 
-# One finished hop: (context, name, kind, attributes, start ns, end ns, error)
+# One finished hop: (context, name, kind, attributes, start ns, end ns, error), as OtlpJsonWriter takes it
 Span = tuple[TraceContext, str, int, dict, int, int, bool]
 # Where spans go now: (label, URL, TLS client context factory or None)
 Target = tuple[str, str, Callable[[], ssl.SSLContext] | None]
@@ -57,12 +57,6 @@ def span_records(spans: Iterable[Span], resource: tuple[tuple[str, Any], ...]) -
                        name=name, kind=kind, start_ns=start_ns, end_ns=end_ns, service=service,
                        attributes=tuple(attrs.items()), error=error, resource=resource)
             for ctx, name, kind, attrs, start_ns, end_ns, error in spans]
-
-
-def otlp_body(writer: OtlpJsonWriter, spans: Iterable[Span]) -> bytes:
-    """Queued spans as one OTLP/HTTP JSON body (json.dumps(encode_otlp(span_records(...))), byte for byte)."""
-    return writer.body((ctx.trace_hex, ctx.span_id, ctx.parent_id, name, kind, start_ns, end_ns, attrs.items(), error)
-                       for ctx, name, kind, attrs, start_ns, end_ns, error in spans)
 
 
 def post_json(url: str, body: bytes, context: ssl.SSLContext | None, timeout: float = EXPORT_TIMEOUT_S) -> int:
@@ -157,7 +151,7 @@ class SpanExporter:
         targets = self.targets()
         if not targets:
             return True   # nowhere to send (no meshd receiver, no endpoint): no encoding
-        body = otlp_body(self.writer, spans)
+        body = self.writer.body(spans)   # json.dumps(encode_otlp(span_records(...))), byte for byte
         ok_all = True
         for label, url, factory in targets:
             try:

@@ -1,7 +1,7 @@
 """The telemetry a node writes per request, written past the general-purpose encoders: the access log
 line (meshproc.runtime.EventLine, sidecar.tracing.ACCESS_LINE) against what structlog's processor
 chain of configure_logging makes of the same request, and the OTLP/HTTP JSON body of queued spans
-(meshcore.otlp.OtlpJsonWriter, sidecar.otel.otlp_body) against json.dumps(encode_otlp(...)).
+(meshcore.otlp.OtlpJsonWriter, as sidecar.otel's exporter feeds it) against json.dumps(encode_otlp(...)).
 Byte for byte (the timestamps aside, whose clocks differ), odd characters included. Table-driven."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from meshcore.spans import KIND_CLIENT, KIND_SERVER, SpanRecord
 from meshcore.telemetry_settings import ACCESS_FULL, TelemetrySettings
 from meshcore.tracecontext import TraceContext, continue_traceparent
 from meshproc import runtime
-from sidecar.otel import SCOPE, node_resource, otlp_body, span_records
+from sidecar.otel import SCOPE, span_records
 from sidecar.tracing import ACCESS_LINE, Tracing
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,9 +54,11 @@ def record(span_id: int, parent: int | None = None, *, name: str = "GET /x", kin
 
 
 def written(records: list[SpanRecord], resource, scope: str = "test") -> bytes:
+    """The records as queued hops, through OtlpJsonWriter."""
     writer = OtlpJsonWriter(resource, dict(resource).get("service.name", "unknown"), scope)
-    return writer.body((r.trace_id, int(r.span_id, 16), int(r.parent_id, 16) if r.parent_id else None, r.name,
-                        r.kind, r.start_ns, r.end_ns, r.attributes, r.error) for r in records)
+    return writer.body((TraceContext(int(r.trace_id, 16), int(r.span_id, 16),
+                                     int(r.parent_id, 16) if r.parent_id else None, True),
+                        r.name, r.kind, dict(r.attributes), r.start_ns, r.end_ns, r.error) for r in records)
 
 
 ODD_RESOURCE = (("service.instance.id", 'n"1\n'), ("service.name", "pay%sments"), ("service.version", "v1"))
@@ -125,8 +127,10 @@ ODD_REQUESTS = [
 
 
 def test_export_body_is_the_old_encoding_of_the_queued_spans():
+    """What SpanExporter.export posts for spans Tracing queued, against the conversion and encoding
+    it replaced."""
     batch, exporter = queued_spans(ODD_REQUESTS * 3)
-    body = otlp_body(exporter.writer, batch)
+    body = exporter.writer.body(batch)
     assert body == json.dumps(encode_otlp(span_records(batch, exporter.resource), scope=SCOPE)).encode()
     assert decode_otlp(json.loads(body)) == span_records(batch, exporter.resource)   # what meshd stores
     assert b"secret" not in body
