@@ -85,18 +85,15 @@ class OtlpJsonWriter:
 
     def body(self, spans: Iterable[tuple]) -> bytes:
         """The ExportTraceServiceRequest carrying `spans` (an empty one when there are none)."""
-        known = self._strings.get
+        known, attribute = self._strings.get, self._attribute
         texts = []
         for ctx, name, kind, attributes, start_ns, end_ns, error in spans:
-            attrs = []
-            for pair in attributes.items():
-                text = known(pair)
-                attrs.append(text if text is not None else self._attribute(pair))
             parent_id = ctx.parent_id
-            texts.append(_SPAN_JSON % (ctx.trace_hex, ctx.span_id,
-                                       '"%016x"' % parent_id if parent_id is not None else '""',
-                                       _json_str(name), kind, start_ns, end_ns, ", ".join(attrs),
-                                       _STATUS_JSON[bool(error)]))
+            texts.append(_SPAN_JSON % (
+                ctx.trace_hex, ctx.span_id, '"%016x"' % parent_id if parent_id is not None else '""',
+                _json_str(name), kind, start_ns, end_ns,
+                ", ".join([known(pair) or attribute(pair) for pair in attributes.items()]),   # texts are never ""
+                _STATUS_JSON[bool(error)]))
         if not texts:
             return json.dumps({"resourceSpans": []}).encode()
         return (self._head + ", ".join(texts) + self._tail).encode()
