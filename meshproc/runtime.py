@@ -157,9 +157,8 @@ class EventLine:
         """The line's format: the fields with the recurring ones filled in, then what
         merge_contextvars, add_log_level and TimeStamper add."""
         texts = iter(recurring)
-        head = ", ".join(json_str(key) + ": " + (fmt if fmt is not RECURRING else
-                                                 json.dumps(next(texts)).replace("%", "%%"))
-                         for key, fmt in self.fields)
+        head = ", ".join(json_str(key).replace("%", "%%") + ": " + (
+            fmt if fmt is not RECURRING else json.dumps(next(texts)).replace("%", "%%")) for key, fmt in self.fields)
         merged = lines.render(None, self.level, {"event": self.event, **context, "level": self.level,
                                                  "timestamp": ""})
         # no braces; up to the opening quote of the (empty) timestamp, whose text the format then writes

@@ -28,6 +28,7 @@ from meshcore.spans import KIND_CLIENT, KIND_SERVER, SpanRecord
 from meshcore.telemetry_settings import ACCESS_FULL, TelemetrySettings
 from meshcore.tracecontext import TraceContext, continue_traceparent
 from meshproc import runtime
+from meshproc.runtime import RECURRING
 from sidecar.otel import SCOPE, span_records
 from sidecar.tracing import ACCESS_LINE, Tracing
 
@@ -255,6 +256,35 @@ def test_timestamp_is_timestampers_iso_utc_text(ns):
     expected = instant.isoformat().replace("+00:00", "Z")        # TimeStamper(fmt="iso", utc=True)
     assert lines.timestamp(ns) == expected
     assert lines.timestamp(ns + 5_000_000_000) != expected        # the next seconds are not the cached one
+
+
+@pytest.mark.parametrize("event, fields, recurring, values, own", [
+    ("e%v\"", (("k%s\"\n", "%d"), ("r%", RECURRING), ("é", "%s")), ("x%s\u2028", ), (5, '"y"'),
+     {"k%s\"\n": 5, "r%": "x%s\u2028", "é": "y"}),
+    ("plain", (("a", RECURRING), ("b", RECURRING)), (None, ""), (), {"a": None, "b": ""}),
+])
+def test_any_event_line_is_the_chains_line(event, fields, recurring, values, own):
+    """EventLine beyond the access log: odd keys, events and recurring values, `%` among them."""
+    out = io.StringIO()
+    render = structlog.processors.JSONRenderer()
+    line = runtime.EventLine(event, fields)
+
+    def run() -> str:
+        structlog.contextvars.bind_contextvars(process="p%s")
+        runtime._lines = runtime.LogLines(out, logging.INFO, render)
+        assert line.write(recurring, values, 1_700_000_000_123_456_000) is True
+        chained = {**own, "event": event}
+        for process in runtime.log_processors(render):
+            chained = process(None, "info", chained)
+        return chained + "\n"
+
+    saved = runtime._lines
+    try:
+        chained = contextvars.copy_context().run(run)
+    finally:
+        runtime._lines = saved
+    assert masked(out.getvalue()) == masked(chained)
+    assert json.loads(out.getvalue())["timestamp"] == "2023-11-14T22:13:20.123456Z"
 
 
 @pytest.mark.parametrize("ns, stamp", [(1_700_000_000_000_000_000, "2023-11-14T22:13:20Z"),
