@@ -51,9 +51,8 @@ PIECES = {
     "span_inbound": ("sampled span: Tracing.finish, server span with a remote parent (access log off)",
                      "inbound"),
     "access_log": ("access log line: Tracing.finish, access_log=full, unsampled (no span)", "both"),
-    "span_encode": ("export with a target: a queued span converted and OTLP JSON-encoded, per span "
-                    "(sidecar.otel: span_records + encode_otlp + json.dumps, batches of 512, the exporter's thread)",
-                    "both"),
+    "span_encode": ("export with a target: a queued span OTLP JSON-encoded, per span "
+                    "(meshcore.otlp.OtlpJsonWriter.body, batches of 512, the exporter's thread)", "both"),
 }
 
 
@@ -193,7 +192,7 @@ def run_hotpath(quick: bool = False, seconds: float | None = None, repeats: int 
 def _encode_cost(spans, out_ctx, in_ctx, finish, seconds: float, repeats: int) -> dict:
     """What SpanExporter.export does to a batch before posting it (skipped in the data path here,
     which has no target), per span: half client spans of new traces, half server spans."""
-    from sidecar.otel import MAX_BATCH, SCOPE, encode_otlp, span_records
+    from sidecar.otel import MAX_BATCH
     from sidecar.tracing import Tracing
 
     probe = Tracing(spans.service, spans.version, node=spans.node)
@@ -205,8 +204,7 @@ def _encode_cost(spans, out_ctx, in_ctx, finish, seconds: float, repeats: int) -
     batch = list(exporter.queue)
     exporter.queue.clear()
     probe.close()
-    resource = exporter.resource
-    encode = lambda: json.dumps(encode_otlp(span_records(batch, resource), scope=SCOPE)).encode()  # noqa: E731
+    encode = lambda: exporter.writer.body(batch)  # noqa: E731
     r = measure(encode, _calls(encode, seconds), repeats)
     per = len(batch)
     r = {**r, "us": round(r["us"] / per, 3), "spread_us": [round(x / per, 3) for x in r["spread_us"]],

@@ -110,8 +110,8 @@ def telemetry_cost(res: dict) -> list[str]:
               "CPU over all threads (queue flushed in each repeat) minus the caller's. No span leaves the process: Tracing.collector is None (meshd's receiver is set "
               "only by `sidecar run`) and no OTLP endpoint is set, so Tracing.targets() is "
               f"{hp.get('span_targets') or 'empty'}; "
-              "with no target the exporter drops a batch before converting or encoding it (sidecar/otel.py), so the export rows below are the queue's own bookkeeping; what a target adds (conversion and OTLP JSON encoding, before the POST) is timed on its own in the last row. Access log: structlog configured by "
-              "meshproc.runtime.configure_logging, its stream /dev/null (a write per line, "
+              "with no target the exporter drops a batch before encoding it (sidecar/otel.py), so the export rows below are the queue's own bookkeeping; what a target adds (the OTLP JSON encoding, before the POST) is timed on its own in the last row. Access log: configured by "
+              "meshproc.runtime.configure_logging (the line written by its EventLine, past structlog's processor chain), its stream /dev/null (a write per line, "
               f"{hp.get('access_log_line_bytes', '?')} bytes)."]
         if cpu:
             L[-1] += (f" For scale, the share of the sidecar's own CPU per request in this run's data path "

@@ -6,6 +6,8 @@ Pure, standard library only; decoding checks every field it reads and names the 
 
 from __future__ import annotations
 
+import json
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, Iterable
 
 from .spans import KIND_NAMES, STATUS_ERROR, SpanRecord
@@ -51,6 +53,70 @@ def encode_otlp(spans: Iterable[SpanRecord], scope: str = "meshd") -> dict:
             } for s in members]}],
         })
     return {"resourceSpans": out}
+
+
+# One span of OtlpJsonWriter: encode_otlp's keys in its order, json.dumps's separators.
+_SPAN_JSON = ('{"traceId": "%s", "spanId": "%016x", "parentSpanId": %s, "name": %s, "kind": %d, '
+              '"startTimeUnixNano": "%d", "endTimeUnixNano": "%d", "attributes": [%s], "status": %s}')
+_STATUS_JSON = (json.dumps({}), json.dumps({"code": STATUS_ERROR}))
+_MAX_CACHED = 512            # attribute texts kept (~150 KiB at most; the recurring ones are few)
+
+
+class OtlpJsonWriter:
+    """The OTLP/HTTP JSON body of one resource's spans, byte for byte what json.dumps(encode_otlp(...))
+    makes of them, without building the dicts: the resource and scope are encoded once, and each
+    string attribute (key and value) once while it recurs (methods, services, and paths often).
+
+    A span here is a queued hop: (its meshcore.tracecontext.TraceContext, name, kind, attributes
+    dict, start ns, end ns, error). Safe to use from several threads (its caches only gain entries
+    equal to any other writing).
+    """
+
+    def __init__(self, resource: Iterable[tuple[str, Any]], service: str, scope: str):
+        res = dict(resource)
+        res.setdefault("service.name", service)
+        shell = json.dumps({"resourceSpans": [{"resource": {"attributes": _attributes(res.items())},
+                                               "scopeSpans": [{"scope": {"name": scope}, "spans": [0]}]}]})
+        head, _, tail = shell.rpartition("[0]")   # the spans go between these brackets
+        self._head, self._tail = head + "[", "]" + tail
+        # (key, str value) -> its KeyValue; a key with a value of another type never equals one
+        self._strings: dict[tuple[str, str], str] = {}
+        self._keys: dict[str, str] = {}           # key -> its KeyValue up to the AnyValue
+
+    def body(self, spans: Iterable[tuple]) -> bytes:
+        """The ExportTraceServiceRequest carrying `spans` (an empty one when there are none)."""
+        known, attribute = self._strings.get, self._attribute
+        texts = []
+        for ctx, name, kind, attributes, start_ns, end_ns, error in spans:
+            parent_id = ctx.parent_id
+            texts.append(_SPAN_JSON % (
+                ctx.trace_hex, ctx.span_id, '"%016x"' % parent_id if parent_id is not None else '""',
+                _json_str(name), kind, start_ns, end_ns,
+                ", ".join([known(pair) or attribute(pair) for pair in attributes.items()]),   # texts are never ""
+                _STATUS_JSON[bool(error)]))
+        if not texts:
+            return json.dumps({"resourceSpans": []}).encode()
+        return (self._head + ", ".join(texts) + self._tail).encode()
+
+    def _attribute(self, pair: tuple[str, Any]) -> str:
+        """One KeyValue as json.dumps writes it, remembered when a str (bounded: paths may not recur)."""
+        key, value = pair
+        head = self._keys.get(key)
+        if head is None:
+            head = _remember(self._keys, key, json.dumps({"key": key, "value": 0})[:-2])
+        cls = value.__class__
+        if cls is str:
+            return _remember(self._strings, pair, f'{head}{{"stringValue": {_json_str(value)}}}}}')
+        if cls is int:
+            return f'{head}{{"intValue": "{value:d}"}}}}'
+        return head + json.dumps(_any_value(value)) + "}"
+
+
+def _remember(cache: dict, key: Any, text: str) -> str:
+    if len(cache) >= _MAX_CACHED:
+        cache.clear()
+    cache[key] = text
+    return text
 
 
 def _decode_value(raw: Any, where: str) -> Any:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import datetime
+import json
 import logging
 import os
 import signal
 import sys
+from json.encoder import encode_basestring_ascii as json_str
+from typing import Any
 
 # structlog's optional extras, imported by structlog when installed (rich comes with meshctl,
 # greenlet with some test tools): JSON logs on asyncio never use them, and the console ones cost
@@ -29,25 +34,135 @@ def _import_structlog():
 
 
 structlog = _import_structlog()  # first, in the processes' import order: see sidecar.cli, gateway.cli
+get_contextvars = structlog.contextvars.get_contextvars
 
 
 def configure_logging(process: str) -> None:
-    """structlog JSON lines on stderr, level from MESH_LOG_LEVEL (default info)."""
+    """structlog JSON lines on stderr, level from MESH_LOG_LEVEL (default info); EventLines write
+    theirs the same way past the chain."""
+    global _lines
     level = getattr(logging, os.environ.get("MESH_LOG_LEVEL", "info").upper(), logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
+    render = structlog.processors.JSONRenderer()
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=log_processors(render),
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(process=process)
+    _lines = LogLines(sys.stderr, level, render)
+
+
+def log_processors(render: Any) -> list:
+    """configure_logging's processor chain, ending in `render` (its JSONRenderer)."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        render,
+    ]
+
+
+class LogLines:
+    """What configure_logging's processor chain adds after an event's own fields, and where the line
+    goes: the way past the chain for EventLine."""
+
+    def __init__(self, stream: Any, level: int, render: Any):
+        self.level = level
+        self.render = render                        # the chain's JSONRenderer
+        self.out = structlog.WriteLogger(stream)    # one write per line, under structlog's lock of the stream
+        self.second: tuple[int, str] = (-1, "")     # (Unix second, its ISO 8601 text up to the seconds)
+
+    def second_text(self, second: int) -> str:
+        """'YYYY-MM-DDTHH:MM:SS' of the Unix `second` in UTC (the last one remembered)."""
+        cached = self.second
+        if cached[0] != second:
+            cached = self.second = (second, datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
+                                    .isoformat()[:19])
+        return cached[1]
+
+    def timestamp(self, ns: int) -> str:
+        """TimeStamper(fmt="iso", utc=True)'s text for the instant `ns` (ns since the epoch)."""
+        second, micro = divmod(ns // 1000, 1_000_000)
+        # datetime.isoformat leaves out a zero microsecond
+        return f"{self.second_text(second)}.{micro:06d}Z" if micro else self.second_text(second) + "Z"
+
+
+_lines: LogLines | None = None   # set by configure_logging
+_CHAIN_KEYS = frozenset(("event", "level", "timestamp", "exc_info"))   # what the chain sets or reads
+_MAX_FORMATS = 128              # line formats kept per context (a few routes recur)
+_STAMP = '%s.%06dZ"}'          # the timestamp's second and microsecond, closing the line
+_WHOLE_SECOND = '%sZ"}%.0s'    # the same at a zero microsecond (isoformat leaves it out)
+RECURRING = None               # EventLine: a field whose value (str or None) recurs from line to line
+
+
+class EventLine:
+    """One hot event with fixed fields, written as configure_logging's processor chain writes it
+    (its fields in order, then event, the context variables, level and timestamp, as json.dumps
+    writes them; the same stream and lock; the same level filter) without running the chain.
+
+    `fields`: (key, %-format of its JSON value), e.g. ("status", "%d"), where the caller passes string
+    values already JSON-encoded (json_str); or (key, RECURRING) for a str (or None) value that recurs
+    (names of a route): those are encoded once into the line's format, kept per distinct set. Where
+    the process did not run configure_logging (tests capturing structlog's events, tools) or a context
+    variable would merge differently (it has one of the line's keys), `write` returns False and the
+    caller logs the event through structlog instead.
+    """
+
+    def __init__(self, event: str, fields: tuple[tuple[str, str | None], ...], level: str = "info"):
+        self.event = event
+        self.level = level
+        self.level_no = logging.getLevelName(level.upper())
+        self.fields = fields
+        self.keys = frozenset(key for key, _ in fields)
+        # (the context these formats were made in, or None; recurring values -> the whole line's
+        # format: the other fields' values, then the timestamp's second and microsecond)
+        self._formats: tuple[contextvars.Context | None, dict[tuple, str]] = (None, {})
+
+    def write(self, recurring: tuple[str | None, ...], values: tuple, ns: int) -> bool:
+        """Write the line of `recurring` and `values` (each in its field's order) stamped `ns`
+        (time.time_ns()); False: log it through structlog instead."""
+        lines = _lines
+        if lines is None:
+            return False
+        if self.level_no < lines.level:
+            return True                           # the chain's logger drops it too
+        context = contextvars.copy_context()
+        made_in, formats = self._formats
+        if context != made_in:                    # one compare while no context variable was set
+            formats = {}
+            self._formats = (context, formats)
+        line = formats.get(recurring)
+        if line is None:
+            variables = get_contextvars()
+            if not self.keys.isdisjoint(variables) or not _CHAIN_KEYS.isdisjoint(variables):
+                return False
+            line = self._format(lines, recurring, variables)
+            # Equal contexts render alike only when their values do: str and None (1 == True).
+            if all(value is None or value.__class__ is str for value in variables.values()):
+                if len(formats) >= _MAX_FORMATS:
+                    formats.clear()
+                formats[recurring] = line
+        micros = ns // 1000
+        second = micros // 1_000_000
+        micro = micros - second * 1_000_000
+        if not micro:   # datetime.isoformat leaves out a zero microsecond
+            line = line[:-len(_STAMP)] + _WHOLE_SECOND
+        lines.out.msg(line % (*values, lines.second_text(second), micro))
+        return True
+
+    def _format(self, lines: LogLines, recurring: tuple, context: dict) -> str:
+        """The line's format: the fields with the recurring ones filled in, then what
+        merge_contextvars, add_log_level and TimeStamper add."""
+        texts = iter(recurring)
+        head = ", ".join(json_str(key).replace("%", "%%") + ": " + (
+            fmt if fmt is not RECURRING else json.dumps(next(texts)).replace("%", "%%")) for key, fmt in self.fields)
+        merged = lines.render(None, self.level, {"event": self.event, **context, "level": self.level,
+                                                 "timestamp": ""})
+        # no braces; up to the opening quote of the (empty) timestamp, whose text the format then writes
+        return "{" + head + ", " + merged[1:-2].replace("%", "%%") + _STAMP
 
 
 def stop_signal() -> asyncio.Event:

@@ -5,14 +5,13 @@ The exporter knows nothing of sidecar.tracing: the node's tracing gives it the r
 that lists the current targets and one that counts what became of the spans.
 
 Why not the OpenTelemetry SDK: it only batched here (ids and sampling are decided per request by
-meshcore.tracecontext, the encoding is meshcore.otlp.encode_otlp), and at 1% sampling under load its
+meshcore.tracecontext, the encoding is meshcore.otlp's OtlpJsonWriter), and at 1% sampling under load its
 import and its queued spans (a lock, two deques and a copy of the attributes each) cost a sidecar
 about 3.5 MiB; a span here is one tuple until its batch is encoded.
 """
 
 from __future__ import annotations
 
-import json
 import ssl
 import threading
 from collections import deque
@@ -20,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 import structlog
 
-from meshcore.otlp import encode_otlp
+from meshcore.otlp import OtlpJsonWriter
 from meshcore.spans import SpanRecord
 from meshcore.tracecontext import TraceContext
 
@@ -32,7 +31,7 @@ MAX_QUEUE = 2048               # spans waiting for export; more are dropped (cou
 MAX_BATCH = 512                # spans per POST (OTLP/HTTP bodies stay well under receivers' limits)
 SCOPE = "meshd.sidecar"
 
-# One finished hop: (context, name, kind, attributes, start ns, end ns, error)
+# One finished hop: (context, name, kind, attributes, start ns, end ns, error), as OtlpJsonWriter takes it
 Span = tuple[TraceContext, str, int, dict, int, int, bool]
 # Where spans go now: (label, URL, TLS client context factory or None)
 Target = tuple[str, str, Callable[[], ssl.SSLContext] | None]
@@ -44,9 +43,15 @@ def node_resource(service: str, version: str, node: str = "") -> tuple[tuple[str
                          "service.instance.id": node or service}.items()))
 
 
+def resource_service(resource: tuple[tuple[str, Any], ...]) -> str:
+    """The service.name of a node's resource attributes."""
+    return dict(resource).get("service.name", "unknown")
+
+
 def span_records(spans: Iterable[Span], resource: tuple[tuple[str, Any], ...]) -> list[SpanRecord]:
-    """Queued spans as SpanRecords of one node (`resource`: its sorted resource attributes)."""
-    service = dict(resource).get("service.name", "unknown")
+    """Queued spans as SpanRecords of one node (`resource`: its sorted resource attributes): what
+    meshd's receiver decodes their OTLP body to."""
+    service = resource_service(resource)
     return [SpanRecord(trace_id=ctx.trace_hex, span_id="%016x" % ctx.span_id,
                        parent_id="%016x" % ctx.parent_id if ctx.parent_id is not None else None,
                        name=name, kind=kind, start_ns=start_ns, end_ns=end_ns, service=service,
@@ -89,6 +94,7 @@ class SpanExporter:
                  count: Callable[[str, bool, int], None], *, delay_s: float = BATCH_DELAY_MS / 1000,
                  max_queue: int = MAX_QUEUE, max_batch: int = MAX_BATCH):
         self.resource = resource
+        self.writer = OtlpJsonWriter(resource, resource_service(resource), SCOPE)
         self.targets = targets
         self.count = count
         self.delay_s = delay_s
@@ -145,7 +151,7 @@ class SpanExporter:
         targets = self.targets()
         if not targets:
             return True   # nowhere to send (no meshd receiver, no endpoint): no encoding
-        body = json.dumps(encode_otlp(span_records(spans, self.resource), scope=SCOPE)).encode()
+        body = self.writer.body(spans)   # json.dumps(encode_otlp(span_records(...))), byte for byte
         ok_all = True
         for label, url, factory in targets:
             try:

@@ -23,9 +23,18 @@ from meshcore.telemetry_settings import TelemetrySettings, should_log_access
 from meshcore.tracecontext import (
     Parent, TraceContext, continue_traceparent, decode_parent, encode_trace_headers, start_hop,
 )
+from meshproc.runtime import RECURRING, EventLine, json_str
 
 log = structlog.get_logger("sidecar.tracing")
 access = structlog.get_logger("access")
+
+# The access log line, written past structlog's processor chain (a line per request under
+# access_log=full); the same fields as `access.info("request", ...)`, in this order.
+ACCESS_LINE = EventLine("request", (
+    ("direction", RECURRING), ("method", RECURRING), ("path", "%s"), ("status", "%d"), ("flags", RECURRING),
+    ("duration_ms", "%r"), ("source", RECURRING), ("source_version", RECURRING), ("destination", RECURRING),
+    ("destination_version", RECURRING), ("upstream", RECURRING), ("attempts", "%d"),
+    ("trace_id", '"%s"'), ("span_id", '"%016x"'), ("sampled", "%s")))   # ids: hex the node made
 
 OTLP_PATH = "/v1/traces"       # OTLP/HTTP 1.0 default path for traces
 
@@ -106,12 +115,20 @@ class Tracing:
         end_ns = time.time_ns()
         start_ns = end_ns - int(ms * 1e6)
         path = target.split(b"?", 1)[0].decode("latin-1")
+        method_text = method.decode("latin-1")
         if record_span:
-            self._record(ctx, direction, method.decode("latin-1"), path, status, flags, start_ns, end_ns,
+            self._record(ctx, direction, method_text, path, status, flags, start_ns, end_ns,
                          source, source_version, destination, destination_version, upstream, attempts, no_flags)
         if log_it:
-            access.info("request", direction=direction, method=method.decode("latin-1"), path=path,
-                        status=status, flags=flags, duration_ms=round(ms, 3), source=source,
+            duration = round(ms, 3)
+            if ACCESS_LINE.write(
+                    (direction, method_text, flags, source, source_version, destination, destination_version,
+                     upstream),
+                    (json_str(path), status, duration, attempts, ctx.trace_hex, ctx.span_id,
+                     "true" if ctx.sampled else "false"), end_ns):
+                return
+            access.info("request", direction=direction, method=method_text, path=path,
+                        status=status, flags=flags, duration_ms=duration, source=source,
                         source_version=source_version, destination=destination,
                         destination_version=destination_version, upstream=upstream, attempts=attempts,
                         trace_id=ctx.trace_hex, span_id="%016x" % ctx.span_id, sampled=ctx.sampled)

@@ -805,7 +805,7 @@ def test_spans_beyond_a_full_queue_and_after_close_are_counted_as_dropped(posts)
 
 def test_without_a_target_batches_are_dropped_unencoded(posts, monkeypatch):
     import sidecar.otel
-    monkeypatch.setattr(sidecar.otel, "encode_otlp", lambda *a, **k: pytest.fail("encoded with no target"))
+    monkeypatch.setattr(sidecar.otel.OtlpJsonWriter, "body", lambda *a, **k: pytest.fail("encoded with no target"))
     registry = Registry()
     tracing = Tracing("a", "v1", registry=registry)
     finish_sampled(tracing, 200)
