@@ -16,7 +16,8 @@ Role APIs:
                    payments, notifications in turn; 200 with their answers, or 502 naming the
                    first that failed and its status
                    GET /api/orders/live (also /orders/live, /live): a WebSocket of this instance's
-                   order status events, JSON text messages: first {"event": "subscribed"}, then per
+                   order status events, one JSON text message each (newline-ended): first
+                   {"event": "subscribed"}, then per
                    order {"event": "order", "order", "status"} with status placed, paid, completed,
                    or failed (with "failed": the downstream that failed)
     payments       POST /pay
@@ -40,6 +41,7 @@ RECOMMEND_DEADLINE_S (default 2) seconds per call.
 """
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -156,7 +158,7 @@ async def live_orders(request):
     subscribers = request.app["live"]
     subscribers.add(ws)
     try:
-        await ws.send_json({"event": "subscribed", "service": ROLE, "instance": INSTANCE})
+        await send_event(ws, {"event": "subscribed", "service": ROLE, "instance": INSTANCE})
         async for _ in ws:   # nothing to read: wait for the client to close
             pass
     finally:
@@ -164,10 +166,15 @@ async def live_orders(request):
     return ws
 
 
+def send_event(ws, event):
+    # one JSON text per message, newline-ended: a raw `curl --no-buffer` of the feed reads a line each
+    return ws.send_str(json.dumps(event) + "\n")
+
+
 async def publish(app, oid, status, **extra):
     """An order's status event to every live subscriber (one that cannot take it is left to close)."""
     event = {"event": "order", "order": oid, "status": status, "instance": INSTANCE, **extra}
-    await asyncio.gather(*(ws.send_json(event) for ws in list(app["live"]) if not ws.closed),
+    await asyncio.gather(*(send_event(ws, event) for ws in list(app["live"]) if not ws.closed),
                          return_exceptions=True)
 
 
