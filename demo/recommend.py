@@ -5,7 +5,10 @@
 Service `shop.Recommendations`, messages as JSON bytes (the serializers below, no protoc):
     Recommend (unary)            {"user", "item", "count"} -> {"items": [...], "version", "algorithm", "instance"}
     Watch (server streaming)     {"user", "item", "count", "interval_ms"} -> `count` messages
-                                 {"item", "rank", "version", "algorithm", "instance"}, one per interval
+                                 {"item", "rank", "sent_at", "version", "algorithm", "instance"},
+                                 one per interval (sent_at: the server's clock, epoch seconds)
+    Follow (bidi streaming)      a stream of {"user", "item"} -> for each, in turn, {"n", "item", "items",
+                                 "sent_at", "version", "algorithm", "instance"} (n counts from 1)
 The algorithm is the version's (env VERSION: v1 popular, v2 similar-items; env ALGORITHM overrides),
 so a caller sees which version answered. Faults for the mesh's retries: env FAIL_RATE (0..1) of
 Recommend calls end with status FAIL_CODE (a gRPC status name, default UNAVAILABLE).
@@ -18,6 +21,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import zlib
 from concurrent import futures
 
@@ -26,6 +30,7 @@ import grpc
 SERVICE = "shop.Recommendations"
 RECOMMEND = f"/{SERVICE}/Recommend"
 WATCH = f"/{SERVICE}/Watch"
+FOLLOW = f"/{SERVICE}/Follow"
 DEFAULT_PORT = 50051
 CATALOG = ("hat", "mug", "shirt", "socks", "scarf", "poster", "sticker", "bag")  # most popular first
 ALGORITHMS = {"v1": "popular", "v2": "similar-items"}
@@ -57,7 +62,7 @@ def rank(algorithm: str, user: str, item: str) -> list[str]:
 
 
 class Recommender:
-    """The two methods, for one version and algorithm, with the optional injected failures."""
+    """The three methods, for one version and algorithm, with the optional injected failures."""
 
     def __init__(self, version: str, algorithm: str, fail_rate: float = 0.0,
                  fail_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE):
@@ -96,7 +101,16 @@ class Recommender:
         for n in range(count):
             if n and interval_ms and stopped.wait(interval_ms / 1000):
                 return
-            yield self._stamp({"item": ranked[n % len(ranked)], "rank": n + 1})
+            yield self._stamp({"item": ranked[n % len(ranked)], "rank": n + 1, "sent_at": time.time()})
+
+    def follow(self, requests, context: grpc.ServicerContext):
+        # One answer per message as it comes: a caller may wait for each before sending the next.
+        for n, request in enumerate(requests, 1):
+            user, item = request.get("user", ""), request.get("item", "")
+            if not isinstance(user, str) or not isinstance(item, str):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "want user and item as strings")
+            yield self._stamp({"n": n, "item": item, "items": rank(self.algorithm, user, item)[:3],
+                               "sent_at": time.time()})
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's generic handler: method names to handlers with the JSON serializers."""
@@ -105,6 +119,8 @@ class Recommender:
                 self.recommend, request_deserializer=decode, response_serializer=encode),
             "Watch": grpc.unary_stream_rpc_method_handler(
                 self.watch, request_deserializer=decode, response_serializer=encode),
+            "Follow": grpc.stream_stream_rpc_method_handler(
+                self.follow, request_deserializer=decode, response_serializer=encode),
         })
 
 

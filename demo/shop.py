@@ -15,6 +15,11 @@ Role APIs:
     orders         GET /api/orders/{id} (also /orders/{id}, /{id}): calls inventory, users,
                    payments, notifications in turn; 200 with their answers, or 502 naming the
                    first that failed and its status
+                   GET /api/orders/live (also /orders/live, /live): a WebSocket of this instance's
+                   order status events, one JSON text message each (newline-ended): first
+                   {"event": "subscribed"}, then per
+                   order {"event": "order", "order", "status"} with status placed, paid, completed,
+                   or failed (with "failed": the downstream that failed)
     payments       POST /pay
     inventory      GET /stock/{id}
     users          GET /users/{id}
@@ -36,6 +41,7 @@ RECOMMEND_DEADLINE_S (default 2) seconds per call.
 """
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -43,7 +49,7 @@ import socket
 import sys
 
 import grpc
-from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, WSCloseCode, web
 
 from recommend import RECOMMEND, WATCH, decode, encode
 
@@ -144,8 +150,42 @@ def propagated(request):
 
 # ---- role APIs ---------------------------------------------------------------------------------
 
+async def live_orders(request):
+    """A WebSocket of order status events: subscribed once registered, so a client that waits for that
+    message sees every order placed afterwards."""
+    ws = web.WebSocketResponse(heartbeat=30)
+    await ws.prepare(request)
+    subscribers = request.app["live"]
+    subscribers.add(ws)
+    try:
+        await send_event(ws, {"event": "subscribed", "service": ROLE, "instance": INSTANCE})
+        async for _ in ws:   # nothing to read: wait for the client to close
+            pass
+    finally:
+        subscribers.discard(ws)
+    return ws
+
+
+def send_event(ws, event):
+    # one JSON text per message, newline-ended: a raw `curl --no-buffer` of the feed reads a line each
+    return ws.send_str(json.dumps(event) + "\n")
+
+
+async def publish(app, oid, status, **extra):
+    """An order's status event to every live subscriber (one that cannot take it is left to close)."""
+    event = {"event": "order", "order": oid, "status": status, "instance": INSTANCE, **extra}
+    await asyncio.gather(*(send_event(ws, event) for ws in list(app["live"]) if not ws.closed),
+                         return_exceptions=True)
+
+
+async def close_live(app):
+    for ws in list(app["live"]):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"shutting down")
+
+
 async def order(request):
     oid = request.match_info["id"]
+    await publish(request.app, oid, "placed")
     calls = [
         ("inventory", "GET", f"http://inventory:8080/stock/{oid}", None),
         ("users", "GET", f"http://users:8080/users/{oid}", None),
@@ -164,12 +204,17 @@ async def order(request):
                     body = text
                 status = resp.status
         except (ClientError, asyncio.TimeoutError, OSError) as exc:
+            await publish(request.app, oid, "failed", failed=name)
             return reply({"order": oid, "failed": name, "status": None,
                           "error": describe(exc), "results": results}, status=502)
         if status >= 400:
+            await publish(request.app, oid, "failed", failed=name)
             return reply({"order": oid, "failed": name, "status": status, "body": body,
                           "results": results}, status=502)
         results[name] = body
+        if name == "payments":
+            await publish(request.app, oid, "paid")
+    await publish(request.app, oid, "completed")
     return reply({"order": oid, "results": results})
 
 
@@ -279,7 +324,8 @@ async def tally_recommendations(request):
 
 def role_routes(role):
     if role == "orders":
-        return [web.get(p, order) for p in ("/api/orders/{id}", "/orders/{id}", "/{id}")]
+        return [*(web.get(p, live_orders) for p in ("/api/orders/live", "/orders/live", "/live")),
+                *(web.get(p, order) for p in ("/api/orders/{id}", "/orders/{id}", "/{id}"))]
     if role == "payments":
         return [web.post("/pay", pay)]
     if role == "inventory":
@@ -316,6 +362,8 @@ def make_app(role):
     app = web.Application(middlewares=[faults])
     app["faults"] = faults_from_env()
     app["stats"] = {"requests": 0, "failed": 0}
+    app["live"] = set()     # the live order feed's open WebSockets
+    app.on_shutdown.append(close_live)
     app.cleanup_ctx.append(client_ctx)
     if role == "catalog":
         app.cleanup_ctx.append(recommendations_ctx)

@@ -3,6 +3,7 @@ grpcio servers and clients in this process, no mesh in between."""
 
 from __future__ import annotations
 
+import queue
 import sys
 from pathlib import Path
 
@@ -66,6 +67,31 @@ def test_watch_streams_count_messages_in_rank_order(server_of):
     ranked = recommend.rank("similar-items", "ada", "hat")
     assert [m["item"] for m in messages] == [ranked[n % len(ranked)] for n in range(12)]
     assert {m["version"] for m in messages} == {"v2"}
+
+
+def test_watch_stamps_each_message_when_sent(server_of):
+    with grpc.insecure_channel(server_of("v1")) as channel:
+        _, watch = stubs(channel)
+        messages = list(watch({"count": 3, "interval_ms": 50}, timeout=5))
+    sent = [m["sent_at"] for m in messages]
+    assert sent == sorted(sent) and sent[2] - sent[0] >= 0.09   # two intervals between first and last
+
+
+def test_follow_answers_each_message_before_the_next_is_sent(server_of):
+    with grpc.insecure_channel(server_of("v2")) as channel:
+        follow = channel.stream_stream(recommend.FOLLOW, request_serializer=recommend.encode,
+                                       response_deserializer=recommend.decode)
+        outbox: queue.Queue = queue.Queue()
+        answers = follow(iter(outbox.get, None), timeout=5)
+        got = []
+        for item in ("hat", "mug", "shirt"):     # lockstep: the next message only after an answer
+            outbox.put({"user": "ada", "item": item})
+            got.append(next(answers))
+        outbox.put(None)
+        assert list(answers) == []
+    assert [(m["n"], m["item"]) for m in got] == [(1, "hat"), (2, "mug"), (3, "shirt")]
+    assert got[2]["items"] == recommend.rank("similar-items", "ada", "shirt")[:3]
+    assert {m["version"] for m in got} == {"v2"}
 
 
 @pytest.mark.parametrize("request_message", [
