@@ -49,10 +49,15 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[int(rank) - 1]
 
 
+def of_project(name: str) -> bool:
+    """Whether a container name is the project's: Compose v1 `scale_web_1`, v2 `scale-web-1`."""
+    return name.startswith((f"{PROJECT}_", f"{PROJECT}-"))
+
+
 def all_acked(status: dict, expected_apps: int) -> tuple[int, int]:
     """(sidecars connected and on the current snapshot, sidecars listed) from GET /v1/status."""
     current = (status.get("meshd") or {}).get("snapshot_version")
-    rows = [s for s in status.get("sidecars") or [] if s.get("app", "").startswith(f"{PROJECT}_")]
+    rows = [s for s in status.get("sidecars") or [] if of_project(s.get("app", ""))]
     done = sum(1 for s in rows if s.get("state") == "running" and s.get("connected")
                and current is not None and s.get("acked_version") == current)
     return done, max(len(rows), expected_apps)
@@ -173,7 +178,7 @@ def sidecar_ids() -> list[str]:
     """The project's sidecars (by name prefix), running or not, one `docker ps` call."""
     out = _run(["docker", "ps", "-a", "--no-trunc", "--format", "{{.ID}} {{.Names}}",
                 *sum((["--filter", f] for f in SIDECARS), [])], 60).stdout
-    return [line.split()[0] for line in out.splitlines() if line.split()[1].startswith(f"{PROJECT}_")]
+    return [line.split()[0] for line in out.splitlines() if of_project(line.split()[1])]
 
 
 def start_meshd(compose: list[str], files: list[str], log) -> str:

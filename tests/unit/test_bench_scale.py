@@ -21,8 +21,13 @@ def test_all_acked_counts_only_the_project_on_the_current_version():
         {"app": "scale_web_2", "state": "running", "connected": True, "acked_version": 6},
         {"app": "scale_web_3", "state": "missing", "connected": False, "acked_version": None},
         {"app": "shop_orders_1", "state": "running", "connected": True, "acked_version": 7},
+        {"app": "scaler_web_1", "state": "running", "connected": True, "acked_version": 7},
     ]}
     assert all_acked(status, 3) == (1, 3)
+    v2 = {"meshd": {"snapshot_version": 7}, "sidecars": [   # Compose v2 names: project-service-N
+        {"app": "scale-web-1", "state": "running", "connected": True, "acked_version": 7},
+        {"app": "scale-web-2", "state": "running", "connected": True, "acked_version": 6}]}
+    assert all_acked(v2, 2) == (1, 2)
     assert all_acked(status, 5) == (1, 5)          # not listed yet still counts as expected
     assert all_acked({"meshd": {}, "sidecars": []}, 2) == (0, 2)
 
