@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -85,6 +86,26 @@ def venv_for(checkout: Path, venv: Path) -> str:
     return str(python)
 
 
+_ENGINE = ("wire", "hoptrace", "pools", "state", "layers", "stack", "exchange", "upstream", "respond", "dispatch",
+           "downstream")   # the engine's modules (setup.py)
+
+
+def _cimported(pxd: str) -> tuple[str, ...]:
+    """`pxd` and the project's .pxd files it cimports, theirs too (the engine's cimport each other):
+    what cythonize rebuilds the module for when one changes."""
+    seen: dict[str, None] = {}
+    todo = [pxd]
+    while todo:
+        path = todo.pop()
+        if path in seen or not (ROOT / path).is_file():
+            continue
+        seen[path] = None
+        text = (ROOT / path).read_text()
+        for module in re.findall(r"^\s*(?:from\s+([\w.]+)\s+cimport|cimport\s+([\w.]+))", text, re.M):
+            todo.append((module[0] or module[1]).replace(".", "/") + ".pxd")
+    return tuple(seen)
+
+
 # setup.py's COMPILED modules, each with the sources its extension is built from (a .pxd it cimports
 # included: the C calls into it are compiled against its declarations)
 COMPILED_MODULES = {
@@ -93,9 +114,8 @@ COMPILED_MODULES = {
                                "sidecar/datapath/speedups.pxd"),
     "meshcore.lb": ("meshcore/lb.py", "meshcore/lb.pxd"),
     "meshcore.resilience": ("meshcore/resilience.py", "meshcore/resilience.pxd"),
-    "sidecar.datapath.engine": ("sidecar/datapath/engine.py", "sidecar/datapath/engine.pxd",
-                                "sidecar/datapath/http1.pxd", "sidecar/datapath/speedups.pxd",
-                                "meshcore/resilience.pxd", "meshcore/lb.pxd"),
+    **{f"sidecar.datapath.{name}": (f"sidecar/datapath/{name}.py", *_cimported(f"sidecar/datapath/{name}.pxd"))
+       for name in _ENGINE},
     "sidecar.datapath.pipes": ("sidecar/datapath/pipes.py",),
 }
 COMPILED_SOURCES = tuple(dict.fromkeys(src for srcs in COMPILED_MODULES.values() for src in srcs))
@@ -110,7 +130,7 @@ def compiled_module(name: str) -> Path | None:
 
 def compiled_data_path() -> Path | None:
     """The checkout's compiled data-path engine (setup.py builds it in place at `make install`), or None."""
-    return compiled_module("sidecar.datapath.engine")
+    return compiled_module("sidecar.datapath.downstream")
 
 
 def stale_compiled_modules(missing_too: bool = False) -> list[str]:
