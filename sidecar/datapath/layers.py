@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from time import monotonic
-from typing import Any, Callable, Collection
+from typing import TYPE_CHECKING, Any, Callable, Collection
 
 from meshcore.grpc import cap_grpc_timeout
 from meshcore.lb import DEFAULT_MAX_TRIES, connect_tries, merge_exclusions, pick_p2c
@@ -17,6 +17,11 @@ from .wire import (
     FLAG_FAULT_ABORT, FLAG_FAULT_DELAY, FLAG_NO_HEALTHY_UPSTREAM, FLAG_NO_ROUTE, FLAG_OVERFLOW, FLAG_RATE_LIMITED,
     FLAG_RBAC, HELD, NEXT, Reply, _join_flags, caller_of, log,
 )
+
+if TYPE_CHECKING:
+    from .downstream import _Downstream
+    from .exchange import Exchange
+    from .state import ProxyState
 
 # ---- the layer chain ----------------------------------------------------------------------------
 # A listener's request path is a tuple of Layer objects, run in order by _Dispatcher._proceed: each one's

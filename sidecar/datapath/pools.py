@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic
+from typing import TYPE_CHECKING
 
 from .wire import POOL_IDLE_TIMEOUT_S, POOL_MAX_IDLE
+
+if TYPE_CHECKING:
+    from .upstream import _Upstream
 
 class UpstreamPools:
     """Idle keep-alive upstream connections, per endpoint key (address, port); newest reused first.

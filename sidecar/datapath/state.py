@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from random import random as _uniform  # not `import random`: ProxyState.random would shadow it (Cython)
 from time import monotonic
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from meshcore.snapshot import Snapshot
 
@@ -24,6 +24,10 @@ from .peers import (
 )
 from .pools import UpstreamPools
 from .wire import CONNECT_TIMEOUT_S, EJECT_S, POOL_IDLE_TIMEOUT_S, POOL_MAX_IDLE, log
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+    from .upstream import _Upstream
 
 
 def _mesh_keys(table: RouteTable) -> set:

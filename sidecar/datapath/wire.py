@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshcore.grpc import is_grpc_content_type
 from meshcore.resilience import DI, FI, RL, UO, URX, UT
@@ -19,6 +19,10 @@ from .http1 import (
     H_TRACEPARENT, H_TRACESTATE, HEADER_ACTIONS, HOP_BY_HOP, HeaderLines,
 )
 from .speedups import join, name_table
+
+if TYPE_CHECKING:
+    from .downstream import _Downstream
+    from .exchange import Exchange
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -175,7 +179,7 @@ def _dec(counts: dict, key: Any) -> None:
 
 
 
-def caller_of(down: "_Downstream", ex: "Exchange") -> str:
+def caller_of(down: _Downstream, ex: Exchange) -> str:
     """The calling workload as the inbound reports it: the service of the verified peer certificate
     (mTLS), else the caller's `x-mesh-source` header (plaintext on a permissive inbound: a label only,
     never trusted for authorization), else `unknown`."""
