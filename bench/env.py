@@ -86,8 +86,9 @@ def venv_for(checkout: Path, venv: Path) -> str:
     return str(python)
 
 
-_ENGINE = ("wire", "hoptrace", "pools", "state", "layers", "stack", "exchange", "upstream", "respond", "dispatch",
-           "downstream")   # the engine's modules (setup.py)
+# the engine's modules (setup.py; sidecar/datapath/engine.py re-exports their names)
+ENGINE_MODULES = ("wire", "hoptrace", "pools", "state", "layers", "stack", "exchange", "upstream", "respond",
+                  "dispatch", "downstream")
 
 
 def _cimported(pxd: str) -> tuple[str, ...]:
@@ -115,7 +116,7 @@ COMPILED_MODULES = {
     "meshcore.lb": ("meshcore/lb.py", "meshcore/lb.pxd"),
     "meshcore.resilience": ("meshcore/resilience.py", "meshcore/resilience.pxd"),
     **{f"sidecar.datapath.{name}": (f"sidecar/datapath/{name}.py", *_cimported(f"sidecar/datapath/{name}.pxd"))
-       for name in _ENGINE},
+       for name in ENGINE_MODULES},
     "sidecar.datapath.pipes": ("sidecar/datapath/pipes.py",),
 }
 COMPILED_SOURCES = tuple(dict.fromkeys(src for srcs in COMPILED_MODULES.values() for src in srcs))

@@ -35,6 +35,12 @@ inc/observe for metrics; the trace context object only when a span or log line n
 
 Non-HTTP traffic (services with protocol "tcp", passthrough of unknown destinations, CONNECT) is
 plain byte forwarding between two `_Pipe` protocols (pipes.py).
+
+Compiled, these modules' .pxd files cimport each other's classes, so importing any one of them
+initialises the others first, in an order that depends on which came first: at module level they
+import from each other only classes (set before a module's code runs); their constants and
+functions come from wire and hoptrace, which import none of them (tests/unit/test_compiled.py
+imports each module first).
 """
 
 from __future__ import annotations
