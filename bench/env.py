@@ -151,10 +151,26 @@ def stale_compiled_modules(missing_too: bool = False) -> list[str]:
     return stale
 
 
+def orphan_extensions() -> list[Path]:
+    """Extension modules (and their generated .c) beside the compiled ones that setup.py no longer
+    builds, e.g. sidecar/datapath/engine.*.so from before the engine was split into modules: Python
+    imports such a module instead of the .py beside it."""
+    out = []
+    for package in sorted({name.rpartition(".")[0] for name in COMPILED_MODULES}):
+        for so in sorted((ROOT / package.replace(".", "/")).glob("*.so")):
+            leaf = so.name.split(".")[0]
+            if f"{package}.{leaf}" not in COMPILED_MODULES:
+                out += [so, *[c for c in [so.with_name(f"{leaf}.c")] if c.is_file()]]
+    return out
+
+
 def ensure_compiled_data_path(missing_too: bool = True) -> None:
     """The data path's compiled modules are current: rebuilt in place (`make ext`) when missing (with
     `missing_too`) or older than their sources; where they cannot be built (no Cython or compiler)
-    the .py sources run, but never a compiled module older than its sources (RuntimeError)."""
+    the .py sources run, but never a compiled module older than its sources (RuntimeError). Orphan
+    extensions (orphan_extensions) are removed."""
+    for path in orphan_extensions():
+        path.unlink()
     if not stale_compiled_modules(missing_too):
         return
     subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, timeout=900,

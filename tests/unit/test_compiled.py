@@ -16,7 +16,7 @@ import sidecar.datapath.downstream as downstream
 import sidecar.datapath.engine as proxy
 import sidecar.datapath.hoptrace as hoptrace
 import sidecar.datapath.wire as wire
-from bench.env import COMPILED_MODULES, ENGINE_MODULES, ROOT, stale_compiled_modules
+from bench.env import COMPILED_MODULES, ENGINE_MODULES, ROOT, orphan_extensions, stale_compiled_modules
 
 
 def _compiled() -> bool:
@@ -67,6 +67,8 @@ def test_compiled_modules_are_not_older_than_their_sources() -> None:
         pytest.skip("the data path's engine runs from its source")
     stale = stale_compiled_modules()
     assert not stale, f"{', '.join(stale)} older than their sources: run `make ext`"
+    # An extension setup.py no longer builds (tests/conftest.py removes it) would shadow its .py.
+    assert not orphan_extensions()
 
 
 @pytest.mark.parametrize("name, sources", sorted(COMPILED_MODULES.items()))
