@@ -1,9 +1,10 @@
 """The optional C build of the data path; everything else about the package is in pyproject.toml.
 
-sidecar/datapath/engine.py is compiled with Cython, its declarations in sidecar/datapath/engine.pxd
-(the per-request classes and the layers as C structs, their methods calling each other as C functions): the same source, run as
+The engine's modules (sidecar/datapath/: wire.py ... downstream.py, see COMPILED) are compiled with Cython,
+each with its declarations in the .pxd beside it (the per-request classes and the layers as C structs,
+their methods calling each other as C functions, across modules by cimport): the same source, run as
 machine code instead of bytecode. Where Cython or a C compiler is missing, or with
-MESHD_PURE_PYTHON=1, the package installs without it (a py3-none-any wheel) and runs engine.py as
+MESHD_PURE_PYTHON=1, the package installs without it (a py3-none-any wheel) and runs them as
 Python, with the same behaviour.
 """
 
@@ -13,8 +14,12 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+# the engine's modules (sidecar/datapath/engine.py re-exports their names) from wire to downstream
 COMPILED = ["meshcore.lb", "meshcore.resilience", "sidecar.datapath.speedups", "sidecar.datapath.http1",
-            "sidecar.datapath.engine", "sidecar.datapath.pipes"]
+            "sidecar.datapath.wire", "sidecar.datapath.hoptrace", "sidecar.datapath.pools", "sidecar.datapath.state",
+            "sidecar.datapath.layers", "sidecar.datapath.stack", "sidecar.datapath.exchange",
+            "sidecar.datapath.upstream", "sidecar.datapath.respond", "sidecar.datapath.dispatch",
+            "sidecar.datapath.downstream", "sidecar.datapath.pipes"]
 DIRECTIVES = {
     "language_level": 3,
     "annotation_typing": False,   # types come from the .pxd only; annotations stay documentation

@@ -54,10 +54,11 @@ def main(argv: list[str]) -> None:
             for path in ("base", "mesh"):
                 for role, pid in lab.pids[path].items():
                     maps = Path(f"/proc/{pid}/maps").read_text()
-                    so = sorted({ln.split()[-1] for ln in maps.splitlines() if "sidecar/proxy." in ln})
+                    so = ", ".join(sorted({Path(ln.split()[-1]).name.split(".")[0] for ln in maps.splitlines()
+                                           if "/sidecar/datapath/" in ln and ln.endswith(".so")}))
                     envs = dict(x.split("=", 1) for x in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in x)
                     exe = Path(f"/proc/{pid}/cmdline").read_text().split("\0")[0]
-                    print(f"{'A' if path == 'base' else 'B'} {role}: data path {so or 'Python source'} "
+                    print(f"{'A' if path == 'base' else 'B'} {role}: data path {f'compiled ({so})' if so else 'Python source'} "
                           f"({exe}, PYTHONPATH={envs.get('PYTHONPATH')})")
             lab.check("base")
             sc = SCENARIOS[args.scenario]

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -85,6 +86,27 @@ def venv_for(checkout: Path, venv: Path) -> str:
     return str(python)
 
 
+# the engine's modules (setup.py; sidecar/datapath/engine.py re-exports their names)
+ENGINE_MODULES = ("wire", "hoptrace", "pools", "state", "layers", "stack", "exchange", "upstream", "respond",
+                  "dispatch", "downstream")
+
+
+def _cimported(pxd: str) -> tuple[str, ...]:
+    """`pxd` and the project's .pxd files it cimports, theirs too (the engine's cimport each other):
+    what cythonize rebuilds the module for when one changes."""
+    seen: dict[str, None] = {}
+    todo = [pxd]
+    while todo:
+        path = todo.pop()
+        if path in seen or not (ROOT / path).is_file():
+            continue
+        seen[path] = None
+        text = (ROOT / path).read_text()
+        for module in re.findall(r"^\s*(?:from\s+([\w.]+)\s+cimport|cimport\s+([\w.]+))", text, re.M):
+            todo.append((module[0] or module[1]).replace(".", "/") + ".pxd")
+    return tuple(seen)
+
+
 # setup.py's COMPILED modules, each with the sources its extension is built from (a .pxd it cimports
 # included: the C calls into it are compiled against its declarations)
 COMPILED_MODULES = {
@@ -93,9 +115,8 @@ COMPILED_MODULES = {
                                "sidecar/datapath/speedups.pxd"),
     "meshcore.lb": ("meshcore/lb.py", "meshcore/lb.pxd"),
     "meshcore.resilience": ("meshcore/resilience.py", "meshcore/resilience.pxd"),
-    "sidecar.datapath.engine": ("sidecar/datapath/engine.py", "sidecar/datapath/engine.pxd",
-                                "sidecar/datapath/http1.pxd", "sidecar/datapath/speedups.pxd",
-                                "meshcore/resilience.pxd", "meshcore/lb.pxd"),
+    **{f"sidecar.datapath.{name}": (f"sidecar/datapath/{name}.py", *_cimported(f"sidecar/datapath/{name}.pxd"))
+       for name in ENGINE_MODULES},
     "sidecar.datapath.pipes": ("sidecar/datapath/pipes.py",),
 }
 COMPILED_SOURCES = tuple(dict.fromkeys(src for srcs in COMPILED_MODULES.values() for src in srcs))
@@ -110,7 +131,7 @@ def compiled_module(name: str) -> Path | None:
 
 def compiled_data_path() -> Path | None:
     """The checkout's compiled data-path engine (setup.py builds it in place at `make install`), or None."""
-    return compiled_module("sidecar.datapath.engine")
+    return compiled_module("sidecar.datapath.downstream")
 
 
 def stale_compiled_modules(missing_too: bool = False) -> list[str]:
@@ -130,10 +151,26 @@ def stale_compiled_modules(missing_too: bool = False) -> list[str]:
     return stale
 
 
+def orphan_extensions() -> list[Path]:
+    """Extension modules (and their generated .c) beside the compiled ones that setup.py no longer
+    builds, e.g. sidecar/datapath/engine.*.so from before the engine was split into modules: Python
+    imports such a module instead of the .py beside it."""
+    out = []
+    for package in sorted({name.rpartition(".")[0] for name in COMPILED_MODULES}):
+        for so in sorted((ROOT / package.replace(".", "/")).glob("*.so")):
+            leaf = so.name.split(".")[0]
+            if f"{package}.{leaf}" not in COMPILED_MODULES:
+                out += [so, *[c for c in [so.with_name(f"{leaf}.c")] if c.is_file()]]
+    return out
+
+
 def ensure_compiled_data_path(missing_too: bool = True) -> None:
     """The data path's compiled modules are current: rebuilt in place (`make ext`) when missing (with
     `missing_too`) or older than their sources; where they cannot be built (no Cython or compiler)
-    the .py sources run, but never a compiled module older than its sources (RuntimeError)."""
+    the .py sources run, but never a compiled module older than its sources (RuntimeError). Orphan
+    extensions (orphan_extensions) are removed."""
+    for path in orphan_extensions():
+        path.unlink()
     if not stale_compiled_modules(missing_too):
         return
     subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, timeout=900,

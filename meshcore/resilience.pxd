@@ -1,6 +1,6 @@
 # Cython declarations that compile meshcore/resilience.py (unchanged Python) into a C extension where
 # the data path is compiled (setup.py); elsewhere the .py runs. The per-request primitives are C
-# structs here, so the compiled proxy's calls of their methods are C calls (sidecar/datapath/engine.pxd).
+# structs here, so the compiled proxy's calls of their methods are C calls (sidecar/datapath/layers.pxd, dispatch.pxd).
 
 cdef class RetryBudget:
     cdef public object ratio, min_concurrency

@@ -8,9 +8,9 @@ if _os.environ.get("MESHD_PURE_PYTHON"):
     import importlib.machinery as _machinery
     import sys as _sys
 
-    COMPILED_MODULES = frozenset(("sidecar.datapath.engine", "sidecar.datapath.pipes", "sidecar.datapath.http1",
-                                  "sidecar.datapath.speedups",
-                                  "meshcore.lb", "meshcore.resilience"))   # setup.py's COMPILED
+    COMPILED_MODULES = frozenset((*(f"sidecar.datapath.{name}" for name in (
+        "wire", "hoptrace", "pools", "state", "layers", "stack", "exchange", "upstream", "respond", "dispatch",
+        "downstream", "pipes", "http1", "speedups")), "meshcore.lb", "meshcore.resilience"))   # setup.py's COMPILED
 
     class _PureSource:
         """Finds each module of COMPILED_MODULES as its .py source, ahead of the compiled extension."""

@@ -1,5 +1,5 @@
 # Cython declarations that compile sidecar/datapath/http1.py (unchanged Python) into a C extension,
-# see setup.py; sidecar/datapath/engine.pxd cimports these functions, so the engine calls them as C functions.
+# see setup.py; the engine's .pxd files cimport these functions, so the engine calls them as C functions.
 
 cimport cython
 

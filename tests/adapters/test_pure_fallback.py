@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_proxy_engine_tests_pass_on_the_python_source() -> None:
     env = {**os.environ, "MESHD_PURE_PYTHON": "1"}
-    which = subprocess.run([sys.executable, "-c", "import sidecar.datapath.engine as p; print(p.__file__)"],
+    which = subprocess.run([sys.executable, "-c", "import sidecar.datapath.downstream as p; print(p.__file__)"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert which.stdout.strip().endswith("sidecar/datapath/engine.py"), which.stdout + which.stderr
+    assert which.stdout.strip().endswith("sidecar/datapath/downstream.py"), which.stdout + which.stderr
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           "tests/adapters/test_proxy.py", "tests/adapters/test_upgrade.py"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.chain import main as print_chains
 from gateway.server import build_gateway_stack
+from sidecar.datapath.chain import describe, sidecar_chains
 from sidecar.proxy import (
     Authorize, Balance, Breaker, Fault, LeastRequest, Layer, Mirror, ProxyState, RateLimit, Retries, Route,
     RouteByHost, RouteTo, Rules, StartTrace, Stack, Timeout, Traffic, TrafficBalance, build_inbound_stack,
@@ -55,3 +57,47 @@ def test_stack_reads_connect_tries_and_outliers_from_its_balance_layer(state, ba
                   request_headers={}, mesh_headers=b"", connect_timeout=1.0, pool=state.pools, gauge=None)
     assert (stack.max_tries, stack.outlier, stack.breaker) == (max_tries, outlier, True)
     assert isinstance(stack.balance, Balance) and isinstance(stack.chain[0], Layer)
+
+
+PRINTED_OUTBOUND = """outbound (outbound):
+  1. trace context
+  2. route by host
+  3. traffic state
+  4. rules + split
+  5. timeout  [on_end]
+  6. fault  [on_end]
+  7. circuit breaker  [on_end]
+  8. retries + budget  [on_end]
+  9. mirror
+  10. balance (mesh.lb, outliers) + connect"""
+
+PRINTED_INBOUND = """inbound (inbound):
+  1. trace context
+  2. rate limit
+  3. authorize
+  4. route to the local app
+  5. balance (least request) + connect"""
+
+PRINTED_GATEWAY = """gateway (gateway):
+  1. trace context
+  2. route (gateway routes)
+  3. jwt
+  4. traffic state
+  5. rules + split
+  6. timeout  [on_end]
+  7. fault  [on_end]
+  8. circuit breaker  [on_end]
+  9. retries + budget  [on_end]
+  10. mirror
+  11. balance (mesh.lb, outliers) + connect"""
+
+
+def test_the_chains_printed(state) -> None:
+    """What `python -m sidecar.datapath.chain` / `python -m gateway.chain` print, one layer a line."""
+    assert sidecar_chains(state) == [PRINTED_OUTBOUND, PRINTED_INBOUND]
+    assert describe("gateway", build_gateway_stack(state)) == PRINTED_GATEWAY
+
+
+def test_the_chain_command_prints_all_three(capsys) -> None:
+    print_chains()
+    assert capsys.readouterr().out == "\n\n".join((PRINTED_OUTBOUND, PRINTED_INBOUND, PRINTED_GATEWAY)) + "\n"

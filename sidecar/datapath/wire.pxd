@@ -1,0 +1,12 @@
+# Cython declarations that compile sidecar/datapath/wire.py (unchanged Python) into a C extension, see
+# setup.py: the helpers the engine's other modules call per request are C functions for them (a cimport).
+
+cimport cython
+from sidecar.datapath.speedups cimport join
+
+
+cpdef _join_flags(have, new)
+@cython.locals(size=Py_ssize_t)
+cpdef _send(transport, parts)
+cpdef _dec(dict counts, key)
+cpdef caller_of(down, ex)
