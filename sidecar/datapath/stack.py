@@ -11,7 +11,8 @@ from meshcore.lb import DEFAULT_MAX_TRIES
 from ..routing import Cluster, local_cluster
 from ..telemetry import REPORTER_DESTINATION, REPORTER_SOURCE
 from ..traffic import choose_mirror_subset, choose_subset, fault_of
-from .h2bridge import H2_PROTOCOLS, H2AppConnector, H2PeerConnector, serve_h2
+from .h2bridge import H2_PROTOCOLS, serve_h2
+from .h2upstream import H2AppConnector, H2PeerConnector
 from .layers import (
     Authorize, Balance, Breaker, Fault, Layer, LeastRequest, Mirror, RateLimit, Retries, RouteByHost, RouteTo, Rules,
     StartTrace, Timeout, Traffic, TrafficBalance,
@@ -57,10 +58,10 @@ class Stack:
         self.h2 = h2                            # h2(down, first bytes): serves a connection opened with the
                                                 # HTTP/2 preface (h2bridge.serve_h2), or None
         self.connect = connect                  # connect(loop, factory, host, port, ssl, server_hostname,
-                                                # verify) to every endpoint (h2bridge.H2AppConnector), None:
+                                                # verify) to every endpoint (h2upstream.H2AppConnector), None:
                                                 # a TCP connection (TLS on mesh hops)
         self.connect_h2 = connect_h2            # the same, for the mesh hops to HTTP/2 services
-                                                # (h2bridge.H2PeerConnector), None: HTTP/1.1 to them too
+                                                # (h2upstream.H2PeerConnector), None: HTTP/1.1 to them too
 
 
 def mesh_source_headers(source: str, version: str) -> bytes:
