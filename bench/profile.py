@@ -22,6 +22,9 @@ TRACING = ("tracing, access log (meshcore/tracecontext.py, meshcore/otlp.py, mes
            "meshcore/telemetry_settings.py, sidecar/tracing.py, sidecar/otel.py, structlog)")
 TRACING_FILES = ("meshcore/tracecontext.py", "meshcore/otlp.py", "meshcore/spans.py", "meshcore/telemetry_settings.py",
                  "sidecar/tracing.py", "sidecar/otel.py", "opentelemetry/", "structlog/")
+H2_LIBRARY = "HTTP/2 framing (h2, hpack, hyperframe: pure Python)"
+H2_LIBRARIES = ("/h2/", "/hpack/", "/hyperframe/")
+H2_BRIDGE = "HTTP/2 bridge (sidecar/datapath/h2*.py)"
 
 
 def _owner(frame: str) -> str | None:
@@ -40,6 +43,10 @@ def _owner(frame: str) -> str | None:
         return "uvloop SSLProtocol (TLS record plumbing)"
     if any(f in frame for f in ("(loop.c", "(core.c", "(stream.c", "(linux.c", "(tcp.c", "(handle.c")):
         return "uvloop / libuv"
+    if any(lib in frame for lib in H2_LIBRARIES):
+        return H2_LIBRARY
+    if "sidecar/datapath/h2" in frame:
+        return H2_BRIDGE
     if "sidecar/telemetry.py" in frame:
         return "metrics (sidecar/telemetry.py)"
     if "sidecar/proxy.py" in frame:
@@ -57,7 +64,7 @@ def _short(frame: str) -> str:
     m = _FRAME.match(frame)
     if not m:
         return frame
-    f = m.group("file")
+    f = m.group("file").rpartition("-packages/")[2]   # a library's path from its package on
     for prefix in ("sidecar/", "meshcore/", "asyncio/", "uvloop/"):
         i = f.find(prefix)
         if i >= 0:
@@ -67,7 +74,7 @@ def _short(frame: str) -> str:
 
 SYSCALLS = "system calls / libc (loopback TCP in the kernel)"
 PYTHON_OWNERS = ("proxy Python (sidecar/proxy.py)", "routing / lb Python", "metrics (sidecar/telemetry.py)",
-                 TRACING, "other Python (asyncio, stdlib)")
+                 TRACING, "other Python (asyncio, stdlib)", H2_LIBRARY, H2_BRIDGE)
 
 
 def summarize_raw(text: str, top: int = 15) -> dict:
@@ -113,9 +120,9 @@ def summarize_raw(text: str, top: int = 15) -> dict:
             "top_python_inclusive": pct(py_incl, busy)}
 
 
-def profile_mesh(lab, sc, seconds: float, raw_dir: Path, log, svg: bool = True) -> dict:
-    """py-spy (--native) on both sidecars under `sc` load: flame graph SVGs (when `svg`), then raw
-    stacks in a second pass, summarized."""
+def profile_mesh(lab, sc, seconds: float, raw_dir: Path, log, svg: bool = True, svg_prefix: str = "profile") -> dict:
+    """py-spy (--native) on both sidecars under `sc` load: flame graph SVGs (when `svg`, named
+    `<svg_prefix>-<role>.svg`), then raw stacks in a second pass, summarized."""
     pyspy = env.which("py-spy")
     if pyspy is None:
         return {"skipped": "py-spy is not installed (pip install py-spy)"}
@@ -124,7 +131,7 @@ def profile_mesh(lab, sc, seconds: float, raw_dir: Path, log, svg: bool = True) 
     for fmt in (("flamegraph", "raw") if svg else ("raw",)):
         spies = {}
         for role, pid in lab.pids["mesh"].items():
-            path = (out_dir / f"profile-{role}.svg") if fmt == "flamegraph" else (raw_dir / f"profile-{role}-{sc.name}.txt")
+            path = (out_dir / f"{svg_prefix}-{role}.svg") if fmt == "flamegraph" else (raw_dir / f"profile-{role}-{sc.name}.txt")
             cmd = [pyspy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--rate", "200",
                    "--native", "--format", fmt, "-o", str(path)]
             spies[role] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), path)
