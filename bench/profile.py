@@ -22,17 +22,21 @@ TRACING = ("tracing, access log (meshcore/tracecontext.py, meshcore/otlp.py, mes
            "meshcore/telemetry_settings.py, sidecar/tracing.py, sidecar/otel.py, structlog)")
 TRACING_FILES = ("meshcore/tracecontext.py", "meshcore/otlp.py", "meshcore/spans.py", "meshcore/telemetry_settings.py",
                  "sidecar/tracing.py", "sidecar/otel.py", "opentelemetry/", "structlog/")
+# the compiled data path: its C source or extension module (sidecar/proxy before it became sidecar/datapath)
+_COMPILED = re.compile(r"sidecar/(proxy\.c|datapath/\w+\.(c|cpython-))")
+COMPILED = "data path, compiled (sidecar/datapath: Cython)"
 H2_LIBRARY = "HTTP/2 framing (h2, hpack, hyperframe: pure Python)"
-H2_LIBRARIES = ("/h2/", "/hpack/", "/hyperframe/")
+# py-spy names a library's file from its package on ("hpack/table.py"); a full path has the package too
+H2_LIBRARIES = tuple(f"{sep}{pkg}/" for pkg in ("h2", "hpack", "hyperframe") for sep in ("(", "/"))
 H2_BRIDGE = "HTTP/2 bridge (sidecar/datapath/h2*.py)"
 
 
 def _owner(frame: str) -> str | None:
     """The cost category a frame stands for, or None for CPython internals (look further up)."""
-    if "sidecar/proxy.c" in frame:
+    if _COMPILED.search(frame):
         # the compiled data path (setup.py): its frames name the extension module or its C source;
         # first, or its callbacks' time would go to httptools, the native frame above them
-        return "proxy, compiled (sidecar/proxy.py)"
+        return COMPILED
     if "libssl" in frame or "libcrypto" in frame or "_ssl.c" in frame or "ssl.py" in frame:
         return "TLS (OpenSSL, ssl module)"
     if "(libc.so" in frame or "[vdso]" in frame:

@@ -1,13 +1,15 @@
 """bench.h2path's pure parts: h2load's summary and per-request log, the answer check, the per-round
-ratios of its runs (bench.datapath.pair_ratios); and the Envoy pair's HTTP/2 configuration."""
+ratios of its runs (bench.datapath.pair_ratios); the Envoy pair's HTTP/2 configuration; the profile's
+categories of the HTTP/2 path's frames."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.envoy_pair import envoy_config
 from bench.datapath import pair_ratios
+from bench.envoy_pair import envoy_config
 from bench.h2path import GRPC_MESSAGE, KINDS, answered_ok, latency_quantiles, parse_h2load
+from bench.profile import COMPILED, H2_BRIDGE, H2_LIBRARY, _owner
 
 H2LOAD_OUT = """\
 starting benchmark...
@@ -105,3 +107,20 @@ def test_envoy_pair_config_speaks_http2_when_asked(tmp_path, http2, alpn, codec,
         assert list(options["explicit_http_config"]) == [upstream]
         tls = chain.get("transport_socket") or cluster.get("transport_socket")
         assert tls["typed_config"]["common_tls_context"]["alpn_protocols"] == alpn
+
+
+@pytest.mark.parametrize("frame, category", [
+    ("HeaderTable.search (hpack/table.py:191)", H2_LIBRARY),
+    ("send_headers (/usr/lib/python3/dist-packages/h2/connection.py:80)", H2_LIBRARY),
+    ("Frame.__repr__ (hyperframe/frame.py:70)", H2_LIBRARY),
+    ("_serve_stream (sidecar/datapath/h2bridge.py:120)", H2_BRIDGE),
+    ("parse_request_head (sidecar/datapath/h2.py:40)", H2_BRIDGE),
+    ("_Upstream_data_received (sidecar/datapath/engine.cpython-311-x86_64-linux-gnu.so)", COMPILED),
+    ("__pyx_f_engine (sidecar/datapath/engine.c:1234)", COMPILED),
+    ("data_received (sidecar/proxy.c:99)", COMPILED),
+    ("WeakSet.add (_weakrefset.py:85)", "other Python (asyncio, stdlib)"),
+    ("_PyEval_EvalFrameDefault (ceval.c:1)", None),
+])
+def test_profile_categories_of_http2_frames(frame, category):
+    """py-spy's frames of the HTTP/2 path land in their own categories (summarize_raw)."""
+    assert _owner(frame) == category
