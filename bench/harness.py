@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import env
 from .hotpath import PIECES
-from .report import chart, targets, text_report, write_markdown
+from .report import chart, targets, text_report, write_h2_section, write_markdown
 
 PARTS = ("datapath", "h2", "hotpath", "control", "startup", "memory")
 PART_KEYS = {"datapath": "datapath", "h2": "h2", "hotpath": "hotpath", "control": "controlplane", "startup": "startup",
@@ -208,7 +208,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
     part("startup", "startup", startup)
     res["seconds"] = round(time.monotonic() - started, 1)
     env.dump_json(raw / "results.json", res)
-    write_markdown(res, out / "RESULTS.md")
+    if args.parts == ("h2",) and not previous and (out / "RESULTS.md").is_file():
+        write_h2_section(res, out / "RESULTS.md")   # alone: the other sections stay as they are
+    else:
+        write_markdown(res, out / "RESULTS.md")
     problem = chart(res, out / "results.png")
     if problem:
         log(f"no chart: {problem}")

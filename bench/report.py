@@ -82,7 +82,7 @@ def mesh_vs_envoy(dp: dict) -> list[str]:
 
 def h2_section(h2: dict) -> list[str]:
     """The HTTP/2 and gRPC data path (bench/h2path.py): table, meshd / Envoy ratios, checks, profile."""
-    L = ["## HTTP/2 and gRPC", ""]
+    L = [H2_HEADING, ""]
     if h2.get("skipped"):
         return L + [f"Skipped: {h2['skipped']}.", ""]
     o = h2["options"]
@@ -146,13 +146,15 @@ def h2_section(h2: dict) -> list[str]:
         if r.get("rps_mesh_over_envoy") is None:
             continue
         kind, load = sc.split("-", 1)
-        rows.append(f"| {kinds[kind]['title']}; {h2['loads'].get(load, load)} | {_f(r.get('rps_mesh_over_envoy'))} | "
-                    f"{_f(r.get('cpu_mesh_over_envoy'))} | {_f(r.get('p50_mesh_over_envoy'))} | "
-                    f"{_f(r.get('p99_mesh_over_envoy'))} | {_f(r.get('hwm_mesh_over_envoy'))} |")
+        rps, cpu = r.get("rps_mesh_over_envoy"), r.get("cpu_mesh_over_envoy")
+        goal = "met" if rps >= 1.0 and cpu is not None and cpu <= 1.0 else "NOT met"
+        rows.append(f"| {kinds[kind]['title']}; {h2['loads'].get(load, load)} | {_f(rps)} | {_f(cpu)} | "
+                    f"{_f(r.get('p50_mesh_over_envoy'))} | {_f(r.get('p99_mesh_over_envoy'))} | "
+                    f"{_f(r.get('hwm_mesh_over_envoy'))} | {goal} |")
     if rows:
         L += ["meshd / Envoy, per round then the median (the goal: req/s at least 1, CPU per request at most 1):",
-              "", "| call; load | req/s | CPU per request (pair) | p50 | p99 | peak RSS (pair) |",
-              "|---|---|---|---|---|---|", *rows, ""]
+              "", "| call; load | req/s | CPU per request (pair) | p50 | p99 | peak RSS (pair) | goal |",
+              "|---|---|---|---|---|---|---|", *rows, ""]
     for kind, k in kinds.items():
         checks = "; ".join(f"{p} {c['status']}" + (f" grpc-status {c['trailers'].get('grpc-status')}"
                                                      if "grpc-status" in c["trailers"] else "")
@@ -492,15 +494,15 @@ def text_report(res: dict) -> list[str]:
         L += ["Memory per proxy process (MiB): " + "; ".join(
             f"{k} idle {_mib(idle.get(k, {}).get('rss_kib'))}, after load {_mib(after[k]['rss_kib'])}, "
             f"peak {_mib(after[k]['hwm_kib'])}" for k in sorted(after)) + ".", ""]
-    h2 = res.get("h2")
-    if isinstance(h2, dict) and not h2.get("error"):
-        L += h2_section(h2)
     mem = res.get("memory_breakdown")
     if isinstance(mem, list):
         L += ["Sidecar memory by import (fresh interpreters, cumulative):", "",
               "| step | RSS MiB | + MiB |", "|---|---|---|"]
         L += [f"| {r['step']} | {_mib(r.get('rss_kib'))} | {_mib(r.get('delta_kib'))} |" for r in mem]
         L.append("")
+    h2 = res.get("h2")
+    if isinstance(h2, dict) and not h2.get("error"):
+        L += h2_section(h2)
     L += telemetry_cost(res)
     profiles = (dp or {}).get("profile") or {}
     if profiles:
@@ -576,6 +578,40 @@ def text_report(res: dict) -> list[str]:
           "- CPU per request is utime + stime of the proxy processes only; loopback packet work done in "
           "softirq context is not in it, for either proxy.", ""]
     return L
+
+
+def replace_section(text: str, heading: str, body: str, before: tuple[str, ...] = ()) -> str:
+    """`text` with the section under `heading` (to the next `## ` heading) replaced by `body`; when
+    there is no such section, `body` goes before the first of the `before` headings found, else at the end."""
+    lines = text.splitlines()
+    new = body.rstrip("\n").splitlines()
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = new + ([""] if end < len(lines) else [])
+        return "\n".join(lines).rstrip("\n") + "\n"
+    at = next((lines.index(h) for h in before if h in lines), None)
+    if at is not None:
+        lines[at:at] = new + [""]
+        return "\n".join(lines).rstrip("\n") + "\n"
+    return text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
+
+
+H2_HEADING = "## HTTP/2 and gRPC"
+
+
+def write_h2_section(res: dict, path: Path) -> None:
+    """The HTTP/2 and gRPC section of an existing RESULTS.md replaced by this run's (`--h2-only`):
+    the other sections keep the figures of the run that wrote them."""
+    m = res["machine"]
+    body = h2_section(res["h2"])
+    body[2:2] = [f"Measured on its own (`python -m bench --h2-only`{', quick' if res.get('quick') else ''}) "
+                 f"on {m['date']}, {res.get('code', '?')}; {m['nproc']} CPUs ({m['cpu']}), sidecars on "
+                 f"{m.get('node_python') or m['python']}, data path {m.get('data_path')}; "
+                 + "; ".join(m[k] for k in ("haproxy", "envoy", "h2load") if m.get(k)) + ".", ""]
+    text = path.read_text() if path.exists() else ""
+    path.write_text(replace_section(text, H2_HEADING, "\n".join(body),
+                                    before=("## Cost of metrics and tracing", "## Targets")))
 
 
 def write_markdown(res: dict, path: Path) -> None:

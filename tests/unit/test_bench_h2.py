@@ -124,3 +124,13 @@ def test_envoy_pair_config_speaks_http2_when_asked(tmp_path, http2, alpn, codec,
 def test_profile_categories_of_http2_frames(frame, category):
     """py-spy's frames of the HTTP/2 path land in their own categories (summarize_raw)."""
     assert _owner(frame) == category
+
+
+def test_replace_section_inserts_a_new_section_before_the_first_heading_found():
+    from bench.report import replace_section
+
+    text = "# r\n\n## Data path\n\nd\n\n## Targets\n\nt\n"
+    out = replace_section(text, "## HTTP/2 and gRPC", "## HTTP/2 and gRPC\n\nh\n", before=("## Cost", "## Targets"))
+    assert out == "# r\n\n## Data path\n\nd\n\n## HTTP/2 and gRPC\n\nh\n\n## Targets\n\nt\n"
+    again = replace_section(out, "## HTTP/2 and gRPC", "## HTTP/2 and gRPC\n\nh2\n", before=("## Targets",))
+    assert again == out.replace("\nh\n", "\nh2\n")
