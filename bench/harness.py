@@ -56,14 +56,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only the HTTP/2 and gRPC data path (--parts h2; with --merge the other parts' results stay)")
     p.add_argument("--h2-kinds", default="http2,grpc", help="HTTP/2 part: kinds of call, http2 (GET) and grpc (unary)")
     p.add_argument("--h2-loads", default="c1m32,c32m1",
-                   help="HTTP/2 part: loads, c1m32 (1 connection, 32 streams) and c32m1 (32 connections, 1 stream each)")
+                   help="HTTP/2 part: loads, c1m32 (1 connection, 32 streams) and c32m1 (32 connections, "
+                        "1 stream each)")
     p.add_argument("--h2-paths", default="direct,mesh,haproxy,envoy", help="HTTP/2 part: paths")
     p.add_argument("--h2-duration", type=float, help="HTTP/2 part: seconds per measured run (default 5; quick 1)")
     p.add_argument("--h2-rounds", type=int, help="HTTP/2 part: interleaved rounds per load (default 3; quick 2)")
     p.add_argument("--hotpath-seconds", type=float,
                    help="hot-path micro-benchmark: seconds per repeat (default 0.2; quick 0.05)")
     p.add_argument("--python-tools", action="store_true",
-                   help="use the pure-Python app and load generator instead of nginx and wrk (no HAProxy or Envoy path)")
+                   help="use the pure-Python app and load generator instead of nginx and wrk (no HAProxy or Envoy "
+                        "path, no HTTP/2 part)")
     p.add_argument("--nodes", default="10,50,100", help="control clients per push benchmark")
     p.add_argument("--pushes", type=int, help="measured pushes per node count (default 20)")
     p.add_argument("--csr-seconds", type=float, help="seconds of CSR signing (default 2)")
@@ -124,7 +126,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     install = not args.no_install
     measures = {"datapath", "h2"} & set(args.parts)
     tools = env.ensure_tools(install and bool(measures) and not args.python_tools, log)
-    if ("datapath" in args.parts and "envoy" in args.paths.split(",")) or ("h2" in args.parts and "envoy" in args.h2_paths):
+    if (("datapath" in args.parts and "envoy" in args.paths.split(","))
+            or ("h2" in args.parts and "envoy" in args.h2_paths)):
         tools["envoy"] = env.ensure_envoy(install and not args.python_tools, log)
     if measures and args.profile_seconds > 0:
         env.ensure_pip_tools(install, log)
@@ -166,6 +169,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
     def h2() -> dict:
         from .h2path import H2Options, run_h2
+        if args.python_tools:
+            log("HTTP/2 and gRPC part skipped: pure-Python tools forced")
+            return {"skipped": "pure-Python tools forced (h2load and nghttpd have no pure-Python stand-in)"}
         opts = H2Options(duration=args.h2_duration, warmup=args.warmup, rounds=args.h2_rounds, kinds=args.h2_kinds,
                          loads=args.h2_loads, paths=args.h2_paths, mode=args.mode, quiet_budget=args.quiet_budget,
                          profile_seconds=args.profile_seconds, log=log)
