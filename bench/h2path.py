@@ -89,6 +89,7 @@ class H2Options:
     mode: str = "transparent"    # the outbound sidecar's capture mode
     quiet_budget: float = 60.0
     profile_seconds: float = 0.0  # > 0: py-spy the mesh pair under each kind's c1m32 load afterwards
+    svg_kinds: tuple[str, ...] = ("grpc",)  # the kinds whose profile also leaves flame graphs
     log: object = print
 
 
@@ -397,7 +398,7 @@ def run_h2(opts: H2Options, tools: dict, workdir: Path, raw_dir: Path) -> dict:
                 # the load renamed per kind: profile_mesh names its raw files after it
                 result["profile"][kind.name] = profile_mesh(
                     lab, replace(load, name=f"{kind.name}-{load.name}"), opts.profile_seconds, raw_dir, log,
-                    svg=True, svg_prefix=f"profile-{kind.name}")
+                    svg=kind.name in opts.svg_kinds, svg_prefix=f"profile-{kind.name}")
     result["loadavg"]["end"] = _loadavg()
     first = runs[0]["path"] if runs else None
     result["busy_before_rounds"] = [r["busy_before_round"] for r in runs if r["path"] == first]

@@ -176,9 +176,10 @@ def h2_section(h2: dict) -> list[str]:
         if prof.get("skipped"):
             L += [f"Profile of the `{kind}` mesh pair skipped: {prof['skipped']}", ""]
             continue
+        svgs = sorted(r["svg"] for r in prof.get("roles", {}).values() if r.get("svg"))
         L += [f"py-spy (--native) of the `{kind}` mesh pair under {prof.get('scenario', '')} (req/s while "
-              f"profiled: {', '.join(f'{x:,.0f}' for x in prof.get('rps_while_profiled', []))}; flame graphs "
-              f"`profile-{kind}-outbound.svg`, `profile-{kind}-inbound.svg`):", ""]
+              f"profiled: {', '.join(f'{x:,.0f}' for x in prof.get('rps_while_profiled', []))}"
+              + (f"; flame graphs {', '.join(f'`{x}`' for x in svgs)}" if svgs else "") + "):", ""]
         for role, r in sorted(prof.get("roles", {}).items()):
             if "categories" not in r:
                 L.append(f"- {role}: {r.get('error', 'no data')}")
