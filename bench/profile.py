@@ -124,6 +124,12 @@ def summarize_raw(text: str, top: int = 15) -> dict:
             "top_python_inclusive": pct(py_incl, busy)}
 
 
+def scrub_title(svg: Path, pyspy: str) -> None:
+    """The flame graph's title (py-spy's command line, `-o svg`) without this machine's paths: the SVG
+    is committed."""
+    svg.write_text(svg.read_text().replace(str(svg), svg.name).replace(pyspy, "py-spy"))
+
+
 def profile_mesh(lab, sc, seconds: float, raw_dir: Path, log, svg: bool = True, svg_prefix: str = "profile") -> dict:
     """py-spy (--native) on both sidecars under `sc` load: flame graph SVGs (when `svg`, named
     `<svg_prefix>-<role>.svg`), then raw stacks in a second pass, summarized."""
@@ -152,6 +158,7 @@ def profile_mesh(lab, sc, seconds: float, raw_dir: Path, log, svg: bool = True, 
                 result["roles"].setdefault(role, {})["error"] = f"py-spy exit {proc.returncode}: {out.strip()[-300:]}"
                 continue
             if fmt == "flamegraph":
+                scrub_title(path, pyspy)
                 result["roles"].setdefault(role, {})["svg"] = path.name
             else:
                 result["roles"].setdefault(role, {}).update(summarize_raw(path.read_text()))

@@ -134,3 +134,13 @@ def test_replace_section_inserts_a_new_section_before_the_first_heading_found():
     assert out == "# r\n\n## Data path\n\nd\n\n## HTTP/2 and gRPC\n\nh\n\n## Targets\n\nt\n"
     again = replace_section(out, "## HTTP/2 and gRPC", "## HTTP/2 and gRPC\n\nh2\n", before=("## Targets",))
     assert again == out.replace("\nh\n", "\nh2\n")
+
+
+def test_flame_graph_titles_keep_no_machine_paths(tmp_path):
+    from bench.profile import scrub_title
+
+    svg = tmp_path / "profile-grpc-inbound.svg"
+    svg.write_text(f'<text id="title">/opt/x/bin/py-spy record --pid 7 --native -o {svg}</text><g>h2 (h2/a.py:1)</g>')
+    scrub_title(svg, "/opt/x/bin/py-spy")
+    assert svg.read_text() == ('<text id="title">py-spy record --pid 7 --native -o profile-grpc-inbound.svg</text>'
+                               '<g>h2 (h2/a.py:1)</g>')
