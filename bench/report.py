@@ -163,7 +163,7 @@ def h2_section(h2: dict) -> list[str]:
         seen = []
         for role, lines in sorted((ev.get("mesh") or {}).items()):
             tls = sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith("mesh_tls_connections_total"))
-            seen.append(f"meshd {role}: {tls:,.0f} mTLS connections")
+            seen.append(f"meshd {role}: `mesh_tls_connections_total` {tls:,.0f}")
         for role, st in sorted((ev.get("envoy") or {}).items()):
             hs = sum(v for n, v in st.items() if n.endswith("ssl.handshake"))
             up = sum(v for n, v in st.items() if n.endswith("upstream_cx_http2_total"))
