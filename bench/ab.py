@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
         opts = Options(paths=("mesh",), scenarios=(args.scenario,), variant_loads=(), log=print)
         with Lab(opts, tools, workdir) as lab:
             pki = write_pki(workdir / "tls-base", ("frontend", "payments"))
-            mine, start = lab.python, lab.procs.start
+            start = lab.procs.start
             base = args.base.resolve()
 
             def start_base(name, cmd, log_dir, tail_bytes=None, **kw):
@@ -48,9 +48,10 @@ def main(argv: list[str]) -> None:
                 kw["cwd"] = base
                 return start(name, cmd, log_dir, tail_bytes, **kw)
 
-            lab.python, lab.procs.start = env.venv_for(base, workdir / "base-venv"), start_base
-            lab._start_mesh(pki, lab.ports["app"], "base", {})
-            lab.python, lab.procs.start = mine, start
+            lab.procs.start = start_base
+            lab.start_mesh(env.venv_for(base, workdir / "base-venv"), pki, lab.ports["app"], "base", {},
+                           name="sidecar-base")
+            lab.procs.start = start
             for path in ("base", "mesh"):
                 for role, pid in lab.pids[path].items():
                     maps = Path(f"/proc/{pid}/maps").read_text()

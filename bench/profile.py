@@ -22,14 +22,21 @@ TRACING = ("tracing, access log (meshcore/tracecontext.py, meshcore/otlp.py, mes
            "meshcore/telemetry_settings.py, sidecar/tracing.py, sidecar/otel.py, structlog)")
 TRACING_FILES = ("meshcore/tracecontext.py", "meshcore/otlp.py", "meshcore/spans.py", "meshcore/telemetry_settings.py",
                  "sidecar/tracing.py", "sidecar/otel.py", "opentelemetry/", "structlog/")
+# the compiled data path: its C source or extension module (sidecar/proxy before it became sidecar/datapath)
+_COMPILED = re.compile(r"sidecar/(proxy\.c|datapath/\w+\.(c|cpython-))")
+COMPILED = "data path, compiled (sidecar/datapath: Cython)"
+H2_LIBRARY = "HTTP/2 framing (h2, hpack, hyperframe: pure Python)"
+# py-spy names a library's file from its package on ("hpack/table.py"); a full path has the package too
+H2_LIBRARIES = tuple(f"{sep}{pkg}/" for pkg in ("h2", "hpack", "hyperframe") for sep in ("(", "/"))
+H2_BRIDGE = "HTTP/2 bridge (sidecar/datapath/h2*.py)"
 
 
 def _owner(frame: str) -> str | None:
     """The cost category a frame stands for, or None for CPython internals (look further up)."""
-    if "sidecar/proxy.c" in frame:
+    if _COMPILED.search(frame):
         # the compiled data path (setup.py): its frames name the extension module or its C source;
         # first, or its callbacks' time would go to httptools, the native frame above them
-        return "proxy, compiled (sidecar/proxy.py)"
+        return COMPILED
     if "libssl" in frame or "libcrypto" in frame or "_ssl.c" in frame or "ssl.py" in frame:
         return "TLS (OpenSSL, ssl module)"
     if "(libc.so" in frame or "[vdso]" in frame:
@@ -40,6 +47,10 @@ def _owner(frame: str) -> str | None:
         return "uvloop SSLProtocol (TLS record plumbing)"
     if any(f in frame for f in ("(loop.c", "(core.c", "(stream.c", "(linux.c", "(tcp.c", "(handle.c")):
         return "uvloop / libuv"
+    if any(lib in frame for lib in H2_LIBRARIES):
+        return H2_LIBRARY
+    if "sidecar/datapath/h2" in frame:
+        return H2_BRIDGE
     if "sidecar/telemetry.py" in frame:
         return "metrics (sidecar/telemetry.py)"
     if "sidecar/proxy.py" in frame:
@@ -57,7 +68,7 @@ def _short(frame: str) -> str:
     m = _FRAME.match(frame)
     if not m:
         return frame
-    f = m.group("file")
+    f = m.group("file").rpartition("-packages/")[2]   # a library's path from its package on
     for prefix in ("sidecar/", "meshcore/", "asyncio/", "uvloop/"):
         i = f.find(prefix)
         if i >= 0:
@@ -67,7 +78,7 @@ def _short(frame: str) -> str:
 
 SYSCALLS = "system calls / libc (loopback TCP in the kernel)"
 PYTHON_OWNERS = ("proxy Python (sidecar/proxy.py)", "routing / lb Python", "metrics (sidecar/telemetry.py)",
-                 TRACING, "other Python (asyncio, stdlib)")
+                 TRACING, "other Python (asyncio, stdlib)", H2_LIBRARY, H2_BRIDGE)
 
 
 def summarize_raw(text: str, top: int = 15) -> dict:
@@ -113,9 +124,15 @@ def summarize_raw(text: str, top: int = 15) -> dict:
             "top_python_inclusive": pct(py_incl, busy)}
 
 
-def profile_mesh(lab, sc, seconds: float, raw_dir: Path, log, svg: bool = True) -> dict:
-    """py-spy (--native) on both sidecars under `sc` load: flame graph SVGs (when `svg`), then raw
-    stacks in a second pass, summarized."""
+def scrub_title(svg: Path, pyspy: str) -> None:
+    """The flame graph's title (py-spy's command line, `-o svg`) without this machine's paths: the SVG
+    is committed."""
+    svg.write_text(svg.read_text().replace(str(svg), svg.name).replace(pyspy, "py-spy"))
+
+
+def profile_mesh(lab, sc, seconds: float, raw_dir: Path, log, svg: bool = True, svg_prefix: str = "profile") -> dict:
+    """py-spy (--native) on both sidecars under `sc` load: flame graph SVGs (when `svg`, named
+    `<svg_prefix>-<role>.svg`), then raw stacks in a second pass, summarized."""
     pyspy = env.which("py-spy")
     if pyspy is None:
         return {"skipped": "py-spy is not installed (pip install py-spy)"}
@@ -124,7 +141,7 @@ def profile_mesh(lab, sc, seconds: float, raw_dir: Path, log, svg: bool = True) 
     for fmt in (("flamegraph", "raw") if svg else ("raw",)):
         spies = {}
         for role, pid in lab.pids["mesh"].items():
-            path = (out_dir / f"profile-{role}.svg") if fmt == "flamegraph" else (raw_dir / f"profile-{role}-{sc.name}.txt")
+            path = (out_dir / f"{svg_prefix}-{role}.svg") if fmt == "flamegraph" else (raw_dir / f"profile-{role}-{sc.name}.txt")
             cmd = [pyspy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--rate", "200",
                    "--native", "--format", fmt, "-o", str(path)]
             spies[role] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), path)
@@ -141,6 +158,7 @@ def profile_mesh(lab, sc, seconds: float, raw_dir: Path, log, svg: bool = True) 
                 result["roles"].setdefault(role, {})["error"] = f"py-spy exit {proc.returncode}: {out.strip()[-300:]}"
                 continue
             if fmt == "flamegraph":
+                scrub_title(path, pyspy)
                 result["roles"].setdefault(role, {})["svg"] = path.name
             else:
                 result["roles"].setdefault(role, {}).update(summarize_raw(path.read_text()))

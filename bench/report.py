@@ -34,6 +34,14 @@ def _x_reference(dp: dict, sc: str, path: str, ref: str) -> float | None:
     return mine["rps"] / theirs["rps"] if mine and theirs and theirs["rps"] else None
 
 
+def _cpu_pair(c: dict) -> str:
+    return f"{c['outbound']:.4f} + {c['inbound']:.4f} = {c['pair']:.4f}" if c else "-"
+
+
+def _rss_pair(rss: dict) -> str:
+    return f"{_mib(rss.get('outbound'))} / {_mib(rss.get('inbound'))}" if rss else "-"
+
+
 def datapath_table(dp: dict) -> list[str]:
     s = dp["summary"]
     lines = ["| load | path | req/s | x HAProxy | x Envoy | x direct | p50 / p90 / p99 ms | CPU-s per 1000 req (out + in = pair) | peak RSS out / in MiB |",
@@ -47,10 +55,7 @@ def datapath_table(dp: dict) -> list[str]:
                 continue
             xh, xe, xd = (_x_reference(dp, sc, path, ref) for ref in ("haproxy", "envoy", "direct"))
             lat = r["latency_ms"]
-            c = r["cpu_s_per_1000"]
-            cpu = (f"{c['outbound']:.4f} + {c['inbound']:.4f} = {c['pair']:.4f}" if c else "-")
-            rss = r["peak_rss_kib"]
-            mem = f"{_mib(rss.get('outbound'))} / {_mib(rss.get('inbound'))}" if rss else "-"
+            cpu, mem = _cpu_pair(r["cpu_s_per_1000"]), _rss_pair(r["peak_rss_kib"])
             err = f" ({r['errors']} errors)" if r["errors"] else ""
             lines.append(f"| {title} | {PATH_TITLES[path]} | {r['rps']:,.0f}{err} | {_f(xh)} | {_f(xe)} | {_f(xd)} | "
                          f"{lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} | {cpu} | {mem} |")
@@ -73,6 +78,117 @@ def mesh_vs_envoy(dp: dict) -> list[str]:
             "less CPU per request, less latency, less peak memory):", "",
             "| load | req/s | CPU per request (pair) | p50 | p99 | peak RSS (pair) |", "|---|---|---|---|---|---|",
             *rows, ""]
+
+
+def h2_section(h2: dict) -> list[str]:
+    """The HTTP/2 and gRPC data path (bench/h2path.py): table, meshd / Envoy ratios, checks, profile."""
+    L = [H2_HEADING, ""]
+    if h2.get("skipped"):
+        return L + [f"Skipped: {h2['skipped']}.", ""]
+    o = h2["options"]
+    kinds = h2["kinds"]
+    L += ["Load: h2load (nghttp2, one thread, closed loop, `:authority: payments`): "
+          + "; ".join(f"`{k}` {t}" for k, t in h2["loads"].items())
+          + ". App: nghttpd (nghttp2's server, one thread, h2c) answering from files; calls: "
+          + "; ".join(f"`{k}` {v['title']}" for k, v in kinds.items())
+          + " (the gRPC answer: `content-type: application/grpc`, one message, trailer `grpc-status: 0`). "
+          f"{o['rounds']} interleaved rounds x {o['duration']} s after a {o['warmup']:g} s warm-up per path and "
+          "load; medians, ratios per round then the median. Latency quantiles from h2load's per-request log. "
+          "Each call kind has its own processes: mesh pair with payments' `mesh.protocol` "
+          + " / ".join(f"`{v['protocol']}`" for v in kinds.values())
+          + " in its snapshot (the outbound sniffs the client's HTTP/2 preface; the hop between the sidecars is "
+          "what the product speaks for that protocol; the inbound reaches the app over pooled h2c), outbound in "
+          f"{o['mode']} capture mode. HAProxy pair: `proto h2` from the client and to the app, ALPN `h2` over "
+          "TLS 1.3 between the pair with client certificates verified against the mesh CA both ways. Envoy pair "
+          "(`bench/envoy_pair.py`, `http2`): HTTP/2 codec on both listeners, `http2_protocol_options` upstream, "
+          "ALPN `h2`, TLS 1.3 with client certificates and both SPIFFE URI SANs checked, `--concurrency 1`. "
+          "Every proxy one process with one thread or event loop.", ""]
+    busy = h2.get("busy_before_rounds") or []
+    lavg = h2.get("loadavg") or {}
+    unatt = [r.get("unattributed_cpu_share_median") for sc in h2["summary"].values() for r in sc.values()]
+    unatt = [u for u in unatt if u is not None]
+    if busy or lavg:
+        L += ["Other load on the machine (shared with other work while this ran): load average "
+              + (f"{lavg['start']} at the start, {lavg['end']} at the end; " if lavg else "")
+              + (f"CPU busy before a round (share of one CPU, 0.5 s probe): median {sorted(busy)[len(busy) // 2]:.2f}, "
+                 f"max {max(busy):.2f}; " if busy else "")
+              + (f"CPU charged to no measured process, median per run: {sorted(unatt)[len(unatt) // 2]:.2f} "
+                 f"of a CPU (max {max(unatt):.2f}); " if unatt else "")
+              + f"{h2.get('waited_for_quiet_s', 0):g} s waited for quiet.", ""]
+    for kind, k in kinds.items():
+        for path, why in (k.get("skipped") or {}).items():
+            L += [f"{kind}: {path} pair skipped: {why}.", ""]
+    L += ["| call | load | path | req/s | x Envoy | x HAProxy | x direct | p50 / p99 ms | "
+          "CPU-s per 1000 req (out + in = pair) | peak RSS out / in MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for sc, title in h2["scenarios"].items():
+        s, rt = h2["summary"].get(sc, {}), h2["ratios"].get(sc, {})
+        kind, load = sc.split("-", 1)
+        for path in ("direct",) + PROXY_PATHS:
+            r = s.get(path)
+            if r is None:
+                continue
+            xe = 1.0 if path == "envoy" else rt.get("rps_mesh_over_envoy") if path == "mesh" else None
+            xh = 1.0 if path == "haproxy" else rt.get("rps_mesh_over_haproxy") if path == "mesh" else None
+            xd = 1.0 if path == "direct" else rt.get(f"rps_{path}_over_direct")
+            if path == "haproxy" and s.get("envoy", {}).get("rps"):
+                xe = r["rps"] / s["envoy"]["rps"]
+            if path == "envoy" and s.get("haproxy", {}).get("rps"):
+                xh = r["rps"] / s["haproxy"]["rps"]
+            err = f" ({r['errors']} errors)" if r["errors"] else ""
+            lat = r["latency_ms"]
+            L.append(f"| {kinds[kind]['title']} | {h2['loads'].get(load, load)} | {PATH_TITLES[path]} | "
+                     f"{r['rps']:,.0f}{err} | {_f(xe)} | {_f(xh)} | {_f(xd)} | {lat['p50']:.3f} / {lat['p99']:.3f} | "
+                     f"{_cpu_pair(r['cpu_s_per_1000'])} | {_rss_pair(r['peak_rss_kib'])} |")
+    L.append("")
+    rows = []
+    for sc in h2["scenarios"]:
+        r = h2["ratios"].get(sc, {})
+        if r.get("rps_mesh_over_envoy") is None:
+            continue
+        kind, load = sc.split("-", 1)
+        rps, cpu = r.get("rps_mesh_over_envoy"), r.get("cpu_mesh_over_envoy")
+        goal = "met" if rps >= 1.0 and cpu is not None and cpu <= 1.0 else "NOT met"
+        rows.append(f"| {kinds[kind]['title']}; {h2['loads'].get(load, load)} | {_f(rps)} | {_f(cpu)} | "
+                    f"{_f(r.get('p50_mesh_over_envoy'))} | {_f(r.get('p99_mesh_over_envoy'))} | "
+                    f"{_f(r.get('hwm_mesh_over_envoy'))} | {goal} |")
+    if rows:
+        L += ["meshd / Envoy, per round then the median (the goal: req/s at least 1, CPU per request at most 1):",
+              "", "| call; load | req/s | CPU per request (pair) | p50 | p99 | peak RSS (pair) | goal |",
+              "|---|---|---|---|---|---|---|", *rows, ""]
+    for kind, k in kinds.items():
+        checks = "; ".join(f"{p} {c['status']}" + (f" grpc-status {c['trailers'].get('grpc-status')}"
+                                                     if "grpc-status" in c["trailers"] else "")
+                           for p, c in k.get("checks", {}).items())
+        ev = k.get("evidence") or {}
+        seen = []
+        for role, lines in sorted((ev.get("mesh") or {}).items()):
+            tls = sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith("mesh_tls_connections_total"))
+            seen.append(f"meshd {role}: `mesh_tls_connections_total` {tls:,.0f}")
+        for role, st in sorted((ev.get("envoy") or {}).items()):
+            hs = sum(v for n, v in st.items() if n.endswith("ssl.handshake"))
+            up = sum(v for n, v in st.items() if n.endswith("upstream_cx_http2_total"))
+            seen.append(f"Envoy {role}: {hs:,} TLS handshakes, {up:,} upstream HTTP/2 connections")
+        for role, st in sorted((ev.get("haproxy") or {}).items()):
+            seen.append(f"HAProxy {role}: {st.get('CumSslConns', 0):,} TLS connections")
+        L += [f"`{kind}` after the rounds: one call per path answered {checks}; the proxies' own counters over "
+              "the whole run: " + "; ".join(seen) + ".", ""]
+    for kind, prof in (h2.get("profile") or {}).items():
+        if prof.get("skipped"):
+            L += [f"Profile of the `{kind}` mesh pair skipped: {prof['skipped']}", ""]
+            continue
+        svgs = sorted(r["svg"] for r in prof.get("roles", {}).values() if r.get("svg"))
+        L += [f"py-spy (--native) of the `{kind}` mesh pair under {prof.get('scenario', '')} (req/s while "
+              f"profiled: {', '.join(f'{x:,.0f}' for x in prof.get('rps_while_profiled', []))}"
+              + (f"; flame graphs {', '.join(f'`{x}`' for x in svgs)}" if svgs else "") + "):", ""]
+        for role, r in sorted(prof.get("roles", {}).items()):
+            if "categories" not in r:
+                L.append(f"- {role}: {r.get('error', 'no data')}")
+                continue
+            L.append(f"- **{role}**, all busy samples: " + "; ".join(f"{a} {b}%" for a, b in r["categories"][:8]))
+            L.append("  - Python functions (share of user space): "
+                     + "; ".join(f"`{a}` {b}%" for a, b in r["top_python_self"][:10]))
+        L.append("")
+    return L
 
 
 def _sidecar_cpu_us(dp: dict | None, sc: str = "c32") -> dict | None:
@@ -258,6 +374,11 @@ def targets(res: dict) -> list[tuple[str, str, str]]:
           p100["change_to_all_acked_ms"]["p99"] if p100 else None, "<=", 200, "{:.0f}", " ms")
     check(">= 500 CSRs signed per second", (cp.get("csr") or {}).get("per_second"), ">=", 500, "{:,.0f}", "/s")
     check("demo sidecars ready within 10 s of `compose up`", st.get("all_ready_s"), "<=", 10, "{:.1f}", " s")
+    h2 = res.get("h2") or {}
+    for sc, title in (h2.get("scenarios") or {}).items():
+        r = (h2.get("ratios") or {}).get(sc, {})
+        check(f"{title}: req/s >= Envoy's", r.get("rps_mesh_over_envoy"), ">=", 1.0, unit="x")
+        check(f"{title}: CPU per request <= Envoy's (pair)", r.get("cpu_mesh_over_envoy"), "<=", 1.0, unit="x")
     return out
 
 
@@ -270,13 +391,13 @@ def text_report(res: dict) -> list[str]:
           f"{m['date']}; {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, kernel {m['kernel']}; "
           f"Python {m['python']} (sidecars on {m.get('node_python') or m['python']}, data path "
           f"{m.get('data_path', 'Python source')}), uvloop {m['uvloop']}, httptools {m['httptools']}, {m['openssl']}; "
-          + "; ".join(m[k] for k in ("haproxy", "envoy", "nginx", "wrk") if m.get(k))
+          + "; ".join(m[k] for k in ("haproxy", "envoy", "nginx", "wrk", "h2load") if m.get(k))
           + f". Code: {res.get('code', '?')}.", ""]
     if res.get("merged_from", {}).get("parts"):
         mf = res["merged_from"]
         L += [f"({', '.join(mf['parts'])}: from the run of {mf['date']}"
               + (f"; code: {mf['code']}" if mf.get("code") else "") + ".)", ""]
-    for key, title in (("datapath", "Data path"), ("hotpath", "Cost of metrics and tracing"),
+    for key, title in (("datapath", "Data path"), ("h2", "HTTP/2 and gRPC"), ("hotpath", "Cost of metrics and tracing"),
                        ("controlplane", "Control plane"), ("startup", "Start-up"), ("memory_breakdown", "Memory")):
         part = res.get(key)
         if isinstance(part, dict) and part.get("error"):
@@ -380,6 +501,9 @@ def text_report(res: dict) -> list[str]:
               "| step | RSS MiB | + MiB |", "|---|---|---|"]
         L += [f"| {r['step']} | {_mib(r.get('rss_kib'))} | {_mib(r.get('delta_kib'))} |" for r in mem]
         L.append("")
+    h2 = res.get("h2")
+    if isinstance(h2, dict) and not h2.get("error"):
+        L += h2_section(h2)
     L += telemetry_cost(res)
     profiles = (dp or {}).get("profile") or {}
     if profiles:
@@ -457,11 +581,45 @@ def text_report(res: dict) -> list[str]:
     return L
 
 
+def replace_section(text: str, heading: str, body: str, before: tuple[str, ...] = ()) -> str:
+    """`text` with the section under `heading` (to the next `## ` heading) replaced by `body`; when
+    there is no such section, `body` goes before the first of the `before` headings found, else at the end."""
+    lines = text.splitlines()
+    new = body.rstrip("\n").splitlines()
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = new + ([""] if end < len(lines) else [])
+        return "\n".join(lines).rstrip("\n") + "\n"
+    at = next((lines.index(h) for h in before if h in lines), None)
+    if at is not None:
+        lines[at:at] = new + [""]
+        return "\n".join(lines).rstrip("\n") + "\n"
+    return text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
+
+
+H2_HEADING = "## HTTP/2 and gRPC"
+
+
+def write_h2_section(res: dict, path: Path) -> None:
+    """The HTTP/2 and gRPC section of an existing RESULTS.md replaced by this run's (`--h2-only`):
+    the other sections keep the figures of the run that wrote them."""
+    m = res["machine"]
+    body = h2_section(res["h2"])
+    body[2:2] = [f"Measured on its own (`python -m bench --h2-only`{', quick' if res.get('quick') else ''}) "
+                 f"on {m['date']}, {res.get('code', '?')}; {m['nproc']} CPUs ({m['cpu']}), sidecars on "
+                 f"{m.get('node_python') or m['python']}, data path {m.get('data_path')}; "
+                 + "; ".join(m[k] for k in ("haproxy", "envoy", "h2load") if m.get(k)) + ".", ""]
+    text = path.read_text() if path.exists() else ""
+    path.write_text(replace_section(text, H2_HEADING, "\n".join(body),
+                                    before=("## Cost of metrics and tracing", "## Targets")))
+
+
 def write_markdown(res: dict, path: Path) -> None:
     head = ["# meshd benchmarks", "",
             "`make bench` (or `python -m bench`; `--quick` for 1 s runs, `--help` for the options) measures the",
-            "data path against HAProxy, Envoy and no proxy, the cost of metrics and tracing per request, the control",
-            "plane and the demo's start-up, on loopback only.",
+            "data path against HAProxy, Envoy and no proxy (HTTP/1.1, and HTTP/2 and gRPC), the cost of metrics and",
+            "tracing per request, the control plane and the demo's start-up, on loopback only.",
             "Raw JSON per run: `bench/raw/` (not committed). Chart: `results.png`.", ""]
     path.write_text("\n".join(head + text_report(res)) + "\n")
 

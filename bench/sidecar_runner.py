@@ -54,6 +54,7 @@ NAMESPACE = "bench"
 CLIENT_SERVICE = "frontend"   # the outbound sidecar's own service
 SERVER_SERVICE = "payments"   # the service behind the inbound sidecar; wrk sends `Host: payments`
 SERVICE_PORT = 8080           # the port callers dial (Host header `payments:8080` also routes)
+APP_PROTOCOLS = ("http", "http2", "grpc")   # the mesh.protocol values of an HTTP app
 
 
 def identity(service: str) -> str:
@@ -69,12 +70,14 @@ class MeshTls(TlsHolder):
         return match_identity(peer_uris(ssl_object), (endpoint.identity,)) is not None
 
 
-def bench_snapshot(inbound_port: int, version: int = 1, telemetry: TelemetrySettings | None = None) -> Snapshot:
+def bench_snapshot(inbound_port: int, version: int = 1, telemetry: TelemetrySettings | None = None,
+                   protocol: str = "http") -> Snapshot:
     """Two services; `payments` has one endpoint: the inbound sidecar on 127.0.0.1:inbound_port.
-    `telemetry`: the mesh-wide tracing and access log settings (default: the product's)."""
+    `telemetry`: the mesh-wide tracing and access log settings (default: the product's); `protocol`:
+    payments' mesh.protocol (http, or http2 / grpc for an app that speaks h2c)."""
     services = {
-        name: ServiceConfig(name=name, namespace=NAMESPACE, protocol="http", port=SERVICE_PORT,
-                            identity=identity(name))
+        name: ServiceConfig(name=name, namespace=NAMESPACE, protocol=protocol if name == SERVER_SERVICE else "http",
+                            port=SERVICE_PORT, identity=identity(name))
         for name in (CLIENT_SERVICE, SERVER_SERVICE)
     }
     endpoints = {SERVER_SERVICE: (Endpoint(instance="bench-payments-1", address="127.0.0.1",
@@ -139,16 +142,17 @@ async def serve(args: SimpleNamespace) -> None:
         count_spans(state.telemetry.registry)
     telemetry = TelemetrySettings(sampling=args.sampling, otlp_endpoint=args.otlp_endpoint,
                                   access_log=args.access_log)
-    snap = bench_snapshot(args.dest_port or args.port, telemetry=telemetry)
+    snap = bench_snapshot(args.dest_port or args.port, telemetry=telemetry, protocol=args.protocol)
     reply = control.handle_push(SnapshotPush(version=snap.version, snapshot=encode_snapshot(snap)))
     if not isinstance(reply, Ack):
         raise SystemExit(f"snapshot refused: {reply}")
     if args.role == "outbound":
         server = await start_outbound(state, "127.0.0.1", args.port, mode=args.mode)
     elif product is not None:
-        server = await start_mesh_inbound(state, "127.0.0.1", args.port, app_port=args.app_port, protocol="http")
+        server = await start_mesh_inbound(state, "127.0.0.1", args.port, app_port=args.app_port,
+                                          protocol=args.protocol)
     else:
-        server = await start_inbound(state, "127.0.0.1", args.port, app_port=args.app_port)
+        server = await start_inbound(state, "127.0.0.1", args.port, app_port=args.app_port, protocol=args.protocol)
     admin = await start_admin(build_admin_app(control, lambda: render_metrics(state.telemetry),
                                               server.is_serving), "127.0.0.1", args.admin_port)
     stop = asyncio.Event()
@@ -159,7 +163,7 @@ async def serve(args: SimpleNamespace) -> None:
              "table_version": state.table.version, "loop": type(loop).__module__,
              "assembly": "product" if product is not None else "bench",
              "tls": f"{type(state.tls).__module__}.{type(state.tls).__name__}",
-             "inbound": type(server).__name__,
+             "inbound": type(server).__name__, "protocol": args.protocol,
              "telemetry": encode_settings(state.tracing.settings),
              "span_targets": [t[1] for t in state.tracing.targets()]}
     tmp = Path(str(args.ready_file) + ".tmp")
@@ -183,6 +187,9 @@ def _argparser():
     p.add_argument("--dest-port", type=int, default=0, help="outbound: the inbound sidecar's port")
     p.add_argument("--app-port", type=int, default=0, help="inbound: the app's port")
     p.add_argument("--mode", choices=("transparent", "explicit"), default="transparent")
+    p.add_argument("--protocol", choices=APP_PROTOCOLS, default="http",
+                   help="payments' mesh.protocol in the snapshot, and how the inbound speaks to the app "
+                        "(http2, grpc: h2c)")
     p.add_argument("--tls-dir", type=Path, required=True)
     p.add_argument("--ready-file", type=Path, required=True)
     p.add_argument("--assembly", choices=("auto", "product", "bench"), default="auto",
@@ -205,6 +212,7 @@ REQUIRED = object()
 OPTIONS = {
     "--role": (("outbound", "inbound"), REQUIRED), "--port": (int, REQUIRED), "--admin-port": (int, REQUIRED),
     "--dest-port": (int, 0), "--app-port": (int, 0), "--mode": (("transparent", "explicit"), "transparent"),
+    "--protocol": (APP_PROTOCOLS, "http"),
     "--tls-dir": (Path, REQUIRED), "--ready-file": (Path, REQUIRED),
     "--assembly": (("auto", "product", "bench"), "auto"), "--sampling": (decode_sampling, DEFAULT_SAMPLING),
     "--access-log": (ACCESS_LOG_MODES, DEFAULT_ACCESS_LOG), "--otlp-endpoint": (decode_otlp_endpoint, None),

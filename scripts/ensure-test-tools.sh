@@ -11,6 +11,9 @@ missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 [ -x /usr/bin/prometheus ] || missing+=(prometheus)
 command -v haproxy >/dev/null || missing+=(haproxy)   # the smuggling table's and the bench's reference pair
+# the bench's HTTP/2 and gRPC part: h2load (load) and nghttpd (an h2c app)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
+command -v nghttpd >/dev/null || [ -x /usr/sbin/nghttpd ] || missing+=(nghttp2-server)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "ensure-test-tools: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

@@ -131,6 +131,60 @@ def test_datapath_with_wrk_nginx_haproxy_and_envoy_if_installed(tmp_path):
     assert verdicts["req/s at 32 connections >= 0.8x HAProxy"] in ("met", "NOT met")
 
 
+def test_h2_datapath_with_h2load_nghttpd_and_the_pairs_if_installed(tmp_path):
+    """HTTP/2 and gRPC part: each pair (meshd, HAProxy, Envoy when installed) served the calls through
+    TLS with HTTP/2 on both ends and answered 200 (gRPC: grpc-status 0), by the check calls and by the
+    proxies' own counters. A harness check with one short round: no speed asserted."""
+    missing = [t for t in ("h2load", "nghttpd", "haproxy") if env.which(t) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (`make bench` installs them)")
+    (tmp_path / "RESULTS.md").write_text("# meshd benchmarks\n\n## Data path\n\nkept\n\n## Targets\n\nt\n")
+    res = run(_args(tmp_path, "--h2-only", "--h2-duration", "1", "--h2-rounds", "1", "--h2-loads", "c1m32"), **QUIET)
+    h2 = res["h2"]
+    assert "kinds" in h2, h2
+    envoy = env.envoy_binary() is not None
+    paths = ["direct", "mesh", "haproxy"] + (["envoy"] if envoy else [])
+    for kind in ("http2", "grpc"):
+        k = h2["kinds"][kind]
+        assert k["paths"] == paths and ("envoy" in k["skipped"]) != envoy
+        for path in paths:
+            check = k["checks"][path]
+            assert check["status"] == 200 and check["body_bytes"] > 0, (kind, path, check)
+            if kind == "grpc":
+                assert check["trailers"] == {"grpc-status": "0"} and check["content_type"] == "application/grpc"
+            s = h2["summary"][f"{kind}-c1m32"][path]
+            assert s["requests"] > 0 and s["errors"] == 0, (kind, path, s)
+            assert 0 < s["latency_ms"]["p50"] <= s["latency_ms"]["p99"]
+            assert (tmp_path / "raw" / f"h2-{kind}-c1m32-{path}-r0.json").is_file()
+            if path != "direct":
+                assert s["cpu_s_per_1000"]["pair"] > 0 and s["peak_rss_kib"]["inbound"] > 0
+        ev = k["evidence"]
+        # meshd: mTLS on the hop, and the inbound saw the calls from the verified caller, as gRPC for grpc
+        for role in ("outbound", "inbound"):
+            assert any(ln.startswith("mesh_tls_connections_total") and float(ln.rsplit(" ", 1)[1]) > 0
+                       for ln in ev["mesh"][role]), ev["mesh"][role]
+        served = [ln for ln in ev["mesh"]["inbound"] if ln.startswith("istio_requests_total")
+                  and 'connection_security_policy="mutual_tls"' in ln and 'response_code="200"' in ln
+                  and 'source_workload="frontend"' in ln]
+        assert served, ev["mesh"]["inbound"]
+        if kind == "grpc":
+            assert any('request_protocol="grpc"' in ln and 'grpc_response_status="0"' in ln for ln in served)
+        # HAProxy: TLS connections on both sides of the hop (its config offers only ALPN h2 there)
+        assert all(ev["haproxy"][role]["CumSslConns"] > 0 for role in ("outbound", "inbound"))
+        if envoy:
+            def stat(role: str, suffix: str) -> int:
+                return sum(v for name, v in ev["envoy"][role].items() if name.endswith(suffix))
+            assert stat("outbound", "ssl.handshake") > 0 and stat("inbound", "ssl.handshake") > 0
+            assert stat("outbound", "upstream_cx_http2_total") > 0 and stat("inbound", "upstream_cx_http2_total") > 0
+            assert stat("inbound", "downstream_cx_http2_total") > 0      # the hop is HTTP/2
+            assert h2["ratios"][f"{kind}-c1m32"]["rps_mesh_over_envoy"] > 0
+    # --h2-only: its section goes into the RESULTS.md there, the others stay
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.startswith("# meshd benchmarks\n\n## Data path\n\nkept\n\n## HTTP/2 and gRPC\n")
+    assert text.endswith("\n## Targets\n\nt\n") and "gRPC unary call" in text and "--h2-only" in text
+    assert ("meshd / Envoy, per round then the median (the goal" in text) == envoy
+
+
 def test_controlplane(tmp_path):
     res = run(_args(tmp_path, "--parts", "control", "--nodes", "4", "--pushes", "2", "--csr-seconds", "0.2"),
               **QUIET)
@@ -195,7 +249,7 @@ def test_startup_runs_under_a_lock_its_caller_holds(tmp_path):
      "--dest-port", "3", "--mode", "explicit"],
     ["--role=inbound", "--port=1", "--admin-port", "2", "--tls-dir", "/t", "--ready-file", "/r", "--app-port", "4",
      "--sampling", "25", "--access-log", "full", "--otlp-endpoint", "http://127.0.0.1:4318/v1/traces",
-     "--count-spans", "--assembly", "bench"],
+     "--count-spans", "--assembly", "bench", "--protocol", "grpc"],
 ])
 def test_sidecar_runner_reads_its_options_as_argparse_does(argv):
     """The runner parses without argparse (0.6 MiB `sidecar run` does not carry): same result."""
@@ -209,6 +263,7 @@ def test_sidecar_runner_reads_its_options_as_argparse_does(argv):
     ["--role", "inbound", "--port", "1", "--admin-port", "2", "--tls-dir", "/t", "--ready-file"],
     ["--role", "inbound", "--port", "1", "--admin-port", "2", "--tls-dir", "/t", "--ready-file", "/r", "--sampling", "250"],
     ["--role", "inbound", "--port", "1", "--admin-port", "2", "--tls-dir", "/t", "--ready-file", "/r", "--bogus", "1"],
+    ["--role", "inbound", "--port", "1", "--admin-port", "2", "--tls-dir", "/t", "--ready-file", "/r", "--protocol", "tcp"],
 ])
 def test_sidecar_runner_leaves_help_and_bad_options_to_argparse(argv):
     from bench.sidecar_runner import parse_options
