@@ -417,10 +417,20 @@ class MeshTls:
         return True
 
     def inbound_peer(self, ssl_object: Any) -> tuple[str | None, str | None]:
-        """Inbound: (the caller's verified SPIFFE ID, its service name) or (None, None) in plaintext."""
+        """Inbound: (the caller's verified SPIFFE ID, its service name) or (None, None) in plaintext.
+        A TLS connection is counted once: the streams of an HTTP/2 hop ask again, each, and get the
+        connection's answer (kept on its SSLObject)."""
         if ssl_object is None:
             self.stats.conn("inbound", "plaintext")
             return None, None
+        known = getattr(ssl_object, "mesh_peer", None)
+        if known is not None:
+            return known
         self.stats.conn("inbound", ssl_object.version() or "unknown")
         identity = peer_identity(ssl_object)
-        return identity, source_name(identity)
+        peer = identity, source_name(identity)
+        try:
+            ssl_object.mesh_peer = peer
+        except AttributeError:   # an SSLObject class with __slots__: counted per ask, as before
+            pass
+        return peer

@@ -353,19 +353,21 @@ async def _hop(ca, inbound_tls: type) -> list:
         assert answers == [b"echo:%d" % i for i in range(16)]
         assert metric(mesh.inbounds[0], "istio_requests_total", reporter="destination",
                       grpc_response_status="0") == 16
-        return mesh.inbounds[0].tls.hops
+        return mesh.inbounds[0].tls.hops, metric(mesh.inbounds[0], "mesh_tls_connections_total",
+                                                 direction="inbound", tls_version="TLSv1.3")
 
 
 def test_the_hop_to_a_grpc_service_is_http2_over_mtls_by_alpn(run, ca):
-    hops = run(_hop, ca, HopSpy)
+    hops, tls_connections = run(_hop, ca, HopSpy)
     assert {alpn for _, alpn in hops} == {"h2"}
+    assert tls_connections == 1   # counted per TLS connection, not per stream
     # 16 calls at once as streams of one TLS connection (HTTP/1.1 would need one connection per call):
     # the connection is identified once, then each stream.
     assert len(hops) == 1 + 16 and len({conn for conn, _ in hops}) == 1, hops
 
 
 def test_a_peer_without_h2_gets_the_calls_over_http1(run, ca):
-    hops = run(_hop, ca, Http1OnlyPeer)
+    hops, _ = run(_hop, ca, Http1OnlyPeer)
     assert {alpn for _, alpn in hops} == {"http/1.1"}
     assert len({conn for conn, _ in hops}) > 1
 
