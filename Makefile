@@ -109,8 +109,8 @@ fuzz:
 # The randomized lifecycle soak at length (CI runs 40 operations with the e2e tests): SOAK_OPS
 # operations from a random seed (SOAK_SEED=<seed> replays one), figures into bench/RESULTS.md under
 # "Lifecycle soak". Needs Docker and the images; about 20 minutes for 300 operations on 2 vCPUs.
-SOAK_OPS  ?= 300
-SOAK_SEED ?=
+SOAK_OPS  ?= $(or $(MESH_SOAK_OPS),300)
+SOAK_SEED ?= $(MESH_SOAK_SEED)
 soak:
 	MESH_SOAK_OPS=$(SOAK_OPS) MESH_SOAK_SEED=$(SOAK_SEED) MESH_SOAK_RESULTS=bench/RESULTS.md \
 	    $(PYTHON) -m pytest -q -s $(PYTEST_ARGS) tests/e2e/test_soak.py
