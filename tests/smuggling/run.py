@@ -223,7 +223,7 @@ def pairs(workdir: Path, wanted: tuple[str, ...] = PAIRS, log=print):
         pki = write_pki(workdir / "tls", ("frontend", "payments"))
         if "meshd" in wanted:
             lab.python = sys.executable
-            lab._start_mesh(pki, app.port)
+            lab.start_mesh(sys.executable, pki, app.port)
             ports["meshd"] = lab.ports["mesh"]
         if "gateway" in wanted:
             gateway = Gateway(app.port)
@@ -231,7 +231,7 @@ def pairs(workdir: Path, wanted: tuple[str, ...] = PAIRS, log=print):
         if "haproxy" in wanted:
             lab.tools["haproxy"] = env.which("haproxy")
             if lab.tools["haproxy"]:
-                lab._start_haproxy(pki, app.port)
+                lab.start_haproxy(pki, app.port)
                 ports["haproxy"] = lab.ports["haproxy"]
             else:
                 skipped["haproxy"] = "haproxy is not installed"
