@@ -4,7 +4,10 @@ Two mesh pairs, one from this checkout (B) and one from BASE_CHECKOUT (A, e.g. a
 an older commit, its compiled module built there with `make ext`), in front of one nginx; wrk runs
 against A and B in turn, round after round, and the median pair CPU per 1000 requests of each, and
 their ratio, are printed. Interleaving cancels the slow drifts of a shared VM that make figures of
-separate runs incomparable (this is how a change of a few percent is seen at all). Loopback only.
+separate runs incomparable (this is how a change of a few percent is seen at all). With
+`--with haproxy,envoy` those reference pairs run in the same rounds, and each checkout's req/s and
+CPU ratios to them are taken round by round (how "no worse against HAProxy" is judged across a
+restructure: one run, one machine). Loopback only.
 """
 
 from __future__ import annotations
@@ -30,11 +33,18 @@ def main(argv: list[str]) -> None:
     p.add_argument("--scenario", default="c32", choices=sorted(SCENARIOS))
     p.add_argument("--pin", action="store_true",
                    help="sidecars on CPU 1, load generator and app on CPU 0 (less placement noise)")
+    p.add_argument("--with", dest="refs", default="", type=lambda v: tuple(x for x in v.split(",") if x),
+                   help="reference pairs run in the same rounds: haproxy, envoy (comma-separated)")
     args = p.parse_args(argv)
+    unknown = set(args.refs) - {"haproxy", "envoy"}
+    if unknown:
+        p.error(f"--with: unknown reference pair(s) {', '.join(sorted(unknown))} (haproxy, envoy)")
     tools = env.ensure_tools(False, log=print)
+    if "envoy" in args.refs:
+        tools["envoy"] = env.ensure_envoy(False, log=print)
     with tempfile.TemporaryDirectory(prefix="meshd-ab-") as tmp:
         workdir = Path(tmp)
-        opts = Options(paths=("mesh",), scenarios=(args.scenario,), variant_loads=(), log=print)
+        opts = Options(paths=("mesh", *args.refs), scenarios=(args.scenario,), variant_loads=(), log=print)
         with Lab(opts, tools, workdir) as lab:
             pki = write_pki(workdir / "tls-base", ("frontend", "payments"))
             start = lab.procs.start
@@ -56,33 +66,39 @@ def main(argv: list[str]) -> None:
                 for role, pid in lab.pids[path].items():
                     maps = Path(f"/proc/{pid}/maps").read_text()
                     so = ", ".join(sorted({Path(ln.split()[-1]).name.split(".")[0] for ln in maps.splitlines()
-                                           if "/sidecar/datapath/" in ln and ln.endswith(".so")}))
+                                           if "/sidecar/" in ln and ln.endswith(".so")}))   # datapath/*.so, or the older proxy.so
                     envs = dict(x.split("=", 1) for x in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in x)
                     exe = Path(f"/proc/{pid}/cmdline").read_text().split("\0")[0]
                     print(f"{'A' if path == 'base' else 'B'} {role}: data path {f'compiled ({so})' if so else 'Python source'} "
                           f"({exe}, PYTHONPATH={envs.get('PYTHONPATH')})")
             lab.check("base")
+            refs = [r for r in args.refs if r in lab.ports]   # those the Lab could start
+            paths = ["mesh", "base", *refs]
             sc = SCENARIOS[args.scenario]
             if args.pin:
-                for pid in [*lab.pids["mesh"].values(), *lab.pids["base"].values()]:
+                for pid in [pid for path in paths for pid in lab.pids[path].values()]:
                     os.sched_setaffinity(pid, {1})
                 for pid in lab.app_pids:
                     os.sched_setaffinity(pid, {0})
                 os.sched_setaffinity(0, {0})   # and the load generator, started from here
-            for path in ("mesh", "base"):
+            for path in paths:
                 lab.run(path, sc, 1.0)
-            cpu: dict[str, list[float]] = {"mesh": [], "base": []}
-            user: dict[str, list[float]] = {"mesh": [], "base": []}
-            rps: dict[str, list[float]] = {"mesh": [], "base": []}
+            cpu: dict[str, list[float]] = {path: [] for path in paths}
+            user: dict[str, list[float]] = {path: [] for path in paths}
+            rps: dict[str, list[float]] = {path: [] for path in paths}
             for rd in range(args.rounds):
-                for path in (("mesh", "base") if rd % 2 == 0 else ("base", "mesh")):
+                for path in (paths if rd % 2 == 0 else paths[::-1]):
                     r = lab.run(path, sc, args.duration)
                     cpu[path].append(r["cpu_s_per_1000"]["pair"])
                     user[path].append(sum(us[0] for us in r["cpu_user_sys_per_1000"].values()))
                     rps[path].append(r["rps"])
                 ratios = [b / a for a, b in zip(cpu["base"], cpu["mesh"])]
+                refs_line = "".join(
+                    f"  {side}/{ref} rps {rps[path][-1] / rps[ref][-1]:.3f} cpu {cpu[path][-1] / cpu[ref][-1]:.3f}"
+                    for ref in refs for side, path in (("A", "base"), ("B", "mesh")))
                 print(f"round {rd}: A {cpu['base'][-1]:.4f}  B {cpu['mesh'][-1]:.4f} CPU-s/1000  "
-                      f"B/A {ratios[-1]:.3f}  user B/A {user['mesh'][-1] / user['base'][-1]:.3f}", flush=True)
+                      f"B/A {ratios[-1]:.3f}  user B/A {user['mesh'][-1] / user['base'][-1]:.3f}{refs_line}",
+                      flush=True)
             out = {
                 "a": str(args.base), "b": str(env.ROOT), "scenario": args.scenario,
                 "cpu_per_1000_median": {"a": statistics.median(cpu["base"]), "b": statistics.median(cpu["mesh"])},
@@ -92,6 +108,12 @@ def main(argv: list[str]) -> None:
                 "user_ratio_b_over_a_median": statistics.median(
                     [b / a for a, b in zip(user["base"], user["mesh"])]),
             }
+            for ref in refs:   # per checkout, its ratios to the reference pair of the same round
+                for side, path in (("a", "base"), ("b", "mesh")):
+                    out[f"{side}_over_{ref}_median"] = {
+                        "rps": statistics.median([x / y for x, y in zip(rps[path], rps[ref])]),
+                        "cpu": statistics.median([x / y for x, y in zip(cpu[path], cpu[ref])]),
+                    }
             print(json.dumps(out, indent=1))
 
 
