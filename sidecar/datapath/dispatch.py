@@ -250,14 +250,7 @@ class _Dispatcher(_Responder):
         ex.try_timer = None
         if ex.dead or ex.resp_done or ex.resp_started:
             return
-        up = ex.up
-        if up is not None:
-            ex.up = None
-            up.exchange = None
-            up.close()
-            if up.write_paused:
-                self._resume(P_UPSTREAM)
-        if not self._try_failed(ex, "timeout", up is not None):
+        if not self._try_failed(ex, "timeout", self._drop_upstream(ex)):
             self._reply(ex, 504, FLAG_UPSTREAM_TIMEOUT, b"upstream request timeout\n")
 
     # -- balance, connect, send

@@ -97,7 +97,12 @@ class H2PeerConnector:
         except NoH2:
             pool.close()
             self.pools.pop(key, None)
-            self.http1_until[key] = loop.time() + NO_H2_RECHECK_S
+            now = loop.time()
+            if len(self.http1_until) >= MAX_PEER_POOLS:   # bounded: the expired go, else the soonest to
+                self.http1_until = {k: t for k, t in self.http1_until.items() if t > now}
+                if len(self.http1_until) >= MAX_PEER_POOLS:
+                    del self.http1_until[min(self.http1_until, key=self.http1_until.__getitem__)]
+            self.http1_until[key] = now + NO_H2_RECHECK_S
             return await self._http1(loop, factory, key, ssl, server_hostname, verify)
         return _stream_connection(pool, key, factory, conn.transport.get_extra_info("ssl_object"))
 

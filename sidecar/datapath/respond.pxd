@@ -41,9 +41,11 @@ cdef class _Responder:
     cpdef _answer(self, Exchange ex, reply)
     cpdef _reply(self, Exchange ex, int status, flags, bytes body=*, bytes content_type=*, bint close=*,
                  bytes headers=*)
+    cpdef bint _drop_upstream(self, Exchange ex) except -1
     cpdef _response_done(self, Exchange ex, _Upstream up, bint reusable, bint close)
     @cython.locals(layer=Layer)
     cpdef _finish_metrics(self, Exchange ex)
+    @cython.locals(sent=bytes)
     cpdef tuple metric_labels(self, Exchange ex)
     @cython.locals(nxt=Exchange)
     cpdef _advance(self)

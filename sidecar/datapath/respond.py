@@ -161,13 +161,7 @@ class _Responder:
         """Answer the request locally (errors, the gateway's 404)."""
         if ex.flags != NO_FLAGS:
             flags = _join_flags(ex.flags, flags)  # e.g. DI,UT: a delay fault, then the timeout
-        up = ex.up
-        if up is not None:
-            ex.up = None
-            up.exchange = None
-            up.close()
-            if up.write_paused:
-                self._resume(P_UPSTREAM)
+        self._drop_upstream(ex)
         if ex.resp_started:
             ex.flags = flags
             ex.resp_done = True
@@ -191,6 +185,19 @@ class _Responder:
         ex.flags = flags
         ex.resp_started = True
         self._response_done(ex, None, False, close)
+
+    def _drop_upstream(self, ex: Exchange) -> bool:
+        """Detach and close the exchange's upstream connection, if it has one (True then): its
+        answer, if any, is not wanted any more."""
+        up = ex.up
+        if up is None:
+            return False
+        ex.up = None
+        up.exchange = None
+        up.close()
+        if up.write_paused:
+            self._resume(P_UPSTREAM)
+        return True
 
     def _response_done(self, ex: Exchange, up: _Upstream | None, reusable: bool, close: bool) -> None:
         """The response is complete downstream: account, release the upstream, go on to the next."""
@@ -239,9 +246,10 @@ class _Responder:
         headers = ex.trace_headers
         if trace is None and not headers:
             return   # never dispatched: no trace began
+        # The C tests first: the tracing settings' attribute read only decides the quiet, unsampled case.
         if ((trace.sampled if trace is not None else headers[_SAMPLED_AT] == 0x31)
-                or state.tracing.access_mode == ACCESS_FULL or ex.status >= 500 or ex.status == 0
-                or ex.flags != NO_FLAGS):
+                or ex.status >= 500 or ex.status == 0 or ex.flags != NO_FLAGS
+                or state.tracing.access_mode == ACCESS_FULL):
             if trace is None:
                 trace = ex.trace = trace_of(ex.tp, headers)
             upstream = None
@@ -257,7 +265,8 @@ class _Responder:
         """(reporter, source workload, its version, destination service, its version) of `ex`."""
         state = self.state
         if self.stack.reporter == REPORTER_DESTINATION:
-            srcv = ex.source_version.decode("latin-1") if ex.source_version else UNKNOWN
+            sent = ex.source_version   # bytes (typed in the .pxd: a C decode, not a method call)
+            srcv = sent.decode("latin-1") if sent else UNKNOWN
             return REPORTER_DESTINATION, caller_of(self, ex), srcv, state.table.own or state.service, state.version
         cluster = ex.cluster
         if cluster is None:
