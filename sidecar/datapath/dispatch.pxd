@@ -6,7 +6,7 @@ from meshcore.lb cimport connect_tries
 from sidecar.datapath.exchange cimport Exchange
 from sidecar.datapath.layers cimport Layer
 from sidecar.datapath.respond cimport _Responder
-from sidecar.datapath.speedups cimport join
+from sidecar.datapath.speedups cimport join, monotonic
 from sidecar.datapath.upstream cimport _Upstream
 from sidecar.datapath.wire cimport _dec, _join_flags, _send
 

@@ -5,7 +5,6 @@ answer or failure (backoff, budget, per-try timeout)."""
 from __future__ import annotations
 
 import asyncio
-from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from meshcore.grpc import is_retriable_grpc_status, parse_grpc_status
@@ -19,7 +18,7 @@ from ..traffic import balance_subset
 from .h2bridge import H2_PROTOCOLS
 from .peers import check_peer, hop_tls
 from .respond import _Responder
-from .speedups import join
+from .speedups import join, monotonic
 from .upstream import _Upstream
 from .wire import (
     FLAG_CONNECT_FAILURE, FLAG_DOWNSTREAM_PROTOCOL_ERROR, FLAG_FAULT_ABORT, FLAG_NO_HEALTHY_UPSTREAM, FLAG_OVERFLOW,

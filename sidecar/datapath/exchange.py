@@ -4,9 +4,9 @@ of one listener share (`_Listener`)."""
 from __future__ import annotations
 
 import asyncio
-from time import monotonic
 from typing import TYPE_CHECKING
 
+from .speedups import monotonic
 from ..guard import DEFAULT_LIMITS, ConnectionGuard   # limits (meshcore.limits)
 from ..routing import Cluster
 from ..telemetry import NO_FLAGS

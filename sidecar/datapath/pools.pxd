@@ -2,6 +2,7 @@
 # setup.py: the pools are a C struct whose methods the downstream calls as C functions.
 
 cimport cython
+from sidecar.datapath.speedups cimport monotonic
 from sidecar.datapath.upstream cimport _Upstream
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from time import monotonic
 from typing import TYPE_CHECKING
 
+from .speedups import monotonic
 from .wire import POOL_IDLE_TIMEOUT_S, POOL_MAX_IDLE
 
 if TYPE_CHECKING:

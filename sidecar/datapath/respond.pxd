@@ -4,6 +4,7 @@
 # Every attribute stays `public`: gateway, mtls and the tests read and set them from Python.
 
 cimport cython
+from sidecar.datapath.speedups cimport monotonic
 from sidecar.datapath.exchange cimport Exchange, _Listener
 from sidecar.datapath.hoptrace cimport count_request, trace_of
 from sidecar.datapath.http1 cimport status_line

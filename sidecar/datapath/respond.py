@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from httptools import HttpRequestParser
@@ -14,6 +13,7 @@ from httptools import HttpRequestParser
 from meshcore.grpc import GRPC_CONTENT_TYPE, local_reply_status, percent_encode_message
 from meshcore.telemetry_settings import ACCESS_FULL
 
+from .speedups import monotonic
 from ..routing import UNKNOWN, Cluster
 from ..telemetry import MUTUAL_TLS, NO_FLAGS, NO_TLS, REPORTER_DESTINATION, REPORTER_SOURCE
 from .hoptrace import _SAMPLED_AT, count_request, trace_of

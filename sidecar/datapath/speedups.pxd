@@ -5,6 +5,7 @@
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.string cimport memchr, memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef int _CR, _LF, _SP, _HTAB, _COLON, _SLASH   # C constants: compared with C chars, not as objects
 
@@ -25,3 +26,4 @@ cpdef bytes join(parts, Py_ssize_t size=*)
 cdef void put_hex64(char *w, unsigned long long v)
 @cython.locals(bounds=tuple, i=Py_ssize_t, n=Py_ssize_t, bound=double)
 cpdef Py_ssize_t bucket_of(double ms)
+cpdef double monotonic()

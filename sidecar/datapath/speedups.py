@@ -1,4 +1,5 @@
-"""The data path's byte helpers: where a head ends, its header fields, slices, joins, hex, decimals.
+"""The data path's byte helpers: where a head ends, its header fields, slices, joins, hex, decimals;
+and its clock.
 
 Cython compiles this file as it is (setup.py; its types in speedups.pxd), and the data path's other
 compiled modules call these functions as C functions (`cimport`). Where it is not compiled, or with
@@ -9,6 +10,7 @@ bytes methods there (COMPILED).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ..telemetry import DURATION_BOUNDS
@@ -222,3 +224,14 @@ def bucket_of(ms: float) -> int:
         if not bound < ms:   # as bisect_left compares (a NaN falls in the first bucket there too)
             return i
     return n
+
+
+def monotonic() -> float:
+    """time.monotonic(). Compiled, CLOCK_MONOTONIC (the clock time.monotonic reads on Linux) read into
+    a C double: no call into the interpreter and no float object, several times per request."""
+    if not COMPILED:
+        return time.monotonic()
+    ts = cython.declare("timespec")  # noqa: F821 - a C struct, compiled only
+    clock_gettime(CLOCK_MONOTONIC, cython.address(ts))  # noqa: F821 - libc, compiled only
+    ns = cython.declare(cython.longlong, ts.tv_sec * 1000000000 + ts.tv_nsec)
+    return cython.cast(cython.double, ns) / 1e9   # as CPython turns its nanoseconds into seconds

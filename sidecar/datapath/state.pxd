@@ -2,6 +2,7 @@
 # setup.py: the node's shared state is a C struct, its fields read per request without dictionary lookups.
 # Every attribute stays `public`: gateway, mtls and the tests read and set them from Python.
 
+from sidecar.datapath.speedups cimport monotonic
 from sidecar.datapath.pools cimport UpstreamPools
 from sidecar.datapath.upstream cimport _Upstream
 

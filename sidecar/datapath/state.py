@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from random import random as _uniform  # not `import random`: ProxyState.random would shadow it (Cython)
-from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable
 
 from meshcore.snapshot import Snapshot
 
+from .speedups import monotonic
 from ..dns import VipAllocator
 from ..egress import EgressControl   # egress control
 from ..guard import DEFAULT_LIMITS   # limits (meshcore.limits)

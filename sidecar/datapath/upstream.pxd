@@ -7,7 +7,7 @@ from sidecar.datapath.exchange cimport Exchange
 from sidecar.datapath.http1 cimport connection_tokens, read_response_head, status_line
 from sidecar.datapath.pools cimport UpstreamPools
 from sidecar.datapath.respond cimport _Responder
-from sidecar.datapath.speedups cimport cut, head_end, join
+from sidecar.datapath.speedups cimport cut, head_end, join, monotonic
 from sidecar.datapath.wire cimport _send
 
 

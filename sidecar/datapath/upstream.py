@@ -4,7 +4,6 @@ responses and streams them back to the downstream, its head first past the retry
 from __future__ import annotations
 
 import asyncio
-from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -14,7 +13,7 @@ from .http1 import (
     status_line,
 )
 from .peers import stop_probing
-from .speedups import cut, head_end, join
+from .speedups import cut, head_end, join, monotonic
 from .wire import (
     FLAG_UPSTREAM_PROTOCOL_ERROR, FLAG_UPSTREAM_RESET, MAX_HEAD, P_UPSTREAM, RESPONSE_HEADERS, TRAILER_DROP,
     WHOLE_HEADS, WRITE_HIGH_WATER, _RESPONSE_TABLE, _send, _Stop, last_chunk, log,
