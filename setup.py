@@ -14,10 +14,15 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-# the engine's modules (sidecar/datapath/engine.py re-exports their names) from wire to downstream
+# the engine's modules (sidecar/datapath/engine.py re-exports their names) from wire to downstream, the
+# request path's layers one concern a module (sidecar/datapath/layers/, base first)
 COMPILED = ["meshcore.lb", "meshcore.resilience", "sidecar.datapath.speedups", "sidecar.datapath.http1",
             "sidecar.datapath.wire", "sidecar.datapath.hoptrace", "sidecar.datapath.pools", "sidecar.datapath.state",
-            "sidecar.datapath.layers", "sidecar.datapath.stack", "sidecar.datapath.exchange",
+            "sidecar.datapath.layers.base", "sidecar.datapath.layers.trace", "sidecar.datapath.layers.ratelimit",
+            "sidecar.datapath.layers.authorize", "sidecar.datapath.layers.route", "sidecar.datapath.layers.traffic",
+            "sidecar.datapath.layers.rules", "sidecar.datapath.layers.timeout", "sidecar.datapath.layers.fault",
+            "sidecar.datapath.layers.breaker", "sidecar.datapath.layers.retries", "sidecar.datapath.layers.mirror",
+            "sidecar.datapath.layers.balance", "sidecar.datapath.stack", "sidecar.datapath.exchange",
             "sidecar.datapath.upstream", "sidecar.datapath.respond", "sidecar.datapath.dispatch",
             "sidecar.datapath.downstream", "sidecar.datapath.pipes"]
 DIRECTIVES = {

@@ -89,8 +89,10 @@ def venv_for(checkout: Path, venv: Path) -> str:
 
 
 # the engine's modules (setup.py; sidecar/datapath/engine.py re-exports their names)
-ENGINE_MODULES = ("wire", "hoptrace", "pools", "state", "layers", "stack", "exchange", "upstream", "respond",
-                  "dispatch", "downstream")
+ENGINE_MODULES = ("wire", "hoptrace", "pools", "state", "layers.base", "layers.trace", "layers.ratelimit",
+                  "layers.authorize", "layers.route", "layers.traffic", "layers.rules", "layers.timeout",
+                  "layers.fault", "layers.breaker", "layers.retries", "layers.mirror", "layers.balance", "stack",
+                  "exchange", "upstream", "respond", "dispatch", "downstream")
 
 
 def _cimported(pxd: str) -> tuple[str, ...]:
@@ -117,8 +119,8 @@ COMPILED_MODULES = {
                                "sidecar/datapath/speedups.pxd"),
     "meshcore.lb": ("meshcore/lb.py", "meshcore/lb.pxd"),
     "meshcore.resilience": ("meshcore/resilience.py", "meshcore/resilience.pxd"),
-    **{f"sidecar.datapath.{name}": (f"sidecar/datapath/{name}.py", *_cimported(f"sidecar/datapath/{name}.pxd"))
-       for name in ENGINE_MODULES},
+    **{f"sidecar.datapath.{name}": (f"sidecar/datapath/{path}.py", *_cimported(f"sidecar/datapath/{path}.pxd"))
+       for name, path in ((name, name.replace(".", "/")) for name in ENGINE_MODULES)},
     "sidecar.datapath.pipes": ("sidecar/datapath/pipes.py",),
 }
 COMPILED_SOURCES = tuple(dict.fromkeys(src for srcs in COMPILED_MODULES.values() for src in srcs))

@@ -7,9 +7,12 @@ from sidecar.proxy import ProxyState, Stack, build_inbound_stack, build_outbound
 
 
 def describe(title: str, stack: Stack) -> str:
-    """`title`, then the stack's layers in the order its loop runs them, numbered."""
+    """`title`, then the stack's layers in the order its loop runs them, numbered, each with the module
+    that defines it (a column)."""
+    labels = [f"  {i}. {layer.name}{'  [on_end]' if layer.ends else ''}" for i, layer in enumerate(stack.chain, 1)]
+    width = max(map(len, labels))
     lines = [f"{title} ({stack.direction}):"]
-    lines += [f"  {i}. {layer.name}{'  [on_end]' if layer.ends else ''}" for i, layer in enumerate(stack.chain, 1)]
+    lines += [f"{label:<{width}}  {type(layer).__module__}" for label, layer in zip(labels, stack.chain)]
     return "\n".join(lines)
 
 

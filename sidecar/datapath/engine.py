@@ -4,7 +4,7 @@ names re-exported here from the modules that hold them (one concern each).
 Used by the sidecar's outbound (15001) and inbound (15006) listeners and by the gateway.
 
 Shape of one request (one `Exchange`, exchange.py): `_Downstream` (downstream.py, the client side)
-parses the head, then runs its `Stack.chain` (stack.py), a tuple of `Layer` objects (layers.py), in
+parses the head, then runs its `Stack.chain` (stack.py), a tuple of `Layer` objects (layers/*.py), in
 order (`_Dispatcher._proceed`, dispatch.py); the builders in stack.py (`outbound_chain`,
 `inbound_chain`; the gateway's in gateway.server) write the order, and `python -m
 sidecar.datapath.chain` prints it:
@@ -47,6 +47,6 @@ from __future__ import annotations
 
 from . import dispatch, downstream, exchange, hoptrace, layers, pools, respond, stack, state, upstream, wire
 
-for _module in (wire, hoptrace, pools, state, layers, stack, exchange, upstream, respond, dispatch, downstream):
+for _module in (wire, hoptrace, pools, state, *layers.MODULES, stack, exchange, upstream, respond, dispatch, downstream):
     globals().update({name: value for name, value in vars(_module).items() if not name.startswith("__")})
 del _module

@@ -2,9 +2,9 @@
 # see setup.py: an exchange is a C struct, its fields read and written without dictionary lookups.
 # Every attribute stays `public`: gateway, mtls and the tests read and set them from Python.
 
-from sidecar.datapath.speedups cimport monotonic
-from sidecar.datapath.layers cimport _Lane
+from sidecar.datapath.layers.base cimport _Lane
 from sidecar.datapath.respond cimport _Responder
+from sidecar.datapath.speedups cimport monotonic
 from sidecar.datapath.upstream cimport _Upstream
 
 

@@ -12,7 +12,7 @@ from ..routing import Cluster
 from ..telemetry import NO_FLAGS
 
 if TYPE_CHECKING:
-    from .layers import _Lane
+    from .layers.base import _Lane
     from .respond import _Responder
     from .upstream import _Upstream
 

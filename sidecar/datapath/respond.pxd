@@ -8,7 +8,7 @@ from sidecar.datapath.speedups cimport monotonic
 from sidecar.datapath.exchange cimport Exchange, _Listener
 from sidecar.datapath.hoptrace cimport count_request, trace_of
 from sidecar.datapath.http1 cimport status_line
-from sidecar.datapath.layers cimport Layer
+from sidecar.datapath.layers.base cimport Layer
 from sidecar.datapath.stack cimport Stack
 from sidecar.datapath.state cimport ProxyState
 from sidecar.datapath.upstream cimport _Upstream

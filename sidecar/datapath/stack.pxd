@@ -1,7 +1,7 @@
 # Cython declarations that compile sidecar/datapath/stack.py (unchanged Python) into a C extension, see
 # setup.py: a stack's fields are read-only C struct members, read several times per request.
 
-from sidecar.datapath.layers cimport Balance
+from sidecar.datapath.layers.base cimport Balance
 from sidecar.datapath.pools cimport UpstreamPools
 
 

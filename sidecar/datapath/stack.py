@@ -13,10 +13,21 @@ from ..telemetry import REPORTER_DESTINATION, REPORTER_SOURCE
 from ..traffic import choose_mirror_subset, choose_subset, fault_of
 from .h2bridge import H2_PROTOCOLS, serve_h2
 from .h2upstream import H2AppConnector, H2PeerConnector
-from .layers import (
-    Authorize, Balance, Breaker, Fault, Layer, LeastRequest, Mirror, RateLimit, Retries, RouteByHost, RouteTo, Rules,
-    StartTrace, Timeout, Traffic, TrafficBalance,
-)
+# Each layer from its own module, not the package: compiled, this module can run while the package's
+# __init__ is still importing its first layer (the engine's modules initialise each other, engine.py).
+from .layers.authorize import Authorize
+from .layers.balance import LeastRequest, TrafficBalance
+from .layers.base import Balance, Layer
+from .layers.breaker import Breaker
+from .layers.fault import Fault
+from .layers.mirror import Mirror
+from .layers.ratelimit import RateLimit
+from .layers.retries import Retries
+from .layers.route import RouteByHost, RouteTo
+from .layers.rules import Rules
+from .layers.timeout import Timeout
+from .layers.trace import StartTrace
+from .layers.traffic import Traffic
 from .pools import UpstreamPools
 from .speedups import name_table
 from .state import ProxyState

@@ -1,4 +1,5 @@
-"""The chains the builders return are the layers that run, in the order written there (no sockets)."""
+"""The chains the builders return are the layers that run, in the order written there, each from the module
+of its concern (no sockets)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,23 @@ from sidecar.proxy import (
 OUTBOUND = [StartTrace, RouteByHost, Traffic, Rules, Timeout, Fault, Breaker, Retries, Mirror, TrafficBalance]
 INBOUND = [StartTrace, RateLimit, Authorize, RouteTo, LeastRequest]
 GATEWAY = [StartTrace, Route, "CheckJwt", Traffic, Rules, Timeout, Fault, Breaker, Retries, Mirror, TrafficBalance]
+
+# Each layer class and the module of its concern (sidecar/datapath/layers/, one concern a module).
+LAYER_MODULES = [
+    (Layer, "base"), (Balance, "base"),
+    (StartTrace, "trace"),
+    (RateLimit, "ratelimit"),
+    (Authorize, "authorize"),
+    (Route, "route"), (RouteByHost, "route"), (RouteTo, "route"),
+    (Traffic, "traffic"),
+    (Rules, "rules"),
+    (Timeout, "timeout"),
+    (Fault, "fault"),
+    (Breaker, "breaker"),
+    (Retries, "retries"),
+    (Mirror, "mirror"),
+    (LeastRequest, "balance"), (TrafficBalance, "balance"),
+]
 
 
 @pytest.fixture
@@ -36,6 +54,18 @@ def test_chain_order(state, build, expected, ends) -> None:
     assert [type(layer).__name__ for layer in stack.chain] == names
     assert [type(layer) for layer in stack.enders] == ends
     assert stack.balance is stack.chain[-1]
+
+
+@pytest.mark.parametrize("cls, module", LAYER_MODULES)
+def test_each_layer_is_defined_in_the_module_of_its_concern(cls, module) -> None:
+    assert cls.__module__ == f"sidecar.datapath.layers.{module}"
+
+
+def test_every_layer_of_the_chains_is_in_the_table(state) -> None:
+    """Not vacuous: the table above covers each layer class the builders use."""
+    stacks = (build_outbound_stack(state), build_inbound_stack(state, 8080), build_gateway_stack(state))
+    used = {type(layer) for stack in stacks for layer in stack.chain}
+    assert {cls for cls in used if cls.__name__ != "CheckJwt"} <= {cls for cls, _ in LAYER_MODULES}
 
 
 @pytest.mark.parametrize("chain, error", [
@@ -60,40 +90,40 @@ def test_stack_reads_connect_tries_and_outliers_from_its_balance_layer(state, ba
 
 
 PRINTED_OUTBOUND = """outbound (outbound):
-  1. trace context
-  2. route by host
-  3. traffic state
-  4. rules + split
-  5. timeout  [on_end]
-  6. fault  [on_end]
-  7. circuit breaker  [on_end]
-  8. retries + budget  [on_end]
-  9. mirror
-  10. balance (mesh.lb, outliers) + connect"""
+  1. trace context                           sidecar.datapath.layers.trace
+  2. route by host                           sidecar.datapath.layers.route
+  3. traffic state                           sidecar.datapath.layers.traffic
+  4. rules + split                           sidecar.datapath.layers.rules
+  5. timeout  [on_end]                       sidecar.datapath.layers.timeout
+  6. fault  [on_end]                         sidecar.datapath.layers.fault
+  7. circuit breaker  [on_end]               sidecar.datapath.layers.breaker
+  8. retries + budget  [on_end]              sidecar.datapath.layers.retries
+  9. mirror                                  sidecar.datapath.layers.mirror
+  10. balance (mesh.lb, outliers) + connect  sidecar.datapath.layers.balance"""
 
 PRINTED_INBOUND = """inbound (inbound):
-  1. trace context
-  2. rate limit
-  3. authorize
-  4. route to the local app
-  5. balance (least request) + connect"""
+  1. trace context                      sidecar.datapath.layers.trace
+  2. rate limit                         sidecar.datapath.layers.ratelimit
+  3. authorize                          sidecar.datapath.layers.authorize
+  4. route to the local app             sidecar.datapath.layers.route
+  5. balance (least request) + connect  sidecar.datapath.layers.balance"""
 
 PRINTED_GATEWAY = """gateway (gateway):
-  1. trace context
-  2. route (gateway routes)
-  3. jwt
-  4. traffic state
-  5. rules + split
-  6. timeout  [on_end]
-  7. fault  [on_end]
-  8. circuit breaker  [on_end]
-  9. retries + budget  [on_end]
-  10. mirror
-  11. balance (mesh.lb, outliers) + connect"""
+  1. trace context                           sidecar.datapath.layers.trace
+  2. route (gateway routes)                  sidecar.datapath.layers.route
+  3. jwt                                     gateway.server
+  4. traffic state                           sidecar.datapath.layers.traffic
+  5. rules + split                           sidecar.datapath.layers.rules
+  6. timeout  [on_end]                       sidecar.datapath.layers.timeout
+  7. fault  [on_end]                         sidecar.datapath.layers.fault
+  8. circuit breaker  [on_end]               sidecar.datapath.layers.breaker
+  9. retries + budget  [on_end]              sidecar.datapath.layers.retries
+  10. mirror                                 sidecar.datapath.layers.mirror
+  11. balance (mesh.lb, outliers) + connect  sidecar.datapath.layers.balance"""
 
 
 def test_the_chains_printed(state) -> None:
-    """What `python -m sidecar.datapath.chain` / `python -m gateway.chain` print, one layer a line."""
+    """What `python -m sidecar.datapath.chain` / `python -m gateway.chain` print, one layer a line with its module."""
     assert sidecar_chains(state) == [PRINTED_OUTBOUND, PRINTED_INBOUND]
     assert describe("gateway", build_gateway_stack(state)) == PRINTED_GATEWAY
 
