@@ -9,7 +9,7 @@ if _os.environ.get("MESHD_PURE_PYTHON"):
     import sys as _sys
 
     COMPILED_MODULES = frozenset((*(f"sidecar.datapath.{name}" for name in (
-        "wire", "hoptrace", "pools", "state", "layers.base", "layers.trace", "layers.ratelimit", "layers.authorize",
+        "wire", "hoptrace", "pools", "state", "layers.base", "layers.metrics", "layers.trace", "layers.ratelimit", "layers.authorize",
         "layers.route", "layers.traffic", "layers.rules", "layers.timeout", "layers.fault", "layers.breaker",
         "layers.retries", "layers.mirror", "layers.balance", "stack", "exchange", "upstream", "respond", "dispatch",
         "downstream", "pipes", "http1", "speedups")), "meshcore.lb", "meshcore.resilience"))   # setup.py's COMPILED

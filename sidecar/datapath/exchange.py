@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from .speedups import monotonic
 from ..guard import DEFAULT_LIMITS, ConnectionGuard   # limits (meshcore.limits)
 from ..routing import Cluster
 from ..telemetry import NO_FLAGS
+from .speedups import monotonic
 
 if TYPE_CHECKING:
     from .layers.base import _Lane

@@ -11,6 +11,7 @@ from meshcore.lb import connect_tries
 
 from ..routing import Cluster
 from .engine import WRITE_HIGH_WATER, Exchange, ProxyState, Stack, _Downstream, _Upstream, _dec, log
+from .layers.metrics import metric_labels
 from .peers import check_peer, hop_tls
 
 
@@ -184,8 +185,8 @@ def switch_protocols(down: _Downstream, ex: Exchange, up: _Upstream, rest: bytes
     down.switched = True
     down.queue.clear()
     down.cur = None
-    down._finish_metrics(ex)
-    labels = down.metric_labels(ex)
+    down._end_layers(ex)
+    labels = metric_labels(down, ex)
     telemetry = down.state.telemetry
     client = _Pipe(down.stack.gauge)   # the downstream connection's gauge count ends with the tunnel
     client.transport = down.transport

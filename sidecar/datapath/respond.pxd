@@ -4,18 +4,13 @@
 # Every attribute stays `public`: gateway, mtls and the tests read and set them from Python.
 
 cimport cython
-from sidecar.datapath.speedups cimport monotonic
 from sidecar.datapath.exchange cimport Exchange, _Listener
-from sidecar.datapath.hoptrace cimport count_request, trace_of
 from sidecar.datapath.http1 cimport status_line
 from sidecar.datapath.layers.base cimport Layer
 from sidecar.datapath.stack cimport Stack
 from sidecar.datapath.state cimport ProxyState
 from sidecar.datapath.upstream cimport _Upstream
-from sidecar.datapath.wire cimport _dec, _join_flags, caller_of
-
-
-cdef Py_ssize_t _SAMPLED_AT   # where the header lines of this hop's traceparent say "sampled"
+from sidecar.datapath.wire cimport _dec, _join_flags
 
 
 cdef class _Responder:
@@ -45,9 +40,7 @@ cdef class _Responder:
     cpdef bint _drop_upstream(self, Exchange ex) except -1
     cpdef _response_done(self, Exchange ex, _Upstream up, bint reusable, bint close)
     @cython.locals(layer=Layer)
-    cpdef _finish_metrics(self, Exchange ex)
-    @cython.locals(sent=bytes)
-    cpdef tuple metric_labels(self, Exchange ex)
+    cpdef _end_layers(self, Exchange ex)
     @cython.locals(nxt=Exchange)
     cpdef _advance(self)
     cpdef _pause(self, int bit)

@@ -11,17 +11,14 @@ from typing import TYPE_CHECKING, Any
 from httptools import HttpRequestParser
 
 from meshcore.grpc import GRPC_CONTENT_TYPE, local_reply_status, percent_encode_message
-from meshcore.telemetry_settings import ACCESS_FULL
 
-from .speedups import monotonic
-from ..routing import UNKNOWN, Cluster
-from ..telemetry import MUTUAL_TLS, NO_FLAGS, NO_TLS, REPORTER_DESTINATION, REPORTER_SOURCE
-from .hoptrace import _SAMPLED_AT, count_request, trace_of
+from ..routing import Cluster
+from ..telemetry import NO_FLAGS
 from .http1 import status_line
 from .peers import reset_connection
 from .wire import (
     FLAG_DOWNSTREAM_CLOSED, FLAG_DOWNSTREAM_PROTOCOL_ERROR, FLAG_UPSTREAM_RESET, P_PIPELINE, P_STOPPED, P_UPSTREAM,
-    TEXT, WHOLE_HEADS, Reply, _dec, _join_flags, _Stop, caller_of, is_grpc_call,
+    TEXT, WHOLE_HEADS, Reply, _dec, _join_flags, _Stop, is_grpc_call,
 )
 
 if TYPE_CHECKING:
@@ -137,7 +134,7 @@ class _Responder:
             return
         ex.flags = _join_flags(ex.flags, flags)
         ex.resp_done = True
-        self._finish_metrics(ex)
+        self._end_layers(ex)
         self._abort()
 
     def _undelivered(self, ex: Exchange, up: _Upstream) -> None:
@@ -165,7 +162,7 @@ class _Responder:
         if ex.resp_started:
             ex.flags = flags
             ex.resp_done = True
-            self._finish_metrics(ex)
+            self._end_layers(ex)
             self._abort()
             return
         close = close or not ex.keep_alive or self.eof or (ex.expect and not ex.req_done)
@@ -216,7 +213,7 @@ class _Responder:
                 self.stack.pool.release(up)
             else:
                 up.close()
-        self._finish_metrics(ex)
+        self._end_layers(ex)
         if close or not ex.keep_alive:
             self._close()
             return
@@ -227,54 +224,11 @@ class _Responder:
         else:
             ex.discard = True  # read and drop the rest of this request's body, then go on
 
-    def _finish_metrics(self, ex: Exchange) -> None:
-        """Once per exchange, when it ends: traffic accounting, metrics, the access log hook."""
-        stack = self.stack
-        state = self.state
-        for layer in stack.enders:
+    def _end_layers(self, ex: Exchange) -> None:
+        """Once per exchange, when it ends: the on_end of every layer that keeps per-request state,
+        innermost first (Stack.enders); the metrics layer, outermost, counts it last."""
+        for layer in self.stack.enders:
             layer.on_end(self, ex)
-        ms = (monotonic() - ex.start) * 1000.0
-        cluster = ex.cluster
-        reporter, src, srcv, dst, ver = self.metric_labels(ex)
-        if reporter == REPORTER_DESTINATION:
-            security = MUTUAL_TLS if self.peer_identity else NO_TLS   # the caller's verified certificate
-        else:
-            security = MUTUAL_TLS if cluster is not None and cluster.mesh and state.tls is not None else NO_TLS
-        count_request(state.telemetry, reporter, src, srcv, dst, ver, ex.status, ex.flags, ms, ex.grpc_status,
-                      security)
-        trace = ex.trace
-        headers = ex.trace_headers
-        if trace is None and not headers:
-            return   # never dispatched: no trace began
-        # The C tests first: the tracing settings' attribute read only decides the quiet, unsampled case.
-        if ((trace.sampled if trace is not None else headers[_SAMPLED_AT] == 0x31)
-                or ex.status >= 500 or ex.status == 0 or ex.flags != NO_FLAGS
-                or state.tracing.access_mode == ACCESS_FULL):
-            if trace is None:
-                trace = ex.trace = trace_of(ex.tp, headers)
-            upstream = None
-            if cluster is not None and ex.index is not None:
-                key = cluster.keys[ex.index]
-                upstream = f"{key[0]}:{key[1]}"
-            state.tracing.finish(trace, direction=stack.direction, method=ex.method, target=ex.target,
-                                 status=ex.status, flags=ex.flags, ms=ms, source=src, source_version=srcv,
-                                 destination=dst, destination_version=ver, upstream=upstream,
-                                 attempts=ex.attempt + 1, no_flags=NO_FLAGS)
-
-    def metric_labels(self, ex: Exchange) -> tuple:
-        """(reporter, source workload, its version, destination service, its version) of `ex`."""
-        state = self.state
-        if self.stack.reporter == REPORTER_DESTINATION:
-            sent = ex.source_version   # bytes (typed in the .pxd: a C decode, not a method call)
-            srcv = sent.decode("latin-1") if sent else UNKNOWN
-            return REPORTER_DESTINATION, caller_of(self, ex), srcv, state.table.own or state.service, state.version
-        cluster = ex.cluster
-        if cluster is None:
-            dst, ver = UNKNOWN, UNKNOWN
-        else:
-            dst = cluster.name
-            ver = cluster.endpoints[ex.index].version if ex.index is not None else UNKNOWN
-        return REPORTER_SOURCE, self.stack.source_name, state.version, dst, ver
 
     def _advance(self) -> None:
         """The head exchange is finished: start the next pipelined one, if any."""
@@ -317,7 +271,7 @@ class _Responder:
         if ex.dispatched and not ex.resp_done:
             ex.resp_done = True
             ex.flags = FLAG_DOWNSTREAM_CLOSED
-            self._finish_metrics(ex)
+            self._end_layers(ex)
 
     # -- connection control
 

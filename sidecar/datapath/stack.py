@@ -20,6 +20,7 @@ from .layers.balance import LeastRequest, TrafficBalance
 from .layers.base import Balance, Layer
 from .layers.breaker import Breaker
 from .layers.fault import Fault
+from .layers.metrics import Metrics
 from .layers.mirror import Mirror
 from .layers.ratelimit import RateLimit
 from .layers.retries import Retries
@@ -55,7 +56,9 @@ class Stack:
         last = self.chain[-1]
         if not isinstance(last, Balance) or any(isinstance(layer, Balance) for layer in self.chain[:-1]):
             raise ValueError("a chain ends with its one balance layer")
-        self.enders = tuple(layer for layer in self.chain if layer.ends)
+        # each on_end once the exchange ends, innermost first: an outer layer (metrics) sees the inner
+        # ones' state released, as a response unwinds a stack of layers
+        self.enders = tuple(layer for layer in reversed(self.chain) if layer.ends)
         self.balance = last
         self.max_tries = last.max_tries
         self.outlier = last.outlier
@@ -82,6 +85,7 @@ def mesh_source_headers(source: str, version: str) -> bytes:
 def outbound_chain(route: Layer | None = None, after_route: tuple = ()) -> tuple:
     """The outbound layers in the order they run (the gateway passes its route and its JWT check)."""
     return (
+        Metrics(),                         # metrics: the request series, span, access log (at the end)
         StartTrace(),                      # trace context: this hop's ids, headers for the next hop
         route or RouteByHost(),            # route: the service (cluster), unknown -> passthrough
         *after_route,
@@ -99,6 +103,7 @@ def outbound_chain(route: Layer | None = None, after_route: tuple = ()) -> tuple
 def inbound_chain(cluster: Cluster) -> tuple:
     """The inbound layers in the order they run: everything goes to the local app."""
     return (
+        Metrics(),                         # metrics
         StartTrace(),                      # trace context
         RateLimit(),                       # rate limit: 429 RL
         Authorize(),                       # authorize: 403 RBAC; XFCC for the app

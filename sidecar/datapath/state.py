@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from meshcore.snapshot import Snapshot
 
-from .speedups import monotonic
 from ..dns import VipAllocator
 from ..egress import EgressControl   # egress control
 from ..guard import DEFAULT_LIMITS   # limits (meshcore.limits)
@@ -23,6 +22,7 @@ from .peers import (
     probe_peer, read_tcp_info,
 )
 from .pools import UpstreamPools
+from .speedups import monotonic
 from .wire import CONNECT_TIMEOUT_S, EJECT_S, POOL_IDLE_TIMEOUT_S, POOL_MAX_IDLE, log
 
 if TYPE_CHECKING:

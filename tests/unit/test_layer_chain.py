@@ -9,18 +9,20 @@ from gateway.chain import main as print_chains
 from gateway.server import build_gateway_stack
 from sidecar.datapath.chain import describe, sidecar_chains
 from sidecar.proxy import (
-    Authorize, Balance, Breaker, Fault, LeastRequest, Layer, Mirror, ProxyState, RateLimit, Retries, Route,
+    Authorize, Balance, Breaker, Fault, LeastRequest, Layer, Metrics, Mirror, ProxyState, RateLimit, Retries, Route,
     RouteByHost, RouteTo, Rules, StartTrace, Stack, Timeout, Traffic, TrafficBalance, build_inbound_stack,
     build_outbound_stack,
 )
 
-OUTBOUND = [StartTrace, RouteByHost, Traffic, Rules, Timeout, Fault, Breaker, Retries, Mirror, TrafficBalance]
-INBOUND = [StartTrace, RateLimit, Authorize, RouteTo, LeastRequest]
-GATEWAY = [StartTrace, Route, "CheckJwt", Traffic, Rules, Timeout, Fault, Breaker, Retries, Mirror, TrafficBalance]
+OUTBOUND = [Metrics, StartTrace, RouteByHost, Traffic, Rules, Timeout, Fault, Breaker, Retries, Mirror, TrafficBalance]
+INBOUND = [Metrics, StartTrace, RateLimit, Authorize, RouteTo, LeastRequest]
+GATEWAY = [Metrics, StartTrace, Route, "CheckJwt", Traffic, Rules, Timeout, Fault, Breaker, Retries, Mirror,
+           TrafficBalance]
 
 # Each layer class and the module of its concern (sidecar/datapath/layers/, one concern a module).
 LAYER_MODULES = [
     (Layer, "base"), (Balance, "base"),
+    (Metrics, "metrics"),
     (StartTrace, "trace"),
     (RateLimit, "ratelimit"),
     (Authorize, "authorize"),
@@ -44,9 +46,10 @@ def state():
 
 
 @pytest.mark.parametrize("build, expected, ends", [
-    (build_outbound_stack, OUTBOUND, [Timeout, Fault, Breaker, Retries]),
-    (lambda s: build_inbound_stack(s, 8080), INBOUND, []),
-    (build_gateway_stack, GATEWAY, [Timeout, Fault, Breaker, Retries]),
+    # enders: innermost first, the metrics layer (outermost) last
+    (build_outbound_stack, OUTBOUND, [Retries, Breaker, Fault, Timeout, Metrics]),
+    (lambda s: build_inbound_stack(s, 8080), INBOUND, [Metrics]),
+    (build_gateway_stack, GATEWAY, [Retries, Breaker, Fault, Timeout, Metrics]),
 ])
 def test_chain_order(state, build, expected, ends) -> None:
     stack = build(state)
@@ -90,28 +93,9 @@ def test_stack_reads_connect_tries_and_outliers_from_its_balance_layer(state, ba
 
 
 PRINTED_OUTBOUND = """outbound (outbound):
-  1. trace context                           sidecar.datapath.layers.trace
-  2. route by host                           sidecar.datapath.layers.route
-  3. traffic state                           sidecar.datapath.layers.traffic
-  4. rules + split                           sidecar.datapath.layers.rules
-  5. timeout  [on_end]                       sidecar.datapath.layers.timeout
-  6. fault  [on_end]                         sidecar.datapath.layers.fault
-  7. circuit breaker  [on_end]               sidecar.datapath.layers.breaker
-  8. retries + budget  [on_end]              sidecar.datapath.layers.retries
-  9. mirror                                  sidecar.datapath.layers.mirror
-  10. balance (mesh.lb, outliers) + connect  sidecar.datapath.layers.balance"""
-
-PRINTED_INBOUND = """inbound (inbound):
-  1. trace context                      sidecar.datapath.layers.trace
-  2. rate limit                         sidecar.datapath.layers.ratelimit
-  3. authorize                          sidecar.datapath.layers.authorize
-  4. route to the local app             sidecar.datapath.layers.route
-  5. balance (least request) + connect  sidecar.datapath.layers.balance"""
-
-PRINTED_GATEWAY = """gateway (gateway):
-  1. trace context                           sidecar.datapath.layers.trace
-  2. route (gateway routes)                  sidecar.datapath.layers.route
-  3. jwt                                     gateway.server
+  1. metrics  [on_end]                       sidecar.datapath.layers.metrics
+  2. trace context                           sidecar.datapath.layers.trace
+  3. route by host                           sidecar.datapath.layers.route
   4. traffic state                           sidecar.datapath.layers.traffic
   5. rules + split                           sidecar.datapath.layers.rules
   6. timeout  [on_end]                       sidecar.datapath.layers.timeout
@@ -120,6 +104,28 @@ PRINTED_GATEWAY = """gateway (gateway):
   9. retries + budget  [on_end]              sidecar.datapath.layers.retries
   10. mirror                                 sidecar.datapath.layers.mirror
   11. balance (mesh.lb, outliers) + connect  sidecar.datapath.layers.balance"""
+
+PRINTED_INBOUND = """inbound (inbound):
+  1. metrics  [on_end]                  sidecar.datapath.layers.metrics
+  2. trace context                      sidecar.datapath.layers.trace
+  3. rate limit                         sidecar.datapath.layers.ratelimit
+  4. authorize                          sidecar.datapath.layers.authorize
+  5. route to the local app             sidecar.datapath.layers.route
+  6. balance (least request) + connect  sidecar.datapath.layers.balance"""
+
+PRINTED_GATEWAY = """gateway (gateway):
+  1. metrics  [on_end]                       sidecar.datapath.layers.metrics
+  2. trace context                           sidecar.datapath.layers.trace
+  3. route (gateway routes)                  sidecar.datapath.layers.route
+  4. jwt                                     gateway.server
+  5. traffic state                           sidecar.datapath.layers.traffic
+  6. rules + split                           sidecar.datapath.layers.rules
+  7. timeout  [on_end]                       sidecar.datapath.layers.timeout
+  8. fault  [on_end]                         sidecar.datapath.layers.fault
+  9. circuit breaker  [on_end]               sidecar.datapath.layers.breaker
+  10. retries + budget  [on_end]             sidecar.datapath.layers.retries
+  11. mirror                                 sidecar.datapath.layers.mirror
+  12. balance (mesh.lb, outliers) + connect  sidecar.datapath.layers.balance"""
 
 
 def test_the_chains_printed(state) -> None:

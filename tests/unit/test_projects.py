@@ -316,7 +316,8 @@ def test_meshctl_shows_the_ambiguity_and_exits_1():
 @pytest.mark.parametrize("namespace, own", [("a", "web"), ("b", "web.b"), (None, "web")])
 def test_a_node_routes_bare_names_in_its_project_and_reports_its_own_key(namespace, own):
     from sidecar.proxy import (
-        Exchange, ProxyState, _Downstream, _Listener, build_inbound_stack, build_outbound_stack, route_by_host,
+        Exchange, ProxyState, _Downstream, _Listener, build_inbound_stack, build_outbound_stack, metric_labels,
+        route_by_host,
     )
 
     state = ProxyState("web")
@@ -330,4 +331,4 @@ def test_a_node_routes_bare_names_in_its_project_and_reports_its_own_key(namespa
         assert route_by_host(out, ex).name == expected
     assert state.local_traffic() is state.traffic.of(state.table.clusters[own])
     inbound = _Downstream(state, build_inbound_stack(state, 80), _Listener(None, 0.3))
-    assert inbound.metric_labels(Exchange(inbound))[3] == own   # destination_service, as callers report it
+    assert metric_labels(inbound, Exchange(inbound))[3] == own   # destination_service, as callers report it

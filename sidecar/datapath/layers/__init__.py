@@ -12,14 +12,19 @@ from .timeout import Timeout
 from .fault import Fault
 from .breaker import Breaker
 from .retries import Retries
+from .metrics import Metrics, metric_labels
 from .mirror import Mirror
 from .balance import LeastRequest, TrafficBalance, balance_least_request, balance_traffic
-from . import authorize, balance, base, breaker, fault, mirror, ratelimit, retries, route, rules, timeout, trace, traffic
+from . import (
+    authorize, balance, base, breaker, fault, metrics, mirror, ratelimit, retries, route, rules, timeout, trace,
+    traffic,
+)
 
 # each concern's module in chain order (sidecar.datapath.engine re-exports their names)
-MODULES = (base, trace, ratelimit, authorize, route, traffic, rules, timeout, fault, breaker, retries, mirror, balance)
+MODULES = (base, metrics, trace, ratelimit, authorize, route, traffic, rules, timeout, fault, breaker, retries, mirror,
+           balance)
 
-__all__ = ["Authorize", "Balance", "Breaker", "Fault", "Layer", "LeastRequest", "Mirror", "RateLimit", "Retries",
-           "Route", "RouteByHost", "RouteFn", "RouteTo", "Rules", "StartTrace", "Timeout", "Traffic", "TrafficBalance",
-           "_Lane", "authorized", "balance_least_request", "balance_traffic", "host_index", "limit_inbound",
-           "route_by_host"]
+__all__ = ["Authorize", "Balance", "Breaker", "Fault", "Layer", "LeastRequest", "Metrics", "Mirror", "RateLimit",
+           "Retries", "Route", "RouteByHost", "RouteFn", "RouteTo", "Rules", "StartTrace", "Timeout", "Traffic",
+           "TrafficBalance", "_Lane", "authorized", "balance_least_request", "balance_traffic", "host_index",
+           "limit_inbound", "metric_labels", "route_by_host"]

@@ -1,6 +1,6 @@
 # Cython declarations that compile sidecar/datapath/layers/base.py (unchanged Python) into a C extension,
 # see setup.py: the layers' hooks and the balance layer's pick are C calls through the chain
-# (_Dispatcher._proceed, _Responder._finish_metrics, the stack's balance); every layer's .pxd cimports
+# (_Dispatcher._proceed, _Responder._end_layers, the stack's balance); every layer's .pxd cimports
 # its base class from here and, where it reads a destination's traffic, _Lane.
 
 from meshcore.lb cimport connect_tries
