@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextvars
 import datetime
 import json
@@ -35,6 +36,7 @@ def _import_structlog():
 
 structlog = _import_structlog()  # first, in the processes' import order: see sidecar.cli, gateway.cli
 get_contextvars = structlog.contextvars.get_contextvars
+_get_running_loop = asyncio._get_running_loop   # None off a loop; no exception to raise and catch
 
 
 def configure_logging(process: str) -> None:
@@ -51,6 +53,8 @@ def configure_logging(process: str) -> None:
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(process=process)
+    if _lines is not None:
+        _lines.flush()
     _lines = LogLines(sys.stderr, level, render)
 
 
@@ -61,19 +65,58 @@ def log_processors(render: Any) -> list:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
+        _flush_held_lines,
         render,
     ]
 
 
+def _flush_held_lines(logger: Any, name: str, event: dict) -> dict:
+    """A chain step: the EventLines' held lines go out before this event's, so the stream keeps
+    the order in which events happened."""
+    lines = _lines
+    if lines is not None and lines.held:
+        lines.flush()
+    return event
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    if _lines is not None:
+        _lines.flush()
+
+
 class LogLines:
     """What configure_logging's processor chain adds after an event's own fields, and where the line
-    goes: the way past the chain for EventLine."""
+    goes: the way past the chain for EventLine. On an event loop, lines are held and written together
+    (after FLUSH_SECONDS, at MAX_HELD lines, before the chain writes any other event, and at exit), as
+    Envoy flushes its access log: one write system call for many lines."""
 
     def __init__(self, stream: Any, level: int, render: Any):
         self.level = level
         self.render = render                        # the chain's JSONRenderer
-        self.out = structlog.WriteLogger(stream)    # one write per line, under structlog's lock of the stream
+        self.out = structlog.WriteLogger(stream)    # under structlog's lock of the stream
         self.second: tuple[int, str] = (-1, "")     # (Unix second, its ISO 8601 text up to the seconds)
+        self.held: list[str] = []                   # lines not yet written, oldest first
+        self.flush_on: Any = None                   # the event loop whose timer will flush them
+
+    def add(self, line: str) -> None:
+        """Write `line` now, or hold it for the flush that the running event loop has due."""
+        held = self.held
+        held.append(line)
+        loop = _get_running_loop()
+        if loop is None or len(held) >= MAX_HELD:   # no loop (a tool, a test): nothing would flush later
+            self.flush()
+        elif loop is not self.flush_on:   # the first held line, or a loop that ended left lines held
+            self.flush_on = loop
+            loop.call_later(FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        """Write the held lines, oldest first, in one write."""
+        self.flush_on = None
+        held = self.held
+        if held:
+            self.held = []
+            self.out.msg("\n".join(held))
 
     def second_text(self, second: int) -> str:
         """'YYYY-MM-DDTHH:MM:SS' of the Unix `second` in UTC (the last one remembered)."""
@@ -93,6 +136,8 @@ class LogLines:
 _lines: LogLines | None = None   # set by configure_logging
 _CHAIN_KEYS = frozenset(("event", "level", "timestamp", "exc_info"))   # what the chain sets or reads
 _MAX_FORMATS = 128              # line formats kept per context (a few routes recur)
+FLUSH_SECONDS = 0.1             # the longest a held line waits (Envoy's file access log: 1 s)
+MAX_HELD = 64                   # lines held at most (~29 KiB of access lines)
 _STAMP = '%s.%06dZ"}'          # the timestamp's second and microsecond, closing the line
 _WHOLE_SECOND = '%sZ"}%.0s'    # the same at a zero microsecond (isoformat leaves it out)
 RECURRING = None               # EventLine: a field whose value (str or None) recurs from line to line
@@ -104,8 +149,9 @@ class EventLine:
     writes them; the same stream and lock; the same level filter) without running the chain.
 
     `fields`: (key, %-format of its JSON value), e.g. ("status", "%d"), where the caller passes string
-    values already JSON-encoded (json_str); or (key, RECURRING) for a str (or None) value that recurs
-    (names of a route): those are encoded once into the line's format, kept per distinct set. Where
+    values already JSON-encoded (json_str); or (key, RECURRING) for a value that recurs (names of a
+    route, a status; str, int, bool or None, one type per field, as equal values of two types share
+    a format): those are encoded once into the line's format, kept per distinct set. Where
     the process did not run configure_logging (tests capturing structlog's events, tools) or a context
     variable would merge differently (it has one of the line's keys), `write` returns False and the
     caller logs the event through structlog instead.
@@ -150,7 +196,7 @@ class EventLine:
         micro = micros - second * 1_000_000
         if not micro:   # datetime.isoformat leaves out a zero microsecond
             line = line[:-len(_STAMP)] + _WHOLE_SECOND
-        lines.out.msg(line % (*values, lines.second_text(second), micro))
+        lines.add(line % (*values, lines.second_text(second), micro))
         return True
 
     def _format(self, lines: LogLines, recurring: tuple, context: dict) -> str:

@@ -9,6 +9,7 @@ span, so a node that samples nothing does not carry it.
 
 from __future__ import annotations
 
+import json
 import random
 import ssl
 import time
@@ -19,7 +20,7 @@ import structlog
 
 from meshcore.metrics import Counter
 from meshcore.spans import KIND_CLIENT, KIND_SERVER
-from meshcore.telemetry_settings import TelemetrySettings, should_log_access
+from meshcore.telemetry_settings import ACCESS_FULL, TelemetrySettings, should_log_access
 from meshcore.tracecontext import (
     Parent, TraceContext, continue_traceparent, decode_parent, encode_trace_headers, start_hop,
 )
@@ -31,10 +32,22 @@ access = structlog.get_logger("access")
 # The access log line, written past structlog's processor chain (a line per request under
 # access_log=full); the same fields as `access.info("request", ...)`, in this order.
 ACCESS_LINE = EventLine("request", (
-    ("direction", RECURRING), ("method", RECURRING), ("path", "%s"), ("status", "%d"), ("flags", RECURRING),
-    ("duration_ms", "%r"), ("source", RECURRING), ("source_version", RECURRING), ("destination", RECURRING),
-    ("destination_version", RECURRING), ("upstream", RECURRING), ("attempts", "%d"),
-    ("trace_id", '"%s"'), ("span_id", '"%016x"'), ("sampled", "%s")))   # ids: hex the node made
+    ("direction", RECURRING), ("method", RECURRING), ("path", "%s"), ("status", RECURRING), ("flags", RECURRING),
+    ("duration_ms", "%s"), ("source", RECURRING), ("source_version", RECURRING), ("destination", RECURRING),
+    ("destination_version", RECURRING), ("upstream", RECURRING), ("attempts", RECURRING),
+    ("trace_id", '"%s"'), ("span_id", '"%016x"'), ("sampled", RECURRING)))   # ids: hex the node made
+
+_SHORTEST_BELOW = 1e15   # "%.3f" then trailing zeros off is float repr's text of the rounded value below this
+
+
+def duration_text(ms: float) -> str:
+    """json.dumps(round(ms, 3)): the duration as the structlog line writes it, without round's and
+    repr's two conversions (both are correctly rounded, so the digits agree)."""
+    if not 0.0 <= ms < _SHORTEST_BELOW:
+        return json.dumps(round(ms, 3))   # a negative, huge or non-finite value: as the chain writes it
+    text = ("%.3f" % ms).rstrip("0")
+    return text + "0" if text[-1] == "." else text
+
 
 OTLP_PATH = "/v1/traces"       # OTLP/HTTP 1.0 default path for traces
 
@@ -103,35 +116,33 @@ class Tracing:
         bits = self.bits
         return start_hop(parent, self.rate, self.rand(), bits(128), bits(64))
 
-    def finish(self, ctx: TraceContext, *, direction: str, method: bytes, target: bytes, status: int,
+    def finish(self, ctx: TraceContext, direction: str, method: bytes, target: bytes, status: int,
                flags: str, ms: float, source: str, source_version: str,
                destination: str, destination_version: str, upstream: str | None, attempts: int,
                no_flags: str) -> None:
         """The request ended: its span when sampled, its access log line when the mode says so."""
-        record_span = ctx.sampled
-        log_it = should_log_access(self.access_mode, ctx.sampled, status, flags, no_flags)
-        if not (record_span or log_it):
+        sampled = ctx.sampled
+        mode = self.access_mode
+        log_it = mode == ACCESS_FULL or should_log_access(mode, sampled, status, flags, no_flags)
+        if not (sampled or log_it):
             return
         end_ns = time.time_ns()
-        start_ns = end_ns - int(ms * 1e6)
         path = target.split(b"?", 1)[0].decode("latin-1")
         method_text = method.decode("latin-1")
-        if record_span:
-            self._record(ctx, direction, method_text, path, status, flags, start_ns, end_ns,
+        if sampled:
+            self._record(ctx, direction, method_text, path, status, flags, end_ns - int(ms * 1e6), end_ns,
                          source, source_version, destination, destination_version, upstream, attempts, no_flags)
         if log_it:
-            duration = round(ms, 3)
             if ACCESS_LINE.write(
-                    (direction, method_text, flags, source, source_version, destination, destination_version,
-                     upstream),
-                    (json_str(path), status, duration, attempts, ctx.trace_hex, ctx.span_id,
-                     "true" if ctx.sampled else "false"), end_ns):
+                    (direction, method_text, status, flags, source, source_version, destination,
+                     destination_version, upstream, attempts, sampled),
+                    (json_str(path), duration_text(ms), ctx.trace_hex, ctx.span_id), end_ns):
                 return
             access.info("request", direction=direction, method=method_text, path=path,
-                        status=status, flags=flags, duration_ms=duration, source=source,
+                        status=status, flags=flags, duration_ms=round(ms, 3), source=source,
                         source_version=source_version, destination=destination,
                         destination_version=destination_version, upstream=upstream, attempts=attempts,
-                        trace_id=ctx.trace_hex, span_id="%016x" % ctx.span_id, sampled=ctx.sampled)
+                        trace_id=ctx.trace_hex, span_id="%016x" % ctx.span_id, sampled=sampled)
 
     # -- spans (sidecar.otel: queued, batched, posted as OTLP/HTTP JSON)
 

@@ -226,8 +226,8 @@ def test_a_context_key_the_chain_would_merge_differently_sends_the_line_through_
     def run() -> bool:
         structlog.contextvars.bind_contextvars(**context)
         runtime._lines = runtime.LogLines(out, logging.INFO, structlog.processors.JSONRenderer())
-        return ACCESS_LINE.write(("outbound", "GET", "-", "a", "v1", "b", "v1", None),
-                                 ('"/"', 200, 1.0, 1, TRACE, 1, "false"), 1_700_000_000_000_000_000)
+        return ACCESS_LINE.write(("outbound", "GET", 200, "-", "a", "v1", "b", "v1", None, 1, False),
+                                 ('"/"', "1.0", TRACE, 1), 1_700_000_000_000_000_000)
 
     saved = runtime._lines
     try:
@@ -295,8 +295,8 @@ def test_access_line_at_a_whole_second_leaves_out_the_microseconds(ns, stamp):
 
     def run() -> bool:
         runtime._lines = runtime.LogLines(out, logging.INFO, structlog.processors.JSONRenderer())
-        return ACCESS_LINE.write(("outbound", "GET", "-", "a", "v1", "b", "v1", None),
-                                 ('"/%s"', 200, 1.0, 1, TRACE, 1, "false"), ns)
+        return ACCESS_LINE.write(("outbound", "GET", 200, "-", "a", "v1", "b", "v1", None, 1, False),
+                                 ('"/%s"', "1.0", TRACE, 1), ns)
 
     saved = runtime._lines
     try:
@@ -342,3 +342,134 @@ def test_a_node_writes_the_chains_line_on_stderr_at_its_level(level, lines):
         fast, chained = requests
         assert masked(fast) == masked(chained)
         assert json.loads(fast)["node"] == "frontend-1" and "secret" not in fast
+
+
+NODE_ON_A_LOOP = NODE.replace("""t.finish(ctx, **req)
+meshproc.runtime._lines = None        # the same request through structlog's chain
+t.finish(ctx, **req)
+""", """import asyncio
+async def main():
+    t.finish(ctx, **req)              # held: the loop's flush is 0.1 s away
+    t.finish(ctx, **req)
+asyncio.run(main())                   # ends before the flush: the exit writes them
+""")
+
+
+def test_a_node_on_a_loop_writes_its_held_lines_at_exit():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MESH_LOG_LEVEL": "info"}
+    proc = subprocess.run([sys.executable, "-c", NODE_ON_A_LOOP], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    requests = [json.loads(ln) for ln in proc.stderr.splitlines() if '"event": "request"' in ln]
+    assert [r["status"] for r in requests] == [503, 503]
+
+
+# ---- held lines: on an event loop, written together ------------------------------------------------------
+
+def held_lines_run(body) -> str:
+    """Run `body(lines, out)` (a coroutine function) on an event loop with a LogLines writing to `out`
+    installed, then flush it as the process's exit does; what reached `out`."""
+    import asyncio
+
+    out = io.StringIO()
+    saved = runtime._lines
+    runtime._lines = lines = runtime.LogLines(out, logging.INFO, structlog.processors.JSONRenderer())
+    try:
+        asyncio.run(body(lines, out))
+        runtime._flush_at_exit()
+    finally:
+        runtime._lines = saved
+    return out.getvalue()
+
+
+def test_on_a_loop_lines_are_held_then_written_in_one_write_by_the_flush():
+    import asyncio
+
+    async def body(lines, out):
+        writes = []
+        real = lines.out.msg
+        lines.out.msg = lambda text: (writes.append(text), real(text))
+        for i in range(3):
+            lines.add(f"line {i}")
+        assert out.getvalue() == ""                       # held: nothing written yet
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while not out.getvalue() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert writes == ["line 0\nline 1\nline 2"]      # one write, oldest first
+
+    assert held_lines_run(body) == "line 0\nline 1\nline 2\n"
+
+
+def test_on_a_busy_loop_the_lines_go_out_every_max_held():
+    async def body(lines, out):
+        for i in range(runtime.MAX_HELD * 2 + 1):
+            lines.add(str(i))
+        assert out.getvalue().splitlines() == [str(i) for i in range(runtime.MAX_HELD * 2)]
+        assert lines.held == [str(runtime.MAX_HELD * 2)]
+
+    written_out = held_lines_run(body)
+    assert written_out.splitlines()[-1] == str(runtime.MAX_HELD * 2)    # the exit's flush
+
+
+def test_an_event_through_the_chain_comes_after_the_lines_held_before_it():
+    render = structlog.processors.JSONRenderer()
+
+    async def body(lines, out):
+        lines.add("held 1")
+        lines.add("held 2")
+        event = {"event": "upstream reset"}
+        for process in runtime.log_processors(render):   # the chain runs its steps, then prints
+            event = process(None, "warning", event)
+        out.write(event + "\n")
+        assert lines.held == []
+
+    written_out = held_lines_run(body)
+    assert written_out.splitlines()[:2] == ["held 1", "held 2"]
+    assert json.loads(written_out.splitlines()[2])["event"] == "upstream reset"
+
+
+def test_lines_a_finished_loop_left_held_go_out_with_the_next_line():
+    import asyncio
+
+    out = io.StringIO()
+    saved = runtime._lines
+    runtime._lines = lines = runtime.LogLines(out, logging.INFO, structlog.processors.JSONRenderer())
+
+    async def hold():
+        lines.add("from the first loop")
+
+    async def second():
+        lines.add("from the second loop")     # a new loop: it gets its own flush
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while lines.held and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(hold())
+        assert out.getvalue() == "" and lines.held == ["from the first loop"]
+        asyncio.run(second())
+        assert out.getvalue() == "from the first loop\nfrom the second loop\n"
+        asyncio.run(hold())
+        lines.add("off any loop")             # no loop: written at once, with what was held
+        assert out.getvalue().splitlines()[2:] == ["from the first loop", "off any loop"]
+    finally:
+        runtime._lines = saved
+
+
+# ---- the duration's text: json.dumps(round(ms, 3)) without either conversion --------------------------------
+
+@pytest.mark.parametrize("ms", [0.0, 1e-4, 0.0005, 0.0015, 0.0625, 1.2345, 2.5, 999.9995, 123456.7, 5e-324,
+                                1e14 + 0.5, 1e15, 1e16, -1.5, float("inf"), float("nan"), 3.0004999999999997])
+def test_duration_text_is_the_chains_number(ms):
+    from sidecar.tracing import duration_text
+    assert duration_text(ms) == json.dumps(round(ms, 3))
+
+
+def test_duration_text_agrees_on_random_durations():
+    import random
+
+    from sidecar.tracing import duration_text
+    rng = random.Random(7)
+    for _ in range(20_000):
+        ms = rng.random() * 10 ** rng.randint(-5, 9)
+        assert duration_text(ms) == json.dumps(round(ms, 3)), ms

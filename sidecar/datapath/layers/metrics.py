@@ -50,10 +50,9 @@ class Metrics(Layer):
             if cluster is not None and ex.index is not None:
                 key = cluster.keys[ex.index]
                 upstream = f"{key[0]}:{key[1]}"
-            state.tracing.finish(trace, direction=down.stack.direction, method=ex.method, target=ex.target,
-                                 status=ex.status, flags=ex.flags, ms=ms, source=src, source_version=srcv,
-                                 destination=dst, destination_version=ver, upstream=upstream,
-                                 attempts=ex.attempt + 1, no_flags=NO_FLAGS)
+            # positional: a keyword call from C builds a dict of them for every line
+            state.tracing.finish(trace, down.stack.direction, ex.method, ex.target, ex.status, ex.flags, ms, src,
+                                 srcv, dst, ver, upstream, ex.attempt + 1, NO_FLAGS)
 
 
 def metric_labels(down: _Responder, ex: Exchange) -> tuple:
