@@ -34,6 +34,7 @@ cdef class _Responder:
     cpdef _pick(self, Exchange ex)
     cpdef _response_head(self, Exchange ex, _Upstream up, int status)
 
+    cpdef str caller_of(self, Exchange ex)
     cpdef _answer(self, Exchange ex, reply)
     cpdef _reply(self, Exchange ex, int status, flags, bytes body=*, bytes content_type=*, bint close=*,
                  bytes headers=*)

@@ -12,7 +12,7 @@ from httptools import HttpRequestParser
 
 from meshcore.grpc import GRPC_CONTENT_TYPE, local_reply_status, percent_encode_message
 
-from ..routing import Cluster
+from ..routing import UNKNOWN, Cluster
 from ..telemetry import NO_FLAGS
 from .http1 import status_line
 from .peers import reset_connection
@@ -98,6 +98,14 @@ class _Responder:
 
     def _response_head(self, ex: Exchange, up: _Upstream, status: int) -> bool:
         raise NotImplementedError
+
+    def caller_of(self, ex: Exchange) -> str:
+        """The calling workload as the inbound reports it: the service of the verified peer certificate
+        (mTLS), else the caller's `x-mesh-source` header (plaintext on a permissive inbound: a label
+        only, never trusted for authorization), else `unknown`."""
+        if self.peer_service is not None:
+            return self.peer_service
+        return ex.source.decode("latin-1") if ex.source else UNKNOWN
 
     # -- the end of an exchange
 

@@ -6,23 +6,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from meshcore.grpc import is_grpc_content_type
 from meshcore.resilience import DI, FI, RL, UO, URX, UT
 from meshcore.tracecontext import B3_MULTI, B3_SINGLE, TRACEPARENT, TRACESTATE
 
-from ..routing import UNKNOWN
 from ..telemetry import NO_FLAGS
 from .http1 import (
     H_B3, H_CL, H_DROP, H_EXPECT, H_FLAGS, H_GRPC_STATUS, H_GRPC_TIMEOUT, H_HOST, H_SOURCE, H_SOURCE_VERSION,
     H_TRACEPARENT, H_TRACESTATE, HEADER_ACTIONS, HOP_BY_HOP, HeaderLines,
 )
 from .speedups import join, name_table
-
-if TYPE_CHECKING:
-    from .downstream import _Downstream
-    from .exchange import Exchange
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -176,15 +171,3 @@ def _dec(counts: dict, key: Any) -> None:
         counts[key] = n
     else:
         counts.pop(key, None)
-
-
-
-def caller_of(down: _Downstream, ex: Exchange) -> str:
-    """The calling workload as the inbound reports it: the service of the verified peer certificate
-    (mTLS), else the caller's `x-mesh-source` header (plaintext on a permissive inbound: a label only,
-    never trusted for authorization), else `unknown`."""
-    if down.peer_service is not None:
-        return down.peer_service
-    return ex.source.decode("latin-1") if ex.source else UNKNOWN
-
-

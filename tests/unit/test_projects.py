@@ -332,3 +332,28 @@ def test_a_node_routes_bare_names_in_its_project_and_reports_its_own_key(namespa
     assert state.local_traffic() is state.traffic.of(state.table.clusters[own])
     inbound = _Downstream(state, build_inbound_stack(state, 80), _Listener(None, 0.3))
     assert metric_labels(inbound, Exchange(inbound))[3] == own   # destination_service, as callers report it
+
+
+def test_only_allowed_decisions_are_in_the_set_the_data_path_tests_and_a_snapshot_empties_it(monkeypatch):
+    import dataclasses
+    from meshcore.authz import Policy, make_rule
+    from sidecar import mtls
+    from sidecar.mtls import Authorizer
+
+    config = build(TWO + [app("b", "api", 7, {"mesh.allow": "web"})])
+    ident = {key: svc.identity for key, svc in config.services.items()}
+    web, client = ident["web.b"], ident["client.b"]
+    authz = Authorizer("api", "b")
+    authz.update(Snapshot(1, dataclasses.replace(config, policies=Policy(rules=(make_rule("deny", "client.b", "api"),)))))
+    assert authz.check_request(web, b"GET", b"/a?q").allowed
+    assert not authz.check_request(client, b"GET", b"/a").allowed
+    assert not authz.check_request(client, b"GET", b"/a").allowed   # remembered, and counted again
+    assert authz.allowed == {(web, b"GET", b"/a?q")} and authz.denied == 2
+    authz.update(Snapshot(2, dataclasses.replace(config, policies=Policy(rules=(make_rule("deny", "web.b", "api"),)))))
+    assert authz.allowed == set()                                     # a new snapshot decides anew
+    assert not authz.check_request(web, b"GET", b"/a?q").allowed
+    monkeypatch.setattr(mtls, "MEMO_MAX", 2)
+    authz.update(Snapshot(3, config))
+    for path in (b"/1", b"/2", b"/3"):
+        assert authz.check_request(web, b"GET", path).allowed
+    assert authz.allowed == {(web, b"GET", b"/3")}                    # bounded with the memo

@@ -35,8 +35,8 @@ def authorized(down: _Downstream, ex: Exchange) -> Reply | None:
     """Inbound authorization: `state.authz` decides on the verified caller; a denial is 403 `RBAC`
     with `x-mesh-denied: <reason>`. An allowed mTLS request gets `x-forwarded-client-cert` for the app."""
     authz = down.state.authz
-    if authz is not None:
-        decision = authz.check_request(down.peer_identity, ex.method, ex.target)
+    if authz is not None and (down.peer_identity, ex.method, ex.target) not in authz.allowed:
+        decision = authz.check_request(down.peer_identity, ex.method, ex.target)   # decides, remembers, counts
         if not decision.allowed:
             reason = decision.reason.encode("latin-1", "replace")
             return Reply(403, FLAG_RBAC, b"RBAC: access denied: %b\n" % reason,

@@ -8,7 +8,6 @@ from sidecar.datapath.hoptrace cimport count_request, trace_of
 from sidecar.datapath.layers.base cimport Layer
 from sidecar.datapath.respond cimport _Responder
 from sidecar.datapath.speedups cimport monotonic
-from sidecar.datapath.wire cimport caller_of
 
 
 cdef Py_ssize_t _SAMPLED_AT   # where the header lines of this hop's traceparent say "sampled"

@@ -11,7 +11,6 @@ from ...routing import UNKNOWN
 from ...telemetry import MUTUAL_TLS, NO_FLAGS, NO_TLS, REPORTER_DESTINATION, REPORTER_SOURCE
 from ..hoptrace import _SAMPLED_AT, count_request, trace_of
 from ..speedups import monotonic
-from ..wire import caller_of
 from .base import Layer
 
 if TYPE_CHECKING:
@@ -61,7 +60,7 @@ def metric_labels(down: _Responder, ex: Exchange) -> tuple:
     if down.stack.reporter == REPORTER_DESTINATION:
         sent = ex.source_version   # bytes (typed in the .pxd: a C decode, not a method call)
         srcv = sent.decode("latin-1") if sent else UNKNOWN
-        return REPORTER_DESTINATION, caller_of(down, ex), srcv, state.table.own or state.service, state.version
+        return REPORTER_DESTINATION, down.caller_of(ex), srcv, state.table.own or state.service, state.version
     cluster = ex.cluster
     if cluster is None:
         dst, ver = UNKNOWN, UNKNOWN

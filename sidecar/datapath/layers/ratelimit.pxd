@@ -5,7 +5,6 @@ from sidecar.datapath.exchange cimport Exchange
 from sidecar.datapath.layers.base cimport Layer
 from sidecar.datapath.respond cimport _Responder
 from sidecar.datapath.speedups cimport monotonic
-from sidecar.datapath.wire cimport caller_of
 
 
 cdef int NEXT, HELD

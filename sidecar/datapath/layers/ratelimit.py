@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 from ..speedups import monotonic
-from ..wire import FLAG_RATE_LIMITED, HELD, NEXT, Reply, caller_of
+from ..wire import FLAG_RATE_LIMITED, HELD, NEXT, Reply
 from .base import Layer
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ def limit_inbound(down: _Downstream, ex: Exchange) -> Reply | None:
     limiter = down.state.inbound_limiter
     if limiter is None:
         return None
-    ok, after = limiter.check(caller_of(down, ex) if limiter.per_caller else "", monotonic())
+    ok, after = limiter.check(down.caller_of(ex) if limiter.per_caller else "", monotonic())
     if ok:
         return None
     seconds = max(1, math.ceil(after)) if after != math.inf else 3600
