@@ -45,6 +45,7 @@ wheels:
 # does it too); tests/unit/test_compiled.py fails on a stale one.
 ext:
 	$(PYTHON) setup.py -q build_ext --inplace
+	@$(PYTHON) -c 'from bench.env import orphan_extensions; [p.unlink() for p in orphan_extensions()]'
 
 base-image:
 	IMAGE=$(BASE_IMAGE) images/build-base.sh

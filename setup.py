@@ -3,13 +3,15 @@
 The engine's modules (sidecar/datapath/: wire.py ... downstream.py, see COMPILED) are compiled with Cython,
 each with its declarations in the .pxd beside it (the per-request classes and the layers as C structs,
 their methods calling each other as C functions, across modules by cimport): the same source, run as
-machine code instead of bytecode. Where Cython or a C compiler is missing, or with
+machine code instead of bytecode. Those under sidecar.datapath are linked into one shared object,
+sidecar/datapath/_compiled (BUNDLE), which sidecar/__init__.py imports them from. Where Cython or a C compiler is missing, or with
 MESHD_PURE_PYTHON=1, the package installs without it (a py3-none-any wheel) and runs them as
 Python, with the same behaviour.
 """
 
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -26,6 +28,7 @@ COMPILED = ["meshcore.lb", "meshcore.resilience", "sidecar.datapath.speedups", "
             "sidecar.datapath.layers.balance", "sidecar.datapath.stack", "sidecar.datapath.exchange",
             "sidecar.datapath.upstream", "sidecar.datapath.respond", "sidecar.datapath.dispatch",
             "sidecar.datapath.downstream", "sidecar.datapath.pipes"]
+BUNDLE = "sidecar.datapath._compiled"   # the modules of COMPILED under sidecar.datapath, one shared object
 DIRECTIVES = {
     "language_level": 3,
     "annotation_typing": False,   # types come from the .pxd only; annotations stay documentation
@@ -53,10 +56,21 @@ class OptionalBuildExt(build_ext):
             print(f"meshd: C build skipped ({exc}); the data path runs as Python", file=sys.stderr)
 
     def build_extension(self, ext: Extension) -> None:
+        if len(ext.sources) > 1:   # the bundle: its C files compile in parallel too
+            self.compiler.compile = _in_parallel(self.compiler.compile, self.parallel)
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
             print(f"meshd: C build of {ext.name} failed ({exc}); it runs as Python", file=sys.stderr)
+
+
+def _in_parallel(compile_sources, workers: int):
+    """A compiler's compile(sources, ...) that compiles each source on its own, `workers` at a time."""
+    def compile_each(sources, *args, **kwargs):
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            return [obj for objs in pool.map(lambda src: compile_sources([src], *args, **kwargs), sources)
+                    for obj in objs]
+    return compile_each
 
 
 def ext_modules() -> list:
@@ -70,7 +84,11 @@ def ext_modules() -> list:
     # -g0: no debug sections (7.8 MB of them with the interpreter's default flags)
     exts = [Extension(name, [name.replace(".", "/") + ".py"], extra_compile_args=["-g0"])
             for name in COMPILED]
-    return cythonize(exts, compiler_directives=DIRECTIVES, quiet=True, nthreads=os.cpu_count() or 1)
+    built = cythonize(exts, compiler_directives=DIRECTIVES, quiet=True, nthreads=os.cpu_count() or 1)
+    package = BUNDLE.rpartition(".")[0] + "."
+    bundled = [ext for ext in built if ext.name.startswith(package)]
+    return [*(ext for ext in built if ext not in bundled),
+            Extension(BUNDLE, [src for ext in bundled for src in ext.sources], extra_compile_args=["-g0"])]
 
 
 setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})

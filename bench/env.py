@@ -123,12 +123,17 @@ COMPILED_MODULES = {
        for name, path in ((name, name.replace(".", "/")) for name in ENGINE_MODULES)},
     "sidecar.datapath.pipes": ("sidecar/datapath/pipes.py",),
 }
+BUNDLE_NAME = "sidecar.datapath._compiled"    # setup.py's BUNDLE: the modules of BUNDLED in one shared object
+BUNDLED = frozenset(name for name in COMPILED_MODULES if name.startswith("sidecar.datapath."))
 COMPILED_SOURCES = tuple(dict.fromkeys(src for srcs in COMPILED_MODULES.values() for src in srcs))
 
 
 def compiled_module(name: str) -> Path | None:
-    """The checkout's extension of the compiled module `name` (built in place by setup.py), or None."""
+    """The checkout's extension holding the compiled module `name` (built in place by setup.py): the
+    data path's bundle (sidecar/datapath/_compiled) for its modules, else the module's own; or None."""
     package, _, leaf = name.rpartition(".")
+    if name in BUNDLED:
+        package, leaf = BUNDLE_NAME.rpartition(".")[0], BUNDLE_NAME.rpartition(".")[2]
     found = sorted((ROOT / package.replace(".", "/")).glob(f"{leaf}.*.so"))
     return found[0] if found else None
 
@@ -157,14 +162,19 @@ def stale_compiled_modules(missing_too: bool = False) -> list[str]:
 
 def orphan_extensions() -> list[Path]:
     """Extension modules (and their generated .c) beside the compiled ones that setup.py no longer
-    builds, e.g. sidecar/datapath/engine.*.so from before the engine was split into modules: Python
-    imports such a module instead of the .py beside it."""
+    builds, e.g. sidecar/datapath/engine.*.so from before the engine was split into modules, or a
+    data-path module's own from before they were bundled: Python imports such a module instead of the
+    .py beside it."""
     out = []
     for package in sorted({name.rpartition(".")[0] for name in COMPILED_MODULES}):
         for so in sorted((ROOT / package.replace(".", "/")).glob("*.so")):
             leaf = so.name.split(".")[0]
-            if f"{package}.{leaf}" not in COMPILED_MODULES:
-                out += [so, *[c for c in [so.with_name(f"{leaf}.c")] if c.is_file()]]
+            name = f"{package}.{leaf}"
+            if name == BUNDLE_NAME or (name in COMPILED_MODULES and name not in BUNDLED):
+                continue
+            out.append(so)
+            if name not in COMPILED_MODULES:   # a bundled module's generated .c is the bundle's source
+                out += [c for c in [so.with_name(f"{leaf}.c")] if c.is_file()]
     return out
 
 

@@ -96,3 +96,26 @@ def test_setup_compiles_every_engine_module() -> None:
     packages = {name.partition(".")[0] for name in ENGINE_MODULES}   # "layers" for layers.base ...
     assert {name for name in vars(engine) if name in packages} == packages
     assert modules <= getattr(sidecar, "COMPILED_MODULES", modules)   # defined only with MESHD_PURE_PYTHON
+
+
+def test_the_data_path_modules_load_from_one_shared_object() -> None:
+    """setup.py links the modules under sidecar.datapath into sidecar/datapath/_compiled (one mapping,
+    their code on fewer pages); sidecar/__init__.py finds each there by its own name."""
+    import sidecar
+    from bench.env import BUNDLE_NAME, BUNDLED, compiled_module
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    bundle = next(ast.literal_eval(node.value) for node in tree.body
+                  if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "BUNDLE")
+    assert bundle == BUNDLE_NAME and sidecar.BUNDLED == BUNDLED
+    assert BUNDLED == {name for name in COMPILED_MODULES if name.startswith("sidecar.datapath.")}
+    if not _compiled():
+        pytest.skip("the data path's engine runs from its source")
+    assert str(compiled_module("sidecar.datapath.wire")) == sidecar.BUNDLE
+    code = ("import sys, sidecar.datapath.engine, sidecar.datapath.pipes, meshcore.lb; "
+            "print(sorted({m.__file__ for n, m in sys.modules.items() if n in __import__('sidecar').BUNDLED})); "
+            "print(sum('_compiled' in line and 'r-xp' in line for line in open('/proc/self/maps')))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    files, text_maps = run.stdout.splitlines()
+    assert run.returncode == 0 and files == repr([sidecar.BUNDLE]), run.stderr[-2000:]
+    assert text_maps == "1"                                      # loaded once, one code segment
