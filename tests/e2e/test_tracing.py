@@ -194,11 +194,14 @@ def test_one_trace_covers_gateway_orders_payments_inventory(collector):
     assert all(ext[s["span_id"]]["parent_id"] == s["parent_id"] for s in spans)
 
     # Every hop logged the request as JSON with the trace id (access log mode "sampled").
-    logs = run(["docker", "logs", container_of("payments") + "-mesh"])
-    entries = [json.loads(line) for line in (logs.stdout + logs.stderr).splitlines()
-               if line.startswith("{") and trace_id in line]
-    access = [e for e in entries if e.get("event") == "request"]
-    assert access, "payments' sidecar logged no access line for the trace"
+    # (a node writes its access lines together, at most 0.1 s after the request: polled)
+    def access_lines():
+        logs = run(["docker", "logs", container_of("payments") + "-mesh"])
+        entries = [json.loads(line) for line in (logs.stdout + logs.stderr).splitlines()
+                   if line.startswith("{") and trace_id in line]
+        return [e for e in entries if e.get("event") == "request"] or None
+
+    access = wait_for(access_lines, 10, what="payments' sidecar's access line for the trace")
     assert access[0]["status"] == 200 and access[0]["destination"] == "payments"
     assert access[0]["direction"] == "inbound" and access[0]["source"] == "orders"
 
