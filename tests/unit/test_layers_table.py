@@ -8,13 +8,15 @@ The lane is a real one of a ServiceTraffic, its settings replaced per row."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from meshcore.policy import TrafficPolicy
 from meshcore.resilience import CircuitBreaker, RetryBudget
 from meshcore.snapshot import Endpoint, ServiceConfig
 from sidecar.proxy import (
-    HELD, NEXT, Breaker, Exchange, Fault, Mirror, ProxyState, Retries, Rules, Timeout, _Downstream, _Lane, _Listener,
+    HELD, NEXT, Authorize, Breaker, Exchange, Fault, Mirror, ProxyState, Retries, Route, Rules, Timeout, _Downstream, _Lane, _Listener,
     build_outbound_stack,
 )
 from sidecar.routing import make_cluster
@@ -220,3 +222,39 @@ def test_rules(down, rules, chosen, verdict, reply) -> None:
     assert down.calls == reply
     expected = subset if rules is not None and subset is not None else lane_.all
     assert (ex.subset, ex.cluster) == (expected, expected.cluster)
+
+
+class Broken:
+    """A decision that raises, as a bug or a bad value in it would."""
+
+    allowed = frozenset()   # an Authorizer's: nothing remembered, so check_request decides
+
+    def __call__(self, *args):
+        raise ValueError("bad value in the decision")
+
+    def check_request(self, *args):
+        raise ValueError("bad value in the decision")
+
+    def verify(self, *args):
+        raise ValueError("bad value in the decision")
+
+
+@pytest.mark.parametrize("make_layer, broken_state", [
+    (lambda: Route(Broken()), None),
+    (lambda: Authorize(), "authz"),
+    (lambda: __import__("gateway.server", fromlist=["CheckJwt"]).CheckJwt(Broken()), "route"),
+], ids=["route", "authorize", "gateway jwt"])
+def test_a_hook_whose_decision_raises_answers_500_and_holds(down, caplog, make_layer, broken_state) -> None:
+    """Only that request fails (500 NR, logged with the layer's name); the chain stops there."""
+    layer = make_layer()
+    ex = request(down)
+    if broken_state == "route":   # the gateway's route of this request asks for a JWT
+        ex.route = SimpleNamespace(auth="jwt", jwt_issuer="i", jwt_audience="a")
+        ex.lines = []
+    elif broken_state:
+        setattr(down.state, broken_state, Broken())
+    with caplog.at_level("ERROR", logger="sidecar.proxy"):
+        assert layer.on_request(down, ex) == HELD
+    assert down.calls == [("reply", 500, "NR")]
+    assert [r.getMessage() for r in caplog.records] == [f"{layer.name} layer failed"]
+    assert "bad value in the decision" in caplog.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..wire import FLAG_NO_ROUTE, FLAG_RBAC, HELD, NEXT, Reply, log
+from ..wire import FLAG_RBAC, HELD, NEXT, Reply
 from .base import Layer
 
 if TYPE_CHECKING:
@@ -22,9 +22,7 @@ class Authorize(Layer):
         try:
             denied = authorized(down, ex)
         except Exception:  # noqa: BLE001
-            log.exception("authorize layer failed")
-            down._reply(ex, 500, FLAG_NO_ROUTE, b"route error\n")
-            return HELD
+            return self.failed(down, ex)
         if denied is None:
             return NEXT
         down._answer(ex, denied)

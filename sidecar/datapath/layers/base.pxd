@@ -25,6 +25,7 @@ cdef class Layer:
     cdef readonly bint ends
     cpdef int on_request(self, _Responder down, Exchange ex) except -1
     cpdef on_end(self, _Responder down, Exchange ex)
+    cpdef int failed(self, _Responder down, Exchange ex) except -1
 
 
 cdef class Balance(Layer):

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Collection
 
 from meshcore.lb import connect_tries
 
-from ..wire import HELD, NEXT
+from ..wire import FLAG_NO_ROUTE, HELD, NEXT, log
 
 if TYPE_CHECKING:
     from ...routing import Cluster
@@ -63,6 +63,13 @@ class Layer:
 
     def on_end(self, down: _Downstream, ex: Exchange) -> None:
         """The exchange is over: release what on_request took."""
+
+    def failed(self, down: _Downstream, ex: Exchange) -> int:
+        """What a hook does when its decision raised: log it with the traceback, answer 500 `NR`, HELD.
+        Only that request fails; the connection serves its next one."""
+        log.exception("%s layer failed", self.name)
+        down._reply(ex, 500, FLAG_NO_ROUTE, b"route error\n")
+        return HELD
 
     def __repr__(self) -> str:
         return self.name

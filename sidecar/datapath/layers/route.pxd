@@ -6,7 +6,6 @@ from sidecar.datapath.layers.base cimport Layer
 from sidecar.datapath.respond cimport _Responder
 
 
-cdef int HELD
 cpdef route_by_host(_Responder down, Exchange ex)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from ...routing import Cluster, RouteTable, route_outbound
-from ..wire import FLAG_NO_ROUTE, HELD, Reply, log
+from ..wire import FLAG_NO_ROUTE, Reply
 from .base import Layer
 
 if TYPE_CHECKING:
@@ -28,9 +28,7 @@ class Route(Layer):
         try:
             target = self.fn(down, ex)
         except Exception:  # noqa: BLE001
-            log.exception("route layer failed")
-            down._reply(ex, 500, FLAG_NO_ROUTE, b"route error\n")
-            return HELD
+            return self.failed(down, ex)
         return down._routed(ex, target)
 
 
@@ -44,9 +42,7 @@ class RouteByHost(Route):
         try:
             target = route_by_host(down, ex)
         except Exception:  # noqa: BLE001
-            log.exception("route layer failed")
-            down._reply(ex, 500, FLAG_NO_ROUTE, b"route error\n")
-            return HELD
+            return self.failed(down, ex)
         return down._routed(ex, target)
 
 
