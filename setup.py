@@ -4,9 +4,9 @@ The engine's modules (sidecar/datapath/: wire.py ... downstream.py, see COMPILED
 each with its declarations in the .pxd beside it (the per-request classes and the layers as C structs,
 their methods calling each other as C functions, across modules by cimport): the same source, run as
 machine code instead of bytecode. Those under sidecar.datapath are linked into one shared object,
-sidecar/datapath/_compiled (BUNDLE), which sidecar/__init__.py imports them from. Where Cython or a C compiler is missing, or with
-MESHD_PURE_PYTHON=1, the package installs without it (a py3-none-any wheel) and runs them as
-Python, with the same behaviour.
+sidecar/datapath/_compiled (BUNDLE), which sidecar/__init__.py imports them from. Where Cython or a C
+compiler is missing, or with MESHD_PURE_PYTHON=1, the package installs without it (a py3-none-any
+wheel) and runs them as Python, with the same behaviour.
 """
 
 import os

@@ -115,8 +115,10 @@ class LogLines:
         self.flush_on = None
         held = self.held
         if held:
-            self.held = []
-            self.out.msg("\n".join(held))
+            # the same list stays: a line another thread adds meanwhile is kept for the next flush
+            lines = held[:]
+            del held[:len(lines)]
+            self.out.msg("\n".join(lines))
 
     def second_text(self, second: int) -> str:
         """'YYYY-MM-DDTHH:MM:SS' of the Unix `second` in UTC (the last one remembered)."""
@@ -140,7 +142,7 @@ FLUSH_SECONDS = 0.1             # the longest a held line waits (Envoy's file ac
 MAX_HELD = 64                   # lines held at most (~29 KiB of access lines)
 _STAMP = '%s.%06dZ"}'          # the timestamp's second and microsecond, closing the line
 _WHOLE_SECOND = '%sZ"}%.0s'    # the same at a zero microsecond (isoformat leaves it out)
-RECURRING = None               # EventLine: a field whose value (str or None) recurs from line to line
+RECURRING = None               # EventLine: a field whose value recurs from line to line
 
 
 class EventLine:
