@@ -4,6 +4,8 @@
 
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.object cimport PyObject
+from cpython.sequence cimport PySequence_Fast_GET_SIZE, PySequence_Fast_ITEMS
 from libc.string cimport memchr, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -20,7 +22,15 @@ cpdef Py_ssize_t head_end(bytes data, Py_ssize_t start, Py_ssize_t stop)
 cpdef bytes cut(bytes data, Py_ssize_t start, Py_ssize_t stop)
 @cython.locals(n=Py_ssize_t, p="const unsigned char *", size="long long", i=Py_ssize_t, c=int)
 cpdef long long decimal_value(bytes value)
-@cython.locals(m=Py_ssize_t, at=Py_ssize_t, part=bytes, out=bytes, w="char *", src="const char *")
+cdef extern from "Python.h":
+    # The bytes macros on a borrowed pointer (cpython.bytes declares them on objects, which Cython
+    # reference-counts): join reads a list's or tuple's array of parts in place.
+    bint bytes_exact "PyBytes_CheckExact"(PyObject *o)
+    Py_ssize_t bytes_size "PyBytes_GET_SIZE"(PyObject *o)
+    const char *bytes_data "PyBytes_AS_STRING"(PyObject *o)
+
+@cython.locals(n=Py_ssize_t, i=Py_ssize_t, m=Py_ssize_t, at=Py_ssize_t, total=Py_ssize_t, out=bytes, w="char *",
+               items="PyObject **")
 cpdef bytes join(parts, Py_ssize_t size=*)
 @cython.locals(digits=bytes, d="const char *", k=int)
 cdef void put_hex64(char *w, unsigned long long v)

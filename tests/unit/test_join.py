@@ -28,7 +28,8 @@ def test_a_wrong_size_is_refused(size):
         join([b"abc", b"def"], size)
 
 
-@pytest.mark.parametrize("bad", [[b"a", "b"], [b"a", None], [1]])
+@pytest.mark.parametrize("bad", [[b"a", "b"], [b"a", None], [1], (p for p in [b"a"]),
+                                 b"ab"])
 def test_parts_must_be_bytes(bad):
     with pytest.raises(TypeError):
         join(bad)
