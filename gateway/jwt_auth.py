@@ -139,8 +139,9 @@ class JwtVerifier:
             raise JwtError(f"the token is invalid ({type(exc).__name__})") from None
 
 
-def claim_headers(claims: dict) -> bytes:
-    """`x-jwt-claim-<name>: <value>` lines for the scalar claims (strings, numbers, booleans)."""
+def claim_headers(claims: dict) -> tuple:
+    """`x-jwt-claim-<name>` header fields, (name, value) pairs, for the scalar claims (strings,
+    numbers, booleans)."""
     out = []
     for name, value in claims.items():
         if not isinstance(name, str) or not _CLAIM_NAME.match(name):
@@ -157,14 +158,14 @@ def claim_headers(claims: dict) -> bytes:
         # header; the others make the upstream's parser refuse the request).
         if len(text) > 1024 or any(c < " " and c != "\t" or c == "\x7f" for c in text):
             continue
-        out.append(b"x-jwt-claim-%b: %b\r\n" % (name.lower().encode("ascii"), text.encode("utf-8")))
-    return b"".join(out)
+        out.append((b"x-jwt-claim-" + name.lower().encode("ascii"), text.encode("utf-8")))
+    return tuple(out)
 
 
-def www_authenticate(error: JwtError) -> bytes:
-    """RFC 6750 section 3 challenge."""
+def www_authenticate(error: JwtError) -> tuple:
+    """The RFC 6750 section 3 challenge: a (name, value) header field."""
     if error.missing:
-        return b'www-authenticate: Bearer realm="mesh"\r\n'
+        return (b"www-authenticate", b'Bearer realm="mesh"')
     desc = str(error).replace('"', "'")
-    return b'www-authenticate: Bearer realm="mesh", error="invalid_token", error_description="%b"\r\n' % (
-        desc.encode("ascii", "replace"))
+    return (b"www-authenticate", b'Bearer realm="mesh", error="invalid_token", error_description="%b"' % (
+        desc.encode("ascii", "replace")))

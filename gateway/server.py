@@ -52,10 +52,9 @@ def route_by_gateway(down, ex: Exchange) -> Cluster | Reply:
     client = down.peer_ip
     xff = ex.xff + b", " + client if ex.xff else client
     proto = b"https" if down.transport.get_extra_info("ssl_object") is not None else b"http"
-    extra = b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\n" % (xff, proto)
+    ex.add_fields(((b"x-forwarded-for", xff), (b"x-forwarded-proto", proto)))
     if ex.host:
-        extra += b"x-forwarded-host: %b\r\n" % ex.host
-    ex.extra = extra
+        ex.add_field(b"x-forwarded-host", ex.host)
     return cluster
 
 
@@ -89,7 +88,7 @@ class CheckJwt(Layer):
         if checked.__class__ is Reply:
             down._answer(ex, checked)
             return HELD
-        ex.extra = (ex.extra or b"") + checked
+        ex.add_fields(checked)
         return NEXT
 
 
@@ -110,7 +109,7 @@ def _check_jwt(ex: Exchange, route, verifier) -> bytes | Reply:
         claims = verifier.verify(token, route.jwt_issuer, route.jwt_audience)
     except JwtError as exc:
         body = json.dumps({"error": "unauthorized", "reason": str(exc)}).encode() + b"\n"
-        return Reply(401, FLAG_UNAUTHORIZED, body, b"application/json", headers=www_authenticate(exc))
+        return Reply(401, FLAG_UNAUTHORIZED, body, b"application/json", headers=(www_authenticate(exc),))
     ex.lines = fields.without(b"authorization".__eq__)
     return claim_headers(claims)
 

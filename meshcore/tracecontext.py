@@ -1,4 +1,4 @@
-"""Trace context of one hop: W3C `traceparent` and B3 decoded, sampling decided, headers encoded.
+"""Trace context of one hop: W3C `traceparent` and B3 decoded, sampling decided, header fields made.
 
 Pure, standard library only. Propagation follows W3C Trace Context (https://www.w3.org/TR/trace-context/,
 `traceparent`) and understands B3 (https://github.com/openzipkin/b3-propagation, single `b3` and multi
@@ -226,9 +226,9 @@ _SAMPLED_LAST_DIGIT = frozenset(b"13579bdf")    # trace-flags with bit 0 set (FL
 
 
 def continue_traceparent(traceparent: bytes, new_span_id: int) -> tuple[TraceContext, bytes] | None:
-    """The fast path of start_hop + encode_trace_headers for a canonical version-00 `traceparent`
-    and no B3 (every mesh hop after the first): this hop's context and its header line, or None
-    when the slow path must decide.
+    """The fast path of start_hop + trace_fields for a canonical version-00 `traceparent` and no B3
+    (every mesh hop after the first): this hop's context and the value of its `traceparent`, or
+    None when the slow path must decide.
 
     Canonical: `00-` 32 and 16 lowercase hex digits, `-` 2 hex digits (W3C Trace Context 3.2.2),
     ids not all zeros; checked with byte compares, no regular expression, and the ids stay hex
@@ -243,24 +243,25 @@ def continue_traceparent(traceparent: bytes, new_span_id: int) -> tuple[TraceCon
     sampled = tp[54] in _SAMPLED_LAST_DIGIT
     ctx = TraceContext(0, span_id, None, sampled)
     ctx._header = tp
-    return ctx, b"traceparent: %b%016x-%b\r\n" % (tp[:36], span_id, b"01" if sampled else b"00")
+    return ctx, b"%b%016x-%b" % (tp[:36], span_id, b"01" if sampled else b"00")
 
 
-def encode_trace_headers(ctx: TraceContext) -> bytes:
-    """The header lines (CRLF-ended) that carry `ctx` to the next hop: `traceparent` always, and
-    B3 in the form the request came with."""
+def trace_fields(ctx: TraceContext) -> tuple:
+    """The header fields, (name, value) pairs with lowercase names, that carry `ctx` to the next hop:
+    `traceparent` first and always, then B3 in the form the request came with. The protocol's codec
+    writes them (HTTP/1.1 lines, HTTP/2 fields)."""
     flags = FLAG_SAMPLED if ctx.sampled else 0
-    out = b"traceparent: 00-%032x-%016x-%02x\r\n" % (ctx.trace_id, ctx.span_id, flags)
+    traceparent = (TRACEPARENT, b"00-%032x-%016x-%02x" % (ctx.trace_id, ctx.span_id, flags))
     if ctx.b3 == B3_NONE:
-        return out
+        return (traceparent,)
     tid = b"%016x" % ctx.trace_id if ctx.short else b"%032x" % ctx.trace_id
     sampled = b"1" if ctx.sampled else b"0"
     if ctx.b3 == B3_SINGLE_FORM:
-        out += b"b3: %b-%016x-%b" % (tid, ctx.span_id, sampled)
+        single = b"%b-%016x-%b" % (tid, ctx.span_id, sampled)
         if ctx.parent_id is not None:
-            out += b"-%016x" % ctx.parent_id
-        return out + b"\r\n"
-    out += b"x-b3-traceid: %b\r\nx-b3-spanid: %016x\r\nx-b3-sampled: %b\r\n" % (tid, ctx.span_id, sampled)
+            single += b"-%016x" % ctx.parent_id
+        return traceparent, (B3_SINGLE, single)
+    fields = (traceparent, (B3_TRACE_ID, tid), (B3_SPAN_ID, b"%016x" % ctx.span_id), (B3_SAMPLED, sampled))
     if ctx.parent_id is not None:
-        out += b"x-b3-parentspanid: %016x\r\n" % ctx.parent_id
-    return out
+        fields += ((B3_PARENT_SPAN_ID, b"%016x" % ctx.parent_id),)
+    return fields

@@ -22,7 +22,7 @@ from meshcore.metrics import Counter
 from meshcore.spans import KIND_CLIENT, KIND_SERVER
 from meshcore.telemetry_settings import ACCESS_FULL, TelemetrySettings, should_log_access
 from meshcore.tracecontext import (
-    Parent, TraceContext, continue_traceparent, decode_parent, encode_trace_headers, start_hop,
+    TRACEPARENT, Parent, TraceContext, continue_traceparent, decode_parent, start_hop, trace_fields,
 )
 from meshproc.runtime import RECURRING, EventLine, json_str
 
@@ -101,14 +101,14 @@ class Tracing:
 
     # -- per request
 
-    def begin_hop(self, traceparent: bytes | None, b3: dict | None) -> tuple[TraceContext, bytes]:
-        """This hop's trace context and the header lines that carry it onward."""
+    def begin_hop(self, traceparent: bytes | None, b3: dict | None) -> tuple[TraceContext, tuple]:
+        """This hop's trace context and the header fields, (name, value) pairs, that carry it onward."""
         if traceparent is not None and b3 is None:
             fast = continue_traceparent(traceparent, self.bits(64))
             if fast is not None:
-                return fast
+                return fast[0], ((TRACEPARENT, fast[1]),)
         ctx = self.begin(traceparent, b3)
-        return ctx, encode_trace_headers(ctx)
+        return ctx, trace_fields(ctx)
 
     def begin(self, traceparent: bytes | None, b3: dict | None) -> TraceContext:
         """This hop's trace context for a request carrying these headers."""

@@ -4,6 +4,7 @@
 cimport cython
 from meshcore.lb cimport connect_tries
 from sidecar.datapath.exchange cimport Exchange
+from sidecar.datapath.http1 cimport put_fields
 from sidecar.datapath.layers.base cimport Layer
 from sidecar.datapath.respond cimport _Responder
 from sidecar.datapath.speedups cimport join, monotonic

@@ -16,6 +16,7 @@ from ..mirror import shadow_host
 from ..routing import PASSTHROUGH, Cluster, passthrough_cluster
 from ..traffic import balance_subset
 from .h2bridge import H2_PROTOCOLS
+from .http1 import put_fields
 from .peers import check_peer, hop_tls
 from .respond import _Responder
 from .speedups import join, monotonic
@@ -378,9 +379,14 @@ class _Dispatcher(_Responder):
             parts += (b"grpc-timeout: ", ex.grpc_timeout, b"\r\n")
         if cluster.mesh:
             parts.append(self.stack.mesh_headers)
-        if ex.extra:
-            parts.append(ex.extra)
-        parts.append(ex.trace_headers)
+        if ex.added is not None:
+            put_fields(parts, ex.added)
+        if ex.traceparent is not None:   # written as the fields above; this one is on every request
+            parts.append(b"traceparent: ")
+            parts.append(ex.traceparent)
+            parts.append(b"\r\n")
+        if ex.trace_fields is not None:
+            put_fields(parts, ex.trace_fields)
         parts.append(b"\r\n")
         return join(parts)
 

@@ -50,7 +50,7 @@ class _Downstream(_Dispatcher):
             if identify is not None:
                 self.peer_identity, self.peer_service = identify(transport.get_extra_info("ssl_object"))
                 if self.peer_identity:
-                    self.peer_xfcc = b"x-forwarded-client-cert: URI=%b\r\n" % self.peer_identity.encode()
+                    self.peer_fields = ((b"x-forwarded-client-cert", b"URI=%b" % self.peer_identity.encode()),)
         hook = self.listener.original_dst
         if hook is None:
             return

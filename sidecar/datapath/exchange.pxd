@@ -19,7 +19,8 @@ cdef class Exchange:
     cdef public double start
     cdef public bytes method, target
     cdef public list lines
-    cdef public object host, dest, xff, extra, source, source_version, conn_tokens
+    cdef public object host, dest, xff, source, source_version, conn_tokens
+    cdef public tuple added
     cdef public Py_ssize_t head_size
     cdef public bint http10, keep_alive, chunked, body, expect, is_head, is_connect, bad
     cdef public bint head_done, req_done, dispatched
@@ -46,6 +47,10 @@ cdef class Exchange:
     cdef public int fault_abort
     cdef public object tp, ts, b3, trace
     cdef public _Lane lane
-    cdef public bytes trace_headers
+    cdef public bytes traceparent
+    cdef public tuple trace_fields
     cdef public Py_ssize_t at
     cdef public object route
+
+    cpdef add_field(self, bytes name, bytes value)
+    cpdef add_fields(self, tuple fields)

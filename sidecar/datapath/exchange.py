@@ -18,12 +18,14 @@ if TYPE_CHECKING:
 
 
 class Exchange:
-    """One request and its response. Route layers may read `method`, `target`, `host`, `dest`,
-    `xff`, `source` and set `target` (origin-form bytes) and `extra` (header lines, CRLF-ended).
-    `flags` are the Envoy response flags of the request (metrics `response_flags`, access logs)."""
+    """One request and its response. Layers read its parsed fields (`method`, `target`, `host`,
+    `dest`, `xff`, `source`; the header fields through http1.HeaderLines(`lines`)), may set `target`
+    (origin-form bytes) and add request header fields with `add_field`: fields, never wire lines, so
+    that the protocol's codec writes them. `flags` are the Envoy response flags of the request
+    (metrics `response_flags`, access logs)."""
 
     __slots__ = (
-        "down", "start", "method", "target", "lines", "host", "dest", "xff", "extra", "source",
+        "down", "start", "method", "target", "lines", "host", "dest", "xff", "added", "source",
         "source_version", "conn_tokens", "head_size", "http10", "keep_alive", "chunked", "body", "expect",
         "is_head", "is_connect", "bad", "head_done", "req_done", "dispatched", "cluster", "index",
         "key", "excluded", "tries_left", "up", "pending", "pending_bytes", "held", "held_bytes",
@@ -33,7 +35,7 @@ class Exchange:
         "traffic", "subset", "mirror", "admitted", "budgeted", "keep_held", "resend", "attempt", "retry_on",
         "in_retry", "timer", "try_timer", "wait", "fault_abort", "lane",
         # tracing
-        "tp", "ts", "b3", "trace", "trace_headers", "at", "route",
+        "tp", "ts", "b3", "trace", "traceparent", "trace_fields", "at", "route",
     )
 
     def __init__(self, down: _Responder):
@@ -45,7 +47,7 @@ class Exchange:
         self.host: bytes | None = None
         self.dest: tuple[str, int] | None = None   # absolute-form authority (explicit proxy)
         self.xff: bytes | None = None
-        self.extra: bytes | None = None
+        self.added: tuple | None = None           # (name, value) fields the layers add (add_field)
         self.source: bytes | None = None
         self.source_version: bytes | None = None
         self.conn_tokens: set | None = None
@@ -106,9 +108,19 @@ class Exchange:
         self.ts: bytes | None = None              # its tracestate (vendor entries, passed on)
         self.b3: dict | None = None               # the request's B3 headers, by lowercase name
         self.trace = None                         # meshcore.tracing.TraceContext of this hop
-        self.trace_headers = b""                  # what carries it to the next hop
+        self.traceparent: bytes | None = None     # the value of the traceparent that carries it to the next hop
+        self.trace_fields: tuple | None = None    # and the other (name, value) fields that do (B3, tracestate)
         self.at = 0                               # the next layer of the chain to run (_proceed)
         self.route = None                         # what the route layer matched, for the layers after it
+
+    def add_field(self, name: bytes, value: bytes) -> None:
+        """Add the header field `name: value` to the request sent on (lowercase `name`)."""
+        self.add_fields(((name, value),))
+
+    def add_fields(self, fields: tuple) -> None:
+        """Add header fields, (name, value) pairs, to the request sent on. A tuple, kept as it is
+        when it is the first: a connection's fields (the verified caller's) are made once."""
+        self.added = fields if self.added is None else self.added + fields
 
 
 class _Listener:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from binascii import hexlify
 
-from meshcore.tracecontext import TraceContext
+from meshcore.tracecontext import TRACEPARENT, TraceContext
 
 from ..telemetry import NO_TLS, Telemetry
 from ..tracing import Tracing
@@ -58,73 +58,82 @@ def canonical_traceparent(tp: bytes) -> bool:
 
 
 def begin_trace(tracing: Tracing, tp: bytes | None, b3: dict | None) -> tuple:
-    """`tracing.begin_hop(tp, b3)`: (this hop's context, its header lines), its two common cases done
-    here, in the compiled data path: no trace headers (a new trace) and a canonical `traceparent`
-    without B3 (every mesh hop after the first; compiled only). In those the context is None, made by
-    trace_of(tp, header lines) only when asked for: most requests are neither sampled nor logged. The
-    same randomness is drawn in the same order and gives the same context and header lines
-    (tests/unit/test_begin_trace.py); anything else is begin_hop's."""
+    """`tracing.begin_hop(tp, b3)` as (this hop's context, the value of its `traceparent`, the other
+    header fields that carry it on or None), its two common cases done here, in the compiled data
+    path: no trace headers (a new trace) and a canonical `traceparent` without B3 (every mesh hop
+    after the first; compiled only). In those the context is None, made by trace_of(tp, traceparent)
+    only when asked for: most requests are neither sampled nor logged. The same randomness is drawn
+    in the same order and gives the same context and fields (tests/unit/test_begin_trace.py);
+    anything else is begin_hop's."""
     if b3 is not None:
-        return tracing.begin_hop(tp, b3)
-    if tp is None:   # meshcore.tracing.start_hop with no parent, then encode_trace_headers
+        return _hop_fields(tracing.begin_hop(tp, b3))
+    if tp is None:   # meshcore.tracing.start_hop with no parent, then trace_fields
         sampled = tracing.rand() < tracing.rate
         bits = tracing.bits
         trace_id = (bits(128) & _MASK128) or 1
         span_id = (bits(64) & _MASK64) or 1
         if not COMPILED:
-            return None, b"".join((b"traceparent: 00-", hexlify(trace_id.to_bytes(16, "big")), b"-",
-                                   hexlify(span_id.to_bytes(8, "big")), b"-01\r\n" if sampled else b"-00\r\n"))
-        # Compiled: the ids written as hex into a copy of the line's template (no bytes per id).
-        line = _traceparent_template()
-        w = PyBytes_AS_STRING(line)  # noqa: F821 - C API, compiled only
+            return None, b"".join((b"00-", hexlify(trace_id.to_bytes(16, "big")), b"-",
+                                   hexlify(span_id.to_bytes(8, "big")), b"-01" if sampled else b"-00")), None
+        # Compiled: the ids written as hex into a copy of the value's template (no bytes per id).
+        value = _traceparent_template()
+        w = PyBytes_AS_STRING(value)  # noqa: F821 - C API, compiled only
         put_hex64(w + _TRACE_ID_AT, trace_id >> 64)
         put_hex64(w + _TRACE_ID_AT + 16, trace_id & _MASK64)
         put_hex64(w + _SPAN_ID_AT, span_id)
         if sampled:
             w[_SAMPLED_AT] = 0x31
-        return None, line
+        return None, value, None
     if not (COMPILED and canonical_traceparent(tp)):
         # As Python, begin_hop's continue_traceparent (bytes methods in C) beats this byte loop 3:1.
-        return tracing.begin_hop(tp, b3)
+        return _hop_fields(tracing.begin_hop(tp, b3))
     # meshcore.tracing.continue_traceparent: the caller's trace and sampling decision, a new span
     span_id = (tracing.bits(64) & _MASK64) or 1
     t = tp
     table = _ODD_HEX
     odd = table
-    line = _traceparent_template()
-    w = PyBytes_AS_STRING(line)  # noqa: F821
-    memcpy(w + _TRACE_ID_AT - 3, t, 36)  # noqa: F821 - the caller's `00-` trace-id `-`
+    value = _traceparent_template()
+    w = PyBytes_AS_STRING(value)  # noqa: F821
+    memcpy(w, t, 36)  # noqa: F821 - the caller's `00-` trace-id `-`
     put_hex64(w + _SPAN_ID_AT, span_id)
     if odd[t[54]]:
         w[_SAMPLED_AT] = 0x31
-    return None, line
+    return None, value, None
 
 
-# The traceparent line begin_trace writes (`traceparent: 00-` trace-id `-` span-id `-0` flag CRLF),
-# the offsets of its parts, and the lowercase hex digits it writes them with (W3C Trace Context 3.2.2).
-_TRACEPARENT_LINE = b"traceparent: 00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-00\r\n"
+def _hop_fields(hop: tuple) -> tuple:
+    """begin_hop's (context, fields) as begin_trace returns it: (context, traceparent, the rest or None)."""
+    ctx, fields = hop
+    if fields[0][0] != TRACEPARENT:
+        raise ValueError("begin_hop: the first trace field is not traceparent")
+    return ctx, fields[0][1], fields[1:] or None
+
+
+# The traceparent value begin_trace writes (`00-` trace-id `-` span-id `-0` flag), the offsets of its
+# parts, and the lowercase hex digits it writes them with (W3C Trace Context 3.2.2).
+_TRACEPARENT_VALUE = b"00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-00"
 
 
 def _traceparent_template() -> bytes:
-    """Compiled only: a new bytes object holding _TRACEPARENT_LINE, for begin_trace to write into."""
-    template = _TRACEPARENT_LINE
+    """Compiled only: a new bytes object holding _TRACEPARENT_VALUE, for begin_trace to write into."""
+    template = _TRACEPARENT_VALUE
     src = template
     return PyBytes_FromStringAndSize(src, len(template))  # noqa: F821
 
 
-# Offsets in the traceparent line begin_trace writes: `traceparent: 00-` trace-id `-` span-id `-0` flag.
-_TRACE_ID_AT, _SPAN_ID_AT, _SAMPLED_AT = 16, 49, 67
+# Offsets in a traceparent value: `00-` trace-id `-` span-id `-0` flag (W3C Trace Context 3.2.2).
+_TRACE_ID_AT, _SPAN_ID_AT, _SAMPLED_AT = 3, 36, 54
 globals().update(_SAMPLED_AT=_SAMPLED_AT)   # C ints here (hoptrace.pxd): the module dict gets the one
-# the downstream reads (a sampled flag in the header lines) too
+# the metrics layer reads (a sampled flag in the traceparent value) too
 
 
-def trace_of(tp: bytes | None, header: bytes) -> TraceContext:
-    """The context begin_trace(tracing, tp, None) returned as None, from the header lines it
-    returned with it (which start with this hop's traceparent line)."""
-    span_id = int(header[_SPAN_ID_AT:_SPAN_ID_AT + 16], 16)
-    sampled = header[_SAMPLED_AT] == 0x31   # b"-01": sampled, b"-00": not
+def trace_of(tp: bytes | None, traceparent: bytes) -> TraceContext:
+    """The context begin_trace(tracing, tp, None) returned as None, from the value of this hop's
+    traceparent that it returned with it."""
+    span_id = int(traceparent[_SPAN_ID_AT:_SPAN_ID_AT + 16], 16)
+    sampled = traceparent[_SAMPLED_AT] == 0x31   # b"-01": sampled, b"-00": not
     if tp is None:
-        return TraceContext(int(header[_TRACE_ID_AT:_TRACE_ID_AT + 32], 16), span_id, None, sampled)
+        return TraceContext(int(traceparent[_TRACE_ID_AT:_TRACE_ID_AT + 32], 16), span_id, None, sampled)
     ctx = TraceContext(0, span_id, None, sampled)
     ctx._header = tp   # the caller's canonical traceparent: its ids are decoded when read
     return ctx

@@ -280,6 +280,16 @@ class HeaderLines:
         return out
 
 
+def put_fields(parts: list, fields) -> None:
+    """Append the wire pieces of header fields, (name, value) pairs, to `parts` (a head being joined):
+    `name: value` CRLF each (RFC 9112 5)."""
+    for field in fields:   # compiled: appended one by one, no tuple of the four pieces
+        parts.append(field[0])
+        parts.append(b": ")
+        parts.append(field[1])
+        parts.append(b"\r\n")
+
+
 def drop_named(lines: list, names: set) -> list:
     """`lines` without the fields named in `names` (lowercase): those a Connection header listed."""
     return HeaderLines(lines).without(names.__contains__)

@@ -5,7 +5,7 @@
 
 cimport cython
 from sidecar.datapath.exchange cimport Exchange, _Listener
-from sidecar.datapath.http1 cimport status_line
+from sidecar.datapath.http1 cimport put_fields, status_line
 from sidecar.datapath.layers.base cimport Layer
 from sidecar.datapath.stack cimport Stack
 from sidecar.datapath.state cimport ProxyState
@@ -23,7 +23,8 @@ cdef class _Responder:
     cdef public int paused
     cdef public bint write_paused, closing, switched, eof, bad_after, advancing, feeding
     cdef public Py_ssize_t body_left
-    cdef public bytes peer_ip, peer_xfcc
+    cdef public bytes peer_ip
+    cdef public tuple peer_fields
     cdef public object peer_identity, peer_service, orig_dst, raw, sniff_timer
     cdef public bytes early
     cdef public bint h2_sniff
@@ -37,7 +38,7 @@ cdef class _Responder:
     cpdef str caller_of(self, Exchange ex)
     cpdef _answer(self, Exchange ex, reply)
     cpdef _reply(self, Exchange ex, int status, flags, bytes body=*, bytes content_type=*, bint close=*,
-                 bytes headers=*)
+                 tuple headers=*)
     cpdef bint _drop_upstream(self, Exchange ex) except -1
     cpdef _response_done(self, Exchange ex, _Upstream up, bint reusable, bint close)
     @cython.locals(layer=Layer)

@@ -14,7 +14,7 @@ from meshcore.grpc import GRPC_CONTENT_TYPE, local_reply_status, percent_encode_
 
 from ..routing import UNKNOWN, Cluster
 from ..telemetry import NO_FLAGS
-from .http1 import status_line
+from .http1 import put_fields, status_line
 from .peers import reset_connection
 from .wire import (
     FLAG_DOWNSTREAM_CLOSED, FLAG_DOWNSTREAM_PROTOCOL_ERROR, FLAG_UPSTREAM_RESET, P_PIPELINE, P_STOPPED, P_UPSTREAM,
@@ -63,7 +63,7 @@ class _Responder:
         self.peer_ip = b""
         self.peer_identity: str | None = None   # inbound: the caller's verified SPIFFE ID (mTLS)
         self.peer_service: str | None = None    # ... and its service name (authorization's source)
-        self.peer_xfcc = b""
+        self.peer_fields: tuple | None = None   # the fields an allowed request of the verified caller gets
         self.orig_dst: tuple[str, int] | None = None
         self.raw: bytearray | None = None
         self.sniff_timer: asyncio.TimerHandle | None = None
@@ -162,7 +162,7 @@ class _Responder:
         self._reply(ex, 503, FLAG_UPSTREAM_RESET, b"upstream peer unreachable\n")
 
     def _reply(self, ex: Exchange, status: int, flags: str, body: bytes = b"",
-               content_type: bytes = TEXT, close: bool = False, headers: bytes = b"") -> None:
+               content_type: bytes = TEXT, close: bool = False, headers: tuple = ()) -> None:
         """Answer the request locally (errors, the gateway's 404)."""
         if ex.flags != NO_FLAGS:
             flags = _join_flags(ex.flags, flags)  # e.g. DI,UT: a delay fault, then the timeout
@@ -179,12 +179,14 @@ class _Responder:
             # trailers-only answer (gRPC over HTTP/2: status 200, no body) with the matching code.
             code = local_reply_status(status, flags)
             ex.grpc_status = str(int(code))
-            headers += b"grpc-status: %d\r\ngrpc-message: %b\r\n" % (
-                code, percent_encode_message(body.strip().decode("latin-1")))
+            headers += ((b"grpc-status", b"%d" % code),
+                        (b"grpc-message", percent_encode_message(body.strip().decode("latin-1"))))
             status, content_type, body = 200, GRPC_CONTENT_TYPE, b""
-        head = b"%bcontent-type: %b\r\ncontent-length: %d\r\nx-mesh-flags: %b\r\n%b%b\r\n" % (
-            status_line(status), content_type, len(body), flags.encode(), headers,
-            b"connection: close\r\n" if close else b"")
+        parts = [b"%bcontent-type: %b\r\ncontent-length: %d\r\nx-mesh-flags: %b\r\n" % (
+            status_line(status), content_type, len(body), flags.encode())]
+        put_fields(parts, headers)
+        parts.append(b"connection: close\r\n\r\n" if close else b"\r\n")
+        head = b"".join(parts)
         self.transport.write(head if ex.is_head else head + body)
         ex.status = status
         ex.flags = flags

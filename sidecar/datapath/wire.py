@@ -105,7 +105,7 @@ class Reply:
     flags: str
     body: bytes = b""
     content_type: bytes = TEXT
-    headers: bytes = b""      # extra response header lines, CRLF-ended (e.g. x-mesh-denied, retry-after)
+    headers: tuple = ()       # (name, value) fields added to the answer (e.g. x-mesh-denied, retry-after)
 
 
 # ---- whole heads (the compiled build) ------------------------------------------------------------

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import strategies as st
 
 from gateway import jwt_auth
+from sidecar.datapath.http1 import put_fields
 from tests.fuzz.engine import Target, corpus_test, fuzz_test
 
 PRIVATE = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))   # fixed: the same tokens every run
@@ -28,6 +29,13 @@ VERIFIER = jwt_auth.JwtVerifier()
 VERIFIER.load_jwks({"keys": [{**JWK, "kid": "k1", "alg": "EdDSA", "use": "sig"}]})
 ISSUER, AUDIENCE = "https://idp.example", "shop"
 CLAIM_LINE = re.compile(rb"x-jwt-claim-[a-z0-9_.-]{1,64}: [^\r\n\x00]*\r\n")
+
+
+def _wire(fields) -> bytes:
+    """The header lines the HTTP/1.1 codec writes for `fields`."""
+    parts: list = []
+    put_fields(parts, fields)
+    return b"".join(parts)
 
 
 def _headers_parse(block: bytes) -> None:
@@ -47,7 +55,7 @@ def check(data: bytes) -> None:
         try:
             claims = VERIFIER.verify(token, issuer, audience)
         except jwt_auth.JwtError as exc:
-            _headers_parse(jwt_auth.www_authenticate(exc))
+            _headers_parse(_wire((jwt_auth.www_authenticate(exc),)))
             continue
         # Accepted: our signature, an accepted algorithm, unexpired, the route's issuer and audience.
         assert jwt.get_unverified_header(token)["alg"] == "EdDSA"
@@ -58,7 +66,7 @@ def check(data: bytes) -> None:
             assert claims.get("iss") == issuer
             aud = claims.get("aud")
             assert aud == audience or isinstance(aud, list) and audience in aud
-        block = jwt_auth.claim_headers(claims)
+        block = _wire(jwt_auth.claim_headers(claims))
         assert all(CLAIM_LINE.fullmatch(line + b"\r\n") for line in block.split(b"\r\n")[:-1]), block
         _headers_parse(block)
 

@@ -88,7 +88,7 @@ def test_control_deeply_nested_json_is_a_protocol_error():
 def test_jwt_claims_with_control_characters_are_not_forwarded():
     """A claim value with a control character made a header line the upstream's parser refuses."""
     headers = claim_headers({"role": "a\x01b", "del": "a\x7f", "sub": "u 1\tx", "nul": "a\x00"})
-    assert headers == b"x-jwt-claim-sub: u 1\tx\r\n"
+    assert headers == ((b"x-jwt-claim-sub", b"u 1\tx"),)
 
 
 async def _status_of_a_bare_cr_request_through_the_outbound() -> int:

@@ -1,8 +1,10 @@
-"""sidecar.datapath.speedups.join: b"".join of the parts of a head or a body write, in C when compiled."""
+"""sidecar.datapath.speedups.join: b"".join of the parts of a head or a body write, in C when compiled;
+http1.put_fields: the parts of header fields."""
 from __future__ import annotations
 
 import pytest
 
+from sidecar.datapath.http1 import put_fields
 from sidecar.datapath.speedups import join
 
 PARTS = [
@@ -33,3 +35,10 @@ def test_a_wrong_size_is_refused(size):
 def test_parts_must_be_bytes(bad):
     with pytest.raises(TypeError):
         join(bad)
+
+
+def test_put_fields_writes_one_line_per_field_in_order():
+    parts = [b"GET / HTTP/1.1\r\n"]
+    put_fields(parts, ((b"a", b"1"), (b"b", b"2")))
+    put_fields(parts, [(b"c", b"")])
+    assert join(parts) == b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: \r\n"

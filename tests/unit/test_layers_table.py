@@ -258,3 +258,42 @@ def test_a_hook_whose_decision_raises_answers_500_and_holds(down, caplog, make_l
     assert down.calls == [("reply", 500, "NR")]
     assert [r.getMessage() for r in caplog.records] == [f"{layer.name} layer failed"]
     assert "bad value in the decision" in caplog.text
+
+
+# ---- fields the layers add: (name, value) pairs, written by the HTTP/1.1 codec ----------------------
+
+XFCC = ((b"x-forwarded-client-cert", b"URI=spiffe://shop/orders"),)
+
+
+@pytest.mark.parametrize("peer_fields, before, added", [
+    (None, None, None),                                            # no verified caller: nothing added
+    (XFCC, None, XFCC),                                            # the connection's fields, as they are
+    (XFCC, ((b"x-a", b"1"),), ((b"x-a", b"1"), *XFCC)),            # after what a layer before added
+])
+def test_authorize_adds_the_verified_caller_as_a_field(down, peer_fields, before, added) -> None:
+    down.peer_fields = peer_fields
+    ex = request(down, method=b"GET", target=b"/", added=before)
+    assert Authorize().on_request(down, ex) == NEXT
+    assert ex.added == added
+
+
+TRACEPARENT = b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"
+
+
+@pytest.mark.parametrize("added, traceparent, trace_fields, head", [
+    (None, None, None, b"GET /a HTTP/1.1\r\nhost: h\r\nx-app: 1\r\n\r\n"),
+    (None, TRACEPARENT, None, b"GET /a HTTP/1.1\r\nhost: h\r\nx-app: 1\r\ntraceparent: %b\r\n\r\n" % TRACEPARENT),
+    ([(b"x-forwarded-for", b"10.0.0.9"), (b"x-forwarded-proto", b"https")], TRACEPARENT,
+     ((b"tracestate", b"k=v"),),
+     b"GET /a HTTP/1.1\r\nhost: h\r\nx-app: 1\r\nx-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: https\r\n"
+     b"traceparent: 00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01\r\ntracestate: k=v\r\n\r\n"),
+])
+def test_the_head_sent_on_writes_the_added_and_trace_fields(down, added, traceparent, trace_fields, head) -> None:
+    cluster = make_cluster("web", "http", (Endpoint("w0", "10.0.0.2", 80, "v1", ""),), mesh=False)
+    ex = request(down, method=b"GET", target=b"/a", lines=[b"x-app", b": ", b"1", b"\r\n"])
+    for name, value in added or ():
+        ex.add_field(name, value)
+    ex.traceparent = traceparent
+    ex.trace_fields = trace_fields
+    assert ex.added == (tuple(added) if added else None)
+    assert down._head(ex, cluster, b"h") == head

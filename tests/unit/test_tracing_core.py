@@ -22,7 +22,7 @@ from meshcore.telemetry_settings import (
 )
 from meshcore.tracecontext import (
     B3_MULTI_FORM, B3_NONE, B3_SINGLE_FORM, Parent, TraceContext, continue_traceparent, decode_b3_multi,
-    decode_b3_single, decode_parent, decode_traceparent, encode_trace_headers, start_hop,
+    decode_b3_single, decode_parent, decode_traceparent, start_hop, trace_fields,
 )
 
 TID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -271,7 +271,7 @@ def test_start_hop_b3_decision_without_ids_starts_a_trace_with_that_decision(dec
     parent = decode_parent(None, {b"b3": b"1" if decision else b"0"})
     ctx = start_hop(parent, 0.5, 0.0 if not decision else 0.99, new_trace_id=0x999, new_span_id=0x1234)
     assert (ctx.trace_id, ctx.span_id, ctx.parent_id, ctx.sampled) == (0x999, 0x1234, None, decision)
-    assert header_lines(encode_trace_headers(ctx))[b"b3"] == b"%032x-%016x-%d" % (0x999, 0x1234, decision)
+    assert field_dict(trace_fields(ctx))[b"b3"] == b"%032x-%016x-%d" % (0x999, 0x1234, decision)
 
 
 def test_start_hop_child_span_id_is_never_zero():
@@ -280,32 +280,32 @@ def test_start_hop_child_span_id_is_never_zero():
     assert ctx.span_id != 0 and ctx.parent_id == 2 and ctx.trace_id == 1
 
 
-# ---- encode_trace_headers -------------------------------------------------------------------------------
+# ---- trace_fields ---------------------------------------------------------------------------------------
 
-def header_lines(block: bytes) -> dict[bytes, bytes]:
-    assert block.endswith(b"\r\n")
+def field_dict(fields: tuple) -> dict[bytes, bytes]:
     out = {}
-    for line in block[:-2].split(b"\r\n"):
-        name, sep, value = line.partition(b": ")
-        assert sep and name == name.lower() and name not in out, block
+    for name, value in fields:
+        assert name == name.lower() and name not in out and b"\r" not in value and b"\n" not in value, fields
         out[name] = value
     return out
 
 
-def test_encode_traceparent_exact_form():
+def test_traceparent_exact_form():
     ctx = TraceContext(int(TID, 16), int(SID, 16), 0x77, True)
-    assert encode_trace_headers(ctx) == f"traceparent: 00-{TID}-{SID}-01\r\n".encode()
+    assert trace_fields(ctx) == ((b"traceparent", f"00-{TID}-{SID}-01".encode()),)
     ctx = TraceContext(5, 6, None, False)
-    assert encode_trace_headers(ctx) == b"traceparent: 00-%032x-%016x-00\r\n" % (5, 6)
+    assert trace_fields(ctx) == ((b"traceparent", b"00-%032x-%016x-00" % (5, 6)),)
 
 
 @pytest.mark.parametrize("sampled, form, short, parent_id", list(itertools.product(
     (True, False), (B3_NONE, B3_SINGLE_FORM, B3_MULTI_FORM), (False, True), (None, 0x5EED))))
-def test_encode_trace_headers_round_trip(sampled, form, short, parent_id):
+def test_trace_fields_round_trip(sampled, form, short, parent_id):
     trace_id = int(B3_TID64, 16) if short else int(B3_TID128, 16)
     ctx = TraceContext(trace_id, int(B3_SID, 16), parent_id, sampled, form, short)
-    headers = header_lines(encode_trace_headers(ctx))
-    # traceparent is always there and decodes to this hop (the next hop's parent)
+    fields = trace_fields(ctx)
+    assert fields[0][0] == b"traceparent"
+    headers = field_dict(fields)
+    # traceparent is always there (first) and decodes to this hop (the next hop's parent)
     assert decode_traceparent(headers[b"traceparent"]) == Parent(trace_id, ctx.span_id, sampled)
     b3 = {k: v for k, v in headers.items() if k != b"traceparent"}
     parent = decode_parent(headers[b"traceparent"], b3 or None)
@@ -333,7 +333,7 @@ def test_encode_trace_headers_round_trip(sampled, form, short, parent_id):
 def test_a_hop_chain_keeps_one_trace_and_links_parents():
     """client -> hop A -> hop B: each hop decodes what the previous one encoded."""
     a = start_hop(None, 1.0, 0.0, new_trace_id=0xA1, new_span_id=0xA2)
-    headers = header_lines(encode_trace_headers(a))
+    headers = field_dict(trace_fields(a))
     b = start_hop(decode_parent(headers[b"traceparent"], None), 0.0, 0.99, new_trace_id=0xB1, new_span_id=0xB2)
     assert (b.trace_id, b.parent_id, b.span_id, b.sampled) == (0xA1, 0xA2, 0xB2, True)
 
@@ -712,9 +712,9 @@ def test_should_log_access_honours_the_no_flags_marker():
 @pytest.mark.parametrize("flags", ["00", "01", "03"])
 def test_continue_traceparent_equals_the_slow_path(flags):
     value = f"00-{TID}-{SID}-{flags}".encode()
-    ctx, header = continue_traceparent(value, 0x1234)
+    ctx, traceparent = continue_traceparent(value, 0x1234)
     slow = start_hop(decode_parent(value, None), 0.5, 0.0, new_trace_id=0x999, new_span_id=0x1234)
-    assert ctx == slow and header == encode_trace_headers(slow)
+    assert ctx == slow and ((b"traceparent", traceparent),) == trace_fields(slow)
 
 
 @pytest.mark.parametrize("value", [f"00-{'0' * 32}-{SID}-01", f"00-{TID}-{'0' * 16}-01", f"01-{TID}-{SID}-01",

@@ -38,7 +38,7 @@ def authorized(down: _Downstream, ex: Exchange) -> Reply | None:
         if not decision.allowed:
             reason = decision.reason.encode("latin-1", "replace")
             return Reply(403, FLAG_RBAC, b"RBAC: access denied: %b\n" % reason,
-                         headers=b"x-mesh-denied: %b\r\n" % reason)
-    if down.peer_xfcc:
-        ex.extra = (ex.extra or b"") + down.peer_xfcc
+                         headers=((b"x-mesh-denied", reason),))
+    if down.peer_fields is not None:
+        ex.add_fields(down.peer_fields)
     return None

@@ -10,10 +10,11 @@ from sidecar.datapath.respond cimport _Responder
 from sidecar.datapath.speedups cimport monotonic
 
 
-cdef Py_ssize_t _SAMPLED_AT   # where the header lines of this hop's traceparent say "sampled"
+cdef Py_ssize_t _SAMPLED_AT   # where the value of this hop's traceparent says "sampled"
 
 
 cdef class Metrics(Layer):
+    @cython.locals(traceparent=bytes)
     cpdef on_end(self, _Responder down, Exchange ex)
 
 

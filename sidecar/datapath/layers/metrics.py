@@ -36,15 +36,15 @@ class Metrics(Layer):
         count_request(state.telemetry, reporter, src, srcv, dst, ver, ex.status, ex.flags, ms, ex.grpc_status,
                       security)
         trace = ex.trace
-        headers = ex.trace_headers
-        if trace is None and not headers:
+        traceparent = ex.traceparent
+        if trace is None and traceparent is None:
             return   # never dispatched: no trace began
         # The C tests first: the tracing settings' attribute read only decides the quiet, unsampled case.
-        if ((trace.sampled if trace is not None else headers[_SAMPLED_AT] == 0x31)
+        if ((trace.sampled if trace is not None else traceparent[_SAMPLED_AT] == 0x31)
                 or ex.status >= 500 or ex.status == 0 or ex.flags != NO_FLAGS
                 or state.tracing.access_mode == ACCESS_FULL):
             if trace is None:
-                trace = ex.trace = trace_of(ex.tp, headers)
+                trace = ex.trace = trace_of(ex.tp, traceparent)
             upstream = None
             if cluster is not None and ex.index is not None:
                 key = cluster.keys[ex.index]

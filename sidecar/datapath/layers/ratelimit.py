@@ -37,4 +37,4 @@ def limit_inbound(down: _Downstream, ex: Exchange) -> Reply | None:
     if ok:
         return None
     seconds = max(1, math.ceil(after)) if after != math.inf else 3600
-    return Reply(429, FLAG_RATE_LIMITED, b"rate limited\n", headers=b"retry-after: %d\r\n" % seconds)
+    return Reply(429, FLAG_RATE_LIMITED, b"rate limited\n", headers=((b"retry-after", b"%d" % seconds),))
