@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from json.encoder import encode_basestring_ascii as json_str
 from typing import Any
 
@@ -37,6 +38,7 @@ def _import_structlog():
 structlog = _import_structlog()  # first, in the processes' import order: see sidecar.cli, gateway.cli
 get_contextvars = structlog.contextvars.get_contextvars
 _get_running_loop = asyncio._get_running_loop   # None off a loop; no exception to raise and catch
+_thread_id = threading.get_ident
 
 
 def configure_logging(process: str) -> None:
@@ -98,16 +100,26 @@ class LogLines:
         self.second: tuple[int, str] = (-1, "")     # (Unix second, its ISO 8601 text up to the seconds)
         self.held: list[str] = []                   # lines not yet written, oldest first
         self.flush_on: Any = None                   # the event loop whose timer will flush them
+        self.flush_thread = 0                       # the thread that loop runs in
 
     def add(self, line: str) -> None:
         """Write `line` now, or hold it for the flush that the running event loop has due."""
         held = self.held
         held.append(line)
-        loop = _get_running_loop()
-        if loop is None or len(held) >= MAX_HELD:   # no loop (a tool, a test): nothing would flush later
+        if len(held) >= MAX_HELD:
             self.flush()
-        elif loop is not self.flush_on:   # the first held line, or a loop that ended left lines held
+            return
+        flush_on = self.flush_on
+        # The loop of the due flush runs, in this thread: it is this thread's running loop (one at a
+        # time per thread), found without asking asyncio, whose answer costs a getpid() system call.
+        if flush_on is not None and self.flush_thread == _thread_id() and flush_on.is_running():
+            return
+        loop = _get_running_loop()
+        if loop is None:   # no loop (a tool, a test, another thread): nothing would flush later
+            self.flush()
+        elif loop is not flush_on:   # the first held line, or a loop that ended left lines held
             self.flush_on = loop
+            self.flush_thread = _thread_id()
             loop.call_later(FLUSH_SECONDS, self.flush)
 
     def flush(self) -> None:

@@ -428,6 +428,33 @@ def test_an_event_through_the_chain_comes_after_the_lines_held_before_it():
     assert json.loads(written_out.splitlines()[2])["event"] == "upstream reset"
 
 
+def test_on_a_loop_only_the_first_held_line_asks_asyncio_for_the_loop(monkeypatch):
+    """asyncio's running-loop lookup makes a getpid() system call: once per flush, not per line."""
+    asked = []
+    real = runtime._get_running_loop
+    monkeypatch.setattr(runtime, "_get_running_loop", lambda: asked.append(1) or real())
+
+    async def body(lines, out):
+        for i in range(10):
+            lines.add(str(i))
+        assert len(asked) == 1 and lines.held == [str(i) for i in range(10)]
+
+    assert held_lines_run(body).splitlines() == [str(i) for i in range(10)]
+
+
+def test_a_line_of_another_thread_is_written_at_once_while_a_loop_holds_lines():
+    import threading
+
+    async def body(lines, out):
+        lines.add("held on the loop")
+        thread = threading.Thread(target=lines.add, args=("from a thread",))
+        thread.start()
+        thread.join()
+        assert out.getvalue() == "held on the loop\nfrom a thread\n" and lines.held == []
+
+    held_lines_run(body)
+
+
 def test_lines_a_finished_loop_left_held_go_out_with_the_next_line():
     import asyncio
 
