@@ -149,11 +149,9 @@ class LogLines:
 
 _lines: LogLines | None = None   # set by configure_logging
 _CHAIN_KEYS = frozenset(("event", "level", "timestamp", "exc_info"))   # what the chain sets or reads
-_MAX_FORMATS = 128              # line formats kept per context (a few routes recur)
+_MAX_TEMPLATES = 128            # line templates kept per context (a few routes recur)
 FLUSH_SECONDS = 0.1             # the longest a held line waits (Envoy's file access log: 1 s)
 MAX_HELD = 64                   # lines held at most (~29 KiB of access lines)
-_STAMP = '%s.%06dZ"}'          # the timestamp's second and microsecond, closing the line
-_WHOLE_SECOND = '%sZ"}%.0s'    # the same at a zero microsecond (isoformat leaves it out)
 RECURRING = None               # EventLine: a field whose value recurs from line to line
 
 
@@ -162,24 +160,29 @@ class EventLine:
     (its fields in order, then event, the context variables, level and timestamp, as json.dumps
     writes them; the same stream and lock; the same level filter) without running the chain.
 
-    `fields`: (key, %-format of its JSON value), e.g. ("status", "%d"), where the caller passes string
-    values already JSON-encoded (json_str); or (key, RECURRING) for a value that recurs (names of a
-    route, a status; str, int, bool or None, one type per field, as equal values of two types share
-    a format): those are encoded once into the line's format, kept per distinct set. Where
-    the process did not run configure_logging (tests capturing structlog's events, tools) or a context
-    variable would merge differently (it has one of the line's keys), `write` returns False and the
-    caller logs the event through structlog instead.
+    `fields`: (key, the JSON text of its value around one `%s`), e.g. ("path", "%s") or ("trace_id",
+    '"%s"'), where the caller passes the value as a str already JSON-encoded (json_str) or fit to be
+    quoted (hex); or (key, RECURRING) for a value that recurs (names of a route, a status; str, int,
+    bool or None, one type per field, as equal values of two types share a text): those are encoded
+    once into the line's template, kept per distinct set. Where the process did not run
+    configure_logging (tests capturing structlog's events, tools) or a context variable would merge
+    differently (it has one of the line's keys), `write` returns False and the caller logs the event
+    through structlog instead.
     """
 
     def __init__(self, event: str, fields: tuple[tuple[str, str | None], ...], level: str = "info"):
         self.event = event
         self.level = level
         self.level_no = logging.getLevelName(level.upper())
+        for key, text in fields:
+            if text is not RECURRING and text.count("%s") != 1:
+                raise ValueError(f"EventLine {event!r}: field {key!r} has {text!r}, not one %s")
         self.fields = fields
         self.keys = frozenset(key for key, _ in fields)
-        # (the context these formats were made in, or None; recurring values -> the whole line's
-        # format: the other fields' values, then the timestamp's second and microsecond)
-        self._formats: tuple[contextvars.Context | None, dict[tuple, str]] = (None, {})
+        # (the context these templates were made in, or None; recurring values -> the whole line's
+        # template: its literal texts, with a place between each two for the other fields' values,
+        # then the timestamp's second and fraction)
+        self._templates: tuple[contextvars.Context | None, dict[tuple, list]] = (None, {})
 
     def write(self, recurring: tuple[str | None, ...], values: tuple, ns: int) -> bool:
         """Write the line of `recurring` and `values` (each in its field's order) stamped `ns`
@@ -190,39 +193,51 @@ class EventLine:
         if self.level_no < lines.level:
             return True                           # the chain's logger drops it too
         context = contextvars.copy_context()
-        made_in, formats = self._formats
+        made_in, templates = self._templates
         if context != made_in:                    # one compare while no context variable was set
-            formats = {}
-            self._formats = (context, formats)
-        line = formats.get(recurring)
-        if line is None:
+            templates = {}
+            self._templates = (context, templates)
+        template = templates.get(recurring)
+        if template is None:
             variables = get_contextvars()
             if not self.keys.isdisjoint(variables) or not _CHAIN_KEYS.isdisjoint(variables):
                 return False
-            line = self._format(lines, recurring, variables)
+            template = self._template(lines, recurring, variables)
             # Equal contexts render alike only when their values do: str and None (1 == True).
             if all(value is None or value.__class__ is str for value in variables.values()):
-                if len(formats) >= _MAX_FORMATS:
-                    formats.clear()
-                formats[recurring] = line
+                if len(templates) >= _MAX_TEMPLATES:
+                    templates.clear()
+                templates[recurring] = template
         micros = ns // 1000
         second = micros // 1_000_000
         micro = micros - second * 1_000_000
-        if not micro:   # datetime.isoformat leaves out a zero microsecond
-            line = line[:-len(_STAMP)] + _WHOLE_SECOND
-        lines.add(line % (*values, lines.second_text(second), micro))
+        # A list's join, not a %-format of the whole line: % reads every character of its format.
+        line = template[:]
+        # datetime.isoformat leaves out a zero microsecond
+        line[1::2] = (*values, lines.second_text(second), ".%06d" % micro if micro else "")
+        lines.add("".join(line))
         return True
 
-    def _format(self, lines: LogLines, recurring: tuple, context: dict) -> str:
-        """The line's format: the fields with the recurring ones filled in, then what
-        merge_contextvars, add_log_level and TimeStamper add."""
+    def _template(self, lines: LogLines, recurring: tuple, context: dict) -> list:
+        """The line's template: the fields with the recurring ones filled in, then what
+        merge_contextvars, add_log_level and TimeStamper add; literal texts at the even places,
+        None at the odd ones for each other field's value, the timestamp's second and its fraction."""
         texts = iter(recurring)
-        head = ", ".join(json_str(key).replace("%", "%%") + ": " + (
-            fmt if fmt is not RECURRING else json.dumps(next(texts)).replace("%", "%%")) for key, fmt in self.fields)
+        out = ["{"]
+        for key, text in self.fields:
+            out[-1] += json_str(key) + ": "
+            if text is RECURRING:
+                out[-1] += json.dumps(next(texts)) + ", "
+            else:
+                before, after = text.split("%s")
+                out[-1] += before
+                out += (None, after + ", ")
         merged = lines.render(None, self.level, {"event": self.event, **context, "level": self.level,
                                                  "timestamp": ""})
-        # no braces; up to the opening quote of the (empty) timestamp, whose text the format then writes
-        return "{" + head + ", " + merged[1:-2].replace("%", "%%") + _STAMP
+        # no braces; up to the opening quote of the (empty) timestamp, whose text is written last
+        out[-1] += merged[1:-2]
+        out += (None, "", None, 'Z"}')
+        return out
 
 
 def stop_signal() -> asyncio.Event:

@@ -35,7 +35,7 @@ ACCESS_LINE = EventLine("request", (
     ("direction", RECURRING), ("method", RECURRING), ("path", "%s"), ("status", RECURRING), ("flags", RECURRING),
     ("duration_ms", "%s"), ("source", RECURRING), ("source_version", RECURRING), ("destination", RECURRING),
     ("destination_version", RECURRING), ("upstream", RECURRING), ("attempts", RECURRING),
-    ("trace_id", '"%s"'), ("span_id", '"%016x"'), ("sampled", RECURRING)))   # ids: hex the node made
+    ("trace_id", '"%s"'), ("span_id", '"%s"'), ("sampled", RECURRING)))   # ids: hex the node made
 
 _SHORTEST_BELOW = 1e15   # "%.3f" then trailing zeros off is float repr's text of the rounded value below this
 
@@ -136,7 +136,7 @@ class Tracing:
             if ACCESS_LINE.write(
                     (direction, method_text, status, flags, source, source_version, destination,
                      destination_version, upstream, attempts, sampled),
-                    (json_str(path), duration_text(ms), ctx.trace_hex, ctx.span_id), end_ns):
+                    (json_str(path), duration_text(ms), ctx.trace_hex, "%016x" % ctx.span_id), end_ns):
                 return
             access.info("request", direction=direction, method=method_text, path=path,
                         status=status, flags=flags, duration_ms=round(ms, 3), source=source,

@@ -227,7 +227,7 @@ def test_a_context_key_the_chain_would_merge_differently_sends_the_line_through_
         structlog.contextvars.bind_contextvars(**context)
         runtime._lines = runtime.LogLines(out, logging.INFO, structlog.processors.JSONRenderer())
         return ACCESS_LINE.write(("outbound", "GET", 200, "-", "a", "v1", "b", "v1", None, 1, False),
-                                 ('"/"', "1.0", TRACE, 1), 1_700_000_000_000_000_000)
+                                 ('"/"', "1.0", TRACE, "%016x" % 1), 1_700_000_000_000_000_000)
 
     saved = runtime._lines
     try:
@@ -259,7 +259,7 @@ def test_timestamp_is_timestampers_iso_utc_text(ns):
 
 
 @pytest.mark.parametrize("event, fields, recurring, values, own", [
-    ("e%v\"", (("k%s\"\n", "%d"), ("r%", RECURRING), ("é", "%s")), ("x%s\u2028", ), (5, '"y"'),
+    ("e%v\"", (("k%s\"\n", "%s"), ("r%", RECURRING), ("é", "%s")), ("x%s\u2028", ), ("5", '"y"'),
      {"k%s\"\n": 5, "r%": "x%s\u2028", "é": "y"}),
     ("plain", (("a", RECURRING), ("b", RECURRING)), (None, ""), (), {"a": None, "b": ""}),
 ])
@@ -296,7 +296,7 @@ def test_access_line_at_a_whole_second_leaves_out_the_microseconds(ns, stamp):
     def run() -> bool:
         runtime._lines = runtime.LogLines(out, logging.INFO, structlog.processors.JSONRenderer())
         return ACCESS_LINE.write(("outbound", "GET", 200, "-", "a", "v1", "b", "v1", None, 1, False),
-                                 ('"/%s"', "1.0", TRACE, 1), ns)
+                                 ('"/%s"', "1.0", TRACE, "%016x" % 1), ns)
 
     saved = runtime._lines
     try:
@@ -500,3 +500,9 @@ def test_duration_text_agrees_on_random_durations():
     for _ in range(20_000):
         ms = rng.random() * 10 ** rng.randint(-5, 9)
         assert duration_text(ms) == json.dumps(round(ms, 3)), ms
+
+
+@pytest.mark.parametrize("text", ["%d", '"%s%s"', "plain"])
+def test_an_event_line_field_without_one_place_for_its_value_is_refused(text):
+    with pytest.raises(ValueError, match=r"field 'k'"):
+        runtime.EventLine("e", (("a", RECURRING), ("k", text)))
