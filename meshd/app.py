@@ -701,7 +701,7 @@ class Meshd:
         app.router.add_get("/v1/snapshot", snapshot)
         app.router.add_get("/v1/acks", ack_latency)
         add_rules_routes(app, self.rules, self.versions_of, self.republish, self.resolve_service)
-        add_telemetry_routes(app, self.telemetry)  # observability (also /dashboard)
+        add_telemetry_routes(app, self.telemetry, self.resolve_service)  # observability (also /dashboard)
         add_trace_routes(app, self.traces, self.telemetry_settings, self.republish)
         add_policy_routes(app, self.policies, self.republish, self.resolve_service)
         add_cert_routes(app, self.pki, self.hub)

@@ -47,7 +47,7 @@ from meshcore.flowstats import (
     summarize,
 )
 from meshcore.promtext import Scrape, parse_scrape, scrape_delta
-from meshcore.snapshot import MeshConfig, build_workloads
+from meshcore.snapshot import MeshConfig, ServiceNameError, build_workloads
 
 from .events import EventLog
 from .store import Store
@@ -650,8 +650,10 @@ def parse_since(raw: str, now: float) -> float:
         raise ValueError(f"query parameter since: {raw!r} is not epoch seconds or a duration like 10m") from None
 
 
-def add_routes(app: web.Application, hub: TelemetryHub) -> None:
-    """Telemetry endpoints and the dashboard on meshd's admin app; stops the scraper with the app."""
+def add_routes(app: web.Application, hub: TelemetryHub, resolve: Callable[[str], str] = str) -> None:
+    """Telemetry endpoints and the dashboard on meshd's admin app; stops the scraper with the app.
+    `resolve(name)` gives the snapshot key, the series' service label, that a user's name means
+    (`web`, `web.shop`), or raises ServiceNameError."""
     from .dashboard import add_routes as add_dashboard_routes
 
     def bad(message: str) -> web.Response:
@@ -671,6 +673,11 @@ def add_routes(app: web.Application, hub: TelemetryHub) -> None:
         service, a, b = req.query.get("service"), req.query.get("a"), req.query.get("b")
         if not service or not a or not b:
             return bad("query parameters service, a and b are required (e.g. ?service=catalog&a=v1&b=v2)")
+        try:
+            service = resolve(service)
+        except ServiceNameError as exc:
+            if exc.choices:   # ambiguous; a name of no service now is read as written (its past series)
+                return bad(str(exc))
         return web.json_response(hub.compare(service, a, b, window))
 
     stat = windowed(lambda req, window: web.json_response(hub.stat(window)))

@@ -74,7 +74,8 @@ class Clock:
 class Mesh:
     """Fake nodes + a TelemetryHub + meshd's admin routes, on loopback."""
 
-    def __init__(self, tmp_path, adaptive: AdaptiveConfig | None = None):
+    def __init__(self, tmp_path, adaptive: AdaptiveConfig | None = None, resolve=str):
+        self.resolve = resolve
         self.lt = LoopThread()
         self.clock = Clock()
         self.wall = 1_700_000_000.0
@@ -123,7 +124,7 @@ class Mesh:
                                 wall=lambda: self.wall, timeout_s=1.0,
                                 spike=SpikeConfig(recovery_s=4), latency=LatencyConfig(warmup=2))
         admin = web.Application()
-        add_routes(admin, self.hub)
+        add_routes(admin, self.hub, self.resolve)
         self.api_port = await self._serve(admin)
         self.api = f"http://127.0.0.1:{self.api_port}"
 
@@ -211,6 +212,47 @@ def test_compare_graph_events_and_targets(mesh):
     assert by_node["gateway"]["labels"]["kind"] == "gateway"
     events = mesh.get_json("/v1/events")
     assert events["events"] == [] and isinstance(events["now"], float)
+
+
+def two_projects_resolver():
+    """meshd's resolve_service over a snapshot where projects shop (first: the bare key) and b each
+    have a catalog."""
+    from meshcore.labels import COMPOSE_PROJECT, COMPOSE_SERVICE
+    from meshcore.snapshot import Announcement, resolve_service
+
+    apps = [ContainerInfo(id=f"id-{p}", name=f"/{p}-catalog-1", running=True, networks={f"{p}_default": ip},
+                          labels={COMPOSE_PROJECT: p, COMPOSE_SERVICE: "catalog", "mesh.enable": "true"},
+                          exposed_ports=(80,), created=f"2026-12-05T10:0{minute}:00Z")
+            for p, ip, minute in (("shop", "10.1.0.2", 1), ("b", "10.2.0.2", 2))]
+    found = [Announcement(instance=c.id, service="catalog", version="v1", address=next(iter(c.networks.values())),
+                          port=15006, identity="") for c in apps]
+    config, errors = build_config(build_workloads(apps), found, "mesh.local")
+    assert not errors and set(config.services) == {"catalog", "catalog.b"}
+    return lambda name: resolve_service(config.services, name)
+
+
+@pytest.mark.parametrize("service, status, requests", [
+    ("catalog.shop", 200, 100),    # shop holds the bare key: its series are catalog's
+    ("catalog.b", 200, 0),         # b's catalog has no series yet
+    ("catalog", 400, None),        # two projects have one: refused, naming both
+    ("gone", 200, 0),              # no service now: read as written (its past series)
+])
+def test_compare_resolves_the_service_name_as_meshctl_gives_it(tmp_path, service, status, requests):
+    import urllib.error
+
+    mesh = Mesh(tmp_path, resolve=two_projects_resolver())
+    try:
+        mesh.tick(6)
+        path = f"/v1/compare?service={service}&a=v1&b=v2&window=60"
+        if status == 400:
+            with pytest.raises(urllib.error.HTTPError) as exc:
+                mesh.get(path)
+            assert exc.value.code == 400
+            assert "catalog.b, catalog.shop" in json.loads(exc.value.read())["error"]
+            return
+        assert mesh.get_json(path)["a"]["requests"] == requests
+    finally:
+        mesh.close()
 
 
 @pytest.mark.parametrize("path", ["/v1/stat?window=0", "/v1/stat?window=abc", "/v1/compare?service=catalog",
