@@ -92,7 +92,7 @@ class CheckJwt(Layer):
         return NEXT
 
 
-def _check_jwt(ex: Exchange, route, verifier) -> bytes | Reply:
+def _check_jwt(ex: Exchange, route, verifier) -> tuple | Reply:
     """The route wants a JWT: claims headers for a valid one (Authorization removed), else 401."""
     from gateway.jwt_auth import JwtError, claim_headers, www_authenticate
 

@@ -381,7 +381,7 @@ class _Dispatcher(_Responder):
             parts.append(self.stack.mesh_headers)
         if ex.added is not None:
             put_fields(parts, ex.added)
-        if ex.traceparent is not None:   # written as the fields above; this one is on every request
+        if ex.traceparent is not None:   # a field as put_fields writes one, kept apart: on every request
             parts.append(b"traceparent: ")
             parts.append(ex.traceparent)
             parts.append(b"\r\n")

@@ -55,7 +55,7 @@ class RecordingDownstream(_Downstream):
         self.loop = Clock()
         self.calls: list[tuple] = []
 
-    def _reply(self, ex, status, flags, body=b"", content_type=b"", close=False, headers=b""):
+    def _reply(self, ex, status, flags, body=b"", content_type=b"", close=False, headers=()):
         self.calls.append(("reply", status, flags))
 
     def _send_mirror(self, ex):
