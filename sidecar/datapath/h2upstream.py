@@ -150,6 +150,13 @@ class AppStreamTransport(EngineSide):
             return self.address
         if name == "ssl_object" and self.ssl_object is not None:
             return self.ssl_object
+        if name == "socket":
+            # The socket of the connection the request's stream is on: the dead-peer checks
+            # (ProxyState) read its TCP_INFO. No ACK since the stream was written means the peer's
+            # kernel has not received the stream either (TCP delivers in order).
+            stream = self.stream
+            transport = stream.conn.transport if stream is not None else None
+            return transport.get_extra_info("socket", default) if transport is not None else default
         return default
 
     def get_write_buffer_size(self) -> int:

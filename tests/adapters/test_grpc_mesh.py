@@ -408,3 +408,61 @@ def test_a_stream_quiet_longer_than_the_body_timeout_is_not_cut(run, ca):
     """HTTP/2 streams are out of the HTTP/1 listener's timers: flow control and the route's timeout
     govern them (a bidi call may be silent for a while)."""
     run(_quiet_stream, ca)
+
+
+class NamedEcho(EchoService):
+    """Answers with its endpoint's name, after the x-sleep the call asks for."""
+
+    names = iter(f"pay-{i}" for i in range(100))
+
+    def __init__(self):
+        super().__init__()
+        self.name = next(NamedEcho.names)
+
+    def unary(self, request: bytes, context) -> bytes:
+        return self.name.encode() + b":" + super().unary(request, context)
+
+
+def silent_socket_to(port: int):
+    """A TCP_INFO reader that reports the connection to `port` as a vanished peer's (data in flight,
+    no ACK for ages), read from the socket as the real reader is; the truth for the others."""
+    from sidecar.proxy import TcpInfo, read_tcp_info
+
+    def reader(transport):
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.getpeername()[1] == port:
+            return TcpInfo(state=1, unacked=1, last_ack_recv_ms=10**6)
+        return read_tcp_info(transport)
+    return reader
+
+
+async def _withdrawn_h2_endpoint(ca):
+    async with AsyncExitStack() as stack:
+        mesh = await GrpcMesh(stack, ca, n=2, service_type=NamedEcho).start()
+        names = {ep.port: svc.name for ep, svc in zip(mesh.snapshot.config.endpoints["payments"], mesh.services)}
+        unary = method(mesh.ch, "unary_unary", "Unary")
+        for i in range(4):   # both endpoints' HTTP/2 connections made and pooled
+            await call(unary, b"warm%d" % i)
+        calls = [svc.calls for svc in mesh.services]
+        task = asyncio.ensure_future(call(unary.with_call, b"x", metadata=(("x-sleep", "2.0"),)))
+        deadline = time.monotonic() + GUARD_S
+        while sum(svc.calls for svc in mesh.services) == sum(calls) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        first = next(i for i, svc in enumerate(mesh.services) if svc.calls > calls[i])
+        endpoints = mesh.snapshot.config.endpoints["payments"]
+        gone = endpoints[first]
+        # The replica stopped, its namespace gone with the stream unacknowledged; meshd withdraws it.
+        mesh.outbound.tcp_info = silent_socket_to(gone.port)
+        config = dataclasses.replace(mesh.snapshot.config, endpoints={
+            "payments": tuple(ep for ep in endpoints if ep is not gone)})
+        mesh.outbound.apply_snapshot(Snapshot(version=2, config=config))
+        reply, _ = await task
+        other = names[endpoints[1 - first].port]
+        assert reply == other.encode() + b":echo:x", (reply, names[gone.port])
+        assert mesh.outbound.undelivered_total == 1
+
+
+def test_a_call_on_a_withdrawn_http2_endpoint_that_never_got_it_is_retried_on_another(run, ca):
+    """The HTTP/2 hop as the HTTP/1.1 one: a stream written to an endpoint that a snapshot withdraws,
+    with no ACK since, is proven undelivered (TCP_INFO of the stream's connection) and retried."""
+    run(_withdrawn_h2_endpoint, ca)
