@@ -20,9 +20,9 @@ if TYPE_CHECKING:
 class Exchange:
     """One request and its response. Layers read its parsed fields (`method`, `target`, `host`,
     `dest`, `xff`, `source`; the header fields through http1.HeaderLines(`lines`)), may set `target`
-    (origin-form bytes) and add request header fields with `add_field`: fields, never wire lines, so
-    that the protocol's codec writes them. `flags` are the Envoy response flags of the request
-    (metrics `response_flags`, access logs)."""
+    (origin-form bytes) and add request header fields with `add_field` / `add_fields`: fields, never
+    wire lines, so that the protocol's codec writes them. `flags` are the Envoy response flags of
+    the request (metrics `response_flags`, access logs)."""
 
     __slots__ = (
         "down", "start", "method", "target", "lines", "host", "dest", "xff", "added", "source",
