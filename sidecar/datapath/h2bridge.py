@@ -33,6 +33,7 @@ from httptools import HttpParserError, HttpResponseParser
 
 from .h2 import CANCEL, INTERNAL_ERROR, PREFACE, H2Error, ResponseHead
 from .h2server import H2Downstream, H2ServerStream
+from .http1 import put_fields
 
 log = logging.getLogger("sidecar.h2")
 
@@ -50,10 +51,10 @@ def is_preface_start(data: bytes) -> bool:
 
 
 def h1_field_lines(fields) -> list:
+    """The HTTP/1.1 line pieces (http1.put_fields) of the fields that HTTP/1.1 carries: no
+    pseudo-header, none that its framing owns."""
     out: list = []
-    for name, value in fields:
-        if name not in NOT_FORWARDED and name[:1] != b":":
-            out += (name, b": ", value, b"\r\n")
+    put_fields(out, [field for field in fields if field[0] not in NOT_FORWARDED and field[0][:1] != b":"])
     return out
 
 

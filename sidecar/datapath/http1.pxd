@@ -26,5 +26,4 @@ cpdef tuple read_request_head(bytes data, Py_ssize_t pos, Py_ssize_t end, dict n
 @cython.locals(eol=Py_ssize_t, line=tuple, head=tuple, status=int)
 cpdef tuple read_response_head(bytes data, Py_ssize_t end, dict names, tuple table, bint head_request)
 cpdef connection_tokens(bytes value, into)
-@cython.locals(field=tuple)
 cpdef put_fields(list parts, fields)

@@ -283,10 +283,10 @@ class HeaderLines:
 def put_fields(parts: list, fields) -> None:
     """Append the wire pieces of header fields, (name, value) pairs, to `parts` (a head being joined):
     `name: value` CRLF each (RFC 9112 5)."""
-    for field in fields:   # compiled: appended one by one, no tuple of the four pieces
-        parts.append(field[0])
+    for name, value in fields:   # pairs of any kind (h2's fields are a tuple subclass)
+        parts.append(name)        # compiled: appended one by one, no tuple of the four pieces
         parts.append(b": ")
-        parts.append(field[1])
+        parts.append(value)
         parts.append(b"\r\n")
 
 

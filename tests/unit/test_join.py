@@ -3,6 +3,7 @@ http1.put_fields: the parts of header fields."""
 from __future__ import annotations
 
 import pytest
+from hpack.struct import HeaderTuple
 
 from sidecar.datapath.http1 import put_fields
 from sidecar.datapath.speedups import join
@@ -41,4 +42,5 @@ def test_put_fields_writes_one_line_per_field_in_order():
     parts = [b"GET / HTTP/1.1\r\n"]
     put_fields(parts, ((b"a", b"1"), (b"b", b"2")))
     put_fields(parts, [(b"c", b"")])
-    assert join(parts) == b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: \r\n"
+    put_fields(parts, [HeaderTuple(b"d", b"4")])   # h2's fields: a tuple subclass
+    assert join(parts) == b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: \r\nd: 4\r\n"
