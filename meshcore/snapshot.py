@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .authz import DEFAULT_POLICY, Policy, PolicyError, decode_policy, encode_policy
 from .labels import (
@@ -249,6 +249,17 @@ def resolve_service(services: Mapping[str, ServiceConfig], name: str) -> str:
         raise ServiceNameError(f"{name!r} is ambiguous: projects {', '.join(projects)} each have one; "
                                f"name one of {', '.join(choices)}", choices)
     return index[(name, projects[0])]
+
+
+def resolve_or_keep(resolve: Callable[[str], str], name: str) -> str:
+    """`resolve(name)` (e.g. resolve_service's key), or `name` as written when it names no service now:
+    rules and series of a service that is gone keep its name. An ambiguous name raises ServiceNameError."""
+    try:
+        return resolve(name)
+    except ServiceNameError as exc:
+        if exc.choices:
+            raise
+        return name
 
 
 def build_config(workloads: Iterable[Workload], announcements: Iterable[Announcement],

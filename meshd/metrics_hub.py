@@ -47,7 +47,7 @@ from meshcore.flowstats import (
     summarize,
 )
 from meshcore.promtext import Scrape, parse_scrape, scrape_delta
-from meshcore.snapshot import MeshConfig, ServiceNameError, build_workloads
+from meshcore.snapshot import MeshConfig, ServiceNameError, build_workloads, resolve_or_keep
 
 from .events import EventLog
 from .store import Store
@@ -674,10 +674,9 @@ def add_routes(app: web.Application, hub: TelemetryHub, resolve: Callable[[str],
         if not service or not a or not b:
             return bad("query parameters service, a and b are required (e.g. ?service=catalog&a=v1&b=v2)")
         try:
-            service = resolve(service)
-        except ServiceNameError as exc:
-            if exc.choices:   # ambiguous; a name of no service now is read as written (its past series)
-                return bad(str(exc))
+            service = resolve_or_keep(resolve, service)   # a name of no service now: its past series
+        except ServiceNameError as exc:   # ambiguous
+            return bad(str(exc))
         return web.json_response(hub.compare(service, a, b, window))
 
     stat = windowed(lambda req, window: web.json_response(hub.stat(window)))

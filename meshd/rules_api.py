@@ -12,7 +12,7 @@ from meshcore.routing_rules import (
     validate_split,
 )
 
-from meshcore.snapshot import ServiceNameError
+from meshcore.snapshot import ServiceNameError, resolve_or_keep
 
 from .store import Store
 
@@ -95,10 +95,9 @@ def add_routes(app: web.Application, book: RulesBook, versions_of: Callable[[str
     async def show(req: web.Request) -> web.Response:
         service = req.match_info["service"]
         try:
-            service = resolve(service)
-        except ServiceNameError as exc:
-            if exc.choices:
-                return web.json_response({"error": str(exc)}, status=400)
+            service = resolve_or_keep(resolve, service)
+        except ServiceNameError as exc:   # ambiguous
+            return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"rules": encode_rules(book.get(service))})
 
     async def change(req: web.Request) -> web.Response:

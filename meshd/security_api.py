@@ -25,7 +25,7 @@ from meshcore.authz import (
     ANY, DEFAULT_POLICY, GATEWAY_SOURCE, Policy, PolicyError, Rule, add_rule, decode_policy, encode_policy,
     make_rule, remove_rules,
 )
-from meshcore.snapshot import ServiceNameError
+from meshcore.snapshot import ServiceNameError, resolve_or_keep
 
 from .store import Store
 from .dashboard import PUBLIC_PATHS
@@ -105,12 +105,7 @@ def resolve_rule_names(rule: Rule, resolve: Callable[[str], str]) -> Rule:
     def key(name: str) -> str:
         if name in (ANY, GATEWAY_SOURCE):
             return name
-        try:
-            return resolve(name)
-        except ServiceNameError as exc:
-            if exc.choices:
-                raise
-            return name
+        return resolve_or_keep(resolve, name)
     return dataclasses.replace(rule, source=key(rule.source), destination=key(rule.destination))
 
 

@@ -7,8 +7,8 @@ import pytest
 
 from meshcore.labels import COMPOSE_PROJECT, COMPOSE_SERVICE, ContainerInfo
 from meshcore.snapshot import (
-    Announcement, ServiceNameError, Snapshot, assign_owners, build_config, build_workloads, resolve_service,
-    search_names,
+    Announcement, ServiceNameError, Snapshot, assign_owners, build_config, build_workloads, resolve_or_keep,
+    resolve_service, search_names,
 )
 from sidecar.dns import VipAllocator, mesh_names
 from sidecar.routing import build_route_table, find_by_host, route_outbound
@@ -357,3 +357,18 @@ def test_only_allowed_decisions_are_in_the_set_the_data_path_tests_and_a_snapsho
     for path in (b"/1", b"/2", b"/3"):
         assert authz.check_request(web, b"GET", path).allowed
     assert authz.allowed == {(web, b"GET", b"/3")}                    # bounded with the memo
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("web.b", "web.b"),          # resolved
+    ("gone", "gone"),            # no service now: kept as written
+    ("web", ServiceNameError),   # ambiguous: raised
+])
+def test_resolve_or_keep(name, expected):
+    services = build(TWO).services
+    resolve = lambda n: resolve_service(services, n)   # noqa: E731
+    if expected is ServiceNameError:
+        with pytest.raises(ServiceNameError, match="ambiguous"):
+            resolve_or_keep(resolve, name)
+    else:
+        assert resolve_or_keep(resolve, name) == expected
