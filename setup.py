@@ -19,7 +19,8 @@ from setuptools.command.build_ext import build_ext
 # the engine's modules (sidecar/datapath/engine.py re-exports their names) from wire to downstream, the
 # request path's layers one concern a module (sidecar/datapath/layers/, base first)
 COMPILED = ["meshcore.lb", "meshcore.resilience", "sidecar.datapath.speedups", "sidecar.datapath.http1",
-            "sidecar.datapath.wire", "sidecar.datapath.hoptrace", "sidecar.datapath.pools", "sidecar.datapath.state",
+            "sidecar.datapath.batch", "sidecar.datapath.wire", "sidecar.datapath.hoptrace", "sidecar.datapath.pools",
+            "sidecar.datapath.state",
             "sidecar.datapath.layers.base", "sidecar.datapath.layers.metrics",
             "sidecar.datapath.layers.trace", "sidecar.datapath.layers.ratelimit",
             "sidecar.datapath.layers.authorize", "sidecar.datapath.layers.route", "sidecar.datapath.layers.traffic",

@@ -89,7 +89,7 @@ def venv_for(checkout: Path, venv: Path) -> str:
 
 
 # the engine's modules (setup.py; sidecar/datapath/engine.py re-exports their names)
-ENGINE_MODULES = ("wire", "hoptrace", "pools", "state", "layers.base", "layers.metrics", "layers.trace",
+ENGINE_MODULES = ("batch", "wire", "hoptrace", "pools", "state", "layers.base", "layers.metrics", "layers.trace",
                   "layers.ratelimit", "layers.authorize", "layers.route", "layers.traffic", "layers.rules", "layers.timeout",
                   "layers.fault", "layers.breaker", "layers.retries", "layers.mirror", "layers.balance", "stack",
                   "exchange", "upstream", "respond", "dispatch", "downstream")

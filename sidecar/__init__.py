@@ -10,7 +10,7 @@ import sys as _sys
 # module per object cost the pair ~5% more CPU per request for the same instructions, docs/PERFORMANCE.md
 # decision 14). Each module keeps its own PyInit_<name> there, so each is imported by its usual name.
 BUNDLED = frozenset(f"sidecar.datapath.{name}" for name in (
-    "wire", "hoptrace", "pools", "state", "layers.base", "layers.metrics", "layers.trace", "layers.ratelimit",
+    "batch", "wire", "hoptrace", "pools", "state", "layers.base", "layers.metrics", "layers.trace", "layers.ratelimit",
     "layers.authorize", "layers.route", "layers.traffic", "layers.rules", "layers.timeout", "layers.fault",
     "layers.breaker", "layers.retries", "layers.mirror", "layers.balance", "stack", "exchange", "upstream",
     "respond", "dispatch", "downstream", "pipes", "http1", "speedups"))

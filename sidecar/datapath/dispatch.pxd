@@ -9,7 +9,7 @@ from sidecar.datapath.layers.base cimport Layer
 from sidecar.datapath.respond cimport _Responder
 from sidecar.datapath.speedups cimport join, monotonic
 from sidecar.datapath.upstream cimport _Upstream
-from sidecar.datapath.wire cimport _dec, _join_flags, _send
+from sidecar.datapath.wire cimport _dec, _join_flags, _send, _write
 
 
 cdef int NEXT, HELD   # a layer's verdict

@@ -24,7 +24,7 @@ from .upstream import _Upstream
 from .wire import (
     FLAG_CONNECT_FAILURE, FLAG_DOWNSTREAM_PROTOCOL_ERROR, FLAG_FAULT_ABORT, FLAG_NO_HEALTHY_UPSTREAM, FLAG_OVERFLOW,
     FLAG_RETRY_LIMIT, FLAG_UPSTREAM_TIMEOUT, HELD, NEXT, P_PENDING, P_UPSTREAM, TEXT, _PEER_UNREACHABLE, Reply,
-    _dec, _join_flags, _send, log,
+    _dec, _join_flags, _send, _write, log,
 )
 
 if TYPE_CHECKING:
@@ -407,9 +407,9 @@ class _Dispatcher(_Responder):
             self.cork = ex
             return
         if body:
-            _send(up.transport, [head, *body])
+            _send(self.writes, up.transport, [head, *body])
         else:
-            up.transport.write(head)
+            _write(self.writes, up.transport, head)
         ex.pending = None
         ex.pending_bytes = 0
         if self.paused & P_PENDING:
@@ -421,6 +421,6 @@ class _Dispatcher(_Responder):
         ex.pending_bytes = 0
         up = ex.up
         if up is not None and pending:
-            _send(up.transport, pending)
+            _send(self.writes, up.transport, pending)
         if self.paused & P_PENDING:
             self._resume(P_PENDING)

@@ -393,7 +393,7 @@ class _Downstream(_Dispatcher):
                     ex.pending_bytes = size
                     self.cork = ex
                 else:
-                    _send(up.transport, parts)
+                    _send(self.writes, up.transport, parts)
             if held is not None and ex.held_bytes > HOLD_LIMIT:
                 ex.held = None
             return
@@ -404,7 +404,7 @@ class _Downstream(_Dispatcher):
         if ex.pending_bytes > PENDING_LIMIT:
             up = ex.up
             if self.cork is ex and up is not None:   # attached, corked: write what this read gathered
-                _send(up.transport, ex.pending)
+                _send(self.writes, up.transport, ex.pending)
                 ex.pending = []
                 ex.pending_bytes = 0
             else:

@@ -45,8 +45,8 @@ imports each module first).
 
 from __future__ import annotations
 
-from . import dispatch, downstream, exchange, hoptrace, layers, pools, respond, stack, state, upstream, wire
+from . import batch, dispatch, downstream, exchange, hoptrace, layers, pools, respond, stack, state, upstream, wire
 
-for _module in (wire, hoptrace, pools, state, *layers.MODULES, stack, exchange, upstream, respond, dispatch, downstream):
+for _module in (batch, wire, hoptrace, pools, state, *layers.MODULES, stack, exchange, upstream, respond, dispatch, downstream):
     globals().update({name: value for name, value in vars(_module).items() if not name.startswith("__")})
 del _module

@@ -91,6 +91,7 @@ async def _serve_stream(downstream_type, state, stack, listener, transport, stre
         return   # extended CONNECT (RFC 8441) is not supported: no tunnel over a stream
     tr = StreamTransport(transport, stream)
     down = downstream_type(state, stack, listener)
+    down.writes = None   # its "transport" frames the response for the stream at once (the batch is for sockets)
     tr.protocol = down
     down.connection_made(tr)
     if tr.closing:

@@ -201,6 +201,9 @@ def switch_protocols(down: _Downstream, ex: Exchange, up: _Upstream, rest: bytes
     server.meter = lambda n: telemetry.record_tunnel_bytes(labels, 0, n)
     down.transport.set_protocol(client)
     up.transport.set_protocol(server)
+    if down.writes is not None:   # the pipes write at once: the held 101 (and anything before it) goes first
+        down.writes.settle(down.transport)
+        down.writes.settle(up.transport)
     if down.early:
         up.transport.write(down.early)
         down.early = b""

@@ -10,11 +10,13 @@ from sidecar.datapath.layers.base cimport Layer
 from sidecar.datapath.stack cimport Stack
 from sidecar.datapath.state cimport ProxyState
 from sidecar.datapath.upstream cimport _Upstream
-from sidecar.datapath.wire cimport _dec, _join_flags
+from sidecar.datapath.batch cimport WriteBatch
+from sidecar.datapath.wire cimport _dec, _join_flags, _write
 
 
 cdef class _Responder:
     cdef public ProxyState state
+    cdef public WriteBatch writes
     cdef public Stack stack
     cdef public _Listener listener
     cdef public object loop, transport, parser, queue

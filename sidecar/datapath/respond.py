@@ -18,7 +18,7 @@ from .http1 import put_fields, status_line
 from .peers import reset_connection
 from .wire import (
     FLAG_DOWNSTREAM_CLOSED, FLAG_DOWNSTREAM_PROTOCOL_ERROR, FLAG_UPSTREAM_RESET, P_PIPELINE, P_STOPPED, P_UPSTREAM,
-    TEXT, WHOLE_HEADS, Reply, _dec, _join_flags, _Stop, is_grpc_call,
+    TEXT, WHOLE_HEADS, Reply, _dec, _join_flags, _Stop, _write, is_grpc_call,
 )
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ class _Responder:
 
     def __init__(self, state: ProxyState, stack: Stack, listener: _Listener):
         self.state = state
+        self.writes = state.writes   # None: written at once (an HTTP/2 stream's, h2bridge.py)
         self.stack = stack
         self.listener = listener
         self.actions = stack.request_headers
@@ -187,7 +188,7 @@ class _Responder:
         put_fields(parts, headers)
         parts.append(b"connection: close\r\n\r\n" if close else b"\r\n")
         head = b"".join(parts)
-        self.transport.write(head if ex.is_head else head + body)
+        _write(self.writes, self.transport, head if ex.is_head else head + body)
         ex.status = status
         ex.flags = flags
         ex.resp_started = True
@@ -299,6 +300,8 @@ class _Responder:
     def _close(self) -> None:
         if not self.closing:
             self.closing = True
+            if self.writes is not None:
+                self.writes.settle(self.transport)
             self.transport.close()
 
     def _abort(self) -> None:
@@ -312,8 +315,8 @@ class _Responder:
         if self.queue:
             self.bad_after = True
         else:
-            self.transport.write(status_line(status) + b"content-length: 0\r\n"
-                                 b"x-mesh-flags: DPE\r\nconnection: close\r\n\r\n")
+            _write(self.writes, self.transport, status_line(status) + b"content-length: 0\r\n"
+                   b"x-mesh-flags: DPE\r\nconnection: close\r\n\r\n")
             self._close()
         raise _Stop
 
@@ -332,8 +335,8 @@ class _Responder:
             self._write_bad_request()
 
     def _write_bad_request(self) -> None:
-        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                             b"content-length: 12\r\nx-mesh-flags: DPE\r\nconnection: close\r\n\r\nbad request\n")
+        _write(self.writes, self.transport, b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; "
+               b"charset=utf-8\r\ncontent-length: 12\r\nx-mesh-flags: DPE\r\nconnection: close\r\n\r\nbad request\n")
         self._close()
 
     # -- switching to byte forwarding
@@ -344,6 +347,8 @@ class _Responder:
         if self.sniff_timer is not None:
             self.sniff_timer.cancel()
             self.sniff_timer = None
+        if self.writes is not None:   # a pipe writes at once: what an earlier answer left held goes first
+            self.writes.settle(self.transport)
         from .pipes import _Pipe, _tunnel   # pipes imports the engine: not at its top
 
         pipe = _Pipe(self.stack.gauge)

@@ -2,6 +2,7 @@
 # setup.py: the node's shared state is a C struct, its fields read per request without dictionary lookups.
 # Every attribute stays `public`: gateway, mtls and the tests read and set them from Python.
 
+from sidecar.datapath.batch cimport WriteBatch
 from sidecar.datapath.speedups cimport monotonic
 from sidecar.datapath.pools cimport UpstreamPools
 from sidecar.datapath.upstream cimport _Upstream
@@ -15,6 +16,7 @@ cdef class ProxyState:
     cdef public object random
     cdef public dict in_flight
     cdef public UpstreamPools pools
+    cdef public WriteBatch writes
     cdef public Py_ssize_t connect_failures
     cdef public double eject_seconds
     cdef public dict ejected

@@ -21,6 +21,7 @@ from .peers import (
     ACK_SLACK_MS, DEAD_PEER_S, UNDELIVERED_AFTER_S, PeerProbe, TcpInfo, TcpInfoReader, TlsProvider, open_upstream,
     probe_peer, read_tcp_info,
 )
+from .batch import WriteBatch
 from .pools import UpstreamPools
 from .speedups import monotonic
 from .wire import CONNECT_TIMEOUT_S, EJECT_S, POOL_IDLE_TIMEOUT_S, POOL_MAX_IDLE, log
@@ -75,6 +76,7 @@ class ProxyState:
         self.random = rand
         self.in_flight: dict[tuple[str, int], int] = {}   # endpoint key -> requests/connections in flight
         self.pools = UpstreamPools(pool_max_idle, pool_idle_timeout)
+        self.writes = WriteBatch()   # the listeners' writes, held to the end of a busy turn (batch.py)
         self.connect_failures = 0
         self.eject_seconds = eject_seconds
         self.ejected: dict[tuple[str, int], float] = {}   # endpoint key -> monotonic time it returns

@@ -136,7 +136,7 @@ class _Upstream:
                 self.parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as exc:
             if out:
-                _send(ex.down.transport, out)
+                _send(ex.down.writes, ex.down.transport, out)
             if self.exchange is not ex:
                 return
             if self.phase == _SWITCHED and exc.__class__ is HttpParserUpgrade:
@@ -155,7 +155,7 @@ class _Upstream:
                 return
         else:
             if out:
-                _send(ex.down.transport, out)
+                _send(ex.down.writes, ex.down.transport, out)
         if self.skip:
             if self.exchange is ex:  # the dropped answer is read (kept connection), or given up (closed)
                 self.skip = False

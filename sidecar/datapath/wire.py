@@ -17,6 +17,7 @@ from .http1 import (
     H_B3, H_CL, H_DROP, H_EXPECT, H_FLAGS, H_GRPC_STATUS, H_GRPC_TIMEOUT, H_HOST, H_SOURCE, H_SOURCE_VERSION,
     H_TRACEPARENT, H_TRACESTATE, HEADER_ACTIONS, HOP_BY_HOP, HeaderLines,
 )
+from .batch import WriteBatch
 from .speedups import join, name_table
 
 log = logging.getLogger("sidecar.proxy")
@@ -150,19 +151,30 @@ def last_chunk(trailers: list | None) -> bytes:
     return b"0\r\n\r\n" if trailers is None else join([b"0\r\n", *trailers, b"\r\n"])
 
 
-def _send(transport: asyncio.Transport, parts: list | tuple) -> None:
-    """Write `parts` in order: one write of their join when small (see JOIN_MAX), else writelines."""
+def _send(writes: WriteBatch | None, transport: asyncio.Transport, parts: list | tuple) -> None:
+    """Write `parts` in order through `writes` (None: at once): one write of their join when small
+    (see JOIN_MAX), else, after what the batch holds for the transport, writelines."""
     if len(parts) == 1:
-        transport.write(parts[0])
-        return
-    size = 0
-    for part in parts:  # not sum(map(len, parts)): a loop of C additions once compiled
-        size += len(part)
-    if size <= JOIN_MAX:
-        transport.write(join(parts, size))
+        data = parts[0]
     else:
-        transport.writelines(parts)
+        size = 0
+        for part in parts:  # not sum(map(len, parts)): a loop of C additions once compiled
+            size += len(part)
+        if size > JOIN_MAX:
+            if writes is not None:
+                writes.settle(transport)
+            transport.writelines(parts)
+            return
+        data = join(parts, size)
+    _write(writes, transport, data)
 
+
+def _write(writes: WriteBatch | None, transport: asyncio.Transport, data: bytes) -> None:
+    """Write one bytes object through `writes` (None: at once)."""
+    if writes is None:
+        transport.write(data)
+    else:
+        writes.write(transport, data)
 
 
 def _dec(counts: dict, key: Any) -> None:

@@ -1231,5 +1231,5 @@ class _Writes:
 ])
 def test_small_pieces_are_written_as_one(parts, expect):
     t = _Writes()
-    _send(t, parts)
+    _send(None, t, parts)
     assert t.calls == expect
