@@ -352,6 +352,10 @@ def targets(res: dict) -> list[tuple[str, str, str]]:
           "<=", 1.5, unit="x")
     check("proxy CPU per request <= 1.3x HAProxy (32 connections, pair)", c32.get("cpu_mesh_over_haproxy"),
           "<=", 1.3, unit="x")
+    # the data-path issue's bar against the proxy Istio users run
+    check("req/s at 32 connections >= 2.3x Envoy's", c32.get("rps_mesh_over_envoy"), ">=", 2.3, unit="x")
+    check("proxy CPU per request <= 0.5x Envoy's (32 connections, pair)", c32.get("cpu_mesh_over_envoy"),
+          "<=", 0.5, unit="x")
     added = c1.get("added_p50_mesh_over_haproxy")
     if added is not None:
         check(f"added p50 over direct at 1 connection <= 2x HAProxy's (mesh +{c1['added_p50_ms_mesh'] * 1000:.0f} us,"

@@ -42,7 +42,7 @@ class WriteBatch:
         self.singles = 0          # turns in a row that wrote one transport, while holding
         self.call_soon = call_soon
         self._flush = self.flush
-        self.turns = 0            # flushes so far (the admin page's and the tests' view)
+        self.turns = 0            # flushes so far (for tests and diagnostics)
         self.writes = 0           # transports written by them
 
     def write(self, transport, data: bytes) -> None:
