@@ -93,6 +93,28 @@ class _RequestCollector:
         yield duration
 
 
+class _HeldWritesCollector:
+    """Exposes the write batch's counts (sidecar/datapath/batch.py), read at scrape time."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int]]):
+        self._counts = counts
+
+    def describe(self) -> list[MetricFamily]:
+        return [CounterMetricFamily("mesh_sidecar_held_write_turns_total", ""),
+                CounterMetricFamily("mesh_sidecar_held_writes_total", "")]
+
+    def collect(self) -> Iterator[MetricFamily]:
+        turns, writes = self._counts()
+        held_turns = CounterMetricFamily("mesh_sidecar_held_write_turns_total",
+                                         "Event-loop turns whose writes were held to the turn's end (a busy node).")
+        held_turns.add_metric((), turns)
+        held = CounterMetricFamily("mesh_sidecar_held_writes_total",
+                                   "Connections written at the end of those turns, each with one write.")
+        held.add_metric((), writes)
+        yield held_turns
+        yield held
+
+
 class Telemetry:
     """The node's metrics: Istio request metrics plus a few of the sidecar's own gauges."""
 
@@ -178,6 +200,11 @@ class Telemetry:
     def watch_pool(self, idle_count: Callable[[], float]) -> None:
         """Make `mesh_sidecar_upstream_pool_idle` read `idle_count()` at scrape time."""
         self.pool_idle.set_function(idle_count)
+
+    def watch_writes(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Expose the write batch's (turns, writes) as `mesh_sidecar_held_write_turns_total` and
+        `mesh_sidecar_held_writes_total`, read at scrape time."""
+        self.registry.register(_HeldWritesCollector(counts))
 
 
 def render_metrics(telemetry: Telemetry) -> bytes:

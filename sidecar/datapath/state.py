@@ -101,6 +101,8 @@ class ProxyState:
             self._sync_local()
         pools = self.pools
         self.telemetry.watch_pool(lambda: pools.count)
+        writes = self.writes
+        self.telemetry.watch_writes(lambda: (writes.turns, writes.writes))
 
     def apply_snapshot(self, snapshot: Snapshot) -> RouteTable:
         """Build the route table of a snapshot and swap it in; returns it."""

@@ -15,7 +15,7 @@ from sidecar.datapath import batch
 from .test_proxy import (
     SVC_PORT, Mesh, _backpressure_request, _backpressure_response, _chunked_both_ways, _connection_close,
     _expect_continue, _five_megabytes, _head_and_204, _keepalive_reuse, _malformed, _nothing_after_close,
-    _pipelined, _until_close_response, raw_call,
+    _pipelined, _until_close_response, raw_call, sample,
 )
 from .test_upgrade import _refused_upgrade_closes, _websocket_echo
 
@@ -76,10 +76,13 @@ async def _busy_turns_hold():
         results = await asyncio.gather(*(client(c) for c in range(10)))
         for c, got in enumerate(results):
             assert got == [(200, f"c={c}&i={i}") for i in range(20)]
-        # Turns that carried several connections' writes: the batch held them and wrote them together.
+        # Turns that carried several connections' writes: the batch held them and wrote them together,
+        # and the node's metrics say so.
         for state in (mesh.out_state, mesh.inbound_state):
             w = state.writes
             assert w.turns > 0 and w.writes > w.turns, (w.turns, w.writes)
+            assert sample(state, "mesh_sidecar_held_write_turns_total") == w.turns
+            assert sample(state, "mesh_sidecar_held_writes_total") == w.writes
 
 
 def test_concurrent_clients_have_their_writes_held_per_turn(run):
